@@ -43,3 +43,6 @@ def airflow_db() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def dags_folder() -> Path:
     return _DAGS
+
+
+pytest_plugins = ["tests.sshd_fixtures"]

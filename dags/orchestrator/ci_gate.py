@@ -1,0 +1,272 @@
+"""The CI gate: wait, deferred, until every GitHub Actions workflow run of one commit has passed.
+
+`CiGateOperator` resolves the git ref to a full sha, checks once, and if CI is still running hands the wait to
+`CiGateTrigger` (the triggerer polls; no worker slot sleeps). The token stays in the Airflow connection: the trigger
+receives only the connection id and reads the connection itself, so no secret is serialized or pushed to XCom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowFailException
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from orchestrator.ci import CiVerdict, WorkflowRun, evaluate_ci, parse_allowed_conclusions
+from orchestrator.errors import ConfigError
+from orchestrator.github import DEFAULT_API_URL, GitHubClient, GitHubError, GitHubRefError, commit_checks_url
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.sdk.types import TaskInstanceKey
+
+log = logging.getLogger(__name__)
+
+SHA_XCOM_KEY = "ci_gate_sha"
+DEFAULT_CONN_ID = "github_default"
+
+
+def _seconds(value: Any, name: str) -> float:
+    """A templated duration (rendered fields arrive as strings) as positive seconds."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+class _InfoLogger(Protocol):
+    def info(self, event: str, *args: Any) -> Any: ...
+
+
+def _log_changes(logger: _InfoLogger, runs: Iterable[WorkflowRun], seen: dict[int, tuple[Any, ...]]) -> None:
+    """Log each workflow's name/status/conclusion once, then again only when it changes."""
+    for run in runs:
+        key = (run.id, run.run_attempt, run.status, run.conclusion)
+        if seen.get(run.workflow_id) != key:
+            seen[run.workflow_id] = key
+            logger.info(
+                "workflow %r (attempt %d): %s/%s %s",
+                run.name,
+                run.run_attempt,
+                run.status,
+                run.conclusion or "-",
+                run.html_url,
+            )
+
+
+def _event(status: str, message: str, sha: str, verdict: CiVerdict | None = None) -> TriggerEvent:
+    runs = verdict.runs if verdict else ()
+    failing = verdict.failing if verdict else ()
+    return TriggerEvent(
+        {
+            "status": status,
+            "message": message,
+            "sha": sha,
+            "runs": [r.to_dict() for r in runs],
+            "failing": [r.to_dict() for r in failing],
+        }
+    )
+
+
+class CiGateTrigger(BaseTrigger):
+    """Poll a commit's workflow runs until they all pass, one fails, or a deadline (epoch seconds) passes."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        api_url: str,
+        repo: str,
+        sha: str,
+        poll_interval_s: float,
+        deadline: float,
+        no_runs_deadline: float,
+        allowed_conclusions: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self.api_url = api_url
+        self.repo = repo
+        self.sha = sha
+        self.poll_interval_s = poll_interval_s
+        self.deadline = deadline
+        self.no_runs_deadline = no_runs_deadline
+        self.allowed_conclusions = list(allowed_conclusions)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "orchestrator.ci_gate.CiGateTrigger",
+            {
+                "conn_id": self.conn_id,
+                "api_url": self.api_url,
+                "repo": self.repo,
+                "sha": self.sha,
+                "poll_interval_s": self.poll_interval_s,
+                "deadline": self.deadline,
+                "no_runs_deadline": self.no_runs_deadline,
+                "allowed_conclusions": self.allowed_conclusions,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            client = await GitHubClient.afrom_connection(self.conn_id, self.api_url, self.repo)
+        except Exception as exc:
+            # An unreadable connection must end the wait with a message, not leave the task deferred.
+            message = (
+                f"cannot read connection {self.conn_id!r} ({type(exc).__name__}): define it, with the GitHub "
+                "token as its password (empty for a public repository)"
+            )
+            yield _event("error", message, self.sha)
+            return
+        seen: dict[int, tuple[Any, ...]] = {}
+        while True:
+            try:
+                # The client is synchronous (requests) and may sleep between retries: keep it off the event loop.
+                runs = await asyncio.to_thread(client.list_workflow_runs, self.sha)
+            except GitHubError as exc:
+                yield _event("error", str(exc), self.sha)
+                return
+            verdict = evaluate_ci(runs, self.allowed_conclusions)
+            _log_changes(self.log, verdict.runs, seen)
+            now = time.time()
+            if verdict.state == "success":
+                yield _event("success", verdict.message, self.sha, verdict)
+                return
+            if verdict.state == "failed":
+                yield _event("failed", verdict.message, self.sha, verdict)
+                return
+            if verdict.state == "no_runs" and now >= self.no_runs_deadline:
+                yield _event("timeout", "no GitHub Actions workflow run appeared for this commit", self.sha)
+                return
+            if now >= self.deadline:
+                yield _event("timeout", f"CI did not finish in time; {verdict.message}", self.sha, verdict)
+                return
+            next_deadline = self.no_runs_deadline if verdict.state == "no_runs" else self.deadline
+            await asyncio.sleep(max(0.0, min(self.poll_interval_s, next_deadline - now)))
+
+
+class GitHubActionsLink(BaseOperatorLink):
+    """The commit's checks page on GitHub, from the sha the gate resolved."""
+
+    name = "GitHub Actions"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        sha = XCom.get_value(key=SHA_XCOM_KEY, ti_key=ti_key)
+        if not sha:
+            return ""
+        return commit_checks_url(str(operator.api_url), str(operator.repo), str(sha))  # type: ignore[attr-defined]
+
+
+class CiGateOperator(BaseOperator):
+    """Resolve ``git_ref`` to a full sha and succeed only once every Actions workflow run on it has passed.
+
+    Returns the full sha (the XCom return value). A red CI fails the task with no retry (`AirflowFailException`),
+    naming the workflow and linking its run; so do a commit with no run after ``no_runs_timeout_s`` and runs still
+    unfinished after ``timeout_s``. ``allowed_conclusions`` adds accepted conclusions (e.g. ``skipped``, ``neutral``).
+    """
+
+    template_fields: Sequence[str] = (
+        "git_ref",
+        "github_conn_id",
+        "repo",
+        "api_url",
+        "allowed_conclusions",
+        "timeout_s",
+        "no_runs_timeout_s",
+        "poll_interval_s",
+    )
+    operator_extra_links = (GitHubActionsLink(),)
+    ui_color = "#e6f0ff"
+
+    def __init__(
+        self,
+        *,
+        git_ref: str,
+        repo: str,
+        api_url: str = DEFAULT_API_URL,
+        github_conn_id: str = DEFAULT_CONN_ID,
+        allowed_conclusions: str | Sequence[str] = (),
+        timeout_s: float | str = 3600,
+        no_runs_timeout_s: float | str = 600,
+        poll_interval_s: float | str = 30,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.git_ref = git_ref
+        self.repo = repo
+        self.api_url = api_url
+        self.github_conn_id = github_conn_id
+        self.allowed_conclusions = allowed_conclusions
+        self.timeout_s = timeout_s
+        self.no_runs_timeout_s = no_runs_timeout_s
+        self.poll_interval_s = poll_interval_s
+
+    def execute(self, context: Context) -> str:
+        allowed = parse_allowed_conclusions(self.allowed_conclusions)
+        timeout_s = _seconds(self.timeout_s, "timeout_s")
+        no_runs_timeout_s = _seconds(self.no_runs_timeout_s, "no_runs_timeout_s")
+        poll_interval_s = _seconds(self.poll_interval_s, "poll_interval_s")
+        client = GitHubClient.from_connection(self.github_conn_id, self.api_url, self.repo)
+        try:
+            sha = client.resolve_ref(self.git_ref)
+            self.log.info("CI gate: %r in %s is commit %s", self.git_ref, self.repo, sha)
+            context["ti"].xcom_push(key=SHA_XCOM_KEY, value=sha)
+            self.log.info("CI checks: %s", client.commit_checks_url(sha))
+            verdict = evaluate_ci(client.list_workflow_runs(sha), allowed)
+        except GitHubRefError as exc:
+            # A ref that does not exist will not appear on a retry minutes later: fail now.
+            raise AirflowFailException(str(exc)) from None
+        _log_changes(self.log, verdict.runs, {})
+        if verdict.state == "success":
+            self.log.info("CI gate passed: %s", verdict.message)
+            return sha
+        if verdict.state == "failed":
+            raise AirflowFailException(f"{verdict.message} (commit {sha})")
+        self.log.info(
+            "CI gate: %s; deferring (poll every %.0f s, up to %.0f s)", verdict.message, poll_interval_s, timeout_s
+        )
+        now = time.time()
+        self.defer(
+            trigger=CiGateTrigger(
+                conn_id=self.github_conn_id,
+                api_url=self.api_url,
+                repo=self.repo,
+                sha=sha,
+                poll_interval_s=poll_interval_s,
+                deadline=now + timeout_s,
+                no_runs_deadline=now + min(no_runs_timeout_s, timeout_s),
+                allowed_conclusions=sorted(allowed),
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
+        status = event.get("status")
+        sha = str(event.get("sha", ""))
+        message = str(event.get("message", ""))
+        checks = commit_checks_url(self.api_url, self.repo, sha)
+        _log_changes(self.log, (WorkflowRun.from_api(run) for run in event.get("runs", [])), {})
+        if status == "success":
+            self.log.info("CI gate passed for %s: %s (%s)", sha, message, checks)
+            return sha
+        if status == "failed":
+            raise AirflowFailException(f"{message} (commit {sha})")
+        if status == "timeout":
+            raise AirflowFailException(
+                f"CI gate timed out for commit {sha} in {self.repo}: {message}. Check that the commit was pushed, "
+                f"that a workflow runs on it (its 'on:' triggers) and that runners are available: {checks}; "
+                "or raise timeout_s / no_runs_timeout_s"
+            )
+        # An API outage may pass: unlike a red CI, this honours the task's retries.
+        raise GitHubError(f"CI gate could not read GitHub for commit {sha}: {message}")

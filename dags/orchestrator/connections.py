@@ -1,0 +1,63 @@
+"""Credentials and clients from Airflow connections: the only place secrets enter the pipeline.
+
+Nothing read here is logged, returned to XCom or put in a command line; callers hand secrets straight to the client
+or to the remote job's 0600 environment file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MlflowCredentials:
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def as_env(self) -> dict[str, str]:
+        env = {}
+        if self.username:
+            env["MLFLOW_TRACKING_USERNAME"] = self.username
+        if self.password:
+            env["MLFLOW_TRACKING_PASSWORD"] = self.password
+        return env
+
+
+def _connection(conn_id: str) -> Any:
+    from airflow.sdk import BaseHook
+
+    return BaseHook.get_connection(conn_id)
+
+
+def ssh_private_key(conn_id: str) -> str:
+    """The SSH client's private key (OpenSSH PEM) from the connection's `private_key` extra (SSH provider style)."""
+    try:
+        conn = _connection(conn_id)
+    except Exception as exc:
+        raise ConfigError(
+            f"instance.ssh_conn_id: Airflow connection {conn_id!r} not found: create an SSH connection whose extra "
+            'holds {"private_key": "<OpenSSH private key>"} (see README, Connections)'
+        ) from exc
+    key = (conn.extra_dejson or {}).get("private_key")
+    if not key:
+        raise ConfigError(f"instance.ssh_conn_id: connection {conn_id!r} has no private_key in its extra")
+    return str(key).replace("\\n", "\n")
+
+
+def mlflow_credentials(conn_id: str) -> MlflowCredentials:
+    """Optional basic-auth credentials of the tracking server; a missing connection means an open server."""
+    try:
+        conn = _connection(conn_id)
+    except Exception:
+        return MlflowCredentials()
+    return MlflowCredentials(conn.login or None, conn.password or None)
+
+
+def aws_client(service: str, conn_id: str, region: str) -> Any:
+    """A boto3 client from the Amazon provider's hook: credentials, role and endpoint_url come from the connection."""
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    return AwsBaseHook(aws_conn_id=conn_id, region_name=region, client_type=service).get_conn()

@@ -1,0 +1,397 @@
+"""EC2 instance lifecycle over a boto3 EC2 client: launch (idempotent, with fallbacks), wait, find, terminate, sweep.
+
+Identity is the run's tags, never saved state: a retried launch finds the instance an earlier try made, and
+teardown and the sweeper re-find what exists. Every call that loops is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.launch import (
+    TAG_DAG_ID,
+    TAG_EXPIRES_AT,
+    TAG_PROJECT,
+    TAG_RUN_ID,
+    LaunchSpec,
+    Market,
+    RunIdentity,
+    build_run_instances_request,
+    launch_attempts,
+    parse_expires_at,
+    tag_value,
+)
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+GONE_STATES = ("shutting-down", "terminated")
+
+# Errors where another instance type or market may succeed: no capacity, or a quota or price for this one.
+CAPACITY_ERROR_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InstanceLimitExceeded",
+        "VcpuLimitExceeded",
+        "MaxSpotInstanceCountExceeded",
+        "SpotMaxPriceTooLow",
+        "Unsupported",
+        "UnfulfillableCapacity",
+    }
+)
+# Errors worth repeating the same call for, after a pause.
+RETRIABLE_ERROR_CODES = frozenset(
+    {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable", "Unavailable"}
+)
+_NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
+
+# Instances without a readable expires_at tag are swept only once older than this: longer than any sensible
+# training run, so a hand-launched instance still being tagged is not killed by a race.
+UNTAGGED_GRACE_S = 24 * 3600
+
+
+class LaunchError(OrchestratorError):
+    """RunInstances failed for a reason other than capacity."""
+
+
+class CapacityError(LaunchError):
+    """Every (instance type, market) attempt failed for lack of capacity or quota."""
+
+    def __init__(self, message: str, tried: tuple[tuple[str, str, str], ...]) -> None:
+        super().__init__(message)
+        self.tried = tried
+
+
+class InstanceNotReadyError(OrchestratorError):
+    """The instance did not reach running (lost, terminated, or too slow)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff for throttling and server-side errors."""
+
+    max_attempts: int = 6
+    base_delay_s: float = 1.0
+    max_delay_s: float = 20.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class LaunchedInstance:
+    instance_id: str
+    instance_type: str
+    market: Market
+    # True when an earlier try's live instance was found and adopted instead of launching another.
+    reused: bool
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    instance_id: str
+    state: str
+    instance_type: str
+    public_ip: str | None
+    private_ip: str | None
+    launch_time: datetime | None
+    state_reason: str | None = None
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _error_message(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Message", ""))
+    return str(exc)
+
+
+def _call(fn: Callable[..., Any], retry: RetryPolicy, **kwargs: Any) -> Any:
+    """fn(**kwargs), repeated with backoff on throttling/5xx codes, at most retry.max_attempts times."""
+    from botocore.exceptions import ClientError
+
+    attempt = 1
+    while True:
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code not in RETRIABLE_ERROR_CODES or attempt >= retry.max_attempts:
+                raise
+            delay = min(retry.max_delay_s, retry.base_delay_s * 2 ** (attempt - 1))
+            log.warning("EC2 answered %s (attempt %s/%s); retrying in %.1fs", code, attempt, retry.max_attempts, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _tags(instance: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+
+
+def _describe(ec2: Any, filters: list[dict[str, Any]], retry: RetryPolicy) -> list[dict[str, Any]]:
+    instances: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"Filters": filters}
+        if token:
+            kwargs["NextToken"] = token
+        page = _call(ec2.describe_instances, retry, **kwargs)
+        for reservation in page.get("Reservations", []):
+            instances.extend(reservation.get("Instances", []))
+        token = page.get("NextToken")
+        if not token:
+            return instances
+
+
+def find_run_instances(
+    ec2: Any,
+    dag_id: str,
+    run_id: str,
+    project_tag: str,
+    states: Iterable[str] = LIVE_STATES,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> list[dict[str, Any]]:
+    """The run's instances (describe_instances dicts) in the given states, oldest first."""
+    filters = [
+        {"Name": f"tag:{TAG_PROJECT}", "Values": [tag_value(project_tag)]},
+        {"Name": f"tag:{TAG_DAG_ID}", "Values": [tag_value(dag_id)]},
+        {"Name": f"tag:{TAG_RUN_ID}", "Values": [tag_value(run_id)]},
+        {"Name": "instance-state-name", "Values": list(states)},
+    ]
+    return sorted(_describe(ec2, filters, retry), key=lambda i: (str(i.get("LaunchTime", "")), i["InstanceId"]))
+
+
+def _market_of(instance: dict[str, Any]) -> Market:
+    return "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand"
+
+
+def _info(instance: dict[str, Any]) -> InstanceInfo:
+    reason = instance.get("StateReason") or {}
+    return InstanceInfo(
+        instance_id=instance["InstanceId"],
+        state=instance["State"]["Name"],
+        instance_type=instance.get("InstanceType", ""),
+        public_ip=instance.get("PublicIpAddress"),
+        private_ip=instance.get("PrivateIpAddress"),
+        launch_time=instance.get("LaunchTime"),
+        state_reason=reason.get("Message") or reason.get("Code"),
+    )
+
+
+def launch_instance(
+    ec2: Any,
+    spec: LaunchSpec,
+    identity: RunIdentity,
+    user_data: str,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> LaunchedInstance:
+    """The run's instance: the live one an earlier try launched, else a new one from the first attempt with capacity.
+
+    Moves to the next (type, market) only on CAPACITY_ERROR_CODES; any other error raises at once.
+    """
+    from botocore.exceptions import ClientError
+
+    existing = find_run_instances(ec2, identity.dag_id, identity.run_id, spec.project_tag, retry=retry)
+    if existing:
+        chosen = existing[0]
+        if len(existing) > 1:
+            log.warning(
+                "run %s has %s live instances (%s); reusing the oldest, teardown terminates all of them",
+                identity.run_id,
+                len(existing),
+                ", ".join(i["InstanceId"] for i in existing),
+            )
+        log.info(
+            "reusing instance %s of run %s (state %s)", chosen["InstanceId"], identity.run_id, chosen["State"]["Name"]
+        )
+        return LaunchedInstance(chosen["InstanceId"], chosen.get("InstanceType", ""), _market_of(chosen), reused=True)
+
+    tried: list[tuple[str, str, str]] = []
+    for instance_type, market in launch_attempts(spec):
+        request = build_run_instances_request(spec, identity, user_data, instance_type, market)
+        log.info("launching %s (%s) for run %s of %s", instance_type, market, identity.run_id, identity.dag_id)
+        try:
+            response = _call(ec2.run_instances, retry, **request)
+        except ClientError as exc:
+            code, message = _error_code(exc), _error_message(exc)
+            if code in CAPACITY_ERROR_CODES:
+                log.warning("no %s %s capacity: %s: %s; trying the next option", market, instance_type, code, message)
+                tried.append((instance_type, market, code))
+                continue
+            raise LaunchError(
+                f"RunInstances for {instance_type} ({market}) failed: {code}: {message}. "
+                "Check the AMI, subnet, security groups, instance profile and the IAM permissions in docs/iam.md"
+            ) from exc
+        instance_id = response["Instances"][0]["InstanceId"]
+        try:
+            state = response["Instances"][0]["State"]["Name"]
+            if state in GONE_STATES:
+                # An idempotent replay of an earlier try's request: that instance is already gone.
+                raise LaunchError(
+                    f"RunInstances returned instance {instance_id} already {state} (same ClientToken as an earlier "
+                    "try): compute a new expires_at for this try so the launch gets a fresh token"
+                )
+        except BaseException:
+            terminate_instances(ec2, [instance_id], retry=retry)
+            raise
+        log.info("launched instance %s (%s, %s) for run %s", instance_id, instance_type, market, identity.run_id)
+        return LaunchedInstance(instance_id, instance_type, market, reused=False)
+
+    summary = "; ".join(f"{t} ({m}): {c}" for t, m, c in tried)
+    hint = "add other instance types to aws.instance_types, use a subnet in another availability zone or another region"
+    if spec.spot and not spec.spot_fallback_to_on_demand:
+        hint += ", allow the on-demand fallback"
+    raise CapacityError(
+        f"no capacity for any launch option: {summary}. To fix: {hint}, or request a quota increase "
+        "(Service Quotas: EC2 running on-demand/spot G and VT instances)",
+        tuple(tried),
+    )
+
+
+def describe_instance(ec2: Any, instance_id: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> InstanceInfo | None:
+    """The instance's current state, or None when EC2 does not know the id (yet, or any more)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        response = _call(ec2.describe_instances, retry, InstanceIds=[instance_id])
+    except ClientError as exc:
+        if _error_code(exc) in _NOT_FOUND_CODES:
+            return None
+        raise
+    for reservation in response.get("Reservations", []):
+        for instance in reservation.get("Instances", []):
+            return _info(instance)
+    return None
+
+
+def wait_until_running(
+    ec2: Any,
+    instance_id: str,
+    timeout_s: float,
+    poll_s: float,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> InstanceInfo:
+    """Polls until the instance runs; fails fast when it stops or terminates, and after timeout_s.
+
+    A loop rather than the boto `instance_running` waiter: the waiter's failure does not carry the
+    StateReason (spot interruption, Server.InsufficientInstanceCapacity) that says what to do.
+    """
+    deadline = time.monotonic() + timeout_s
+    info: InstanceInfo | None = None
+    last_state: str | None = None
+    while True:
+        info = describe_instance(ec2, instance_id, retry=retry)
+        if info is not None:
+            if info.state != last_state:
+                log.info("instance %s is %s", instance_id, info.state)
+                last_state = info.state
+            if info.state == "running":
+                return info
+            if info.state != "pending":
+                reason = info.state_reason or "no reason given"
+                raise InstanceNotReadyError(
+                    f"instance {instance_id} went {info.state} before running: {reason}. "
+                    "For capacity or spot interruptions, retry with other instance types or on-demand"
+                )
+        if time.monotonic() + poll_s > deadline:
+            seen = last_state or "not visible yet"
+            raise InstanceNotReadyError(
+                f"instance {instance_id} not running after {timeout_s:.0f}s (last state: {seen}): "
+                "check the EC2 console for it; raise the launch timeout if the region is slow"
+            )
+        time.sleep(poll_s)
+
+
+def terminate_instances(ec2: Any, instance_ids: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY) -> list[str]:
+    """Terminates the ids EC2 knows; unknown or malformed ids are skipped. Returns the ids EC2 accepted."""
+    from botocore.exceptions import ClientError
+
+    ids = sorted(set(instance_ids))
+    if not ids:
+        return []
+    try:
+        _call(ec2.terminate_instances, retry, InstanceIds=ids)
+    except ClientError as exc:
+        if _error_code(exc) not in _NOT_FOUND_CODES:
+            raise
+        # One bad id fails the whole batch: go one by one to terminate the others.
+        accepted: list[str] = []
+        for instance_id in ids:
+            try:
+                _call(ec2.terminate_instances, retry, InstanceIds=[instance_id])
+            except ClientError as single:
+                if _error_code(single) not in _NOT_FOUND_CODES:
+                    raise
+                log.warning("instance %s unknown to EC2 (%s); nothing to terminate", instance_id, _error_code(single))
+                continue
+            accepted.append(instance_id)
+        ids = accepted
+    if ids:
+        log.info("terminate requested for %s", ", ".join(ids))
+    return ids
+
+
+def terminate_run(
+    ec2: Any,
+    dag_id: str,
+    run_id: str,
+    project_tag: str,
+    instance_ids: Iterable[str] = (),
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> list[str]:
+    """Terminates the given ids and every live instance tagged with the run; harmless to repeat."""
+    tagged = [i["InstanceId"] for i in find_run_instances(ec2, dag_id, run_id, project_tag, retry=retry)]
+    return terminate_instances(ec2, [*instance_ids, *tagged], retry=retry)
+
+
+def sweep_expired(
+    ec2: Any,
+    project_tag: str,
+    now_epoch: float,
+    *,
+    untagged_grace_s: float = UNTAGGED_GRACE_S,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> list[str]:
+    """Terminates the project's live instances past their expires_at; returns their ids.
+
+    An instance with a missing or unreadable expires_at is swept once it has run longer than untagged_grace_s.
+    """
+    filters = [
+        {"Name": f"tag:{TAG_PROJECT}", "Values": [tag_value(project_tag)]},
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+    ]
+    expired: list[str] = []
+    for instance in _describe(ec2, filters, retry):
+        instance_id = instance["InstanceId"]
+        tags = _tags(instance)
+        expires_at = parse_expires_at(tags.get(TAG_EXPIRES_AT, ""))
+        if expires_at is not None:
+            if expires_at <= now_epoch:
+                log.warning(
+                    "instance %s of run %s expired at %s", instance_id, tags.get(TAG_RUN_ID), tags[TAG_EXPIRES_AT]
+                )
+                expired.append(instance_id)
+            continue
+        launched = instance.get("LaunchTime")
+        if isinstance(launched, datetime) and now_epoch - launched.timestamp() > untagged_grace_s:
+            log.warning("instance %s has no readable %s and launched at %s", instance_id, TAG_EXPIRES_AT, launched)
+            expired.append(instance_id)
+    return terminate_instances(ec2, expired, retry=retry)

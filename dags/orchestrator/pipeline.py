@@ -1,0 +1,234 @@
+"""The body of each step of the training DAG: plain functions over the run's settings, called by thin Airflow tasks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator.settings import Settings, load_settings, validate_git_ref
+
+log = logging.getLogger(__name__)
+
+HOST_KEY_TAG = "ec2-trainer:host-key"
+
+
+def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate this run's params over the deployment's configuration; fail before anything is spent."""
+    settings = load_settings(params)
+    ref = str(params.get("git_ref") or "").strip() or settings.github.branch
+    validate_git_ref(ref)
+    resolved = settings.to_dict()
+    resolved["git_ref"] = ref
+    log.info(
+        "Run configuration: repo %s ref %s; instance types %s (%s); epochs %s, batch %s, lr %s, data %s",
+        settings.github.repo,
+        ref,
+        ",".join(settings.aws.instance_types),
+        "spot" if settings.aws.spot else "on-demand",
+        settings.training.epochs,
+        settings.training.batch_size,
+        settings.training.learning_rate,
+        settings.training.data_uri,
+    )
+    return resolved
+
+
+def settings_of(config: Mapping[str, Any]) -> Settings:
+    return Settings.from_dict({k: v for k, v in config.items() if k != "git_ref"})
+
+
+def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> dict[str, Any]:
+    """Resolve the AMI and fix the instance's deadline; nothing is created yet."""
+    from orchestrator.connections import aws_client
+    from orchestrator.launch import resolve_ami
+
+    s = settings_of(config)
+    ami_id = resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
+    expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
+    log.info(
+        "AMI %s (from %s); the instance must be gone by %s",
+        ami_id,
+        s.aws.ami_ssm_parameter,
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
+    )
+    return {"ami_id": ami_id, "expires_at_epoch": expires_at, "git_sha": git_sha, "dag_id": dag_id, "run_id": run_id}
+
+
+def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Start the run's instance (or find the one a previous try started) with a fresh pinned host key."""
+    from orchestrator.connections import aws_client, ssh_private_key
+    from orchestrator.ec2 import find_run_instances, launch_instance
+    from orchestrator.hostkeys import generate_host_key, public_line_from_private
+    from orchestrator.launch import LaunchSpec, RunIdentity
+    from orchestrator.userdata import UserDataSpec, render_user_data
+
+    s = settings_of(config)
+    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], int(plan["expires_at_epoch"]))
+    host_key = generate_host_key()
+    user_data = render_user_data(
+        UserDataSpec(
+            host_key=host_key,
+            authorized_public_key=public_line_from_private(ssh_private_key(s.instance.ssh_conn_id)),
+            ssh_user=s.instance.ssh_user,
+            deadline_epoch=identity.expires_at_epoch,
+            state_dir=s.instance.state_dir,
+            python_bin=s.instance.python_bin,
+            require_gpu=s.instance.require_gpu,
+        )
+    )
+    spec = LaunchSpec(
+        ami_id=plan["ami_id"],
+        instance_types=s.aws.instance_types,
+        spot=s.aws.spot,
+        spot_fallback_to_on_demand=s.aws.spot_fallback_to_on_demand,
+        subnet_id=s.aws.subnet_id or None,
+        security_group_ids=s.aws.security_group_ids,
+        instance_profile=s.aws.instance_profile or None,
+        root_volume_gb=s.aws.root_volume_gb,
+        kms_key_id=s.aws.kms_key_id or None,
+        project_tag=s.aws.project_tag,
+        # The host key's public half is no secret; a retried launch that reuses the instance reads it back from here.
+        extra_tags={HOST_KEY_TAG: host_key.public_line},
+    )
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    launched = launch_instance(ec2, spec, identity, user_data)
+    host_public_key = host_key.public_line
+    if launched.reused:
+        (existing,) = [
+            i
+            for i in find_run_instances(ec2, identity.dag_id, identity.run_id, spec.project_tag)
+            if i["InstanceId"] == launched.instance_id
+        ]
+        host_public_key = {t["Key"]: t["Value"] for t in existing.get("Tags", [])}[HOST_KEY_TAG]
+        log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
+    log.info(
+        "Instance %s (%s, %s) for commit %s",
+        launched.instance_id,
+        launched.instance_type,
+        launched.market,
+        identity.git_sha,
+    )
+    return {
+        "instance_id": launched.instance_id,
+        "instance_type": launched.instance_type,
+        "market": launched.market,
+        "reused": launched.reused,
+        "host_public_key": host_public_key,
+    }
+
+
+def ssh_target(config: Mapping[str, Any], address: str, host_public_key: str) -> Any:
+    from orchestrator.connections import ssh_private_key
+    from orchestrator.ssh import SshTarget
+
+    s = settings_of(config)
+    return SshTarget(
+        host=address,
+        port=s.instance.ssh_port,
+        user=s.instance.ssh_user,
+        host_public_key=host_public_key,
+        private_key_pem=ssh_private_key(s.instance.ssh_conn_id),
+    )
+
+
+def wait_ready(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[str, Any]:
+    """Bounded: the instance is running, answers SSH with the pinned host key, and its bootstrap succeeded."""
+    from orchestrator.connections import aws_client
+    from orchestrator.ec2 import InstanceNotReadyError, wait_until_running
+    from orchestrator.ssh import wait_for_bootstrap, wait_for_ssh
+
+    s = settings_of(config)
+    started = time.monotonic()
+    info = wait_until_running(
+        aws_client("ec2", s.aws.conn_id, s.aws.region),
+        launched["instance_id"],
+        timeout_s=s.aws.launch_timeout_minutes * 60,
+        poll_s=s.instance.poll_seconds,
+    )
+    address = info.public_ip if s.instance.address == "public_ip" else info.private_ip
+    if not address:
+        raise InstanceNotReadyError(
+            f"{info.instance_id} has no {s.instance.address.replace('_', ' ')}: use a subnet that assigns public "
+            "IPs, or set instance.address = private_ip when Airflow runs inside the VPC"
+        )
+    running_s = time.monotonic() - started
+    log.info("%s is running (%s) at %s after %.1f s", info.instance_id, info.instance_type, address, running_s)
+    target = ssh_target(config, address, launched["host_public_key"])
+    deadline = started + s.instance.ready_timeout_minutes * 60 + s.aws.launch_timeout_minutes * 60
+    wait_for_ssh(target, timeout_s=max(1.0, deadline - time.monotonic()), poll_s=s.instance.poll_seconds)
+    ssh_s = time.monotonic() - started
+    log.info("SSH answers on %s:%s with the pinned host key after %.1f s", address, s.instance.ssh_port, ssh_s)
+    result = wait_for_bootstrap(
+        target,
+        s.instance.state_dir,
+        timeout_s=max(1.0, deadline - time.monotonic()),
+        poll_s=s.instance.poll_seconds,
+        on_log=lambda line: log.info("bootstrap | %s", line),
+    )
+    ready_s = time.monotonic() - started
+    log.info("Bootstrap finished (%s) after %.1f s in all", result.status_line, ready_s)
+    return {
+        "instance_id": info.instance_id,
+        "address": address,
+        "port": s.instance.ssh_port,
+        "host_public_key": launched["host_public_key"],
+        "seconds_to_running": round(running_s, 1),
+        "seconds_to_ssh": round(ssh_s, 1),
+        "seconds_to_ready": round(ready_s, 1),
+    }
+
+
+def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
+    from orchestrator.connections import mlflow_credentials
+    from orchestrator.tracking import credentials_in_env, evaluate_and_promote
+
+    s = settings_of(config)
+    creds = mlflow_credentials(s.mlflow.conn_id)
+    with credentials_in_env(creds.username, creds.password):
+        result = evaluate_and_promote(
+            s.mlflow.tracking_uri,
+            mlflow_run_id,
+            model_name=s.mlflow.model_name,
+            metric=s.mlflow.metric,
+            threshold=s.mlflow.threshold,
+            greater_is_better=s.mlflow.greater_is_better,
+        )
+    return result.to_dict()
+
+
+def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids: list[str]) -> dict[str, str]:
+    """Terminate the run's instances by id and by tag; harmless to repeat; returns each one's final state."""
+    from orchestrator.connections import aws_client
+    from orchestrator.ec2 import describe_instance, terminate_run
+
+    s = settings_of(config)
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    asked = terminate_run(ec2, dag_id, run_id, s.aws.project_tag, instance_ids=tuple(instance_ids))
+    states: dict[str, str] = {}
+    deadline = time.monotonic() + 300
+    for instance_id in asked:
+        # Terminating a running instance passes through shutting-down; wait (bounded) so the log shows the end state.
+        while True:
+            info = describe_instance(ec2, instance_id)
+            states[instance_id] = info.state if info else "terminated"
+            if states[instance_id] == "terminated" or time.monotonic() > deadline:
+                break
+            time.sleep(s.instance.poll_seconds)
+        log.info("Instance %s: %s", instance_id, states[instance_id])
+    if not asked:
+        log.info("No instance of run %s to terminate", run_id)
+    return states
+
+
+def sweep(config: Mapping[str, Any] | None = None) -> list[str]:
+    """Terminate every instance of this deployment that outlived its expires_at tag."""
+    from orchestrator.connections import aws_client
+    from orchestrator.ec2 import sweep_expired
+
+    s = settings_of(config) if config else load_settings()
+    swept = sweep_expired(aws_client("ec2", s.aws.conn_id, s.aws.region), s.aws.project_tag, time.time())
+    for instance_id in swept:
+        log.warning("Terminated %s: past its expires_at deadline (its DAG run did not clean it up)", instance_id)
+    return swept

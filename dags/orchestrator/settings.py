@@ -1,0 +1,458 @@
+"""One typed configuration for the whole pipeline: defaults, then a file, then environment, then DAG params.
+
+Everything is validated up front so a bad value fails the run at trigger time, naming the field,
+before any money is spent.
+The settings hold no secret: credentials live in Airflow connections, named here only by their ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from orchestrator.errors import ConfigError
+
+DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "config" / "defaults.toml"
+CONFIG_FILE_ENV = "TRAINER_CONFIG"
+ENV_PREFIX = "TRAINER__"
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
+_INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+_CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
+_GIT_REF_RE = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
+_CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
+DATA_URI_SCHEMES = ("s3", "file", "synthetic")
+MODELS = ("default", "seed")
+
+
+@dataclass(frozen=True)
+class GitHubSettings:
+    repo: str
+    api_url: str
+    branch: str
+    conn_id: str
+    ci_timeout_minutes: int
+    ci_no_runs_timeout_minutes: int
+    ci_poll_seconds: int
+    allowed_conclusions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    conn_id: str
+    region: str
+    ami_ssm_parameter: str
+    instance_types: tuple[str, ...]
+    spot: bool
+    spot_fallback_to_on_demand: bool
+    subnet_id: str
+    security_group_ids: tuple[str, ...]
+    instance_profile: str
+    root_volume_gb: int
+    kms_key_id: str
+    max_lifetime_minutes: int
+    launch_timeout_minutes: int
+    project_tag: str
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    ssh_conn_id: str
+    ssh_user: str
+    ssh_port: int
+    address: str
+    state_dir: str
+    python_bin: str
+    require_gpu: bool
+    ready_timeout_minutes: int
+    poll_seconds: float
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    tracking_uri: str
+    conn_id: str
+    experiment: str
+    model_name: str
+    metric: str
+    threshold: float
+    greater_is_better: bool
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    repo_url: str
+    entry_point: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    model: str
+    data_uri: str
+    timeout_minutes: int
+    extra_params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    github: GitHubSettings
+    aws: AwsSettings
+    instance: InstanceSettings
+    mlflow: MlflowSettings
+    training: TrainingSettings
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able copy (for XCom): holds no secret by construction."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Settings:
+        return _build(cls, data, "")
+
+    @property
+    def training_repo_url(self) -> str:
+        """The git URL the instance clones: explicit, or the GitHub repository's own."""
+        if self.training.repo_url:
+            return self.training.repo_url
+        return f"{html_base_url(self.github.api_url)}/{self.github.repo}.git"
+
+
+# The per-run knobs of the DAG's trigger form, and the setting each one overrides.
+PARAM_FIELDS: dict[str, tuple[str, str]] = {
+    "instance_types": ("aws", "instance_types"),
+    "spot": ("aws", "spot"),
+    "max_lifetime_minutes": ("aws", "max_lifetime_minutes"),
+    "epochs": ("training", "epochs"),
+    "batch_size": ("training", "batch_size"),
+    "learning_rate": ("training", "learning_rate"),
+    "model": ("training", "model"),
+    "data_uri": ("training", "data_uri"),
+}
+
+
+def html_base_url(api_url: str) -> str:
+    """The web address matching a GitHub API base (github.com, or a GitHub Enterprise host)."""
+    parsed = urlparse(api_url.rstrip("/"))
+    if parsed.netloc == "api.github.com":
+        return "https://github.com"
+    path = parsed.path.removesuffix("/api/v3")
+    return f"{parsed.scheme}://{parsed.netloc}{path}"
+
+
+def load_settings(
+    params: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Layer defaults, the optional TRAINER_CONFIG file, TRAINER__* variables and DAG params; then validate."""
+    env = os.environ if env is None else env
+    raw = _read_toml(DEFAULTS_FILE)
+    extra_file = env.get(CONFIG_FILE_ENV, "").strip()
+    if extra_file:
+        _merge(raw, _read_toml(Path(extra_file)), CONFIG_FILE_ENV)
+    _merge(raw, _env_overrides(env), "environment")
+    if params:
+        _merge(raw, _param_overrides(params), "params")
+    settings = Settings.from_dict(raw)
+    validate(settings)
+    return settings
+
+
+def validate_git_ref(ref: str, name: str = "git_ref") -> str:
+    """A branch, tag or full sha that is safe to pass anywhere; refuses what git or a shell could misread."""
+    ref = ref.strip()
+    if (
+        not _GIT_REF_RE.fullmatch(ref)
+        or ".." in ref
+        or ref.startswith(("-", "/", "."))
+        or ref.endswith(("/", ".", ".lock"))
+        or "//" in ref
+    ):
+        raise ConfigError(
+            f"{name}: {ref!r} is not a valid branch name or commit sha "
+            "(letters, digits, '.', '_', '-', '/' only; no '..'; "
+            "abbreviated shas are not accepted, use all 40 hex digits)"
+        )
+    return ref
+
+
+def is_full_sha(ref: str) -> bool:
+    return bool(_SHA_RE.fullmatch(ref))
+
+
+def validate(s: Settings) -> None:
+    """Check every value; raise ConfigError naming the first bad field and saying what would be right."""
+    g, a, i, m, t = s.github, s.aws, s.instance, s.mlflow, s.training
+    _check(bool(_REPO_RE.fullmatch(g.repo)), "github.repo", g.repo, "owner/name, e.g. acme/ec2-trainer")
+    _check_url(g.api_url, "github.api_url", ("http", "https"))
+    validate_git_ref(g.branch, "github.branch")
+    for name, conn_id in (
+        ("github.conn_id", g.conn_id),
+        ("aws.conn_id", a.conn_id),
+        ("instance.ssh_conn_id", i.ssh_conn_id),
+        ("mlflow.conn_id", m.conn_id),
+    ):
+        _check(bool(_CONN_ID_RE.fullmatch(conn_id)), name, conn_id, "an Airflow connection id")
+    _check_range(g.ci_timeout_minutes, "github.ci_timeout_minutes", 1, 24 * 60)
+    _check_range(g.ci_no_runs_timeout_minutes, "github.ci_no_runs_timeout_minutes", 1, 24 * 60)
+    _check_range(g.ci_poll_seconds, "github.ci_poll_seconds", 1, 3600)
+    unknown = sorted(set(g.allowed_conclusions) - _CONCLUSIONS)
+    _check(
+        not unknown and "success" in g.allowed_conclusions,
+        "github.allowed_conclusions",
+        list(g.allowed_conclusions),
+        f"a subset of {sorted(_CONCLUSIONS)} that includes 'success'",
+    )
+
+    _check(bool(_REGION_RE.fullmatch(a.region)), "aws.region", a.region, "an AWS region such as us-east-1")
+    _check(
+        a.ami_ssm_parameter.startswith("/") and " " not in a.ami_ssm_parameter,
+        "aws.ami_ssm_parameter",
+        a.ami_ssm_parameter,
+        "an SSM parameter name starting with '/', e.g. /aws/service/deeplearning/ami/...",
+    )
+    _check(bool(a.instance_types), "aws.instance_types", [], "at least one instance type, e.g. g6.xlarge")
+    for n, itype in enumerate(a.instance_types):
+        _check(
+            bool(_INSTANCE_TYPE_RE.fullmatch(itype)),
+            f"aws.instance_types[{n}]",
+            itype,
+            "an EC2 instance type name such as g6.xlarge",
+        )
+    _check(
+        len(set(a.instance_types)) == len(a.instance_types),
+        "aws.instance_types",
+        a.instance_types,
+        "no repeats",
+    )
+    _check(
+        not a.subnet_id or a.subnet_id.startswith("subnet-"),
+        "aws.subnet_id",
+        a.subnet_id,
+        "empty or subnet-...",
+    )
+    for n, sg in enumerate(a.security_group_ids):
+        _check(sg.startswith("sg-"), f"aws.security_group_ids[{n}]", sg, "a security group id sg-...")
+    _check_range(a.root_volume_gb, "aws.root_volume_gb", 8, 16384)
+    _check_range(a.max_lifetime_minutes, "aws.max_lifetime_minutes", 10, 7 * 24 * 60)
+    _check_range(a.launch_timeout_minutes, "aws.launch_timeout_minutes", 1, 120)
+    _check(bool(re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", a.project_tag)), "aws.project_tag", a.project_tag, "a short tag")
+
+    _check(
+        bool(re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", i.ssh_user)),
+        "instance.ssh_user",
+        i.ssh_user,
+        "a Unix user",
+    )
+    _check_range(i.ssh_port, "instance.ssh_port", 1, 65535)
+    _check(i.address in ("public_ip", "private_ip"), "instance.address", i.address, "public_ip or private_ip")
+    _check(bool(_UNIX_PATH_RE.fullmatch(i.state_dir)), "instance.state_dir", i.state_dir, "an absolute path")
+    _check(bool(_UNIX_PATH_RE.fullmatch(i.python_bin)), "instance.python_bin", i.python_bin, "an absolute path")
+    _check_range(i.ready_timeout_minutes, "instance.ready_timeout_minutes", 1, 240)
+    _check_range(i.poll_seconds, "instance.poll_seconds", 0.1, 300)
+
+    _check_url(m.tracking_uri, "mlflow.tracking_uri", ("http", "https"))
+    _check(bool(m.experiment.strip()), "mlflow.experiment", m.experiment, "a non-empty experiment name")
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", m.model_name)),
+        "mlflow.model_name",
+        m.model_name,
+        "a name",
+    )
+    _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", m.metric)), "mlflow.metric", m.metric, "a metric name")
+
+    if t.repo_url:
+        _check_url(t.repo_url, "training.repo_url", ("https", "http", "git", "ssh", "file"))
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", t.entry_point)),
+        "training.entry_point",
+        t.entry_point,
+        "a name",
+    )
+    _check_range(t.epochs, "training.epochs", 1, 10_000)
+    _check_range(t.batch_size, "training.batch_size", 1, 65_536)
+    _check(0 < t.learning_rate <= 1, "training.learning_rate", t.learning_rate, "a number in (0, 1]")
+    _check(t.model in MODELS, "training.model", t.model, f"one of {list(MODELS)}")
+    validate_data_uri(t.data_uri)
+    _check_range(t.timeout_minutes, "training.timeout_minutes", 1, 7 * 24 * 60)
+    for key, value in t.extra_params.items():
+        _check(
+            bool(_PARAM_KEY_RE.fullmatch(key)),
+            "training.extra_params",
+            key,
+            "parameter names like max_images",
+        )
+        _check(
+            isinstance(value, str) and len(value) <= 1024 and "\n" not in value,
+            f"training.extra_params.{key}",
+            value,
+            "a single-line string",
+        )
+
+    needed = a.launch_timeout_minutes + i.ready_timeout_minutes + t.timeout_minutes
+    _check(
+        a.max_lifetime_minutes >= needed,
+        "aws.max_lifetime_minutes",
+        a.max_lifetime_minutes,
+        f"at least launch + ready + training timeouts = {needed} minutes, or the instance would power itself off "
+        "in the middle of a run; raise it or lower training.timeout_minutes",
+    )
+
+
+def validate_data_uri(uri: str) -> None:
+    parsed = urlparse(uri)
+    scheme = parsed.scheme or "file"
+    _check(
+        scheme in DATA_URI_SCHEMES and "\n" not in uri and len(uri) <= 1024,
+        "training.data_uri",
+        uri,
+        f"a URI with one of the schemes {list(DATA_URI_SCHEMES)} (a folder or .zip in the dataset's layout)",
+    )
+    if scheme == "s3":
+        _check(bool(parsed.netloc), "training.data_uri", uri, "s3://bucket/prefix/")
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} is invalid; expected {expected}")
+
+
+def _check_range(value: float, name: str, low: float, high: float) -> None:
+    _check(low <= value <= high, name, value, f"a value between {low} and {high}")
+
+
+def _check_url(url: str, name: str, schemes: tuple[str, ...]) -> None:
+    parsed = urlparse(url)
+    _check(
+        parsed.scheme in schemes and bool(parsed.netloc or parsed.scheme == "file") and " " not in url,
+        name,
+        url,
+        f"a URL with scheme {'/'.join(schemes)}",
+    )
+    _check(not parsed.password, name, "<redacted>", "no credentials inside the URL: use the Airflow connection")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{CONFIG_FILE_ENV}: configuration file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str) -> None:
+    for section, values in override.items():
+        if section not in base or not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: unknown configuration section {section!r}; known: {sorted(base)}")
+        for key, value in values.items():
+            if key not in base[section]:
+                raise ConfigError(
+                    f"{source}: unknown setting {section}.{key}; known in [{section}]: {sorted(base[section])}"
+                )
+            base[section][key] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>, e.g. TRAINER__AWS__REGION")
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _param_overrides(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in params.items():
+        if name in PARAM_FIELDS and value not in (None, "", []):
+            section, key = PARAM_FIELDS[name]
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], data: Mapping[str, Any], prefix: str) -> _T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f"{prefix}{f.name}"
+        if f.name not in data:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ConfigError(f"{name}: missing setting")
+        kwargs[f.name] = _coerce(data[f.name], hints[f.name], name)
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ConfigError(f"{prefix or 'settings'}: unknown keys {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Turn TOML, environment strings and form values into the declared type, or say which field is wrong."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table of settings")
+        return _build(hint, value, f"{name}.")  # type: ignore[arg-type]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_coerce(v, str, f"{name}[{n}]") for n, v in enumerate(items))
+    if origin is dict:
+        if isinstance(value, str):
+            value = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv) if value.strip() else {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table of key = value")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name}: {value!r} is not a boolean (true/false)")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name}: {value!r} is not a whole number")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: {value!r} is not a whole number") from exc
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: {value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: {value!r} is not a number") from exc
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected text, got {value!r}")
+        return value.strip()
+    raise ConfigError(f"{name}: unsupported type {hint}")

@@ -1,0 +1,56 @@
+"""A real MLflow tracking server on loopback: SQLite backend, proxied artifacts (clients never write its disk)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from embedded.process import free_port, start_logged, stop_process, wait_for_http
+
+log = logging.getLogger(__name__)
+
+
+class MlflowServer:
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = workdir / "mlflow-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 90.0) -> str:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        self._proc = start_logged(
+            [
+                str(mlflow_bin),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.workdir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.workdir / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            self.log_file,
+        )
+        wait_for_http(f"{self.url}/health", timeout_s, proc=self._proc, log_file=self.log_file)
+        log.info("MLflow server at %s (data in %s)", self.url, self.workdir)
+        return self.url
+
+    def stop(self) -> None:
+        stop_process(self._proc)
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()

@@ -1,0 +1,214 @@
+"""A real OpenSSH server on loopback: the embedded default's stand-in for the training instance.
+
+It runs the system's `/usr/sbin/sshd` in the foreground with its own configuration, host key and authorized keys,
+all under a private working directory, so it needs no change to the machine's own SSH set-up. The login user is
+whoever runs it (root, or a normal user on a port above 1024).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from embedded.process import free_port
+
+logger = logging.getLogger(__name__)
+
+SSHD_PATH = "/usr/sbin/sshd"
+# sshd needs a moment to load its keys and bind; a healthy one logs readiness well within this.
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+# sshd refuses to start as root without its privilege-separation directory.
+PRIVSEP_DIR = Path("/run/sshd")
+
+
+class SshdError(RuntimeError):
+    """The loopback sshd could not be installed, configured or started; the message says what to do."""
+
+
+def ensure_sshd_installed() -> str:
+    """Return the path of the OpenSSH server binary, installing the Debian package when running as root.
+
+    Raises SshdError saying how to install it otherwise.
+    """
+    if Path(SSHD_PATH).is_file():
+        return SSHD_PATH
+    apt_get = shutil.which("apt-get")
+    if os.geteuid() == 0 and apt_get:
+        logger.info("OpenSSH server not found at %s; installing it with apt-get", SSHD_PATH)
+        result = subprocess.run(
+            [apt_get, "install", "-y", "--no-install-recommends", "openssh-server"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+        if result.returncode == 0 and Path(SSHD_PATH).is_file():
+            return SSHD_PATH
+        logger.warning("apt-get install openssh-server failed: %s", result.stderr[-2000:])
+    raise SshdError(
+        f"OpenSSH server not found at {SSHD_PATH}. Install it with "
+        "`sudo apt-get update && sudo apt-get install -y openssh-server` (it does not need to run as a service)."
+    )
+
+
+def render_sshd_config(
+    *,
+    address: str,
+    port: int,
+    host_key: Path,
+    pid_file: Path,
+    authorized_keys: Path,
+    extra: Sequence[str] = (),
+) -> str:
+    """The sshd_config of a loopback server: public-key logins only, for the files under its working directory."""
+    lines = [
+        f"ListenAddress {address}",
+        f"Port {port}",
+        f"HostKey {host_key}",
+        f"PidFile {pid_file}",
+        f"AuthorizedKeysFile {authorized_keys}",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        # The key files live in a temporary directory whose parents sshd would otherwise reject.
+        "StrictModes no",
+        "PermitRootLogin prohibit-password",
+        "PrintMotd no",
+        # Our own config replaces the system one, so SFTP (used to follow job logs) must be declared here.
+        "Subsystem sftp internal-sftp",
+        *extra,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class LoopbackSshd:
+    """An sshd process listening on loopback with a pinned host key; use as a context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        host_private_key_pem: str,
+        authorized_keys: list[str],
+        *,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        workdir: Path,
+        extra_config: Sequence[str] = (),
+    ) -> None:
+        if not authorized_keys:
+            raise SshdError("LoopbackSshd needs at least one authorized public key, or nobody could log in.")
+        self._host_private_key_pem = host_private_key_pem
+        self._authorized_keys = list(authorized_keys)
+        self._extra_config = tuple(extra_config)
+        self._address = address
+        self._port = port if port is not None else free_port(address)
+        self._workdir = workdir
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"LoopbackSshd(address={self._address!r}, port={self._port}, workdir={str(self._workdir)!r})"
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def log_path(self) -> Path:
+        """sshd's own log (its stderr): connection, authentication and error lines."""
+        return self._workdir / "sshd.log"
+
+    def read_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> None:
+        """Write the configuration and keys, start sshd and wait until it listens (bounded)."""
+        if self._process is not None and self._process.poll() is None:
+            return
+        sshd = ensure_sshd_installed()
+        if os.geteuid() == 0:
+            PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        host_key = self._write_private("ssh_host_ed25519_key", self._host_private_key_pem.rstrip("\n") + "\n")
+        authorized = self._write_private("authorized_keys", "\n".join(self._authorized_keys) + "\n")
+        config = self._write_private(
+            "sshd_config",
+            render_sshd_config(
+                address=self._address,
+                port=self._port,
+                host_key=host_key,
+                pid_file=self._workdir / "sshd.pid",
+                authorized_keys=authorized,
+                extra=self._extra_config,
+            ),
+        )
+        # stderr goes straight to a file: readiness is read from it, and it keeps logging after start().
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sshd, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        self._wait_ready()
+        logger.info("Loopback sshd listening on %s:%s (pid %s)", self._address, self._port, self._process.pid)
+
+    def stop(self) -> None:
+        """Terminate sshd (SIGKILL if it does not exit in time); harmless to call again."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT_S)
+        logger.info("Loopback sshd on %s:%s stopped", self._address, self._port)
+
+    def __enter__(self) -> LoopbackSshd:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _write_private(self, name: str, content: str) -> Path:
+        path = self._workdir / name
+        # Created 0600 from the start: the host key must never be readable by others, even briefly.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        os.chmod(path, 0o600)
+        return path
+
+    def _wait_ready(self) -> None:
+        process = self._process
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if "Server listening on" in self.read_log():
+                return
+            if process is None or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.read_log().splitlines()[-20:])
+        self.stop()
+        raise SshdError(
+            f"sshd on {self._address}:{self._port} did not report 'Server listening on' within "
+            f"{READY_TIMEOUT_S:.0f}s (port taken, bad key or config?). Its log ends with:\n{tail}"
+        )

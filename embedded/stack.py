@@ -1,0 +1,150 @@
+"""Every outside service of the pipeline, started locally: the embedded default.
+
+| production                  | here                                                                    |
+| --------------------------- | ----------------------------------------------------------------------- |
+| AWS (EC2, SSM, IAM)         | a moto server, plus an emulator that boots instances as loopback sshd   |
+| GitHub repo + Actions API   | `git daemon` serving this repository, and a stand-in for the Actions API |
+| MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts                   |
+
+`environment()` returns what Airflow needs to use them (connections as AIRFLOW_CONN_* variables, configuration as
+TRAINER__* variables): the DAG and the orchestrator run unchanged; only connections and configuration differ.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from embedded.cloud import LocalCloud
+from embedded.git_daemon import GitDaemon
+from embedded.github_standin import GitHubStandIn
+from embedded.mlflow_server import MlflowServer
+from embedded.process import free_port
+
+log = logging.getLogger(__name__)
+
+GITHUB_REPO = "local/ec2-trainer"
+AMI_PARAMETER = "/ec2-trainer/embedded/ami-id"
+# Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
+DEMO_DATA_URI = "synthetic://?train_per_class=120&val_per_class=30&test_per_class=30&size=64&seed=0"
+
+
+@dataclass(frozen=True)
+class TrainingKnobs:
+    epochs: int = 3
+    batch_size: int = 32
+    data_uri: str = DEMO_DATA_URI
+    image_size: int = 64
+    threshold: float = 0.6
+
+
+def _client_key() -> tuple[str, str]:
+    """A fresh Ed25519 key pair for Airflow's SSH connection (generated, never committed)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return private, public
+
+
+class EmbeddedStack:
+    def __init__(self, workdir: Path, repo_dir: Path, *, knobs: TrainingKnobs | None = None) -> None:
+        self.workdir = workdir.resolve()
+        self.repo_dir = repo_dir.resolve()
+        self.knobs = knobs or TrainingKnobs()
+        self.disk_root = self.workdir / "disk"
+        self.state_dir = self.disk_root / "var" / "lib" / "ec2-trainer"
+        self.ssh_port = free_port()
+        self.github_token = secrets.token_hex(20)
+        self.ssh_private_key, self.ssh_public_key = _client_key()
+        self.cloud = LocalCloud(
+            self.workdir / "cloud", ssh_port=self.ssh_port, disk_root=self.disk_root, ami_parameter=AMI_PARAMETER
+        )
+        self.mlflow = MlflowServer(self.workdir / "mlflow")
+        self.git = GitDaemon(self.repo_dir, self.workdir)
+        self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token)
+        self.github_url = ""
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.disk_root.mkdir(parents=True, exist_ok=True)
+        self.cloud.start()
+        self.git.start()
+        self.github_url = self.github.start()
+        self.mlflow.start()
+
+    def stop(self) -> None:
+        for stop in (self.cloud.stop, self.github.stop, self.git.stop, self.mlflow.stop):
+            try:
+                stop()
+            except Exception:  # stop the rest whatever one of them does
+                log.exception("stopping %s failed", stop)
+
+    def __enter__(self) -> EmbeddedStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
+
+    def environment(self) -> dict[str, str]:
+        """AIRFLOW_CONN_* and TRAINER__* variables that point the unchanged pipeline at these services."""
+        k = self.knobs
+        conns = {
+            "AIRFLOW_CONN_AWS_DEFAULT": {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": self.cloud.endpoint_url, "region_name": self.cloud.region},
+            },
+            "AIRFLOW_CONN_GITHUB_DEFAULT": {"conn_type": "http", "password": self.github_token},
+            "AIRFLOW_CONN_EC2_TRAINER_SSH": {
+                "conn_type": "ssh",
+                "login": getpass.getuser(),
+                "extra": {"private_key": self.ssh_private_key},
+            },
+        }
+        settings = {
+            "GITHUB__REPO": GITHUB_REPO,
+            "GITHUB__API_URL": self.github_url,
+            "GITHUB__CI_POLL_SECONDS": "1",
+            "AWS__REGION": self.cloud.region,
+            "AWS__AMI_SSM_PARAMETER": AMI_PARAMETER,
+            "AWS__INSTANCE_PROFILE": self.cloud.instance_profile,
+            "AWS__MAX_LIFETIME_MINUTES": "60",
+            "AWS__LAUNCH_TIMEOUT_MINUTES": "2",
+            "INSTANCE__SSH_USER": getpass.getuser(),
+            "INSTANCE__SSH_PORT": str(self.ssh_port),
+            "INSTANCE__STATE_DIR": str(self.state_dir),
+            # The stand-in instance's "AMI" interpreter: this environment, which already has torch and mlflow.
+            "INSTANCE__PYTHON_BIN": sys.executable,
+            "INSTANCE__REQUIRE_GPU": "false",
+            "INSTANCE__READY_TIMEOUT_MINUTES": "3",
+            "INSTANCE__POLL_SECONDS": "0.5",
+            "MLFLOW__TRACKING_URI": self.mlflow.url,
+            "MLFLOW__EXPERIMENT": "hurricane-damage-embedded",
+            "MLFLOW__THRESHOLD": str(k.threshold),
+            "TRAINING__REPO_URL": self.git.url,
+            "TRAINING__EPOCHS": str(k.epochs),
+            "TRAINING__BATCH_SIZE": str(k.batch_size),
+            "TRAINING__DATA_URI": k.data_uri,
+            "TRAINING__TIMEOUT_MINUTES": "20",
+            "TRAINING__EXTRA_PARAMS": f"image_size={k.image_size},workers=2,cache_dir={self.workdir / 'data-cache'}",
+        }
+        env = {name: json.dumps(value) for name, value in conns.items()}
+        env.update({f"TRAINER__{name}": value for name, value in settings.items()})
+        return env

@@ -1,0 +1,164 @@
+"""The GitHub stand-in answers the endpoints the CI gate uses, like GitHub does, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedded.github_standin import GitHubStandIn
+
+REPO = "local/ec2-trainer"
+
+
+def make_repo(path: Path) -> str:
+    """A git repository with one commit on branch main; returns the commit sha."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    (path / "README").write_text("hello\n")
+    subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "-q", "-m", "first"], check=True, env=env)
+    out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("repo")
+    return path, make_repo(path)
+
+
+@pytest.fixture
+def standin(repo: tuple[Path, str]) -> Iterator[GitHubStandIn]:
+    with GitHubStandIn(repo[0], REPO, token="test-token") as server:
+        yield server
+
+
+def get(url: str, token: str | None = "test-token") -> tuple[int, dict[str, str], Any]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = response.read()
+            return response.status, dict(response.headers), json.loads(body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def test_resolves_branch_full_and_short_sha(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    sha = repo[1]
+    for ref in ("main", sha, sha[:8]):
+        status, _, body = get(f"{standin.url}/repos/{REPO}/commits/{ref}")
+        assert (status, body["sha"]) == (200, sha)
+    assert standin.request_count(f"/repos/{REPO}/commits/main") == 1
+
+
+def test_unknown_ref_and_repo(standin: GitHubStandIn) -> None:
+    assert get(f"{standin.url}/repos/{REPO}/commits/no-such-branch")[0] == 404
+    assert get(f"{standin.url}/repos/{REPO}/commits/{'b' * 40}")[0] == 422
+    assert get(f"{standin.url}/repos/other/repo/commits/main")[0] == 404
+
+
+def test_token_required(standin: GitHubStandIn) -> None:
+    assert get(f"{standin.url}/repos/{REPO}/commits/main", token=None)[0] == 401
+    assert get(f"{standin.url}/repos/{REPO}/commits/main", token="wrong")[0] == 401
+
+
+def test_unscripted_sha_answers_one_green_ci(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    status, _, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={repo[1]}&per_page=100")
+    assert status == 200
+    assert body["total_count"] == 1
+    (run,) = body["workflow_runs"]
+    assert (run["name"], run["status"], run["conclusion"], run["head_sha"]) == (
+        "CI",
+        "completed",
+        "success",
+        repo[1],
+    )
+
+
+def test_script_answers_in_turn_then_repeats_the_last(standin: GitHubStandIn) -> None:
+    sha = "c" * 40
+    standin.script(sha, [[{"status": "queued"}], [{"status": "in_progress"}], [{"conclusion": "failure"}]])
+    url = f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}"
+    seen = [get(url)[2]["workflow_runs"][0] for _ in range(4)]
+    assert [r["status"] for r in seen] == ["queued", "in_progress", "completed", "completed"]
+    assert seen[0]["conclusion"] is None
+    assert seen[3]["conclusion"] == "failure"
+
+
+def test_pagination_with_link_header(standin: GitHubStandIn) -> None:
+    sha = "d" * 40
+    standin.set_runs(sha, [{"id": i, "workflow_id": i} for i in range(1, 251)])
+    status, headers, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=100&page=3")
+    assert (status, body["total_count"], len(body["workflow_runs"])) == (200, 250, 50)
+    assert "Link" not in headers
+    _, headers, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=100")
+    assert [r["id"] for r in body["workflow_runs"]][:2] == [1, 2]
+    assert f'head_sha={sha}&per_page=100&page=2>; rel="next"' in headers["Link"]
+
+
+def test_faults(standin: GitHubStandIn) -> None:
+    url = f"{standin.url}/repos/{REPO}/commits/main"
+    standin.fail_next(2, status=503)
+    assert [get(url)[0] for _ in range(3)] == [503, 503, 200]
+    standin.rate_limit_next(30)
+    status, headers, _ = get(url)
+    assert status == 403
+    assert headers["x-ratelimit-remaining"] == "0"
+    assert int(headers["x-ratelimit-reset"]) >= int(time.time()) + 28
+    standin.malformed_next()
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer test-token"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = response.read()
+    with pytest.raises(json.JSONDecodeError, match="Expecting property name"):
+        json.loads(body)
+    assert standin.request_count("/repos/local/ec2-trainer/commits/main") == 5
+
+
+def test_runs_as_a_module(repo: tuple[Path, str], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedded.github_standin", "--repo-dir", str(repo[0]), "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                status, _, body = get(f"http://127.0.0.1:{port}/repos/{REPO}/commits/main", token=None)
+                break
+            except urllib.error.URLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert (status, body["sha"]) == (200, repo[1])
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+def test_script_before_start(repo: tuple[Path, str]) -> None:
+    sha = "e" * 40
+    server = GitHubStandIn(repo[0], REPO)
+    server.set_runs(sha, [{"name": "Docs", "id": 77}])
+    with server:
+        _, _, body = get(f"{server.url}/repos/{REPO}/actions/runs?head_sha={sha}", token=None)
+        (run,) = body["workflow_runs"]
+        assert run["name"] == "Docs"
+        assert run["html_url"] == f"{server.url}/{REPO}/actions/runs/77"

@@ -1,0 +1,160 @@
+"""The CI verdict over every status, conclusion and re-run case, with no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.ci import (
+    KNOWN_CONCLUSIONS,
+    MalformedRunError,
+    WorkflowRun,
+    evaluate_ci,
+    latest_attempts,
+    parse_allowed_conclusions,
+)
+from orchestrator.errors import ConfigError
+
+SHA = "a" * 40
+
+
+def run(**overrides: Any) -> WorkflowRun:
+    fields: dict[str, Any] = {
+        "id": 1,
+        "name": "CI",
+        "workflow_id": 10,
+        "head_sha": SHA,
+        "status": "completed",
+        "conclusion": "success",
+        "run_attempt": 1,
+        "html_url": "https://github.com/o/r/actions/runs/1",
+        "created_at": "2024-05-01T10:00:00Z",
+    }
+    fields.update(overrides)
+    return WorkflowRun(**fields)
+
+
+def test_from_api_reads_a_run_and_to_dict_round_trips() -> None:
+    data = {**run().to_dict(), "extra_field": "ignored"}
+    parsed = WorkflowRun.from_api(data)
+    assert parsed == run()
+    assert WorkflowRun.from_api(parsed.to_dict()) == parsed
+
+
+def test_from_api_defaults_run_attempt_to_one() -> None:
+    data = run(run_attempt=3).to_dict()
+    del data["run_attempt"]
+    assert WorkflowRun.from_api(data).run_attempt == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"id": "12"}, "'id' must be an integer"),
+        ({"id": True}, "'id' must be an integer"),
+        ({"name": None}, "'name' must be a string"),
+        ({"conclusion": 3}, "'conclusion' must be a string or null"),
+        ({"workflow_id": None}, "'workflow_id' is missing"),
+    ],
+)
+def test_from_api_names_the_bad_field(change: dict[str, Any], match: str) -> None:
+    data = {**run().to_dict(), **change}
+    with pytest.raises(MalformedRunError, match=match):
+        WorkflowRun.from_api(data)
+
+
+def test_from_api_missing_field_and_non_object() -> None:
+    data = run().to_dict()
+    del data["html_url"]
+    with pytest.raises(MalformedRunError, match="'html_url' is missing"):
+        WorkflowRun.from_api(data)
+    with pytest.raises(MalformedRunError, match="expected a workflow run object, got list"):
+        WorkflowRun.from_api([1, 2])  # type: ignore[arg-type]
+
+
+def test_no_runs() -> None:
+    verdict = evaluate_ci([])
+    assert verdict.state == "no_runs"
+    assert verdict.runs == ()
+
+
+def test_all_success() -> None:
+    runs = [run(), run(id=2, name="Lint", workflow_id=11)]
+    verdict = evaluate_ci(runs)
+    assert verdict.state == "success"
+    assert {r.name for r in verdict.runs} == {"CI", "Lint"}
+    assert "all 2 workflow(s) passed" in verdict.message
+
+
+@pytest.mark.parametrize("conclusion", sorted(KNOWN_CONCLUSIONS - {"success"}))
+def test_every_other_conclusion_fails_by_default(conclusion: str) -> None:
+    bad = run(id=2, name="Lint", workflow_id=11, conclusion=conclusion, html_url="https://x/runs/2")
+    verdict = evaluate_ci([run(), bad])
+    assert verdict.state == "failed"
+    assert verdict.failing == (bad,)
+    assert "'Lint'" in verdict.message
+    assert conclusion in verdict.message
+    assert "https://x/runs/2" in verdict.message
+
+
+@pytest.mark.parametrize("conclusion", ["skipped", "neutral"])
+def test_allowed_conclusions_pass(conclusion: str) -> None:
+    verdict = evaluate_ci([run(), run(id=2, workflow_id=11, conclusion=conclusion)], {"skipped", "neutral"})
+    assert verdict.state == "success"
+
+
+def test_allowing_skipped_does_not_allow_failure() -> None:
+    verdict = evaluate_ci([run(conclusion="failure")], {"skipped"})
+    assert verdict.state == "failed"
+
+
+def test_completed_without_conclusion_fails() -> None:
+    verdict = evaluate_ci([run(conclusion=None)])
+    assert verdict.state == "failed"
+    assert "completed/-" in verdict.message
+
+
+@pytest.mark.parametrize("status", ["queued", "in_progress", "waiting", "requested", "pending"])
+def test_unfinished_status_is_pending(status: str) -> None:
+    verdict = evaluate_ci([run(), run(id=2, name="Slow", workflow_id=11, status=status, conclusion=None)])
+    assert verdict.state == "pending"
+    assert "waiting for 1 of 2" in verdict.message
+    assert f"'Slow' {status}" in verdict.message
+
+
+def test_failure_decides_while_others_still_run() -> None:
+    runs = [run(status="in_progress", conclusion=None), run(id=2, workflow_id=11, conclusion="timed_out")]
+    assert evaluate_ci(runs).state == "failed"
+
+
+def test_rerun_success_overrides_failed_attempt() -> None:
+    runs = [run(run_attempt=1, conclusion="failure"), run(run_attempt=2, conclusion="success")]
+    verdict = evaluate_ci(runs)
+    assert verdict.state == "success"
+    assert verdict.runs[0].run_attempt == 2
+
+
+def test_rerun_failure_overrides_earlier_success() -> None:
+    runs = [run(run_attempt=2, conclusion="cancelled"), run(run_attempt=1)]
+    assert evaluate_ci(runs).state == "failed"
+
+
+def test_rerun_in_progress_is_pending_even_after_a_failure() -> None:
+    runs = [run(run_attempt=1, conclusion="failure"), run(run_attempt=2, status="queued", conclusion=None)]
+    assert evaluate_ci(runs).state == "pending"
+
+
+def test_newest_run_of_a_workflow_decides() -> None:
+    old = run(id=1, created_at="2024-05-01T10:00:00Z", conclusion="failure")
+    new = run(id=5, created_at="2024-05-01T11:00:00Z", conclusion="success")
+    assert latest_attempts([new, old]) == (new,)
+    assert evaluate_ci([old, new]).state == "success"
+
+
+def test_parse_allowed_conclusions() -> None:
+    assert parse_allowed_conclusions(None) == frozenset()
+    assert parse_allowed_conclusions("skipped, Neutral,") == {"skipped", "neutral"}
+    assert parse_allowed_conclusions(["skipped"]) == {"skipped"}
+    with pytest.raises(ConfigError, match=r"unknown value\(s\) \['skiped'\]"):
+        parse_allowed_conclusions("skiped")

@@ -1,0 +1,241 @@
+"""The CI gate operator and trigger through real `dag.test()` runs against the GitHub stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedded.github_standin import GitHubStandIn
+from tests.embedded.test_github_standin import make_repo
+
+REPO = "local/ec2-trainer"
+TOKEN = "ghs_ci_gate_test_token_456"
+BRANCHES = ("green", "pending", "red", "noruns", "slow")
+
+
+@pytest.fixture(scope="module")
+def shas(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A repository with one commit per scenario branch."""
+    path = tmp_path_factory.mktemp("repo")
+    make_repo(path)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    result = {}
+    for branch in BRANCHES:
+        git = ["git", "-C", str(path)]
+        subprocess.run([*git, "checkout", "-q", "-b", branch, "main"], check=True)
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", branch], check=True, env=env)
+        out = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+        result[branch] = out.stdout.strip()
+    return path, result
+
+
+@pytest.fixture(scope="module")
+def standin(shas: tuple[Path, dict[str, str]]) -> Iterator[GitHubStandIn]:
+    with GitHubStandIn(shas[0], REPO, token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def dag(airflow_db: Path, dags_folder: Path, standin: GitHubStandIn, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("AIRFLOW_VAR_CI_GATE_TEST_API_URL", standin.url)
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps({"conn_type": "http", "password": TOKEN}))
+    bag = DagBag(dag_folder=str(dags_folder / "ci_gate_test_dag.py"))
+    assert not bag.import_errors
+    return bag.get_dag("ci_gate_test")
+
+
+def run_gate(dag: Any, **conf: Any) -> tuple[Any, Any]:
+    dagrun = dag.test(run_conf=conf)
+    return dagrun, dagrun.get_task_instance("ci_gate")
+
+
+def xcom(ti: Any, key: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = (
+            session.query(XComModel)
+            .filter_by(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, key=key)
+            .one_or_none()
+        )
+        return None if row is None else XComModel.deserialize_value(row)
+
+
+def output(capfd: pytest.CaptureFixture[str]) -> str:
+    """What the run logged: Airflow's structlog writes task, trigger and DAG-test logs to stdout/stderr."""
+    captured = capfd.readouterr()
+    return captured.out + captured.err
+
+
+def runs_polls(standin: GitHubStandIn) -> int:
+    return standin.request_count(f"/repos/{REPO}/actions/runs")
+
+
+def test_green_at_once(dag: Any, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]) -> None:
+    sha = shas[1]["green"]
+    standin.set_runs(sha, [{"name": "CI"}, {"name": "Lint", "workflow_id": 2}])
+    before = runs_polls(standin)
+    dagrun, ti = run_gate(dag, git_ref="green")
+    assert dagrun.state == "success"
+    assert ti.state == "success"
+    assert runs_polls(standin) - before == 1
+    assert xcom(ti, "return_value") == sha
+    assert xcom(ti, "_link_GitHubActionsLink") == f"{standin.url}/{REPO}/commit/{sha}/checks"
+
+
+def test_pending_then_green_defers_and_completes(
+    dag: Any, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    sha = shas[1]["pending"]
+    standin.script(
+        sha,
+        [
+            [{"status": "queued"}, {"name": "Lint", "workflow_id": 2, "status": "queued"}],
+            [{"status": "in_progress"}, {"name": "Lint", "workflow_id": 2, "conclusion": "skipped"}],
+            [{"conclusion": "success"}, {"name": "Lint", "workflow_id": 2, "conclusion": "skipped"}],
+        ],
+    )
+    before = runs_polls(standin)
+    dagrun, ti = run_gate(dag, git_ref=sha[:12], allowed_conclusions="skipped")
+    out = output(capfd)
+    assert dagrun.state == "success"
+    # One check in execute, then the trigger polled until green: the wait went through the deferral.
+    assert runs_polls(standin) - before == 3
+    assert xcom(ti, "return_value") == sha
+    assert TOKEN not in out
+
+
+def test_red_fails_naming_the_workflow(
+    dag: Any, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    sha = shas[1]["red"]
+    standin.script(
+        sha,
+        [
+            [{"status": "in_progress"}, {"name": "GPU smoke", "workflow_id": 7, "status": "queued"}],
+            [{"status": "in_progress"}, {"name": "GPU smoke", "workflow_id": 7, "conclusion": "failure"}],
+        ],
+    )
+    dagrun, ti = run_gate(dag, git_ref="red")
+    out = output(capfd)
+    assert dagrun.state == "failed"
+    assert ti.state == "failed"
+    assert "workflow 'GPU smoke' completed/failure" in out
+    assert f"{standin.url}/{REPO}/actions/runs/" in out
+    assert TOKEN not in out
+
+
+def test_already_red_fails_without_deferring(
+    dag: Any, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    sha = shas[1]["slow"]
+    standin.set_runs(sha, [{"name": "Tests", "conclusion": "startup_failure"}])
+    before = runs_polls(standin)
+    dagrun, _ = run_gate(dag, git_ref="slow")
+    out = output(capfd)
+    assert dagrun.state == "failed"
+    assert runs_polls(standin) - before == 1
+    assert "workflow 'Tests' completed/startup_failure" in out
+
+
+def test_no_runs_times_out(
+    dag: Any, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    standin.set_runs(shas[1]["noruns"], [])
+    dagrun, _ = run_gate(dag, git_ref="noruns", no_runs_timeout_s=1)
+    out = output(capfd)
+    assert dagrun.state == "failed"
+    assert "no GitHub Actions workflow run appeared" in out
+    assert "Check that the commit was pushed" in out
+
+
+def test_unknown_branch_fails_with_a_clear_message(dag: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    dagrun, _ = run_gate(dag, git_ref="not-pushed-yet")
+    out = output(capfd)
+    assert dagrun.state == "failed"
+    assert "branch or commit 'not-pushed-yet' not found in local/ec2-trainer: push it first" in out
+
+
+def collect_events(trigger: Any) -> list[Any]:
+    async def run() -> list[Any]:
+        return [event async for event in trigger.run()]
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def conn_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps({"conn_type": "http", "password": TOKEN}))
+
+
+def trigger_for(standin: GitHubStandIn, sha: str, **overrides: Any) -> Any:
+    from orchestrator.ci_gate import CiGateTrigger
+
+    now = time.time()
+    args: dict[str, Any] = {
+        "conn_id": "github_ci_gate_test",
+        "api_url": standin.url,
+        "repo": REPO,
+        "sha": sha,
+        "poll_interval_s": 0.05,
+        "deadline": now + 10,
+        "no_runs_deadline": now + 10,
+        "allowed_conclusions": [],
+    }
+    args.update(overrides)
+    return CiGateTrigger(**args)
+
+
+def test_trigger_serializes_without_secrets(standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]) -> None:
+    from airflow.sdk.module_loading import import_string
+
+    trigger = trigger_for(standin, shas[1]["green"], allowed_conclusions=["skipped"])
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "orchestrator.ci_gate.CiGateTrigger"
+    assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
+    assert TOKEN not in json.dumps(kwargs)
+
+
+def test_trigger_times_out_while_runs_stay_pending(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
+    sha = "4" * 40
+    standin.set_runs(sha, [{"name": "Long", "status": "in_progress"}])
+    (event,) = collect_events(trigger_for(standin, sha, deadline=time.time() + 0.3))
+    assert event.payload["status"] == "timeout"
+    assert "CI did not finish in time; waiting for 1 of 1 workflow(s): 'Long' in_progress" in event.payload["message"]
+    assert event.payload["runs"][0]["name"] == "Long"
+
+
+def test_trigger_reports_api_errors(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
+    standin.malformed_next()
+    (event,) = collect_events(trigger_for(standin, "5" * 40))
+    assert event.payload["status"] == "error"
+    assert "malformed JSON" in event.payload["message"]
+
+
+def test_trigger_rerun_success_decides(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
+    sha = "6" * 40
+    standin.set_runs(
+        sha,
+        [{"id": 9, "run_attempt": 1, "conclusion": "failure"}, {"id": 9, "run_attempt": 2, "conclusion": "success"}],
+    )
+    (event,) = collect_events(trigger_for(standin, sha))
+    assert event.payload["status"] == "success"
+    assert [r["run_attempt"] for r in event.payload["runs"]] == [2]
+
+
+def test_trigger_missing_connection_is_an_error_event(airflow_db: Path, standin: GitHubStandIn) -> None:
+    (event,) = collect_events(trigger_for(standin, "7" * 40, conn_id="no_such_conn_xyz"))
+    assert event.payload["status"] == "error"
+    assert "cannot read connection 'no_such_conn_xyz'" in event.payload["message"]

@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+from unittest.mock import Mock
+
+import pytest
+from moto import mock_aws
+
+from orchestrator.ec2 import (
+    CapacityError,
+    InstanceNotReadyError,
+    LaunchError,
+    RetryPolicy,
+    describe_instance,
+    find_run_instances,
+    launch_instance,
+    sweep_expired,
+    terminate_run,
+    wait_until_running,
+)
+from orchestrator.launch import LaunchSpec, RunIdentity
+
+PROJECT = "ec2-trainer"
+FAST = RetryPolicy(max_attempts=3, base_delay_s=0.0)
+USER_DATA = "#cloud-config\nruncmd:\n- [echo, hi]\n"
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    import boto3
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    with mock_aws():
+        iam = boto3.client("iam", region_name="us-east-1")
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
+            ],
+        }
+        iam.create_role(RoleName="trainer", AssumeRolePolicyDocument=json.dumps(trust))
+        iam.create_instance_profile(InstanceProfileName="trainer")
+        iam.add_role_to_instance_profile(InstanceProfileName="trainer", RoleName="trainer")
+        # moto does not validate AMI ids (resolve_ami is tested in test_launch.py).
+        yield boto3.client("ec2", region_name="us-east-1"), "ami-0123456789abcdef0"
+
+
+def make_spec(ami: str, **overrides) -> LaunchSpec:
+    fields: dict[str, Any] = {
+        "ami_id": ami,
+        "instance_types": ("g5.xlarge", "g6.xlarge"),
+        "spot": True,
+        "spot_fallback_to_on_demand": True,
+        "subnet_id": None,
+        "security_group_ids": (),
+        "instance_profile": "trainer",
+        "root_volume_gb": 100,
+        "project_tag": PROJECT,
+    }
+    fields.update(overrides)
+    return LaunchSpec(**fields)
+
+
+def identity(run_id: str = "manual__1", expires_in_s: int = 3600) -> RunIdentity:
+    return RunIdentity("train_hurricane", run_id, "b" * 40, int(time.time()) + expires_in_s)
+
+
+def fail_run_instances(ec2, code: str, when=lambda body, n: True) -> list[dict]:
+    """Makes RunInstances calls for which when(body, call_number) holds fail with `code`; returns all call bodies."""
+    calls: list[dict] = []
+
+    def handler(params, **_):
+        calls.append(params["body"])
+        if when(params["body"], len(calls)):
+            return Mock(status_code=400), {"Error": {"Code": code, "Message": f"injected {code}"}}
+        return None
+
+    ec2.meta.events.register("before-call.ec2.RunInstances", handler)
+    return calls
+
+
+def live(ec2) -> list[str]:
+    pages = ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    return [i["InstanceId"] for r in pages["Reservations"] for i in r["Instances"]]
+
+
+def test_launch_creates_one_tagged_hardened_instance(aws):
+    ec2, ami = aws
+    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert (launched.instance_type, launched.market, launched.reused) == ("g5.xlarge", "spot", False)
+    instance = ec2.describe_instances(InstanceIds=[launched.instance_id])["Reservations"][0]["Instances"][0]
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["ec2-trainer:run_id"] == "manual__1"
+    assert tags["ec2-trainer:project"] == PROJECT
+    assert instance["InstanceLifecycle"] == "spot"
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    behaviour = ec2.describe_instance_attribute(
+        InstanceId=launched.instance_id, Attribute="instanceInitiatedShutdownBehavior"
+    )
+    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    user_data = ec2.describe_instance_attribute(InstanceId=launched.instance_id, Attribute="userData")
+    assert base64.b64decode(user_data["UserData"]["Value"]).decode() == USER_DATA
+
+
+def test_capacity_error_moves_to_the_next_type(aws):
+    ec2, ami = aws
+    calls = fail_run_instances(ec2, "InsufficientInstanceCapacity", lambda body, n: body["InstanceType"] == "g5.xlarge")
+    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert (launched.instance_type, launched.market) == ("g6.xlarge", "spot")
+    assert [c["InstanceType"] for c in calls] == ["g5.xlarge", "g6.xlarge"]
+    assert live(ec2) == [launched.instance_id]
+
+
+def test_spot_exhausted_falls_back_to_on_demand(aws):
+    ec2, ami = aws
+    fail_run_instances(ec2, "MaxSpotInstanceCountExceeded", lambda body, n: "InstanceMarketOptions.MarketType" in body)
+    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert (launched.instance_type, launched.market) == ("g5.xlarge", "on-demand")
+
+
+def test_no_capacity_anywhere_raises_capacity_error_and_leaves_nothing(aws):
+    ec2, ami = aws
+    calls = fail_run_instances(ec2, "InsufficientInstanceCapacity")
+    with pytest.raises(
+        CapacityError, match=r"g5\.xlarge \(spot\).*g6\.xlarge \(on-demand\).*other instance types"
+    ) as err:
+        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert len(err.value.tried) == len(calls) == 4
+    assert live(ec2) == []
+
+
+def test_other_errors_raise_at_once(aws):
+    ec2, ami = aws
+    calls = fail_run_instances(ec2, "UnauthorizedOperation")
+    with pytest.raises(LaunchError, match=r"UnauthorizedOperation.*docs/iam\.md"):
+        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert len(calls) == 1
+
+
+def test_throttling_is_retried_then_succeeds(aws):
+    ec2, ami = aws
+    calls = fail_run_instances(ec2, "RequestLimitExceeded", lambda body, n: n == 1)
+    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert (launched.instance_type, len(calls)) == ("g5.xlarge", 2)
+
+
+def test_throttling_retries_are_bounded(aws):
+    ec2, ami = aws
+    calls = fail_run_instances(ec2, "RequestLimitExceeded")
+    with pytest.raises(LaunchError, match="RequestLimitExceeded"):
+        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert len(calls) == FAST.max_attempts
+
+
+def test_relaunch_of_the_same_run_reuses_its_instance(aws):
+    ec2, ami = aws
+    run = identity()
+    first = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST)
+    # A retried task recomputes expires_at: the run tags, not the ClientToken, make it idempotent.
+    retry_try = RunIdentity(run.dag_id, run.run_id, run.git_sha, run.expires_at_epoch + 60)
+    again = launch_instance(ec2, make_spec(ami), retry_try, USER_DATA, retry=FAST)
+    assert (again.instance_id, again.reused, again.market) == (first.instance_id, True, "spot")
+    other = launch_instance(ec2, make_spec(ami), identity("manual__2"), USER_DATA, retry=FAST)
+    assert other.instance_id != first.instance_id
+    assert sorted(live(ec2)) == sorted([first.instance_id, other.instance_id])
+
+
+def test_a_failure_after_the_instance_exists_terminates_it(aws):
+    ec2, ami = aws
+
+    def replay_of_a_terminated_instance(parsed, **_):
+        parsed["Instances"][0]["State"]["Name"] = "terminated"
+
+    ec2.meta.events.register("after-call.ec2.RunInstances", replay_of_a_terminated_instance)
+    with pytest.raises(LaunchError, match=r"already terminated .*fresh token"):
+        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    assert live(ec2) == []
+
+
+def test_wait_until_running(aws):
+    ec2, ami = aws
+    launched = launch_instance(ec2, make_spec(ami, spot=False), identity(), USER_DATA, retry=FAST)
+    info = wait_until_running(ec2, launched.instance_id, timeout_s=10, poll_s=0.05, retry=FAST)
+    assert (info.instance_id, info.state, info.instance_type) == (launched.instance_id, "running", "g5.xlarge")
+    assert info.private_ip
+    assert info.launch_time is not None
+
+
+def test_wait_fails_fast_when_the_instance_is_gone(aws):
+    ec2, ami = aws
+    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    ec2.terminate_instances(InstanceIds=[launched.instance_id])
+    with pytest.raises(InstanceNotReadyError, match=f"instance {launched.instance_id} went (shutting-down|terminated)"):
+        wait_until_running(ec2, launched.instance_id, timeout_s=10, poll_s=0.05, retry=FAST)
+
+
+def test_wait_is_bounded_for_an_unknown_instance(aws):
+    ec2, _ = aws
+    assert describe_instance(ec2, "i-0123456789abcdef0", retry=FAST) is None
+    with pytest.raises(InstanceNotReadyError, match=r"not running after 0s .*not visible yet"):
+        wait_until_running(ec2, "i-0123456789abcdef0", timeout_s=0.2, poll_s=0.05, retry=FAST)
+
+
+def test_terminate_by_id_and_by_tag_and_repeat(aws):
+    ec2, ami = aws
+    run = identity()
+    tagged = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST).instance_id
+    # An instance of the run the launch task never reported (e.g. it crashed after RunInstances).
+    stray = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    bystander = launch_instance(ec2, make_spec(ami), identity("manual__other"), USER_DATA, retry=FAST).instance_id
+
+    asked = terminate_run(ec2, run.dag_id, run.run_id, PROJECT, instance_ids=[stray, "i-0123456789abcdef0", "bad-id"])
+    assert sorted(asked) == sorted([tagged, stray])
+    assert live(ec2) == [bystander]
+    assert find_run_instances(ec2, run.dag_id, run.run_id, PROJECT, retry=FAST) == []
+    # Harmless to repeat, with or without the ids.
+    assert terminate_run(ec2, run.dag_id, run.run_id, PROJECT, retry=FAST) == []
+    assert terminate_run(ec2, run.dag_id, run.run_id, PROJECT, instance_ids=[tagged], retry=FAST) == [tagged]
+    assert live(ec2) == [bystander]
+
+
+def test_terminate_propagates_unexpected_errors(aws):
+    from botocore.exceptions import ClientError
+
+    ec2, _ = aws
+
+    def deny(**_):
+        return Mock(status_code=403), {"Error": {"Code": "UnauthorizedOperation", "Message": "denied"}}
+
+    ec2.meta.events.register("before-call.ec2.TerminateInstances", deny)
+    with pytest.raises(ClientError, match="UnauthorizedOperation"):
+        terminate_run(ec2, "d", "r", PROJECT, instance_ids=["i-0123456789abcdef0"], retry=FAST)
+
+
+def test_sweeper_terminates_expired_and_spares_the_rest(aws):
+    ec2, ami = aws
+    now = int(time.time())
+    grace = 3600
+    expired = launch_instance(ec2, make_spec(ami), identity("old", expires_in_s=-10), USER_DATA, retry=FAST)
+    fresh = launch_instance(ec2, make_spec(ami), identity("new", expires_in_s=100 * grace), USER_DATA, retry=FAST)
+    garbled = launch_instance(ec2, make_spec(ami), identity("garbled"), USER_DATA, retry=FAST)
+    ec2.create_tags(Resources=[garbled.instance_id], Tags=[{"Key": "ec2-trainer:expires_at", "Value": "soon"}])
+    other_project = launch_instance(
+        ec2, make_spec(ami, project_tag="someone-else"), identity("x", expires_in_s=-10), USER_DATA, retry=FAST
+    )
+
+    assert sweep_expired(ec2, PROJECT, now, untagged_grace_s=grace, retry=FAST) == [expired.instance_id]
+    assert sorted(live(ec2)) == sorted([fresh.instance_id, garbled.instance_id, other_project.instance_id])
+    # Much later: the unreadable expiry is swept once past the grace period, the fresh one still is not.
+    assert sweep_expired(ec2, PROJECT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == [garbled.instance_id]
+    assert sorted(live(ec2)) == sorted([fresh.instance_id, other_project.instance_id])
+    assert sweep_expired(ec2, PROJECT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == []

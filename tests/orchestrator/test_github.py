@@ -1,0 +1,200 @@
+"""GitHubClient against the GitHub stand-in over real HTTP: resolve, runs, pagination, retries, rate limits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from embedded.github_standin import GitHubStandIn
+from orchestrator.github import (
+    GitHubClient,
+    GitHubError,
+    GitHubRefError,
+    commit_checks_url,
+    html_base_url,
+    rate_limit_wait_s,
+    validate_ref,
+)
+from tests.embedded.test_github_standin import make_repo
+
+REPO = "local/ec2-trainer"
+TOKEN = "ghp_test_token_value_123"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("repo")
+    return path, make_repo(path)
+
+
+@pytest.fixture
+def standin(repo: tuple[Path, str]) -> Iterator[GitHubStandIn]:
+    with GitHubStandIn(repo[0], REPO, token=TOKEN) as server:
+        yield server
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+def client_for(standin: GitHubStandIn, sleeps: Sleeps | None = None, **kwargs: object) -> GitHubClient:
+    return GitHubClient(standin.url, REPO, TOKEN, sleep=sleeps or Sleeps(), backoff_s=0.5, **kwargs)  # type: ignore[arg-type]
+
+
+def test_resolve_branch_and_shas(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    client = client_for(standin)
+    sha = repo[1]
+    assert client.resolve_ref("main") == sha
+    assert client.resolve_ref(sha[:10]) == sha
+    assert client.resolve_ref(sha) == sha
+    # A full sha is still checked to exist.
+    assert standin.request_count(f"/repos/{REPO}/commits/{sha}") == 1
+
+
+@pytest.mark.parametrize("ref", ["no-such-branch", "e" * 40])
+def test_unknown_ref_gives_a_clear_error(standin: GitHubStandIn, ref: str) -> None:
+    with pytest.raises(GitHubRefError, match=f"branch or commit '{ref}' not found in {REPO}: push it first"):
+        client_for(standin).resolve_ref(ref)
+
+
+@pytest.mark.parametrize(
+    "ref", ["main; rm -rf /", "a b", "x..y", "$(id)", "-rf", "feat/", "a//b", "`x`", "x.lock", "", "ma|in"]
+)
+def test_bad_ref_refused_before_any_request(standin: GitHubStandIn, ref: str) -> None:
+    with pytest.raises(GitHubRefError, match=r"not a valid branch|is empty"):
+        client_for(standin).resolve_ref(ref)
+    assert standin.total_requests == 0
+
+
+def test_validate_ref_accepts_usual_names() -> None:
+    for ref in ("main", "feature/new-model", "v1.2.3", "release_2024", "a" * 40):
+        assert validate_ref(ref) == ref
+
+
+def test_list_runs_with_pagination_over_100(standin: GitHubStandIn) -> None:
+    sha = "1" * 40
+    standin.set_runs(sha, [{"id": i, "workflow_id": i, "name": f"wf{i}"} for i in range(1, 231)])
+    runs = client_for(standin).list_workflow_runs(sha)
+    assert [r.id for r in runs] == list(range(1, 231))
+    assert standin.request_count(f"/repos/{REPO}/actions/runs") == 3
+
+
+def test_list_runs_needs_a_full_sha(standin: GitHubStandIn) -> None:
+    with pytest.raises(GitHubRefError, match="needs a full 40-hex sha"):
+        client_for(standin).list_workflow_runs("main")
+
+
+def test_5xx_retried_with_backoff_then_success(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    sleeps = Sleeps()
+    standin.fail_next(3, status=502)
+    assert client_for(standin, sleeps).resolve_ref("main") == repo[1]
+    assert sleeps.calls == [0.5, 1.0, 2.0]
+
+
+def test_5xx_exhaustion_is_an_error(standin: GitHubStandIn) -> None:
+    sleeps = Sleeps()
+    standin.fail_next(10, status=503)
+    with pytest.raises(GitHubError, match=r"answered 503 .* after 3 attempts"):
+        client_for(standin, sleeps, max_retries=2).resolve_ref("main")
+    assert len(sleeps.calls) == 2
+
+
+def test_rate_limit_waits_until_reset(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    sleeps = Sleeps()
+    standin.rate_limit_next(reset_in_s=120)
+    assert client_for(standin, sleeps).resolve_ref("main") == repo[1]
+    (wait,) = sleeps.calls
+    assert 118 <= wait <= 122
+
+
+def test_rate_limit_longer_than_the_bound_is_an_error(standin: GitHubStandIn) -> None:
+    standin.rate_limit_next(reset_in_s=3600)
+    with pytest.raises(GitHubError, match=r"rate limit hit .* limit 600 s"):
+        client_for(standin, max_wait_s=600).resolve_ref("main")
+
+
+def test_rate_limit_wait_rules() -> None:
+    now = 1_000_000.0
+    assert rate_limit_wait_s({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1000030"}, now, 0, 2) == 31
+    assert rate_limit_wait_s({"retry-after": "7"}, now, 0, 2) == 7
+    assert rate_limit_wait_s({}, now, 0, 2) == 60
+    assert rate_limit_wait_s({}, now, 6, 2) == 128
+
+
+def test_malformed_json_is_a_clear_error(standin: GitHubStandIn) -> None:
+    standin.malformed_next()
+    with pytest.raises(GitHubError, match=r"malformed JSON .* points at the GitHub REST API"):
+        client_for(standin).list_workflow_runs("2" * 40)
+
+
+def test_malformed_run_is_a_clear_error(standin: GitHubStandIn) -> None:
+    sha = "3" * 40
+    standin.set_runs(sha, [{"id": "not-an-int"}])
+    with pytest.raises(GitHubError, match="'id' must be an integer"):
+        client_for(standin).list_workflow_runs(sha)
+
+
+def test_wrong_token_is_401(standin: GitHubStandIn) -> None:
+    client = GitHubClient(standin.url, REPO, "wrong", sleep=Sleeps())
+    with pytest.raises(GitHubError, match=r"rejected the credentials .* connection's password"):
+        client.resolve_ref("main")
+
+
+def test_anonymous_client_sends_no_authorization(repo: tuple[Path, str]) -> None:
+    with GitHubStandIn(repo[0], REPO) as open_standin:
+        assert GitHubClient(open_standin.url, REPO).resolve_ref("main") == repo[1]
+
+
+def test_token_never_in_repr_or_logs(standin: GitHubStandIn, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sleeps = Sleeps()
+    client = client_for(standin, sleeps, max_retries=1)
+    assert TOKEN not in repr(client)
+    assert "token=set" in repr(client)
+    standin.fail_next(5)
+    with pytest.raises(GitHubError, match="answered 502") as excinfo:
+        client.resolve_ref("main")
+    assert TOKEN not in str(excinfo.value)
+    assert "retry 1/1" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_html_base_urls() -> None:
+    assert html_base_url("https://api.github.com") == "https://github.com"
+    assert html_base_url("https://ghe.example.com/api/v3/") == "https://ghe.example.com"
+    assert html_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+    sha = "f" * 40
+    assert commit_checks_url("https://api.github.com", "o/r", sha) == f"https://github.com/o/r/commit/{sha}/checks"
+    client = GitHubClient("https://ghe.example.com/api/v3", "o/r")
+    assert client.commit_checks_url(sha) == f"https://ghe.example.com/o/r/commit/{sha}/checks"
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(GitHubError, match="must look like 'owner/name'"):
+        GitHubClient("https://api.github.com", "just-a-name")
+    with pytest.raises(GitHubError, match="must start with https://"):
+        GitHubClient("api.github.com", "o/r")
+
+
+def test_unreachable_api_is_bounded() -> None:
+    sleeps = Sleeps()
+    client = GitHubClient("http://127.0.0.1:9", "o/r", sleep=sleeps, max_retries=2, timeout_s=1)
+    with pytest.raises(GitHubError, match=r"unreachable .* after 3 attempts"):
+        client.resolve_ref("main")
+    assert len(sleeps.calls) == 2
+
+
+def test_from_connection_reads_the_password(
+    airflow_db: Path, monkeypatch: pytest.MonkeyPatch, standin: GitHubStandIn, repo: tuple[Path, str]
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CLIENT_TEST", f'{{"conn_type": "http", "password": "{TOKEN}"}}')
+    client = GitHubClient.from_connection("github_client_test", standin.url, REPO)
+    assert client.resolve_ref("main") == repo[1]
+    assert TOKEN not in repr(client)

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from orchestrator.hostkeys import HostKeyError, generate_host_key, public_line_from_private
+
+
+def test_generated_key_loads_in_paramiko_and_matches_its_public_line_and_fingerprint():
+    import paramiko
+
+    key = generate_host_key()
+    loaded = paramiko.Ed25519Key.from_private_key(io.StringIO(key.private_openssh))
+    assert key.public_line == f"{loaded.get_name()} {loaded.get_base64()}"
+    assert key.fingerprint_sha256 == loaded.fingerprint
+    assert key.private_openssh.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert generate_host_key().public_line != key.public_line
+
+
+def test_fingerprint_matches_ssh_keygen(tmp_path):
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen not installed (apt-get install -y openssh-client)")
+    key = generate_host_key()
+    path = tmp_path / "key.pub"
+    path.write_text(key.public_line + "\n")
+    out = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.split()[1] == key.fingerprint_sha256
+
+
+def test_repr_hides_the_private_key():
+    key = generate_host_key()
+    assert "PRIVATE" not in repr(key)
+    assert key.fingerprint_sha256 in repr(key)
+
+
+def test_public_line_from_openssh_private_key():
+    key = generate_host_key()
+    assert public_line_from_private(key.private_openssh) == key.public_line
+    # Connections often store the key with stray whitespace or no final newline.
+    assert public_line_from_private("\n" + key.private_openssh.strip() + "  ") == key.public_line
+
+
+def test_public_line_from_rsa_pem_private_key():
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
+    expected = (
+        rsa_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    )
+    assert public_line_from_private(pem) == expected
+    assert expected.startswith("ssh-rsa ")
+
+
+def test_unreadable_private_key_says_what_to_use():
+    with pytest.raises(HostKeyError, match="unencrypted OpenSSH or PEM private key"):
+        public_line_from_private("-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5\n-----END OPENSSH PRIVATE KEY-----")

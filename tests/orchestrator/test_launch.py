@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from moto import mock_aws
+
+from orchestrator.errors import ConfigError
+from orchestrator.launch import (
+    CLIENT_TOKEN_MAX,
+    TAG_VALUE_MAX,
+    AmiNotFoundError,
+    LaunchSpec,
+    RunIdentity,
+    build_run_instances_request,
+    launch_attempts,
+    parse_expires_at,
+    resolve_ami,
+    run_tags,
+    tag_value,
+)
+
+AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+IDENTITY = RunIdentity(
+    dag_id="train_hurricane",
+    run_id="manual__2026-01-02T03:04:05+00:00",
+    git_sha="a" * 40,
+    expires_at_epoch=1_800_000_000,
+)
+
+
+def make_spec(**overrides) -> LaunchSpec:
+    fields: dict[str, Any] = {
+        "ami_id": "ami-0123456789abcdef0",
+        "instance_types": ("g5.xlarge", "g6.xlarge"),
+        "spot": True,
+        "spot_fallback_to_on_demand": True,
+        "subnet_id": "subnet-0abc",
+        "security_group_ids": ("sg-1", "sg-2"),
+        "instance_profile": "ec2-trainer-instance",
+        "root_volume_gb": 150,
+        "project_tag": "ec2-trainer",
+        "extra_tags": {"team": "ml"},
+    }
+    fields.update(overrides)
+    return LaunchSpec(**fields)
+
+
+def test_request_has_every_field():
+    req = build_run_instances_request(make_spec(), IDENTITY, "#cloud-config\n", "g5.xlarge", "spot")
+    assert req["ImageId"] == "ami-0123456789abcdef0"
+    assert req["InstanceType"] == "g5.xlarge"
+    assert (req["MinCount"], req["MaxCount"]) == (1, 1)
+    assert req["UserData"] == "#cloud-config\n"
+    assert req["MetadataOptions"] == {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2}
+    assert req["BlockDeviceMappings"] == [
+        {
+            "DeviceName": "/dev/sda1",
+            "Ebs": {"VolumeSize": 150, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True},
+        }
+    ]
+    assert req["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert req["IamInstanceProfile"] == {"Name": "ec2-trainer-instance"}
+    assert req["SubnetId"] == "subnet-0abc"
+    assert req["SecurityGroupIds"] == ["sg-1", "sg-2"]
+    assert req["InstanceMarketOptions"] == {
+        "MarketType": "spot",
+        "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+    }
+    assert [t["ResourceType"] for t in req["TagSpecifications"]] == ["instance", "volume"]
+    tags = {t["Key"]: t["Value"] for t in req["TagSpecifications"][0]["Tags"]}
+    assert tags == {**run_tags(IDENTITY, "ec2-trainer"), "team": "ml"}
+    assert req["TagSpecifications"][1]["Tags"] == req["TagSpecifications"][0]["Tags"]
+    assert 0 < len(req["ClientToken"]) <= CLIENT_TOKEN_MAX
+
+
+def test_on_demand_request_with_arn_profile_kms_and_default_network():
+    spec = make_spec(
+        instance_profile="arn:aws:iam::123456789012:instance-profile/x",
+        kms_key_id="alias/ebs",
+        subnet_id=None,
+        security_group_ids=(),
+        root_device_name="/dev/xvda",
+    )
+    req = build_run_instances_request(spec, IDENTITY, "ud", "g6.xlarge", "on-demand")
+    assert "InstanceMarketOptions" not in req
+    assert req["IamInstanceProfile"] == {"Arn": "arn:aws:iam::123456789012:instance-profile/x"}
+    assert req["BlockDeviceMappings"][0]["DeviceName"] == "/dev/xvda"
+    assert req["BlockDeviceMappings"][0]["Ebs"]["KmsKeyId"] == "alias/ebs"
+    assert "SubnetId" not in req
+    assert "SecurityGroupIds" not in req
+    assert "IamInstanceProfile" not in build_run_instances_request(
+        make_spec(instance_profile=None), IDENTITY, "ud", "g6.xlarge", "on-demand"
+    )
+
+
+def test_client_token_is_deterministic_and_distinct_per_attempt():
+    def token(identity, instance_type, market):
+        return build_run_instances_request(make_spec(), identity, "ud", instance_type, market)["ClientToken"]
+
+    first = token(IDENTITY, "g5.xlarge", "spot")
+    assert first == token(IDENTITY, "g5.xlarge", "spot")
+    assert first != token(IDENTITY, "g5.xlarge", "on-demand")
+    assert first != token(IDENTITY, "g6.xlarge", "spot")
+    other_run = RunIdentity(IDENTITY.dag_id, IDENTITY.run_id + "x", IDENTITY.git_sha, IDENTITY.expires_at_epoch)
+    assert first != token(other_run, "g5.xlarge", "spot")
+
+
+def test_run_tags():
+    tags = run_tags(IDENTITY, "ec2-trainer")
+    assert tags["ec2-trainer:project"] == "ec2-trainer"
+    assert tags["ec2-trainer:dag_id"] == "train_hurricane"
+    assert tags["ec2-trainer:run_id"] == "manual__2026-01-02T03:04:05+00:00"
+    assert tags["ec2-trainer:git_sha"] == "a" * 40
+    assert tags["ec2-trainer:expires_at"] == "2027-01-15T08:00:00Z"
+    assert parse_expires_at(tags["ec2-trainer:expires_at"]) == IDENTITY.expires_at_epoch
+    assert tags["Name"] == "ec2-trainer/train_hurricane/aaaaaaaaaaaa"
+
+
+def test_tag_values_are_sanitised_truncated_and_stay_distinct():
+    long_a, long_b = "r" * 300 + "a", "r" * 300 + "b"
+    assert len(tag_value(long_a)) == TAG_VALUE_MAX
+    assert tag_value(long_a) != tag_value(long_b)
+    assert tag_value(long_a) == tag_value(long_a)
+    # Changed values carry a hash of the original so two of them cannot collide.
+    assert tag_value("run<1>;$x").startswith("run_1___x~")
+    assert tag_value("plain-run_id:1+2@x/y=z") == "plain-run_id:1+2@x/y=z"
+    assert parse_expires_at("soon") is None
+
+
+def test_attempt_order():
+    assert launch_attempts(make_spec()) == [
+        ("g5.xlarge", "spot"),
+        ("g6.xlarge", "spot"),
+        ("g5.xlarge", "on-demand"),
+        ("g6.xlarge", "on-demand"),
+    ]
+    assert launch_attempts(make_spec(spot_fallback_to_on_demand=False)) == [
+        ("g5.xlarge", "spot"),
+        ("g6.xlarge", "spot"),
+    ]
+    assert launch_attempts(make_spec(spot=False)) == [("g5.xlarge", "on-demand"), ("g6.xlarge", "on-demand")]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"ami_id": "resolve:ssm:/x"}, "is not an AMI id"),
+        ({"instance_types": ()}, "instance_types is empty"),
+        ({"instance_types": ("g5.xlarge", "g5.xlarge")}, "lists a type twice"),
+        ({"root_volume_gb": 0}, "root_volume_gb must be at least 1"),
+        ({"project_tag": " "}, "project_tag is empty"),
+        ({"extra_tags": {"ec2-trainer:run_id": "x"}}, "reserved keys"),
+    ],
+)
+def test_invalid_spec_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        make_spec(**override)
+
+
+@pytest.fixture
+def ssm(monkeypatch):
+    import boto3
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        yield boto3.client("ssm", region_name="us-east-1")
+
+
+def test_resolve_ami_reads_the_ssm_parameter(ssm):
+    assert resolve_ami(ssm, AL2023).startswith("ami-")
+
+
+def test_resolve_ami_names_the_missing_parameter(ssm):
+    missing = "/aws/service/deeplearning/ami/x86_64/no-such-ami/latest/ami-id"
+    with pytest.raises(
+        AmiNotFoundError, match=f"SSM parameter {missing} not found in region us-east-1: set aws.ami_ssm"
+    ):
+        resolve_ami(ssm, missing)
+
+
+def test_resolve_ami_refuses_a_value_that_is_no_ami(ssm):
+    ssm.put_parameter(Name="/project/not-an-ami", Value="hello", Type="String")
+    with pytest.raises(AmiNotFoundError, match="holds 'hello', not an AMI id"):
+        resolve_ami(ssm, "/project/not-an-ami")

@@ -1,0 +1,291 @@
+from __future__ import annotations
+
+import re
+import secrets
+import shlex
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.remote_job import (
+    JobPaths,
+    RemoteJob,
+    RemoteJobLostError,
+    RemoteJobTimeoutError,
+    build_env_file,
+    build_job_script,
+    build_start_command,
+    job_dir_for,
+    job_key,
+)
+from orchestrator.ssh import SshTarget, connect
+
+FIVE_LINES_EXIT_3 = ["bash", "-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; exit 3"]
+
+# ---- pure builders -------------------------------------------------------------------------------------------
+
+
+def test_job_key_is_stable_safe_and_distinct() -> None:
+    key = job_key("train_cnn", "manual__2026-05-01T10:00:00+00:00")
+    assert key == job_key("train_cnn", "manual__2026-05-01T10:00:00+00:00")
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", key)
+    assert key.startswith("train_cnn--manual__2026-05-01T10-00-00-00-00-")
+    assert key != job_key("train_cnn", "manual__2026-05-01T10:00:01+00:00")
+    # The hash keeps keys distinct even when the slugs collide or are cut.
+    assert job_key("a", "b:c") != job_key("a", "b/c")
+    assert job_key("d" * 200, "x") != job_key("d" * 200, "y")
+    assert re.fullmatch(r"[0-9a-f]{12}", job_key("../", "..."))
+
+
+def test_job_dir_for_rejects_unsafe_keys() -> None:
+    assert job_dir_for("/var/lib/trainer", "k-1").exit_code == "/var/lib/trainer/jobs/k-1/exit_code"
+    with pytest.raises(ConfigError, match="must be made of letters"):
+        job_dir_for("/var/lib/trainer", "../etc")
+
+
+def test_env_file_round_trips_through_bash_without_interpretation(tmp_path: Path) -> None:
+    tricky = {"A": "plain", "B": 'it\'s $(touch pwned) `x` "q"', "C_2": "multi\nline", "EMPTY": ""}
+    env_file = tmp_path / "env"
+    env_file.write_text(build_env_file(tricky))
+    printed = subprocess.run(
+        ["bash", "-c", f'set -a; . {env_file}; set +a; printf \'%s\\0\' "$A" "$B" "$C_2" "$EMPTY"'],
+        capture_output=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
+    assert printed.split(b"\0")[:-1] == [v.encode() for v in tricky.values()]
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["1ABC", "A-B", "A B", "", "X;rm"])
+def test_env_file_rejects_bad_names(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"name .* is invalid"):
+        build_env_file({name: "v"})
+
+
+def test_env_file_error_never_shows_the_value() -> None:
+    with pytest.raises(ConfigError, match="TOKEN for the remote job contains a NUL byte") as err:
+        build_env_file({"TOKEN": "s3cret\0"})
+    assert "s3cret" not in str(err.value)
+
+
+def test_job_script_quotes_the_command_and_records_the_exit_code_atomically() -> None:
+    paths = JobPaths("/state/jobs/k")
+    script = build_job_script(["mlflow", "run", "repo; rm -rf /"], paths, "/srv/train dir", "/opt/env.sh")
+    assert "mlflow run 'repo; rm -rf /' >> /state/jobs/k/output.log 2>&1 < /dev/null" in script
+    assert "set -a; . /state/jobs/k/job.env; set +a; rm -f /state/jobs/k/job.env" in script
+    assert "cd '/srv/train dir'" in script and "unset SSH_CLIENT SSH2_CLIENT SSH_CONNECTION" in script
+    assert "mv -f /state/jobs/k/exit_code.tmp /state/jobs/k/exit_code" in script
+    with pytest.raises(ConfigError, match="command is empty"):
+        build_job_script([], paths, None, None)
+
+
+def test_start_command_starts_once(tmp_path: Path) -> None:
+    paths = JobPaths(str(tmp_path))
+    outcomes = []
+    for suffix in ("first", "second"):
+        Path(paths.upload(paths.script, suffix)).write_text(f"echo {suffix} >> {tmp_path}/ran\n")
+        run = subprocess.run(
+            ["bash", "-c", build_start_command(paths, suffix)], capture_output=True, text=True, check=True
+        )
+        outcomes.append(run.stdout.strip())
+    assert outcomes == ["started", "attached"]
+    _wait_until(lambda: (tmp_path / "ran").exists())
+    assert (tmp_path / "ran").read_text() == "first\n"
+    assert not Path(paths.upload(paths.script, "second")).exists()
+
+
+# ---- against the loopback sshd -------------------------------------------------------------------------------
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def _job(ssh_target: SshTarget, state: Path, key: str = "job", **kwargs: Any) -> RemoteJob:
+    options: dict[str, Any] = {"poll_s": 0.1, "reconnect_backoff_s": 0.05, **kwargs}
+    return RemoteJob(lambda: connect(ssh_target, timeout_s=5), job_dir_for(str(state), key), **options)
+
+
+def _remote(ssh_target: SshTarget, command: str) -> str:
+    client = connect(ssh_target, timeout_s=5)
+    try:
+        _, stdout, _ = client.exec_command(command)
+        return stdout.read().decode()
+    finally:
+        client.close()
+
+
+def test_job_streams_lines_in_order_and_returns_the_exit_code(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        assert job.start_or_attach(FIVE_LINES_EXIT_3) is True
+        lines: list[str] = []
+        assert job.stream(lines.append, timeout_s=20) == 3
+        assert lines == [f"line {i}" for i in range(1, 6)]
+        assert job.read_log() == "".join(f"line {i}\n" for i in range(1, 6))
+        assert job.exit_code() == 3
+        assert stat.S_IMODE(Path(job.paths.job_dir).stat().st_mode) == 0o700
+    finally:
+        job.close()
+
+
+def test_secrets_reach_the_job_but_no_process_list_or_script(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    secret = "tok-" + secrets.token_hex(16)
+    job = _job(ssh_target, remote_state_dir)
+    command = ["bash", "-c", 'echo "len=${#SECRET}"; sleep 1.5; echo done']
+    try:
+        job.start_or_attach(command, env={"SECRET": secret})
+        _wait_until(lambda: "len=" in job.read_log())
+        process_list = _remote(ssh_target, "ps -eo args")
+        assert "sleep 1.5" in process_list  # captured while the job runs
+        assert secret not in process_list
+        assert secret not in Path(job.paths.script).read_text()
+        assert not Path(job.paths.env_file).exists()
+        assert list(Path(job.paths.job_dir).glob("*.upload-*")) == []
+        assert job.stream(lambda _line: None, timeout_s=20) == 0
+        assert job.read_log() == f"len={len(secret)}\ndone\n"
+    finally:
+        job.close()
+
+
+def test_env_sh_workdir_and_clean_ssh_variables(ssh_target: SshTarget, remote_state_dir: Path, tmp_path: Path) -> None:
+    env_sh = tmp_path / "env.sh"
+    env_sh.write_text("export FROM_ENV_SH=yes\n")
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(
+            ["bash", "-c", 'echo "$FROM_ENV_SH $(pwd) ${SSH_CONNECTION:-none}"'],
+            workdir=str(tmp_path),
+            env_sh=str(env_sh),
+        )
+        lines: list[str] = []
+        assert job.stream(lines.append, timeout_s=20) == 0
+        assert lines == [f"yes {tmp_path} none"]
+    finally:
+        job.close()
+
+
+def test_reattach_after_a_drop_runs_the_job_once_and_replays_all_output(
+    ssh_target: SshTarget, remote_state_dir: Path, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs"
+    command = ["bash", "-c", f"echo run >> {shlex.quote(str(counter))}; {FIVE_LINES_EXIT_3[2]}"]
+    first = _job(ssh_target, remote_state_dir, key=job_key("dag", "run-1"))
+    assert first.start_or_attach(command) is True
+    partial: list[str] = []
+    with pytest.raises(RemoteJobTimeoutError, match="the job is still running"):
+        first.stream(partial.append, timeout_s=0.5)
+    first.close()  # the worker dies: its connection is gone, the job is not
+    assert len(partial) < 5
+
+    second = _job(ssh_target, remote_state_dir, key=job_key("dag", "run-1"))
+    try:
+        assert second.start_or_attach(command) is False
+        lines: list[str] = []
+        assert second.stream(lines.append, from_offset=0, timeout_s=20) == 3
+        assert lines == [f"line {i}" for i in range(1, 6)]
+        # Attaching to a finished job returns its exit code at once.
+        assert second.start_or_attach(command) is False
+        assert second.stream(lambda _line: None, timeout_s=5) == 3
+    finally:
+        second.close()
+    assert counter.read_text() == "run\n"
+
+
+def test_stream_reconnects_when_the_connection_drops(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    clients: list[Any] = []
+
+    def tracked_connect() -> Any:
+        client = connect(ssh_target, timeout_s=5)
+        clients.append(client)
+        return client
+
+    job = RemoteJob(tracked_connect, job_dir_for(str(remote_state_dir), "drop"), poll_s=0.1, reconnect_backoff_s=0.05)
+    try:
+        job.start_or_attach(FIVE_LINES_EXIT_3)
+        dropper = threading.Timer(0.4, lambda: clients[0].get_transport().close())
+        dropper.start()
+        lines: list[str] = []
+        assert job.stream(lines.append, timeout_s=20) == 3
+        dropper.join()
+        assert lines == [f"line {i}" for i in range(1, 6)]
+        assert len(clients) >= 2
+    finally:
+        job.close()
+
+
+def _group_alive(ssh_target: SshTarget, pgid: str) -> bool:
+    listing = _remote(ssh_target, "ps -e -o pgid=,stat=")
+    return any(row.split()[0] == pgid and not row.split()[1].startswith("Z") for row in listing.splitlines())
+
+
+def test_kill_stops_the_process_group_and_records_the_exit_code(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(["bash", "-c", "sleep 30 & sleep 30; wait"])
+        _wait_until(lambda: Path(job.paths.pid).exists())
+        pgid = Path(job.paths.pid).read_text().strip()
+        _wait_until(lambda: _group_alive(ssh_target, pgid))
+        job.kill(grace_s=5)
+        assert not _group_alive(ssh_target, pgid)
+        assert job.exit_code() == 143
+        job.kill(grace_s=5)  # harmless again
+        assert job.stream(lambda _line: None, timeout_s=5) == 143
+    finally:
+        job.close()
+
+
+def test_kill_escalates_to_sigkill_after_the_grace_period(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(["bash", "-c", "trap '' TERM; sleep 30"])
+        _wait_until(lambda: Path(job.paths.pid).exists())
+        started = time.monotonic()
+        job.kill(grace_s=0.4)
+        assert time.monotonic() - started < 5
+        assert job.exit_code() == 137
+        assert not _group_alive(ssh_target, Path(job.paths.pid).read_text().strip())
+    finally:
+        job.close()
+
+
+def test_kill_right_after_start_and_before_any_job(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    never_started = _job(ssh_target, remote_state_dir, key="never")
+    try:
+        never_started.kill(grace_s=1)
+        assert never_started.exit_code() is None
+    finally:
+        never_started.close()
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(["sleep", "30"])
+        job.kill(grace_s=2)
+        assert job.exit_code() == 143
+    finally:
+        job.close()
+
+
+def test_a_job_killed_without_an_exit_code_is_reported_lost(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    job = _job(ssh_target, remote_state_dir, lost_grace_s=0.3)
+    try:
+        job.start_or_attach(["bash", "-c", "echo started; sleep 30"])
+        _wait_until(lambda: Path(job.paths.pid).exists() and "started" in job.read_log())
+        _remote(ssh_target, f"kill -9 -- -{Path(job.paths.pid).read_text().strip()}")
+        lines: list[str] = []
+        with pytest.raises(RemoteJobLostError, match="no running process and no exit code"):
+            job.stream(lines.append, timeout_s=20)
+        assert lines == ["started"]
+    finally:
+        job.close()

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Instance bootstrap, run once by cloud-init (runcmd) as root: checks the GPU, installs what is missing and
+# writes <state_dir>/bootstrap.status atomically: "ok", or "error: <step>: <message>".
+# The orchestrator polls that marker over SSH and shows the tail of <state_dir>/bootstrap.log on error.
+# The placeholder values below are filled in, shell-quoted, by orchestrator.userdata.
+set -Eeuo pipefail
+
+STATE_DIR=@@{state_dir}
+PY=@@{python_bin}
+MLFLOW_REQUIREMENT=@@{mlflow_requirement}
+REQUIRE_GPU=@@{require_gpu}
+SSH_USER=@@{ssh_user}
+PACKAGES=(@@{packages})
+# DLAMI boots hold the apt/dpkg locks for minutes (unattended upgrades): wait, but not forever.
+APT_WAIT_S=900
+APT_RETRY_S=10
+
+mkdir -p "$STATE_DIR"
+rm -f "$STATE_DIR/bootstrap.status"
+exec </dev/null >>"$STATE_DIR/bootstrap.log" 2>&1
+
+STEP=start
+STEP_STARTED=$(date +%s)
+ERROR_MESSAGE=""
+
+log() { printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$STEP" "$*"; }
+
+# Atomic: a poller sees either no marker or a complete one.
+write_status() {
+  local tmp
+  tmp="$(mktemp "$STATE_DIR/.bootstrap.status.XXXXXX")"
+  printf '%s\n' "$1" >"$tmp"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$STATE_DIR/bootstrap.status"
+}
+
+fail() {
+  ERROR_MESSAGE="$*"
+  log "error: $ERROR_MESSAGE"
+  exit 1
+}
+
+begin() {
+  STEP="$1"
+  STEP_STARTED=$(date +%s)
+  log "begin"
+}
+
+end() { log "done in $(($(date +%s) - STEP_STARTED))s"; }
+
+on_err() {
+  local rc=$?
+  if [[ -z "$ERROR_MESSAGE" ]]; then
+    ERROR_MESSAGE="command failed with exit code $rc: $BASH_COMMAND (see bootstrap.log)"
+  fi
+}
+
+on_exit() {
+  local rc=$?
+  if ((rc != 0)); then
+    write_status "error: $STEP: ${ERROR_MESSAGE:-exit code $rc (see bootstrap.log)}"
+  fi
+}
+
+trap on_err ERR
+trap on_exit EXIT
+
+# Runs an apt-get command, retrying while another apt/dpkg process holds the locks, for at most APT_WAIT_S.
+apt_retry() {
+  local waited=0
+  until DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_RETRY_S" "$@"; do
+    if ((waited >= APT_WAIT_S)); then
+      fail "apt-get $* kept failing for ${APT_WAIT_S}s (apt/dpkg locks held or no package mirror): see bootstrap.log"
+    fi
+    log "apt-get $1 failed (locks held?); retrying in ${APT_RETRY_S}s"
+    sleep "$APT_RETRY_S"
+    waited=$((waited + APT_RETRY_S))
+  done
+}
+
+log "bootstrap started (pid $$)"
+
+begin user
+if ! id "$SSH_USER" >/dev/null 2>&1; then
+  fail "ssh user '$SSH_USER' does not exist on this AMI: set ssh_user to the AMI's default user (ubuntu on Ubuntu Deep Learning AMIs, ec2-user on Amazon Linux)"
+fi
+log "ssh user $SSH_USER exists"
+end
+
+begin gpu
+if command -v nvidia-smi >/dev/null 2>&1; then
+  if gpus="$(nvidia-smi -L 2>&1)"; then
+    log "GPUs:"
+    printf '%s\n' "$gpus"
+  elif [[ "$REQUIRE_GPU" == true ]]; then
+    fail "nvidia-smi failed ($gpus): the NVIDIA driver is not working; use a GPU instance type and a GPU AMI (Deep Learning AMI)"
+  else
+    log "skipped: nvidia-smi failed and require_gpu=false ($gpus)"
+  fi
+elif [[ "$REQUIRE_GPU" == true ]]; then
+  fail "no NVIDIA GPU/driver: use a GPU instance type and a GPU AMI (Deep Learning AMI)"
+else
+  log "skipped: no GPU (require_gpu=false)"
+fi
+end
+
+begin packages
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  if command -v "$pkg" >/dev/null 2>&1; then
+    log "skipped: $pkg already installed"
+  else
+    missing+=("$pkg")
+  fi
+done
+if ((${#missing[@]} > 0)); then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    fail "apt-get not found, cannot install ${missing[*]}: use an Ubuntu Deep Learning AMI or an AMI that has them"
+  fi
+  log "installing ${missing[*]}"
+  apt_retry update -q
+  apt_retry install -y -q --no-install-recommends "${missing[@]}"
+elif ((${#PACKAGES[@]} == 0)); then
+  log "skipped: no packages requested"
+fi
+end
+
+begin python
+if ! command -v "$PY" >/dev/null 2>&1; then
+  fail "python interpreter $PY not found: set python_bin to the AMI's interpreter that has torch (/opt/pytorch/bin/python on the PyTorch Deep Learning AMI)"
+fi
+VERSIONS_PY='import sys, torch, mlflow; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "mlflow", mlflow.__version__)'
+# One interpreter start both checks the imports and reports the versions (importing torch takes seconds).
+if versions="$("$PY" -c "$VERSIONS_PY" 2>&1)"; then
+  log "skipped: torch and mlflow already importable by $PY"
+else
+  if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+    fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
+  fi
+  log "installing $MLFLOW_REQUIREMENT into $PY"
+  "$PY" -m pip install --quiet --disable-pip-version-check "$MLFLOW_REQUIREMENT"
+  versions="$("$PY" -c "$VERSIONS_PY")"
+fi
+log "$versions"
+# The training job sources env.sh so that `python` and `mlflow` are this interpreter's.
+py_bin_dir="$(dirname "$(command -v "$PY")")"
+tmp="$(mktemp "$STATE_DIR/.env.sh.XXXXXX")"
+# shellcheck disable=SC2016 # $PATH must expand when env.sh is sourced, not now.
+printf 'export PATH=%q:"$PATH"\n' "$py_bin_dir" >"$tmp"
+chmod 0644 "$tmp"
+mv -f "$tmp" "$STATE_DIR/env.sh"
+log "wrote $STATE_DIR/env.sh (PATH starts with $py_bin_dir)"
+end
+
+STEP=finish
+write_status ok
+log "bootstrap ok"
