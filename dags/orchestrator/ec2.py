@@ -17,6 +17,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.launch import (
     TAG_DAG_ID,
     TAG_EXPIRES_AT,
+    TAG_HOST_KEY,
     TAG_PROJECT,
     TAG_RUN_ID,
     LaunchSpec,
@@ -93,6 +94,8 @@ class LaunchedInstance:
     market: Market
     # True when an earlier try's live instance was found and adopted instead of launching another.
     reused: bool
+    # The SSH host key the instance was launched with (from its tag when adopted), to pin on connect.
+    host_public_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ def launch_instance(
     identity: RunIdentity,
     user_data: str,
     *,
+    host_public_key: str = "",
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> LaunchedInstance:
     """The run's instance: the live one an earlier try launched, else a new one from the first attempt with capacity.
@@ -220,11 +224,19 @@ def launch_instance(
         log.info(
             "reusing instance %s of run %s (state %s)", chosen["InstanceId"], identity.run_id, chosen["State"]["Name"]
         )
-        return LaunchedInstance(chosen["InstanceId"], chosen.get("InstanceType", ""), _market_of(chosen), reused=True)
+        return LaunchedInstance(
+            chosen["InstanceId"],
+            chosen.get("InstanceType", ""),
+            _market_of(chosen),
+            reused=True,
+            host_public_key=_tags(chosen).get(TAG_HOST_KEY, ""),
+        )
 
     tried: list[tuple[str, str, str]] = []
     for instance_type, market in launch_attempts(spec):
-        request = build_run_instances_request(spec, identity, user_data, instance_type, market)
+        request = build_run_instances_request(
+            spec, identity, user_data, instance_type, market, host_public_key=host_public_key
+        )
         log.info("launching %s (%s) for run %s of %s", instance_type, market, identity.run_id, identity.dag_id)
         try:
             response = _call(ec2.run_instances, retry, **request)
@@ -251,7 +263,7 @@ def launch_instance(
             terminate_instances(ec2, [instance_id], retry=retry)
             raise
         log.info("launched instance %s (%s, %s) for run %s", instance_id, instance_type, market, identity.run_id)
-        return LaunchedInstance(instance_id, instance_type, market, reused=False)
+        return LaunchedInstance(instance_id, instance_type, market, reused=False, host_public_key=host_public_key)
 
     summary = "; ".join(f"{t} ({m}): {c}" for t, m, c in tried)
     hint = "add other instance types to aws.instance_types, use a subnet in another availability zone or another region"

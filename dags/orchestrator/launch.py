@@ -22,6 +22,8 @@ TAG_DAG_ID = TAG_PREFIX + "dag_id"
 TAG_RUN_ID = TAG_PREFIX + "run_id"
 TAG_GIT_SHA = TAG_PREFIX + "git_sha"
 TAG_EXPIRES_AT = TAG_PREFIX + "expires_at"
+# The instance's pinned SSH host key (public half, no secret): a retried launch that adopts the instance reads it here.
+TAG_HOST_KEY = TAG_PREFIX + "host_key"
 
 # EC2 limits: tag values up to 256 characters, ClientToken up to 64 ASCII characters.
 TAG_VALUE_MAX = 256
@@ -108,9 +110,9 @@ def parse_expires_at(value: str) -> int | None:
     return int(parsed.timestamp())
 
 
-def run_tags(identity: RunIdentity, project_tag: str) -> dict[str, str]:
+def run_tags(identity: RunIdentity, project_tag: str, host_public_key: str = "") -> dict[str, str]:
     """The tags that tie an instance (and its volume) to one DAG run."""
-    return {
+    tags = {
         "Name": tag_value(f"{project_tag}/{identity.dag_id}/{identity.git_sha[:12]}"),
         TAG_PROJECT: tag_value(project_tag),
         TAG_DAG_ID: tag_value(identity.dag_id),
@@ -118,6 +120,9 @@ def run_tags(identity: RunIdentity, project_tag: str) -> dict[str, str]:
         TAG_GIT_SHA: tag_value(identity.git_sha),
         TAG_EXPIRES_AT: expires_at_iso(identity.expires_at_epoch),
     }
+    if host_public_key:
+        tags[TAG_HOST_KEY] = tag_value(host_public_key)
+    return tags
 
 
 def client_token(identity: RunIdentity, instance_type: str, market: Market) -> str:
@@ -145,10 +150,19 @@ def launch_attempts(spec: LaunchSpec) -> list[tuple[str, Market]]:
 
 
 def build_run_instances_request(
-    spec: LaunchSpec, identity: RunIdentity, user_data: str, instance_type: str, market: Market
+    spec: LaunchSpec,
+    identity: RunIdentity,
+    user_data: str,
+    instance_type: str,
+    market: Market,
+    *,
+    host_public_key: str = "",
 ) -> dict[str, Any]:
     """Keyword arguments for `ec2.run_instances(**request)`."""
-    tags = {**{k: tag_value(v) for k, v in spec.extra_tags.items()}, **run_tags(identity, spec.project_tag)}
+    tags = {
+        **{k: tag_value(v) for k, v in spec.extra_tags.items()},
+        **run_tags(identity, spec.project_tag, host_public_key),
+    }
     tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
     ebs: dict[str, Any] = {
         "VolumeSize": spec.root_volume_gb,

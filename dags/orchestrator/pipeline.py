@@ -11,8 +11,6 @@ from orchestrator.settings import Settings, load_settings, validate_git_ref
 
 log = logging.getLogger(__name__)
 
-HOST_KEY_TAG = "ec2-trainer:host-key"
-
 
 def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """Validate this run's params over the deployment's configuration; fail before anything is spent."""
@@ -59,7 +57,7 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
 def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
     """Start the run's instance (or find the one a previous try started) with a fresh pinned host key."""
     from orchestrator.connections import aws_client, ssh_private_key
-    from orchestrator.ec2 import find_run_instances, launch_instance
+    from orchestrator.ec2 import launch_instance
     from orchestrator.hostkeys import generate_host_key, public_line_from_private
     from orchestrator.launch import LaunchSpec, RunIdentity
     from orchestrator.userdata import UserDataSpec, render_user_data
@@ -89,33 +87,25 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]
         root_volume_gb=s.aws.root_volume_gb,
         kms_key_id=s.aws.kms_key_id or None,
         project_tag=s.aws.project_tag,
-        # The host key's public half is no secret; a retried launch that reuses the instance reads it back from here.
-        extra_tags={HOST_KEY_TAG: host_key.public_line},
     )
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
-    launched = launch_instance(ec2, spec, identity, user_data)
-    host_public_key = host_key.public_line
+    launched = launch_instance(ec2, spec, identity, user_data, host_public_key=host_key.public_line)
     if launched.reused:
-        (existing,) = [
-            i
-            for i in find_run_instances(ec2, identity.dag_id, identity.run_id, spec.project_tag)
-            if i["InstanceId"] == launched.instance_id
-        ]
-        host_public_key = {t["Key"]: t["Value"] for t in existing.get("Tags", [])}[HOST_KEY_TAG]
         log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
     log.info(
-        "Instance %s (%s, %s) for commit %s",
+        "Instance %s (%s, %s) for commit %s; host key %s",
         launched.instance_id,
         launched.instance_type,
         launched.market,
         identity.git_sha,
+        host_key.fingerprint_sha256 if not launched.reused else "from the instance's tag",
     )
     return {
         "instance_id": launched.instance_id,
         "instance_type": launched.instance_type,
         "market": launched.market,
         "reused": launched.reused,
-        "host_public_key": host_public_key,
+        "host_public_key": launched.host_public_key,
     }
 
 

@@ -1,0 +1,220 @@
+"""The training loop over tensors already resident on the device.
+
+One code path for CPU and GPU. On CUDA it adds what makes it fast: bf16 autocast, channels_last, fused Adam,
+cuDNN autotuning and optional torch.compile; no host synchronisation inside an epoch (losses are summed on the device).
+Augmentation (random horizontal and vertical flips) runs on the device. The best epoch by validation loss is kept
+and restored at the end, so it is the one evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from remote.errors import ParameterError
+
+log = logging.getLogger(__name__)
+
+_EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How to train: already resolved to a concrete device and precision."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    device: torch.device
+    bf16: bool
+    compile: bool = False
+    early_stopping_patience: int = 0
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One epoch's figures; `images_per_s` counts training images only."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: tuple[EpochResult, ...]
+    best_epoch: int
+    stopped_early: bool
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is an error that says so."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise ParameterError("device=cuda was requested but no CUDA GPU is visible; use device=auto or device=cpu")
+    return torch.device("cpu")
+
+
+def resolve_bf16(requested: str, device: torch.device) -> bool:
+    """`auto` means bf16 on a GPU that supports it, fp32 elsewhere (bf16 on a CPU is slower, not faster)."""
+    if requested == "fp32":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if requested == "bf16":
+        if device.type == "cuda" and not supported:
+            raise ParameterError("precision=bf16 is not supported by this GPU; use precision=fp32 or auto")
+        return True
+    return supported
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same run on the CPU (and as close as cuDNN allows on a GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+def _autocast(options: FitOptions) -> torch.autocast:
+    return torch.autocast(device_type=options.device.type, dtype=torch.bfloat16, enabled=options.bf16)
+
+
+def _flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal and vertical flips, each with probability 1/2, per image."""
+    n = images.shape[0]
+    masks = (torch.rand((2, n), generator=generator, device=images.device) < 0.5).view(2, n, 1, 1, 1)
+    images = torch.where(masks[0], images.flip(3), images)
+    return torch.where(masks[1], images.flip(2), images)
+
+
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: FitOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean BCE loss, probabilities) for a resident split, as device tensors."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    with torch.no_grad(), _autocast(options):
+        for start in range(0, images.shape[0], _EVAL_BATCH):
+            batch = images[start : start + _EVAL_BATCH].float()
+            logits.append(model(batch.contiguous(memory_format=torch.channels_last)).float())
+    model.train(was_training)
+    joined = torch.cat(logits)
+    loss = nn.functional.binary_cross_entropy_with_logits(joined, labels)
+    return loss, torch.sigmoid(joined)
+
+
+def _train_epoch(
+    step_model: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    train: tuple[torch.Tensor, torch.Tensor],
+    options: FitOptions,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over full batches in a fresh random order: (loss sum, correct count) on the device, images seen."""
+    train_images, train_labels = train
+    steps = train_images.shape[0] // options.batch_size  # full batches only: static shapes for cuDNN and compile
+    order = torch.randperm(train_images.shape[0], generator=generator, device=options.device)
+    loss_sum = torch.zeros((), device=options.device)
+    correct = torch.zeros((), device=options.device)
+    for step in range(steps):
+        index = order[step * options.batch_size : (step + 1) * options.batch_size]
+        images = train_images[index].float()
+        if options.augment:
+            images = _flip(images, generator)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = train_labels[index]
+        with _autocast(options):
+            logits = step_model(images).float()
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        correct += ((logits.detach() >= 0) == (labels >= 0.5)).sum()
+    return loss_sum / steps, correct, steps * options.batch_size
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    options: FitOptions,
+    on_epoch: Callable[[EpochResult], None] = lambda result: None,
+) -> FitResult:
+    """Train `model` in place (ending with the best epoch's weights) on resident (images, labels) tensors."""
+    n = train[0].shape[0]
+    if options.batch_size > n:
+        raise ParameterError(f"batch_size {options.batch_size} is larger than the {n} training images; lower it")
+    cuda = options.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    # on the device: drawing on the host and copying each step would stall the GPU's queue
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate, fused=cuda)
+    step_model: Callable[[torch.Tensor], torch.Tensor] = (
+        torch.compile(model, dynamic=False) if options.compile else model
+    )
+    history: list[EpochResult] = []
+    best_loss, best_epoch, best_state, waited = float("inf"), 0, copy.deepcopy(model.state_dict()), 0
+    stopped_early = False
+    started = time.perf_counter()
+    for epoch in range(1, options.epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        mean_loss, correct, seen = _train_epoch(step_model, optimizer, train, options, generator)
+        train_loss = mean_loss.item()  # the epoch's one synchronisation
+        train_seconds = time.perf_counter() - epoch_start
+        val_loss_t, val_prob = evaluate(model, *val, options)
+        val_loss = val_loss_t.item()
+        result = EpochResult(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=correct.item() / seen,
+            val_loss=val_loss,
+            val_accuracy=((val_prob >= 0.5) == (val[1] >= 0.5)).float().mean().item(),
+            seconds=time.perf_counter() - epoch_start,
+            images_per_s=seen / train_seconds,
+        )
+        history.append(result)
+        on_epoch(result)
+        if val_loss < best_loss:
+            best_loss, best_epoch, waited = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            if options.early_stopping_patience and waited >= options.early_stopping_patience:
+                log.info("early stopping after epoch %d: no better validation loss for %d epochs", epoch, waited)
+                stopped_early = True
+                break
+    model.load_state_dict(best_state)
+    elapsed = time.perf_counter() - started
+    log.info("trained %d epochs in %.1fs; best epoch %d (val_loss %.4f)", len(history), elapsed, best_epoch, best_loss)
+    return FitResult(tuple(history), best_epoch, stopped_early)

@@ -1,0 +1,207 @@
+"""The job's entry point: `python -m remote.train --data_uri ... --epochs ...` (what MLproject's `main` runs).
+
+Exit codes: 0 success, 2 invalid parameters, 3 unusable data, 1 anything unexpected (with a traceback).
+Inside `mlflow run` it logs into the run MLflow created (MLFLOW_RUN_ID); run directly it creates one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from remote import dataset, engine, reports, sources
+from remote.config import TrainConfig, as_params, parse_config
+from remote.errors import TrainingError
+from remote.layout import TEST_PREFIXES, TRAIN_SPLIT, VALIDATION_SPLIT
+from remote.metrics import BinaryMetrics, binary_metrics
+from remote.models import Probability, build_model
+from remote.progress import epoch_line
+
+log = logging.getLogger("remote.train")
+
+_SYSTEM_METRICS_INTERVAL_S = 2.0  # short runs still get samples; long ones are not flooded
+
+
+def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    # `mlflow run` already logged the -P values as typed; re-logging a differently spelled value is an error
+    params = {key: value for key, value in {**as_params(config), **extra}.items() if key not in existing}
+    mlflow.log_params(params)
+
+
+def _git_sha(config: TrainConfig) -> str:
+    import mlflow
+
+    if config.git_sha:
+        return config.git_sha
+    run = mlflow.active_run()
+    tags = mlflow.get_run(run.info.run_id).data.tags if run else {}
+    return tags.get("mlflow.source.git.commit") or os.environ.get("GIT_SHA", "unknown")
+
+
+def _log_model(model: torch.nn.Module, image_size: int) -> None:
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    served = Probability(model).to("cpu").float().eval()
+    example = np.random.default_rng(0).integers(0, 256, (2, 3, image_size, image_size)).astype(np.float32)
+    with torch.no_grad():
+        output = served(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        served,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        code_paths=[str(Path(__file__).resolve().parent)],  # the pickled classes live in the `remote` package
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"],
+    )
+
+
+def _evaluate_split(model: torch.nn.Module, split: dataset.LoadedSplit, options: engine.FitOptions) -> BinaryMetrics:
+    _, probabilities = engine.evaluate(model, split.images, split.labels, options)
+    labels = [int(label) for label in split.labels.tolist()]
+    return binary_metrics(labels, probabilities.float().cpu().tolist())
+
+
+def run(config: TrainConfig) -> dict[str, float]:
+    """Train, evaluate and log one run; returns the test metrics."""
+    import mlflow
+
+    device = engine.resolve_device(config.device)
+    bf16 = engine.resolve_bf16(config.precision, device)
+    engine.seed_everything(config.seed)
+    mlflow.set_system_metrics_sampling_interval(_SYSTEM_METRICS_INTERVAL_S)
+    with mlflow.start_run(log_system_metrics=True) as active, tempfile.TemporaryDirectory() as scratch:
+        log.info("mlflow run %s on %s (%s)", active.info.run_id, engine.device_name(device), "bf16" if bf16 else "fp32")
+        safe_uri = sources.redact_uri(config.data_uri)
+        mlflow.set_tags(
+            {
+                "git_sha": _git_sha(config),
+                "device_name": engine.device_name(device),
+                "data_uri": safe_uri,
+                "model_name": config.model,
+            }
+        )
+        _log_params(config, {"resolved_device": device.type, "resolved_precision": "bf16" if bf16 else "fp32"})
+        cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
+        root = sources.resolve(config.data_uri, cache_dir)
+        started = time.perf_counter()
+        loaded = {
+            name: dataset.load_split(files, config.image_size, device, config.workers)
+            for name, files in dataset.scan(root, config.max_images).items()
+        }
+        decode_s = time.perf_counter() - started
+        total_images = sum(split.labels.numel() for split in loaded.values())
+        data_metrics: dict[str, float] = {"decode_time_s": decode_s, "decode_images_per_s": total_images / decode_s}
+        for name, split in loaded.items():
+            counts = split.class_counts()
+            log.info(
+                "%s: %d damage, %d no_damage, %d skipped, %d resized",
+                name,
+                counts["damage"],
+                counts["no_damage"],
+                split.skipped,
+                split.resized,
+            )
+            data_metrics |= {
+                f"data_{name}_images": split.labels.numel(),
+                f"data_{name}_damage": counts["damage"],
+                f"data_{name}_no_damage": counts["no_damage"],
+                f"data_{name}_damage_fraction": counts["damage"] / split.labels.numel(),
+                f"data_{name}_skipped": split.skipped,
+                f"data_{name}_resized": split.resized,
+            }
+        mlflow.log_metrics(data_metrics)
+        log.info("decoded %d images in %.1fs (%.0f images/s)", total_images, decode_s, total_images / decode_s)
+
+        options = engine.FitOptions(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            device=device,
+            bf16=bf16,
+            compile=config.compile,
+            early_stopping_patience=config.early_stopping_patience,
+            augment=config.augment,
+            seed=config.seed,
+        )
+        model = engine.prepare_model(build_model(config), device)
+        fit_started = time.perf_counter()
+
+        def on_epoch(result: engine.EpochResult) -> None:
+            sys.stdout.write(epoch_line(result, config.epochs, time.perf_counter() - fit_started) + "\n")
+            sys.stdout.flush()
+            mlflow.log_metrics(
+                {
+                    "train_loss": result.train_loss,
+                    "train_accuracy": result.train_accuracy,
+                    "val_loss": result.val_loss,
+                    "val_accuracy": result.val_accuracy,
+                    "epoch_time_s": result.seconds,
+                    "throughput_images_per_s": result.images_per_s,
+                },
+                step=result.epoch,
+            )
+
+        fitted = engine.fit(
+            model,
+            (loaded[TRAIN_SPLIT].images, loaded[TRAIN_SPLIT].labels),
+            (loaded[VALIDATION_SPLIT].images, loaded[VALIDATION_SPLIT].labels),
+            options,
+            on_epoch,
+        )
+        summary: dict[str, float] = {
+            "best_epoch": fitted.best_epoch,
+            "epochs_run": len(fitted.history),
+            "stopped_early": float(fitted.stopped_early),
+            "train_time_s": time.perf_counter() - fit_started,
+        }
+        results: dict[str, object] = {"data": data_metrics}
+        for name, prefix in TEST_PREFIXES.items():
+            if name in loaded:
+                scores = _evaluate_split(model, loaded[name], options)
+                summary |= scores.scalars(prefix)
+                results[name] = asdict(scores)
+                log.info("%s: %s", name, " ".join(f"{k}={v:.4f}" for k, v in scores.scalars(prefix).items()))
+                mlflow.log_artifact(
+                    str(reports.confusion_matrix(scores, name, Path(scratch) / f"confusion_matrix_{name}.png"))
+                )
+        mlflow.log_metrics(summary)
+        results["summary"] = summary
+        results["history"] = [asdict(result) for result in fitted.history]
+        mlflow.log_artifact(
+            str(reports.learning_curves(fitted.history, fitted.best_epoch, Path(scratch) / "learning_curves.png"))
+        )
+        metrics_path = Path(scratch) / "metrics.json"
+        metrics_path.write_text(json.dumps(results, indent=2, default=float))
+        mlflow.log_artifact(str(metrics_path))
+        _log_model(model, config.image_size)
+        return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job; returns the process exit code."""
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(parse_config(sys.argv[1:] if argv is None else argv))
+    except TrainingError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

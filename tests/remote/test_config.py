@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from remote.config import as_params, parse_config
+from remote.errors import ParameterError
+
+
+def test_defaults_and_typed_values():
+    config = parse_config(
+        ["--data_uri", "synthetic://", "--epochs", "3", "--learning_rate", "0.01", "--compile", "TRUE"]
+    )
+    assert (config.epochs, config.learning_rate, config.compile, config.model) == (3, 0.01, True, "default")
+    assert config.conv_filters == (32, 64, 128, 128)
+    assert as_params(config)["conv_filters"] == "32,64,128,128"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "abc"], "epochs must be an integer"),
+        (["--epochs", "0"], "epochs must be between 1"),
+        (["--learning_rate", "0"], "learning_rate must be in"),
+        (["--learning_rate", "nan"], "learning_rate must be in"),
+        (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
+        (["--precision", "fp16"], "precision must be one of"),
+        (["--compile", "maybe"], "compile must be true or false"),
+        (["--conv_filters", "32,x"], "conv_filters entries must be an integer"),
+        (["--image_size", "20"], "too small for 4 convolution blocks"),
+        (["--bogus", "1"], "unknown arguments --bogus"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_fix(argv, message):
+    with pytest.raises(ParameterError, match=message):
+        parse_config(["--data_uri", "synthetic://", *argv])
+
+
+def test_data_uri_is_required():
+    with pytest.raises(ParameterError, match="data_uri is required"):
+        parse_config([])

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remote import dataset, engine
+from remote.errors import ParameterError
+from remote.models import DamageCNN
+from remote.progress import epoch_line
+
+CPU = torch.device("cpu")
+
+
+def _train(root, seed: int, epochs: int = 2, patience: int = 0) -> tuple[engine.FitResult, torch.Tensor]:
+    splits = {name: dataset.load_split(files, 32, CPU, 0) for name, files in dataset.scan(root).items()}
+    engine.seed_everything(seed)
+    model = engine.prepare_model(DamageCNN(32, (8, 16), 16, 0.2), CPU)
+    options = engine.FitOptions(
+        epochs=epochs,
+        batch_size=4,
+        learning_rate=1e-3,
+        device=CPU,
+        bf16=False,
+        early_stopping_patience=patience,
+        seed=seed,
+    )
+    train = (splits["train_another"].images, splits["train_another"].labels)
+    val = (splits["validation_another"].images, splits["validation_another"].labels)
+    result = engine.fit(model, train, val, options)
+    _, probabilities = engine.evaluate(model, splits["test"].images, splits["test"].labels, options)
+    return result, probabilities
+
+
+def test_fixed_seed_reproduces_metrics_on_cpu(tiny_root):
+    first, probs_a = _train(tiny_root, seed=7)
+    second, probs_b = _train(tiny_root, seed=7)
+    third, _ = _train(tiny_root, seed=8)
+    assert first.history == tuple(
+        engine.EpochResult(**{**r.__dict__, "seconds": a.seconds, "images_per_s": a.images_per_s})
+        for r, a in zip(second.history, first.history, strict=True)
+    )
+    assert torch.equal(probs_a, probs_b)
+    assert third.history[0].train_loss != first.history[0].train_loss
+
+
+def test_best_epoch_is_restored_and_early_stopping_stops(tiny_root):
+    result, _ = _train(tiny_root, seed=0, epochs=12, patience=1)
+    losses = [r.val_loss for r in result.history]
+    assert result.best_epoch == losses.index(min(losses)) + 1
+    if result.stopped_early:
+        assert len(result.history) == result.best_epoch + 1
+
+
+def test_batch_larger_than_training_set_is_an_error():
+    options = engine.FitOptions(epochs=1, batch_size=8, learning_rate=1e-3, device=CPU, bf16=False)
+    data = (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4))
+    with pytest.raises(ParameterError, match="batch_size 8 is larger than the 4 training images"):
+        engine.fit(DamageCNN(32, (8,), 8, 0.0), data, data, options)
+
+
+def test_device_and_precision_resolution_on_cpu():
+    assert engine.resolve_device("auto").type in {"cpu", "cuda"}
+    assert engine.resolve_device("cpu") == CPU
+    assert engine.resolve_bf16("auto", CPU) is False
+    assert engine.resolve_bf16("bf16", CPU) is True
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="no CUDA GPU is visible"):
+            engine.resolve_device("cuda")
+
+
+def test_progress_line():
+    result = engine.EpochResult(2, 0.5, 0.75, 0.4, 0.8, 1.5, 61234.4)
+    assert epoch_line(result, 4, elapsed_s=60.0) == (
+        "epoch 2/4 train_loss=0.5000 train_acc=0.750 val_loss=0.4000 val_acc=0.800 61,234 img/s 1.5s eta 0:01:00"
+    )

@@ -1,0 +1,189 @@
+"""End to end: `mlflow run . --env-manager local` against a real local MLflow server, then the job's exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DATA = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&test_another_damage=8&test_another_no_damage=2&size=64"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{base / 'db.sqlite'}",
+            "--artifacts-destination",
+            str(base / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the MLflow server did not answer /health within 60 s")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project files `mlflow run` needs, outside git, so MLflow does not touch the working tree's repository."""
+    target = tmp_path_factory.mktemp("project")
+    for name in ("MLproject", "python_env.yaml"):
+        shutil.copy(REPO / name, target / name)
+    shutil.copytree(REPO / "remote", target / "remote", ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def _env(tracking_uri: str, cache: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "XDG_CACHE_HOME": str(cache),
+        "PYTHONPATH": "",
+    }
+
+
+def test_mlflow_run_logs_everything(tracking_uri, project, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    started = time.monotonic()
+    completed = subprocess.run(
+        [
+            str(BIN / "mlflow"),
+            "run",
+            str(project),
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "it",
+            "-P",
+            "epochs=3",
+            "-P",
+            "batch_size=8",
+            "-P",
+            "learning_rate=0.001",
+            "-P",
+            f"data_uri={DATA}",
+            "-P",
+            "image_size=64",
+            "-P",
+            "seed=3",
+            "-P",
+            "git_sha=abc123",
+        ],
+        env=_env(tracking_uri, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    epoch_lines = [line for line in completed.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/3", "2/3", "3/3"]
+    assert "img/s" in epoch_lines[0] and "eta" in epoch_lines[0]
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("it")
+    assert experiment is not None
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "3"
+    assert run.data.params["model"] == "default"
+    assert run.data.params["resolved_device"] == "cpu"
+    assert run.data.tags["git_sha"] == "abc123"
+    assert run.data.tags["device_name"] == "cpu"
+    assert run.data.tags["data_uri"] == DATA
+    metrics = run.data.metrics
+    for name in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+        assert 0.0 <= metrics[f"test_{name}"] <= 1.0
+        assert f"test_another_{name}" in metrics
+    assert metrics["test_accuracy"] >= 0.8  # the synthetic signal is learnable
+    assert metrics["data_train_another_damage_fraction"] == 0.5
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert len(client.get_metric_history(run.info.run_id, "throughput_images_per_s")) == 3
+    assert any(key.startswith("system/") for key in metrics)
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {
+        "learning_curves.png",
+        "confusion_matrix_test.png",
+        "confusion_matrix_test_another.png",
+        "metrics.json",
+    } <= artifacts
+    saved = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))).read_text())
+    assert saved["summary"]["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.signature is not None
+    prediction = np.asarray(model.predict(np.zeros((3, 3, 64, 64), dtype=np.float32)))
+    assert prediction.shape == (3, 1)
+    assert bool(((prediction >= 0) & (prediction <= 1)).all())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--epochs", "two"], 2, "error: epochs must be an integer, got 'two'"),
+        (["--data_uri", "/nonexistent/hurricane"], 3, "error: data path /nonexistent/hurricane does not exist"),
+    ],
+)
+def test_exit_codes_and_one_line_errors(tracking_uri, project, tmp_path, args, code, message):
+    completed = subprocess.run(
+        [sys.executable, "-m", "remote.train", "--data_uri", DATA, *args],
+        cwd=project,
+        env=_env(tracking_uri, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == code
+    assert completed.stderr.strip().splitlines()[-1].startswith(message)
