@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -189,6 +190,11 @@ class LocalCloud:
                         self._honour_shutdown(known)
 
     def _boot(self, moto_inst: Any) -> None:
+        if not any(i.powered_off_at is None for i in self.instances.values()):
+            # A new instance boots from a fresh disk. The emulated disk is one folder of this machine, so instances
+            # that run at the same time share it (their job directories are keyed by DAG run, their markers are not).
+            shutil.rmtree(self.disk_root, ignore_errors=True)
+            self.disk_root.mkdir(parents=True, exist_ok=True)
         address = next(self._addresses)
         moto_inst.nics[0].public_ip = address  # the cloud's address plan: this instance's public IP
         root = self.workdir / "instances" / moto_inst.id

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -97,7 +97,8 @@ class RemoteTrainingOperator(BaseOperator):
             context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
             self.log.info("MLflow run %s: %s", run_id, url)
         if exit_code != 0:
-            raise AirflowException(
+            # The job ran to its end: a retry would only re-attach to the same finished job.
+            raise AirflowFailException(
                 f"training exited with code {exit_code} on {self.ready['instance_id']}"
                 + (f" (MLflow run {run_id})" if run_id else " before MLflow created a run")
                 + ": the lines above, prefixed 'train |', show why"

@@ -19,17 +19,15 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from orchestrator.errors import ConfigError
+from orchestrator.github import GitHubError, html_base_url, validate_ref, validate_repo
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "config" / "defaults.toml"
 CONFIG_FILE_ENV = "TRAINER_CONFIG"
 ENV_PREFIX = "TRAINER__"
 
-_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 _CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
-_GIT_REF_RE = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
@@ -141,15 +139,6 @@ PARAM_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
-def html_base_url(api_url: str) -> str:
-    """The web address matching a GitHub API base (github.com, or a GitHub Enterprise host)."""
-    parsed = urlparse(api_url.rstrip("/"))
-    if parsed.netloc == "api.github.com":
-        return "https://github.com"
-    path = parsed.path.removesuffix("/api/v3")
-    return f"{parsed.scheme}://{parsed.netloc}{path}"
-
-
 def load_settings(
     params: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -170,30 +159,19 @@ def load_settings(
 
 def validate_git_ref(ref: str, name: str = "git_ref") -> str:
     """A branch, tag or full sha that is safe to pass anywhere; refuses what git or a shell could misread."""
-    ref = ref.strip()
-    if (
-        not _GIT_REF_RE.fullmatch(ref)
-        or ".." in ref
-        or ref.startswith(("-", "/", "."))
-        or ref.endswith(("/", ".", ".lock"))
-        or "//" in ref
-    ):
-        raise ConfigError(
-            f"{name}: {ref!r} is not a valid branch name or commit sha "
-            "(letters, digits, '.', '_', '-', '/' only; no '..'; "
-            "abbreviated shas are not accepted, use all 40 hex digits)"
-        )
-    return ref
-
-
-def is_full_sha(ref: str) -> bool:
-    return bool(_SHA_RE.fullmatch(ref))
+    try:
+        return validate_ref(ref)
+    except GitHubError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def validate(s: Settings) -> None:
     """Check every value; raise ConfigError naming the first bad field and saying what would be right."""
     g, a, i, m, t = s.github, s.aws, s.instance, s.mlflow, s.training
-    _check(bool(_REPO_RE.fullmatch(g.repo)), "github.repo", g.repo, "owner/name, e.g. acme/ec2-trainer")
+    try:
+        validate_repo(g.repo)
+    except GitHubError as exc:
+        raise ConfigError(f"github.repo: {exc}") from None
     _check_url(g.api_url, "github.api_url", ("http", "https"))
     validate_git_ref(g.branch, "github.branch")
     for name, conn_id in (
@@ -312,8 +290,9 @@ def validate(s: Settings) -> None:
 def validate_data_uri(uri: str) -> None:
     parsed = urlparse(uri)
     scheme = parsed.scheme or "file"
+    # A URI never holds raw whitespace or control characters (RFC 3986); refusing them keeps shell-like text out.
     _check(
-        scheme in DATA_URI_SCHEMES and "\n" not in uri and len(uri) <= 1024,
+        scheme in DATA_URI_SCHEMES and not any(c.isspace() or not c.isprintable() for c in uri) and len(uri) <= 1024,
         "training.data_uri",
         uri,
         f"a URI with one of the schemes {list(DATA_URI_SCHEMES)} (a folder or .zip in the dataset's layout)",
@@ -333,13 +312,19 @@ def _check_range(value: float, name: str, low: float, high: float) -> None:
 
 def _check_url(url: str, name: str, schemes: tuple[str, ...]) -> None:
     parsed = urlparse(url)
+    # Credentials first, so no later message can echo them; a user name alone is a token too on http(s).
+    _check(
+        not parsed.password and not (parsed.username and parsed.scheme in ("http", "https")),
+        name,
+        "<redacted>",
+        "no credentials inside the URL: use the Airflow connection",
+    )
     _check(
         parsed.scheme in schemes and bool(parsed.netloc or parsed.scheme == "file") and " " not in url,
         name,
         url,
         f"a URL with scheme {'/'.join(schemes)}",
     )
-    _check(not parsed.password, name, "<redacted>", "no credentials inside the URL: use the Airflow connection")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -400,7 +385,7 @@ def _build(cls: type[_T], data: Mapping[str, Any], prefix: str) -> _T:
         kwargs[f.name] = _coerce(data[f.name], hints[f.name], name)
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if unknown:
-        raise ConfigError(f"{prefix or 'settings'}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'settings'}: unknown keys {sorted(unknown)}")
     return cls(**kwargs)
 
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# System packages the embedded default and the tests need: OpenSSH's server (the stand-in instance) and git.
+# cloud-init and shellcheck validate the user-data in tests (those tests skip, saying why, when they are missing).
+set -euo pipefail
+
+missing=()
+command -v git >/dev/null 2>&1 || missing+=(git)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+if [ "${WITH_TEST_TOOLS:-0}" = 1 ]; then
+  command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "Installing ${missing[*]} with apt-get (sshd is only run on loopback by the embedded default, never as a service)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts nothing here (no systemd in containers); the embedded default runs its own sshd processes.
+else
+  echo "Missing system packages: ${missing[*]}." >&2
+  echo "Install them with your package manager, e.g.: sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi

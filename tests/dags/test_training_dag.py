@@ -1,0 +1,300 @@
+"""The training DAG end to end through Airflow's `dag.test()`, on the embedded default's real services.
+
+Each scenario asserts the DAG run's state, what each task did, and the final state of every instance the run
+launched: whatever happens, nothing may be left running. Faults are injected at the service boundary (the moto server's
+EC2 backend, the GitHub stand-in, the instance's bootstrap), never inside the orchestrator.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from embedded.stack import EmbeddedStack, TrainingKnobs
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY_DATA = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&size=64&seed=0"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Any) -> Iterator[EmbeddedStack]:
+    knobs = TrainingKnobs(epochs=1, batch_size=16, data_uri=TINY_DATA, image_size=64, threshold=0.0)
+    with EmbeddedStack(tmp_path_factory.mktemp("embedded"), REPO, knobs=knobs) as running:
+        yield running
+
+
+@pytest.fixture
+def env(stack: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> EmbeddedStack:
+    for name, value in stack.environment().items():
+        monkeypatch.setenv(name, value)
+    return stack
+
+
+@pytest.fixture(scope="module")
+def sha() -> str:
+    """The commit under test: the instance clones it from the git daemon, the GitHub stand-in answers for it."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def run_dag(**conf: Any) -> Any:
+    from embedded.demo import trigger
+
+    return trigger(conf)
+
+
+def task_states(dag_run: Any) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def instances_of(stack: EmbeddedStack, dag_run: Any) -> dict[str, dict[str, Any]]:
+    ec2 = stack.cloud.client("ec2")
+    found = {}
+    for reservation in ec2.describe_instances(Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [dag_run.run_id]}])[
+        "Reservations"
+    ]:
+        for inst in reservation["Instances"]:
+            found[inst["InstanceId"]] = inst
+    return found
+
+
+def assert_all_terminated(stack: EmbeddedStack, dag_run: Any, expected_count: int) -> dict[str, dict[str, Any]]:
+    found = instances_of(stack, dag_run)
+    assert len(found) == expected_count, f"expected {expected_count} instance(s), found {sorted(found)}"
+    assert {i["State"]["Name"] for i in found.values()} <= {"terminated"}, {
+        k: v["State"]["Name"] for k, v in found.items()
+    }
+    return found
+
+
+class ProcessListSampler:
+    """Samples every process's command line while a run goes on: the stand-in instance shares this machine."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout
+            self.seen.update(out.splitlines())
+
+    def __enter__(self) -> ProcessListSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stored_task_outputs(dag_run: Any) -> str:
+    """Every XCom and every rendered template field the run left in Airflow's database, as text."""
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        xcoms = session.scalars(
+            select(XComModel.value).where(XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id)
+        ).all()
+        rendered = session.scalars(
+            select(RenderedTaskInstanceFields.rendered_fields).where(
+                RenderedTaskInstanceFields.dag_id == dag_run.dag_id,
+                RenderedTaskInstanceFields.run_id == dag_run.run_id,
+            )
+        ).all()
+    assert xcoms and rendered, "nothing stored: the scan would prove nothing"
+    return json.dumps([xcoms, rendered], default=str)
+
+
+def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    # Known values planted in every connection: none may show up anywhere a person or an attacker could read.
+    planted = {
+        "aws": "planted-aws-secret-key-0123456789",
+        "mlflow": "planted-mlflow-password-0123456789",
+        "github": env.github_token,
+        "ssh": env.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
+    }
+    aws = json.loads(env.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
+    aws.update(login="AKIAPLANTEDKEYID0000", password=planted["aws"])
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        json.dumps({"conn_type": "http", "login": "trainer", "password": planted["mlflow"]}),
+    )
+
+    with ProcessListSampler() as processes:
+        dag_run = run_dag(git_ref=sha)
+    task_log = capfd.readouterr().out
+
+    assert dag_run.state == "success", task_states(dag_run)
+    assert set(task_states(dag_run).values()) == {"success"}
+    (instance,) = assert_all_terminated(env, dag_run, 1).values()
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["ec2-trainer:git_sha"] == sha
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    run_id = tis["train"].xcom_pull(task_ids="train")
+    run = MlflowClient(env.mlflow.url).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.source.git.commit"] == sha
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    evaluation = tis["evaluate"].xcom_pull(task_ids="evaluate")
+    assert evaluation["run_id"] == run_id
+    assert evaluation["promoted"] is True  # threshold 0 and no champion in a fresh server
+    assert f"MLflow run {run_id}" in task_log
+    assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
+
+    user_data = base64.b64decode(
+        env.cloud.client("ec2").describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")[
+            "UserData"
+        ]["Value"]
+    ).decode()
+    places = {
+        "task log": task_log,
+        "XComs and rendered fields": stored_task_outputs(dag_run),
+        "user-data": user_data,
+        "process list": "\n".join(processes.seen),
+    }
+    assert any("mlflow run" in line for line in processes.seen), "the sampler never saw the training job"
+    leaks = [(secret, place) for secret, value in planted.items() for place, text in places.items() if value in text]
+    assert leaks == []
+
+
+def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) -> None:
+    env.github.set_runs(sha, [{"name": "CI", "status": "completed", "conclusion": "failure"}])
+    try:
+        dag_run = run_dag(git_ref=sha)
+    finally:
+        env.github.set_runs(sha, [{"name": "CI", "status": "completed", "conclusion": "success"}])
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["ci_gate"] == "failed"
+    assert states["plan_launch"] == "upstream_failed"
+    assert states["launch"] == "upstream_failed"
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_unknown_branch_fails_at_the_gate(env: EmbeddedStack) -> None:
+    dag_run = run_dag(git_ref="no-such-branch")
+
+    assert dag_run.state == "failed"
+    assert task_states(dag_run)["ci_gate"] == "failed"
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_invalid_param_fails_at_trigger_time(env: EmbeddedStack, sha: str) -> None:
+    dag_run = run_dag(git_ref=sha, data_uri="ftp://example.invalid/data")
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["resolve_config"] == "failed"
+    assert states["ci_gate"] == "upstream_failed"
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_no_capacity_on_first_type_falls_back(env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models import EC2Backend
+
+    original = EC2Backend.run_instances
+
+    def no_g6(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("instance_type") == "g6.xlarge":
+            raise EC2ClientError("InsufficientInstanceCapacity", "not enough g6.xlarge capacity")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EC2Backend, "run_instances", no_g6)
+    dag_run = run_dag(git_ref=sha, instance_types=["g6.xlarge", "g5.xlarge"])
+
+    assert dag_run.state == "success", task_states(dag_run)
+    (instance,) = assert_all_terminated(env, dag_run, 1).values()
+    assert instance["InstanceType"] == "g5.xlarge"
+
+
+def test_no_capacity_anywhere_fails_cleanly(env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models import EC2Backend
+
+    def none_left(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise EC2ClientError("InsufficientInstanceCapacity", "no capacity")
+
+    monkeypatch.setattr(EC2Backend, "run_instances", none_left)
+    dag_run = run_dag(git_ref=sha, instance_types=["g6.xlarge"])
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["launch"] == "failed"
+    assert states["terminate"] == "success"  # the teardown ran although launch failed
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_bootstrap_error_fails_fast_and_terminates(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRAINER__INSTANCE__PYTHON_BIN", "/nonexistent/bin/python")
+    dag_run = run_dag(git_ref=sha)
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["wait_ready"] == "failed"
+    assert states["train"] == "upstream_failed"
+    assert states["terminate"] == "success"
+    assert_all_terminated(env, dag_run, 1)
+    out = capfd.readouterr().out
+    assert "error: python" in out  # the bootstrap's own error line reached the task log
+
+
+def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: str) -> None:
+    # Valid for the orchestrator, but the job finds no dataset there and exits non-zero.
+    dag_run = run_dag(git_ref=sha, data_uri="file:///nonexistent/hurricane-data")
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["train"] == "failed"
+    assert states["evaluate"] == "upstream_failed"
+    assert states["terminate"] == "success"
+    assert_all_terminated(env, dag_run, 1)
+
+
+def test_retried_launch_adopts_the_instance_it_already_started(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models import EC2Backend
+
+    original = EC2Backend.run_instances
+    calls: list[str] = []
+
+    def lose_first_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reservation = original(self, *args, **kwargs)
+        calls.append(kwargs["instance_type"])
+        if len(calls) == 1:
+            # The instance exists, but the answer never reached the launch task: its try fails.
+            raise EC2ClientError("RequestExpired", "simulated: the response to RunInstances was lost")
+        return reservation
+
+    monkeypatch.setattr(EC2Backend, "run_instances", lose_first_response)
+    dag_run = run_dag(git_ref=sha)
+
+    assert dag_run.state == "success", task_states(dag_run)
+    assert calls == ["g6.xlarge"], "the retried launch must adopt the instance, not start another"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["launch"].try_number == 2
+    assert tis["launch"].xcom_pull(task_ids="launch")["reused"] is True
+    assert_all_terminated(env, dag_run, 1)
