@@ -279,10 +279,35 @@ class LocalCloud:
         if inst.powered_off_at is not None:
             return
         inst.powered_off_at = time.time()
+        killed = 0
         if inst.sshd is not None:
+            # Established connections are served by children of the daemon: a power-off cuts them too.
+            killed += kill_process_tree(inst.sshd.pid)
             inst.sshd.stop()
-        killed = kill_marked_processes(inst.instance_id)
+        killed += kill_marked_processes(inst.instance_id)
         log.info("Powered off %s (%d processes ended)", inst.instance_id, killed)
+
+
+def kill_process_tree(root_pid: int | None) -> int:
+    """SIGKILL every descendant of `root_pid` (not the root itself: its owner reaps it)."""
+    if root_pid is None:
+        return 0
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    pending, killed = list(children.get(root_pid, [])), 0
+    while pending:
+        pid = pending.pop()
+        pending.extend(children.get(pid, []))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
 
 
 def kill_marked_processes(instance_id: str) -> int:

@@ -163,6 +163,11 @@ class LoopbackSshd:
         self._wait_ready()
         logger.info("Loopback sshd listening on %s:%s (pid %s)", self._address, self._port, self._process.pid)
 
+    @property
+    def pid(self) -> int | None:
+        """The listening daemon's pid while it runs (each connection is served by a child of it)."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
     def stop(self) -> None:
         """Terminate sshd (SIGKILL if it does not exit in time); harmless to call again."""
         process, self._process = self._process, None

@@ -407,3 +407,18 @@ def sweep_expired(
             log.warning("instance %s has no readable %s and launched at %s", instance_id, TAG_EXPIRES_AT, launched)
             expired.append(instance_id)
     return terminate_instances(ec2, expired, retry=retry)
+
+
+def unoffered_instance_types(
+    ec2: Any, instance_types: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
+) -> list[str]:
+    """The requested types that this region does not offer (misspelt or unknown names included), in request order."""
+    wanted = list(instance_types)
+    response = _call(
+        ec2.describe_instance_type_offerings,
+        retry,
+        LocationType="region",
+        Filters=[{"Name": "instance-type", "Values": wanted}],
+    )
+    offered = {o["InstanceType"] for o in response.get("InstanceTypeOfferings", [])}
+    return [t for t in wanted if t not in offered]

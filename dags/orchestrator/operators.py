@@ -62,15 +62,37 @@ class RemoteTrainingOperator(BaseOperator):
             lambda: connect(target, timeout_s=30),
             job_dir_for(s.instance.state_dir, key),
             poll_s=min(s.instance.poll_seconds, 2.0),
+            on_disconnect=lambda exc: self._fail_if_instance_gone(),
         )
+
+    def _fail_if_instance_gone(self) -> None:
+        """A lost connection may mean a lost instance (spot interruption, someone in the console): ask EC2 at once."""
+        from orchestrator.connections import aws_client
+        from orchestrator.ec2 import describe_instance
+        from orchestrator.pipeline import settings_of
+
+        s = settings_of(self.config)
+        instance_id = self.ready["instance_id"]
+        info = describe_instance(aws_client("ec2", s.aws.conn_id, s.aws.region), instance_id)
+        if info is None or info.state not in ("pending", "running"):
+            state = info.state if info else "gone"
+            reason = (info.state_reason if info else None) or "no reason given"
+            raise AirflowFailException(
+                f"instance {instance_id} is {state} ({reason}) while training: it was stopped or terminated from "
+                "outside Airflow (a spot interruption, the console, a script or its max-lifetime watchdog). "
+                "The run cannot finish; trigger it again (on-demand capacity avoids spot interruptions)."
+            )
 
     def execute(self, context: Context) -> str:
         from orchestrator.connections import mlflow_credentials
         from orchestrator.pipeline import settings_of
+        from orchestrator.remote_job import RemoteJobError
         from orchestrator.tracking import credentials_in_env, experiment_id_of
         from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, training_command
 
         s = settings_of(self.config)
+        # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
+        context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
         command = training_command(s, self.git_sha)
         creds = mlflow_credentials(s.mlflow.conn_id)
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
@@ -88,6 +110,10 @@ class RemoteTrainingOperator(BaseOperator):
                 lambda line: self.log.info("train | %s", line), timeout_s=s.training.timeout_minutes * 60
             )
             run_id = parse_mlflow_run_id(job.read_log())
+        except RemoteJobError:
+            # A job that vanished without an exit code often means the instance itself went away: say which.
+            self._fail_if_instance_gone()
+            raise
         finally:
             job.close()
         if run_id:

@@ -38,11 +38,19 @@ def settings_of(config: Mapping[str, Any]) -> Settings:
 
 
 def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> dict[str, Any]:
-    """Resolve the AMI and fix the instance's deadline; nothing is created yet."""
+    """Check the instance types exist here, resolve the AMI and fix the deadline; nothing is created yet."""
     from orchestrator.connections import aws_client
+    from orchestrator.ec2 import unoffered_instance_types
+    from orchestrator.errors import ConfigError
     from orchestrator.launch import resolve_ami
 
     s = settings_of(config)
+    unoffered = unoffered_instance_types(aws_client("ec2", s.aws.conn_id, s.aws.region), s.aws.instance_types)
+    if unoffered:
+        raise ConfigError(
+            f"aws.instance_types: {unoffered} not offered in {s.aws.region}: check the spelling "
+            "(e.g. g6.xlarge) or choose types this region has"
+        )
     ami_id = resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
     expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
     log.info(

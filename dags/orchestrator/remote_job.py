@@ -248,8 +248,11 @@ class RemoteJob:
         max_reconnects: int = 10,
         reconnect_backoff_s: float = 2.0,
         lost_grace_s: float = 30.0,
+        on_disconnect: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._connect = connect
+        # Called on every lost connection before reconnecting; it raises to stop (e.g. the instance is gone).
+        self._on_disconnect = on_disconnect
         self.paths = paths
         self._poll_s = poll_s
         self._max_reconnects = max_reconnects
@@ -387,6 +390,8 @@ class RemoteJob:
 
     def _reconnect_after(self, exc: BaseException, failures: int) -> None:
         self.close()
+        if self._on_disconnect is not None:
+            self._on_disconnect(exc)
         if failures > self._max_reconnects:
             raise RemoteJobError(
                 f"Lost SSH to the instance of remote job {self.paths.job_dir} and could not reconnect after "

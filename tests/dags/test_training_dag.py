@@ -9,70 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from embedded.stack import EmbeddedStack, TrainingKnobs
-from tests.conftest import REPO
+from embedded.stack import EmbeddedStack
+from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
-
-TINY_DATA = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&size=64&seed=0"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Any) -> Iterator[EmbeddedStack]:
-    knobs = TrainingKnobs(epochs=1, batch_size=16, data_uri=TINY_DATA, image_size=64, threshold=0.0)
-    with EmbeddedStack(tmp_path_factory.mktemp("embedded"), REPO, knobs=knobs) as running:
-        yield running
-
-
-@pytest.fixture
-def env(stack: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> EmbeddedStack:
-    for name, value in stack.environment().items():
-        monkeypatch.setenv(name, value)
-    return stack
-
-
-@pytest.fixture(scope="module")
-def sha() -> str:
-    """The commit under test: the instance clones it from the git daemon, the GitHub stand-in answers for it."""
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def run_dag(**conf: Any) -> Any:
-    from embedded.demo import trigger
-
-    return trigger(conf)
-
-
-def task_states(dag_run: Any) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def instances_of(stack: EmbeddedStack, dag_run: Any) -> dict[str, dict[str, Any]]:
-    ec2 = stack.cloud.client("ec2")
-    found = {}
-    for reservation in ec2.describe_instances(Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [dag_run.run_id]}])[
-        "Reservations"
-    ]:
-        for inst in reservation["Instances"]:
-            found[inst["InstanceId"]] = inst
-    return found
-
-
-def assert_all_terminated(stack: EmbeddedStack, dag_run: Any, expected_count: int) -> dict[str, dict[str, Any]]:
-    found = instances_of(stack, dag_run)
-    assert len(found) == expected_count, f"expected {expected_count} instance(s), found {sorted(found)}"
-    assert {i["State"]["Name"] for i in found.values()} <= {"terminated"}, {
-        k: v["State"]["Name"] for k, v in found.items()
-    }
-    return found
 
 
 class ProcessListSampler:
@@ -157,6 +104,11 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert evaluation["run_id"] == run_id
     assert evaluation["promoted"] is True  # threshold 0 and no champion in a fresh server
     assert f"MLflow run {run_id}" in task_log
+    # The UI's extra links: the commit's checks page on the gate, the MLflow run on the training task.
+    checks_link = tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink")
+    assert checks_link == f"{env.github_url}/local/ec2-trainer/commit/{sha}/checks"
+    run_link = tis["train"].xcom_pull(task_ids="train", key="_link_MlflowRunLink")
+    assert run_link.startswith(env.mlflow.url) and run_link.endswith(f"/runs/{run_id}")
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
 
     user_data = base64.b64decode(
@@ -205,6 +157,19 @@ def test_invalid_param_fails_at_trigger_time(env: EmbeddedStack, sha: str) -> No
     assert dag_run.state == "failed"
     assert states["resolve_config"] == "failed"
     assert states["ci_gate"] == "upstream_failed"
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_unknown_instance_type_is_refused_before_launch(
+    env: EmbeddedStack, sha: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    dag_run = run_dag(git_ref=sha, instance_types=["g6.xlarge", "p9.huge"])
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["plan_launch"] == "failed"
+    assert states["launch"] == "upstream_failed"
+    assert "aws.instance_types: ['p9.huge'] not offered in us-east-1" in capfd.readouterr().out
     assert_all_terminated(env, dag_run, 0)
 
 
@@ -297,4 +262,81 @@ def test_retried_launch_adopts_the_instance_it_already_started(
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["launch"].try_number == 2
     assert tis["launch"].xcom_pull(task_ids="launch")["reused"] is True
+    assert_all_terminated(env, dag_run, 1)
+
+
+def test_instance_terminated_from_outside_is_reported_promptly(
+    env: EmbeddedStack, sha: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A spot interruption or a person in the console: the train task must say so at once, not hang or retry."""
+    import time
+
+    terminated_at: list[float] = []
+
+    def terminate_once_training() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            logs = list((env.state_dir / "jobs").glob("*/output.log"))
+            if logs and "epoch" in logs[0].read_text(errors="replace"):
+                ec2 = env.cloud.client("ec2")
+                live = ec2.describe_instances(
+                    Filters=[
+                        {"Name": "tag:ec2-trainer:project", "Values": ["ec2-trainer"]},
+                        {"Name": "instance-state-name", "Values": ["running"]},
+                    ]
+                )["Reservations"]
+                ec2.terminate_instances(InstanceIds=[i["InstanceId"] for r in live for i in r["Instances"]])
+                terminated_at.append(time.monotonic())
+                return
+            time.sleep(0.2)
+
+    # Job logs of earlier runs' (terminated) instances must not be mistaken for this run's.
+    shutil.rmtree(env.state_dir / "jobs", ignore_errors=True)
+    # Long enough to be caught in the middle: many epochs of the tiny set.
+    killer = threading.Thread(target=terminate_once_training, daemon=True)
+    killer.start()
+    dag_run = run_dag(git_ref=sha, epochs=200)
+    killer.join(timeout=5)
+    log = capfd.readouterr().out
+
+    states = task_states(dag_run)
+    assert terminated_at, "the instance was never seen training"
+    assert dag_run.state == "failed"
+    assert states["train"] == "failed"
+    assert states["terminate"] == "success"
+    assert "terminated from outside Airflow" in log or "stopped or terminated from outside" in log
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["train"].try_number == 1, "a lost instance is final: no retry"
+    detected_after_s = tis["train"].end_date.timestamp() - (time.time() - (time.monotonic() - terminated_at[0]))
+    assert detected_after_s < 30, f"detected {detected_after_s:.1f}s after the termination"
+    assert_all_terminated(env, dag_run, 1)
+
+
+def test_host_answering_with_another_key_is_refused(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A man in the middle at the instance's address: refused with a clear error before any login or command."""
+    import embedded.cloud
+    from orchestrator.hostkeys import generate_host_key
+
+    genuine = embedded.cloud.LoopbackSshd
+    impostors: list[Any] = []
+
+    def impostor(host_private_key_pem: str, *args: Any, **kwargs: Any) -> Any:
+        server = genuine(generate_host_key().private_openssh, *args, **kwargs)
+        impostors.append(server)
+        return server
+
+    monkeypatch.setattr(embedded.cloud, "LoopbackSshd", impostor)
+    dag_run = run_dag(git_ref=sha)
+    log = capfd.readouterr().out
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["wait_ready"] == "failed"
+    assert states["train"] == "upstream_failed"
+    assert "possible man-in-the-middle" in log
+    assert impostors, "the impostor server never started"
+    assert "Accepted publickey" not in impostors[0].read_log(), "the client must not even authenticate"
+    assert not list((env.state_dir / "jobs").glob("*")), "no job may have been started"
     assert_all_terminated(env, dag_run, 1)

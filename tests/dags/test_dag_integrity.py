@@ -1,0 +1,176 @@
+"""The DAG files: they import cleanly through Airflow's DagBag, wire the expected tasks, stay cheap to parse, and
+their trigger-form Params accept good values and refuse bad ones."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+DAGS_DIR = REPO / "dags"
+DAG_FILES = sorted(p.name for p in DAGS_DIR.glob("*.py"))
+HEAVY_MODULES = ("torch", "mlflow", "boto3", "botocore", "paramiko", "requests", "numpy", "pandas")
+PARSE_BOUND_S = 10.0
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+# Imports one DAG file as a DAG processor would, and reports its parse time and the heavy modules it pulled in.
+_PROBE = """
+import importlib.util, json, sys, time
+sys.path.insert(0, sys.argv[1])
+import airflow.sdk  # loaded by every DAG processor anyway: not part of the file's own cost
+started = time.perf_counter()
+spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+elapsed = time.perf_counter() - started
+heavy = sorted(m for m in json.loads(sys.argv[3]) if m in sys.modules)
+print(json.dumps({"parse_s": elapsed, "heavy": heavy}))
+"""
+
+
+@pytest.fixture(scope="module")
+def dagbag(airflow_db: Any) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS_DIR))
+
+
+@pytest.fixture(scope="module")
+def training_dag(dagbag: Any) -> Any:
+    return dagbag.dags["ec2_training"]
+
+
+def test_dag_files_import_without_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    assert sorted(dagbag.dags) == ["ec2_sweeper", "ec2_training"]
+
+
+def test_every_dag_file_was_collected(dagbag: Any) -> None:
+    files = {dag.fileloc.rsplit("/", 1)[-1] for dag in dagbag.dags.values()}
+    assert files == set(DAG_FILES)
+
+
+def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
+    from orchestrator.operators import RemoteTrainingOperator
+
+    tasks = {t.task_id: t for t in training_dag.tasks}
+    assert set(tasks) == {
+        "resolve_config",
+        "ci_gate",
+        "plan_launch",
+        "launch",
+        "wait_ready",
+        "train",
+        "evaluate",
+        "terminate",
+    }
+    assert "resolve_config" in tasks["ci_gate"].upstream_task_ids
+    assert "ci_gate" in tasks["plan_launch"].upstream_task_ids
+    assert "plan_launch" in tasks["launch"].upstream_task_ids
+    assert "launch" in tasks["wait_ready"].upstream_task_ids
+    assert "wait_ready" in tasks["train"].upstream_task_ids
+    assert "train" in tasks["evaluate"].upstream_task_ids
+    assert {"evaluate", "plan_launch"} <= tasks["terminate"].upstream_task_ids
+
+    assert tasks["plan_launch"].is_setup
+    assert tasks["terminate"].is_teardown
+    assert [t.task_id for t in tasks["terminate"].upstream_list if t.is_setup] == ["plan_launch"]
+    assert not any(t.is_setup or t.is_teardown for name, t in tasks.items() if name not in ("plan_launch", "terminate"))
+
+    train = tasks["train"]
+    assert isinstance(train, RemoteTrainingOperator)
+    assert len(train.operator_extra_links) == 1
+    assert train.operator_extra_links[0].name
+
+
+def test_sweeper_dag_is_scheduled_and_single(dagbag: Any) -> None:
+    sweeper = dagbag.dags["ec2_sweeper"]
+    assert [t.task_id for t in sweeper.tasks] == ["sweep_expired_instances"]
+    assert sweeper.max_active_runs == 1
+    assert sweeper.schedule == timedelta(minutes=5)
+
+
+@pytest.mark.parametrize("dag_file", DAG_FILES)
+def test_dag_file_parses_cheaply_without_heavy_modules(dag_file: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(DAGS_DIR), str(DAGS_DIR / dag_file), json.dumps(HEAVY_MODULES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # Shown with `pytest -s`, and in the captured output of a failure.
+    sys.stdout.write(f"\n{dag_file}: parsed in {report['parse_s']:.3f}s (after airflow.sdk)\n")
+    assert report["heavy"] == [], f"{dag_file} imports {report['heavy']} at parse time: import them inside tasks"
+    assert report["parse_s"] < PARSE_BOUND_S
+
+
+# ---- trigger-form Params
+
+
+def test_default_params_validate(training_dag: Any) -> None:
+    resolved = copy.deepcopy(training_dag.params).validate()
+    assert resolved["git_ref"] == ""
+    assert resolved["instance_types"] == []
+    assert resolved["epochs"] is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("git_ref", "feature/x"),
+        ("git_ref", SHA),
+        ("instance_types", ["g6.xlarge", "p4d.24xlarge"]),
+        ("spot", True),
+        ("spot", None),
+        ("epochs", 1),
+        ("epochs", 10000),
+        ("batch_size", 512),
+        ("learning_rate", 1),
+        ("learning_rate", 0.0001),
+        ("model", "seed"),
+        ("data_uri", "synthetic://?size=64"),
+        ("max_lifetime_minutes", 10),
+    ],
+)
+def test_good_param_values_are_accepted(training_dag: Any, name: str, value: Any) -> None:
+    param = copy.deepcopy(training_dag.params.get_param(name))
+    assert param.resolve(value) == value
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("git_ref", "x" * 256, r"is too long"),
+        ("git_ref", 5, r"5 is not of type 'string'"),
+        ("instance_types", ["not a type!"], r"'not a type!' does not match"),
+        ("instance_types", "g6.xlarge", r"'g6\.xlarge' is not of type 'array'"),
+        ("spot", "yes", r"'yes' is not of type 'null', 'boolean'"),
+        ("epochs", -1, r"-1 is less than the minimum of 1"),
+        ("epochs", 0, r"0 is less than the minimum of 1"),
+        ("epochs", 10001, r"10001 is greater than the maximum of 10000"),
+        ("epochs", 1.5, r"1\.5 is not of type 'null', 'integer'"),
+        ("batch_size", 0, r"0 is less than the minimum of 1"),
+        ("learning_rate", 0, r"0 is less than or equal to the minimum of 0"),
+        ("learning_rate", 1.5, r"1\.5 is greater than the maximum of 1"),
+        ("model", "resnet", r"'resnet' is not one of \[None, 'default', 'seed'\]"),
+        ("data_uri", "s3://b/" + "x" * 1024, r"is too long"),
+        ("max_lifetime_minutes", 9, r"9 is less than the minimum of 10"),
+    ],
+    ids=lambda v: str(v)[:20],
+)
+def test_bad_param_values_are_refused(training_dag: Any, name: str, value: Any, match: str) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = copy.deepcopy(training_dag.params.get_param(name))
+    with pytest.raises(ParamValidationError, match=match):
+        param.resolve(value)

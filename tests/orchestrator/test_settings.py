@@ -1,0 +1,415 @@
+"""orchestrator.settings: layering (defaults < file < environment < params), coercion and every validation rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.settings import (
+    PARAM_FIELDS,
+    Settings,
+    html_base_url,
+    load_settings,
+    validate,
+    validate_data_uri,
+    validate_git_ref,
+)
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def with_changes(settings: Settings, section: str, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **{section: dataclasses.replace(getattr(settings, section), **changes)})
+
+
+@pytest.fixture(scope="module")
+def defaults() -> Settings:
+    return load_settings(env={})
+
+
+def write_toml(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "trainer.toml"
+    path.write_text(text)
+    return {"TRAINER_CONFIG": str(path)}
+
+
+# ---- defaults and layering
+
+
+def test_defaults_load_and_validate(defaults: Settings) -> None:
+    validate(defaults)
+    assert defaults.aws.instance_types == ("g6.xlarge", "g5.xlarge", "g4dn.xlarge")
+    assert defaults.aws.spot is False
+    assert defaults.instance.poll_seconds == 5.0
+    assert isinstance(defaults.instance.poll_seconds, float)
+    assert defaults.training.extra_params == {}
+
+
+def test_environment_of_the_process_is_the_default_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAINER__TRAINING__EPOCHS", "7")
+    assert load_settings().training.epochs == 7
+
+
+def test_precedence_defaults_file_env_params(tmp_path: Path) -> None:
+    env = write_toml(
+        tmp_path, "[training]\nepochs = 11\nbatch_size = 64\nmodel = 'seed'\n[aws]\nregion = 'eu-west-1'\n"
+    )
+    from_file = load_settings(env=env)
+    assert (from_file.training.epochs, from_file.training.batch_size) == (11, 64)
+    assert from_file.aws.region == "eu-west-1"
+
+    env |= {"TRAINER__TRAINING__EPOCHS": "12", "TRAINER__TRAINING__MODEL": "default"}
+    from_env = load_settings(env=env)
+    assert (from_env.training.epochs, from_env.training.batch_size, from_env.training.model) == (12, 64, "default")
+
+    from_params = load_settings({"epochs": 13, "model": "seed"}, env=env)
+    assert (from_params.training.epochs, from_params.training.batch_size, from_params.training.model) == (
+        13,
+        64,
+        "seed",
+    )
+    assert from_params.aws.region == "eu-west-1"
+
+
+def test_empty_params_keep_the_configured_values(defaults: Settings) -> None:
+    settings = load_settings({"epochs": None, "instance_types": [], "data_uri": "", "git_ref": "main"}, env={})
+    assert settings == defaults
+
+
+def test_every_param_maps_to_a_setting(defaults: Settings) -> None:
+    for section, key in PARAM_FIELDS.values():
+        assert key in dataclasses.asdict(getattr(defaults, section))
+
+
+def test_params_override_each_field() -> None:
+    params = {
+        "instance_types": ["p4d.24xlarge", "g6.xlarge"],
+        "spot": True,
+        "max_lifetime_minutes": 600,
+        "epochs": 3,
+        "batch_size": 32,
+        "learning_rate": 0.01,
+        "model": "seed",
+        "data_uri": "synthetic://?size=64",
+    }
+    s = load_settings(params, env={})
+    assert s.aws.instance_types == ("p4d.24xlarge", "g6.xlarge")
+    assert s.aws.spot is True
+    assert s.aws.max_lifetime_minutes == 600
+    assert (s.training.epochs, s.training.batch_size, s.training.learning_rate) == (3, 32, 0.01)
+    assert (s.training.model, s.training.data_uri) == ("seed", "synthetic://?size=64")
+
+
+def test_spot_false_param_overrides_a_true_setting() -> None:
+    assert load_settings({"spot": False}, env={"TRAINER__AWS__SPOT": "true"}).aws.spot is False
+
+
+# ---- coercion from environment strings
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        *[("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True)],
+        *[("false", False), ("0", False), ("No", False), (" off ", False)],
+    ],
+)
+def test_bool_from_env(raw: str, expected: bool) -> None:
+    assert load_settings(env={"TRAINER__AWS__SPOT": raw}).aws.spot is expected
+
+
+def test_lists_ints_floats_and_dicts_from_env() -> None:
+    env = {
+        "TRAINER__AWS__INSTANCE_TYPES": " g5.xlarge, g6.2xlarge ,",
+        "TRAINER__AWS__SECURITY_GROUP_IDS": "sg-1,sg-2",
+        "TRAINER__AWS__ROOT_VOLUME_GB": "200",
+        "TRAINER__INSTANCE__POLL_SECONDS": "0.5",
+        "TRAINER__MLFLOW__THRESHOLD": "0.75",
+        "TRAINER__TRAINING__EXTRA_PARAMS": "max_images=100,image_size=64",
+        "TRAINER__GITHUB__ALLOWED_CONCLUSIONS": "success",
+    }
+    s = load_settings(env=env)
+    assert s.aws.instance_types == ("g5.xlarge", "g6.2xlarge")
+    assert s.aws.security_group_ids == ("sg-1", "sg-2")
+    assert s.aws.root_volume_gb == 200
+    assert s.instance.poll_seconds == 0.5
+    assert s.mlflow.threshold == 0.75
+    assert s.training.extra_params == {"max_images": "100", "image_size": "64"}
+    assert s.github.allowed_conclusions == ("success",)
+
+
+def test_empty_env_list_and_dict_become_empty() -> None:
+    s = load_settings(env={"TRAINER__AWS__SECURITY_GROUP_IDS": "", "TRAINER__TRAINING__EXTRA_PARAMS": " "})
+    assert s.aws.security_group_ids == ()
+    assert s.training.extra_params == {}
+
+
+def test_env_strings_are_stripped() -> None:
+    assert load_settings(env={"TRAINER__AWS__REGION": "  eu-central-1 "}).aws.region == "eu-central-1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("TRAINER__AWS__SPOT", "maybe", r"aws\.spot: 'maybe' is not a boolean"),
+        ("TRAINER__AWS__SPOT_FALLBACK_TO_ON_DEMAND", "2", r"aws\.spot_fallback_to_on_demand: '2' is not a boolean"),
+        ("TRAINER__TRAINING__EPOCHS", "ten", r"training\.epochs: 'ten' is not a whole number"),
+        ("TRAINER__TRAINING__EPOCHS", "1e3", r"training\.epochs: '1e3' is not a whole number"),
+        ("TRAINER__TRAINING__LEARNING_RATE", "fast", r"training\.learning_rate: 'fast' is not a number"),
+        ("TRAINER__INSTANCE__POLL_SECONDS", "nan", r"instance\.poll_seconds: nan is invalid"),
+    ],
+)
+def test_bad_env_values_name_the_field(name: str, value: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(env={name: value})
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"spot": "sometimes"}, r"aws\.spot: 'sometimes' is not a boolean"),
+        ({"epochs": True}, r"training\.epochs: True is not a whole number"),
+        ({"epochs": 2.5}, r"training\.epochs: 2\.5 is not a whole number"),
+        ({"learning_rate": False}, r"training\.learning_rate: False is not a number"),
+        ({"instance_types": 5}, r"aws\.instance_types: expected a list, got 5"),
+        ({"instance_types": ["g6.xlarge", 3]}, r"aws\.instance_types\[1\]: expected text, got 3"),
+        ({"model": 1}, r"training\.model: expected text, got 1"),
+    ],
+)
+def test_bad_param_types_name_the_field(params: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(params, env={})
+
+
+# ---- unknown names and bad files
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"TRAINER__NOPE__REGION": "x"}, r"environment: unknown configuration section 'nope'"),
+        ({"TRAINER__AWS__REGOIN": "x"}, r"environment: unknown setting aws\.regoin; known in \[aws\]: .*'region'"),
+        ({"TRAINER__AWS": "x"}, r"TRAINER__AWS: expected TRAINER__<SECTION>__<KEY>"),
+        ({"TRAINER__AWS__REGION__X": "x"}, r"TRAINER__AWS__REGION__X: expected TRAINER__<SECTION>__<KEY>"),
+    ],
+)
+def test_unknown_env_names_are_refused(env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(env=env)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[nope]\nx = 1\n", r"TRAINER_CONFIG: unknown configuration section 'nope'"),
+        ("[aws]\nregoin = 'eu-west-1'\n", r"TRAINER_CONFIG: unknown setting aws\.regoin"),
+        ("aws = 3\n", r"TRAINER_CONFIG: unknown configuration section 'aws'"),
+        ("[aws\n", r"not valid TOML"),
+    ],
+)
+def test_bad_config_files_are_refused(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(env=write_toml(tmp_path, text))
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match=r"TRAINER_CONFIG: configuration file .*absent\.toml does not exist"):
+        load_settings(env={"TRAINER_CONFIG": str(missing)})
+
+
+# ---- validation rules
+
+BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    ("github", {"repo": "no-slash"}, r"github\.repo: repo 'no-slash' must look like 'owner/name'"),
+    ("github", {"repo": "a/b/c"}, r"github\.repo"),
+    ("github", {"repo": "own er/name"}, r"github\.repo"),
+    ("github", {"api_url": "ftp://api.github.com"}, r"github\.api_url: 'ftp://api\.github\.com' is invalid"),
+    ("github", {"api_url": "api.github.com"}, r"github\.api_url"),
+    ("github", {"api_url": "https://x:secret@api.github.com"}, r"github\.api_url: '<redacted>'.*no credentials"),
+    ("github", {"api_url": "https://ghp_token@api.github.com"}, r"github\.api_url: '<redacted>'.*no credentials"),
+    ("github", {"branch": "; rm -rf /"}, r"github\.branch: git ref '; rm -rf /' is not a valid"),
+    ("github", {"branch": "a..b"}, r"github\.branch"),
+    ("github", {"conn_id": "has space"}, r"github\.conn_id: 'has space' is invalid; expected an Airflow connection"),
+    ("github", {"ci_timeout_minutes": 0}, r"github\.ci_timeout_minutes: 0 is invalid; expected a value between 1"),
+    ("github", {"ci_timeout_minutes": 24 * 60 + 1}, r"github\.ci_timeout_minutes"),
+    ("github", {"ci_no_runs_timeout_minutes": -1}, r"github\.ci_no_runs_timeout_minutes"),
+    ("github", {"ci_poll_seconds": 3601}, r"github\.ci_poll_seconds"),
+    ("github", {"allowed_conclusions": ("success", "failure")}, r"github\.allowed_conclusions"),
+    ("github", {"allowed_conclusions": ("skipped",)}, r"github\.allowed_conclusions.*includes 'success'"),
+    ("aws", {"conn_id": ""}, r"aws\.conn_id"),
+    ("aws", {"region": "us-east"}, r"aws\.region: 'us-east' is invalid; expected an AWS region"),
+    ("aws", {"region": "US-EAST-1"}, r"aws\.region"),
+    ("aws", {"region": "us-east-1; id"}, r"aws\.region"),
+    ("aws", {"ami_ssm_parameter": "aws/service/x"}, r"aws\.ami_ssm_parameter"),
+    ("aws", {"ami_ssm_parameter": "/aws/ x"}, r"aws\.ami_ssm_parameter"),
+    ("aws", {"instance_types": ()}, r"aws\.instance_types: \[\] is invalid; expected at least one"),
+    ("aws", {"instance_types": ("g6.xlarge", "not a type!")}, r"aws\.instance_types\[1\]: 'not a type!' is invalid"),
+    ("aws", {"instance_types": ("G6.xlarge",)}, r"aws\.instance_types\[0\]"),
+    ("aws", {"instance_types": ("g6",)}, r"aws\.instance_types\[0\]"),
+    ("aws", {"instance_types": ("g6.xlarge", "g6.xlarge")}, r"aws\.instance_types: .* expected no repeats"),
+    ("aws", {"subnet_id": "vpc-123"}, r"aws\.subnet_id: 'vpc-123' is invalid; expected empty or subnet-"),
+    ("aws", {"security_group_ids": ("sg-1", "default")}, r"aws\.security_group_ids\[1\]: 'default' is invalid"),
+    ("aws", {"root_volume_gb": 7}, r"aws\.root_volume_gb: 7 is invalid"),
+    ("aws", {"root_volume_gb": 16385}, r"aws\.root_volume_gb"),
+    ("aws", {"max_lifetime_minutes": 9}, r"aws\.max_lifetime_minutes: 9 is invalid; expected a value between 10"),
+    ("aws", {"max_lifetime_minutes": 7 * 24 * 60 + 1}, r"aws\.max_lifetime_minutes"),
+    ("aws", {"launch_timeout_minutes": 0}, r"aws\.launch_timeout_minutes"),
+    ("aws", {"project_tag": "has space"}, r"aws\.project_tag"),
+    ("instance", {"ssh_user": "Root"}, r"instance\.ssh_user: 'Root' is invalid; expected a Unix user"),
+    ("instance", {"ssh_user": "ubuntu;id"}, r"instance\.ssh_user"),
+    ("instance", {"ssh_port": 0}, r"instance\.ssh_port"),
+    ("instance", {"ssh_port": 65536}, r"instance\.ssh_port"),
+    ("instance", {"address": "elastic_ip"}, r"instance\.address: 'elastic_ip' is invalid; expected public_ip or"),
+    ("instance", {"state_dir": "relative/dir"}, r"instance\.state_dir: 'relative/dir' is invalid; expected an abs"),
+    ("instance", {"state_dir": "/var/lib/$(id)"}, r"instance\.state_dir"),
+    ("instance", {"python_bin": "python3"}, r"instance\.python_bin"),
+    ("instance", {"ready_timeout_minutes": 241}, r"instance\.ready_timeout_minutes"),
+    ("instance", {"poll_seconds": 0.05}, r"instance\.poll_seconds: 0\.05 is invalid"),
+    ("mlflow", {"tracking_uri": "file:///tmp/mlruns"}, r"mlflow\.tracking_uri: 'file:///tmp/mlruns' is invalid"),
+    ("mlflow", {"tracking_uri": "https://u:p@mlflow.example.com"}, r"mlflow\.tracking_uri: '<redacted>'"),
+    ("mlflow", {"experiment": "  "}, r"mlflow\.experiment: '  ' is invalid; expected a non-empty"),
+    ("mlflow", {"model_name": "my model"}, r"mlflow\.model_name"),
+    ("mlflow", {"metric": "acc/test"}, r"mlflow\.metric"),
+    ("training", {"repo_url": "ftp://host/repo.git"}, r"training\.repo_url: 'ftp://host/repo\.git' is invalid"),
+    ("training", {"repo_url": "https://user:tok@github.com/o/r.git"}, r"training\.repo_url: '<redacted>'"),
+    ("training", {"entry_point": "main; id"}, r"training\.entry_point"),
+    ("training", {"epochs": 0}, r"training\.epochs: 0 is invalid"),
+    ("training", {"epochs": 10_001}, r"training\.epochs"),
+    ("training", {"batch_size": 0}, r"training\.batch_size"),
+    ("training", {"learning_rate": 0.0}, r"training\.learning_rate: 0\.0 is invalid; expected a number in \(0, 1\]"),
+    ("training", {"learning_rate": 1.5}, r"training\.learning_rate"),
+    ("training", {"model": "resnet"}, r"training\.model: 'resnet' is invalid; expected one of \['default', 'seed'\]"),
+    ("training", {"data_uri": "ftp://host/data"}, r"training\.data_uri: 'ftp://host/data' is invalid"),
+    ("training", {"data_uri": "; rm -rf /"}, r"training\.data_uri: '; rm -rf /' is invalid"),
+    ("training", {"data_uri": "s3://bucket/a\nb"}, r"training\.data_uri"),
+    ("training", {"data_uri": "s3:///prefix"}, r"training\.data_uri: 's3:///prefix' is invalid; expected s3://bucket"),
+    ("training", {"data_uri": "s3://b/" + "x" * 1024}, r"training\.data_uri"),
+    ("training", {"timeout_minutes": 0}, r"training\.timeout_minutes"),
+    ("training", {"extra_params": {"bad-key": "1"}}, r"training\.extra_params: 'bad-key' is invalid"),
+    ("training", {"extra_params": {"note": "two\nlines"}}, r"training\.extra_params\.note: 'two\\nlines' is invalid"),
+    ("training", {"timeout_minutes": 230}, r"aws\.max_lifetime_minutes: 240 is invalid; expected at least .* = 260"),
+]
+
+
+@pytest.mark.parametrize(("section", "changes", "match"), BAD_VALUES)
+def test_validation_names_the_bad_field(defaults: Settings, section: str, changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        validate(with_changes(defaults, section, **changes))
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://x:hunter2@api.github.com", "ftp://x:hunter2@api.github.com", "https://x:hunter2@host with space/"],
+)
+def test_credentials_never_reach_the_message(defaults: Settings, url: str) -> None:
+    with pytest.raises(ConfigError, match=r"no credentials") as caught:
+        validate(with_changes(defaults, "github", api_url=url))
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "changes"),
+    [
+        ("github", {"api_url": "https://github.example.com/api/v3"}),
+        ("github", {"branch": "feature/x-1.2"}),
+        ("github", {"branch": SHA}),
+        ("aws", {"region": "us-gov-west-1"}),
+        ("aws", {"instance_types": ("p4d.24xlarge", "g6e.xlarge")}),
+        ("aws", {"subnet_id": "subnet-0abc", "security_group_ids": ("sg-0abc", "sg-1def")}),
+        ("mlflow", {"tracking_uri": "http://127.0.0.1:5000"}),
+        ("training", {"repo_url": "ssh://git@github.com/acme/repo.git"}),
+        ("training", {"repo_url": "git://127.0.0.1:9418/proj.git"}),
+        ("training", {"repo_url": "file:///srv/git/proj.git"}),
+        ("training", {"data_uri": "/data/hurricane"}),
+        ("training", {"data_uri": "file:///data/hurricane.zip"}),
+        ("training", {"data_uri": "synthetic://?train_per_class=40&size=64"}),
+        ("training", {"extra_params": {"max_images": "100", "note": "a b; c"}}),
+    ],
+)
+def test_good_values_pass(defaults: Settings, section: str, changes: dict[str, Any]) -> None:
+    validate(with_changes(defaults, section, **changes))
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/prefix/", "synthetic://", "relative/folder", "file:///x.zip"])
+def test_validate_data_uri_accepts(uri: str) -> None:
+    validate_data_uri(uri)
+
+
+# ---- git refs
+
+
+@pytest.mark.parametrize("ref", ["main", "feature/x-1.2", "v1.0.0", "release_2024", SHA, "abc1234", " main "])
+def test_validate_git_ref_accepts(ref: str) -> None:
+    assert validate_git_ref(ref) == ref.strip()
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        *["; rm -rf /", "a..b", "-x", "has space", "$(id)", "`id`", "a|b", "main/", "x.lock", "a//b", ".hidden"],
+        *["/abs", "main\nnext", "a" * 256],
+    ],
+)
+def test_validate_git_ref_refuses(ref: str) -> None:
+    with pytest.raises(ConfigError, match=r"^the_ref: git ref .* is not a valid branch, tag or sha: use letters"):
+        validate_git_ref(ref, "the_ref")
+
+
+def test_validate_git_ref_refuses_empty() -> None:
+    with pytest.raises(ConfigError, match=r"^git_ref: git ref is empty: give a branch name"):
+        validate_git_ref("  ")
+
+
+# ---- derived values and round trip
+
+
+@pytest.mark.parametrize(
+    ("api_url", "expected"),
+    [
+        ("https://api.github.com", "https://github.com"),
+        ("https://api.github.com/", "https://github.com"),
+        ("https://ghe.example.com/api/v3", "https://ghe.example.com"),
+        ("http://127.0.0.1:8123", "http://127.0.0.1:8123"),
+    ],
+)
+def test_html_base_url(api_url: str, expected: str) -> None:
+    assert html_base_url(api_url) == expected
+
+
+def test_training_repo_url_is_derived_from_github(defaults: Settings) -> None:
+    assert defaults.training_repo_url == "https://github.com/your-org/ec2-trainer.git"
+    ghe = with_changes(defaults, "github", api_url="https://ghe.example.com/api/v3", repo="acme/cnn")
+    assert ghe.training_repo_url == "https://ghe.example.com/acme/cnn.git"
+
+
+def test_training_repo_url_explicit_wins(defaults: Settings) -> None:
+    explicit = with_changes(defaults, "training", repo_url="git://127.0.0.1:9418/proj.git")
+    assert explicit.training_repo_url == "git://127.0.0.1:9418/proj.git"
+
+
+def test_to_dict_from_dict_round_trip_through_json() -> None:
+    settings = load_settings(
+        {"instance_types": ["g5.xlarge"], "spot": True},
+        env={"TRAINER__TRAINING__EXTRA_PARAMS": "max_images=10", "TRAINER__AWS__SECURITY_GROUP_IDS": "sg-1"},
+    )
+    data = json.loads(json.dumps(settings.to_dict()))
+    assert Settings.from_dict(data) == settings
+
+
+def test_from_dict_names_missing_and_unknown_keys(defaults: Settings) -> None:
+    data = defaults.to_dict()
+    del data["aws"]["region"]
+    with pytest.raises(ConfigError, match=r"^aws\.region: missing setting"):
+        Settings.from_dict(data)
+    data = defaults.to_dict()
+    data["mlflow"]["surprise"] = 1
+    with pytest.raises(ConfigError, match=r"^mlflow: unknown keys \['surprise'\]"):
+        Settings.from_dict(data)
+    with pytest.raises(ConfigError, match=r"^github: expected a table of settings"):
+        Settings.from_dict({**defaults.to_dict(), "github": "acme/repo"})

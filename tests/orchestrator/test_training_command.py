@@ -1,0 +1,156 @@
+"""orchestrator.training_command: the `mlflow run` argv and what MLflow's own output tells about the run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from orchestrator.settings import Settings, load_settings
+from orchestrator.training_command import TrainingCommand, mlflow_run_url, parse_mlflow_run_id, training_command
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+RUN_ID = "5d2c6e0b9a1f4c3e8b7a6d5c4b3a2f10"
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return load_settings(
+        {"epochs": 3, "batch_size": 32, "learning_rate": 0.0005, "model": "seed", "data_uri": "s3://bucket/data/"},
+        env={"TRAINER__TRAINING__EXTRA_PARAMS": "max_images=100,image_size=64"},
+    )
+
+
+def test_argv_shape() -> None:
+    command = TrainingCommand(
+        repo_url="git://127.0.0.1:9418/proj.git",
+        git_sha=SHA,
+        entry_point="main",
+        experiment="hurricane-damage",
+        params={"z": "1", "a": "2"},
+    )
+    assert command.argv() == [
+        "mlflow",
+        "run",
+        "git://127.0.0.1:9418/proj.git",
+        "--version",
+        SHA,
+        "--entry-point",
+        "main",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "hurricane-damage",
+        "-P",
+        "a=2",
+        "-P",
+        "z=1",
+    ]
+
+
+def test_no_params_no_flags() -> None:
+    argv = TrainingCommand("https://github.com/o/r.git", SHA, "main", "exp").argv()
+    assert "-P" not in argv
+    assert argv[-2:] == ["--experiment-name", "exp"]
+
+
+def test_params_come_from_settings_with_extra_params(settings: Settings) -> None:
+    command = training_command(settings, SHA)
+    assert command.repo_url == "https://github.com/your-org/ec2-trainer.git"
+    assert command.git_sha == SHA
+    assert command.entry_point == "main"
+    assert command.experiment == "hurricane-damage"
+    assert dict(command.params) == {
+        "epochs": "3",
+        "batch_size": "32",
+        "learning_rate": "0.0005",
+        "model": "seed",
+        "data_uri": "s3://bucket/data/",
+        "max_images": "100",
+        "image_size": "64",
+    }
+    argv = command.argv()
+    flags = [argv[n + 1] for n, arg in enumerate(argv) if arg == "-P"]
+    assert flags == sorted(flags)
+    assert len(flags) == 7
+
+
+def test_learning_rate_keeps_full_precision(settings: Settings) -> None:
+    tiny = dataclasses.replace(settings, training=dataclasses.replace(settings.training, learning_rate=1e-7))
+    assert training_command(tiny, SHA).params["learning_rate"] == "1e-07"
+    assert float(training_command(tiny, SHA).params["learning_rate"]) == 1e-7
+
+
+def test_extra_params_can_override_a_knob(settings: Settings) -> None:
+    training = dataclasses.replace(settings.training, extra_params={"epochs": "9"})
+    assert training_command(dataclasses.replace(settings, training=training), SHA).params["epochs"] == "9"
+
+
+def test_explicit_repo_url_is_used(settings: Settings) -> None:
+    training = dataclasses.replace(settings.training, repo_url="git://127.0.0.1:9418/proj.git")
+    command = training_command(dataclasses.replace(settings, training=training), SHA)
+    assert command.argv()[2] == "git://127.0.0.1:9418/proj.git"
+
+
+@pytest.mark.parametrize("value", ["a b c", "x; rm -rf /", "$(id)", 'it\'s "quoted"', "a=b=c"])
+def test_a_value_stays_one_argv_element(value: str) -> None:
+    argv = TrainingCommand("https://github.com/o/r.git", SHA, "main", "exp", {"note": value}).argv()
+    assert argv[-2:] == ["-P", f"note={value}"]
+    assert argv.count("-P") == 1
+
+
+def test_experiment_with_spaces_stays_one_element() -> None:
+    argv = TrainingCommand("https://github.com/o/r.git", SHA, "main", "my experiment; id").argv()
+    assert argv[argv.index("--experiment-name") + 1] == "my experiment; id"
+
+
+# What `mlflow run` prints to stderr (merged into the job log), as seen with MLflow 3.17.
+RUNNING_LINE = (
+    f"2025/01/01 12:00:00 INFO mlflow.projects.backend.local: === Running command 'source /opt/env.sh && "
+    f"python -m remote.train --epochs 3' in run with ID '{RUN_ID}' === "
+)
+SUCCEEDED_LINE = f"2025/01/01 12:05:00 INFO mlflow.projects: === Run (ID '{RUN_ID}') succeeded ==="
+FAILED_LINE = f"2025/01/01 12:05:00 ERROR mlflow.cli: === Run (ID '{RUN_ID}') failed ==="
+
+
+@pytest.mark.parametrize(
+    "log_text",
+    [
+        f"2025/01/01 INFO mlflow.projects.utils: === Fetching project from git://x ===\n{RUNNING_LINE}\nEpoch 1/3\n",
+        f"Epoch 3/3\n{SUCCEEDED_LINE}\n",
+        f"Traceback ...\n{FAILED_LINE}\n",
+        f"{RUNNING_LINE}\n{SUCCEEDED_LINE}\n",
+    ],
+)
+def test_parse_mlflow_run_id(log_text: str) -> None:
+    assert parse_mlflow_run_id(log_text) == RUN_ID
+
+
+def test_running_line_wins_over_a_later_end_line() -> None:
+    other = "f" * 32
+    text = f"{RUNNING_LINE}\n=== Run (ID '{other}') succeeded ===\n"
+    assert parse_mlflow_run_id(text) == RUN_ID
+
+
+@pytest.mark.parametrize(
+    "log_text",
+    [
+        "",
+        "Epoch 1/3 loss 0.5\n",
+        "=== Running command 'x' in run with ID 'not-a-run-id' ===",
+        f"=== Run (ID '{RUN_ID}') is still going ===",
+        f"=== Run (ID '{RUN_ID[:-1]}') succeeded ===",
+    ],
+)
+def test_parse_mlflow_run_id_none(log_text: str) -> None:
+    assert parse_mlflow_run_id(log_text) is None
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "http://127.0.0.1:5000/"])
+def test_mlflow_run_url(uri: str) -> None:
+    assert mlflow_run_url(uri, "3", RUN_ID) == f"http://127.0.0.1:5000/#/experiments/3/runs/{RUN_ID}"
+
+
+def test_mlflow_run_url_keeps_a_path_prefix() -> None:
+    url = mlflow_run_url("https://mlflow.example.com/tracking", "7", RUN_ID)
+    assert url == f"https://mlflow.example.com/tracking/#/experiments/7/runs/{RUN_ID}"
