@@ -86,7 +86,7 @@ class RemoteTrainingOperator(BaseOperator):
     def execute(self, context: Context) -> str:
         from orchestrator.connections import mlflow_credentials
         from orchestrator.pipeline import settings_of
-        from orchestrator.remote_job import RemoteJobError
+        from orchestrator.remote_job import RemoteJobError, RemoteJobLostError
         from orchestrator.tracking import credentials_in_env, experiment_id_of
         from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, training_command
 
@@ -110,9 +110,12 @@ class RemoteTrainingOperator(BaseOperator):
                 lambda line: self.log.info("train | %s", line), timeout_s=s.training.timeout_minutes * 60
             )
             run_id = parse_mlflow_run_id(job.read_log())
-        except RemoteJobError:
+        except RemoteJobError as exc:
             # A job that vanished without an exit code often means the instance itself went away: say which.
             self._fail_if_instance_gone()
+            if isinstance(exc, RemoteJobLostError):
+                # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
+                raise AirflowFailException(f"{exc} A task retry cannot restart it: trigger a new DAG run.") from None
             raise
         finally:
             job.close()

@@ -385,7 +385,7 @@ class RemoteJob:
         raise RemoteJobLostError(
             f"Remote job {self.paths.job_dir} has no running process and no exit code after "
             f"{self._lost_grace_s:.0f}s: it was killed (e.g. -9 or out of memory) or the instance rebooted. "
-            f"Read {self.paths.log} on the instance, then clear the task to run it again."
+            f"Read {self.paths.log} on the instance for its last lines."
         )
 
     def _reconnect_after(self, exc: BaseException, failures: int) -> None:

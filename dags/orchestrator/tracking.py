@@ -110,10 +110,10 @@ def evaluate_and_promote(
     decision = decide_promotion(value, threshold, champion_value, greater_is_better=greater_is_better)
     version: str | None = None
     if decision.promote:
-        import mlflow
+        with _global_tracking_uri(tracking_uri):
+            import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri)
-        registered = mlflow.register_model(f"runs:/{run_id}/{model_artifact}", model_name)
+            registered = mlflow.register_model(f"runs:/{run_id}/{model_artifact}", model_name)
         version = str(registered.version)
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
         log.info(
@@ -128,6 +128,23 @@ def evaluate_and_promote(
     client.set_tag(run_id, "ec2_trainer.promotion", "promoted" if decision.promote else "not_promoted")
     client.set_tag(run_id, "ec2_trainer.promotion_reason", decision.reason)
     return EvaluationResult(run_id, metric, value, champion_value, decision.promote, decision.reason, version)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """`mlflow.register_model` only uses the process-wide tracking URI: set it for the call, then put it back."""
+    import mlflow
+
+    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:

@@ -318,6 +318,7 @@ def test_host_answering_with_another_key_is_refused(
     """A man in the middle at the instance's address: refused with a clear error before any login or command."""
     import embedded.cloud
     from orchestrator.hostkeys import generate_host_key
+    from orchestrator.remote_job import job_key
 
     genuine = embedded.cloud.LoopbackSshd
     impostors: list[Any] = []
@@ -338,5 +339,5 @@ def test_host_answering_with_another_key_is_refused(
     assert "possible man-in-the-middle" in log
     assert impostors, "the impostor server never started"
     assert "Accepted publickey" not in impostors[0].read_log(), "the client must not even authenticate"
-    assert not list((env.state_dir / "jobs").glob("*")), "no job may have been started"
+    assert not (env.state_dir / "jobs" / job_key(dag_run.dag_id, dag_run.run_id)).exists(), "no job may start"
     assert_all_terminated(env, dag_run, 1)

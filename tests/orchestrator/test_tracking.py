@@ -86,14 +86,19 @@ def test_credentials_in_env_without_credentials_changes_nothing(monkeypatch: pyt
 
 
 @pytest.fixture
-def tracking_uri(mlflow_server: MlflowServer) -> Iterator[str]:
+def tracking_uri(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     import mlflow
+    from mlflow.tracking import fluent
 
+    # set_tracking_uri and set_experiment also write MLFLOW_* variables: monkeypatch restores them afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_server.url)
     mlflow.set_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
     yield mlflow_server.url
     mlflow.set_tracking_uri(previous)
+    fluent._active_experiment_id = None
 
 
 @pytest.fixture

@@ -5,67 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
+
+from embedded.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DATA = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&test_another_damage=8&test_another_no_damage=2&size=64"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    base = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'db.sqlite'}",
-            "--artifacts-destination",
-            str(base / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the MLflow server did not answer /health within 60 s")
-            time.sleep(0.3)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def tracking_uri(mlflow_server: MlflowServer) -> str:
+    return mlflow_server.url
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +36,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(tracking_uri: str, cache: Path) -> dict[str, str]:
+    # Only this test's MLflow settings: an experiment or run id left in the environment would redirect the job.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return {
-        **os.environ,
+        **inherited,
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": tracking_uri,
         "XDG_CACHE_HOME": str(cache),

@@ -1,0 +1,144 @@
+"""Helpers of the fault-injection suite: where secrets could leak, what a run left running, faults timed to a job."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from embedded.cloud import EmulatedInstance
+from embedded.stack import EmbeddedStack
+from tests.dags.test_training_dag import stored_task_outputs
+from tests.pipeline_fixtures import instances_of
+
+# Long enough for a cold `mlflow run` to reach its first epoch on a busy 2-core machine.
+JOB_WAIT_S = 240.0
+
+
+def instances_left(stack: EmbeddedStack, dag_run: Any) -> int:
+    """How many of the run's instances are not terminated."""
+    return sum(1 for i in instances_of(stack, dag_run).values() if i["State"]["Name"] != "terminated")
+
+
+def secrets_found(planted: Mapping[str, str], stack: EmbeddedStack, dag_run: Any, task_log: str) -> int:
+    """Occurrences of the planted values in the task log, XComs, rendered fields and every instance's user-data."""
+    ec2 = stack.cloud.client("ec2")
+    places = [task_log, stored_task_outputs(dag_run)]
+    for instance_id in instances_of(stack, dag_run):
+        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        places.append(base64.b64decode(attr["UserData"]["Value"]).decode())
+    return sum(text.count(value) for value in planted.values() for text in places)
+
+
+def output(capfd: Any, caplog: Any) -> str:
+    """What the run logged. Task loggers write through Airflow's structlog to stdout/stderr (caught by capfd only
+    when Airflow set its logging up after capfd started); module loggers reach the root logger (caplog)."""
+    captured = capfd.readouterr()
+    return str(captured.out + captured.err + caplog.text)
+
+
+class OnTraining:
+    """Runs `action(job_dir)` once, in a thread, as soon as a job started after this object logs its first epoch."""
+
+    def __init__(self, stack: EmbeddedStack, action: Callable[[Path], Any]) -> None:
+        self._jobs = stack.state_dir / "jobs"
+        self._before = {p.name for p in self._jobs.glob("*")}
+        self._action = action
+        self.job_dir: Path | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fault-on-training", daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + JOB_WAIT_S
+        while time.monotonic() < deadline:
+            for log in self._jobs.glob("*/output.log"):
+                if log.parent.name not in self._before and "epoch" in log.read_text(errors="replace"):
+                    self.job_dir = log.parent
+                    try:
+                        self.result = self._action(log.parent)
+                    except BaseException as exc:  # handed to the test thread by __exit__
+                        self.error = exc
+                    return
+            time.sleep(0.2)
+
+    def __enter__(self) -> OnTraining:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(timeout=60)
+        if self.error is not None:
+            raise self.error
+        if self.job_dir is None:
+            raise AssertionError("the fault was never injected: no new job logged an epoch")
+
+
+def job_group(job_dir: Path) -> int:
+    """The job's process-group id (the wrapper writes its pid, the group leader's, there)."""
+    return int((job_dir / "pid").read_text().strip())
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int]:
+    """(parent pid, process group, session) of a process."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(_proc_stat(int(entry.name))[0], []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def live_instance(stack: EmbeddedStack) -> EmulatedInstance:
+    live = [i for i in stack.cloud.instances.values() if i.powered_off_at is None and i.sshd is not None]
+    if len(live) != 1:
+        raise AssertionError(f"expected one live emulated instance, found {[i.instance_id for i in live]}")
+    return live[0]
+
+
+def drop_ssh(stack: EmbeddedStack, job_dir: Path, down_s: float = 1.0) -> int:
+    """Restart the instance's sshd and kill its established sessions; the detached job itself is left alone.
+
+    Stopping the listener alone would not drop a connection (each session is its own process), so the sessions are
+    killed too. Returns how many session processes were killed.
+    """
+    inst = live_instance(stack)
+    assert inst.sshd is not None
+    listener = int((inst.root / "sshd" / "sshd.pid").read_text().strip())
+    group = job_group(job_dir)
+    sessions = []
+    for pid in _descendants(listener):
+        with contextlib.suppress(OSError):
+            if group not in _proc_stat(pid)[1:]:
+                sessions.append(pid)
+    inst.sshd.stop()
+    for pid in sessions:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(down_s)
+    inst.sshd.start()
+    return len(sessions)
+
+
+def kill_job(job_dir: Path) -> int:
+    """SIGKILL the job's whole process group, wrapper included: it can record no exit code (like an OOM kill)."""
+    group = job_group(job_dir)
+    os.killpg(group, signal.SIGKILL)
+    return group

@@ -1,0 +1,81 @@
+"""Boot faults at unit level (a whole DAG run would wait at least a minute): an sshd that never answers, a
+bootstrap that never writes its marker. Both waits must end at their deadline with a message that says what to do."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from pathlib import Path
+
+import pytest
+
+from embedded.process import free_port
+from orchestrator.ssh import BootstrapTimeoutError, SshTarget, SshTimeoutError, wait_for_bootstrap, wait_for_ssh
+from tests.faults.conftest import FaultTable
+from tests.sshd_fixtures import SshKeyPair
+
+pytestmark = pytest.mark.slow
+
+
+def key_lines(pair: SshKeyPair) -> list[str]:
+    """The private key's body lines: none may appear in a message or a log."""
+    return [line for line in pair.private_pem.splitlines() if line and not line.startswith("-----")]
+
+
+def test_sshd_never_answering_times_out(
+    ssh_host_keypair: SshKeyPair,
+    ssh_client_keypair: SshKeyPair,
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    closed = SshTarget(
+        host="127.0.0.1",
+        port=free_port(),
+        user=getpass.getuser(),
+        host_public_key=ssh_host_keypair.public_line,
+        private_key_pem=ssh_client_keypair.private_pem,
+    )
+    started = time.monotonic()
+    with pytest.raises(SshTimeoutError, match=r"did not accept a login within 2s") as raised:
+        wait_for_ssh(closed, timeout_s=2, poll_s=0.2, connect_timeout_s=1)
+    elapsed = time.monotonic() - started
+
+    message = str(raised.value)
+    assert "security group allows port" in message
+    assert elapsed < 5, f"a 2 s wait took {elapsed:.1f} s"
+    leaks = sum((message + caplog.text).count(line) for line in key_lines(ssh_client_keypair))
+    assert leaks == 0
+    fault_table.record(
+        "unit: wait_for_ssh on a closed port, 2 s",
+        "SshTimeoutError with a clear message",
+        f"SshTimeoutError after {elapsed:.1f} s: 'did not accept a login ... check the security group'",
+        0,
+        leaks,
+    )
+
+
+def test_bootstrap_never_writing_its_marker_times_out(
+    ssh_target: SshTarget,
+    remote_state_dir: Path,
+    ssh_client_keypair: SshKeyPair,
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    (remote_state_dir / "bootstrap.log").write_text("installing packages\n")
+    started = time.monotonic()
+    with pytest.raises(BootstrapTimeoutError, match=r"wrote no marker .* within 2s") as raised:
+        wait_for_bootstrap(ssh_target, str(remote_state_dir), timeout_s=2, poll_s=0.2)
+    elapsed = time.monotonic() - started
+
+    message = str(raised.value)
+    assert "installing packages" in message, "the bootstrap log's tail belongs in the message"
+    assert elapsed < 8, f"a 2 s wait took {elapsed:.1f} s"
+    leaks = sum((message + caplog.text).count(line) for line in key_lines(ssh_client_keypair))
+    assert leaks == 0
+    fault_table.record(
+        "unit: wait_for_bootstrap, no marker, 2 s",
+        "BootstrapTimeoutError with the log tail",
+        f"BootstrapTimeoutError after {elapsed:.1f} s, tail of bootstrap.log included",
+        0,
+        leaks,
+    )

@@ -1,0 +1,198 @@
+"""GitHub faults: 5xx bursts and rate limits are waited out; malformed answers, commits with no runs and re-runs are
+decided clearly.
+
+The burst runs the whole training DAG; the other cases need only the CI gate, so they run the gate's test DAG
+(tests/dag_fixtures/ci_gate_test_dag.py, no retries) against the same GitHub stand-in: nothing can be launched there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedded.stack import GITHUB_REPO, EmbeddedStack
+from tests.faults.conftest import FaultTable
+from tests.faults.support import instances_left, output, secrets_found
+from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+
+pytestmark = pytest.mark.slow
+
+GREEN = [{"name": "CI", "status": "completed", "conclusion": "success"}]
+# The client's back-off before each retry of a 5xx: 2 s, 4 s, 8 s.
+BURST_BACKOFF_S = 2 + 4 + 8
+
+
+@pytest.fixture
+def gate(env: EmbeddedStack, dags_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The CI gate's test DAG, pointed at the embedded stack's GitHub stand-in."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("AIRFLOW_VAR_CI_GATE_TEST_API_URL", env.github_url)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps({"conn_type": "http", "password": env.github_token})
+    )
+    bag = DagBag(dag_folder=str(dags_folder / "ci_gate_test_dag.py"))
+    assert not bag.import_errors
+    return bag.get_dag("ci_gate_test")
+
+
+@pytest.fixture
+def scripted(env: EmbeddedStack, sha: str) -> Any:
+    """The stand-in's runs for HEAD, restored to one green run afterwards (other tests train HEAD)."""
+    yield env.github
+    env.github.set_runs(sha, GREEN)
+
+
+def log_leaks(planted: dict[str, str], log: str) -> int:
+    return sum(log.count(value) for value in planted.values())
+
+
+def test_5xx_burst_and_rate_limit_are_waited_out(
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    commits = f"/repos/{GITHUB_REPO}/commits/{sha}"
+    before = env.github.request_count(commits)
+    env.github.fail_next(3, 502)
+
+    def rate_limit_after_the_first_502() -> None:
+        # Timed from the burst's first request, the reset falls about 2 s after the burst's back-off ends.
+        deadline = time.monotonic() + 120
+        while env.github.request_count(commits) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env.github.rate_limit_next(BURST_BACKOFF_S + 2)
+
+    limiter = threading.Thread(target=rate_limit_after_the_first_502, daemon=True)
+    limiter.start()
+    dag_run = run_dag(git_ref=sha)
+    limiter.join(timeout=5)
+    log = output(capfd, caplog)
+
+    states = task_states(dag_run)
+    assert dag_run.state == "success", states
+    assert set(states.values()) == {"success"}
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["ci_gate"].try_number == 1, "the client waits the faults out inside one try"
+    assert env.github.request_count(commits) - before == 5  # 3 x 502, 1 x 403, then the answer
+    assert set(re.findall(r"HTTP 502 on GET \S+; retry (\d+)/", log)) == {"1", "2", "3"}
+    waits = sorted(set(re.findall(r"rate limited \(HTTP 403\) on GET \S+; retry \d+/\d+ in ([\d.]+) s", log)))
+    assert len(waits) == 1, f"the rate limit was not logged once: {waits}"
+    assert 1.0 <= float(waits[0]) <= 5.0, f"waited {waits[0]} s for a reset ~2 s away"
+    assert_all_terminated(env, dag_run, 1)
+    leaks = secrets_found(planted, env, dag_run, log)
+    assert leaks == 0
+    fault_table.record(
+        "GitHub 502 x3 then rate limit (DAG)",
+        "gate retries, waits for the reset, run succeeds",
+        f"3 retries (2+4+8 s back-off), waited {float(waits[0]):.1f} s for the reset; ci_gate try 1; run success",
+        instances_left(env, dag_run),
+        leaks,
+    )
+
+
+def test_malformed_answer_fails_the_gate_clearly(
+    env: EmbeddedStack,
+    gate: Any,
+    sha: str,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    env.github.malformed_next()
+    dag_run = gate.test(run_conf={"git_ref": sha})
+    log = output(capfd, caplog)
+
+    assert dag_run.state == "failed"
+    assert task_states(dag_run) == {"ci_gate": "failed"}
+    assert "GitHub API returned malformed JSON" in log
+    assert "check that api_url points at the GitHub REST API" in log
+    assert_all_terminated(env, dag_run, 0)
+    leaks = log_leaks(planted, log)
+    assert leaks == 0
+    fault_table.record(
+        "GitHub answers malformed JSON (gate DAG)",
+        "clear error, gate fails (task retries decide), nothing launched",
+        "ci_gate failed: 'returned malformed JSON ... check api_url'; 0 instances",
+        instances_left(env, dag_run),
+        leaks,
+    )
+
+
+def test_commit_without_workflow_runs_fails_after_the_no_runs_timeout(
+    env: EmbeddedStack,
+    gate: Any,
+    sha: str,
+    scripted: Any,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    scripted.set_runs(sha, [])
+    started = time.monotonic()
+    dag_run = gate.test(run_conf={"git_ref": sha, "no_runs_timeout_s": 2})
+    elapsed = time.monotonic() - started
+    log = output(capfd, caplog)
+
+    assert dag_run.state == "failed"
+    assert task_states(dag_run) == {"ci_gate": "failed"}
+    assert "no GitHub Actions workflow run appeared for this commit" in log
+    assert elapsed < 30, f"the 2 s no-runs timeout took {elapsed:.0f} s"
+    assert_all_terminated(env, dag_run, 0)
+    leaks = log_leaks(planted, log)
+    assert leaks == 0
+    fault_table.record(
+        "commit with no workflow runs (gate DAG, 2 s)",
+        "fails 'no workflow run', nothing launched",
+        f"ci_gate deferred, failed after {elapsed:.0f} s: 'no ... workflow run appeared'",
+        instances_left(env, dag_run),
+        leaks,
+    )
+
+
+def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
+    env: EmbeddedStack,
+    gate: Any,
+    sha: str,
+    scripted: Any,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    scripted.set_runs(
+        sha,
+        [
+            {"id": 4242, "workflow_id": 7, "run_attempt": 1, "status": "completed", "conclusion": "failure"},
+            {"id": 4242, "workflow_id": 7, "run_attempt": 2, "status": "completed", "conclusion": "success"},
+        ],
+    )
+    dag_run = gate.test(run_conf={"git_ref": sha})
+    log = output(capfd, caplog)
+
+    assert dag_run.state == "success", task_states(dag_run)
+    assert dag_run.get_task_instance("ci_gate").xcom_pull(task_ids="ci_gate") == sha
+    assert "CI gate passed: all 1 workflow(s) passed" in log
+    assert "(attempt 2): completed/success" in log
+    assert "(attempt 1)" not in log, "the failed first attempt must not decide"
+    assert_all_terminated(env, dag_run, 0)
+    leaks = log_leaks(planted, log)
+    assert leaks == 0
+    fault_table.record(
+        "workflow re-run: attempt 1 failed, 2 passed (gate DAG)",
+        "latest attempt decides: gate passes",
+        "ci_gate success on attempt 2; attempt 1 ignored",
+        instances_left(env, dag_run),
+        leaks,
+    )

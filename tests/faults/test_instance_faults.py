@@ -1,0 +1,141 @@
+"""Faults while the job trains on the instance: a dropped SSH connection, the job killed, the MLflow server down.
+
+Each fault is injected from a thread as soon as the run's job logs its first epoch, while the DAG run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from embedded.stack import EmbeddedStack
+from tests.faults.conftest import FaultTable
+from tests.faults.support import OnTraining, drop_ssh, instances_left, kill_job, output, secrets_found
+from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+
+pytestmark = pytest.mark.slow
+
+# Enough epochs of the tiny data set that the job is still training when the fault hits.
+EPOCHS = 30
+MLFLOW_DOWN_S = 10.0
+
+
+def test_ssh_dropped_mid_training_reconnects_to_the_same_job(
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    with OnTraining(env, lambda job_dir: drop_ssh(env, job_dir)) as fault:
+        dag_run = run_dag(git_ref=sha, epochs=EPOCHS)
+    log = output(capfd, caplog)
+
+    states = task_states(dag_run)
+    assert dag_run.state == "success", states
+    assert set(states.values()) == {"success"}
+    assert fault.result >= 1, "no SSH session was dropped"
+    assert "reconnecting in" in log, "the train task did not log a reconnect"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["train"].try_number == 1, "reconnected inside the try, not by a task retry"
+    assert fault.job_dir is not None
+    assert (fault.job_dir / "started.lock").is_dir()
+    assert (fault.job_dir / "exit_code").read_text().strip() == "0"
+    assert (fault.job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
+    assert f"train | epoch {EPOCHS}/{EPOCHS}" in log, "the stream went on to the end"
+    assert_all_terminated(env, dag_run, 1)
+    leaks = secrets_found(planted, env, dag_run, log)
+    assert leaks == 0
+    fault_table.record(
+        "SSH dropped mid-training (sshd restarted, sessions killed)",
+        "train reconnects, streams to the end; one job; run succeeds",
+        f"{fault.result} session processes killed; reconnect logged; 1 job, exit 0; train try 1; run success",
+        instances_left(env, dag_run),
+        leaks,
+    )
+
+
+def test_job_killed_on_the_instance_fails_the_run_and_terminates(
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    with OnTraining(env, kill_job) as fault:
+        dag_run = run_dag(git_ref=sha, epochs=EPOCHS * 10)
+    log = output(capfd, caplog)
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["train"] == "failed"
+    assert states["evaluate"] == "upstream_failed"
+    assert states["terminate"] == "success"
+    assert "no running process and no exit code" in log
+    assert "A task retry cannot restart it: trigger a new DAG run." in log
+    assert fault.job_dir is not None
+    assert not (fault.job_dir / "exit_code").exists(), "the killed wrapper cannot have written one"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["train"].try_number == 1, "a lost job is final: a retry would re-attach to the same dead job"
+    assert_all_terminated(env, dag_run, 1)
+    leaks = secrets_found(planted, env, dag_run, log)
+    assert leaks == 0
+    fault_table.record(
+        "training job's process group SIGKILLed",
+        "train fails clearly, run fails, instance terminated",
+        "train failed at once, no retry: 'no running process and no exit code ... trigger a new DAG run'; "
+        "terminate ran; run failed",
+        instances_left(env, dag_run),
+        leaks,
+    )
+
+
+def test_mlflow_down_for_a_while_is_retried_by_the_job(
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    from mlflow import MlflowClient
+
+    def outage(job_dir: Path) -> float:
+        env.mlflow.stop()
+        stopped = time.monotonic()
+        try:
+            time.sleep(MLFLOW_DOWN_S)
+        finally:
+            env.mlflow.start()  # same port: the job's tracking URI stays valid
+        return time.monotonic() - stopped
+
+    with OnTraining(env, outage) as fault:
+        dag_run = run_dag(git_ref=sha, epochs=EPOCHS)
+    log = output(capfd, caplog)
+
+    states = task_states(dag_run)
+    assert dag_run.state == "success", states
+    assert set(states.values()) == {"success"}
+    assert fault.job_dir is not None
+    job_log = (fault.job_dir / "output.log").read_text(errors="replace")
+    retried = job_log.count("Retrying (")
+    assert retried >= 1, "the job never met the outage: it must have been calling MLflow while it was down"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    run_id = tis["train"].xcom_pull(task_ids="train")
+    run = MlflowClient(env.mlflow.url).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics.get("test_accuracy") is not None
+    assert_all_terminated(env, dag_run, 1)
+    leaks = secrets_found(planted, env, dag_run, log)
+    assert leaks == 0
+    fault_table.record(
+        f"MLflow server down ~{fault.result:.0f} s mid-training",
+        "the job's MLflow client retries; run succeeds",
+        f"{retried} client retries in the job log; MLflow run FINISHED with metrics; run success",
+        instances_left(env, dag_run),
+        leaks,
+    )
