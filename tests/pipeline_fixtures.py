@@ -6,6 +6,7 @@ restores it before it ends.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +38,25 @@ def sha() -> str:
     """The commit under test: the instance clones it from the git daemon, the GitHub stand-in answers for it."""
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+@pytest.fixture
+def planted(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Known secret values set in every connection the run uses; none may show up anywhere readable."""
+    secrets = {
+        "aws": "planted-aws-secret-key-0123456789",
+        "mlflow": "planted-mlflow-password-0123456789",
+        "github": env.github_token,
+        "ssh": env.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
+    }
+    aws = json.loads(env.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
+    aws.update(login="AKIAPLANTEDKEYID0000", password=secrets["aws"])
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        json.dumps({"conn_type": "http", "login": "trainer", "password": secrets["mlflow"]}),
+    )
+    return secrets
 
 
 def run_dag(**conf: Any) -> Any:

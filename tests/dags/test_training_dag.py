@@ -66,24 +66,9 @@ def stored_task_outputs(dag_run: Any) -> str:
 
 
 def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
-    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    env: EmbeddedStack, sha: str, planted: dict[str, str], capfd: pytest.CaptureFixture[str]
 ) -> None:
     from mlflow import MlflowClient
-
-    # Known values planted in every connection: none may show up anywhere a person or an attacker could read.
-    planted = {
-        "aws": "planted-aws-secret-key-0123456789",
-        "mlflow": "planted-mlflow-password-0123456789",
-        "github": env.github_token,
-        "ssh": env.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
-    }
-    aws = json.loads(env.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
-    aws.update(login="AKIAPLANTEDKEYID0000", password=planted["aws"])
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MLFLOW_DEFAULT",
-        json.dumps({"conn_type": "http", "login": "trainer", "password": planted["mlflow"]}),
-    )
 
     with ProcessListSampler() as processes:
         dag_run = run_dag(git_ref=sha)

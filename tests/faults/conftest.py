@@ -5,15 +5,12 @@ Set FAULT_TABLE_FILE to also write the table to a file (e.g. for a CI artifact).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Generator, Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import pytest
-
-from embedded.stack import EmbeddedStack
 
 TABLE_FILE_ENV = "FAULT_TABLE_FILE"
 TITLE = "Fault-injection suite"
@@ -62,25 +59,6 @@ def fault_table(request: pytest.FixtureRequest) -> Iterator[FaultTable]:
     if table.row is None:
         pytest.fail(f"{request.node.name} passed but recorded no row in the fault table")
     request.config.stash.setdefault(_ROWS, []).append(table.row)
-
-
-@pytest.fixture
-def planted(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Known secret values set in every connection the run uses; none may show up anywhere readable."""
-    secrets = {
-        "aws": "planted-aws-secret-key-0123456789",
-        "mlflow": "planted-mlflow-password-0123456789",
-        "github": env.github_token,
-        "ssh": env.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
-    }
-    aws = json.loads(env.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
-    aws.update(login="AKIAPLANTEDKEYID0000", password=secrets["aws"])
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MLFLOW_DEFAULT",
-        json.dumps({"conn_type": "http", "login": "trainer", "password": secrets["mlflow"]}),
-    )
-    return secrets
 
 
 def render_table(rows: list[FaultRow]) -> str:
