@@ -45,4 +45,9 @@ def dags_folder() -> Path:
     return _DAGS
 
 
-pytest_plugins = ["tests.sshd_fixtures", "tests.mlflow_fixtures", "tests.pipeline_fixtures"]
+pytest_plugins = [
+    "tests.sshd_fixtures",
+    "tests.mlflow_fixtures",
+    "tests.pipeline_fixtures",
+    "tests.github_fixtures",
+]

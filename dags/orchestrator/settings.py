@@ -192,7 +192,7 @@ def validate(s: Settings) -> None:
         f"a subset of {sorted(_CONCLUSIONS)} that includes 'success'",
     )
 
-    _check(bool(_REGION_RE.fullmatch(a.region)), "aws.region", a.region, "an AWS region such as us-east-1")
+    _check_match(_REGION_RE, a.region, "aws.region", "an AWS region such as us-east-1")
     _check(
         a.ami_ssm_parameter.startswith("/") and " " not in a.ami_ssm_parameter,
         "aws.ami_ssm_parameter",
@@ -224,39 +224,24 @@ def validate(s: Settings) -> None:
     _check_range(a.root_volume_gb, "aws.root_volume_gb", 8, 16384)
     _check_range(a.max_lifetime_minutes, "aws.max_lifetime_minutes", 10, 7 * 24 * 60)
     _check_range(a.launch_timeout_minutes, "aws.launch_timeout_minutes", 1, 120)
-    _check(bool(re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", a.project_tag)), "aws.project_tag", a.project_tag, "a short tag")
+    _check_match(r"[A-Za-z0-9_.:-]{1,64}", a.project_tag, "aws.project_tag", "a short tag")
 
-    _check(
-        bool(re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", i.ssh_user)),
-        "instance.ssh_user",
-        i.ssh_user,
-        "a Unix user",
-    )
+    _check_match(r"[a-z_][a-z0-9_-]{0,31}", i.ssh_user, "instance.ssh_user", "a Unix user")
     _check_range(i.ssh_port, "instance.ssh_port", 1, 65535)
     _check(i.address in ("public_ip", "private_ip"), "instance.address", i.address, "public_ip or private_ip")
-    _check(bool(_UNIX_PATH_RE.fullmatch(i.state_dir)), "instance.state_dir", i.state_dir, "an absolute path")
-    _check(bool(_UNIX_PATH_RE.fullmatch(i.python_bin)), "instance.python_bin", i.python_bin, "an absolute path")
+    _check_match(_UNIX_PATH_RE, i.state_dir, "instance.state_dir", "an absolute path")
+    _check_match(_UNIX_PATH_RE, i.python_bin, "instance.python_bin", "an absolute path")
     _check_range(i.ready_timeout_minutes, "instance.ready_timeout_minutes", 1, 240)
     _check_range(i.poll_seconds, "instance.poll_seconds", 0.1, 300)
 
     _check_url(m.tracking_uri, "mlflow.tracking_uri", ("http", "https"))
     _check(bool(m.experiment.strip()), "mlflow.experiment", m.experiment, "a non-empty experiment name")
-    _check(
-        bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", m.model_name)),
-        "mlflow.model_name",
-        m.model_name,
-        "a name",
-    )
-    _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", m.metric)), "mlflow.metric", m.metric, "a metric name")
+    _check_match(r"[A-Za-z0-9_.-]{1,128}", m.model_name, "mlflow.model_name", "a name")
+    _check_match(r"[A-Za-z0-9_.-]{1,128}", m.metric, "mlflow.metric", "a metric name")
 
     if t.repo_url:
         _check_url(t.repo_url, "training.repo_url", ("https", "http", "git", "ssh", "file"))
-    _check(
-        bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", t.entry_point)),
-        "training.entry_point",
-        t.entry_point,
-        "a name",
-    )
+    _check_match(r"[A-Za-z0-9_.-]{1,64}", t.entry_point, "training.entry_point", "a name")
     _check_range(t.epochs, "training.epochs", 1, 10_000)
     _check_range(t.batch_size, "training.batch_size", 1, 65_536)
     _check(0 < t.learning_rate <= 1, "training.learning_rate", t.learning_rate, "a number in (0, 1]")
@@ -264,12 +249,7 @@ def validate(s: Settings) -> None:
     validate_data_uri(t.data_uri)
     _check_range(t.timeout_minutes, "training.timeout_minutes", 1, 7 * 24 * 60)
     for key, value in t.extra_params.items():
-        _check(
-            bool(_PARAM_KEY_RE.fullmatch(key)),
-            "training.extra_params",
-            key,
-            "parameter names like max_images",
-        )
+        _check_match(_PARAM_KEY_RE, key, "training.extra_params", "parameter names like max_images")
         _check(
             isinstance(value, str) and len(value) <= 1024 and "\n" not in value,
             f"training.extra_params.{key}",
@@ -304,6 +284,10 @@ def validate_data_uri(uri: str) -> None:
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {value!r} is invalid; expected {expected}")
+
+
+def _check_match(pattern: str | re.Pattern[str], value: str, name: str, expected: str) -> None:
+    _check(bool(re.fullmatch(pattern, value)), name, value, expected)
 
 
 def _check_range(value: float, name: str, low: float, high: float) -> None:

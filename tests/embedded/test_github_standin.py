@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,24 +17,6 @@ import pytest
 from embedded.github_standin import GitHubStandIn
 
 REPO = "local/ec2-trainer"
-
-
-def make_repo(path: Path) -> str:
-    """A git repository with one commit on branch main; returns the commit sha."""
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
-    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
-    (path / "README").write_text("hello\n")
-    subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
-    subprocess.run(["git", "-C", str(path), "commit", "-q", "-m", "first"], check=True, env=env)
-    out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    path = tmp_path_factory.mktemp("repo")
-    return path, make_repo(path)
 
 
 @pytest.fixture

@@ -36,6 +36,25 @@ def secrets_found(planted: Mapping[str, str], stack: EmbeddedStack, dag_run: Any
     return sum(text.count(value) for value in planted.values() for text in places)
 
 
+def record_run(
+    table: Any,
+    scenario: str,
+    expected: str,
+    observed: str,
+    *,
+    stack: EmbeddedStack,
+    dag_run: Any,
+    planted: Mapping[str, str],
+    log: str,
+) -> None:
+    """Prove the run leaked no planted secret and left no instance running, then record its row."""
+    leaks = secrets_found(planted, stack, dag_run, log)
+    left = instances_left(stack, dag_run)
+    assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found"
+    assert left == 0, f"{left} instance(s) of the run are not terminated"
+    table.record(scenario, expected, observed, left, leaks)
+
+
 def output(capfd: Any, caplog: Any) -> str:
     """What the run logged. Task loggers write through Airflow's structlog to stdout/stderr (caught by capfd only
     when Airflow set its logging up after capfd started); module loggers reach the root logger (caplog)."""

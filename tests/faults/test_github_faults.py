@@ -18,7 +18,7 @@ import pytest
 
 from embedded.stack import GITHUB_REPO, EmbeddedStack
 from tests.faults.conftest import FaultTable
-from tests.faults.support import instances_left, output, secrets_found
+from tests.faults.support import output, record_run
 from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
@@ -47,10 +47,6 @@ def scripted(env: EmbeddedStack, sha: str) -> Any:
     """The stand-in's runs for HEAD, restored to one green run afterwards (other tests train HEAD)."""
     yield env.github
     env.github.set_runs(sha, GREEN)
-
-
-def log_leaks(planted: dict[str, str], log: str) -> int:
-    return sum(log.count(value) for value in planted.values())
 
 
 def test_5xx_burst_and_rate_limit_are_waited_out(
@@ -89,14 +85,15 @@ def test_5xx_burst_and_rate_limit_are_waited_out(
     assert len(waits) == 1, f"the rate limit was not logged once: {waits}"
     assert 1.0 <= float(waits[0]) <= 5.0, f"waited {waits[0]} s for a reset ~2 s away"
     assert_all_terminated(env, dag_run, 1)
-    leaks = secrets_found(planted, env, dag_run, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         "GitHub 502 x3 then rate limit (DAG)",
         "gate retries, waits for the reset, run succeeds",
         f"3 retries (2+4+8 s back-off), waited {float(waits[0]):.1f} s for the reset; ci_gate try 1; run success",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )
 
 
@@ -118,14 +115,15 @@ def test_malformed_answer_fails_the_gate_clearly(
     assert "GitHub API returned malformed JSON" in log
     assert "check that api_url points at the GitHub REST API" in log
     assert_all_terminated(env, dag_run, 0)
-    leaks = log_leaks(planted, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         "GitHub answers malformed JSON (gate DAG)",
         "clear error, gate fails (task retries decide), nothing launched",
         "ci_gate failed: 'returned malformed JSON ... check api_url'; 0 instances",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )
 
 
@@ -150,14 +148,15 @@ def test_commit_without_workflow_runs_fails_after_the_no_runs_timeout(
     assert "no GitHub Actions workflow run appeared for this commit" in log
     assert elapsed < 30, f"the 2 s no-runs timeout took {elapsed:.0f} s"
     assert_all_terminated(env, dag_run, 0)
-    leaks = log_leaks(planted, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         "commit with no workflow runs (gate DAG, 2 s)",
         "fails 'no workflow run', nothing launched",
         f"ci_gate deferred, failed after {elapsed:.0f} s: 'no ... workflow run appeared'",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )
 
 
@@ -187,12 +186,13 @@ def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
     assert "(attempt 2): completed/success" in log
     assert "(attempt 1)" not in log, "the failed first attempt must not decide"
     assert_all_terminated(env, dag_run, 0)
-    leaks = log_leaks(planted, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         "workflow re-run: attempt 1 failed, 2 passed (gate DAG)",
         "latest attempt decides: gate passes",
         "ci_gate success on attempt 2; attempt 1 ignored",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )

@@ -12,7 +12,7 @@ import pytest
 
 from embedded.stack import EmbeddedStack
 from tests.faults.conftest import FaultTable
-from tests.faults.support import OnTraining, drop_ssh, instances_left, kill_job, output, secrets_found
+from tests.faults.support import OnTraining, drop_ssh, kill_job, output, record_run
 from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
@@ -47,14 +47,15 @@ def test_ssh_dropped_mid_training_reconnects_to_the_same_job(
     assert (fault.job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
     assert f"train | epoch {EPOCHS}/{EPOCHS}" in log, "the stream went on to the end"
     assert_all_terminated(env, dag_run, 1)
-    leaks = secrets_found(planted, env, dag_run, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         "SSH dropped mid-training (sshd restarted, sessions killed)",
         "train reconnects, streams to the end; one job; run succeeds",
         f"{fault.result} session processes killed; reconnect logged; 1 job, exit 0; train try 1; run success",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )
 
 
@@ -82,15 +83,16 @@ def test_job_killed_on_the_instance_fails_the_run_and_terminates(
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["train"].try_number == 1, "a lost job is final: a retry would re-attach to the same dead job"
     assert_all_terminated(env, dag_run, 1)
-    leaks = secrets_found(planted, env, dag_run, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         "training job's process group SIGKILLed",
         "train fails clearly, run fails, instance terminated",
         "train failed at once, no retry: 'no running process and no exit code ... trigger a new DAG run'; "
         "terminate ran; run failed",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )
 
 
@@ -130,12 +132,13 @@ def test_mlflow_down_for_a_while_is_retried_by_the_job(
     assert run.info.status == "FINISHED"
     assert run.data.metrics.get("test_accuracy") is not None
     assert_all_terminated(env, dag_run, 1)
-    leaks = secrets_found(planted, env, dag_run, log)
-    assert leaks == 0
-    fault_table.record(
+    record_run(
+        fault_table,
         f"MLflow server down ~{fault.result:.0f} s mid-training",
         "the job's MLflow client retries; run succeeds",
         f"{retried} client retries in the job log; MLflow run FINISHED with metrics; run success",
-        instances_left(env, dag_run),
-        leaks,
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
     )

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from embedded.github_standin import GitHubStandIn
-from tests.embedded.test_github_standin import make_repo
+from tests.github_fixtures import make_repo
 
 REPO = "local/ec2-trainer"
 TOKEN = "ghs_ci_gate_test_token_456"

@@ -18,16 +18,9 @@ from orchestrator.github import (
     rate_limit_wait_s,
     validate_ref,
 )
-from tests.embedded.test_github_standin import make_repo
 
 REPO = "local/ec2-trainer"
 TOKEN = "ghp_test_token_value_123"
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    path = tmp_path_factory.mktemp("repo")
-    return path, make_repo(path)
 
 
 @pytest.fixture
