@@ -40,6 +40,7 @@ ACCOUNT_ID = "123456789012"  # moto's default account
 INSTANCE_MARKER_ENV = "EC2_TRAINER_EMULATED_INSTANCE"
 _LIVE = ("pending", "running")
 _OFF = ("shutting-down", "terminated", "stopping", "stopped")
+_RUNNING: LocalCloud | None = None
 
 
 @dataclass
@@ -95,6 +96,13 @@ class LocalCloud:
     def start(self) -> str:
         from moto.server import ThreadedMotoServer
 
+        global _RUNNING  # noqa: PLW0603 - moto's state is per process, so is the one cloud that emulates it
+        if _RUNNING is not None and _RUNNING is not self:
+            raise RuntimeError(
+                "a LocalCloud already runs in this process: moto keeps one EC2 state per process, so a second "
+                "cloud's emulator would boot the first one's instances too. Reuse the running cloud."
+            )
+        _RUNNING = self
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
@@ -114,6 +122,9 @@ class LocalCloud:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        global _RUNNING  # noqa: PLW0603
+        if _RUNNING is self:
+            _RUNNING = None
 
     def __enter__(self) -> LocalCloud:
         self.start()

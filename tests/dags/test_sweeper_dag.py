@@ -5,23 +5,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from embedded.cloud import LocalCloud
-from embedded.process import free_port
+from embedded.stack import EmbeddedStack
 from orchestrator.launch import expires_at_iso
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    workdir = tmp_path_factory.mktemp("sweeper-cloud")
-    with LocalCloud(workdir, ssh_port=free_port(), disk_root=workdir / "disk") as running:
-        yield running
+@pytest.fixture
+def cloud(stack: EmbeddedStack) -> LocalCloud:
+    """The session's cloud: moto keeps one EC2 state per process."""
+    return stack.cloud
 
 
 def launch(cloud: LocalCloud, tags: dict[str, str]) -> str:
@@ -59,16 +57,20 @@ def test_sweeper_terminates_only_expired_project_instances(
     other_project = launch(cloud, {"ec2-trainer:project": "someone-else", "ec2-trainer:expires_at": expires_at_iso(0)})
     untagged = launch(cloud, {"Name": "hand-launched"})
 
-    dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).dags["ec2_sweeper"]
-    dag_run = dag.test()
+    try:
+        dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).dags["ec2_sweeper"]
+        dag_run = dag.test()
 
-    assert dag_run.state == "success"
-    (ti,) = dag_run.get_task_instances()
-    assert ti.xcom_pull(task_ids=ti.task_id) == [expired]
-    states = {
-        i["InstanceId"]: i["State"]["Name"]
-        for r in cloud.client("ec2").describe_instances()["Reservations"]
-        for i in r["Instances"]
-    }
-    assert states[expired] == "terminated"
-    assert {states[alive], states[other_project], states[untagged]} == {"running"}
+        assert dag_run.state == "success"
+        (ti,) = dag_run.get_task_instances()
+        assert ti.xcom_pull(task_ids=ti.task_id) == [expired]
+        states = {
+            i["InstanceId"]: i["State"]["Name"]
+            for r in cloud.client("ec2").describe_instances()["Reservations"]
+            for i in r["Instances"]
+        }
+        assert states[expired] == "terminated"
+        assert {states[alive], states[other_project], states[untagged]} == {"running"}
+    finally:
+        # The session's cloud outlives this test: leave nothing of it running.
+        cloud.client("ec2").terminate_instances(InstanceIds=[expired, alive, other_project, untagged])

@@ -6,14 +6,14 @@ import getpass
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from embedded.cloud import LocalCloud
-from embedded.process import free_port
+from embedded.stack import EmbeddedStack
 from orchestrator.hostkeys import HostKey, generate_host_key
 from orchestrator.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
 from orchestrator.userdata import UserDataSpec, render_user_data
@@ -33,11 +33,10 @@ def wait_until(what: str, check: Callable[[], Any], timeout_s: float = WAIT_S) -
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    workdir = tmp_path_factory.mktemp("cloud")
-    with LocalCloud(workdir / "cloud", ssh_port=free_port(), disk_root=workdir / "disk", poll_s=0.1) as running:
-        yield running
+@pytest.fixture
+def cloud(stack: EmbeddedStack) -> LocalCloud:
+    """The session's cloud: moto keeps one EC2 state per process, so every test shares one emulator."""
+    return stack.cloud
 
 
 @pytest.fixture(scope="module")
