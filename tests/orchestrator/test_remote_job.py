@@ -97,7 +97,8 @@ def test_start_command_starts_once(tmp_path: Path) -> None:
         )
         outcomes.append(run.stdout.strip())
     assert outcomes == ["started", "attached"]
-    _wait_until(lambda: (tmp_path / "ran").exists())
+    # `>>` creates the file before echo writes to it: wait for a whole line, not for the file.
+    _wait_until(lambda: (tmp_path / "ran").exists() and (tmp_path / "ran").read_text().endswith("\n"))
     assert (tmp_path / "ran").read_text() == "first\n"
     assert not Path(paths.upload(paths.script, "second")).exists()
 
