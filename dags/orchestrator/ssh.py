@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds between SSH keepalives: keeps NAT/firewall state alive during long, quiet log polls.
 KEEPALIVE_S = 15
+# How often wait_for_ssh repeats an unchanged "not ready yet" line.
+PROGRESS_LOG_EVERY_S = 30.0
 BOOTSTRAP_STATUS = "bootstrap.status"
 BOOTSTRAP_LOG = "bootstrap.log"
 LOG_TAIL_LINES = 40
@@ -176,13 +178,17 @@ def wait_for_ssh(
     deadline = started + timeout_s
     attempts = 0
     last_error = "no attempt made"
+    logged_error, logged_at = "", -PROGRESS_LOG_EVERY_S
     while True:
         attempts += 1
         try:
             client = connect(target, timeout_s=min(connect_timeout_s, max(deadline - time.monotonic(), 1.0)))
         except transient_ssh_errors() as exc:
             last_error = f"{type(exc).__name__}: {exc}"
-            logger.info("SSH to %s not ready yet (attempt %d): %s", target, attempts, last_error)
+            # A booting instance refuses for minutes: say so when it changes or every so often, not every poll.
+            if last_error != logged_error or time.monotonic() - logged_at >= PROGRESS_LOG_EVERY_S:
+                logger.info("SSH to %s not ready yet (attempt %d): %s", target, attempts, last_error)
+                logged_error, logged_at = last_error, time.monotonic()
         else:
             client.close()
             logger.info("SSH to %s answered with the pinned host key after %.1fs", target, time.monotonic() - started)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 from pathlib import Path
@@ -90,10 +91,15 @@ def test_wait_for_ssh_waits_for_a_late_server(
         sshd.stop()
 
 
-def test_wait_for_ssh_times_out_with_the_last_error(ssh_target: SshTarget) -> None:
+def test_wait_for_ssh_times_out_with_the_last_error(ssh_target: SshTarget, caplog: pytest.LogCaptureFixture) -> None:
     target = dataclasses.replace(ssh_target, port=free_port())
-    with pytest.raises(SshTimeoutError, match=r"did not accept a login within 1s .*last error: .*security group"):
-        wait_for_ssh(target, timeout_s=1, poll_s=0.2)
+    timeout = pytest.raises(SshTimeoutError, match=r"within 1s \(\d+ attempts; last error: .*security group")
+    with caplog.at_level("INFO", logger="orchestrator.ssh"), timeout as err:
+        wait_for_ssh(target, timeout_s=1, poll_s=0.1)
+    # Several attempts, one "not ready yet" line: the same refusal is not repeated every poll.
+    attempts = int(re.search(r"\((\d+) attempts", str(err.value)).group(1))  # type: ignore[union-attr]
+    assert attempts > 3
+    assert len([r for r in caplog.records if "not ready yet" in r.getMessage()]) == 1
 
 
 def _write_later(path: Path, text: str, delay_s: float) -> threading.Timer:
