@@ -16,6 +16,9 @@ from orchestrator.ci_gate import CiGateOperator
 from orchestrator.operators import RemoteTrainingOperator
 
 CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
+# One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
+# follows are atomic across runs. Runs waiting for an instance queue here, visible on the Pools page.
+LAUNCH_POOL = "ec2_trainer_launch"
 
 with DAG(
     dag_id="ec2_training",
@@ -23,7 +26,8 @@ with DAG(
     schedule=None,
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=4,
+    # Runs beyond aws.max_instances wait cheaply in the launch pool; this only bounds the scheduler's work.
+    max_active_runs=32,
     render_template_as_native_obj=True,
     default_args={"retries": 0},
     tags=["training", "ec2", "mlflow"],
@@ -80,7 +84,7 @@ with DAG(
         ctx = get_current_context()
         return plan(config, git_sha, ctx["dag"].dag_id, ctx["run_id"])
 
-    @task(retries=2, retry_delay=timedelta(seconds=20))
+    @task(retries=2, retry_delay=timedelta(seconds=20), pool=LAUNCH_POOL)
     def launch(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
         from orchestrator.pipeline import launch as launch_instance
 

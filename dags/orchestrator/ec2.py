@@ -160,6 +160,13 @@ def _describe(ec2: Any, filters: list[dict[str, Any]], retry: RetryPolicy) -> li
             return instances
 
 
+def _live_in_project(project_tag: str) -> list[dict[str, Any]]:
+    return [
+        {"Name": f"tag:{TAG_PROJECT}", "Values": [tag_value(project_tag)]},
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+    ]
+
+
 def find_run_instances(
     ec2: Any,
     dag_id: str,
@@ -196,6 +203,83 @@ def _info(instance: dict[str, Any]) -> InstanceInfo:
     )
 
 
+class InstanceCapError(OrchestratorError):
+    """The project's instance cap stayed reached for longer than the launch may wait."""
+
+
+def adopt_run_instance(
+    ec2: Any, dag_id: str, run_id: str, project_tag: str, *, retry: RetryPolicy = DEFAULT_RETRY
+) -> LaunchedInstance | None:
+    """The live instance an earlier try of this run launched (the oldest, if several), or None."""
+    existing = find_run_instances(ec2, dag_id, run_id, project_tag, retry=retry)
+    if not existing:
+        return None
+    chosen = existing[0]
+    if len(existing) > 1:
+        log.warning(
+            "run %s has %s live instances (%s); reusing the oldest, teardown terminates all of them",
+            run_id,
+            len(existing),
+            ", ".join(i["InstanceId"] for i in existing),
+        )
+    log.info("reusing instance %s of run %s (state %s)", chosen["InstanceId"], run_id, chosen["State"]["Name"])
+    return LaunchedInstance(
+        chosen["InstanceId"],
+        chosen.get("InstanceType", ""),
+        _market_of(chosen),
+        reused=True,
+        host_public_key=_tags(chosen).get(TAG_HOST_KEY, ""),
+    )
+
+
+def live_project_instances(ec2: Any, project_tag: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[str]:
+    """Ids of the project's instances that are not shutting down or gone, whichever run (or no run) launched them."""
+    return sorted(i["InstanceId"] for i in _describe(ec2, _live_in_project(project_tag), retry))
+
+
+def wait_for_instance_slot(
+    ec2: Any,
+    project_tag: str,
+    max_instances: int,
+    timeout_s: float,
+    poll_s: float,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> float:
+    """Blocks until fewer than max_instances of the project's instances are live; returns the seconds waited.
+
+    Counting in EC2, not in Airflow, caps what is billed: instances left by a crashed run count until they are gone.
+    Callers serialise this check and the launch that follows (the DAG's one-slot launch pool), or two launches
+    could both see the last free slot.
+    """
+    started = time.monotonic()
+    last_count = -1
+    while True:
+        live = live_project_instances(ec2, project_tag, retry=retry)
+        waited = time.monotonic() - started
+        if len(live) < max_instances:
+            if waited > 0.5:
+                log.info("an instance slot is free (%d of %d live) after %.0f s", len(live), max_instances, waited)
+            return waited
+        if len(live) != last_count:
+            log.info(
+                "%d of at most %d instances of project %s are live (%s); waiting for one to end (up to %.0f s)",
+                len(live),
+                max_instances,
+                project_tag,
+                ", ".join(live),
+                timeout_s,
+            )
+            last_count = len(live)
+        if waited + poll_s > timeout_s:
+            raise InstanceCapError(
+                f"{len(live)} instances of project {project_tag} are live ({', '.join(live)}), at the cap "
+                f"aws.max_instances = {max_instances}, for {waited:.0f} s. Trigger the run again later, raise "
+                "aws.max_instances or aws.instance_wait_minutes, or check these instances in the EC2 console"
+            )
+        time.sleep(poll_s)
+
+
 def launch_instance(
     ec2: Any,
     spec: LaunchSpec,
@@ -205,32 +289,12 @@ def launch_instance(
     host_public_key: str = "",
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> LaunchedInstance:
-    """The run's instance: the live one an earlier try launched, else a new one from the first attempt with capacity.
+    """A new instance for the run, from the first (type, market) attempt with capacity.
 
-    Moves to the next (type, market) only on CAPACITY_ERROR_CODES; any other error raises at once.
+    Moves to the next (type, market) only on CAPACITY_ERROR_CODES; any other error raises at once. Callers adopt an
+    earlier try's instance first (adopt_run_instance): the run's tags, not the ClientToken, make a retry idempotent.
     """
     from botocore.exceptions import ClientError
-
-    existing = find_run_instances(ec2, identity.dag_id, identity.run_id, spec.project_tag, retry=retry)
-    if existing:
-        chosen = existing[0]
-        if len(existing) > 1:
-            log.warning(
-                "run %s has %s live instances (%s); reusing the oldest, teardown terminates all of them",
-                identity.run_id,
-                len(existing),
-                ", ".join(i["InstanceId"] for i in existing),
-            )
-        log.info(
-            "reusing instance %s of run %s (state %s)", chosen["InstanceId"], identity.run_id, chosen["State"]["Name"]
-        )
-        return LaunchedInstance(
-            chosen["InstanceId"],
-            chosen.get("InstanceType", ""),
-            _market_of(chosen),
-            reused=True,
-            host_public_key=_tags(chosen).get(TAG_HOST_KEY, ""),
-        )
 
     tried: list[tuple[str, str, str]] = []
     for instance_type, market in launch_attempts(spec):
@@ -386,12 +450,8 @@ def sweep_expired(
 
     An instance with a missing or unreadable expires_at is swept once it has run longer than untagged_grace_s.
     """
-    filters = [
-        {"Name": f"tag:{TAG_PROJECT}", "Values": [tag_value(project_tag)]},
-        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
-    ]
     expired: list[str] = []
-    for instance in _describe(ec2, filters, retry):
+    for instance in _describe(ec2, _live_in_project(project_tag), retry):
         instance_id = instance["InstanceId"]
         tags = _tags(instance)
         expires_at = parse_expires_at(tags.get(TAG_EXPIRES_AT, ""))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.settings import Settings, load_settings, validate_git_ref
+
+if TYPE_CHECKING:
+    from orchestrator.ec2 import LaunchedInstance
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +55,56 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
             "(e.g. g6.xlarge) or choose types this region has"
         )
     ami_id = resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
-    expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
-    log.info(
-        "AMI %s (from %s); the instance must be gone by %s",
-        ami_id,
-        s.aws.ami_ssm_parameter,
-        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
-    )
-    return {"ami_id": ami_id, "expires_at_epoch": expires_at, "git_sha": git_sha, "dag_id": dag_id, "run_id": run_id}
+    log.info("AMI %s (from %s)", ami_id, s.aws.ami_ssm_parameter)
+    return {"ami_id": ami_id, "git_sha": git_sha, "dag_id": dag_id, "run_id": run_id}
 
 
 def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
-    """Start the run's instance (or find the one a previous try started) with a fresh pinned host key."""
-    from orchestrator.connections import aws_client, ssh_private_key
+    """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key.
+
+    A new instance waits for a slot under aws.max_instances first; its deadline counts from when it is launched.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator.connections import aws_client
+    from orchestrator.ec2 import InstanceCapError, adopt_run_instance, wait_for_instance_slot
+
+    s = settings_of(config)
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    launched = adopt_run_instance(ec2, plan["dag_id"], plan["run_id"], s.aws.project_tag)
+    if launched is None:
+        try:
+            wait_for_instance_slot(
+                ec2,
+                s.aws.project_tag,
+                s.aws.max_instances,
+                timeout_s=s.aws.instance_wait_minutes * 60,
+                poll_s=s.instance.poll_seconds,
+            )
+        except InstanceCapError as exc:
+            # Retries are for transient errors: a retry would wait the whole aws.instance_wait_minutes again.
+            raise AirflowFailException(str(exc)) from None
+        launched = _launch_new(s, plan, ec2)
+    else:
+        log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
+    return {
+        "instance_id": launched.instance_id,
+        "instance_type": launched.instance_type,
+        "market": launched.market,
+        "reused": launched.reused,
+        "host_public_key": launched.host_public_key,
+    }
+
+
+def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInstance:
+    from orchestrator.connections import ssh_private_key
     from orchestrator.ec2 import launch_instance
     from orchestrator.hostkeys import generate_host_key, public_line_from_private
     from orchestrator.launch import LaunchSpec, RunIdentity
     from orchestrator.userdata import UserDataSpec, render_user_data
 
-    s = settings_of(config)
-    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], int(plan["expires_at_epoch"]))
+    expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
+    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], expires_at)
     host_key = generate_host_key()
     user_data = render_user_data(
         UserDataSpec(
@@ -96,25 +129,17 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]
         kms_key_id=s.aws.kms_key_id or None,
         project_tag=s.aws.project_tag,
     )
-    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     launched = launch_instance(ec2, spec, identity, user_data, host_public_key=host_key.public_line)
-    if launched.reused:
-        log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
     log.info(
-        "Instance %s (%s, %s) for commit %s; host key %s",
+        "Instance %s (%s, %s) for commit %s; host key %s; it must be gone by %s",
         launched.instance_id,
         launched.instance_type,
         launched.market,
         identity.git_sha,
-        host_key.fingerprint_sha256 if not launched.reused else "from the instance's tag",
+        host_key.fingerprint_sha256,
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
     )
-    return {
-        "instance_id": launched.instance_id,
-        "instance_type": launched.instance_type,
-        "market": launched.market,
-        "reused": launched.reused,
-        "host_public_key": launched.host_public_key,
-    }
+    return launched
 
 
 def ssh_target(config: Mapping[str, Any], address: str, host_public_key: str) -> Any:

@@ -63,6 +63,8 @@ class AwsSettings:
     max_lifetime_minutes: int
     launch_timeout_minutes: int
     project_tag: str
+    max_instances: int
+    instance_wait_minutes: int
 
 
 @dataclass(frozen=True)
@@ -167,20 +169,36 @@ def validate_git_ref(ref: str, name: str = "git_ref") -> str:
 
 def validate(s: Settings) -> None:
     """Check every value; raise ConfigError naming the first bad field and saying what would be right."""
-    g, a, i, m, t = s.github, s.aws, s.instance, s.mlflow, s.training
+    _validate_github(s.github)
+    for name, conn_id in (
+        ("github.conn_id", s.github.conn_id),
+        ("aws.conn_id", s.aws.conn_id),
+        ("instance.ssh_conn_id", s.instance.ssh_conn_id),
+        ("mlflow.conn_id", s.mlflow.conn_id),
+    ):
+        _check(bool(_CONN_ID_RE.fullmatch(conn_id)), name, conn_id, "an Airflow connection id")
+    _validate_aws(s.aws)
+    _validate_instance(s.instance)
+    _validate_mlflow(s.mlflow)
+    _validate_training(s.training)
+    a, i, t = s.aws, s.instance, s.training
+    needed = a.launch_timeout_minutes + i.ready_timeout_minutes + t.timeout_minutes
+    _check(
+        a.max_lifetime_minutes >= needed,
+        "aws.max_lifetime_minutes",
+        a.max_lifetime_minutes,
+        f"at least launch + ready + training timeouts = {needed} minutes, or the instance would power itself off "
+        "in the middle of a run; raise it or lower training.timeout_minutes",
+    )
+
+
+def _validate_github(g: GitHubSettings) -> None:
     try:
         validate_repo(g.repo)
     except GitHubError as exc:
         raise ConfigError(f"github.repo: {exc}") from None
     _check_url(g.api_url, "github.api_url", ("http", "https"))
     validate_git_ref(g.branch, "github.branch")
-    for name, conn_id in (
-        ("github.conn_id", g.conn_id),
-        ("aws.conn_id", a.conn_id),
-        ("instance.ssh_conn_id", i.ssh_conn_id),
-        ("mlflow.conn_id", m.conn_id),
-    ):
-        _check(bool(_CONN_ID_RE.fullmatch(conn_id)), name, conn_id, "an Airflow connection id")
     _check_range(g.ci_timeout_minutes, "github.ci_timeout_minutes", 1, 24 * 60)
     _check_range(g.ci_no_runs_timeout_minutes, "github.ci_no_runs_timeout_minutes", 1, 24 * 60)
     _check_range(g.ci_poll_seconds, "github.ci_poll_seconds", 1, 3600)
@@ -192,6 +210,8 @@ def validate(s: Settings) -> None:
         f"a subset of {sorted(_CONCLUSIONS)} that includes 'success'",
     )
 
+
+def _validate_aws(a: AwsSettings) -> None:
     _check_match(_REGION_RE, a.region, "aws.region", "an AWS region such as us-east-1")
     _check(
         a.ami_ssm_parameter.startswith("/") and " " not in a.ami_ssm_parameter,
@@ -224,8 +244,12 @@ def validate(s: Settings) -> None:
     _check_range(a.root_volume_gb, "aws.root_volume_gb", 8, 16384)
     _check_range(a.max_lifetime_minutes, "aws.max_lifetime_minutes", 10, 7 * 24 * 60)
     _check_range(a.launch_timeout_minutes, "aws.launch_timeout_minutes", 1, 120)
+    _check_range(a.max_instances, "aws.max_instances", 1, 1000)
+    _check_range(a.instance_wait_minutes, "aws.instance_wait_minutes", 0, 7 * 24 * 60)
     _check_match(r"[A-Za-z0-9_.:-]{1,64}", a.project_tag, "aws.project_tag", "a short tag")
 
+
+def _validate_instance(i: InstanceSettings) -> None:
     _check_match(r"[a-z_][a-z0-9_-]{0,31}", i.ssh_user, "instance.ssh_user", "a Unix user")
     _check_range(i.ssh_port, "instance.ssh_port", 1, 65535)
     _check(i.address in ("public_ip", "private_ip"), "instance.address", i.address, "public_ip or private_ip")
@@ -234,11 +258,15 @@ def validate(s: Settings) -> None:
     _check_range(i.ready_timeout_minutes, "instance.ready_timeout_minutes", 1, 240)
     _check_range(i.poll_seconds, "instance.poll_seconds", 0.1, 300)
 
+
+def _validate_mlflow(m: MlflowSettings) -> None:
     _check_url(m.tracking_uri, "mlflow.tracking_uri", ("http", "https"))
     _check(bool(m.experiment.strip()), "mlflow.experiment", m.experiment, "a non-empty experiment name")
     _check_match(r"[A-Za-z0-9_.-]{1,128}", m.model_name, "mlflow.model_name", "a name")
     _check_match(r"[A-Za-z0-9_.-]{1,128}", m.metric, "mlflow.metric", "a metric name")
 
+
+def _validate_training(t: TrainingSettings) -> None:
     if t.repo_url:
         _check_url(t.repo_url, "training.repo_url", ("https", "http", "git", "ssh", "file"))
     _check_match(r"[A-Za-z0-9_.-]{1,64}", t.entry_point, "training.entry_point", "a name")
@@ -256,15 +284,6 @@ def validate(s: Settings) -> None:
             value,
             "a single-line string",
         )
-
-    needed = a.launch_timeout_minutes + i.ready_timeout_minutes + t.timeout_minutes
-    _check(
-        a.max_lifetime_minutes >= needed,
-        "aws.max_lifetime_minutes",
-        a.max_lifetime_minutes,
-        f"at least launch + ready + training timeouts = {needed} minutes, or the instance would power itself off "
-        "in the middle of a run; raise it or lower training.timeout_minutes",
-    )
 
 
 def validate_data_uri(uri: str) -> None:

@@ -90,6 +90,15 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert train.operator_extra_links[0].name
 
 
+def test_only_launch_takes_turns_in_the_shipped_one_slot_pool(training_dag: Any) -> None:
+    pools = json.loads((REPO / "config" / "pools.json").read_text())
+    in_pools = {t.task_id: t.pool for t in training_dag.tasks if t.pool != "default_pool"}
+    assert in_pools == {"launch": "ec2_trainer_launch"}
+    assert pools["ec2_trainer_launch"]["slots"] == 1
+    # Waiting runs hold no slot: only launch (the count-then-launch step) is serialised, never the cleanup.
+    assert training_dag.max_active_runs >= 8
+
+
 def test_sweeper_dag_is_scheduled_and_single(dagbag: Any) -> None:
     sweeper = dagbag.dags["ec2_sweeper"]
     assert [t.task_id for t in sweeper.tasks] == ["sweep_expired_instances"]

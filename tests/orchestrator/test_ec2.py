@@ -11,14 +11,18 @@ from moto import mock_aws
 
 from orchestrator.ec2 import (
     CapacityError,
+    InstanceCapError,
     InstanceNotReadyError,
     LaunchError,
     RetryPolicy,
+    adopt_run_instance,
     describe_instance,
     find_run_instances,
     launch_instance,
+    live_project_instances,
     sweep_expired,
     terminate_run,
+    wait_for_instance_slot,
     wait_until_running,
 )
 from orchestrator.launch import LaunchSpec, RunIdentity
@@ -160,10 +164,11 @@ def test_relaunch_of_the_same_run_reuses_its_instance(aws):
     ec2, ami = aws
     run = identity()
     first = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST)
-    # A retried task recomputes expires_at: the run tags, not the ClientToken, make it idempotent.
-    retry_try = RunIdentity(run.dag_id, run.run_id, run.git_sha, run.expires_at_epoch + 60)
-    again = launch_instance(ec2, make_spec(ami), retry_try, USER_DATA, retry=FAST)
+    # A retried task finds its run's instance by the run's tags, whatever its new expires_at and ClientToken.
+    again = adopt_run_instance(ec2, run.dag_id, run.run_id, PROJECT, retry=FAST)
+    assert again is not None
     assert (again.instance_id, again.reused, again.market) == (first.instance_id, True, "spot")
+    assert adopt_run_instance(ec2, run.dag_id, "manual__2", PROJECT, retry=FAST) is None
     other = launch_instance(ec2, make_spec(ami), identity("manual__2"), USER_DATA, retry=FAST)
     assert other.instance_id != first.instance_id
     assert sorted(live(ec2)) == sorted([first.instance_id, other.instance_id])
@@ -254,3 +259,33 @@ def test_sweeper_terminates_expired_and_spares_the_rest(aws):
     assert sweep_expired(ec2, PROJECT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == [garbled.instance_id]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, other_project.instance_id])
     assert sweep_expired(ec2, PROJECT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == []
+
+
+def test_instance_slot_counts_the_projects_live_instances_in_ec2(aws):
+    ec2, ami = aws
+    first = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
+    launch_instance(ec2, make_spec(ami, project_tag="someone-else"), identity("b"), USER_DATA, retry=FAST)
+    # Whatever run launched it (a crashed one included), a live instance of the project counts against the cap.
+    leftover = launch_instance(ec2, make_spec(ami), identity("c"), USER_DATA, retry=FAST).instance_id
+    assert live_project_instances(ec2, PROJECT, retry=FAST) == sorted([first, leftover])
+    assert wait_for_instance_slot(ec2, PROJECT, 3, timeout_s=0, poll_s=0.05, retry=FAST) < 0.5
+
+    with pytest.raises(InstanceCapError) as caught:
+        wait_for_instance_slot(ec2, PROJECT, 2, timeout_s=0.3, poll_s=0.05, retry=FAST)
+    message = str(caught.value)
+    assert "aws.max_instances = 2" in message and first in message and leftover in message
+
+
+def test_instance_slot_opens_when_an_instance_ends(aws):
+    import threading
+
+    ec2, ami = aws
+    busy = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
+    timer = threading.Timer(0.5, lambda: ec2.terminate_instances(InstanceIds=[busy]))
+    timer.start()
+    try:
+        waited = wait_for_instance_slot(ec2, PROJECT, 1, timeout_s=30, poll_s=0.05, retry=FAST)
+    finally:
+        timer.join()
+    assert 0.4 < waited < 30
+    assert live_project_instances(ec2, PROJECT, retry=FAST) == []
