@@ -8,7 +8,9 @@ emulator plays the hypervisor and cloud-init for the instances it launches:
 - it serves SSH with a real OpenSSH sshd bound to that address, with the host key from the user-data;
 - a `shutdown` run on the instance powers it off, honouring InstanceInitiatedShutdownBehavior (terminate or stop);
 - when the instance is stopped or terminated, every process of the instance (sshd, sessions, detached jobs, watchdog)
-  is killed, as powering off a VM would.
+  is killed, as powering off a VM would;
+- when run as root, each instance has its own disk: a private mount namespace in which the emulated disk folder is
+  its own directory, so instances running at the same time never see each other's files (as separate VMs would).
 Nothing of this is visible to the orchestrator except through the EC2 and SSH APIs, so the same code paths run as in
 production.
 """
@@ -48,6 +50,10 @@ class EmulatedInstance:
     instance_id: str
     address: str
     root: Path
+    # Where the instance's disk (the cloud's disk_root, as the instance sees it) lies on this machine.
+    disk: Path
+    # The process holding the instance's private mount namespace; None on a shared disk.
+    namespace: subprocess.Popen[bytes] | None = None
     sshd: LoopbackSshd | None = None
     notes: list[str] = field(default_factory=list)
     runcmd_exit_codes: list[int] = field(default_factory=list)
@@ -90,6 +96,10 @@ class LocalCloud:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._original_run_instances: Any = None
+        self._clients: dict[str, Any] = {}
+        self._clients_lock = threading.Lock()
+        self.private_disks = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -104,6 +114,13 @@ class LocalCloud:
             )
         _RUNNING = self
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.private_disks = mount_namespaces_work()
+        if not self.private_disks:
+            log.warning(
+                "No mount namespaces (needs root and util-linux's unshare/nsenter): instances share one disk folder, "
+                "so run one instance at a time"
+            )
+        self._install_address_plan()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self._seed()
@@ -122,6 +139,8 @@ class LocalCloud:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        self._clients.clear()
+        self._uninstall_address_plan()
         global _RUNNING  # noqa: PLW0603
         if _RUNNING is self:
             _RUNNING = None
@@ -134,15 +153,20 @@ class LocalCloud:
         self.stop()
 
     def client(self, service: str) -> Any:
-        import boto3
+        """One client per service, made from its own session: boto3 documents its default session as unsafe to share
+        between threads, and the emulator makes clients from several (a made client is thread-safe)."""
+        with self._clients_lock:
+            if service not in self._clients:
+                import boto3
 
-        return boto3.client(
-            service,
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 - moto's fixed test credentials
-        )
+                self._clients[service] = boto3.session.Session().client(
+                    service,
+                    endpoint_url=self.endpoint_url,
+                    region_name=self.region,
+                    aws_access_key_id="testing",
+                    aws_secret_access_key="testing",  # noqa: S106 - moto's fixed test credentials
+                )
+            return self._clients[service]
 
     def reset(self) -> None:
         """Forget every instance (moto's own reset), powering off the emulated ones first."""
@@ -155,6 +179,47 @@ class LocalCloud:
         request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")  # noqa: S310
         urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - the loopback moto server
         self._seed()
+
+    def boot_report(self) -> str:
+        """What the emulator did with each instance (its console, in effect): read when a test fails."""
+        with self._lock:
+            instances = list(self.instances.values())
+        lines = []
+        for inst in instances:
+            state = "powered off" if inst.powered_off_at is not None else "on"
+            sshd = "sshd up" if inst.sshd is not None else "no sshd"
+            lines.append(f"{inst.instance_id} {inst.address} {state}, {sshd}, runcmd exits {inst.runcmd_exit_codes}")
+            lines += [f"    {note}" for note in inst.notes]
+        return "\n".join(lines) or "no instance booted"
+
+    # ---- the cloud's address plan ----------------------------------------------------------------------------------
+
+    def _install_address_plan(self) -> None:
+        """Give each instance its loopback "public IP" inside RunInstances, as EC2 does: an instance is never seen
+        running without its address (assigning it later, on the emulator's tick, raced a fast describe)."""
+        from moto.ec2.models.instances import InstanceBackend
+
+        original = InstanceBackend.run_instances
+        addresses, lock = self._addresses, threading.Lock()  # RunInstances may be served by several threads
+        tag_key = self.project_tag_key
+
+        def run_instances(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            reservation = original(backend, *args, **kwargs)
+            with lock:
+                for instance in reservation.instances:
+                    if any(t["key"] == tag_key for t in instance.get_tags()):  # only the instances it emulates
+                        instance.nics[0].public_ip = next(addresses)
+            return reservation
+
+        InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
+        self._original_run_instances = original
+
+    def _uninstall_address_plan(self) -> None:
+        from moto.ec2.models.instances import InstanceBackend
+
+        if self._original_run_instances is not None:
+            InstanceBackend.run_instances = self._original_run_instances  # type: ignore[method-assign]
+            self._original_run_instances = None
 
     # ---- what AWS would already have ------------------------------------------------------------------------------
 
@@ -201,19 +266,60 @@ class LocalCloud:
                         self._honour_shutdown(known)
 
     def _boot(self, moto_inst: Any) -> None:
-        if not any(i.powered_off_at is None for i in self.instances.values()):
-            # A new instance boots from a fresh disk. The emulated disk is one folder of this machine, so instances
-            # that run at the same time share it (their job directories are keyed by DAG run, their markers are not).
-            shutil.rmtree(self.disk_root, ignore_errors=True)
-            self.disk_root.mkdir(parents=True, exist_ok=True)
-        address = next(self._addresses)
-        moto_inst.nics[0].public_ip = address  # the cloud's address plan: this instance's public IP
         root = self.workdir / "instances" / moto_inst.id
         (root / "bin").mkdir(parents=True, exist_ok=True)
-        inst = EmulatedInstance(moto_inst.id, address, root)
+        if self.private_disks:
+            disk = root / "disk"
+            disk.mkdir(exist_ok=True)
+        else:
+            disk = self.disk_root
+            if not any(i.powered_off_at is None for i in self.instances.values()):
+                # A new instance boots from a fresh disk; on a shared disk only when no other instance uses it.
+                shutil.rmtree(self.disk_root, ignore_errors=True)
+                self.disk_root.mkdir(parents=True, exist_ok=True)
+        address = moto_inst.nics[0].public_ip  # from the address plan, set when RunInstances created it
+        inst = EmulatedInstance(moto_inst.id, address, root, disk)
         self.instances[moto_inst.id] = inst
         log.info("Booting %s at %s:%s", moto_inst.id, address, self.ssh_port)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
+
+    def host_path(self, inst: EmulatedInstance, path: Path | str) -> Path:
+        """Where a path of the instance's disk, as the instance sees it, lies on this machine."""
+        return inst.disk / Path(path).resolve().relative_to(self.disk_root)
+
+    def _enter(self, inst: EmulatedInstance) -> list[str]:
+        """The command prefix that runs a program inside the instance (its mount namespace), if it has one."""
+        if inst.namespace is None:
+            return []
+        return ["nsenter", f"--target={inst.namespace.pid}", "--mount", "--no-fork", "--"]
+
+    def _start_namespace(self, inst: EmulatedInstance) -> None:
+        """A process that binds the instance's disk over disk_root in a private mount namespace, then sleeps."""
+        env = {**os.environ, INSTANCE_MARKER_ENV: inst.instance_id}
+        script = 'mount --bind "$1" "$2" && exec sleep infinity'
+        inst.namespace = subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                inst.disk,
+                self.disk_root,
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        cmdline = Path(f"/proc/{inst.namespace.pid}/cmdline")
+        while not cmdline.read_bytes().startswith(b"sleep"):  # exec'd: the bind mount is in place
+            if inst.namespace.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"could not give {inst.instance_id} its own disk (mount --bind in a namespace)")
+            time.sleep(0.02)
 
     def _cloud_init(self, inst: EmulatedInstance) -> None:
         try:
@@ -223,6 +329,8 @@ class LocalCloud:
                 inst.notes.append("no user-data: nothing to configure, SSH not started")
                 return
             config = yaml.safe_load(base64.b64decode(raw).decode())
+            if self.private_disks:
+                self._start_namespace(inst)
             self._apply_cloud_config(inst, config)
         except Exception as exc:
             log.exception("cloud-init emulation failed on %s", inst.instance_id)
@@ -246,6 +354,7 @@ class LocalCloud:
                 port=self.ssh_port,
                 workdir=inst.root / "sshd",
                 extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id}"],
+                command_prefix=self._enter(inst),
             )
             sshd.start()
             inst.sshd = sshd
@@ -258,7 +367,9 @@ class LocalCloud:
             if inst.powered_off_at is not None:
                 return
             cmd = [str(a) for a in argv] if isinstance(argv, list) else ["sh", "-c", str(argv)]
-            result = subprocess.run(cmd, env=env, cwd=inst.root, check=False, capture_output=True)
+            result = subprocess.run(
+                [*self._enter(inst), *cmd], env=env, cwd=inst.root, check=False, capture_output=True
+            )
             inst.runcmd_exit_codes.append(result.returncode)
 
     def _write_file(self, inst: EmulatedInstance, entry: dict[str, Any]) -> None:
@@ -267,6 +378,7 @@ class LocalCloud:
             # The emulated disk is a folder of this machine: never write elsewhere.
             inst.notes.append(f"skipped write_files {path}: outside the emulated disk {self.disk_root}")
             return
+        path = self.host_path(inst, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(str(entry.get("content", "")))
         path.chmod(int(str(entry.get("permissions", "0644")), 8))
@@ -296,7 +408,20 @@ class LocalCloud:
             killed += kill_process_tree(inst.sshd.pid)
             inst.sshd.stop()
         killed += kill_marked_processes(inst.instance_id)
+        if inst.namespace is not None:
+            inst.namespace.kill()
+            inst.namespace.wait(timeout=10)
         log.info("Powered off %s (%d processes ended)", inst.instance_id, killed)
+
+
+def mount_namespaces_work() -> bool:
+    """Whether this process may give each instance a private mount namespace (root, unshare and nsenter)."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("nsenter")):
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "true"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
 
 
 def kill_process_tree(root_pid: int | None) -> int:

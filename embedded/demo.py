@@ -93,8 +93,9 @@ def summarize(dag_run: Any, stack: Any) -> RunSummary:
     if summary.mlflow_run_id:
         metrics = MlflowClient(stack.mlflow.url).get_run(summary.mlflow_run_id).data.metrics
         summary.metrics = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test_")}
-    bootstrap_log = stack.state_dir / "bootstrap.log"
-    if bootstrap_log.exists():
+    booted = stack.cloud.instances.get(summary.instance_id or "")
+    bootstrap_log = stack.cloud.host_path(booted, stack.state_dir / "bootstrap.log") if booted else None
+    if bootstrap_log and bootstrap_log.exists():
         summary.bootstrap_skipped = [
             line.split("skipped:", 1)[1].strip()
             for line in bootstrap_log.read_text().splitlines()

@@ -101,12 +101,15 @@ class LoopbackSshd:
         port: int | None = None,
         workdir: Path,
         extra_config: Sequence[str] = (),
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """command_prefix runs sshd through an exec-ing wrapper (e.g. nsenter into the instance's mount namespace)."""
         if not authorized_keys:
             raise SshdError("LoopbackSshd needs at least one authorized public key, or nobody could log in.")
         self._host_private_key_pem = host_private_key_pem
         self._authorized_keys = list(authorized_keys)
         self._extra_config = tuple(extra_config)
+        self._command_prefix = tuple(command_prefix)
         self._address = address
         self._port = port if port is not None else free_port(address)
         self._workdir = workdir
@@ -155,7 +158,7 @@ class LoopbackSshd:
         # stderr goes straight to a file: readiness is read from it, and it keeps logging after start().
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sshd, "-D", "-e", "-f", str(config)],
+                [*self._command_prefix, sshd, "-D", "-e", "-f", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

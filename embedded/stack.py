@@ -19,13 +19,12 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from embedded.cloud import LocalCloud
 from embedded.git_daemon import GitDaemon
 from embedded.github_standin import GitHubStandIn
 from embedded.mlflow_server import MlflowServer
-from embedded.process import free_port
+from embedded.process import Managed, free_port
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +32,24 @@ GITHUB_REPO = "local/ec2-trainer"
 AMI_PARAMETER = "/ec2-trainer/embedded/ami-id"
 # Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
 DEMO_DATA_URI = "synthetic://?train_per_class=120&val_per_class=30&test_per_class=30&size=64&seed=0"
+# Smaller still, for the tests and the load benchmark: exercises the whole job, learns little.
+TINY_DATA_URI = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&size=64&seed=0"
 
 
 @dataclass(frozen=True)
 class TrainingKnobs:
+    """The training settings of a stack; `tiny()` is the tests' and the load benchmark's."""
+
     epochs: int = 3
     batch_size: int = 32
     data_uri: str = DEMO_DATA_URI
     image_size: int = 64
     threshold: float = 0.6
+
+    @classmethod
+    def tiny(cls, epochs: int = 1) -> TrainingKnobs:
+        """Threshold 0: every run that trains is promoted, so the evaluate step always runs to its end."""
+        return cls(epochs=epochs, batch_size=16, data_uri=TINY_DATA_URI, image_size=64, threshold=0.0)
 
 
 def _client_key() -> tuple[str, str]:
@@ -57,7 +65,7 @@ def _client_key() -> tuple[str, str]:
     return private, public
 
 
-class EmbeddedStack:
+class EmbeddedStack(Managed):
     def __init__(self, workdir: Path, repo_dir: Path, *, knobs: TrainingKnobs | None = None) -> None:
         self.workdir = workdir.resolve()
         self.repo_dir = repo_dir.resolve()
@@ -90,16 +98,10 @@ class EmbeddedStack:
             except Exception:  # stop the rest whatever one of them does
                 log.exception("stopping %s failed", stop)
 
-    def __enter__(self) -> EmbeddedStack:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object | TracebackType) -> None:
-        self.stop()
+    def job_dirs(self) -> list[Path]:
+        """The training job directories on every instance booted so far, as this machine sees them."""
+        jobs = (self.cloud.host_path(i, self.state_dir / "jobs") for i in list(self.cloud.instances.values()))
+        return [job for root in dict.fromkeys(jobs) for job in sorted(root.glob("*"))]
 
     def environment(self) -> dict[str, str]:
         """AIRFLOW_CONN_* and TRAINER__* variables that point the unchanged pipeline at these services."""

@@ -80,11 +80,9 @@ def describe(cloud: LocalCloud, instance_id: str) -> dict[str, Any]:
 
 
 def target_of(cloud: LocalCloud, instance_id: str, host_public_key: str, client_key: SshKeyPair) -> SshTarget:
-    # moto hands out a public IP of its own at launch; the emulator replaces it with the loopback one at boot.
-    address = wait_until(
-        f"a loopback public IP for {instance_id}",
-        lambda: (ip := describe(cloud, instance_id).get("PublicIpAddress", "")).startswith("127.0.") and ip,
-    )
+    # The loopback "public IP" is set inside RunInstances, as EC2 does: never a moment without it.
+    address = str(describe(cloud, instance_id)["PublicIpAddress"])
+    assert address.startswith("127.0."), address
     return SshTarget(
         host=address,
         port=cloud.ssh_port,
