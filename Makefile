@@ -29,7 +29,7 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks
@@ -39,7 +39,7 @@ ui: install
 	@test -f $(STATE)/airflow/airflow.db || { echo "No demo data in $(STATE): run make demo first"; exit 1; }
 	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(CURDIR)/$(STATE)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__PARALLELISM=2 \
-	  bash -c 'trap "kill 0" EXIT; \
+	  bash -c 'trap "kill 0" EXIT; airflow pools import $(CURDIR)/config/pools.json >/dev/null; \
 	    mlflow server --backend-store-uri sqlite:///$(CURDIR)/$(STATE)/services/mlflow/mlflow.db \
 	      --artifacts-destination $(CURDIR)/$(STATE)/services/mlflow/artifacts --host 127.0.0.1 --port 5000 --workers 1 & \
 	    airflow standalone'

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -16,14 +17,23 @@ import pytest
 from embedded.stack import EmbeddedStack, TrainingKnobs
 from tests.conftest import REPO
 
-TINY_DATA = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&size=64&seed=0"
-
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Any) -> Iterator[EmbeddedStack]:
-    knobs = TrainingKnobs(epochs=1, batch_size=16, data_uri=TINY_DATA, image_size=64, threshold=0.0)
-    with EmbeddedStack(tmp_path_factory.mktemp("embedded"), REPO, knobs=knobs) as running:
+    with EmbeddedStack(tmp_path_factory.mktemp("embedded"), REPO, knobs=TrainingKnobs.tiny()) as running:
         yield running
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that used the stack shows what the emulator did with each instance, last, where CI's tail is."""
+    report = yield
+    running = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(running, EmbeddedStack):
+        report.sections.append(("emulated instances", running.cloud.boot_report()))
+    return report
 
 
 @pytest.fixture
@@ -40,22 +50,31 @@ def sha() -> str:
     return out.stdout.strip()
 
 
-@pytest.fixture
-def planted(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Known secret values set in every connection the run uses; none may show up anywhere readable."""
+def planted_connections(stack: EmbeddedStack) -> tuple[dict[str, str], dict[str, str]]:
+    """Known secret values, and the AIRFLOW_CONN_* variables that carry them in every connection the run uses."""
     secrets = {
         "aws": "planted-aws-secret-key-0123456789",
         "mlflow": "planted-mlflow-password-0123456789",
-        "github": env.github_token,
-        "ssh": env.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
+        "github": stack.github_token,
+        "ssh": stack.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
     }
-    aws = json.loads(env.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
+    aws = json.loads(stack.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
     aws.update(login="AKIAPLANTEDKEYID0000", password=secrets["aws"])
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MLFLOW_DEFAULT",
-        json.dumps({"conn_type": "http", "login": "trainer", "password": secrets["mlflow"]}),
-    )
+    connections = {
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
+        "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(
+            {"conn_type": "http", "login": "trainer", "password": secrets["mlflow"]}
+        ),
+    }
+    return secrets, connections
+
+
+@pytest.fixture
+def planted(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Known secret values set in every connection the run uses; none may show up anywhere readable."""
+    secrets, connections = planted_connections(env)
+    for name, value in connections.items():
+        monkeypatch.setenv(name, value)
     return secrets
 
 
@@ -87,3 +106,80 @@ def assert_all_terminated(stack: EmbeddedStack, dag_run: Any, expected_count: in
         k: v["State"]["Name"] for k, v in found.items()
     }
     return found
+
+
+def stored_task_outputs(dag_run: Any) -> str:
+    """Every XCom and every rendered template field the run left in Airflow's database, as text."""
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        xcoms: Sequence[Any] = session.scalars(
+            select(XComModel.value).where(XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id)
+        ).all()
+        rendered: Sequence[Any] = session.scalars(
+            select(RenderedTaskInstanceFields.rendered_fields).where(
+                RenderedTaskInstanceFields.dag_id == dag_run.dag_id,
+                RenderedTaskInstanceFields.run_id == dag_run.run_id,
+            )
+        ).all()
+    assert xcoms and rendered, "nothing stored: the scan would prove nothing"
+    return json.dumps([xcoms, rendered], default=str)
+
+
+class ProcessListSampler:
+    """Samples every process's command line while a run goes on: the stand-in instance shares this machine.
+
+    `ps` runs at once, then every `interval_s`; lines can be read while sampling goes on.
+    """
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.samples = 0
+        self._seen: set[str] = set()
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="process-list-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            # -ww: never cut a command line to a display width (a secret could sit past the cut).
+            out = subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True, check=False)
+            if out.returncode == 0:
+                with self._lock:
+                    self._seen.update(out.stdout.splitlines())
+                    self.samples += 1
+            if self._stop.wait(self._interval_s):
+                return
+
+    def lines(self) -> set[str]:
+        """Every distinct command line seen so far."""
+        with self._lock:
+            return set(self._seen)
+
+    def text(self) -> str:
+        """The command lines seen so far, one a line; fails if no sample was taken, as a scan would prove nothing."""
+        lines = self.lines()
+        assert self.samples, "the process list was never sampled: the scan would prove nothing"
+        return "\n".join(sorted(lines))
+
+    def saw(self, fragment: str) -> bool:
+        return any(fragment in line for line in self.lines())
+
+    def __enter__(self) -> ProcessListSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def planted_found(planted: Mapping[str, str], places: Mapping[str, str]) -> dict[str, int]:
+    """Occurrences of each planted value in each place, as {"<secret> in <place>": count}; empty when none leaked."""
+    found = {
+        f"{secret} in {place}": text.count(value) for secret, value in planted.items() for place, text in places.items()
+    }
+    return {where: count for where, count in found.items() if count}

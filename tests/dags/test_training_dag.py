@@ -8,68 +8,35 @@ EC2 backend, the GitHub stand-in, the instance's bootstrap), never inside the or
 from __future__ import annotations
 
 import base64
-import json
-import shutil
-import subprocess
 import threading
 from typing import Any
 
 import pytest
 
 from embedded.stack import EmbeddedStack
-from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+from tests.pipeline_fixtures import (
+    ProcessListSampler,
+    assert_all_terminated,
+    planted_found,
+    run_dag,
+    stored_task_outputs,
+    task_states,
+)
 
 pytestmark = pytest.mark.slow
 
 
-class ProcessListSampler:
-    """Samples every process's command line while a run goes on: the stand-in instance shares this machine."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout
-            self.seen.update(out.splitlines())
-
-    def __enter__(self) -> ProcessListSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def stored_task_outputs(dag_run: Any) -> str:
-    """Every XCom and every rendered template field the run left in Airflow's database, as text."""
-    from airflow.models.renderedtifields import RenderedTaskInstanceFields
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        xcoms = session.scalars(
-            select(XComModel.value).where(XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id)
-        ).all()
-        rendered = session.scalars(
-            select(RenderedTaskInstanceFields.rendered_fields).where(
-                RenderedTaskInstanceFields.dag_id == dag_run.dag_id,
-                RenderedTaskInstanceFields.run_id == dag_run.run_id,
-            )
-        ).all()
-    assert xcoms and rendered, "nothing stored: the scan would prove nothing"
-    return json.dumps([xcoms, rendered], default=str)
-
-
 def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
-    env: EmbeddedStack, sha: str, planted: dict[str, str], capfd: pytest.CaptureFixture[str]
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     from mlflow import MlflowClient
 
+    # A registered model of its own: runs earlier in the session (the fault suite's) may have promoted a champion.
+    monkeypatch.setenv("TRAINER__MLFLOW__MODEL_NAME", "hurricane-damage-cnn-happy-path")
     with ProcessListSampler() as processes:
         dag_run = run_dag(git_ref=sha)
     task_log = capfd.readouterr().out
@@ -87,7 +54,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
     evaluation = tis["evaluate"].xcom_pull(task_ids="evaluate")
     assert evaluation["run_id"] == run_id
-    assert evaluation["promoted"] is True  # threshold 0 and no champion in a fresh server
+    assert evaluation["promoted"] is True  # threshold 0 and no champion for its model yet
     assert f"MLflow run {run_id}" in task_log
     # The UI's extra links: the commit's checks page on the gate, the MLflow run on the training task.
     checks_link = tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink")
@@ -105,11 +72,10 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
         "task log": task_log,
         "XComs and rendered fields": stored_task_outputs(dag_run),
         "user-data": user_data,
-        "process list": "\n".join(processes.seen),
+        "process list": processes.text(),
     }
-    assert any("mlflow run" in line for line in processes.seen), "the sampler never saw the training job"
-    leaks = [(secret, place) for secret, value in planted.items() for place, text in places.items() if value in text]
-    assert leaks == []
+    assert processes.saw("mlflow run"), "the sampler never saw the training job"
+    assert planted_found(planted, places) == {}
 
 
 def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) -> None:
@@ -194,6 +160,38 @@ def test_no_capacity_anywhere_fails_cleanly(env: EmbeddedStack, sha: str, monkey
     assert_all_terminated(env, dag_run, 0)
 
 
+def test_instance_cap_reached_fails_without_launching_or_retrying(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Another instance of the project holds the only slot for longer than the launch may wait."""
+    monkeypatch.setenv("TRAINER__AWS__MAX_INSTANCES", "1")
+    monkeypatch.setenv("TRAINER__AWS__INSTANCE_WAIT_MINUTES", "0")
+    ec2 = env.cloud.client("ec2")
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    holder = ec2.run_instances(
+        ImageId=image_id,
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "ec2-trainer:project", "Value": "ec2-trainer"}]}
+        ],
+    )["Instances"][0]["InstanceId"]
+    try:
+        dag_run = run_dag(git_ref=sha)
+    finally:
+        ec2.terminate_instances(InstanceIds=[holder])
+    log = capfd.readouterr().out
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["launch"] == "failed"
+    assert states["terminate"] == "success"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["launch"].try_number == 1, "waiting again on a retry would multiply the configured wait"
+    assert "at the cap aws.max_instances = 1" in log and holder in log
+    assert_all_terminated(env, dag_run, 0)
+
+
 def test_bootstrap_error_fails_fast_and_terminates(
     env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -210,9 +208,10 @@ def test_bootstrap_error_fails_fast_and_terminates(
     assert "error: python" in out  # the bootstrap's own error line reached the task log
 
 
-def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: str) -> None:
+def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: str, planted: dict[str, str]) -> None:
     # Valid for the orchestrator, but the job finds no dataset there and exits non-zero.
-    dag_run = run_dag(git_ref=sha, data_uri="file:///nonexistent/hurricane-data")
+    with ProcessListSampler() as processes:
+        dag_run = run_dag(git_ref=sha, data_uri="file:///nonexistent/hurricane-data")
 
     states = task_states(dag_run)
     assert dag_run.state == "failed"
@@ -220,6 +219,9 @@ def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: 
     assert states["evaluate"] == "upstream_failed"
     assert states["terminate"] == "success"
     assert_all_terminated(env, dag_run, 1)
+    # A failed run too: the planted secrets never reached a command line while the job ran.
+    assert processes.saw("mlflow run"), "the sampler never saw the training job"
+    assert planted_found(planted, {"process list": processes.text()}) == {}
 
 
 def test_retried_launch_adopts_the_instance_it_already_started(
@@ -261,8 +263,8 @@ def test_instance_terminated_from_outside_is_reported_promptly(
     def terminate_once_training() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            logs = list((env.state_dir / "jobs").glob("*/output.log"))
-            if logs and "epoch" in logs[0].read_text(errors="replace"):
+            logs = [job / "output.log" for job in env.job_dirs() if job not in earlier_jobs]
+            if logs and logs[0].exists() and "epoch" in logs[0].read_text(errors="replace"):
                 ec2 = env.cloud.client("ec2")
                 live = ec2.describe_instances(
                     Filters=[
@@ -276,7 +278,7 @@ def test_instance_terminated_from_outside_is_reported_promptly(
             time.sleep(0.2)
 
     # Job logs of earlier runs' (terminated) instances must not be mistaken for this run's.
-    shutil.rmtree(env.state_dir / "jobs", ignore_errors=True)
+    earlier_jobs = set(env.job_dirs())
     # Long enough to be caught in the middle: many epochs of the tiny set.
     killer = threading.Thread(target=terminate_once_training, daemon=True)
     killer.start()
@@ -324,5 +326,5 @@ def test_host_answering_with_another_key_is_refused(
     assert "possible man-in-the-middle" in log
     assert impostors, "the impostor server never started"
     assert "Accepted publickey" not in impostors[0].read_log(), "the client must not even authenticate"
-    assert not (env.state_dir / "jobs" / job_key(dag_run.dag_id, dag_run.run_id)).exists(), "no job may start"
+    assert job_key(dag_run.dag_id, dag_run.run_id) not in {job.name for job in env.job_dirs()}, "no job may start"
     assert_all_terminated(env, dag_run, 1)

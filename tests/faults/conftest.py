@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipeline_fixtures import ProcessListSampler
+
 TABLE_FILE_ENV = "FAULT_TABLE_FILE"
 TITLE = "Fault-injection suite"
 _ROWS = pytest.StashKey[list["FaultRow"]]()
@@ -24,7 +26,9 @@ class FaultRow:
     expected: str
     observed: str
     instances_left: int  # the run's instances not terminated at the end
-    secrets_found: int  # occurrences of the planted secrets in logs, XComs, rendered fields and user-data
+    # occurrences of the planted secrets in logs, XComs, rendered fields, user-data and the process list (sampled
+    # for the whole test: the stand-in instance's processes, training included, run on this machine)
+    secrets_found: int
 
 
 class FaultTable:
@@ -47,6 +51,13 @@ def pytest_runtest_makereport(
     if report.when == "call":
         item.stash[_CALL_REPORT] = report
     return report
+
+
+@pytest.fixture
+def processes() -> Iterator[ProcessListSampler]:
+    """Every command line seen on this machine while the test runs: record_run scans it for the planted secrets."""
+    with ProcessListSampler() as sampler:
+        yield sampler
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from typing import Any
 
 from embedded.cloud import EmulatedInstance
 from embedded.stack import EmbeddedStack
-from tests.dags.test_training_dag import stored_task_outputs
-from tests.pipeline_fixtures import instances_of
+from tests.pipeline_fixtures import ProcessListSampler, instances_of, planted_found, stored_task_outputs
 
 # Long enough for a cold `mlflow run` to reach its first epoch on a busy 2-core machine.
 JOB_WAIT_S = 240.0
@@ -26,14 +25,18 @@ def instances_left(stack: EmbeddedStack, dag_run: Any) -> int:
     return sum(1 for i in instances_of(stack, dag_run).values() if i["State"]["Name"] != "terminated")
 
 
-def secrets_found(planted: Mapping[str, str], stack: EmbeddedStack, dag_run: Any, task_log: str) -> int:
-    """Occurrences of the planted values in the task log, XComs, rendered fields and every instance's user-data."""
+def secrets_found(
+    planted: Mapping[str, str], stack: EmbeddedStack, dag_run: Any, task_log: str, processes: ProcessListSampler
+) -> dict[str, int]:
+    """Where the planted values occur: the task log, XComs, rendered fields, every instance's user-data and the
+    process list sampled during the run (the stand-in instance's processes included); empty when nowhere."""
     ec2 = stack.cloud.client("ec2")
-    places = [task_log, stored_task_outputs(dag_run)]
+    places = {"task log": task_log, "XComs and rendered fields": stored_task_outputs(dag_run)}
     for instance_id in instances_of(stack, dag_run):
         attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        places.append(base64.b64decode(attr["UserData"]["Value"]).decode())
-    return sum(text.count(value) for value in planted.values() for text in places)
+        places[f"user-data of {instance_id}"] = base64.b64decode(attr["UserData"]["Value"]).decode()
+    places["process list"] = processes.text()
+    return planted_found(planted, places)
 
 
 def record_run(
@@ -46,11 +49,13 @@ def record_run(
     dag_run: Any,
     planted: Mapping[str, str],
     log: str,
+    processes: ProcessListSampler,
 ) -> None:
     """Prove the run leaked no planted secret and left no instance running, then record its row."""
-    leaks = secrets_found(planted, stack, dag_run, log)
+    found = secrets_found(planted, stack, dag_run, log, processes)
+    leaks = sum(found.values())
     left = instances_left(stack, dag_run)
-    assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found"
+    assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found: {found}"
     assert left == 0, f"{left} instance(s) of the run are not terminated"
     table.record(scenario, expected, observed, left, leaks)
 
@@ -66,8 +71,8 @@ class OnTraining:
     """Runs `action(job_dir)` once, in a thread, as soon as a job started after this object logs its first epoch."""
 
     def __init__(self, stack: EmbeddedStack, action: Callable[[Path], Any]) -> None:
-        self._jobs = stack.state_dir / "jobs"
-        self._before = {p.name for p in self._jobs.glob("*")}
+        self._stack = stack
+        self._before = set(stack.job_dirs())
         self._action = action
         self.job_dir: Path | None = None
         self.result: Any = None
@@ -77,8 +82,8 @@ class OnTraining:
     def _run(self) -> None:
         deadline = time.monotonic() + JOB_WAIT_S
         while time.monotonic() < deadline:
-            for log in self._jobs.glob("*/output.log"):
-                if log.parent.name not in self._before and "epoch" in log.read_text(errors="replace"):
+            for log in (job / "output.log" for job in self._stack.job_dirs()):
+                if log.parent not in self._before and log.exists() and "epoch" in log.read_text(errors="replace"):
                     self.job_dir = log.parent
                     try:
                         self.result = self._action(log.parent)

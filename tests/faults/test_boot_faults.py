@@ -12,20 +12,23 @@ import pytest
 from embedded.process import free_port
 from orchestrator.ssh import BootstrapTimeoutError, SshTarget, SshTimeoutError, wait_for_bootstrap, wait_for_ssh
 from tests.faults.conftest import FaultTable
+from tests.pipeline_fixtures import ProcessListSampler, planted_found
 from tests.sshd_fixtures import SshKeyPair
 
 pytestmark = pytest.mark.slow
 
 
-def key_lines(pair: SshKeyPair) -> list[str]:
-    """The private key's body lines: none may appear in a message or a log."""
-    return [line for line in pair.private_pem.splitlines() if line and not line.startswith("-----")]
+def key_lines(pair: SshKeyPair) -> dict[str, str]:
+    """The private key's body lines: none may appear in a message, a log or the process list."""
+    lines = [line for line in pair.private_pem.splitlines() if line and not line.startswith("-----")]
+    return {f"key line {i}": line for i, line in enumerate(lines, 1)}
 
 
 def test_sshd_never_answering_times_out(
     ssh_host_keypair: SshKeyPair,
     ssh_client_keypair: SshKeyPair,
     caplog: pytest.LogCaptureFixture,
+    processes: ProcessListSampler,
     fault_table: FaultTable,
 ) -> None:
     closed = SshTarget(
@@ -43,8 +46,11 @@ def test_sshd_never_answering_times_out(
     message = str(raised.value)
     assert "security group allows port" in message
     assert elapsed < 5, f"a 2 s wait took {elapsed:.1f} s"
-    leaks = sum((message + caplog.text).count(line) for line in key_lines(ssh_client_keypair))
-    assert leaks == 0
+    found = planted_found(
+        key_lines(ssh_client_keypair), {"message": message, "log": caplog.text, "process list": processes.text()}
+    )
+    leaks = sum(found.values())
+    assert leaks == 0, found
     fault_table.record(
         "unit: wait_for_ssh on a closed port, 2 s",
         "SshTimeoutError with a clear message",
@@ -59,6 +65,7 @@ def test_bootstrap_never_writing_its_marker_times_out(
     remote_state_dir: Path,
     ssh_client_keypair: SshKeyPair,
     caplog: pytest.LogCaptureFixture,
+    processes: ProcessListSampler,
     fault_table: FaultTable,
 ) -> None:
     (remote_state_dir / "bootstrap.log").write_text("installing packages\n")
@@ -70,8 +77,11 @@ def test_bootstrap_never_writing_its_marker_times_out(
     message = str(raised.value)
     assert "installing packages" in message, "the bootstrap log's tail belongs in the message"
     assert elapsed < 8, f"a 2 s wait took {elapsed:.1f} s"
-    leaks = sum((message + caplog.text).count(line) for line in key_lines(ssh_client_keypair))
-    assert leaks == 0
+    found = planted_found(
+        key_lines(ssh_client_keypair), {"message": message, "log": caplog.text, "process list": processes.text()}
+    )
+    leaks = sum(found.values())
+    assert leaks == 0, found
     fault_table.record(
         "unit: wait_for_bootstrap, no marker, 2 s",
         "BootstrapTimeoutError with the log tail",

@@ -10,7 +10,7 @@ import pytest
 from embedded.stack import EmbeddedStack
 from tests.faults.conftest import FaultTable
 from tests.faults.support import output, record_run
-from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -19,6 +19,7 @@ def test_throttling_and_a_failed_terminate_are_retried(
     env: EmbeddedStack,
     sha: str,
     planted: dict[str, str],
+    processes: ProcessListSampler,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
@@ -75,4 +76,5 @@ def test_throttling_and_a_failed_terminate_are_retried(
         dag_run=dag_run,
         planted=planted,
         log=log,
+        processes=processes,
     )

@@ -19,7 +19,7 @@ import pytest
 from embedded.stack import GITHUB_REPO, EmbeddedStack
 from tests.faults.conftest import FaultTable
 from tests.faults.support import output, record_run
-from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ def test_5xx_burst_and_rate_limit_are_waited_out(
     env: EmbeddedStack,
     sha: str,
     planted: dict[str, str],
+    processes: ProcessListSampler,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
@@ -94,6 +95,7 @@ def test_5xx_burst_and_rate_limit_are_waited_out(
         dag_run=dag_run,
         planted=planted,
         log=log,
+        processes=processes,
     )
 
 
@@ -102,6 +104,7 @@ def test_malformed_answer_fails_the_gate_clearly(
     gate: Any,
     sha: str,
     planted: dict[str, str],
+    processes: ProcessListSampler,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
@@ -124,6 +127,7 @@ def test_malformed_answer_fails_the_gate_clearly(
         dag_run=dag_run,
         planted=planted,
         log=log,
+        processes=processes,
     )
 
 
@@ -133,6 +137,7 @@ def test_commit_without_workflow_runs_fails_after_the_no_runs_timeout(
     sha: str,
     scripted: Any,
     planted: dict[str, str],
+    processes: ProcessListSampler,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
@@ -157,6 +162,7 @@ def test_commit_without_workflow_runs_fails_after_the_no_runs_timeout(
         dag_run=dag_run,
         planted=planted,
         log=log,
+        processes=processes,
     )
 
 
@@ -166,6 +172,7 @@ def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
     sha: str,
     scripted: Any,
     planted: dict[str, str],
+    processes: ProcessListSampler,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
@@ -195,4 +202,5 @@ def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
         dag_run=dag_run,
         planted=planted,
         log=log,
+        processes=processes,
     )
