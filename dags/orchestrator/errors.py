@@ -8,4 +8,4 @@ class OrchestratorError(Exception):
 
 
 class ConfigError(OrchestratorError):
-    """A configuration value or a DAG param is invalid; the message names the field."""
+    """A configuration value or a DAG param is invalid; the message names the field. No retry can fix it."""

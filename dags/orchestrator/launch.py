@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.errors import ConfigError
 
 Market = Literal["spot", "on-demand"]
 
@@ -35,7 +35,7 @@ _TAG_UNSAFE_RE = re.compile(r"[^\w .:/=+\-@]")
 _HASH_SUFFIX_LEN = 8
 
 
-class AmiNotFoundError(OrchestratorError):
+class AmiNotFoundError(ConfigError):
     """The SSM parameter naming the AMI does not exist or does not hold an AMI id."""
 
 

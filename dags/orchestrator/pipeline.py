@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.settings import Settings, load_settings, validate_git_ref
@@ -36,6 +37,17 @@ def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+@contextlib.contextmanager
+def fail_without_retry(*errors: type[Exception]) -> Iterator[None]:
+    """Errors no retry can fix fail the task at once: retrying a bad instance type only delays the message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except errors as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
 def settings_of(config: Mapping[str, Any]) -> Settings:
     return Settings.from_dict({k: v for k, v in config.items() if k != "git_ref"})
 
@@ -48,13 +60,14 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     from orchestrator.launch import resolve_ami
 
     s = settings_of(config)
-    unoffered = unoffered_instance_types(aws_client("ec2", s.aws.conn_id, s.aws.region), s.aws.instance_types)
-    if unoffered:
-        raise ConfigError(
-            f"aws.instance_types: {unoffered} not offered in {s.aws.region}: check the spelling "
-            "(e.g. g6.xlarge) or choose types this region has"
-        )
-    ami_id = resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
+    with fail_without_retry(ConfigError):
+        unoffered = unoffered_instance_types(aws_client("ec2", s.aws.conn_id, s.aws.region), s.aws.instance_types)
+        if unoffered:
+            raise ConfigError(
+                f"aws.instance_types: {unoffered} not offered in {s.aws.region}: check the spelling "
+                "(e.g. g6.xlarge) or choose types this region has"
+            )
+        ami_id = resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
     log.info("AMI %s (from %s)", ami_id, s.aws.ami_ssm_parameter)
     return {"ami_id": ami_id, "git_sha": git_sha, "dag_id": dag_id, "run_id": run_id}
 
@@ -64,16 +77,16 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]
 
     A new instance waits for a slot under aws.max_instances first; its deadline counts from when it is launched.
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     from orchestrator.connections import aws_client
     from orchestrator.ec2 import InstanceCapError, adopt_run_instance, wait_for_instance_slot
+    from orchestrator.errors import ConfigError
 
     s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     launched = adopt_run_instance(ec2, plan["dag_id"], plan["run_id"], s.aws.project_tag)
     if launched is None:
-        try:
+        # A retry after the cap held too long would wait the whole aws.instance_wait_minutes again.
+        with fail_without_retry(InstanceCapError, ConfigError):
             wait_for_instance_slot(
                 ec2,
                 s.aws.project_tag,
@@ -81,10 +94,7 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]
                 timeout_s=s.aws.instance_wait_minutes * 60,
                 poll_s=s.instance.poll_seconds,
             )
-        except InstanceCapError as exc:
-            # Retries are for transient errors: a retry would wait the whole aws.instance_wait_minutes again.
-            raise AirflowFailException(str(exc)) from None
-        launched = _launch_new(s, plan, ec2)
+            launched = _launch_new(s, plan, ec2)
     else:
         log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
     return {

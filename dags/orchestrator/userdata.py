@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.errors import ConfigError
 from orchestrator.hostkeys import HostKey
 
 # The project's userdata/ folder, beside dags/.
@@ -34,7 +34,7 @@ _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*$")
 _PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( [^\n]*)?$")
 
 
-class UserDataTooLargeError(OrchestratorError):
+class UserDataTooLargeError(ConfigError):
     """The rendered user-data exceeds EC2's 16 KB limit."""
 
 

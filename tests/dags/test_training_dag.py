@@ -121,6 +121,9 @@ def test_unknown_instance_type_is_refused_before_launch(
     assert states["plan_launch"] == "failed"
     assert states["launch"] == "upstream_failed"
     assert "aws.instance_types: ['p9.huge'] not offered in us-east-1" in capfd.readouterr().out
+    # A misspelt type is not transient: the task fails on its first try instead of spending its retries.
+    (plan,) = (ti for ti in dag_run.get_task_instances() if ti.task_id == "plan_launch")
+    assert plan.try_number == 1
     assert_all_terminated(env, dag_run, 0)
 
 
