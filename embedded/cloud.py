@@ -92,6 +92,8 @@ class LocalCloud:
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.instances: dict[str, EmulatedInstance] = {}
         self._addresses = (f"127.0.{b}.{c}" for b, c in itertools.product(range(1, 255), range(2, 255)))
+        # Instance id -> its address, entered once RunInstances has finished with it: only these may boot.
+        self._planned: dict[str, str] = {}
         self._server: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,18 +170,6 @@ class LocalCloud:
                 )
             return self._clients[service]
 
-    def reset(self) -> None:
-        """Forget every instance (moto's own reset), powering off the emulated ones first."""
-        with self._lock:
-            for inst in self.instances.values():
-                self._power_off(inst)
-            self.instances.clear()
-        import urllib.request
-
-        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")  # noqa: S310
-        urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - the loopback moto server
-        self._seed()
-
     def boot_report(self) -> str:
         """What the emulator did with each instance (its console, in effect): read when a test fails."""
         with self._lock:
@@ -196,19 +186,23 @@ class LocalCloud:
 
     def _install_address_plan(self) -> None:
         """Give each instance its loopback "public IP" inside RunInstances, as EC2 does: an instance is never seen
-        running without its address (assigning it later, on the emulator's tick, raced a fast describe)."""
+        running without its address (assigning it later, on the emulator's tick, raced a fast describe).
+
+        moto lists an instance before its RunInstances has returned, so the emulator boots only instances entered in
+        `_planned`, here, after their address is set (booting one earlier put its sshd on moto's own address)."""
         from moto.ec2.models.instances import InstanceBackend
 
         original = InstanceBackend.run_instances
         addresses, lock = self._addresses, threading.Lock()  # RunInstances may be served by several threads
-        tag_key = self.project_tag_key
+        tag_key, planned = self.project_tag_key, self._planned
 
         def run_instances(backend: Any, *args: Any, **kwargs: Any) -> Any:
             reservation = original(backend, *args, **kwargs)
             with lock:
                 for instance in reservation.instances:
                     if any(t["key"] == tag_key for t in instance.get_tags()):  # only the instances it emulates
-                        instance.nics[0].public_ip = next(addresses)
+                        instance.nics[0].public_ip = address = next(addresses)
+                        planned[instance.id] = address
             return reservation
 
         InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
@@ -257,7 +251,7 @@ class LocalCloud:
             state = moto_inst.state
             with self._lock:
                 known = self.instances.get(moto_inst.id)
-                if known is None and state in _LIVE:
+                if known is None and state in _LIVE and moto_inst.id in self._planned:
                     self._boot(moto_inst)
                 elif known is not None and known.powered_off_at is None:
                     if state in _OFF:
@@ -277,10 +271,9 @@ class LocalCloud:
                 # A new instance boots from a fresh disk; on a shared disk only when no other instance uses it.
                 shutil.rmtree(self.disk_root, ignore_errors=True)
                 self.disk_root.mkdir(parents=True, exist_ok=True)
-        address = moto_inst.nics[0].public_ip  # from the address plan, set when RunInstances created it
-        inst = EmulatedInstance(moto_inst.id, address, root, disk)
+        inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
         self.instances[moto_inst.id] = inst
-        log.info("Booting %s at %s:%s", moto_inst.id, address, self.ssh_port)
+        log.info("Booting %s at %s:%s", moto_inst.id, inst.address, self.ssh_port)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
 
     def host_path(self, inst: EmulatedInstance, path: Path | str) -> Path:

@@ -137,6 +137,31 @@ def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(cloud: LocalClou
     assert describe(cloud, instance_id)["State"]["Name"] == "terminated"
 
 
+def test_an_instance_boots_at_its_address_however_slow_run_instances_is(
+    cloud: LocalCloud, client_key: SshKeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto lists an instance before RunInstances returns; a loaded machine widens that window. Here it spans several
+    emulator polls: the instance must still boot at the address RunInstances gave it, not at moto's own."""
+    from moto.ec2.models.instances import Instance
+
+    setup_defaults = Instance.setup_defaults
+
+    def slow_setup_defaults(self: Any) -> None:  # runs after the instance is listed and tagged, before the return
+        time.sleep(5 * cloud.poll_s)
+        setup_defaults(self)
+
+    monkeypatch.setattr(Instance, "setup_defaults", slow_setup_defaults)
+    host_key = generate_host_key()
+    instance_id = launch(cloud, host_key, client_key)
+    target = target_of(cloud, instance_id, host_key.public_line, client_key)
+    try:
+        booted = wait_until("the emulator to boot the instance", lambda: cloud.instances.get(instance_id))
+        assert booted.address == target.host
+        assert wait_for_bootstrap(target, str(cloud.disk_root / "state"), timeout_s=WAIT_S, poll_s=0.2).ok
+    finally:
+        cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
+
+
 def test_watchdog_deadline_powers_the_instance_off(cloud: LocalCloud, client_key: SshKeyPair) -> None:
     instance_id = launch(cloud, generate_host_key(), client_key, deadline_in_s=2)
     wait_until(
