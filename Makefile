@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STATE := .state
+# Test processes (pytest-xdist), each with its own embedded stack: most tests wait on runs, so two halve CI on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint unit ui clean install system-deps
 
@@ -29,7 +31,7 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
-	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks

@@ -50,4 +50,5 @@ pytest_plugins = [
     "tests.mlflow_fixtures",
     "tests.pipeline_fixtures",
     "tests.github_fixtures",
+    "tests.fault_table",
 ]

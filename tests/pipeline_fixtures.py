@@ -10,6 +10,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
+from secrets import token_hex
 from typing import Any
 
 import pytest
@@ -50,11 +51,16 @@ def sha() -> str:
     return out.stdout.strip()
 
 
+# Drawn per test process: another xdist worker's runs never carry this process's values, so its scans cannot be
+# confused by a test here that shows a planted value on purpose, nor ours by its.
+_PLANTED_SUFFIX = token_hex(8)
+
+
 def planted_connections(stack: EmbeddedStack) -> tuple[dict[str, str], dict[str, str]]:
     """Known secret values, and the AIRFLOW_CONN_* variables that carry them in every connection the run uses."""
     secrets = {
-        "aws": "planted-aws-secret-key-0123456789",
-        "mlflow": "planted-mlflow-password-0123456789",
+        "aws": f"planted-aws-secret-key-{_PLANTED_SUFFIX}",
+        "mlflow": f"planted-mlflow-password-{_PLANTED_SUFFIX}",
         "github": stack.github_token,
         "ssh": stack.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
     }

@@ -74,7 +74,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
         "user-data": user_data,
         "process list": processes.text(),
     }
-    assert processes.saw("mlflow run"), "the sampler never saw the training job"
+    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     assert planted_found(planted, places) == {}
 
 
@@ -223,7 +223,7 @@ def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: 
     assert states["terminate"] == "success"
     assert_all_terminated(env, dag_run, 1)
     # A failed run too: the planted secrets never reached a command line while the job ran.
-    assert processes.saw("mlflow run"), "the sampler never saw the training job"
+    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     assert planted_found(planted, {"process list": processes.text()}) == {}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from embedded.cloud import EmulatedInstance
 from embedded.stack import EmbeddedStack
+from tests.fault_table import FaultTable
 from tests.pipeline_fixtures import ProcessListSampler, instances_of, planted_found, stored_task_outputs
 
 # Long enough for a cold `mlflow run` to reach its first epoch on a busy 2-core machine.
@@ -40,7 +41,7 @@ def secrets_found(
 
 
 def record_run(
-    table: Any,
+    table: FaultTable,
     scenario: str,
     expected: str,
     observed: str,

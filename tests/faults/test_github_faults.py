@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from embedded.stack import GITHUB_REPO, EmbeddedStack
-from tests.faults.conftest import FaultTable
+from tests.fault_table import FaultTable
 from tests.faults.support import output, record_run
 from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
 

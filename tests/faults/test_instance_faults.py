@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from embedded.stack import EmbeddedStack
-from tests.faults.conftest import FaultTable
+from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining, drop_ssh, kill_job, output, record_run
 from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
 
@@ -48,7 +48,7 @@ def test_ssh_dropped_mid_training_reconnects_to_the_same_job(
     assert (fault.job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
     assert f"train | epoch {EPOCHS}/{EPOCHS}" in log, "the stream went on to the end"
     assert_all_terminated(env, dag_run, 1)
-    assert processes.saw("mlflow run"), "the sampler never saw the training job: the scan would not cover it"
+    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the job: no scan of it"
     record_run(
         fault_table,
         "SSH dropped mid-training (sshd restarted, sessions killed)",
@@ -87,7 +87,7 @@ def test_job_killed_on_the_instance_fails_the_run_and_terminates(
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["train"].try_number == 1, "a lost job is final: a retry would re-attach to the same dead job"
     assert_all_terminated(env, dag_run, 1)
-    assert processes.saw("mlflow run"), "the sampler never saw the training job: the scan would not cover it"
+    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the job: no scan of it"
     record_run(
         fault_table,
         "training job's process group SIGKILLed",
@@ -139,7 +139,7 @@ def test_mlflow_down_for_a_while_is_retried_by_the_job(
     assert run.info.status == "FINISHED"
     assert run.data.metrics.get("test_accuracy") is not None
     assert_all_terminated(env, dag_run, 1)
-    assert processes.saw("mlflow run"), "the sampler never saw the training job: the scan would not cover it"
+    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the job: no scan of it"
     record_run(
         fault_table,
         f"MLflow server down ~{fault.result:.0f} s mid-training",

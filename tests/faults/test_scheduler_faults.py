@@ -20,6 +20,7 @@ from benchmarks.load_benchmark import load_settings
 from embedded.airflow_local import LocalAirflow
 from embedded.load import DAG_ID, run_batch
 from embedded.stack import EmbeddedStack
+from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining
 from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found
 
@@ -66,7 +67,7 @@ def test_many_runs_at_once_stay_under_the_cap_apart_and_clean(
     sha: str,
     planted_in_airflow: dict[str, str],
     processes: ProcessListSampler,
-    fault_table: Any,
+    fault_table: FaultTable,
 ) -> None:
     report = run_batch(
         stack,
@@ -81,7 +82,7 @@ def test_many_runs_at_once_stay_under_the_cap_apart_and_clean(
 
     assert report.problems() == []
     assert report.max_live_instances == CAP, "the cap was never reached: the batch did not test it"
-    assert processes.saw("mlflow run"), "the sampler never saw a training job"
+    assert processes.saw(f"mlflow run {stack.git.url}"), "the sampler never saw a training job"
     leaks = scan(planted_in_airflow, stack, airflow, {r.run_id: r.instance_id for r in report.runs}, processes)
     assert leaks == {}
     fault_table.record(
@@ -112,7 +113,7 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
     sha: str,
     planted_in_airflow: dict[str, str],
     processes: ProcessListSampler,
-    fault_table: Any,
+    fault_table: FaultTable,
 ) -> None:
     run_id = "killed_task__01"
     with OnTraining(stack, lambda job_dir: kill_task_process(airflow, run_id, "train")) as killer:
