@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -109,29 +110,24 @@ def test_faults(standin: GitHubStandIn) -> None:
 
 
 def test_runs_as_a_module(repo: tuple[Path, str], tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "embedded.github_standin", "--repo-dir", str(repo[0]), "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    log = tmp_path / "standin.log"
+    with log.open("wb") as sink:
+        # Port 0: the server takes a free port itself and logs it (a port picked here could be taken meanwhile).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedded.github_standin", "--repo-dir", str(repo[0]), "--port", "0"],
+            cwd=Path(__file__).resolve().parents[2],
+            stderr=sink,
+        )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                status, _, body = get(f"http://127.0.0.1:{port}/repos/{REPO}/commits/main", token=None)
-                break
-            except urllib.error.URLError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while not (served := re.search(r"serving at (http://127\.0\.0\.1:\d+)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        status, _, body = get(f"{served.group(1)}/repos/{REPO}/commits/main", token=None)
         assert (status, body["sha"]) == (200, repo[1])
     finally:
         proc.terminate()
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=30) == 0, log.read_text()
 
 
 def test_script_before_start(repo: tuple[Path, str]) -> None:
