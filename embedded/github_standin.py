@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -286,15 +286,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     token = os.environ.get(args.token_env) if args.token_env else None
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    # Wait for the stop signal with sigwait, not a handler: a handler setting an Event deadlocks if the signal lands
+    # while this thread holds the Event's lock (the likely cause of a SIGTERM sent just after start-up that once went
+    # unanswered). Blocked before the server thread starts, so that thread inherits the mask.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     with GitHubStandIn(args.repo_dir, args.repo, token, port=args.port):
-        stop.wait()
+        signal.sigwait(stop_signals)
 
 
 if __name__ == "__main__":
