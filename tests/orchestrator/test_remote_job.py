@@ -255,7 +255,8 @@ def test_kill_escalates_to_sigkill_after_the_grace_period(ssh_target: SshTarget,
         _wait_until(lambda: Path(job.paths.pid).exists())
         started = time.monotonic()
         job.kill(grace_s=0.4)
-        assert time.monotonic() - started < 5
+        # Well before the job's own 30 s end, with room for a loaded machine: the SIGKILL, not the sleep, ended it.
+        assert time.monotonic() - started < 20
         assert job.exit_code() == 137
         assert not _group_alive(ssh_target, Path(job.paths.pid).read_text().strip())
     finally:

