@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = engine.resolve_device(args.device)
     if args.compile is None:
-        args.compile = device.type == "cuda"
+        args.compile = engine.resolve_compile("auto", device)
     spec = synthetic.SyntheticSpec(
         train_per_class=args.images // 2,
         val_per_class=500,

@@ -16,6 +16,7 @@ from remote.errors import ParameterError
 ModelName = Literal["default", "seed"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 PrecisionName = Literal["auto", "fp32", "bf16"]
+CompileName = Literal["auto", "true", "false"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class TrainConfig:
     workers: int = 4
     max_images: int = 0
     early_stopping_patience: int = 0
-    compile: bool = False
+    compile: CompileName = "auto"
     augment: bool = True
     cache_dir: str = ""
     git_sha: str = ""
@@ -93,6 +94,17 @@ def _bool(name: str) -> Callable[[str], bool]:
     return parse
 
 
+def _compile(raw: str) -> str:
+    """`auto` (compile on CUDA only, where it pays for its compile time), or a yes/no that forces it."""
+    value = raw.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        return str(_bool("compile")(value)).lower()
+    except ParameterError:
+        raise ParameterError(f"compile must be auto, true or false, got {raw!r}") from None
+
+
 def _filters(raw: str) -> tuple[int, ...]:
     parts = [part.strip() for part in raw.replace(" ", ",").split(",") if part.strip()]
     parse = _int("conv_filters entries", 1, 4096)
@@ -119,7 +131,7 @@ _PARAMETERS: dict[str, tuple[Callable[[str], object], str]] = {
     "workers": (_int("workers", 0, 256), "4"),
     "max_images": (_int("max_images", 0, 10_000_000), "0"),
     "early_stopping_patience": (_int("early_stopping_patience", 0, 10_000), "0"),
-    "compile": (_bool("compile"), "false"),
+    "compile": (_compile, "auto"),
     "augment": (_bool("augment"), "true"),
     "cache_dir": (str, ""),
     "git_sha": (str, ""),
@@ -158,6 +170,5 @@ def as_params(config: TrainConfig) -> dict[str, str]:
     """The config as MLflow params, spelled as on the command line."""
     params = {name: str(getattr(config, name)) for name in _PARAMETERS}
     params["conv_filters"] = ",".join(str(width) for width in config.conv_filters)
-    params["compile"] = str(config.compile).lower()
     params["augment"] = str(config.augment).lower()
     return params

@@ -73,15 +73,29 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_bf16(requested: str, device: torch.device) -> bool:
-    """`auto` means bf16 on a GPU that supports it, fp32 elsewhere (bf16 on a CPU is slower, not faster)."""
+    """`auto` means bf16 on a GPU with native bf16 (Ampere and newer), fp32 elsewhere.
+
+    bf16 on a CPU is slower, not faster; on a T4 (g4dn) torch emulates it, also slower than fp32, so emulation
+    does not count as support (`is_bf16_supported()` counts it unless told not to).
+    """
     if requested == "fp32":
         return False
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if requested == "bf16":
         if device.type == "cuda" and not supported:
-            raise ParameterError("precision=bf16 is not supported by this GPU; use precision=fp32 or auto")
+            raise ParameterError(
+                f"precision=bf16: {device_name(device)} has no native bf16 (emulated bf16 is slower than fp32); "
+                "use precision=fp32 or auto"
+            )
         return True
     return supported
+
+
+def resolve_compile(requested: str, device: torch.device) -> bool:
+    """`auto` compiles on CUDA only: the ~15 s compile pays back within an epoch there, never on a CPU."""
+    if requested == "auto":
+        return device.type == "cuda"
+    return requested == "true"
 
 
 def device_name(device: torch.device) -> str:

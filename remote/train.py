@@ -82,6 +82,7 @@ def run(config: TrainConfig) -> dict[str, float]:
 
     device = engine.resolve_device(config.device)
     bf16 = engine.resolve_bf16(config.precision, device)
+    compiled = engine.resolve_compile(config.compile, device)
     engine.seed_everything(config.seed)
     mlflow.set_system_metrics_sampling_interval(_SYSTEM_METRICS_INTERVAL_S)
     with mlflow.start_run(log_system_metrics=True) as active, tempfile.TemporaryDirectory() as scratch:
@@ -95,7 +96,14 @@ def run(config: TrainConfig) -> dict[str, float]:
                 "model_name": config.model,
             }
         )
-        _log_params(config, {"resolved_device": device.type, "resolved_precision": "bf16" if bf16 else "fp32"})
+        _log_params(
+            config,
+            {
+                "resolved_device": device.type,
+                "resolved_precision": "bf16" if bf16 else "fp32",
+                "resolved_compile": str(compiled).lower(),
+            },
+        )
         cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
         root = sources.resolve(config.data_uri, cache_dir)
         started = time.perf_counter()
@@ -133,7 +141,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             learning_rate=config.learning_rate,
             device=device,
             bf16=bf16,
-            compile=config.compile,
+            compile=compiled,
             early_stopping_patience=config.early_stopping_patience,
             augment=config.augment,
             seed=config.seed,

@@ -10,7 +10,7 @@ def test_defaults_and_typed_values():
     config = parse_config(
         ["--data_uri", "synthetic://", "--epochs", "3", "--learning_rate", "0.01", "--compile", "TRUE"]
     )
-    assert (config.epochs, config.learning_rate, config.compile, config.model) == (3, 0.01, True, "default")
+    assert (config.epochs, config.learning_rate, config.compile, config.model) == (3, 0.01, "true", "default")
     assert config.conv_filters == (32, 64, 128, 128)
     assert as_params(config)["conv_filters"] == "32,64,128,128"
 
@@ -24,7 +24,7 @@ def test_defaults_and_typed_values():
         (["--learning_rate", "nan"], "learning_rate must be in"),
         (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
         (["--precision", "fp16"], "precision must be one of"),
-        (["--compile", "maybe"], "compile must be true or false"),
+        (["--compile", "maybe"], "compile must be auto, true or false"),
         (["--conv_filters", "32,x"], "conv_filters entries must be an integer"),
         (["--image_size", "20"], "too small for 4 convolution blocks"),
         (["--bogus", "1"], "unknown arguments --bogus"),

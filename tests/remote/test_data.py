@@ -16,8 +16,21 @@ from remote.layout import CLASS_NAMES, LABELS
 CPU = torch.device("cpu")
 
 
-def _load(root: Path, split: str = "train_another", max_images: int = 0) -> dataset.LoadedSplit:
-    return dataset.load_split(dataset.scan_split(root, split, max_images), 32, CPU, workers=2)
+# The decode paths (PIL on the CPU, nvjpeg on a GPU) must treat bad files alike; CUDA runs where a GPU is present.
+DEVICES = [
+    pytest.param(CPU, id="cpu"),
+    pytest.param(
+        torch.device("cuda"),
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvjpeg decode path)"),
+    ),
+]
+
+
+def _load(
+    root: Path, split: str = "train_another", max_images: int = 0, device: torch.device = CPU
+) -> dataset.LoadedSplit:
+    return dataset.load_split(dataset.scan_split(root, split, max_images), 32, device, workers=2)
 
 
 def test_damage_is_the_positive_class():
@@ -74,28 +87,31 @@ def test_empty_class_is_an_error(tiny_copy):
         dataset.scan(tiny_copy)
 
 
-def test_corrupt_and_non_image_files_are_skipped_and_counted(tiny_copy):
+@pytest.mark.parametrize("device", DEVICES)
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tiny_copy, device):
     folder = tiny_copy / "train_another" / "damage"
     first = sorted(folder.iterdir())[0]
     first.write_bytes(first.read_bytes()[:100])  # truncated JPEG
     (folder / "notes.txt").write_text("not an image")
-    loaded = _load(tiny_copy)
+    loaded = _load(tiny_copy, device=device)
     assert loaded.skipped == 2
     assert loaded.class_counts() == {"damage": 11, "no_damage": 12}
 
 
-def test_a_class_with_no_readable_image_is_an_error(tiny_copy):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_class_with_no_readable_image_is_an_error(tiny_copy, device):
     for path in (tiny_copy / "test" / "damage").iterdir():
         path.write_bytes(b"garbage")
     with pytest.raises(DataError, match="split 'test' has no readable damage image"):
-        _load(tiny_copy, "test")
+        _load(tiny_copy, "test", device=device)
 
 
-def test_other_sizes_are_resized_and_grayscale_converted(tiny_copy):
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_sizes_are_resized_and_grayscale_converted(tiny_copy, device):
     folder = tiny_copy / "train_another" / "no_damage"
     Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "big.png")
     Image.new("L", (32, 32), 128).save(folder / "gray.jpeg")
-    loaded = _load(tiny_copy)
+    loaded = _load(tiny_copy, device=device)
     assert loaded.resized == 1
     assert loaded.images.shape == (26, 3, 32, 32)
 

@@ -68,6 +68,25 @@ def test_device_and_precision_resolution_on_cpu():
             engine.resolve_device("cuda")
 
 
+def test_emulated_bf16_does_not_count_as_support(monkeypatch):
+    """A T4 (g4dn) emulates bf16, slower than fp32: `auto` must pick fp32 there and `bf16` must say why not."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert engine.resolve_bf16("auto", cuda) is False
+    with pytest.raises(ParameterError, match="Tesla T4 has no native bf16"):
+        engine.resolve_bf16("bf16", cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert engine.resolve_bf16("auto", cuda) is True
+
+
+def test_compile_is_on_by_default_on_cuda_only():
+    assert engine.resolve_compile("auto", torch.device("cuda")) is True
+    assert engine.resolve_compile("auto", CPU) is False
+    assert engine.resolve_compile("false", torch.device("cuda")) is False
+    assert engine.resolve_compile("true", CPU) is True
+
+
 def test_progress_line():
     result = engine.EpochResult(2, 0.5, 0.75, 0.4, 0.8, 1.5, 61234.4)
     assert epoch_line(result, 4, elapsed_s=60.0) == (
