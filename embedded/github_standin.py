@@ -1,18 +1,24 @@
 """A local stand-in for the few GitHub REST endpoints the CI gate calls, for the embedded default and the tests.
 
-Serves, on 127.0.0.1 and a free port:
+Serves, on 127.0.0.1 and a free port, shaped by GitHub's REST description (API version 2022-11-28):
 - ``GET /repos/{owner}/{repo}/commits/{ref}``: resolved with ``git rev-parse`` in a local repository
-  (404/422 if unknown);
-- ``GET /repos/{owner}/{repo}/actions/runs?head_sha=&per_page=&page=``: scripted runs, paginated with a Link header.
+  (404 for an unknown name, 422 for an unknown sha);
+- ``GET /repos/{owner}/{repo}/actions/runs?head_sha=&per_page=&page=``: scripted workflow runs, newest first, each
+  run id listed once at its latest attempt, every field the description requires (nullable ones may be null, optional
+  ones absent: ``ABSENT``), paginated (``per_page`` up to 100, a ``Link`` header with next/last/first/prev, at most
+  1,000 results for a filtered query).
 
+Like GitHub, every answer carries an ``ETag`` and the ``x-ratelimit-*`` headers; a matching ``If-None-Match`` is
+answered ``304 Not Modified``, which costs no rate limit when the request carries a token; a spent budget answers 403.
 A sha with nothing scripted answers one completed, successful workflow named "CI": the embedded default's local HEAD
-is "green" with no set-up. Faults (5xx, rate limits, malformed JSON) can be injected for the next requests.
+is "green" with no set-up. Faults (5xx, rate limits, malformed answers) can be injected for the next requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -23,18 +29,38 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Final
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 log = logging.getLogger(__name__)
 
 _COMMITS_RE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/commits/(?P<ref>.+)$")
 _RUNS_RE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/runs$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{4,40}$")
+_DEFAULT_PER_PAGE = 30
 _MAX_PER_PAGE = 100
+# GitHub answers at most 1,000 workflow runs for a query with filters such as head_sha.
+_MAX_FILTERED_RESULTS = 1000
+# Primary rate limits per hour: a personal token, and an anonymous caller (per IP).
+TOKEN_RATE_LIMIT = 5000
+ANONYMOUS_RATE_LIMIT = 60
+_RATE_WINDOW_S = 3600
+_STATUSES = frozenset({"requested", "in_progress", "completed", "queued", "pending", "waiting", None})
+# Scripted runs without timestamps get created_at = this + id minutes: a higher id is a newer run, as on GitHub.
+_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = _Absent()
+"""A scripted field set to ABSENT is left out of the answer (runs recorded in 2020-2021 have no ``name``)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +68,36 @@ class _Fault:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    path: str | None = None  # None: whatever path comes next
+
+
+@dataclass(frozen=True)
+class Served:
+    """One answered request: its path (no query), HTTP status, and whether it carried If-None-Match."""
+
+    path: str
+    status: int
+    conditional: bool
+
+
+@dataclass
+class _RateWindow:
+    limit: int
+    used: int = 0
+    reset: int = 0
+
+    def roll(self, now: float) -> None:
+        if now >= self.reset:
+            self.used, self.reset = 0, int(now) + _RATE_WINDOW_S
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit": str(self.limit),
+            "x-ratelimit-remaining": str(max(self.limit - self.used, 0)),
+            "x-ratelimit-reset": str(self.reset),
+            "x-ratelimit-used": str(self.used),
+            "x-ratelimit-resource": "core",
+        }
 
 
 @dataclass
@@ -49,8 +105,32 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     scripts: dict[str, collections.deque[list[dict[str, Any]]]] = field(default_factory=dict)
     faults: collections.deque[_Fault] = field(default_factory=collections.deque)
-    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    served: list[Served] = field(default_factory=list)
+    rates: dict[bool, _RateWindow] = field(
+        default_factory=lambda: {True: _RateWindow(TOKEN_RATE_LIMIT), False: _RateWindow(ANONYMOUS_RATE_LIMIT)}
+    )
     next_id: int = 1000
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def etag_of(body: bytes) -> str:
+    """A weak validator of the body, as GitHub sends for JSON answers."""
+    return f'W/"{hashlib.sha256(body).hexdigest()[:40]}"'
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    # Weak comparison (RFC 9110 13.1.2): W/ prefixes do not matter; the header may list several tags, or "*".
+    wanted = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in wanted or etag.removeprefix("W/") in wanted
 
 
 class GitHubStandIn:
@@ -111,18 +191,24 @@ class GitHubStandIn:
     ) -> None:
         self.stop()
 
-    # --- scripting -------------------------------------------------------------------------------------------
+    # --- scenario API ----------------------------------------------------------------------------------------
 
     def set_runs(self, sha: str, runs: Sequence[Mapping[str, Any]]) -> None:
         """Every poll for this sha answers these runs."""
         self.script(sha, [runs])
 
     def script(self, sha: str, answers: Sequence[Sequence[Mapping[str, Any]]]) -> None:
-        """Successive polls for this sha answer these run lists in turn; the last one then repeats."""
+        """Successive polls for this sha answer these run lists in turn; the last one then repeats.
+
+        Each run is a partial workflow run: what it leaves out gets GitHub's shape (``id`` fresh, ``name`` "CI",
+        ``workflow_id`` 1, completed/success, attempt 1, timestamps growing with the id). A re-run is the same
+        ``id`` with a higher ``run_attempt``: GitHub lists a run once, at its latest attempt, with a new
+        ``run_started_at`` and the ``created_at`` of its first attempt.
+        """
         if not answers:
             raise ValueError("script() needs at least one list of runs (an empty list means 'no runs yet')")
         with self._state.lock:
-            filled = [[self._fill(sha, dict(run)) for run in runs] for runs in answers]
+            filled = [self._fill_all(sha, runs) for runs in answers]
             self._state.scripts[sha] = collections.deque(filled)
 
     def fail_next(self, n: int = 1, status: int = 502) -> None:
@@ -131,66 +217,163 @@ class GitHubStandIn:
         with self._state.lock:
             self._state.faults.extend(_Fault(status, body) for _ in range(n))
 
-    def rate_limit_next(self, reset_in_s: int) -> None:
-        """The next request answers 403 with x-ratelimit-remaining: 0 and a reset reset_in_s from now."""
+    def rate_limit_next(self, reset_in_s: int, *, repeat_headers: bool = False) -> None:
+        """The next request answers 403 with x-ratelimit-remaining: 0 and a reset reset_in_s from now.
+
+        ``repeat_headers`` sends each rate-limit header twice, as a proxy that merges upstream headers may do.
+        """
         reset = str(int(time.time()) + reset_in_s)
         body = json.dumps({"message": "API rate limit exceeded"}).encode()
-        headers = (("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", reset), ("x-ratelimit-limit", "60"))
+        headers = [("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", reset), ("x-ratelimit-limit", "60")]
+        if repeat_headers:
+            headers += headers
         with self._state.lock:
-            self._state.faults.append(_Fault(403, body, headers))
+            self._state.faults.append(_Fault(403, body, tuple(headers)))
 
-    def malformed_next(self) -> None:
-        """The next request answers 200 with a body that is not JSON."""
+    def malformed_next(self, n: int = 1, payload: Any = ABSENT, *, path: str | None = None) -> None:
+        """The next n requests (to ``path`` only, if given) answer 200 with this JSON payload, or (by default) a
+        body that is not JSON."""
+        body = b"{this is not json" if payload is ABSENT else json.dumps(payload).encode()
         with self._state.lock:
-            self._state.faults.append(_Fault(200, b"{this is not json"))
+            self._state.faults.extend(_Fault(200, body, path=path) for _ in range(n))
+
+    def set_rate_budget(self, remaining: int, *, authenticated: bool = True) -> None:
+        """Spend the current hour's primary rate limit down to ``remaining`` requests."""
+        with self._state.lock:
+            window = self._state.rates[authenticated]
+            window.roll(time.time())
+            window.used = window.limit - remaining
+
+    def rate_used(self, *, authenticated: bool = True) -> int:
+        """Requests counted against this hour's primary rate limit (304s with a token are free)."""
+        with self._state.lock:
+            window = self._state.rates[authenticated]
+            window.roll(time.time())
+            return window.used
+
+    def served(self, path: str) -> list[Served]:
+        """Every request to this path (query string excluded), in order."""
+        with self._state.lock:
+            return [s for s in self._state.served if s.path == path]
 
     def request_count(self, path: str) -> int:
         """How many requests reached this path (query string excluded)."""
-        with self._state.lock:
-            return self._state.counts[path]
+        return len(self.served(path))
 
     @property
     def total_requests(self) -> int:
         with self._state.lock:
-            return sum(self._state.counts.values())
+            return len(self._state.served)
 
     # --- answers ---------------------------------------------------------------------------------------------
 
+    def _fill_all(self, sha: str, runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        filled = [self._fill(sha, dict(run)) for run in runs]
+        ids = [run["id"] for run in filled]
+        if len(ids) != len(set(ids)):
+            raise ValueError(
+                f"run ids {ids} repeat: GitHub lists each run once, at its latest attempt "
+                "(script a re-run as the same id with a higher run_attempt)"
+            )
+        # Newest first, like the API.
+        return sorted(filled, key=lambda run: (run["created_at"], run["id"]), reverse=True)
+
     def _fill(self, sha: str, run: dict[str, Any]) -> dict[str, Any]:
-        # Called with the lock held: complete a partial scripted run with GitHub-shaped defaults.
-        self._state.next_id += 1
+        # Called with the lock held: complete a partial scripted run with GitHub's shape.
+        if "id" not in run:
+            self._state.next_id += 1
         run_id = run.setdefault("id", self._state.next_id)
-        run.setdefault("name", "CI")
-        run.setdefault("workflow_id", 1)
-        run.setdefault("head_sha", sha)
-        run.setdefault("status", "completed")
-        run.setdefault("conclusion", "success" if run["status"] == "completed" else None)
-        run.setdefault("run_attempt", 1)
-        run.setdefault("created_at", "2024-01-01T00:00:00Z")
-        # html_url is filled in when answering: scripts may be set before start() picks the port.
-        run.setdefault("html_url", f"/{self.repo}/actions/runs/{run_id}")
-        return run
+        if not isinstance(run_id, int) or isinstance(run_id, bool):
+            raise ValueError(f"run id {run_id!r} must be an integer (use malformed_next() for broken answers)")
+        name = run.setdefault("name", "CI")
+        status = run.setdefault("status", "completed")
+        if status not in _STATUSES:
+            raise ValueError(f"status {status!r} is not one GitHub reports: {sorted(map(str, _STATUSES))}")
+        conclusion = run.setdefault("conclusion", "success" if status == "completed" else None)
+        if status != "completed" and conclusion is not None:
+            raise ValueError(f"a {status!r} run has no conclusion yet on GitHub, got {conclusion!r}")
+        # An ABSENT run_attempt or run_started_at means the first attempt, started when it was created.
+        attempt = run.setdefault("run_attempt", 1)
+        attempt = attempt if isinstance(attempt, int) else 1
+        workflow_id = run.setdefault("workflow_id", 1)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") if isinstance(name, str) else "ci"
+        created = run.setdefault("created_at", _iso(_EPOCH + timedelta(minutes=run_id)))
+        started = run.setdefault("run_started_at", _iso(_parse_iso(created) + timedelta(hours=attempt - 1)))
+        started = started if isinstance(started, str) else created
+        run.setdefault("updated_at", _iso(_parse_iso(started) + timedelta(minutes=5 if status == "completed" else 0)))
+        # URLs are relative until answered: scripts may be set before start() picks the port.
+        api = f"/repos/{self.repo}/actions/runs/{run_id}"
+        defaults: dict[str, Any] = {
+            "node_id": f"WFR_{run_id}",
+            "check_suite_id": run_id + 500_000,
+            "check_suite_node_id": f"CS_{run_id}",
+            "head_branch": "main",
+            "head_sha": sha,
+            "path": f".github/workflows/{slug or 'ci'}.yml",
+            "display_title": "scripted commit",
+            "run_number": run_id,
+            "event": "push",
+            "url": api,
+            "html_url": f"/{self.repo}/actions/runs/{run_id}",
+            "pull_requests": [],
+            "jobs_url": f"{api}/jobs",
+            "logs_url": f"{api}/logs",
+            "check_suite_url": f"/repos/{self.repo}/check-suites/{run_id + 500_000}",
+            "artifacts_url": f"{api}/artifacts",
+            "cancel_url": f"{api}/cancel",
+            "rerun_url": f"{api}/rerun",
+            "previous_attempt_url": f"{api}/attempts/{attempt - 1}" if attempt > 1 else None,
+            "workflow_url": f"/repos/{self.repo}/actions/workflows/{workflow_id}",
+            "head_commit": {"id": sha, "tree_id": sha, "message": "scripted commit", "timestamp": created},
+            "repository": self._repository(),
+            "head_repository": self._repository(),
+        }
+        for key, value in defaults.items():
+            run.setdefault(key, value)
+        return {key: value for key, value in run.items() if value is not ABSENT}
+
+    def _repository(self) -> dict[str, Any]:
+        owner, name = self.repo.split("/", 1)
+        return {"id": 1, "name": name, "full_name": self.repo, "owner": {"login": owner}, "private": False}
 
     def _runs_for(self, sha: str) -> list[dict[str, Any]]:
         with self._state.lock:
             queue = self._state.scripts.get(sha)
             if queue is None:
-                answer = [self._fill(sha, {"id": 1, "name": "CI"})]
+                answer = self._fill_all(sha, [{"id": 1, "name": "CI"}])
             else:
                 answer = queue[0] if len(queue) == 1 else queue.popleft()
         return [self._absolute(run) for run in answer]
 
     def _absolute(self, run: dict[str, Any]) -> dict[str, Any]:
-        url = run["html_url"]
-        return {**run, "html_url": f"{self.url}{url}" if url.startswith("/") else url}
+        def absolute(key: str, value: Any) -> Any:
+            is_relative = key.endswith("url") and isinstance(value, str) and value.startswith("/")
+            return f"{self.url}{value}" if is_relative else value
 
-    def _count(self, path: str) -> None:
-        with self._state.lock:
-            self._state.counts[path] += 1
+        return {key: absolute(key, value) for key, value in run.items()}
 
-    def _take_fault(self) -> _Fault | None:
+    def _take_fault(self, path: str) -> _Fault | None:
         with self._state.lock:
-            return self._state.faults.popleft() if self._state.faults else None
+            for fault in self._state.faults:
+                if fault.path in (None, path):
+                    self._state.faults.remove(fault)
+                    return fault
+            return None
+
+    def _charge(self, authenticated: bool, free: bool) -> tuple[bool, dict[str, str]]:
+        """Count one request against its rate window; (allowed, rate-limit headers to send)."""
+        with self._state.lock:
+            window = self._state.rates[authenticated]
+            window.roll(time.time())
+            if window.used >= window.limit:
+                return False, window.headers()
+            if not free:
+                window.used += 1
+            return True, window.headers()
+
+    def _record(self, served: Served) -> None:
+        with self._state.lock:
+            self._state.served.append(served)
 
     def _authorized(self, header: str | None) -> bool:
         return self._token is None or header == f"Bearer {self._token}"
@@ -215,18 +398,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
-        path = unquote(parts.path)
-        self.standin._count(path)
-        if not self.standin._authorized(self.headers.get("Authorization")):
+        self._path = unquote(parts.path)
+        self._conditional = "If-None-Match" in self.headers
+        header = self.headers.get("Authorization")
+        if not self.standin._authorized(header):
             self._json(401, {"message": "Bad credentials"})
             return
-        fault = self.standin._take_fault()
+        self._authenticated = header is not None
+        fault = self.standin._take_fault(self._path)
         if fault is not None:
-            self._send(fault.status, fault.body, dict(fault.headers))
+            self._send(fault.status, fault.body, fault.headers)
             return
-        if match := _COMMITS_RE.match(path):
+        if match := _COMMITS_RE.match(self._path):
             self._commit(match["repo"], match["ref"])
-        elif match := _RUNS_RE.match(path):
+        elif match := _RUNS_RE.match(self._path):
             self._runs(match["repo"], parse_qs(parts.query))
         else:
             self._json(404, {"message": "Not Found"})
@@ -237,7 +422,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sha = self.standin._resolve(ref)
         if sha is not None:
-            self._json(200, {"sha": sha})
+            url = self.standin.url
+            commit = {
+                "sha": sha,
+                "node_id": f"C_{sha[:12]}",
+                "url": f"{url}/repos/{repo}/commits/{sha}",
+                "html_url": f"{url}/{repo}/commit/{sha}",
+                "commit": {"message": "local commit", "tree": {"sha": sha}},
+                "parents": [],
+            }
+            self._json(200, commit)
         elif _HEX_RE.match(ref):
             self._json(422, {"message": f"No commit found for SHA: {ref}"})
         else:
@@ -249,30 +443,59 @@ class _Handler(BaseHTTPRequestHandler):
             return
         head_sha = query.get("head_sha", [""])[0]
         try:
-            per_page = min(int(query.get("per_page", ["30"])[0]), _MAX_PER_PAGE)
+            per_page = min(int(query.get("per_page", [str(_DEFAULT_PER_PAGE)])[0]), _MAX_PER_PAGE)
             page = max(int(query.get("page", ["1"])[0]), 1)
         except ValueError:
             self._json(422, {"message": "per_page and page must be integers"})
             return
         runs = self.standin._runs_for(head_sha) if head_sha else []
-        chunk = runs[(page - 1) * per_page : page * per_page]
-        headers = {}
-        if page * per_page < len(runs):
-            base = f"{self.standin.url}/repos/{repo}/actions/runs"
-            headers["Link"] = f'<{base}?head_sha={head_sha}&per_page={per_page}&page={page + 1}>; rel="next"'
+        reachable = runs[:_MAX_FILTERED_RESULTS] if head_sha else runs
+        chunk = reachable[(page - 1) * per_page : page * per_page]
+        last = max((len(reachable) + per_page - 1) // per_page, 1)
+        base = f"{self.standin.url}/repos/{repo}/actions/runs"
+
+        def link(to: int, rel: str) -> str:
+            params = {**{k: v[0] for k, v in query.items()}, "per_page": per_page, "page": to}
+            return f'<{base}?{urlencode(params)}>; rel="{rel}"'
+
+        links = []
+        if page < last:
+            links += [link(page + 1, "next"), link(last, "last")]
+        if page > 1:
+            links += [link(1, "first"), link(page - 1, "prev")]
+        headers = {"Link": ", ".join(links)} if links else {}
         self._json(200, {"total_count": len(runs), "workflow_runs": chunk}, headers)
 
     def _json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), dict(headers or {}))
+        body = json.dumps(payload).encode()
+        headers = dict(headers or {})
+        etag = etag_of(body)
+        not_modified = status == 200 and _matches(self.headers.get("If-None-Match"), etag)
+        if status != 401:
+            # A 304 costs nothing when the request was made with a token (GitHub's rule for conditional requests).
+            allowed, rate_headers = self.standin._charge(self._authenticated, not_modified and self._authenticated)
+            headers |= rate_headers
+            if not allowed:
+                body = json.dumps({"message": "API rate limit exceeded (stand-in budget spent)"}).encode()
+                self._send(403, body, headers)
+                return
+        if not_modified:
+            self._send(304, b"", {"ETag": etag, **headers})
+            return
+        self._send(status, body, {"ETag": etag, **headers} if status == 200 else headers)
 
-    def _send(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+    def _send(self, status: int, body: bytes, headers: Mapping[str, str] | Sequence[tuple[str, str]]) -> None:
+        self.standin._record(Served(self._path, status, self._conditional))
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
+        if status != 304:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+        items = headers.items() if isinstance(headers, Mapping) else headers
+        for name, value in items:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if status != 304:
+            self.wfile.write(body)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

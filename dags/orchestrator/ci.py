@@ -33,48 +33,50 @@ CiState = Literal["success", "pending", "failed", "no_runs"]
 
 
 class MalformedRunError(OrchestratorError):
-    """The GitHub API answered a workflow run this code cannot read."""
+    """The GitHub API answered a workflow run this code cannot read (a field it needs is missing or mistyped)."""
 
 
 @dataclass(frozen=True)
 class WorkflowRun:
-    """One GitHub Actions workflow run (one attempt) as the runs API reports it."""
+    """One GitHub Actions workflow run, at the attempt the runs API reports (its latest).
+
+    Shaped by GitHub's REST description: ``name`` is optional and nullable (runs recorded in 2020-2021 have none),
+    ``status`` and ``conclusion`` are nullable, ``run_attempt`` and ``run_started_at`` are optional.
+    """
 
     id: int
-    name: str
+    name: str | None
     workflow_id: int
     head_sha: str
-    status: str
+    status: str | None
     conclusion: str | None
     run_attempt: int
     html_url: str
     created_at: str
+    run_started_at: str | None = None
+    path: str | None = None
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> WorkflowRun:
         """Read one element of ``workflow_runs[]``; raise `MalformedRunError` naming the bad field."""
         if not isinstance(data, Mapping):
-            raise MalformedRunError(
-                f"expected a workflow run object, got {type(data).__name__}: "
-                "check that api_url points at the GitHub REST API"
-            )
+            raise MalformedRunError(f"expected a workflow run object, got {type(data).__name__}")
         try:
             run = cls(
                 id=_int(data, "id"),
-                name=_str(data, "name"),
+                name=_optional_str(data, "name"),
                 workflow_id=_int(data, "workflow_id"),
                 head_sha=_str(data, "head_sha"),
-                status=_str(data, "status"),
+                status=_optional_str(data, "status"),
                 conclusion=_optional_str(data, "conclusion"),
                 run_attempt=_int(data, "run_attempt", default=1),
                 html_url=_str(data, "html_url"),
                 created_at=_str(data, "created_at"),
+                run_started_at=_optional_str(data, "run_started_at"),
+                path=_optional_str(data, "path"),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedRunError(
-                f"malformed workflow run {data.get('id', '?')!r}: {exc}; "
-                "check that api_url points at the GitHub REST API"
-            ) from exc
+            raise MalformedRunError(f"malformed workflow run {data.get('id', '?')!r}: {exc}") from exc
         return run
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,11 +91,28 @@ class WorkflowRun:
             "run_attempt": self.run_attempt,
             "html_url": self.html_url,
             "created_at": self.created_at,
+            "run_started_at": self.run_started_at,
+            "path": self.path,
         }
+
+    @property
+    def label(self) -> str:
+        """The run's name; for runs without one, its workflow file (``path``), else its workflow id."""
+        if self.name:
+            return self.name
+        if self.path:
+            # "owner/repo/.github/workflows/ci.yml@main" or ".github/workflows/ci.yml": the file is what people know.
+            return self.path.split("@", 1)[0].rsplit("/", 1)[-1]
+        return f"workflow {self.workflow_id}"
+
+    @property
+    def started_at(self) -> str:
+        """When the run's latest attempt started (``run_started_at`` resets on a re-run; older runs lack it)."""
+        return self.run_started_at or self.created_at
 
     def describe(self) -> str:
         """``'CI' completed/failure`` for log lines and messages."""
-        return f"{self.name!r} {self.status}/{self.conclusion or '-'}"
+        return f"{self.label!r} {self.status or '-'}/{self.conclusion or '-'}"
 
 
 def _int(data: Mapping[str, Any], key: str, default: int | None = None) -> int:
@@ -146,18 +165,23 @@ def parse_allowed_conclusions(value: str | Iterable[str] | None) -> frozenset[st
 
 
 def latest_attempts(runs: Iterable[WorkflowRun]) -> tuple[WorkflowRun, ...]:
-    """The run that decides for each workflow: the newest run, and of a re-run the latest attempt."""
-    latest: dict[int, WorkflowRun] = {}
+    """The run that decides for each workflow: the latest attempt of each run id, then the newest run per workflow.
+
+    "Newest" is the latest attempt's start (``run_started_at``, which a re-run resets), not ``created_at`` (which
+    stays the first attempt's): a re-run of an older run that turned green after a newer red run decides.
+    """
+    attempts: dict[int, WorkflowRun] = {}
     for run in runs:
+        current = attempts.get(run.id)
+        if current is None or (run.run_attempt, run.started_at) > (current.run_attempt, current.started_at):
+            attempts[run.id] = run
+    latest: dict[int, WorkflowRun] = {}
+    for run in attempts.values():
         current = latest.get(run.workflow_id)
-        if current is None or _recency(run) > _recency(current):
+        # Timestamps are ISO-8601 UTC and sort as strings; run ids grow over time and break ties.
+        if current is None or (run.started_at, run.id) > (current.started_at, current.id):
             latest[run.workflow_id] = run
-    return tuple(sorted(latest.values(), key=lambda r: (r.name, r.workflow_id)))
-
-
-def _recency(run: WorkflowRun) -> tuple[str, int, int]:
-    # ISO-8601 UTC timestamps sort as strings; run ids grow over time and break ties.
-    return (run.created_at, run.id, run.run_attempt)
+    return tuple(sorted(latest.values(), key=lambda r: (r.label, r.workflow_id)))
 
 
 def evaluate_ci(runs: Iterable[WorkflowRun], allowed_conclusions: Iterable[str] = ()) -> CiVerdict:

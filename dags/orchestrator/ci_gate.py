@@ -3,6 +3,7 @@
 `CiGateOperator` resolves the git ref to a full sha, checks once, and if CI is still running hands the wait to
 `CiGateTrigger` (the triggerer polls; no worker slot sleeps). The token stays in the Airflow connection: the trigger
 receives only the connection id and reads the connection itself, so no secret is serialized or pushed to XCom.
+The deadlines count from the DAG run's start, so a retried task does not restart the wait.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from orchestrator.ci import CiVerdict, WorkflowRun, evaluate_ci, parse_allowed_conclusions
 from orchestrator.errors import ConfigError
-from orchestrator.github import DEFAULT_API_URL, GitHubClient, GitHubError, GitHubRefError, commit_checks_url
+from orchestrator.github import (
+    DEFAULT_API_URL,
+    GitHubClient,
+    GitHubError,
+    GitHubRefError,
+    GitHubResponseError,
+    commit_checks_url,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -30,6 +38,14 @@ log = logging.getLogger(__name__)
 
 SHA_XCOM_KEY = "ci_gate_sha"
 DEFAULT_CONN_ID = "github_default"
+NO_RUNS_MESSAGE = "no GitHub Actions workflow run appeared for this commit"
+
+
+def wait_started_at(context: Context, now: float) -> float:
+    """When the CI wait began: the DAG run's start, so that a retry (after a GitHub outage) keeps the deadline of
+    the first try instead of restarting it. Clearing a finished run resets that start, and with it the wait."""
+    started = context["dag_run"].start_date
+    return started.timestamp() if started is not None else now
 
 
 def _seconds(value: Any, name: str) -> float:
@@ -55,9 +71,9 @@ def _log_changes(logger: _InfoLogger, runs: Iterable[WorkflowRun], seen: dict[in
             seen[run.workflow_id] = key
             logger.info(
                 "workflow %r (attempt %d): %s/%s %s",
-                run.name,
+                run.label,
                 run.run_attempt,
-                run.status,
+                run.status or "-",
                 run.conclusion or "-",
                 run.html_url,
             )
@@ -128,10 +144,16 @@ class CiGateTrigger(BaseTrigger):
             yield _event("error", message, self.sha)
             return
         seen: dict[int, tuple[Any, ...]] = {}
+        # The operator has just checked: the first poll waits one interval too.
+        wait_until = self.deadline
         while True:
+            await asyncio.sleep(max(0.0, min(self.poll_interval_s, wait_until - time.time())))
             try:
                 # The client is synchronous (requests) and may sleep between retries: keep it off the event loop.
                 runs = await asyncio.to_thread(client.list_workflow_runs, self.sha)
+            except GitHubResponseError as exc:
+                yield _event("invalid", str(exc), self.sha)
+                return
             except GitHubError as exc:
                 yield _event("error", str(exc), self.sha)
                 return
@@ -145,13 +167,12 @@ class CiGateTrigger(BaseTrigger):
                 yield _event("failed", verdict.message, self.sha, verdict)
                 return
             if verdict.state == "no_runs" and now >= self.no_runs_deadline:
-                yield _event("timeout", "no GitHub Actions workflow run appeared for this commit", self.sha)
+                yield _event("timeout", NO_RUNS_MESSAGE, self.sha)
                 return
             if now >= self.deadline:
                 yield _event("timeout", f"CI did not finish in time; {verdict.message}", self.sha, verdict)
                 return
-            next_deadline = self.no_runs_deadline if verdict.state == "no_runs" else self.deadline
-            await asyncio.sleep(max(0.0, min(self.poll_interval_s, next_deadline - now)))
+            wait_until = self.no_runs_deadline if verdict.state == "no_runs" else self.deadline
 
 
 class GitHubActionsLink(BaseOperatorLink):
@@ -224,8 +245,9 @@ class CiGateOperator(BaseOperator):
             context["ti"].xcom_push(key=SHA_XCOM_KEY, value=sha)
             self.log.info("CI checks: %s", client.commit_checks_url(sha))
             verdict = evaluate_ci(client.list_workflow_runs(sha), allowed)
-        except GitHubRefError as exc:
-            # A ref that does not exist will not appear on a retry minutes later: fail now.
+        except (GitHubRefError, GitHubResponseError) as exc:
+            # A ref that does not exist will not appear on a retry minutes later, nor will an unreadable answer
+            # become readable: fail now.
             raise AirflowFailException(str(exc)) from None
         _log_changes(self.log, verdict.runs, {})
         if verdict.state == "success":
@@ -233,10 +255,21 @@ class CiGateOperator(BaseOperator):
             return sha
         if verdict.state == "failed":
             raise AirflowFailException(f"{verdict.message} (commit {sha})")
-        self.log.info(
-            "CI gate: %s; deferring (poll every %.0f s, up to %.0f s)", verdict.message, poll_interval_s, timeout_s
-        )
         now = time.time()
+        started = wait_started_at(context, now)
+        deadline = started + timeout_s
+        no_runs_deadline = started + min(no_runs_timeout_s, timeout_s)
+        if verdict.state == "no_runs" and now >= no_runs_deadline:
+            raise AirflowFailException(self._timeout_message(sha, NO_RUNS_MESSAGE))
+        if now >= deadline:
+            raise AirflowFailException(self._timeout_message(sha, f"CI did not finish in time; {verdict.message}"))
+        self.log.info(
+            "CI gate: %s; deferring (poll every %.0f s, %.0f s left of %.0f s)",
+            verdict.message,
+            poll_interval_s,
+            deadline - now,
+            timeout_s,
+        )
         self.defer(
             trigger=CiGateTrigger(
                 conn_id=self.github_conn_id,
@@ -244,11 +277,19 @@ class CiGateOperator(BaseOperator):
                 repo=self.repo,
                 sha=sha,
                 poll_interval_s=poll_interval_s,
-                deadline=now + timeout_s,
-                no_runs_deadline=now + min(no_runs_timeout_s, timeout_s),
+                deadline=deadline,
+                no_runs_deadline=no_runs_deadline,
                 allowed_conclusions=sorted(allowed),
             ),
             method_name="execute_complete",
+        )
+
+    def _timeout_message(self, sha: str, message: str) -> str:
+        checks = commit_checks_url(self.api_url, self.repo, sha)
+        return (
+            f"CI gate timed out for commit {sha} in {self.repo}: {message}. Check that the commit was pushed, "
+            f"that a workflow runs on it (its 'on:' triggers) and that runners are available: {checks}; "
+            "or raise timeout_s / no_runs_timeout_s"
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
@@ -260,13 +301,9 @@ class CiGateOperator(BaseOperator):
         if status == "success":
             self.log.info("CI gate passed for %s: %s (%s)", sha, message, checks)
             return sha
-        if status == "failed":
+        if status in ("failed", "invalid"):
             raise AirflowFailException(f"{message} (commit {sha})")
         if status == "timeout":
-            raise AirflowFailException(
-                f"CI gate timed out for commit {sha} in {self.repo}: {message}. Check that the commit was pushed, "
-                f"that a workflow runs on it (its 'on:' triggers) and that runners are available: {checks}; "
-                "or raise timeout_s / no_runs_timeout_s"
-            )
+            raise AirflowFailException(self._timeout_message(sha, message))
         # An API outage may pass: unlike a red CI, this honours the task's retries.
         raise GitHubError(f"CI gate could not read GitHub for commit {sha}: {message}")

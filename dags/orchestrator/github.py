@@ -2,6 +2,8 @@
 
 ``requests`` is imported inside methods: DAG files import this module (through the CI gate operator) at parse time.
 Every wait is bounded (retries, back-off, rate-limit waits) and the sleep function is injectable so tests run fast.
+Requests are conditional: the last ``ETag`` of each URL goes out as ``If-None-Match`` and a ``304`` reuses the cached
+answer (with a token, a 304 costs no rate limit), so polling an unchanged commit is nearly free.
 The token only ever travels in the ``Authorization`` header: it is absent from reprs, log lines and error messages.
 """
 
@@ -12,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -40,6 +43,10 @@ class GitHubError(OrchestratorError):
 
 class GitHubRefError(GitHubError):
     """A branch or commit is malformed or does not exist in the repository."""
+
+
+class GitHubResponseError(GitHubError):
+    """GitHub (or whatever answers at api_url) sent a document this code cannot read: asking again will not help."""
 
 
 class _NotFoundError(GitHubError):
@@ -88,24 +95,58 @@ def commit_checks_url(api_url: str, repo: str, sha: str) -> str:
     return f"{html_base_url(api_url)}/{repo}/commit/{sha}/checks"
 
 
+def header_ints(headers: Mapping[str, str], name: str) -> list[int]:
+    """The integer values of a header. A header sent twice reaches us comma-joined ("1700000000, 1700000000")."""
+    value = headers.get(name) or ""
+    return [int(part) for part in (piece.strip() for piece in value.split(",")) if part.isdigit()]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """GitHub's primary rate limit as the last answer reported it (``x-ratelimit-*``)."""
+
+    limit: int
+    remaining: int
+    reset: int
+    used: int
+    resource: str
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RateLimit | None:
+        limit, remaining = header_ints(headers, "x-ratelimit-limit"), header_ints(headers, "x-ratelimit-remaining")
+        if not limit or not remaining:
+            return None
+        reset, used = header_ints(headers, "x-ratelimit-reset"), header_ints(headers, "x-ratelimit-used")
+        resource = (headers.get("x-ratelimit-resource") or "core").split(",", 1)[0].strip()
+        # Repeated headers: the most cautious reading (the lowest budget, the latest reset).
+        return cls(min(limit), min(remaining), max(reset, default=0), max(used, default=0), resource)
+
+
 def rate_limit_wait_s(headers: Mapping[str, str], now: float, attempt: int, backoff_s: float) -> float:
     """How long GitHub asks us to wait: until x-ratelimit-reset, retry-after, or at least a minute, backing off."""
-    remaining = headers.get("x-ratelimit-remaining")
-    reset = headers.get("x-ratelimit-reset")
-    if remaining == "0" and reset and reset.isdigit():
-        return max(float(reset) - now, 0.0) + 1.0
-    retry_after = headers.get("retry-after")
-    if retry_after and retry_after.isdigit():
-        return float(retry_after)
+    remaining, reset = header_ints(headers, "x-ratelimit-remaining"), header_ints(headers, "x-ratelimit-reset")
+    if remaining and min(remaining) == 0 and reset:
+        return max(max(reset) - now, 0.0) + 1.0
+    retry_after = header_ints(headers, "retry-after")
+    if retry_after:
+        return float(max(retry_after))
     return max(RATE_LIMIT_MIN_WAIT_S, backoff_s * 2**attempt)
 
 
 def _is_rate_limited(status: int, headers: Mapping[str, str], body: str) -> bool:
     if status == 429:
         return True
+    remaining = header_ints(headers, "x-ratelimit-remaining")
     return status == 403 and (
-        headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers or "rate limit" in body.lower()
+        (bool(remaining) and min(remaining) == 0) or "retry-after" in headers or "rate limit" in body.lower()
     )
+
+
+@dataclass
+class _Cached:
+    etag: str
+    data: Any
+    next_link: str | None
 
 
 class GitHubClient:
@@ -137,6 +178,10 @@ class GitHubClient:
         self._sleep = sleep
         self._clock = clock
         self.timeout_s = timeout_s
+        # Last answer per URL (with its query), for conditional requests.
+        self._cache: dict[str, _Cached] = {}
+        self.rate_limit: RateLimit | None = None
+        self.not_modified = 0
 
     def __repr__(self) -> str:
         token = "set" if self._token else "none"
@@ -176,7 +221,7 @@ class GitHubClient:
             ) from None
         sha = data.get("sha") if isinstance(data, dict) else None
         if not isinstance(sha, str) or not _SHA_RE.match(sha):
-            raise GitHubError(
+            raise GitHubResponseError(
                 f"GitHub answered no commit sha for {ref!r} in {self.repo}: check that api_url is the REST API"
             )
         if _SHA_RE.match(ref) and sha != ref:
@@ -190,9 +235,15 @@ class GitHubClient:
         url: str | None = f"{self.api_url}/repos/{self.repo}/actions/runs"
         params: dict[str, str | int] | None = {"head_sha": sha, "per_page": PER_PAGE, "page": 1}
         runs: list[WorkflowRun] = []
-        for page in range(1, MAX_PAGES + 1):
+        for page in range(1, MAX_PAGES + 2):
             if url is None:
                 break
+            if page > MAX_PAGES:
+                # Deciding on some of the runs could pass a commit whose red run is on a page not read.
+                raise GitHubResponseError(
+                    f"GitHub listed more than {MAX_PAGES} pages of workflow runs for commit {sha} in {self.repo}: "
+                    "refusing to decide on part of them; check that api_url is the GitHub REST API"
+                )
             try:
                 data, next_url = self._get_json(url, params)
             except _NotFoundError:
@@ -229,10 +280,15 @@ class GitHubClient:
         if self._session is None:
             self._session = requests.Session()
         session = self._session
+        key = requests.Request("GET", url, params=params).prepare().url or url
         for attempt in range(self.max_retries + 1):
             last_try = attempt == self.max_retries
+            headers = self._headers()
+            cached = self._cache.get(key)
+            if cached is not None:
+                headers["If-None-Match"] = cached.etag
             try:
-                response = session.get(url, params=params, headers=self._headers(), timeout=self.timeout_s)
+                response = session.get(url, params=params, headers=headers, timeout=self.timeout_s)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if last_try:
                     raise GitHubError(
@@ -250,9 +306,13 @@ class GitHubClient:
                     )
                 self._wait(self.backoff_s * 2**attempt, f"HTTP {status} on GET {url}", attempt)
                 continue
-            headers = {k.lower(): v for k, v in response.headers.items()}
-            if _is_rate_limited(status, headers, response.text):
-                wait = rate_limit_wait_s(headers, self._clock(), attempt, self.backoff_s)
+            answer_headers = {k.lower(): v for k, v in response.headers.items()}
+            self.rate_limit = RateLimit.from_headers(answer_headers) or self.rate_limit
+            if status == 304 and cached is not None:
+                self.not_modified += 1
+                return cached.data, cached.next_link
+            if _is_rate_limited(status, answer_headers, response.text):
+                wait = rate_limit_wait_s(answer_headers, self._clock(), attempt, self.backoff_s)
                 if last_try or wait > self.max_wait_s:
                     raise GitHubError(
                         f"GitHub API rate limit hit on GET {url} (HTTP {status}; would wait {wait:.0f} s, "
@@ -260,25 +320,24 @@ class GitHubClient:
                     )
                 self._wait(wait, f"rate limited (HTTP {status}) on GET {url}", attempt)
                 continue
-            if status == 401:
-                raise GitHubError(
-                    f"GitHub rejected the credentials for GET {url} (401): check the token in the connection's password"
-                )
-            if status in (404, 422):
-                raise _NotFoundError(f"HTTP {status} for GET {url}")
             if status >= 400:
-                raise GitHubError(
-                    f"GitHub API answered {status} for GET {url}: {_api_message(response.text)}; "
-                    "check the repository name and the token's permissions (actions: read, contents: read)"
-                )
+                raise _client_error(status, url, response.text)
             try:
                 data = response.json()
             except (ValueError, json.JSONDecodeError):
-                raise GitHubError(
-                    f"GitHub API returned malformed JSON for GET {url} (HTTP {status}): check that api_url "
-                    "points at the GitHub REST API (https://api.github.com or https://HOST/api/v3)"
-                ) from None
+                # A cut-off answer may pass; an answer that is never JSON is not the REST API, and no retry helps.
+                if last_try:
+                    raise GitHubResponseError(
+                        f"GitHub API returned malformed JSON for GET {url} (HTTP {status}) {attempt + 1} times: "
+                        "check that api_url points at the GitHub REST API (https://api.github.com or "
+                        "https://HOST/api/v3)"
+                    ) from None
+                self._wait(self.backoff_s * 2**attempt, f"malformed JSON on GET {url}", attempt)
+                continue
             next_link = response.links.get("next", {}).get("url")
+            etag = response.headers.get("ETag")
+            if etag:
+                self._cache[key] = _Cached(etag, data, next_link)
             return data, next_link
         raise AssertionError("unreachable: the loop returns or raises on its last attempt")  # pragma: no cover
 
@@ -287,16 +346,32 @@ class GitHubClient:
         self._sleep(seconds)
 
 
+def _client_error(status: int, url: str, body: str) -> GitHubError:
+    if status == 401:
+        return GitHubError(
+            f"GitHub rejected the credentials for GET {url} (401): check the token in the connection's password"
+        )
+    if status in (404, 422):
+        return _NotFoundError(f"HTTP {status} for GET {url}")
+    return GitHubError(
+        f"GitHub API answered {status} for GET {url}: {_api_message(body)}; "
+        "check the repository name and the token's permissions (actions: read, contents: read)"
+    )
+
+
 def _runs_page(data: Any) -> tuple[list[WorkflowRun], int | None]:
     if not isinstance(data, dict) or not isinstance(data.get("workflow_runs"), list):
-        raise GitHubError(
+        raise GitHubResponseError(
             "GitHub runs answer has no 'workflow_runs' list: check that api_url points at the GitHub REST API"
         )
     total = data.get("total_count")
     try:
         runs = [WorkflowRun.from_api(item) for item in data["workflow_runs"]]
     except MalformedRunError as exc:
-        raise GitHubError(str(exc)) from exc
+        raise GitHubResponseError(
+            f"GitHub answered a workflow run this gate cannot read: {exc}. GitHub's own answers always carry it; "
+            "check that api_url points at the GitHub REST API, not a proxy or another service"
+        ) from exc
     return runs, total if isinstance(total, int) else None
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from embedded.github_standin import GitHubStandIn
+from embedded.github_standin import ABSENT, GitHubStandIn
 
 REPO = "local/ec2-trainer"
 
@@ -26,16 +26,51 @@ def standin(repo: tuple[Path, str]) -> Iterator[GitHubStandIn]:
         yield server
 
 
-def get(url: str, token: str | None = "test-token") -> tuple[int, dict[str, str], Any]:
+def get(url: str, token: str | None = "test-token", etag: str | None = None) -> tuple[int, dict[str, str], Any]:
     request = urllib.request.Request(url)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    if etag:
+        request.add_header("If-None-Match", etag)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             body = response.read()
             return response.status, dict(response.headers), json.loads(body)
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
+        body = exc.read()
+        return exc.code, dict(exc.headers), json.loads(body) if body else None
+
+
+# What GitHub's REST description (api.github.com, 2022-11-28) requires of a workflow run.
+REQUIRED_RUN_FIELDS = {
+    "id",
+    "node_id",
+    "head_branch",
+    "run_number",
+    "display_title",
+    "event",
+    "status",
+    "conclusion",
+    "head_sha",
+    "path",
+    "workflow_id",
+    "url",
+    "html_url",
+    "created_at",
+    "updated_at",
+    "head_commit",
+    "head_repository",
+    "repository",
+    "jobs_url",
+    "logs_url",
+    "check_suite_url",
+    "cancel_url",
+    "rerun_url",
+    "artifacts_url",
+    "workflow_url",
+    "pull_requests",
+}
+RATE_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "x-ratelimit-used")
 
 
 def test_resolves_branch_full_and_short_sha(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
@@ -68,6 +103,82 @@ def test_unscripted_sha_answers_one_green_ci(standin: GitHubStandIn, repo: tuple
         "success",
         repo[1],
     )
+    assert set(run) >= REQUIRED_RUN_FIELDS
+    assert run["url"] == f"{standin.url}/repos/{REPO}/actions/runs/{run['id']}"
+
+
+def test_optional_fields_can_be_absent_and_nullable_ones_null(standin: GitHubStandIn) -> None:
+    sha = "a" * 40
+    standin.set_runs(sha, [{"name": ABSENT, "run_attempt": ABSENT, "run_started_at": ABSENT}, {"name": None}])
+    _, _, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}")
+    legacy, unnamed = sorted(body["workflow_runs"], key=lambda r: r["id"])
+    assert not {"name", "run_attempt", "run_started_at"} & set(legacy)
+    assert unnamed["name"] is None
+    assert set(legacy) >= REQUIRED_RUN_FIELDS
+
+
+def test_a_rerun_is_one_entry_at_its_latest_attempt(standin: GitHubStandIn) -> None:
+    sha = "b" * 40
+    with pytest.raises(ValueError, match="GitHub lists each run once, at its latest attempt"):
+        standin.set_runs(sha, [{"id": 9, "run_attempt": 1}, {"id": 9, "run_attempt": 2}])
+    standin.set_runs(sha, [{"id": 9, "run_attempt": 2, "created_at": "2024-05-01T10:00:00Z"}])
+    _, _, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}")
+    (run,) = body["workflow_runs"]
+    # A re-run keeps the first attempt's created_at; run_started_at resets; the previous attempt is linked.
+    assert (run["created_at"], run["run_started_at"]) == ("2024-05-01T10:00:00Z", "2024-05-01T11:00:00Z")
+    assert run["previous_attempt_url"] == f"{standin.url}/repos/{REPO}/actions/runs/9/attempts/1"
+
+
+@pytest.mark.parametrize(
+    ("run", "match"),
+    [
+        ({"status": "in_progress", "conclusion": "success"}, "has no conclusion yet"),
+        ({"status": "done"}, "is not one GitHub reports"),
+        ({"id": "x"}, "must be an integer"),
+    ],
+)
+def test_runs_github_would_never_send_are_refused(standin: GitHubStandIn, run: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        standin.set_runs("c" * 40, [run])
+
+
+def test_etag_and_not_modified(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    url = f"{standin.url}/repos/{REPO}/actions/runs?head_sha={repo[1]}"
+    status, headers, _ = get(url)
+    etag = headers["ETag"]
+    assert (status, etag[:3]) == (200, 'W/"')
+    status, headers, body = get(url, etag=etag)
+    assert (status, body, headers["ETag"]) == (304, None, etag)
+    assert all(name in headers for name in RATE_HEADERS)
+    assert get(url, etag='W/"other"')[0] == 200
+    # With a token, the 304 cost nothing: two of the three requests counted.
+    assert standin.rate_used() == 2
+    assert [s.status for s in standin.served(f"/repos/{REPO}/actions/runs")] == [200, 304, 200]
+
+
+def test_rate_limit_headers_and_a_spent_budget(standin: GitHubStandIn) -> None:
+    url = f"{standin.url}/repos/{REPO}/commits/main"
+    _, headers, _ = get(url)
+    assert (headers["x-ratelimit-limit"], headers["x-ratelimit-remaining"], headers["x-ratelimit-used"]) == (
+        "5000",
+        "4999",
+        "1",
+    )
+    assert headers["x-ratelimit-resource"] == "core"
+    assert int(headers["x-ratelimit-reset"]) > time.time()
+    standin.set_rate_budget(0)
+    status, headers, body = get(url)
+    assert (status, headers["x-ratelimit-remaining"]) == (403, "0")
+    assert "rate limit exceeded" in body["message"]
+
+
+def test_anonymous_budget_is_60_and_304s_count(repo: tuple[Path, str]) -> None:
+    with GitHubStandIn(repo[0], REPO) as server:
+        url = f"{server.url}/repos/{REPO}/commits/main"
+        _, headers, _ = get(url, token=None)
+        assert headers["x-ratelimit-limit"] == "60"
+        assert get(url, token=None, etag=headers["ETag"])[0] == 304
+        assert server.rate_used(authenticated=False) == 2
 
 
 def test_script_answers_in_turn_then_repeats_the_last(standin: GitHubStandIn) -> None:
@@ -85,10 +196,26 @@ def test_pagination_with_link_header(standin: GitHubStandIn) -> None:
     standin.set_runs(sha, [{"id": i, "workflow_id": i} for i in range(1, 251)])
     status, headers, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=100&page=3")
     assert (status, body["total_count"], len(body["workflow_runs"])) == (200, 250, 50)
-    assert "Link" not in headers
+    assert 'rel="next"' not in headers["Link"]
+    assert f'head_sha={sha}&per_page=100&page=2>; rel="prev"' in headers["Link"]
     _, headers, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=100")
-    assert [r["id"] for r in body["workflow_runs"]][:2] == [1, 2]
+    # Newest first.
+    assert [r["id"] for r in body["workflow_runs"]][:2] == [250, 249]
     assert f'head_sha={sha}&per_page=100&page=2>; rel="next"' in headers["Link"]
+    assert f'head_sha={sha}&per_page=100&page=3>; rel="last"' in headers["Link"]
+    # per_page defaults to 30 and is capped at 100.
+    _, _, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}")
+    assert len(body["workflow_runs"]) == 30
+    _, _, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=500")
+    assert len(body["workflow_runs"]) == 100
+
+
+def test_a_filtered_query_reaches_1000_runs_at_most(standin: GitHubStandIn) -> None:
+    sha = "f" * 40
+    standin.set_runs(sha, [{"id": i, "workflow_id": i} for i in range(1, 1101)])
+    _, headers, body = get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=100&page=11")
+    assert (body["total_count"], body["workflow_runs"]) == (1100, [])
+    assert 'rel="next"' not in headers["Link"]
 
 
 def test_faults(standin: GitHubStandIn) -> None:
@@ -100,13 +227,18 @@ def test_faults(standin: GitHubStandIn) -> None:
     assert status == 403
     assert headers["x-ratelimit-remaining"] == "0"
     assert int(headers["x-ratelimit-reset"]) >= int(time.time()) + 28
+    standin.rate_limit_next(30, repeat_headers=True)
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer test-token"})
+    with pytest.raises(urllib.error.HTTPError, match="403") as excinfo:
+        urllib.request.urlopen(request, timeout=5)
+    assert len(excinfo.value.headers.get_all("x-ratelimit-reset")) == 2
     standin.malformed_next()
     request = urllib.request.Request(url, headers={"Authorization": "Bearer test-token"})
     with urllib.request.urlopen(request, timeout=5) as response:
         body = response.read()
     with pytest.raises(json.JSONDecodeError, match="Expecting property name"):
         json.loads(body)
-    assert standin.request_count("/repos/local/ec2-trainer/commits/main") == 5
+    assert standin.request_count("/repos/local/ec2-trainer/commits/main") == 6
 
 
 def test_runs_as_a_module(repo: tuple[Path, str], tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""GitHub faults: 5xx bursts and rate limits are waited out; malformed answers, commits with no runs and re-runs are
-decided clearly.
+"""GitHub faults: 5xx bursts and rate limits are waited out; malformed answers (failing without retry), commits with no
+runs and re-runs are decided clearly.
 
 The burst runs the whole training DAG; the other cases need only the CI gate, so they run the gate's test DAG
 (tests/dag_fixtures/ci_gate_test_dag.py, no retries) against the same GitHub stand-in: nothing can be launched there.
@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from embedded.github_standin import ABSENT
 from embedded.stack import GITHUB_REPO, EmbeddedStack
 from tests.fault_table import FaultTable
 from tests.faults.support import output, record_run
@@ -99,7 +100,7 @@ def test_5xx_burst_and_rate_limit_are_waited_out(
     )
 
 
-def test_malformed_answer_fails_the_gate_clearly(
+def test_malformed_answer_fails_the_gate_clearly_without_retry(
     env: EmbeddedStack,
     gate: Any,
     sha: str,
@@ -109,20 +110,26 @@ def test_malformed_answer_fails_the_gate_clearly(
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
 ) -> None:
-    env.github.malformed_next()
+    runs_path = f"/repos/{GITHUB_REPO}/actions/runs"
+    # A run without the workflow_id GitHub always sends: something else answers at api_url.
+    env.github.malformed_next(payload={"total_count": 1, "workflow_runs": [{"id": 1}]}, path=runs_path)
+    before = env.github.request_count(runs_path)
     dag_run = gate.test(run_conf={"git_ref": sha})
     log = output(capfd, caplog)
 
     assert dag_run.state == "failed"
     assert task_states(dag_run) == {"ci_gate": "failed"}
-    assert "GitHub API returned malformed JSON" in log
+    assert "GitHub answered a workflow run this gate cannot read" in log
+    assert "'workflow_id' is missing" in log
     assert "check that api_url points at the GitHub REST API" in log
+    assert env.github.request_count(runs_path) - before == 1, "the same answer was asked for again"
+    assert "AirflowFailException" in log, "a malformed answer must fail without the task's retries"
     assert_all_terminated(env, dag_run, 0)
     record_run(
         fault_table,
-        "GitHub answers malformed JSON (gate DAG)",
-        "clear error, gate fails (task retries decide), nothing launched",
-        "ci_gate failed: 'returned malformed JSON ... check api_url'; 0 instances",
+        "GitHub answers a run without workflow_id (gate DAG)",
+        "clear error, gate fails without retry, nothing launched",
+        "ci_gate failed at once: 'workflow run this gate cannot read ... check api_url'; 1 request; 0 instances",
         stack=env,
         dag_run=dag_run,
         planted=planted,
@@ -166,7 +173,7 @@ def test_commit_without_workflow_runs_fails_after_the_no_runs_timeout(
     )
 
 
-def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
+def test_green_rerun_of_an_older_run_decides_over_a_newer_red_run(
     env: EmbeddedStack,
     gate: Any,
     sha: str,
@@ -180,8 +187,18 @@ def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
     scripted.set_runs(
         sha,
         [
-            {"id": 4242, "workflow_id": 7, "run_attempt": 1, "status": "completed", "conclusion": "failure"},
-            {"id": 4242, "workflow_id": 7, "run_attempt": 2, "status": "completed", "conclusion": "success"},
+            # Run 4242 failed, run 4243 of the same workflow (created later) failed, then 4242 was re-run and
+            # passed: GitHub lists 4242 once, at attempt 2, with its first attempt's created_at.
+            {
+                "id": 4242,
+                "workflow_id": 7,
+                "run_attempt": 2,
+                "created_at": "2024-05-01T10:00:00Z",
+                "run_started_at": "2024-05-01T12:00:00Z",
+            },
+            {"id": 4243, "workflow_id": 7, "created_at": "2024-05-01T11:00:00Z", "conclusion": "failure"},
+            # A second workflow recorded the way the 2020-2021 API answered: no name.
+            {"id": 4244, "workflow_id": 8, "name": ABSENT, "path": ".github/workflows/lint.yml"},
         ],
     )
     dag_run = gate.test(run_conf={"git_ref": sha})
@@ -189,15 +206,16 @@ def test_rerun_after_a_failure_is_decided_by_its_latest_attempt(
 
     assert dag_run.state == "success", task_states(dag_run)
     assert dag_run.get_task_instance("ci_gate").xcom_pull(task_ids="ci_gate") == sha
-    assert "CI gate passed: all 1 workflow(s) passed" in log
-    assert "(attempt 2): completed/success" in log
-    assert "(attempt 1)" not in log, "the failed first attempt must not decide"
+    assert "CI gate passed: all 2 workflow(s) passed" in log
+    assert "workflow 'CI' (attempt 2): completed/success" in log
+    assert "workflow 'lint.yml' (attempt 1): completed/success" in log
+    assert "completed/failure" not in log, "the older attempt's newer sibling must not decide"
     assert_all_terminated(env, dag_run, 0)
     record_run(
         fault_table,
-        "workflow re-run: attempt 1 failed, 2 passed (gate DAG)",
-        "latest attempt decides: gate passes",
-        "ci_gate success on attempt 2; attempt 1 ignored",
+        "re-run of an older run passed after a newer run failed; an unnamed run (gate DAG)",
+        "the latest attempt decides: gate passes",
+        "ci_gate success on run 4242 attempt 2; run 4243 (red, created later) ignored; unnamed run read",
         stack=env,
         dag_run=dag_run,
         planted=planted,

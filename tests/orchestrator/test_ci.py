@@ -53,7 +53,9 @@ def test_from_api_defaults_run_attempt_to_one() -> None:
     [
         ({"id": "12"}, "'id' must be an integer"),
         ({"id": True}, "'id' must be an integer"),
-        ({"name": None}, "'name' must be a string"),
+        ({"name": 3}, "'name' must be a string or null"),
+        ({"status": ["completed"]}, "'status' must be a string or null"),
+        ({"created_at": None}, "'created_at' must be a string"),
         ({"conclusion": 3}, "'conclusion' must be a string or null"),
         ({"workflow_id": None}, "'workflow_id' is missing"),
     ],
@@ -62,6 +64,47 @@ def test_from_api_names_the_bad_field(change: dict[str, Any], match: str) -> Non
     data = {**run().to_dict(), **change}
     with pytest.raises(MalformedRunError, match=match):
         WorkflowRun.from_api(data)
+
+
+# GitHub's REST description: `name` is optional and nullable, `status` nullable, `run_attempt`, `run_started_at`
+# optional; the runs API recorded in 2020-2021 answered runs with no `name` at all.
+LEGACY_RUN = {
+    "id": 30433642,
+    "node_id": "MDEyOldvcmtmbG93IFJ1bjI2OTI4OQ==",
+    "head_branch": "master",
+    "head_sha": SHA,
+    "run_number": 562,
+    "event": "push",
+    "status": "completed",
+    "conclusion": "success",
+    "workflow_id": 159038,
+    "url": "https://api.github.com/repos/o/r/actions/runs/30433642",
+    "html_url": "https://github.com/o/r/actions/runs/30433642",
+    "created_at": "2020-01-22T19:33:08Z",
+    "updated_at": "2020-01-22T19:33:08Z",
+}
+
+
+def test_from_api_reads_a_run_without_name_attempt_or_start() -> None:
+    parsed = WorkflowRun.from_api(LEGACY_RUN)
+    assert (parsed.name, parsed.run_attempt, parsed.started_at) == (None, 1, "2020-01-22T19:33:08Z")
+    assert parsed.label == "workflow 159038"
+    assert WorkflowRun.from_api(parsed.to_dict()) == parsed
+    assert evaluate_ci([parsed]).state == "success"
+
+
+def test_label_falls_back_to_the_workflow_file() -> None:
+    for path in (".github/workflows/build.yml", "o/r/.github/workflows/build.yml@main"):
+        parsed = WorkflowRun.from_api({**LEGACY_RUN, "name": None, "path": path})
+        assert parsed.label == "build.yml"
+        assert parsed.describe() == "'build.yml' completed/success"
+
+
+def test_null_status_is_pending_not_malformed() -> None:
+    parsed = WorkflowRun.from_api({**LEGACY_RUN, "name": "CI", "status": None, "conclusion": None})
+    verdict = evaluate_ci([parsed])
+    assert verdict.state == "pending"
+    assert "'CI' -/-" in verdict.message
 
 
 def test_from_api_missing_field_and_non_object() -> None:
@@ -150,6 +193,36 @@ def test_newest_run_of_a_workflow_decides() -> None:
     new = run(id=5, created_at="2024-05-01T11:00:00Z", conclusion="success")
     assert latest_attempts([new, old]) == (new,)
     assert evaluate_ci([old, new]).state == "success"
+
+
+def test_green_rerun_of_an_older_run_decides_over_a_newer_red_run() -> None:
+    # Run 1 (push) failed, run 2 (created later, e.g. workflow_dispatch) failed, then run 1 was re-run and passed:
+    # its created_at stays the first attempt's, run_started_at is the re-run's.
+    rerun = run(id=1, run_attempt=2, created_at="2024-05-01T10:00:00Z", run_started_at="2024-05-01T12:00:00Z")
+    newer_red = run(
+        id=2, created_at="2024-05-01T11:00:00Z", run_started_at="2024-05-01T11:00:00Z", conclusion="failure"
+    )
+    assert latest_attempts([newer_red, rerun]) == (rerun,)
+    assert evaluate_ci([rerun, newer_red]).state == "success"
+
+
+def test_red_rerun_of_an_older_run_decides_over_a_newer_green_run() -> None:
+    rerun = run(
+        id=1,
+        run_attempt=2,
+        created_at="2024-05-01T10:00:00Z",
+        run_started_at="2024-05-01T12:00:00Z",
+        conclusion="failure",
+    )
+    newer_green = run(id=2, created_at="2024-05-01T11:00:00Z", run_started_at="2024-05-01T11:00:00Z")
+    assert evaluate_ci([newer_green, rerun]).state == "failed"
+
+
+def test_latest_attempt_of_a_run_id_decides_whatever_the_order() -> None:
+    first = run(id=3, run_attempt=1, conclusion="failure", run_started_at="2024-05-01T10:00:00Z")
+    second = run(id=3, run_attempt=2, run_started_at="2024-05-01T10:30:00Z")
+    assert latest_attempts([second, first]) == (second,)
+    assert latest_attempts([first, second]) == (second,)
 
 
 def test_parse_allowed_conclusions() -> None:

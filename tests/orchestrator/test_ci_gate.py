@@ -8,12 +8,14 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from embedded.github_standin import GitHubStandIn
+from embedded.github_standin import ABSENT, GitHubStandIn
 from tests.github_fixtures import make_repo
 
 REPO = "local/ec2-trainer"
@@ -85,7 +87,9 @@ def runs_polls(standin: GitHubStandIn) -> int:
 
 def test_green_at_once(dag: Any, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]) -> None:
     sha = shas[1]["green"]
-    standin.set_runs(sha, [{"name": "CI"}, {"name": "Lint", "workflow_id": 2}])
+    # A run recorded from the real API in 2020-2021 has no name: it is read, not "malformed".
+    legacy = {"name": ABSENT, "path": ".github/workflows/lint.yml", "workflow_id": 2}
+    standin.set_runs(sha, [{"name": "CI"}, legacy])
     before = runs_polls(standin)
     dagrun, ti = run_gate(dag, git_ref="green")
     assert dagrun.state == "success"
@@ -102,7 +106,7 @@ def test_pending_then_green_defers_and_completes(
     standin.script(
         sha,
         [
-            [{"status": "queued"}, {"name": "Lint", "workflow_id": 2, "status": "queued"}],
+            [{"status": None}, {"name": None, "path": ABSENT, "workflow_id": 2, "status": "queued"}],
             [{"status": "in_progress"}, {"name": "Lint", "workflow_id": 2, "conclusion": "skipped"}],
             [{"conclusion": "success"}, {"name": "Lint", "workflow_id": 2, "conclusion": "skipped"}],
         ],
@@ -114,6 +118,8 @@ def test_pending_then_green_defers_and_completes(
     # One check in execute, then the trigger polled until green: the wait went through the deferral.
     assert runs_polls(standin) - before == 3
     assert xcom(ti, "return_value") == sha
+    assert "workflow 'CI' (attempt 1): -/-" in out
+    assert "workflow 'workflow 2' (attempt 1): queued/-" in out
     assert TOKEN not in out
 
 
@@ -217,22 +223,124 @@ def test_trigger_times_out_while_runs_stay_pending(airflow_db: Path, conn_env: N
     assert event.payload["runs"][0]["name"] == "Long"
 
 
-def test_trigger_reports_api_errors(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
-    standin.malformed_next()
+def test_trigger_reports_a_malformed_answer_as_final(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
+    standin.malformed_next(payload={"message": "this is not the runs API"})
     (event,) = collect_events(trigger_for(standin, "5" * 40))
-    assert event.payload["status"] == "error"
-    assert "malformed JSON" in event.payload["message"]
+    assert event.payload["status"] == "invalid"
+    assert "has no 'workflow_runs' list" in event.payload["message"]
 
 
-def test_trigger_rerun_success_decides(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
+def test_trigger_green_rerun_of_an_older_run_decides(airflow_db: Path, conn_env: None, standin: GitHubStandIn) -> None:
     sha = "6" * 40
+    # Run 9 failed, run 10 of the same workflow (created later) failed, then run 9 was re-run and passed.
     standin.set_runs(
         sha,
-        [{"id": 9, "run_attempt": 1, "conclusion": "failure"}, {"id": 9, "run_attempt": 2, "conclusion": "success"}],
+        [
+            {"id": 9, "run_attempt": 2, "created_at": "2024-05-01T10:00:00Z", "run_started_at": "2024-05-01T12:00:00Z"},
+            {"id": 10, "created_at": "2024-05-01T11:00:00Z", "conclusion": "failure"},
+        ],
     )
     (event,) = collect_events(trigger_for(standin, sha))
     assert event.payload["status"] == "success"
-    assert [r["run_attempt"] for r in event.payload["runs"]] == [2]
+    assert [(r["id"], r["run_attempt"]) for r in event.payload["runs"]] == [(9, 2)]
+
+
+def test_trigger_first_poll_waits_one_interval(
+    airflow_db: Path, conn_env: None, standin: GitHubStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator has just checked when the trigger starts: polling again at once wastes a request."""
+    sha = "8" * 40
+    standin.script(sha, [[{"status": "in_progress"}], [{"conclusion": "success"}]])
+    polls_at_each_sleep: list[tuple[int, float]] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        polls_at_each_sleep.append((runs_polls(standin), seconds))
+        await real_sleep(0)
+
+    monkeypatch.setattr("orchestrator.ci_gate.asyncio.sleep", sleep)
+    before = runs_polls(standin)
+    (event,) = collect_events(trigger_for(standin, sha, poll_interval_s=30, deadline=time.time() + 3600))
+    assert event.payload["status"] == "success"
+    assert polls_at_each_sleep == [(before, 30), (before + 1, 30)]
+
+
+def test_polling_an_unchanged_commit_costs_one_request_of_the_budget(
+    airflow_db: Path, conn_env: None, standin: GitHubStandIn
+) -> None:
+    sha = "9" * 40
+    polls = 6
+    standin.script(sha, [[{"id": 5, "status": "in_progress"}]] * polls + [[{"id": 5, "conclusion": "success"}]])
+    used_before = standin.rate_used()
+    (event,) = collect_events(trigger_for(standin, sha, poll_interval_s=0.01))
+    assert event.payload["status"] == "success"
+    served = standin.served(f"/repos/{REPO}/actions/runs")[-(polls + 1) :]
+    assert [s.status for s in served] == [200] + [304] * (polls - 1) + [200]
+    # With a token, the five 304s were free: the whole wait cost two requests of the hourly budget.
+    assert standin.rate_used() - used_before == 2
+
+
+def execute_gate(standin: GitHubStandIn, sha: str, started: datetime, **kwargs: Any) -> Any:
+    from orchestrator.ci_gate import CiGateOperator
+
+    operator = CiGateOperator(
+        task_id="ci_gate",
+        git_ref=sha,
+        repo=REPO,
+        api_url=standin.url,
+        github_conn_id="github_ci_gate_test",
+        timeout_s=3600,
+        no_runs_timeout_s=600,
+        poll_interval_s=30,
+        **kwargs,
+    )
+    context = {"ti": SimpleNamespace(xcom_push=lambda **_: None), "dag_run": SimpleNamespace(start_date=started)}
+    return operator.execute(context)  # type: ignore[arg-type]
+
+
+def test_a_retry_keeps_the_first_tries_deadline(
+    airflow_db: Path, conn_env: None, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]
+) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    sha = shas[1]["slow"]
+    standin.set_runs(sha, [{"name": "Long", "status": "in_progress"}])
+    started = datetime.now(UTC) - timedelta(minutes=50)
+    with pytest.raises(TaskDeferred) as deferred:
+        execute_gate(standin, sha, started)
+    trigger = deferred.value.trigger
+    assert trigger.deadline == started.timestamp() + 3600
+    assert trigger.no_runs_deadline == started.timestamp() + 600
+
+
+def test_a_retry_after_the_deadline_fails_at_once(
+    airflow_db: Path, conn_env: None, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    sha = shas[1]["slow"]
+    standin.set_runs(sha, [{"name": "Long", "status": "in_progress"}])
+    started = datetime.now(UTC) - timedelta(minutes=61)
+    with pytest.raises(AirflowFailException, match=r"timed out .* CI did not finish in time; waiting for 1 of 1"):
+        execute_gate(standin, sha, started)
+
+
+def test_a_malformed_answer_fails_without_retry(
+    airflow_db: Path, conn_env: None, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator.ci_gate import CiGateOperator
+
+    standin.malformed_next(
+        payload={"total_count": 1, "workflow_runs": [{"id": 1, "status": "completed"}]},
+        path=f"/repos/{REPO}/actions/runs",
+    )
+    with pytest.raises(AirflowFailException, match=r"workflow run this gate cannot read: .* 'workflow_id' is missing"):
+        execute_gate(standin, shas[1]["slow"], datetime.now(UTC))
+    operator = CiGateOperator(task_id="t", git_ref="main", repo=REPO)
+    with pytest.raises(AirflowFailException, match="cannot read"):
+        operator.execute_complete({}, {"status": "invalid", "sha": "a" * 40, "message": "cannot read"})  # type: ignore[arg-type]
 
 
 def test_trigger_missing_connection_is_an_error_event(airflow_db: Path, standin: GitHubStandIn) -> None:

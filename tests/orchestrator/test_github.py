@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from embedded.github_standin import GitHubStandIn
+from embedded.github_standin import ABSENT, GitHubStandIn
+from orchestrator import github
 from orchestrator.github import (
     GitHubClient,
     GitHubError,
     GitHubRefError,
+    GitHubResponseError,
+    RateLimit,
     commit_checks_url,
     html_base_url,
     rate_limit_wait_s,
@@ -75,8 +78,71 @@ def test_list_runs_with_pagination_over_100(standin: GitHubStandIn) -> None:
     sha = "1" * 40
     standin.set_runs(sha, [{"id": i, "workflow_id": i, "name": f"wf{i}"} for i in range(1, 231)])
     runs = client_for(standin).list_workflow_runs(sha)
-    assert [r.id for r in runs] == list(range(1, 231))
+    # Newest first, as GitHub lists them; every page read through the Link header.
+    assert [r.id for r in runs] == list(range(230, 0, -1))
     assert standin.request_count(f"/repos/{REPO}/actions/runs") == 3
+
+
+def test_pagination_is_bounded(standin: GitHubStandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = "1" * 40
+    standin.set_runs(sha, [{"id": i, "workflow_id": i} for i in range(1, 231)])
+    monkeypatch.setattr(github, "MAX_PAGES", 2)
+    with pytest.raises(GitHubResponseError, match=r"more than 2 pages of workflow runs .* refusing to decide"):
+        client_for(standin).list_workflow_runs(sha)
+    assert standin.request_count(f"/repos/{REPO}/actions/runs") == 2
+
+
+def test_runs_as_github_shapes_them_are_read(standin: GitHubStandIn) -> None:
+    sha = "8" * 40
+    standin.set_runs(
+        sha,
+        [
+            # Recorded from the real API in 2020-2021: no name at all.
+            {"id": 1, "workflow_id": 11, "name": ABSENT, "path": ".github/workflows/build.yml"},
+            {"id": 2, "workflow_id": 12, "name": None, "path": ABSENT, "run_attempt": ABSENT},
+            {"id": 3, "workflow_id": 13, "status": None, "conclusion": None, "run_started_at": ABSENT},
+        ],
+    )
+    runs = {r.id: r for r in client_for(standin).list_workflow_runs(sha)}
+    assert [runs[i].label for i in (1, 2, 3)] == ["build.yml", "workflow 12", "CI"]
+    assert (runs[2].run_attempt, runs[3].status, runs[3].started_at) == (1, None, runs[3].created_at)
+
+
+def test_polling_an_unchanged_commit_costs_one_full_answer(standin: GitHubStandIn) -> None:
+    sha = "9" * 40
+    standin.set_runs(sha, [{"status": "in_progress"}])
+    client = client_for(standin)
+    polls = 5
+    for _ in range(polls):
+        (run,) = client.list_workflow_runs(sha)
+        assert run.status == "in_progress"
+    served = standin.served(f"/repos/{REPO}/actions/runs")
+    assert [s.status for s in served] == [200] + [304] * (polls - 1)
+    assert [s.conditional for s in served] == [False] + [True] * (polls - 1)
+    # With a token a 304 is free: the whole wait cost one request of the hourly budget.
+    assert standin.rate_used() == 1
+    assert client.not_modified == polls - 1
+    assert client.rate_limit == RateLimit(5000, 4999, client.rate_limit.reset, 1, "core")  # type: ignore[union-attr]
+    standin.set_runs(sha, [{"status": "completed", "conclusion": "success"}])
+    (run,) = client.list_workflow_runs(sha)
+    assert (run.status, run.conclusion) == ("completed", "success")
+    assert [s.status for s in standin.served(f"/repos/{REPO}/actions/runs")][-1] == 200
+
+
+def test_anonymous_304s_still_count(repo: tuple[Path, str]) -> None:
+    with GitHubStandIn(repo[0], REPO) as open_standin:
+        client = GitHubClient(open_standin.url, REPO, sleep=Sleeps())
+        for _ in range(3):
+            client.list_workflow_runs("9" * 40)
+        assert client.not_modified == 2
+        assert open_standin.rate_used(authenticated=False) == 3
+        assert client.rate_limit is not None and client.rate_limit.limit == 60
+
+
+def test_spent_budget_is_a_rate_limit(standin: GitHubStandIn) -> None:
+    standin.set_rate_budget(0)
+    with pytest.raises(GitHubError, match=r"rate limit hit .* limit 600 s"):
+        client_for(standin, max_wait_s=600).resolve_ref("main")
 
 
 def test_list_runs_needs_a_full_sha(standin: GitHubStandIn) -> None:
@@ -107,6 +173,14 @@ def test_rate_limit_waits_until_reset(standin: GitHubStandIn, repo: tuple[Path, 
     assert 118 <= wait <= 122
 
 
+def test_repeated_rate_limit_headers_are_read(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    sleeps = Sleeps()
+    standin.rate_limit_next(reset_in_s=120, repeat_headers=True)
+    assert client_for(standin, sleeps).resolve_ref("main") == repo[1]
+    (wait,) = sleeps.calls
+    assert 118 <= wait <= 122, f"waited {wait} s: the comma-joined reset header was not read"
+
+
 def test_rate_limit_longer_than_the_bound_is_an_error(standin: GitHubStandIn) -> None:
     standin.rate_limit_next(reset_in_s=3600)
     with pytest.raises(GitHubError, match=r"rate limit hit .* limit 600 s"):
@@ -119,19 +193,31 @@ def test_rate_limit_wait_rules() -> None:
     assert rate_limit_wait_s({"retry-after": "7"}, now, 0, 2) == 7
     assert rate_limit_wait_s({}, now, 0, 2) == 60
     assert rate_limit_wait_s({}, now, 6, 2) == 128
+    # A header sent twice arrives comma-joined; differing copies: the lowest budget and the latest reset win.
+    joined = {"x-ratelimit-remaining": "0, 0", "x-ratelimit-reset": "1000030, 1000040"}
+    assert rate_limit_wait_s(joined, now, 0, 2) == 41
+    assert rate_limit_wait_s({"retry-after": "7, 7"}, now, 0, 2) == 7
 
 
-def test_malformed_json_is_a_clear_error(standin: GitHubStandIn) -> None:
+def test_one_cut_off_answer_is_retried(standin: GitHubStandIn) -> None:
+    sleeps = Sleeps()
     standin.malformed_next()
-    with pytest.raises(GitHubError, match=r"malformed JSON .* points at the GitHub REST API"):
-        client_for(standin).list_workflow_runs("2" * 40)
+    assert len(client_for(standin, sleeps).list_workflow_runs("2" * 40)) == 1
+    assert sleeps.calls == [0.5]
 
 
-def test_malformed_run_is_a_clear_error(standin: GitHubStandIn) -> None:
+def test_answers_that_are_never_json_are_a_clear_final_error(standin: GitHubStandIn) -> None:
+    standin.malformed_next(10)
+    with pytest.raises(GitHubResponseError, match=r"malformed JSON .* 3 times: .* points at the GitHub REST API"):
+        client_for(standin, max_retries=2).list_workflow_runs("2" * 40)
+
+
+def test_malformed_run_is_a_clear_final_error(standin: GitHubStandIn) -> None:
     sha = "3" * 40
-    standin.set_runs(sha, [{"id": "not-an-int"}])
-    with pytest.raises(GitHubError, match="'id' must be an integer"):
+    standin.malformed_next(payload={"total_count": 1, "workflow_runs": [{"id": "not-an-int"}]})
+    with pytest.raises(GitHubResponseError, match=r"'id' must be an integer.* api_url points at the GitHub REST API"):
         client_for(standin).list_workflow_runs(sha)
+    assert standin.request_count(f"/repos/{REPO}/actions/runs") == 1, "no retry can fix it: none was made"
 
 
 def test_wrong_token_is_401(standin: GitHubStandIn) -> None:
