@@ -8,6 +8,7 @@ STATE := .state
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint unit ui clean install system-deps
+.PHONY: smoke-github
 
 $(BIN)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -32,6 +33,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
 	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
+
+## Read-only smoke test against the real GitHub API (free; anonymous or GITHUB_TOKEN; skips without a network).
+smoke-github: install
+	EC2_TRAINER_SMOKE=github $(BIN)/pytest -q -p no:cacheprovider -rs -m github tests/orchestrator/test_github_smoke.py
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks
