@@ -224,9 +224,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             self._send(fault.status, fault.body, dict(fault.headers))
             return
-        if match := _COMMITS_RE.match(path):
+        if match := _COMMITS_RE.fullmatch(path):
             self._commit(match["repo"], match["ref"])
-        elif match := _RUNS_RE.match(path):
+        elif match := _RUNS_RE.fullmatch(path):
             self._runs(match["repo"], parse_qs(parts.query))
         else:
             self._json(404, {"message": "Not Found"})
@@ -238,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
         sha = self.standin._resolve(ref)
         if sha is not None:
             self._json(200, {"sha": sha})
-        elif _HEX_RE.match(ref):
+        elif _HEX_RE.fullmatch(ref):
             self._json(422, {"message": f"No commit found for SHA: {ref}"})
         else:
             self._json(404, {"message": "Not Found"})
