@@ -2,8 +2,8 @@
 
 The GitHub stand-in resolves refs with `git rev-parse` in a repository of its own; each test points it at a shared
 clone of the project (the project's refs stay untouched) holding a tag `1.0`, a branch `2024` and a commit whose
-7-digit abbreviation is all digits. A type no region offers stops each run at plan_launch, right after the gate:
-what is under test ends there, and nothing is launched.
+7-digit abbreviation reads as a whole number (all digits, no leading zero). A type no region offers stops each run at
+plan_launch, right after the gate: what is under test ends there, and nothing is launched.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 _GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
 _GIT_ENV |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-# A random commit's 7-hex abbreviation is all digits with odds (10/16)**7, about 1 in 27: this bound is never reached.
+# A random commit's 7-hex abbreviation is a whole number with odds 9/16 * (10/16)**6, about 1 in 30: this bound is
+# never reached.
 _MAX_TRIES = 2000
 
 
@@ -33,13 +34,14 @@ def _git(repo: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def _commit_with_a_numeric_abbreviation(repo: Path, parent: str) -> str:
+def _commit_abbreviated_as_a_number(repo: Path, parent: str) -> str:
     tree = _git(repo, "rev-parse", f"{parent}^{{tree}}")
     for n in range(_MAX_TRIES):
         sha = _git(repo, "commit-tree", tree, "-p", parent, "-m", f"numeric abbreviation {n}")
-        if sha[:7].isdigit():
+        # A leading zero would make it no Python literal, so native rendering would have left it a string.
+        if sha[:7].isdigit() and sha[0] != "0":
             return sha
-    raise AssertionError(f"no commit with an all-digit abbreviation in {_MAX_TRIES} tries")
+    raise AssertionError(f"no commit with a number for abbreviation in {_MAX_TRIES} tries")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def refs_repo(tmp_path_factory: pytest.TempPathFactory, sha: str) -> tuple[Path,
     subprocess.run(["git", "clone", "--quiet", "--bare", "--shared", str(REPO), str(clone)], check=True)
     _git(clone, "tag", "1.0", sha)
     _git(clone, "branch", "2024", sha)
-    numeric = _commit_with_a_numeric_abbreviation(clone, sha)
+    numeric = _commit_abbreviated_as_a_number(clone, sha)
     return clone, {"tag": ("1.0", sha), "branch": ("2024", sha), "short sha": (numeric[:7], numeric)}
 
 
