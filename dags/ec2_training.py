@@ -14,7 +14,10 @@ from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci_gate import CiGateOperator
 from orchestrator.operators import RemoteTrainingOperator
+from orchestrator.settings import MAX_INSTANCE_TYPES
 
+# Only the CI gate reads the configuration through templates, rendered as text: native rendering would turn a ref
+# such as `1.0`, `2024` or `1234567` into a number. Every other task receives XComArgs (values, never re-parsed).
 CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
 # One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
 # follows are atomic across runs. Runs waiting for an instance queue here, visible on the Pools page.
@@ -28,7 +31,6 @@ with DAG(
     catchup=False,
     # Runs beyond aws.max_instances wait cheaply in the launch pool; this only bounds the scheduler's work.
     max_active_runs=32,
-    render_template_as_native_obj=True,
     default_args={"retries": 0},
     tags=["training", "ec2", "mlflow"],
     doc_md=__doc__,
@@ -43,7 +45,10 @@ with DAG(
         "instance_types": Param(
             [],
             type="array",
-            items={"type": "string", "pattern": "^[a-z][a-z0-9-]*\\.[a-z0-9-]+$"},
+            maxItems=MAX_INSTANCE_TYPES,
+            # `(?![\s\S])`: the end of the text both in Python (jsonschema's re.search) and in the browser's regex;
+            # `$` lets a trailing newline through in Python, and `\Z` is no anchor in JavaScript.
+            items={"type": "string", "pattern": "^[a-z][a-z0-9-]*\\.[a-z0-9-]+(?![\\s\\S])"},
             description="EC2 instance types in preference order; empty: the configured list",
         ),
         "spot": Param(None, type=["null", "boolean"], description="Spot capacity first; empty: configured"),
@@ -68,7 +73,7 @@ with DAG(
         repo="{{ " + CONFIG + "['github']['repo'] }}",
         api_url="{{ " + CONFIG + "['github']['api_url'] }}",
         github_conn_id="{{ " + CONFIG + "['github']['conn_id'] }}",
-        allowed_conclusions="{{ " + CONFIG + "['github']['allowed_conclusions'] }}",
+        allowed_conclusions="{{ " + CONFIG + "['github']['allowed_conclusions'] | join(',') }}",
         timeout_s="{{ " + CONFIG + "['github']['ci_timeout_minutes'] * 60 }}",
         no_runs_timeout_s="{{ " + CONFIG + "['github']['ci_no_runs_timeout_minutes'] * 60 }}",
         poll_interval_s="{{ " + CONFIG + "['github']['ci_poll_seconds'] }}",
@@ -120,12 +125,11 @@ with DAG(
     ready = wait_ready(config, launched)
     train = RemoteTrainingOperator(
         task_id="train",
-        config="{{ " + CONFIG + " }}",
-        ready="{{ ti.xcom_pull(task_ids='wait_ready') }}",
-        git_sha="{{ ti.xcom_pull(task_ids='ci_gate') }}",
+        config=config,
+        ready=ready,
+        git_sha=ci_gate.output,
         retries=1,
         retry_delay=timedelta(seconds=10),
     )
-    ready >> train
     evaluated = evaluate(config, train.output)
     evaluated >> terminate(config).as_teardown(setups=planned)

@@ -409,9 +409,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             self._send(fault.status, fault.body, fault.headers)
             return
-        if match := _COMMITS_RE.match(self._path):
+        if match := _COMMITS_RE.fullmatch(self._path):
             self._commit(match["repo"], match["ref"])
-        elif match := _RUNS_RE.match(self._path):
+        elif match := _RUNS_RE.fullmatch(self._path):
             self._runs(match["repo"], parse_qs(parts.query))
         else:
             self._json(404, {"message": "Not Found"})
@@ -432,7 +432,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "parents": [],
             }
             self._json(200, commit)
-        elif _HEX_RE.match(ref):
+        elif _HEX_RE.fullmatch(ref):
             self._json(422, {"message": f"No commit found for SHA: {ref}"})
         else:
             self._json(404, {"message": "Not Found"})

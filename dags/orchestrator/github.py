@@ -59,7 +59,7 @@ def validate_ref(ref: str) -> str:
         raise GitHubRefError("git ref is empty: give a branch name, a tag or a commit sha")
     ref = ref.strip()
     problems = (
-        not _REF_RE.match(ref),
+        not _REF_RE.fullmatch(ref),
         ".." in ref,
         "//" in ref,
         ref.endswith(("/", ".", ".lock")),
@@ -73,7 +73,7 @@ def validate_ref(ref: str) -> str:
 
 
 def validate_repo(repo: str) -> str:
-    if not isinstance(repo, str) or not _REPO_RE.match(repo):
+    if not isinstance(repo, str) or not _REPO_RE.fullmatch(repo):
         raise GitHubError(f"repo {repo!r} must look like 'owner/name'")
     return repo
 
@@ -220,17 +220,17 @@ class GitHubClient:
                 f"branch or commit {ref!r} not found in {self.repo}: push it first or check the name"
             ) from None
         sha = data.get("sha") if isinstance(data, dict) else None
-        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+        if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
             raise GitHubResponseError(
                 f"GitHub answered no commit sha for {ref!r} in {self.repo}: check that api_url is the REST API"
             )
-        if _SHA_RE.match(ref) and sha != ref:
+        if _SHA_RE.fullmatch(ref) and sha != ref:
             raise GitHubRefError(f"GitHub resolved sha {ref} to another commit {sha}: check the sha")
         return sha
 
     def list_workflow_runs(self, sha: str) -> list[WorkflowRun]:
         """Every workflow run (latest attempt as listed by GitHub) whose head_sha is this commit, all pages."""
-        if not _SHA_RE.match(sha):
+        if not _SHA_RE.fullmatch(sha):
             raise GitHubRefError(f"list_workflow_runs needs a full 40-hex sha, got {sha!r}: resolve_ref it first")
         url: str | None = f"{self.api_url}/repos/{self.repo}/actions/runs"
         params: dict[str, str | int] | None = {"head_sha": sha, "per_page": PER_PAGE, "page": 1}

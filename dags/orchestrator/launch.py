@@ -32,7 +32,8 @@ CLIENT_TOKEN_MAX = 64
 # EC2 accepts most characters in tag values; other AWS services sharing tags (cost explorer, resource groups)
 # accept only these, so anything else becomes "_".
 _TAG_UNSAFE_RE = re.compile(r"[^\w .:/=+\-@]")
-_HASH_SUFFIX_LEN = 8
+# 64 bits: values are cut to fit, so two long run ids that share a prefix differ only in this digest.
+_HASH_SUFFIX_LEN = 16
 
 
 class AmiNotFoundError(ConfigError):

@@ -39,6 +39,8 @@ _T = TypeVar("_T")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _SLUG_CHARS = 48
+# 64 bits of the run's identity: the slug is cut, so two runs sharing a long prefix differ only here.
+_DIGEST_CHARS = 16
 # Signal exit codes (128 + signal) recorded when kill() had to stop a job that could not write its own.
 EXIT_SIGTERM = 143
 EXIT_SIGKILL = 137
@@ -98,7 +100,7 @@ class JobPaths:
 
 def job_key(dag_id: str, run_id: str) -> str:
     """A file-name-safe key for one DAG run: the same for every try of its tasks, different across runs."""
-    digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:_DIGEST_CHARS]
     slug = _UNSAFE.sub("-", f"{dag_id}--{run_id}").strip("-.")[:_SLUG_CHARS].strip("-.")
     return f"{slug}-{digest}" if slug else digest
 
@@ -113,7 +115,7 @@ def build_env_file(env: Mapping[str, str]) -> str:
     """`KEY='value'` lines for `set -a; . file`; names are validated, values shell-quoted (never interpreted)."""
     lines = []
     for name, value in env.items():
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise ConfigError(
                 f"Environment variable name {name!r} for the remote job is invalid: use letters, digits and "
                 "underscores, not starting with a digit."
@@ -147,9 +149,9 @@ def build_job_script(command: list[str], paths: JobPaths, workdir: str | None, e
     # Secrets arrive in a 0600 file, never in argv; it is removed as soon as it has been read.
     lines.append(f"if [ -f {env_file} ]; then set -a; . {env_file}; set +a; rm -f {env_file}; fi")
     if workdir:
-        lines.append(
-            f"cd {q(workdir)} || {{ echo 'job: cannot cd to {workdir}' >> {q(paths.log)}; rc=1; {record}; exit 1; }}"
-        )
+        # Quoted as a whole: a workdir holding a quote must not end the message's quoting and run as a command.
+        message = q(f"job: cannot cd to {workdir}")
+        lines.append(f"cd {q(workdir)} || {{ echo {message} >> {q(paths.log)}; rc=1; {record}; exit 1; }}")
     lines += [
         f"{shlex.join(command)} >> {q(paths.log)} 2>&1 < /dev/null",
         "rc=$?",

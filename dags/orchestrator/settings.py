@@ -8,11 +8,12 @@ The settings hold no secret: credentials live in Airflow connections, named here
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 
 from orchestrator.errors import ConfigError
 from orchestrator.github import GitHubError, html_base_url, validate_ref, validate_repo
+from orchestrator.training_command import DAG_PARAMS
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "config" / "defaults.toml"
 CONFIG_FILE_ENV = "TRAINER_CONFIG"
@@ -30,6 +32,10 @@ _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 _CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 _PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
+# C0 and C1 control characters (NUL, newline, escape, ...): no name, URL or parameter value needs one.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Each type is one more launch attempt (two with spot first): a bound keeps a pasted list from looping for hours.
+MAX_INSTANCE_TYPES = 20
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
 DATA_URI_SCHEMES = ("s3", "file", "synthetic")
 MODELS = ("default", "seed")
@@ -139,6 +145,9 @@ PARAM_FIELDS: dict[str, tuple[str, str]] = {
     "model": ("training", "model"),
     "data_uri": ("training", "data_uri"),
 }
+# The trigger form's params that are not settings: the ref to train, resolved by the CI gate.
+RUN_PARAMS = ("git_ref",)
+PARAM_NAMES = frozenset(PARAM_FIELDS) | frozenset(RUN_PARAMS)
 
 
 def load_settings(
@@ -220,6 +229,12 @@ def _validate_aws(a: AwsSettings) -> None:
         "an SSM parameter name starting with '/', e.g. /aws/service/deeplearning/ami/...",
     )
     _check(bool(a.instance_types), "aws.instance_types", [], "at least one instance type, e.g. g6.xlarge")
+    _check(
+        len(a.instance_types) <= MAX_INSTANCE_TYPES,
+        "aws.instance_types",
+        f"{len(a.instance_types)} types",
+        f"at most {MAX_INSTANCE_TYPES} instance types, in preference order",
+    )
     for n, itype in enumerate(a.instance_types):
         _check(
             bool(_INSTANCE_TYPE_RE.fullmatch(itype)),
@@ -261,7 +276,12 @@ def _validate_instance(i: InstanceSettings) -> None:
 
 def _validate_mlflow(m: MlflowSettings) -> None:
     _check_url(m.tracking_uri, "mlflow.tracking_uri", ("http", "https"))
-    _check(bool(m.experiment.strip()), "mlflow.experiment", m.experiment, "a non-empty experiment name")
+    _check(
+        bool(m.experiment.strip()) and not _CONTROL_RE.search(m.experiment),
+        "mlflow.experiment",
+        m.experiment,
+        "a non-empty experiment name without control characters",
+    )
     _check_match(r"[A-Za-z0-9_.-]{1,128}", m.model_name, "mlflow.model_name", "a name")
     _check_match(r"[A-Za-z0-9_.-]{1,128}", m.metric, "mlflow.metric", "a metric name")
 
@@ -279,14 +299,28 @@ def _validate_training(t: TrainingSettings) -> None:
     for key, value in t.extra_params.items():
         _check_match(_PARAM_KEY_RE, key, "training.extra_params", "parameter names like max_images")
         _check(
-            isinstance(value, str) and len(value) <= 1024 and "\n" not in value,
+            key not in DAG_PARAMS,
             f"training.extra_params.{key}",
             value,
-            "a single-line string",
+            f"no key the DAG sets itself ({', '.join(sorted(DAG_PARAMS))}): use its own setting or trigger param",
+        )
+        _check(
+            isinstance(value, str) and len(value) <= 1024 and not _CONTROL_RE.search(value),
+            f"training.extra_params.{key}",
+            value,
+            "a single-line string without control characters",
         )
 
 
 def validate_data_uri(uri: str) -> None:
+    # The job would fail only on the instance, after the launch was paid for: "" means no data, and a leading "-"
+    # reaches the training script's argument parser as an option.
+    _check(
+        bool(uri.strip()) and not uri.startswith("-"),
+        "training.data_uri",
+        uri,
+        "a data location (s3://bucket/prefix/, file:///path, a path or synthetic://), not starting with '-'",
+    )
     parsed = urlparse(uri)
     scheme = parsed.scheme or "file"
     # A URI never holds raw whitespace or control characters (RFC 3986); refusing them keeps shell-like text out.
@@ -323,7 +357,10 @@ def _check_url(url: str, name: str, schemes: tuple[str, ...]) -> None:
         "no credentials inside the URL: use the Airflow connection",
     )
     _check(
-        parsed.scheme in schemes and bool(parsed.netloc or parsed.scheme == "file") and " " not in url,
+        parsed.scheme in schemes
+        and bool(parsed.netloc or parsed.scheme == "file")
+        and " " not in url
+        and not _CONTROL_RE.search(url),
         name,
         url,
         f"a URL with scheme {'/'.join(schemes)}",
@@ -364,7 +401,16 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def check_param_names(names: Iterable[str]) -> None:
+    """Refuse a trigger conf key the DAG does not know: a typo such as `epoch` would train with the defaults."""
+    for name in sorted(set(names) - PARAM_NAMES):
+        close = difflib.get_close_matches(name, sorted(PARAM_NAMES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"params: unknown key {name!r}; {hint}the known keys are {sorted(PARAM_NAMES)}")
+
+
 def _param_overrides(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    check_param_names(params)
     out: dict[str, dict[str, Any]] = {}
     for name, value in params.items():
         if name in PARAM_FIELDS and value not in (None, "", []):

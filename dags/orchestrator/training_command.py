@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from orchestrator.settings import Settings
+if TYPE_CHECKING:
+    from orchestrator.settings import Settings, TrainingSettings
 
 # MLflow prints these lines on stderr (merged into the job log) when it creates and ends the run.
 _RUN_STARTED_RE = re.compile(r"=== Running command .* in run with ID '([0-9a-f]{32})' ===")
 _RUN_ENDED_RE = re.compile(r"=== Run \(ID '([0-9a-f]{32})'\) (succeeded|failed) ===")
+
+# The -P params the DAG sets from its own settings and the commit the CI gate resolved. training.extra_params may add
+# others, never replace these (settings refuses them): a run's recorded params must say what it really trained.
+DAG_PARAMS: Mapping[str, Callable[[TrainingSettings, str], str]] = {
+    "epochs": lambda t, sha: str(t.epochs),
+    "batch_size": lambda t, sha: str(t.batch_size),
+    "learning_rate": lambda t, sha: repr(t.learning_rate),
+    "model": lambda t, sha: t.model,
+    "data_uri": lambda t, sha: t.data_uri,
+    "git_sha": lambda t, sha: sha,
+}
 
 
 @dataclass(frozen=True)
@@ -43,14 +56,7 @@ class TrainingCommand:
 
 def training_command(settings: Settings, git_sha: str) -> TrainingCommand:
     t = settings.training
-    params = {
-        "epochs": str(t.epochs),
-        "batch_size": str(t.batch_size),
-        "learning_rate": repr(t.learning_rate),
-        "model": t.model,
-        "data_uri": t.data_uri,
-        **t.extra_params,
-    }
+    params = {**t.extra_params, **{name: value(t, git_sha) for name, value in DAG_PARAMS.items()}}
     return TrainingCommand(
         repo_url=settings.training_repo_url,
         git_sha=git_sha,

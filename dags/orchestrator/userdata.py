@@ -63,12 +63,12 @@ class _ShellTemplate(string.Template):
 
 
 def _validate(spec: UserDataSpec) -> None:
-    if not _PUBLIC_KEY_RE.match(spec.authorized_public_key.strip()):
+    if not _PUBLIC_KEY_RE.fullmatch(spec.authorized_public_key.strip()):
         raise ConfigError(
             "authorized_public_key is not an OpenSSH public key line ('ssh-ed25519 AAAA...'): "
             "derive it with orchestrator.hostkeys.public_line_from_private"
         )
-    if not _USER_RE.match(spec.ssh_user):
+    if not _USER_RE.fullmatch(spec.ssh_user):
         raise ConfigError(f"ssh_user {spec.ssh_user!r} is not a valid Linux user name: use e.g. 'ubuntu'")
     if not spec.state_dir.startswith("/") or "\n" in spec.state_dir:
         raise ConfigError(f"state_dir {spec.state_dir!r} must be an absolute path on one line")
@@ -78,7 +78,7 @@ def _validate(spec: UserDataSpec) -> None:
         raise ConfigError("mlflow_requirement must be one pip requirement, e.g. mlflow==3.17.2")
     if spec.deadline_epoch <= 0:
         raise ConfigError(f"deadline_epoch must be a positive epoch time in seconds, got {spec.deadline_epoch}")
-    bad = [p for p in spec.packages if not _PACKAGE_RE.match(p)]
+    bad = [p for p in spec.packages if not _PACKAGE_RE.fullmatch(p)]
     if bad:
         raise ConfigError(f"packages {bad!r} are not valid Debian package names: use names like 'git'")
 

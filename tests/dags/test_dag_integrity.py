@@ -173,6 +173,9 @@ def test_good_param_values_are_accepted(training_dag: Any, name: str, value: Any
         ("learning_rate", 1.5, r"1\.5 is greater than the maximum of 1"),
         ("model", "resnet", r"'resnet' is not one of \[None, 'default', 'seed'\]"),
         ("data_uri", "s3://b/" + "x" * 1024, r"is too long"),
+        ("instance_types", [f"g{n}.xlarge" for n in range(21)], r"is too long"),
+        # The form's pattern must match the whole value: `$` let a trailing newline through.
+        ("instance_types", ["g6.xlarge\n"], r"'g6\.xlarge\\n' does not match"),
         ("max_lifetime_minutes", 9, r"9 is less than the minimum of 10"),
     ],
     ids=lambda v: str(v)[:20],
@@ -183,3 +186,58 @@ def test_bad_param_values_are_refused(training_dag: Any, name: str, value: Any, 
     param = copy.deepcopy(training_dag.params.get_param(name))
     with pytest.raises(ParamValidationError, match=match):
         param.resolve(value)
+
+
+def test_params_are_the_keys_the_configuration_knows(training_dag: Any) -> None:
+    from orchestrator.settings import PARAM_NAMES
+
+    # resolve_config refuses any other trigger key, so a param declared here but unknown there could never be used.
+    assert set(training_dag.params) == PARAM_NAMES
+
+
+# ---- values between tasks keep their types
+
+
+class _XComs:
+    """The part of a task instance that templates and XComArgs read: return values by task id."""
+
+    _upstream_map_indexes: dict[str, Any] = {}
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value", **_: Any) -> Any:
+        assert key == "return_value", key
+        return self.values[task_ids]
+
+
+def _rendered(task: Any, xcoms: dict[str, Any]) -> Any:
+    task = copy.deepcopy(task)
+    task.render_template_fields({"ti": _XComs(xcoms)})
+    return task
+
+
+# Each would come out of native rendering as a number: 1.0, 2024, 1234567, 100000.0, 16, 1000.
+NUMBER_LIKE = ["1.0", "2024", "1234567", "1e5", "0x10", "1_000"]
+
+
+@pytest.mark.parametrize("ref", NUMBER_LIKE)
+def test_the_ci_gate_receives_the_ref_as_text(training_dag: Any, ref: str) -> None:
+    from orchestrator.ci import parse_allowed_conclusions
+    from orchestrator.settings import load_settings
+
+    config = load_settings({"git_ref": ref}, env={"TRAINER__GITHUB__CONN_ID": "2024"}).to_dict() | {"git_ref": ref}
+    gate = _rendered(training_dag.get_task("ci_gate"), {"resolve_config": config})
+    assert gate.git_ref == ref
+    assert gate.github_conn_id == "2024"
+    assert (gate.repo, gate.api_url) == (config["github"]["repo"], config["github"]["api_url"])
+    assert parse_allowed_conclusions(gate.allowed_conclusions) == set(config["github"]["allowed_conclusions"])
+    assert float(gate.timeout_s) == config["github"]["ci_timeout_minutes"] * 60
+
+
+def test_train_receives_the_upstream_values_unchanged(training_dag: Any) -> None:
+    sha = "1234567890" * 4  # all digits: native rendering would make it an int
+    config = {"git_ref": "2024", "training": {"extra_params": {"note": "1.0"}}}
+    ready = {"instance_id": "i-0123", "address": "127.0.0.1", "host_public_key": "ssh-ed25519 AAAA"}
+    train = _rendered(training_dag.get_task("train"), {"resolve_config": config, "wait_ready": ready, "ci_gate": sha})
+    assert (train.config, train.ready, train.git_sha) == (config, ready, sha)

@@ -83,6 +83,9 @@ def test_resolves_branch_full_and_short_sha(standin: GitHubStandIn, repo: tuple[
 
 def test_unknown_ref_and_repo(standin: GitHubStandIn) -> None:
     assert get(f"{standin.url}/repos/{REPO}/commits/no-such-branch")[0] == 404
+    # Like GitHub, a ref with a trailing newline is no ref (`re.match` with `$` read it as "main").
+    assert get(f"{standin.url}/repos/{REPO}/commits/main%0A")[0] == 404
+    assert get(f"{standin.url}/repos/{REPO}/actions/runs%0A?head_sha={'b' * 40}")[0] == 404
     assert get(f"{standin.url}/repos/{REPO}/commits/{'b' * 40}")[0] == 422
     assert get(f"{standin.url}/repos/other/repo/commits/main")[0] == 404
 

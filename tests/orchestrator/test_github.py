@@ -150,6 +150,16 @@ def test_list_runs_needs_a_full_sha(standin: GitHubStandIn) -> None:
         client_for(standin).list_workflow_runs("main")
 
 
+def test_patterns_match_whole_values_not_a_trailing_newline(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    with pytest.raises(GitHubRefError, match="needs a full 40-hex sha"):
+        client_for(standin).list_workflow_runs(repo[1] + "\n")
+    with pytest.raises(GitHubError, match="must look like 'owner/name'"):
+        GitHubClient(standin.url, REPO + "\n")
+    assert standin.total_requests == 0
+    # A ref is stripped before it is checked, so a newline typed after it is dropped rather than refused.
+    assert validate_ref("main\n") == "main"
+
+
 def test_5xx_retried_with_backoff_then_success(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
     sleeps = Sleeps()
     standin.fail_next(3, status=502)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -126,6 +127,8 @@ def test_tag_values_are_sanitised_truncated_and_stay_distinct():
     assert tag_value("run<1>;$x").startswith("run_1___x~")
     assert tag_value("plain-run_id:1+2@x/y=z") == "plain-run_id:1+2@x/y=z"
     assert parse_expires_at("soon") is None
+    # At least 64 bits of digest: the sweeper and teardown find a run's instances by this tag alone.
+    assert re.fullmatch(r"r+~[0-9a-f]{16}", tag_value(long_a))
 
 
 def test_attempt_order():

@@ -41,7 +41,9 @@ def test_job_key_is_stable_safe_and_distinct() -> None:
     # The hash keeps keys distinct even when the slugs collide or are cut.
     assert job_key("a", "b:c") != job_key("a", "b/c")
     assert job_key("d" * 200, "x") != job_key("d" * 200, "y")
-    assert re.fullmatch(r"[0-9a-f]{12}", job_key("../", "..."))
+    assert re.fullmatch(r"[0-9a-f]{16}", job_key("../", "..."))
+    # At least 64 bits of digest after the cut slug: two long run ids sharing a prefix stay apart.
+    assert re.fullmatch(r".*-[0-9a-f]{16}", job_key("d" * 200, "x"))
 
 
 def test_job_dir_for_rejects_unsafe_keys() -> None:
@@ -64,7 +66,8 @@ def test_env_file_round_trips_through_bash_without_interpretation(tmp_path: Path
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("name", ["1ABC", "A-B", "A B", "", "X;rm"])
+# "A\n": `re.match` with `$` accepts a trailing newline, and sourcing `A\n='v'` runs `='v'` as a command.
+@pytest.mark.parametrize("name", ["1ABC", "A-B", "A B", "", "X;rm", "A\n", "PATH\nid"])
 def test_env_file_rejects_bad_names(name: str) -> None:
     with pytest.raises(ConfigError, match=r"name .* is invalid"):
         build_env_file({name: "v"})
@@ -85,6 +88,17 @@ def test_job_script_quotes_the_command_and_records_the_exit_code_atomically() ->
     assert "mv -f /state/jobs/k/exit_code.tmp /state/jobs/k/exit_code" in script
     with pytest.raises(ConfigError, match="command is empty"):
         build_job_script([], paths, None, None)
+
+
+def test_job_script_quotes_the_workdir_in_its_failure_message(tmp_path: Path) -> None:
+    paths = JobPaths(str(tmp_path))
+    workdir = str(tmp_path / "no such dir' ; touch pwned ; echo '")
+    (tmp_path / "job.sh").write_text(build_job_script(["true"], paths, workdir, None))
+    run = subprocess.run(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert run.returncode == 1
+    assert not (tmp_path / "pwned").exists()
+    assert (tmp_path / "output.log").read_text() == f"job: cannot cd to {workdir}\n"
+    assert (tmp_path / "exit_code").read_text() == "1\n"
 
 
 def test_start_command_starts_once(tmp_path: Path) -> None:

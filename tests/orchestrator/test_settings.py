@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.errors import ConfigError
 from orchestrator.settings import (
+    MAX_INSTANCE_TYPES,
     PARAM_FIELDS,
     Settings,
     html_base_url,
@@ -107,6 +108,32 @@ def test_params_override_each_field() -> None:
 
 def test_spot_false_param_overrides_a_true_setting() -> None:
     assert load_settings({"spot": False}, env={"TRAINER__AWS__SPOT": "true"}).aws.spot is False
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"epoch": 3}, r"params: unknown key 'epoch'; did you mean 'epochs'\? the known keys are \['batch_size'"),
+        ({"instance_type": ["g6.xlarge"]}, r"unknown key 'instance_type'; did you mean 'instance_types'\?"),
+        ({"gitref": "main"}, r"unknown key 'gitref'; did you mean 'git_ref'\?"),
+        ({"epochs": 3, "zzz": None}, r"unknown key 'zzz'; the known keys are"),
+    ],
+)
+def test_unknown_param_keys_are_refused_with_the_closest_name(params: dict[str, Any], match: str) -> None:
+    # Even with no value: a misspelt key must not silently train with the configured value instead.
+    with pytest.raises(ConfigError, match=match):
+        load_settings(params, env={})
+
+
+@pytest.mark.parametrize("data_uri", ["   ", "-rf", "--data_uri=/etc"])
+def test_data_uri_param_that_the_job_would_refuse_is_refused_here(data_uri: str) -> None:
+    with pytest.raises(ConfigError, match=r"training\.data_uri: .* is invalid; expected a data location"):
+        load_settings({"data_uri": data_uri}, env={})
+
+
+def test_empty_data_uri_from_the_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"training\.data_uri: '' is invalid; expected a data location"):
+        load_settings(env={"TRAINER__TRAINING__DATA_URI": " "})
 
 
 # ---- coercion from environment strings
@@ -253,6 +280,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("aws", {"instance_types": ("G6.xlarge",)}, r"aws\.instance_types\[0\]"),
     ("aws", {"instance_types": ("g6",)}, r"aws\.instance_types\[0\]"),
     ("aws", {"instance_types": ("g6.xlarge", "g6.xlarge")}, r"aws\.instance_types: .* expected no repeats"),
+    (
+        "aws",
+        {"instance_types": tuple(f"g{n}.xlarge" for n in range(MAX_INSTANCE_TYPES + 1))},
+        r"aws\.instance_types: '21 types' is invalid; expected at most 20 instance types",
+    ),
     ("aws", {"subnet_id": "vpc-123"}, r"aws\.subnet_id: 'vpc-123' is invalid; expected empty or subnet-"),
     ("aws", {"security_group_ids": ("sg-1", "default")}, r"aws\.security_group_ids\[1\]: 'default' is invalid"),
     ("aws", {"root_volume_gb": 7}, r"aws\.root_volume_gb: 7 is invalid"),
@@ -274,10 +306,16 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("mlflow", {"tracking_uri": "file:///tmp/mlruns"}, r"mlflow\.tracking_uri: 'file:///tmp/mlruns' is invalid"),
     ("mlflow", {"tracking_uri": "https://u:p@mlflow.example.com"}, r"mlflow\.tracking_uri: '<redacted>'"),
     ("mlflow", {"experiment": "  "}, r"mlflow\.experiment: '  ' is invalid; expected a non-empty"),
+    ("mlflow", {"experiment": "exp\x1b[2J"}, r"mlflow\.experiment: .* without control characters"),
+    ("mlflow", {"experiment": "exp\0"}, r"mlflow\.experiment: 'exp\\x00' is invalid"),
+    ("mlflow", {"experiment": "exp\n"}, r"mlflow\.experiment"),
     ("mlflow", {"model_name": "my model"}, r"mlflow\.model_name"),
     ("mlflow", {"metric": "acc/test"}, r"mlflow\.metric"),
     ("training", {"repo_url": "ftp://host/repo.git"}, r"training\.repo_url: 'ftp://host/repo\.git' is invalid"),
     ("training", {"repo_url": "https://user:tok@github.com/o/r.git"}, r"training\.repo_url: '<redacted>'"),
+    ("training", {"repo_url": "https://github.com/o/r.git\0"}, r"training\.repo_url: .* is invalid; expected a URL"),
+    ("training", {"repo_url": "https://github.com/o/r.git\n"}, r"training\.repo_url"),
+    ("training", {"repo_url": "git://host/r.git\t--upload-pack=x"}, r"training\.repo_url"),
     ("training", {"entry_point": "main; id"}, r"training\.entry_point"),
     ("training", {"epochs": 0}, r"training\.epochs: 0 is invalid"),
     ("training", {"epochs": 10_001}, r"training\.epochs"),
@@ -290,9 +328,22 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("training", {"data_uri": "s3://bucket/a\nb"}, r"training\.data_uri"),
     ("training", {"data_uri": "s3:///prefix"}, r"training\.data_uri: 's3:///prefix' is invalid; expected s3://bucket"),
     ("training", {"data_uri": "s3://b/" + "x" * 1024}, r"training\.data_uri"),
+    ("training", {"data_uri": ""}, r"training\.data_uri: '' is invalid; expected a data location"),
+    ("training", {"data_uri": " "}, r"training\.data_uri: ' ' is invalid"),
+    ("training", {"data_uri": "-h"}, r"training\.data_uri: '-h' is invalid; .* not starting with '-'"),
     ("training", {"timeout_minutes": 0}, r"training\.timeout_minutes"),
     ("training", {"extra_params": {"bad-key": "1"}}, r"training\.extra_params: 'bad-key' is invalid"),
     ("training", {"extra_params": {"note": "two\nlines"}}, r"training\.extra_params\.note: 'two\\nlines' is invalid"),
+    ("training", {"extra_params": {"note": "nul\0"}}, r"training\.extra_params\.note: .* without control characters"),
+    ("training", {"extra_params": {"note": "a\tb"}}, r"training\.extra_params\.note"),
+    ("training", {"extra_params": {"note": "a\x85b"}}, r"training\.extra_params\.note"),
+    (
+        "training",
+        {"extra_params": {"epochs": "99"}},
+        r"training\.extra_params\.epochs: '99' is invalid; expected no key",
+    ),
+    ("training", {"extra_params": {"git_sha": "f" * 40}}, r"training\.extra_params\.git_sha: .* the DAG sets itself"),
+    ("training", {"extra_params": {"data_uri": "s3://b/x"}}, r"training\.extra_params\.data_uri"),
     ("training", {"timeout_minutes": 230}, r"aws\.max_lifetime_minutes: 240 is invalid; expected at least .* = 260"),
 ]
 
@@ -334,6 +385,35 @@ def test_credentials_never_reach_the_message(defaults: Settings, url: str) -> No
 )
 def test_good_values_pass(defaults: Settings, section: str, changes: dict[str, Any]) -> None:
     validate(with_changes(defaults, section, **changes))
+
+
+# Every pattern matches the whole value: `re.match` with `$` would let a trailing newline through.
+@pytest.mark.parametrize(
+    ("section", "name", "value"),
+    [
+        ("github", "conn_id", "github_default"),
+        ("aws", "region", "us-east-1"),
+        ("aws", "instance_types", ("g6.xlarge",)),
+        ("aws", "project_tag", "ec2-trainer"),
+        ("instance", "ssh_user", "ubuntu"),
+        ("instance", "state_dir", "/var/lib/trainer"),
+        ("instance", "python_bin", "/usr/bin/python3"),
+        ("mlflow", "model_name", "cnn"),
+        ("mlflow", "metric", "test_accuracy"),
+        ("training", "entry_point", "main"),
+        ("training", "extra_params", {"max_images": "1"}),
+    ],
+)
+def test_patterns_refuse_a_trailing_newline(defaults: Settings, section: str, name: str, value: Any) -> None:
+    validate(with_changes(defaults, section, **{name: value}))
+    if isinstance(value, tuple):
+        with_newline: Any = tuple(v + "\n" for v in value)
+    elif isinstance(value, dict):
+        with_newline = {k + "\n": v for k, v in value.items()}
+    else:
+        with_newline = value + "\n"
+    with pytest.raises(ConfigError, match=rf"{section}\.{name}.*\\n' is invalid"):
+        validate(with_changes(defaults, section, **{name: with_newline}))
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/prefix/", "synthetic://", "relative/folder", "file:///x.zip"])

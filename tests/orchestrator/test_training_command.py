@@ -7,7 +7,13 @@ import dataclasses
 import pytest
 
 from orchestrator.settings import Settings, load_settings
-from orchestrator.training_command import TrainingCommand, mlflow_run_url, parse_mlflow_run_id, training_command
+from orchestrator.training_command import (
+    DAG_PARAMS,
+    TrainingCommand,
+    mlflow_run_url,
+    parse_mlflow_run_id,
+    training_command,
+)
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 RUN_ID = "5d2c6e0b9a1f4c3e8b7a6d5c4b3a2f10"
@@ -66,24 +72,30 @@ def test_params_come_from_settings_with_extra_params(settings: Settings) -> None
         "learning_rate": "0.0005",
         "model": "seed",
         "data_uri": "s3://bucket/data/",
+        "git_sha": SHA,
         "max_images": "100",
         "image_size": "64",
     }
     argv = command.argv()
     flags = [argv[n + 1] for n, arg in enumerate(argv) if arg == "-P"]
     assert flags == sorted(flags)
-    assert len(flags) == 7
+    assert len(flags) == 8
+
+
+def test_extra_params_never_replace_what_the_dag_sets(settings: Settings) -> None:
+    # Settings validation refuses these keys; even a Settings built around it cannot record one value and train another.
+    sneaky = {name: "sneaky" for name in DAG_PARAMS}
+    forced = dataclasses.replace(settings, training=dataclasses.replace(settings.training, extra_params=sneaky))
+    params = training_command(forced, SHA).params
+    expected = training_command(settings, SHA).params
+    assert params == {name: expected[name] for name in DAG_PARAMS}
+    assert "sneaky" not in params.values()
 
 
 def test_learning_rate_keeps_full_precision(settings: Settings) -> None:
     tiny = dataclasses.replace(settings, training=dataclasses.replace(settings.training, learning_rate=1e-7))
     assert training_command(tiny, SHA).params["learning_rate"] == "1e-07"
     assert float(training_command(tiny, SHA).params["learning_rate"]) == 1e-7
-
-
-def test_extra_params_can_override_a_knob(settings: Settings) -> None:
-    training = dataclasses.replace(settings.training, extra_params={"epochs": "9"})
-    assert training_command(dataclasses.replace(settings, training=training), SHA).params["epochs"] == "9"
 
 
 def test_explicit_repo_url_is_used(settings: Settings) -> None:

@@ -148,6 +148,9 @@ def test_oversized_user_data_is_refused(keys):
         ({"ssh_user": "bad user"}, "not a valid Linux user name"),
         ({"state_dir": "relative/dir"}, "must be an absolute path"),
         ({"packages": ("git; rm -rf /",)}, "not valid Debian package names"),
+        # Full matches: `re.match` with `$` accepted a trailing newline, which would end a user-data line early.
+        ({"ssh_user": "ubuntu\n"}, "not a valid Linux user name"),
+        ({"packages": ("git\n",)}, "not valid Debian package names"),
     ],
 )
 def test_invalid_spec_is_refused(keys, override, message):
