@@ -167,8 +167,8 @@ class _Scored:
 
 def _server_error(exc: Any, doing: str) -> TrackingServerError:
     return TrackingServerError(
-        f"MLflow failed while {doing}: {exc.message}; check the MLflow connection's credentials and the "
-        "server's health. Nothing is promoted on doubt: the step fails and retries"
+        f"MLflow failed while {doing} ({exc.error_code}): {exc.message}; check the MLflow connection's "
+        "credentials and the server's health. Nothing is promoted on doubt: the step fails and retries"
     )
 
 
