@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _READY_MARKER = ".complete"
 _S3_DOWNLOAD_THREADS = 32  # thousands of small objects: latency-bound, not bandwidth-bound
+# Legacy us-east-1 names allow capitals and underscores; a leading letter or digit keeps '.' and '..' out.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def default_cache_dir() -> Path:
@@ -51,6 +54,24 @@ def find_root(folder: Path) -> Path:
     return folder
 
 
+def _inside(folder: Path, relative: str, what: str) -> Path:
+    """`folder / relative`, refused (DataError naming `what`) unless it is plainly a path under `folder`.
+
+    Empty ('a//b', a leading '/'), '.' and '..' segments and backslashes (a separator on Windows) are refused
+    rather than normalised: the source's own names are wrong, and two names must never land on one file.
+    """
+    bad = next((part for part in relative.split("/") if part in ("", ".", "..") or "\\" in part), None)
+    if bad is not None:
+        raise DataError(
+            f"{what} has the unsafe path segment {bad!r} (empty, '.', '..', a leading '/' or a backslash) and "
+            "would not stay inside the data cache; rename it to plain folder/file names or move it out of the data"
+        )
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"{what} resolves to {path.resolve()}, outside the data cache {folder}; rename it")
+    return path
+
+
 def _extract_zip(archive: Path, cache_dir: Path) -> Path:
     stat = archive.stat()
     digest = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -61,7 +82,10 @@ def _extract_zip(archive: Path, cache_dir: Path) -> Path:
         try:
             try:
                 with zipfile.ZipFile(archive) as bundle:
-                    bundle.extractall(staging)  # extractall drops absolute and '..' member paths
+                    # extractall would quietly rewrite these names; a hostile archive is refused instead.
+                    for name in bundle.namelist():
+                        _inside(staging, name.removesuffix("/"), f"zip member {name!r} of {archive}")
+                    bundle.extractall(staging)
             except zipfile.BadZipFile as exc:
                 raise DataError(f"{archive} is not a readable zip file ({exc}); re-create the archive") from None
             (staging / _READY_MARKER).touch()
@@ -81,8 +105,11 @@ def _download_s3(uri: str, cache_dir: Path) -> Path:
     bucket, prefix = parts.netloc, parts.path.lstrip("/")
     if not bucket:
         raise DataError(f"s3 uri {uri!r} names no bucket; use s3://bucket/prefix")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise DataError(f"s3 uri {uri!r}: {bucket!r} is not a bucket name; use s3://bucket/prefix")
     client = boto3.client("s3")  # credentials: the instance profile (default chain), never from the job's params
-    target = cache_dir / "s3" / bucket / prefix.strip("/")
+    bucket_dir = cache_dir / "s3" / bucket
+    target = _inside(bucket_dir, prefix.removesuffix("/"), f"the prefix of {uri}") if prefix else bucket_dir
     keys: list[tuple[str, int]] = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -94,11 +121,9 @@ def _download_s3(uri: str, cache_dir: Path) -> Path:
     if not keys:
         raise DataError(f"no objects under {uri}; check the bucket and prefix")
     if len(keys) == 1 and keys[0][0].endswith(".zip"):
-        target = cache_dir / "s3" / bucket / keys[0][0]
-        keys_to_paths = {keys[0][0]: target}
+        keys_to_paths = {keys[0][0]: _inside(bucket_dir, keys[0][0], f"s3 key {keys[0][0]!r} in bucket {bucket}")}
     else:
-        base = prefix if prefix.endswith("/") or not prefix else prefix + "/"
-        keys_to_paths = {key: target / key[len(base) :] for key, _ in keys}
+        keys_to_paths = _prefix_paths(bucket, prefix, [key for key, _ in keys], target)
     sizes = dict(keys)
     missing = [key for key, path in keys_to_paths.items() if not (path.exists() and path.stat().st_size == sizes[key])]
 
@@ -121,6 +146,23 @@ def _download_s3(uri: str, cache_dir: Path) -> Path:
     if len(keys_to_paths) == 1 and only.suffix == ".zip":
         return _extract_zip(only, cache_dir)
     return find_root(target)
+
+
+def _prefix_paths(bucket: str, prefix: str, keys: list[str], target: Path) -> dict[str, Path]:
+    """Where each object under the prefix (a folder) lands under `target`; objects beside the folder are left out."""
+    base = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+    paths: dict[str, Path] = {}
+    for key in keys:
+        if key == prefix:
+            raise DataError(
+                f"s3 key {key!r} in bucket {bucket} is the prefix itself, so it would take the folder's place; "
+                "pass s3://BUCKET/PREFIX/ for a folder of objects, or rename that object"
+            )
+        if key.startswith(base):  # a prefix 'hurricane' also lists 'hurricane-old/...': not in this folder
+            paths[key] = _inside(target, key[len(base) :], f"s3 key {key!r} in bucket {bucket}")
+    if not paths:
+        raise DataError(f"no objects in the folder s3://{bucket}/{base}; check the prefix")
+    return paths
 
 
 def resolve(data_uri: str, cache_dir: Path) -> Path:

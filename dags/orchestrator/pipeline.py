@@ -214,12 +214,13 @@ def wait_ready(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[s
 
 
 def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
+    """Gate the run's model; a run or champion that cannot be compared fails at once, any other MLflow error retries."""
     from orchestrator.connections import mlflow_credentials
-    from orchestrator.tracking import credentials_in_env, evaluate_and_promote
+    from orchestrator.tracking import TrackingError, credentials_in_env, evaluate_and_promote
 
     s = settings_of(config)
     creds = mlflow_credentials(s.mlflow.conn_id)
-    with credentials_in_env(creds.username, creds.password):
+    with credentials_in_env(creds.username, creds.password), fail_without_retry(TrackingError):
         result = evaluate_and_promote(
             s.mlflow.tracking_uri,
             mlflow_run_id,

@@ -1,11 +1,20 @@
-"""Reading a finished training run from MLflow and deciding whether its model becomes the champion."""
+"""Reading a finished training run from MLflow and deciding whether its model becomes the champion.
+
+Concurrent evaluations (up to one per DAG run) settle the champion alias without a lock: each one that passes the
+gate registers its version tagged as a contender for a lease, then moves the alias to the best of the live
+contenders and the current champion, and re-reads until a read finds the alias already there. The evaluation that
+checks last has seen every contender and every write, so the best one holds the alias whatever the interleaving
+(docs/decisions.md).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,10 +23,24 @@ from orchestrator.errors import OrchestratorError
 log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
+# Model version tag: until when (epoch seconds) the version contends for the alias; compared across workers' clocks.
+CONTENDER_TAG = "ec2_trainer.contends_until"
+CONTEST_LEASE_S = 1800.0
+# An evaluation that has not settled the alias this long after registering stops writing and fails (then retries):
+# far below the lease, so contenders that a late write overlooked are still live when someone checks again.
+CONTEST_BUDGET_S = 300.0
+_CONTEST_ROUNDS = 100  # a round writes only after a newer registration: 32 concurrent runs settle in far fewer
+_DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"  # MLflow's own JSON error code; a bare HTTP 404 maps to ENDPOINT_NOT_FOUND
+# mlflow.register_model reads the process-wide tracking URI: threads of one process take turns at changing it.
+_GLOBAL_URI_LOCK = threading.Lock()
 
 
 class TrackingError(OrchestratorError):
-    """The MLflow run is missing, unfinished or lacks the gating metric."""
+    """The run or the champion cannot be compared as they are (missing, unfinished, no metric): no retry helps."""
+
+
+class TrackingServerError(OrchestratorError):
+    """MLflow answered with something other than "does not exist" (auth, server error): fail and retry."""
 
 
 @dataclass(frozen=True)
@@ -88,15 +111,15 @@ def evaluate_and_promote(
     greater_is_better: bool,
     model_artifact: str = "model",
 ) -> EvaluationResult:
-    """Gate the run's model on `metric`; register it and move the champion alias only when it wins."""
+    """Gate the run's model on `metric`; register it and move the champion alias only when it wins.
+
+    Raises TrackingError when the run or the champion cannot be compared, TrackingServerError on any other
+    MLflow error: nothing is promoted on doubt.
+    """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(f"MLflow run {run_id} not found on {tracking_uri}: {exc.message}") from exc
+    run = _get_run(client, run_id, f"MLflow run {run_id} not found on {tracking_uri}")
     if run.info.status != "FINISHED":
         raise TrackingError(f"MLflow run {run_id} is {run.info.status}, not FINISHED: nothing to evaluate")
     if metric not in run.data.metrics:
@@ -106,28 +129,191 @@ def evaluate_and_promote(
         )
     value = float(run.data.metrics[metric])
 
-    champion_value = _champion_metric(client, model_name, metric)
+    champion = _champion(client, model_name, metric)
+    champion_value = champion.value if champion else None
     decision = decide_promotion(value, threshold, champion_value, greater_is_better=greater_is_better)
-    version: str | None = None
+    promoted, reason, version = decision.promote, decision.reason, None
     if decision.promote:
-        with _global_tracking_uri(tracking_uri):
-            import mlflow
+        started = time.monotonic()
+        version = _register_contender(client, tracking_uri, run_id, model_name, model_artifact)
+        holder = _settle_champion(client, model_name, metric, greater_is_better=greater_is_better, started=started)
+        promoted = holder.version == version
+        if not promoted:
+            reason = (
+                f"{value:.4f} passed the gate as version {version}, but version {holder.version} "
+                f"({holder.value:.4f}), evaluated at the same time, holds the champion alias"
+            )
+    log.info(
+        "Run %s: %s (%s version %s): %s",
+        run_id,
+        "champion" if promoted else "not promoted",
+        model_name,
+        version or "not registered",
+        reason,
+    )
+    outcome = "promoted" if promoted else "not_promoted"
+    _call(f"tagging run {run_id}", client.set_tag, run_id, "ec2_trainer.promotion", outcome)
+    _call(f"tagging run {run_id}", client.set_tag, run_id, "ec2_trainer.promotion_reason", reason)
+    return EvaluationResult(run_id, metric, value, champion_value, promoted, reason, version)
 
-            registered = mlflow.register_model(f"runs:/{run_id}/{model_artifact}", model_name)
-        version = str(registered.version)
-        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
-        log.info(
-            "Registered %s version %s and moved alias %r to it: %s",
+
+@dataclass(frozen=True)
+class _Scored:
+    """A registered version and its run's score on the gating metric."""
+
+    version: str
+    value: float
+
+
+def _server_error(exc: Any, doing: str) -> TrackingServerError:
+    return TrackingServerError(
+        f"MLflow failed while {doing} ({exc.error_code}): {exc.message}; check the MLflow connection's "
+        "credentials and the server's health. Nothing is promoted on doubt: the step fails and retries"
+    )
+
+
+def _call(doing: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`method(*args, **kwargs)`, with any MLflow error turned into a TrackingServerError (the step retries)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return method(*args, **kwargs)
+    except MlflowException as exc:
+        raise _server_error(exc, doing) from exc
+
+
+def _get_run(client: Any, run_id: str, missing: str) -> Any:
+    """The run; one that MLflow says does not exist is a TrackingError with the message `missing`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == _DOES_NOT_EXIST:
+            raise TrackingError(f"{missing}: {exc.message}") from exc
+        raise _server_error(exc, f"reading run {run_id}") from exc
+
+
+def _scored(client: Any, model_name: str, version: str, metric: str) -> _Scored:
+    """A registered version's score: its run's `metric`. A version without one cannot be compared: TrackingError."""
+    what = f"{model_name} version {version}"
+    model_version = _call(f"reading {what}", client.get_model_version, model_name, version)
+    if not model_version.run_id:
+        raise TrackingError(
+            f"{what} has no MLflow run, so no {metric!r} to compare with: move alias {CHAMPION_ALIAS!r} to a "
+            "version registered from a run"
+        )
+    run = _get_run(client, model_version.run_id, f"{what}'s run {model_version.run_id} is gone")
+    if metric not in run.data.metrics:
+        raise TrackingError(
+            f"{what}'s run {model_version.run_id} has no metric {metric!r}, so no model can be shown to beat it: "
+            f"log {metric!r} on that run, or move alias {CHAMPION_ALIAS!r} to a version whose run has it "
+            "(deleting the alias starts over with no champion)"
+        )
+    return _Scored(str(version), float(run.data.metrics[metric]))
+
+
+def _champion(client: Any, model_name: str, metric: str) -> _Scored | None:
+    """The champion and its score; None only when MLflow says the registered model does not exist or has no alias."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == _DOES_NOT_EXIST:
+            return None
+        raise _server_error(exc, f"reading registered model {model_name}") from exc
+    version = model.aliases.get(CHAMPION_ALIAS)
+    return None if version is None else _scored(client, model_name, str(version), metric)
+
+
+def _register_contender(client: Any, tracking_uri: str, run_id: str, model_name: str, model_artifact: str) -> str:
+    """The run's model version, registered (or found, on a retry) and tagged as a contender for the lease."""
+    until = f"{time.time() + CONTEST_LEASE_S:.0f}"
+    earlier = _call(
+        f"searching {model_name} for run {run_id}",
+        client.search_model_versions,
+        f"name = '{model_name}' and run_id = '{run_id}'",
+    )
+    if earlier:
+        version = str(min(int(found.version) for found in earlier))
+        _call(
+            f"tagging {model_name} version {version}",
+            client.set_model_version_tag,
             model_name,
             version,
-            CHAMPION_ALIAS,
-            decision.reason,
+            CONTENDER_TAG,
+            until,
         )
-    else:
-        log.info("Run %s kept but not promoted: %s", run_id, decision.reason)
-    client.set_tag(run_id, "ec2_trainer.promotion", "promoted" if decision.promote else "not_promoted")
-    client.set_tag(run_id, "ec2_trainer.promotion_reason", decision.reason)
-    return EvaluationResult(run_id, metric, value, champion_value, decision.promote, decision.reason, version)
+        return version
+    with _global_tracking_uri(tracking_uri):
+        import mlflow
+
+        registered = _call(
+            f"registering run {run_id} as {model_name}",
+            mlflow.register_model,
+            f"runs:/{run_id}/{model_artifact}",
+            model_name,
+            tags={CONTENDER_TAG: until},
+        )
+    return str(registered.version)
+
+
+def _live_contenders(client: Any, model_name: str, metric: str) -> list[_Scored]:
+    """The versions whose contender lease has not run out, oldest first, with their scores."""
+    found: list[Any] = []
+    token: str | None = None
+    while True:
+        page = _call(
+            f"listing the versions of {model_name}",
+            client.search_model_versions,
+            f"name = '{model_name}'",
+            page_token=token,
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    now = time.time()
+    live = sorted(int(version.version) for version in found if float(version.tags.get(CONTENDER_TAG) or 0) > now)
+    return [_scored(client, model_name, str(version), metric) for version in live]
+
+
+def _settle_champion(client: Any, model_name: str, metric: str, *, greater_is_better: bool, started: float) -> _Scored:
+    """Move the alias until a fresh read finds it on the best of the live contenders and the current champion.
+
+    Contenders are read before the alias, and only a read that finds nothing to change ends the loop: so the
+    evaluation that checks last has seen every registration and every write, and the alias it leaves is the best.
+    """
+    for _ in range(_CONTEST_ROUNDS):
+        contenders = _live_contenders(client, model_name, metric)
+        current = _champion(client, model_name, metric)
+        best = current
+        for candidate in contenders:  # ties keep the champion, then the earliest version: every reader agrees
+            if best is None or (candidate.value > best.value if greater_is_better else candidate.value < best.value):
+                best = candidate
+        if best is None:
+            raise TrackingError(f"{model_name} has no champion and no live contender: was its new version deleted?")
+        if current is not None and current.version == best.version:
+            return current
+        if time.monotonic() - started > CONTEST_BUDGET_S:
+            raise TrackingServerError(
+                f"the champion alias of {model_name} is not settled after {CONTEST_BUDGET_S:.0f} s: the MLflow "
+                "server is slow or overloaded; the step retries, and its version stays a contender meanwhile"
+            )
+        _call(
+            f"moving alias {CHAMPION_ALIAS!r} of {model_name}",
+            client.set_registered_model_alias,
+            model_name,
+            CHAMPION_ALIAS,
+            best.version,
+        )
+        log.info(
+            "Alias %r of %s moved to version %s (%s %.4f)", CHAMPION_ALIAS, model_name, best.version, metric, best.value
+        )
+    raise TrackingServerError(
+        f"the champion alias of {model_name} kept moving for {_CONTEST_ROUNDS} rounds; the step retries"
+    )
 
 
 @contextlib.contextmanager
@@ -135,32 +321,20 @@ def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
     """`mlflow.register_model` only uses the process-wide tracking URI: set it for the call, then put it back."""
     import mlflow
 
-    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    with _GLOBAL_URI_LOCK:
+        previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
     return str(MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id)
-
-
-def _champion_metric(client: Any, model_name: str, metric: str) -> float | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException:
-        return None  # no registered model or no champion yet
-    if not champion.run_id:
-        return None
-    metrics = client.get_run(champion.run_id).data.metrics
-    return float(metrics[metric]) if metric in metrics else None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import re
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,12 +16,15 @@ import pytest
 from embedded.mlflow_server import MlflowServer
 from orchestrator.tracking import (
     CHAMPION_ALIAS,
+    CONTENDER_TAG,
     EvaluationResult,
     TrackingError,
+    TrackingServerError,
     credentials_in_env,
     decide_promotion,
     evaluate_and_promote,
 )
+from tests.mlflow_fixtures import FaultProxy
 
 METRIC = "test_accuracy"
 
@@ -204,3 +210,142 @@ def test_unknown_run_is_refused(tracking_uri: str, model_name: str) -> None:
     unknown = uuid.uuid4().hex
     with pytest.raises(TrackingError, match=rf"MLflow run {unknown} not found on {tracking_uri}"):
         evaluate(tracking_uri, unknown, model_name)
+
+
+# ---- what "no champion" means, and errors that must never promote
+
+
+def test_a_registered_model_without_the_alias_has_no_champion(tracking_uri: str, model_name: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).create_registered_model(model_name)
+    run_id = finished_run({METRIC: 0.92})
+    result = evaluate(tracking_uri, run_id, model_name)
+    assert (result.promoted, result.champion_value) == (True, None)
+    assert champion(tracking_uri, model_name) == ("1", run_id)
+
+
+def test_a_champion_whose_run_lacks_the_metric_fails_the_evaluation(tracking_uri: str, model_name: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    unscored = finished_run({"val_accuracy": 0.5})
+    mlflow.register_model(f"runs:/{unscored}/model", model_name)
+    MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(model_name, CHAMPION_ALIAS, "1")
+    challenger = finished_run({METRIC: 0.99})
+    with pytest.raises(
+        TrackingError,
+        match=rf"{model_name} version 1's run {unscored} has no metric 'test_accuracy', so no model can be shown "
+        rf"to beat it: log 'test_accuracy' on that run, or move alias 'champion'",
+    ):
+        evaluate(tracking_uri, challenger, model_name)
+    assert champion(tracking_uri, model_name) == ("1", unscored)
+    assert "ec2_trainer.promotion" not in tags_of(tracking_uri, challenger)
+
+
+def _registry_reads(status: int, body: str) -> Any:
+    return lambda method, path: (status, body) if method == "GET" and "/registered-models/" in path else None
+
+
+UNAUTHENTICATED = "You are not authenticated. Please see the MLflow docs on how to authenticate."  # MLflow auth's 401
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        pytest.param(401, UNAUTHENTICATED, "UNAUTHENTICATED", id="401"),
+        pytest.param(403, "Permission denied", "PERMISSION_DENIED", id="403"),
+        pytest.param(503, "Service Unavailable", "INTERNAL_ERROR", id="503"),  # after MLflow's own retries
+    ],
+)
+def test_a_registry_error_fails_the_evaluation_and_promotes_nothing(
+    tracking_uri: str,
+    model_name: str,
+    mlflow_proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    body: str,
+    code: str,
+) -> None:
+    # MLflow retries a 5xx itself (7 times with backoff by default): twice, at once, keeps the test short.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    first = finished_run({METRIC: 0.95})
+    assert evaluate(tracking_uri, first, model_name).promoted
+    worse = finished_run({METRIC: 0.91})
+    mlflow_proxy.fault = _registry_reads(status, body)
+    with pytest.raises(
+        TrackingServerError,
+        match=rf"MLflow failed while reading registered model {model_name} \({code}\): .*{status}.*"
+        r"check the MLflow connection's credentials and the server's health\. Nothing is promoted on doubt",
+    ):
+        evaluate(mlflow_proxy.url, worse, model_name)
+    assert mlflow_proxy.answered, "the fault never fired"
+    if status >= 500:
+        assert len(mlflow_proxy.answered) == 3  # MLflow's own retries came first
+    assert champion(tracking_uri, model_name) == ("1", first)
+    assert "ec2_trainer.promotion" not in tags_of(tracking_uri, worse)
+
+
+def test_an_auth_error_on_the_run_is_not_reported_as_a_missing_run(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy
+) -> None:
+    run_id = finished_run({METRIC: 0.95}, with_model=False)
+    mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/get" in path else None
+    with pytest.raises(TrackingServerError, match=rf"MLflow failed while reading run {run_id} \(PERMISSION_DENIED\)"):
+        evaluate(mlflow_proxy.url, run_id, model_name)
+
+
+def test_a_failed_alias_move_retries_onto_the_same_version(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_id = finished_run({METRIC: 0.95})
+    mlflow_proxy.fault = (
+        lambda method, path: (502, "Bad Gateway") if path.endswith("/registered-models/alias") else None
+    )
+    with pytest.raises(TrackingServerError, match=rf"MLflow failed while moving alias 'champion' of {model_name}"):
+        evaluate(mlflow_proxy.url, run_id, model_name)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    assert client.get_registered_model(model_name).aliases == {}
+    assert float(client.get_model_version(model_name, "1").tags[CONTENDER_TAG]) > 0
+    mlflow_proxy.fault = None
+    result = evaluate(mlflow_proxy.url, run_id, model_name)  # the task's retry
+    assert (result.promoted, result.model_version) == (True, "1")
+    assert [v.version for v in client.search_model_versions(f"name = '{model_name}'")] == ["1"]
+    assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
+
+
+# ---- concurrent evaluations
+
+
+def _race(barrier: threading.Barrier, uri: str, run_id: str, model_name: str) -> EvaluationResult:
+    barrier.wait(timeout=60)  # start together: the proxy's random delays then choose the interleaving
+    return evaluate(uri, run_id, model_name)
+
+
+def test_concurrent_evaluations_leave_the_best_model_champion(tracking_uri: str, mlflow_proxy: FaultProxy) -> None:
+    """Two or three evaluations at once, through a proxy that delays every request at random, many times over."""
+    scores = {finished_run({METRIC: value}): value for value in (0.91, 0.93, 0.95, 0.97)}
+    mlflow_proxy.max_delay_s = 0.05
+    for round_ in range(10):
+        rng = random.Random(round_)
+        model_name = f"race-{round_}-{uuid.uuid4().hex[:6]}"
+        racers = rng.sample(sorted(scores), rng.choice((2, 3)))
+        entered = list(racers)
+        if rng.random() < 0.4:  # a champion already in place, which the racers must beat
+            entered.append(rng.choice([run_id for run_id in scores if run_id not in racers]))
+            assert evaluate(tracking_uri, entered[-1], model_name).promoted
+        barrier = threading.Barrier(len(racers))
+        with ThreadPoolExecutor(len(racers)) as pool:
+            futures = {run_id: pool.submit(_race, barrier, mlflow_proxy.url, run_id, model_name) for run_id in racers}
+            results = {run_id: future.result(timeout=300) for run_id, future in futures.items()}
+        holder = champion(tracking_uri, model_name)[1]
+        best = max(entered, key=scores.__getitem__)
+        assert holder == best, f"round {round_}: {scores[holder]} holds the alias, {scores[best]} was evaluated"
+        # A racer that held the alias when it checked may say it won and lose it later to a better one, as if
+        # they had run one after the other; the best one must say it won.
+        assert best not in racers or results[best].promoted, f"round {round_}: the best racer says it lost"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -175,7 +176,9 @@ def test_bad_local_inputs(tmp_path):
         sources.resolve("gs://bucket/data", tmp_path)
 
 
-def test_s3_prefix_is_downloaded_once_and_cached(tiny_root, tmp_path, monkeypatch):
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 with an empty bucket named "data"; yields its client."""
     import boto3
     from moto import mock_aws
 
@@ -185,14 +188,94 @@ def test_s3_prefix_is_downloaded_once_and_cached(tiny_root, tmp_path, monkeypatc
     with mock_aws():
         client = boto3.client("s3")
         client.create_bucket(Bucket="data")
-        for path in tiny_root.rglob("*.jpeg"):
-            client.upload_file(str(path), "data", f"hurricane/{path.relative_to(tiny_root)}")
-        root = sources.resolve("s3://data/hurricane", tmp_path)
-        assert len(dataset.scan(root)["test"].paths) == 8
-        client.delete_object(Bucket="data", Key="hurricane/test/damage/damage_000000.jpeg")
-        assert sources.resolve("s3://data/hurricane", tmp_path) == root  # the cached copy is kept
-        with pytest.raises(DataError, match="no objects under s3://data/missing"):
-            sources.resolve("s3://data/missing", tmp_path)
+        yield client
+
+
+def test_s3_prefix_is_downloaded_once_and_cached(tiny_root, tmp_path, s3):
+    for path in tiny_root.rglob("*.jpeg"):
+        s3.upload_file(str(path), "data", f"hurricane/{path.relative_to(tiny_root)}")
+    s3.put_object(Bucket="data", Key="hurricane-old/train/damage/stale.jpeg", Body=b"beside the folder")
+    root = sources.resolve("s3://data/hurricane", tmp_path)
+    assert len(dataset.scan(root)["test"].paths) == 8
+    assert not list(tmp_path.rglob("stale.jpeg"))  # a sibling prefix is not part of the folder
+    s3.delete_object(Bucket="data", Key="hurricane/test/damage/damage_000000.jpeg")
+    assert sources.resolve("s3://data/hurricane", tmp_path) == root  # the cached copy is kept
+    with pytest.raises(DataError, match="no objects under s3://data/missing"):
+        sources.resolve("s3://data/missing", tmp_path)
+
+
+def _files_outside(folder: Path, top: Path) -> list[Path]:
+    return [path for path in top.rglob("*") if path.is_file() and not path.is_relative_to(folder)]
+
+
+# Keys a hostile or careless bucket may hold; none may be written, and the error names the key.
+HOSTILE_KEYS = [
+    pytest.param("p/../../etc/x", "'..'", id="dot-dot"),
+    pytest.param("p/../../../../escaped", "'..'", id="dot-dot-out-of-the-cache"),
+    pytest.param("p/a/./b", "'.'", id="dot"),
+    pytest.param("p/a\\b", r"'a\\\\b'", id="backslash"),
+    pytest.param("p//ABS", "''", id="absolute"),
+]
+
+
+@pytest.mark.parametrize(("key", "segment"), HOSTILE_KEYS)
+def test_s3_keys_that_would_leave_the_cache_are_refused(tmp_path, s3, key, segment):
+    cache = tmp_path / "cache"
+    # "p//ABS" would be written at /ABS: point it under tmp_path so a regression stays inside the test's folder.
+    key = key.replace("//ABS", f"/{tmp_path}/abs-escape")
+    s3.put_object(Bucket="data", Key="p/train/ok.jpeg", Body=b"fine")
+    s3.put_object(Bucket="data", Key=key, Body=b"hostile")
+    with pytest.raises(
+        DataError, match=rf"s3 key {re.escape(repr(key))} in bucket data has the unsafe path segment {segment}"
+    ):
+        sources.resolve("s3://data/p", cache)
+    assert _files_outside(cache / "s3" / "data" / "p", tmp_path) == []
+
+
+def test_s3_key_equal_to_the_prefix_is_refused(tmp_path, s3):
+    s3.put_object(Bucket="data", Key="p/train/ok.jpeg", Body=b"fine")
+    s3.put_object(Bucket="data", Key="p", Body=b"takes the folder's place")
+    with pytest.raises(DataError, match=r"s3 key 'p' in bucket data is the prefix itself"):
+        sources.resolve("s3://data/p", tmp_path)
+    assert _files_outside(tmp_path / "s3" / "data" / "p", tmp_path) == []
+
+
+def test_s3_single_zip_with_a_hostile_key_is_refused(tmp_path, s3):
+    cache = tmp_path / "cache"
+    s3.put_object(Bucket="data", Key="p/../../../escaped.zip", Body=b"PK")
+    with pytest.raises(
+        DataError, match=r"s3 key 'p/\.\./\.\./\.\./escaped\.zip' in bucket data has the unsafe path segment '\.\.'"
+    ):
+        sources.resolve("s3://data/p", cache)
+    assert _files_outside(cache / "s3" / "data", tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://data/p/../../..", r"the prefix of s3://data/p/\.\./\.\./\.\. has the unsafe path segment '\.\.'"),
+        ("s3://data/p//q", r"the prefix of s3://data/p//q has the unsafe path segment ''"),
+        ("s3://../p", r"'\.\.' is not a bucket name"),
+    ],
+)
+def test_s3_uri_that_would_leave_the_cache_is_refused(tmp_path, s3, uri, message):
+    with pytest.raises(DataError, match=message):
+        sources.resolve(uri, tmp_path)
+
+
+@pytest.mark.parametrize("member", ["../../escaped.txt", "/abs/escaped.txt", "data/./x.txt", "data\\x.txt"])
+def test_zip_members_that_would_leave_the_cache_are_refused(tmp_path, member):
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("data/train/ok.jpeg", b"fine")
+        bundle.writestr(member, b"hostile")
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        DataError, match=rf"zip member {re.escape(repr(member))} of {re.escape(str(archive))} has the unsafe"
+    ):
+        sources.resolve(str(archive), cache)
+    assert not list(cache.rglob("*.txt"))
+    assert not (tmp_path / "escaped.txt").exists()
 
 
 def test_credentials_never_reach_logs():
