@@ -30,6 +30,8 @@ _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 _CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 _PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
+# Used verbatim as a tag value and in IAM policy conditions: plain characters only, so tag_value never alters it.
+_DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
 DATA_URI_SCHEMES = ("s3", "file", "synthetic")
 MODELS = ("default", "seed")
@@ -65,6 +67,7 @@ class AwsSettings:
     project_tag: str
     max_instances: int
     instance_wait_minutes: int
+    deployment: str
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,14 @@ def _validate_aws(a: AwsSettings) -> None:
     _check_range(a.max_instances, "aws.max_instances", 1, 1000)
     _check_range(a.instance_wait_minutes, "aws.instance_wait_minutes", 0, 7 * 24 * 60)
     _check_match(r"[A-Za-z0-9_.:-]{1,64}", a.project_tag, "aws.project_tag", "a short tag")
+    _check_match(
+        _DEPLOYMENT_RE,
+        a.deployment,
+        "aws.deployment",
+        "a name for this Airflow deployment that no other deployment in the AWS account uses, e.g. prod or "
+        "staging (letters, digits, - _ ., up to 64): it scopes the instance cap, the sweeper, teardown and "
+        "adoption, and the IAM policy's conditions (docs/iam.md); set TRAINER__AWS__DEPLOYMENT",
+    )
 
 
 def _validate_instance(i: InstanceSettings) -> None:
