@@ -1,5 +1,8 @@
 """Backstop: terminate every instance of this deployment that outlived its expires_at tag.
 
+"This deployment" is the `ec2-trainer:deployment` tag (setting aws.deployment): another Airflow deployment's
+instances in the same AWS account are its own sweeper's business, expired or not.
+
 The training DAG's teardown terminates its instance; this catches what a crashed scheduler, a deleted DAG run or a
 killed worker left behind. (The instance's own watchdog powers it off at the same deadline even if Airflow is gone.)
 """

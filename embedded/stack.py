@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 GITHUB_REPO = "local/ec2-trainer"
 AMI_PARAMETER = "/ec2-trainer/embedded/ami-id"
+# The embedded default's aws.deployment (a required setting). The emulator boots every instance with the project tag
+# key, whichever deployment's: like a hypervisor, it does not care who launched it.
+DEPLOYMENT = "embedded"
 # Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
 DEMO_DATA_URI = "synthetic://?train_per_class=120&val_per_class=30&test_per_class=30&size=64&seed=0"
 # Smaller still, for the tests and the load benchmark: exercises the whole job, learns little.
@@ -127,6 +130,7 @@ class EmbeddedStack(Managed):
             "AWS__REGION": self.cloud.region,
             "AWS__AMI_SSM_PARAMETER": AMI_PARAMETER,
             "AWS__INSTANCE_PROFILE": self.cloud.instance_profile,
+            "AWS__DEPLOYMENT": DEPLOYMENT,
             "AWS__MAX_LIFETIME_MINUTES": "60",
             "AWS__LAUNCH_TIMEOUT_MINUTES": "2",
             "INSTANCE__SSH_USER": getpass.getuser(),

@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.launch import (
-    TAG_DAG_ID,
     TAG_EXPIRES_AT,
     TAG_HOST_KEY,
-    TAG_PROJECT,
     TAG_RUN_ID,
     LaunchSpec,
     Market,
     RunIdentity,
+    adoption_tags,
     build_run_instances_request,
+    deployment_tags,
     launch_attempts,
     parse_expires_at,
-    tag_value,
+    run_scope_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -160,30 +160,28 @@ def _describe(ec2: Any, filters: list[dict[str, Any]], retry: RetryPolicy) -> li
             return instances
 
 
-def _live_in_project(project_tag: str) -> list[dict[str, Any]]:
+def _tag_filters(tags: Mapping[str, str], states: Iterable[str] = LIVE_STATES) -> list[dict[str, Any]]:
+    """DescribeInstances filters matching instances that carry every one of these tags, in one of these states."""
     return [
-        {"Name": f"tag:{TAG_PROJECT}", "Values": [tag_value(project_tag)]},
-        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+        *({"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()),
+        {"Name": "instance-state-name", "Values": list(states)},
     ]
+
+
+def _live_in_project(project_tag: str, deployment: str) -> list[dict[str, Any]]:
+    return _tag_filters(deployment_tags(project_tag, deployment))
 
 
 def find_run_instances(
     ec2: Any,
-    dag_id: str,
-    run_id: str,
-    project_tag: str,
+    tags: Mapping[str, str],
     states: Iterable[str] = LIVE_STATES,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[dict[str, Any]]:
-    """The run's instances (describe_instances dicts) in the given states, oldest first."""
-    filters = [
-        {"Name": f"tag:{TAG_PROJECT}", "Values": [tag_value(project_tag)]},
-        {"Name": f"tag:{TAG_DAG_ID}", "Values": [tag_value(dag_id)]},
-        {"Name": f"tag:{TAG_RUN_ID}", "Values": [tag_value(run_id)]},
-        {"Name": "instance-state-name", "Values": list(states)},
-    ]
-    return sorted(_describe(ec2, filters, retry), key=lambda i: (str(i.get("LaunchTime", "")), i["InstanceId"]))
+    """The instances carrying every one of the run's tags (launch.run_scope_tags or adoption_tags), oldest first."""
+    found = _describe(ec2, _tag_filters(tags, states), retry)
+    return sorted(found, key=lambda i: (str(i.get("LaunchTime", "")), i["InstanceId"]))
 
 
 def _market_of(instance: dict[str, Any]) -> Market:
@@ -208,10 +206,21 @@ class InstanceCapError(OrchestratorError):
 
 
 def adopt_run_instance(
-    ec2: Any, dag_id: str, run_id: str, project_tag: str, *, retry: RetryPolicy = DEFAULT_RETRY
+    ec2: Any,
+    project_tag: str,
+    deployment: str,
+    dag_id: str,
+    run_id: str,
+    git_sha: str,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> LaunchedInstance | None:
-    """The live instance an earlier try of this run launched (the oldest, if several), or None."""
-    existing = find_run_instances(ec2, dag_id, run_id, project_tag, retry=retry)
+    """The live instance an earlier try of this run launched (the oldest, if several), or None.
+
+    Only an instance with all of the run's tags (deployment, DAG, run, commit: launch.adoption_tags) qualifies:
+    its host key tag is trusted for SSH, so another deployment's instance with the same run id must never match.
+    """
+    existing = find_run_instances(ec2, adoption_tags(project_tag, deployment, dag_id, run_id, git_sha), retry=retry)
     if not existing:
         return None
     chosen = existing[0]
@@ -232,21 +241,24 @@ def adopt_run_instance(
     )
 
 
-def live_project_instances(ec2: Any, project_tag: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[str]:
-    """Ids of the project's instances that are not shutting down or gone, whichever run (or no run) launched them."""
-    return sorted(i["InstanceId"] for i in _describe(ec2, _live_in_project(project_tag), retry))
+def live_project_instances(
+    ec2: Any, project_tag: str, deployment: str, *, retry: RetryPolicy = DEFAULT_RETRY
+) -> list[str]:
+    """Ids of this deployment's instances that are not shutting down or gone, whichever of its runs launched them."""
+    return sorted(i["InstanceId"] for i in _describe(ec2, _live_in_project(project_tag, deployment), retry))
 
 
 def wait_for_instance_slot(
     ec2: Any,
     project_tag: str,
+    deployment: str,
     max_instances: int,
     timeout_s: float,
     poll_s: float,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> float:
-    """Blocks until fewer than max_instances of the project's instances are live; returns the seconds waited.
+    """Blocks until fewer than max_instances of the deployment's instances are live; returns the seconds waited.
 
     Counting in EC2, not in Airflow, caps what is billed: instances left by a crashed run count until they are gone.
     Callers serialise this check and the launch that follows (the DAG's one-slot launch pool), or two launches
@@ -255,7 +267,7 @@ def wait_for_instance_slot(
     started = time.monotonic()
     last_count = -1
     while True:
-        live = live_project_instances(ec2, project_tag, retry=retry)
+        live = live_project_instances(ec2, project_tag, deployment, retry=retry)
         waited = time.monotonic() - started
         if len(live) < max_instances:
             if waited > 0.5:
@@ -263,17 +275,17 @@ def wait_for_instance_slot(
             return waited
         if len(live) != last_count:
             log.info(
-                "%d of at most %d instances of project %s are live (%s); waiting for one to end (up to %.0f s)",
+                "%d of at most %d instances of deployment %s are live (%s); waiting for one to end (up to %.0f s)",
                 len(live),
                 max_instances,
-                project_tag,
+                deployment,
                 ", ".join(live),
                 timeout_s,
             )
             last_count = len(live)
         if waited + poll_s > timeout_s:
             raise InstanceCapError(
-                f"{len(live)} instances of project {project_tag} are live ({', '.join(live)}), at the cap "
+                f"{len(live)} instances of deployment {deployment} are live ({', '.join(live)}), at the cap "
                 f"aws.max_instances = {max_instances}, for {waited:.0f} s. Trigger the run again later, raise "
                 "aws.max_instances or aws.instance_wait_minutes, or check these instances in the EC2 console"
             )
@@ -426,32 +438,35 @@ def terminate_instances(ec2: Any, instance_ids: Iterable[str], *, retry: RetryPo
 
 def terminate_run(
     ec2: Any,
+    project_tag: str,
+    deployment: str,
     dag_id: str,
     run_id: str,
-    project_tag: str,
     instance_ids: Iterable[str] = (),
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[str]:
-    """Terminates the given ids and every live instance tagged with the run; harmless to repeat."""
-    tagged = [i["InstanceId"] for i in find_run_instances(ec2, dag_id, run_id, project_tag, retry=retry)]
+    """Terminates the given ids and every live instance tagged with the run in this deployment; harmless to repeat."""
+    tags = run_scope_tags(project_tag, deployment, dag_id, run_id)
+    tagged = [i["InstanceId"] for i in find_run_instances(ec2, tags, retry=retry)]
     return terminate_instances(ec2, [*instance_ids, *tagged], retry=retry)
 
 
 def sweep_expired(
     ec2: Any,
     project_tag: str,
+    deployment: str,
     now_epoch: float,
     *,
     untagged_grace_s: float = UNTAGGED_GRACE_S,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[str]:
-    """Terminates the project's live instances past their expires_at; returns their ids.
+    """Terminates this deployment's live instances past their expires_at; returns their ids.
 
     An instance with a missing or unreadable expires_at is swept once it has run longer than untagged_grace_s.
     """
     expired: list[str] = []
-    for instance in _describe(ec2, _live_in_project(project_tag), retry):
+    for instance in _describe(ec2, _live_in_project(project_tag, deployment), retry):
         instance_id = instance["InstanceId"]
         tags = _tags(instance)
         expires_at = parse_expires_at(tags.get(TAG_EXPIRES_AT, ""))

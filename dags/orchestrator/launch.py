@@ -18,6 +18,9 @@ Market = Literal["spot", "on-demand"]
 
 TAG_PREFIX = "ec2-trainer:"
 TAG_PROJECT = TAG_PREFIX + "project"
+# Which Airflow deployment owns the instance: two deployments in one account never count, sweep, terminate or adopt
+# each other's instances, because every lookup filters on it (aws.deployment).
+TAG_DEPLOYMENT = TAG_PREFIX + "deployment"
 TAG_DAG_ID = TAG_PREFIX + "dag_id"
 TAG_RUN_ID = TAG_PREFIX + "run_id"
 TAG_GIT_SHA = TAG_PREFIX + "git_sha"
@@ -77,12 +80,17 @@ class LaunchSpec:
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """The DAG run an instance belongs to; becomes its tags."""
+    """The DAG run an instance belongs to; becomes its tags.
+
+    A run id is unique only inside one Airflow deployment (`manual__<time>` can repeat in another), so the
+    deployment is part of the identity.
+    """
 
     dag_id: str
     run_id: str
     git_sha: str
     expires_at_epoch: int
+    deployment: str
 
 
 def tag_value(value: str) -> str:
@@ -111,14 +119,29 @@ def parse_expires_at(value: str) -> int | None:
     return int(parsed.timestamp())
 
 
+def deployment_tags(project_tag: str, deployment: str) -> dict[str, str]:
+    """The tags of every instance one deployment launches: the instance cap and the sweeper count only these."""
+    return {TAG_PROJECT: tag_value(project_tag), TAG_DEPLOYMENT: tag_value(deployment)}
+
+
+def run_scope_tags(project_tag: str, deployment: str, dag_id: str, run_id: str) -> dict[str, str]:
+    """The tags every instance of one DAG run carries, whichever try launched it: teardown terminates these."""
+    return {**deployment_tags(project_tag, deployment), TAG_DAG_ID: tag_value(dag_id), TAG_RUN_ID: tag_value(run_id)}
+
+
+def adoption_tags(project_tag: str, deployment: str, dag_id: str, run_id: str, git_sha: str) -> dict[str, str]:
+    """Every tag of the run that each try writes alike (all but expires_at and the host key, which are per try).
+
+    A retried launch adopts only an instance carrying them all: it trusts that instance's host key tag.
+    """
+    name = tag_value(f"{project_tag}/{dag_id}/{git_sha[:12]}")
+    return {"Name": name, **run_scope_tags(project_tag, deployment, dag_id, run_id), TAG_GIT_SHA: tag_value(git_sha)}
+
+
 def run_tags(identity: RunIdentity, project_tag: str, host_public_key: str = "") -> dict[str, str]:
-    """The tags that tie an instance (and its volume) to one DAG run."""
+    """The tags that tie an instance (and its volume) to one DAG run of one deployment."""
     tags = {
-        "Name": tag_value(f"{project_tag}/{identity.dag_id}/{identity.git_sha[:12]}"),
-        TAG_PROJECT: tag_value(project_tag),
-        TAG_DAG_ID: tag_value(identity.dag_id),
-        TAG_RUN_ID: tag_value(identity.run_id),
-        TAG_GIT_SHA: tag_value(identity.git_sha),
+        **adoption_tags(project_tag, identity.deployment, identity.dag_id, identity.run_id, identity.git_sha),
         TAG_EXPIRES_AT: expires_at_iso(identity.expires_at_epoch),
     }
     if host_public_key:
@@ -132,7 +155,10 @@ def client_token(identity: RunIdentity, instance_type: str, market: Market) -> s
     It makes botocore's own retries of one call safe. expires_at is part of it because a launch task computes
     it once per try: a later try must not be handed back an instance an earlier try left terminated.
     """
-    key = "\x1f".join((identity.dag_id, identity.run_id, instance_type, market, str(identity.expires_at_epoch)))
+    # The deployment too: tokens are per account, and two deployments can have the same run id.
+    key = "\x1f".join(
+        (identity.deployment, identity.dag_id, identity.run_id, instance_type, market, str(identity.expires_at_epoch))
+    )
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:CLIENT_TOKEN_MAX]
 
 

@@ -83,13 +83,16 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]
 
     s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
-    launched = adopt_run_instance(ec2, plan["dag_id"], plan["run_id"], s.aws.project_tag)
+    launched = adopt_run_instance(
+        ec2, s.aws.project_tag, s.aws.deployment, plan["dag_id"], plan["run_id"], plan["git_sha"]
+    )
     if launched is None:
         # A retry after the cap held too long would wait the whole aws.instance_wait_minutes again.
         with fail_without_retry(InstanceCapError, ConfigError):
             wait_for_instance_slot(
                 ec2,
                 s.aws.project_tag,
+                s.aws.deployment,
                 s.aws.max_instances,
                 timeout_s=s.aws.instance_wait_minutes * 60,
                 poll_s=s.instance.poll_seconds,
@@ -114,7 +117,7 @@ def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInsta
     from orchestrator.userdata import UserDataSpec, render_user_data
 
     expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
-    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], expires_at)
+    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], expires_at, s.aws.deployment)
     host_key = generate_host_key()
     user_data = render_user_data(
         UserDataSpec(
@@ -239,7 +242,7 @@ def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids:
 
     s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
-    asked = terminate_run(ec2, dag_id, run_id, s.aws.project_tag, instance_ids=tuple(instance_ids))
+    asked = terminate_run(ec2, s.aws.project_tag, s.aws.deployment, dag_id, run_id, instance_ids=tuple(instance_ids))
     states: dict[str, str] = {}
     deadline = time.monotonic() + 300
     for instance_id in asked:
@@ -257,12 +260,13 @@ def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids:
 
 
 def sweep(config: Mapping[str, Any] | None = None) -> list[str]:
-    """Terminate every instance of this deployment that outlived its expires_at tag."""
+    """Terminate every instance of this deployment (aws.deployment) that outlived its expires_at tag."""
     from orchestrator.connections import aws_client
     from orchestrator.ec2 import sweep_expired
 
     s = settings_of(config) if config else load_settings()
-    swept = sweep_expired(aws_client("ec2", s.aws.conn_id, s.aws.region), s.aws.project_tag, time.time())
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    swept = sweep_expired(ec2, s.aws.project_tag, s.aws.deployment, time.time())
     for instance_id in swept:
         log.warning("Terminated %s: past its expires_at deadline (its DAG run did not clean it up)", instance_id)
     return swept

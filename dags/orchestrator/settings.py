@@ -36,6 +36,8 @@ _UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Each type is one more launch attempt (two with spot first): a bound keeps a pasted list from looping for hours.
 MAX_INSTANCE_TYPES = 20
+# Used verbatim as a tag value and in IAM policy conditions: plain characters only, so tag_value never alters it.
+_DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
 DATA_URI_SCHEMES = ("s3", "file", "synthetic")
 MODELS = ("default", "seed")
@@ -71,6 +73,7 @@ class AwsSettings:
     project_tag: str
     max_instances: int
     instance_wait_minutes: int
+    deployment: str
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,14 @@ def _validate_aws(a: AwsSettings) -> None:
     _check_range(a.max_instances, "aws.max_instances", 1, 1000)
     _check_range(a.instance_wait_minutes, "aws.instance_wait_minutes", 0, 7 * 24 * 60)
     _check_match(r"[A-Za-z0-9_.:-]{1,64}", a.project_tag, "aws.project_tag", "a short tag")
+    _check_match(
+        _DEPLOYMENT_RE,
+        a.deployment,
+        "aws.deployment",
+        "a name for this Airflow deployment that no other deployment in the AWS account uses, e.g. prod or "
+        "staging (letters, digits, - _ ., up to 64): it scopes the instance cap, the sweeper, teardown and "
+        "adoption, and the IAM policy's conditions (docs/iam.md); set TRAINER__AWS__DEPLOYMENT",
+    )
 
 
 def _validate_instance(i: InstanceSettings) -> None:

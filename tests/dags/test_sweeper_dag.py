@@ -1,8 +1,11 @@
-"""The sweeper DAG terminates the deployment's instances past their expires_at and spares every other instance."""
+"""The sweeper DAG terminates the deployment's instances past their expires_at and spares every other instance.
+
+Every other instance includes another deployment's in the same account, expired or not: that deployment's own
+sweeper owns them.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -10,7 +13,7 @@ from typing import Any
 import pytest
 
 from embedded.cloud import LocalCloud
-from embedded.stack import EmbeddedStack
+from embedded.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.launch import expires_at_iso
 
 pytestmark = pytest.mark.slow
@@ -35,26 +38,24 @@ def launch(cloud: LocalCloud, tags: dict[str, str]) -> str:
     return str(response["Instances"][0]["InstanceId"])
 
 
-def test_sweeper_terminates_only_expired_project_instances(
-    cloud: LocalCloud, airflow_db: Any, monkeypatch: pytest.MonkeyPatch
+def owned(deployment: str, expires_at: int, project: str = "ec2-trainer") -> dict[str, str]:
+    return {
+        "ec2-trainer:project": project,
+        "ec2-trainer:deployment": deployment,
+        "ec2-trainer:expires_at": expires_at_iso(expires_at),
+    }
+
+
+def test_sweeper_terminates_only_this_deployments_expired_instances(
+    env: EmbeddedStack, cloud: LocalCloud, airflow_db: Any
 ) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_AWS_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "aws",
-                "login": "testing",
-                "password": "testing",
-                "extra": {"endpoint_url": cloud.endpoint_url, "region_name": cloud.region},
-            }
-        ),
-    )
     now = int(time.time())
-    expired = launch(cloud, {"ec2-trainer:project": "ec2-trainer", "ec2-trainer:expires_at": expires_at_iso(now - 60)})
-    alive = launch(cloud, {"ec2-trainer:project": "ec2-trainer", "ec2-trainer:expires_at": expires_at_iso(now + 3600)})
-    other_project = launch(cloud, {"ec2-trainer:project": "someone-else", "ec2-trainer:expires_at": expires_at_iso(0)})
+    expired = launch(cloud, owned(DEPLOYMENT, now - 60))
+    alive = launch(cloud, owned(DEPLOYMENT, now + 3600))
+    other_deployment = launch(cloud, owned("another-deployment", now - 60))
+    other_project = launch(cloud, owned(DEPLOYMENT, 0, project="someone-else"))
     untagged = launch(cloud, {"Name": "hand-launched"})
 
     try:
@@ -70,7 +71,8 @@ def test_sweeper_terminates_only_expired_project_instances(
             for i in r["Instances"]
         }
         assert states[expired] == "terminated"
-        assert {states[alive], states[other_project], states[untagged]} == {"running"}
+        assert {states[alive], states[other_deployment], states[other_project], states[untagged]} == {"running"}
     finally:
         # The session's cloud outlives this test: leave nothing of it running.
-        cloud.client("ec2").terminate_instances(InstanceIds=[expired, alive, other_project, untagged])
+        ids = [expired, alive, other_deployment, other_project, untagged]
+        cloud.client("ec2").terminate_instances(InstanceIds=ids)

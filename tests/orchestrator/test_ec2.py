@@ -25,9 +25,10 @@ from orchestrator.ec2 import (
     wait_for_instance_slot,
     wait_until_running,
 )
-from orchestrator.launch import LaunchSpec, RunIdentity
+from orchestrator.launch import LaunchSpec, RunIdentity, run_scope_tags
 
 PROJECT = "ec2-trainer"
+DEPLOYMENT = "prod"
 FAST = RetryPolicy(max_attempts=3, base_delay_s=0.0)
 USER_DATA = "#cloud-config\nruncmd:\n- [echo, hi]\n"
 
@@ -69,8 +70,8 @@ def make_spec(ami: str, **overrides) -> LaunchSpec:
     return LaunchSpec(**fields)
 
 
-def identity(run_id: str = "manual__1", expires_in_s: int = 3600) -> RunIdentity:
-    return RunIdentity("train_hurricane", run_id, "b" * 40, int(time.time()) + expires_in_s)
+def identity(run_id: str = "manual__1", expires_in_s: int = 3600, deployment: str = DEPLOYMENT) -> RunIdentity:
+    return RunIdentity("train_hurricane", run_id, "b" * 40, int(time.time()) + expires_in_s, deployment)
 
 
 def fail_run_instances(ec2, code: str, when=lambda body, n: True) -> list[dict]:
@@ -165,10 +166,10 @@ def test_relaunch_of_the_same_run_reuses_its_instance(aws):
     run = identity()
     first = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST)
     # A retried task finds its run's instance by the run's tags, whatever its new expires_at and ClientToken.
-    again = adopt_run_instance(ec2, run.dag_id, run.run_id, PROJECT, retry=FAST)
+    again = adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha, retry=FAST)
     assert again is not None
     assert (again.instance_id, again.reused, again.market) == (first.instance_id, True, "spot")
-    assert adopt_run_instance(ec2, run.dag_id, "manual__2", PROJECT, retry=FAST) is None
+    assert adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, "manual__2", run.git_sha, retry=FAST) is None
     other = launch_instance(ec2, make_spec(ami), identity("manual__2"), USER_DATA, retry=FAST)
     assert other.instance_id != first.instance_id
     assert sorted(live(ec2)) == sorted([first.instance_id, other.instance_id])
@@ -218,13 +219,16 @@ def test_terminate_by_id_and_by_tag_and_repeat(aws):
     stray = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     bystander = launch_instance(ec2, make_spec(ami), identity("manual__other"), USER_DATA, retry=FAST).instance_id
 
-    asked = terminate_run(ec2, run.dag_id, run.run_id, PROJECT, instance_ids=[stray, "i-0123456789abcdef0", "bad-id"])
+    asked = terminate_run(
+        ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, instance_ids=[stray, "i-0123456789abcdef0", "bad-id"]
+    )
     assert sorted(asked) == sorted([tagged, stray])
     assert live(ec2) == [bystander]
-    assert find_run_instances(ec2, run.dag_id, run.run_id, PROJECT, retry=FAST) == []
+    assert find_run_instances(ec2, run_scope_tags(PROJECT, DEPLOYMENT, run.dag_id, run.run_id), retry=FAST) == []
     # Harmless to repeat, with or without the ids.
-    assert terminate_run(ec2, run.dag_id, run.run_id, PROJECT, retry=FAST) == []
-    assert terminate_run(ec2, run.dag_id, run.run_id, PROJECT, instance_ids=[tagged], retry=FAST) == [tagged]
+    assert terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, retry=FAST) == []
+    again = terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, instance_ids=[tagged], retry=FAST)
+    assert again == [tagged]
     assert live(ec2) == [bystander]
 
 
@@ -238,7 +242,7 @@ def test_terminate_propagates_unexpected_errors(aws):
 
     ec2.meta.events.register("before-call.ec2.TerminateInstances", deny)
     with pytest.raises(ClientError, match="UnauthorizedOperation"):
-        terminate_run(ec2, "d", "r", PROJECT, instance_ids=["i-0123456789abcdef0"], retry=FAST)
+        terminate_run(ec2, PROJECT, DEPLOYMENT, "d", "r", instance_ids=["i-0123456789abcdef0"], retry=FAST)
 
 
 def test_sweeper_terminates_expired_and_spares_the_rest(aws):
@@ -253,12 +257,14 @@ def test_sweeper_terminates_expired_and_spares_the_rest(aws):
         ec2, make_spec(ami, project_tag="someone-else"), identity("x", expires_in_s=-10), USER_DATA, retry=FAST
     )
 
-    assert sweep_expired(ec2, PROJECT, now, untagged_grace_s=grace, retry=FAST) == [expired.instance_id]
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=grace, retry=FAST) == [expired.instance_id]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, garbled.instance_id, other_project.instance_id])
     # Much later: the unreadable expiry is swept once past the grace period, the fresh one still is not.
-    assert sweep_expired(ec2, PROJECT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == [garbled.instance_id]
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == [
+        garbled.instance_id
+    ]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, other_project.instance_id])
-    assert sweep_expired(ec2, PROJECT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == []
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == []
 
 
 def test_instance_slot_counts_the_projects_live_instances_in_ec2(aws):
@@ -267,11 +273,11 @@ def test_instance_slot_counts_the_projects_live_instances_in_ec2(aws):
     launch_instance(ec2, make_spec(ami, project_tag="someone-else"), identity("b"), USER_DATA, retry=FAST)
     # Whatever run launched it (a crashed one included), a live instance of the project counts against the cap.
     leftover = launch_instance(ec2, make_spec(ami), identity("c"), USER_DATA, retry=FAST).instance_id
-    assert live_project_instances(ec2, PROJECT, retry=FAST) == sorted([first, leftover])
-    assert wait_for_instance_slot(ec2, PROJECT, 3, timeout_s=0, poll_s=0.05, retry=FAST) < 0.5
+    assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == sorted([first, leftover])
+    assert wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 3, timeout_s=0, poll_s=0.05, retry=FAST) < 0.5
 
     with pytest.raises(InstanceCapError) as caught:
-        wait_for_instance_slot(ec2, PROJECT, 2, timeout_s=0.3, poll_s=0.05, retry=FAST)
+        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0.3, poll_s=0.05, retry=FAST)
     message = str(caught.value)
     assert "aws.max_instances = 2" in message and first in message and leftover in message
 
@@ -284,8 +290,92 @@ def test_instance_slot_opens_when_an_instance_ends(aws):
     timer = threading.Timer(0.5, lambda: ec2.terminate_instances(InstanceIds=[busy]))
     timer.start()
     try:
-        waited = wait_for_instance_slot(ec2, PROJECT, 1, timeout_s=30, poll_s=0.05, retry=FAST)
+        waited = wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 1, timeout_s=30, poll_s=0.05, retry=FAST)
     finally:
         timer.join()
     assert 0.4 < waited < 30
-    assert live_project_instances(ec2, PROJECT, retry=FAST) == []
+    assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == []
+
+
+# ---- two deployments of ec2-trainer in one AWS account: same project tag, same DAG, even the same run ids
+
+
+OTHER = "staging"
+
+
+def test_the_instance_cap_counts_only_the_deployments_own_instances(aws):
+    ec2, ami = aws
+    ours = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
+    theirs = [
+        launch_instance(ec2, make_spec(ami), identity(run, deployment=OTHER), USER_DATA, retry=FAST).instance_id
+        for run in ("a", "b")
+    ]
+    assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == [ours]
+    assert live_project_instances(ec2, PROJECT, OTHER, retry=FAST) == sorted(theirs)
+    # The other deployment's two instances take none of this one's two slots...
+    assert wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0, poll_s=0.05, retry=FAST) < 0.5
+    # ...and this one's instance none of the other's.
+    with pytest.raises(InstanceCapError, match=r"2 instances of deployment staging are live") as caught:
+        wait_for_instance_slot(ec2, PROJECT, OTHER, 2, timeout_s=0, poll_s=0.05, retry=FAST)
+    assert ours not in str(caught.value)
+
+
+def test_the_sweeper_never_touches_another_deployments_expired_instances(aws):
+    ec2, ami = aws
+    now = int(time.time())
+    ours = launch_instance(ec2, make_spec(ami), identity("r", expires_in_s=-10), USER_DATA, retry=FAST).instance_id
+    theirs = launch_instance(
+        ec2, make_spec(ami), identity("r", expires_in_s=-10, deployment=OTHER), USER_DATA, retry=FAST
+    ).instance_id
+    # Project-tagged but with no deployment tag (launched by hand, or before the tag existed): no deployment's.
+    unowned = ec2.run_instances(
+        ImageId=ami,
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "ec2-trainer:project", "Value": PROJECT},
+                    {"Key": "ec2-trainer:expires_at", "Value": "2020-01-01T00:00:00Z"},
+                ],
+            }
+        ],
+    )["Instances"][0]["InstanceId"]
+
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=0, retry=FAST) == [ours]
+    assert sorted(live(ec2)) == sorted([theirs, unowned])
+    assert sweep_expired(ec2, PROJECT, OTHER, now, untagged_grace_s=0, retry=FAST) == [theirs]
+    assert live(ec2) == [unowned]
+
+
+def test_teardown_by_tag_does_not_cross_deployments(aws):
+    ec2, ami = aws
+    run = identity("manual__2026-11-26T10:00:00+00:00")
+    ours = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST).instance_id
+    same_run_elsewhere = identity(run.run_id, deployment=OTHER)
+    theirs = launch_instance(ec2, make_spec(ami), same_run_elsewhere, USER_DATA, retry=FAST).instance_id
+
+    assert terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, retry=FAST) == [ours]
+    assert live(ec2) == [theirs]
+
+
+def test_adoption_needs_every_run_tag_and_never_crosses_deployments(aws):
+    ec2, ami = aws
+    run = identity("manual__2026-11-26T10:00:00+00:00")
+    # The other deployment's instance for a run with the same DAG, run id and commit: its host key is not ours.
+    theirs = identity(run.run_id, deployment=OTHER)
+    launch_instance(ec2, make_spec(ami), theirs, USER_DATA, host_public_key="ssh-ed25519 THEIRS", retry=FAST)
+    assert adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha, retry=FAST) is None
+
+    ours = launch_instance(ec2, make_spec(ami), run, USER_DATA, host_public_key="ssh-ed25519 OURS", retry=FAST)
+    adopted = adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha, retry=FAST)
+    assert adopted is not None
+    assert (adopted.instance_id, adopted.host_public_key) == (ours.instance_id, "ssh-ed25519 OURS")
+    # Each of the run's own tags must match, not just the run id.
+    for other_dag, other_sha, other_project in (
+        ("another_dag", run.git_sha, PROJECT),
+        (run.dag_id, "c" * 40, PROJECT),
+        (run.dag_id, run.git_sha, "someone-else"),
+    ):
+        assert adopt_run_instance(ec2, other_project, DEPLOYMENT, other_dag, run.run_id, other_sha, retry=FAST) is None

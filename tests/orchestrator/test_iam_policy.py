@@ -14,18 +14,22 @@ from typing import Any
 import pytest
 
 from orchestrator.hostkeys import generate_host_key
-from orchestrator.launch import TAG_PROJECT, LaunchSpec, RunIdentity, build_run_instances_request
+from orchestrator.launch import TAG_DEPLOYMENT, TAG_PROJECT, LaunchSpec, RunIdentity, build_run_instances_request
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = sorted((REPO / "dags" / "orchestrator").glob("*.py"))
+# The policy's placeholder for aws.deployment, and the value the launch request below is built with.
+DEPLOYMENT = "prod"
 
 
 def airflow_policy() -> dict[str, Any]:
+    """The documented policy, with its DEPLOYMENT placeholder filled in as a deployment named DEPLOYMENT would."""
     text = (REPO / "docs" / "iam.md").read_text()
     section = text.split("## Airflow's policy", 1)[1]
     block = re.search(r"```json\n(.*?)```", section, re.S)
     assert block, "docs/iam.md has no JSON policy under 'Airflow's policy'"
-    return dict(json.loads(block.group(1)))
+    assert '"DEPLOYMENT"' in block.group(1), "the policy is not scoped to a deployment"
+    return dict(json.loads(block.group(1).replace('"DEPLOYMENT"', json.dumps(DEPLOYMENT))))
 
 
 def allowed_actions(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -62,11 +66,32 @@ def test_policy_is_least_privilege() -> None:
     assert not [a for a in actions if "*" in a.split(":", 1)[1]], "no wildcard actions"
     assert "ec2:DescribeInstanceAttribute" not in actions, "the user-data holds the host private key"
     (terminate,) = actions["ec2:TerminateInstances"]
-    assert terminate["Condition"]["StringEquals"] == {"aws:ResourceTag/ec2-trainer:project": "ec2-trainer"}
+    assert terminate["Condition"]["StringEquals"] == {
+        f"aws:ResourceTag/{TAG_PROJECT}": "ec2-trainer",
+        f"aws:ResourceTag/{TAG_DEPLOYMENT}": DEPLOYMENT,
+    }
     (tagging,) = actions["ec2:CreateTags"]
-    assert tagging["Condition"]["StringEquals"] == {"ec2:CreateAction": "RunInstances"}
+    assert tagging["Condition"]["StringEquals"]["ec2:CreateAction"] == "RunInstances"
     (pass_role,) = actions["iam:PassRole"]
     assert "*" not in pass_role["Resource"]
+
+
+def test_every_instance_or_volume_it_creates_or_tags_is_the_deployments() -> None:
+    """Another deployment's role (another DEPLOYMENT) can neither launch as this one nor tag its way into it."""
+    actions = allowed_actions(airflow_policy())
+    scoped = [
+        s
+        for s in [*actions["ec2:RunInstances"], *actions["ec2:CreateTags"]]
+        if any(r.endswith((":instance/*", ":volume/*")) for r in _resources(s))
+    ]
+    assert len(scoped) == 3  # RunInstances on the instance and on its volume, CreateTags while launching
+    for statement in scoped:
+        assert statement["Condition"]["StringEquals"][f"aws:RequestTag/{TAG_DEPLOYMENT}"] == DEPLOYMENT, statement
+
+
+def _resources(statement: dict[str, Any]) -> list[str]:
+    resource = statement["Resource"]
+    return resource if isinstance(resource, list) else [resource]
 
 
 @pytest.fixture
@@ -82,7 +107,7 @@ def launch_request() -> dict[str, Any]:
         root_volume_gb=100,
         project_tag="ec2-trainer",
     )
-    identity = RunIdentity("ec2_training", "manual__1", "a" * 40, 2_000_000_000)
+    identity = RunIdentity("ec2_training", "manual__1", "a" * 40, 2_000_000_000, DEPLOYMENT)
     return build_run_instances_request(
         spec, identity, "#cloud-config\n", "g6.xlarge", "on-demand", host_public_key=generate_host_key().public_line
     )
@@ -103,7 +128,16 @@ def test_launch_request_meets_the_policy_conditions(launch_request: dict[str, An
         spec["ResourceType"]: {t["Key"]: t["Value"] for t in spec["Tags"]}
         for spec in launch_request["TagSpecifications"]
     }
-    assert tagged["instance"][TAG_PROJECT] == tagged["volume"][TAG_PROJECT] == "ec2-trainer"
+    # Every tag a RunInstances or CreateTags rule requires is in the request, on the instance and on the volume.
+    required = {
+        key.split("/", 1)[1]: value
+        for s in [*actions["ec2:RunInstances"], *actions["ec2:CreateTags"]]
+        for key, value in s.get("Condition", {}).get("StringEquals", {}).items()
+        if key.startswith("aws:RequestTag/")
+    }
+    assert required == {TAG_PROJECT: "ec2-trainer", TAG_DEPLOYMENT: DEPLOYMENT}
+    assert required.items() <= tagged["instance"].items()
+    assert required.items() <= tagged["volume"].items()
     (root,) = launch_request["BlockDeviceMappings"]
     assert root["Ebs"]["Encrypted"] is True and root["Ebs"]["DeleteOnTermination"] is True
     assert launch_request["InstanceInitiatedShutdownBehavior"] == "terminate"

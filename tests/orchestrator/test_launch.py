@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -9,14 +10,20 @@ from moto import mock_aws
 from orchestrator.errors import ConfigError
 from orchestrator.launch import (
     CLIENT_TOKEN_MAX,
+    TAG_DEPLOYMENT,
+    TAG_EXPIRES_AT,
+    TAG_HOST_KEY,
     TAG_VALUE_MAX,
     AmiNotFoundError,
     LaunchSpec,
     RunIdentity,
+    adoption_tags,
     build_run_instances_request,
+    deployment_tags,
     launch_attempts,
     parse_expires_at,
     resolve_ami,
+    run_scope_tags,
     run_tags,
     tag_value,
 )
@@ -27,6 +34,7 @@ IDENTITY = RunIdentity(
     run_id="manual__2026-01-02T03:04:05+00:00",
     git_sha="a" * 40,
     expires_at_epoch=1_800_000_000,
+    deployment="prod",
 )
 
 
@@ -103,19 +111,31 @@ def test_client_token_is_deterministic_and_distinct_per_attempt():
     assert first == token(IDENTITY, "g5.xlarge", "spot")
     assert first != token(IDENTITY, "g5.xlarge", "on-demand")
     assert first != token(IDENTITY, "g6.xlarge", "spot")
-    other_run = RunIdentity(IDENTITY.dag_id, IDENTITY.run_id + "x", IDENTITY.git_sha, IDENTITY.expires_at_epoch)
+    other_run = dataclasses.replace(IDENTITY, run_id=IDENTITY.run_id + "x")
     assert first != token(other_run, "g5.xlarge", "spot")
+    # Tokens are per account: another deployment's run with the same id must not get this instance back.
+    assert first != token(dataclasses.replace(IDENTITY, deployment="staging"), "g5.xlarge", "spot")
 
 
 def test_run_tags():
     tags = run_tags(IDENTITY, "ec2-trainer")
     assert tags["ec2-trainer:project"] == "ec2-trainer"
+    assert tags["ec2-trainer:deployment"] == "prod"
     assert tags["ec2-trainer:dag_id"] == "train_hurricane"
     assert tags["ec2-trainer:run_id"] == "manual__2026-01-02T03:04:05+00:00"
     assert tags["ec2-trainer:git_sha"] == "a" * 40
     assert tags["ec2-trainer:expires_at"] == "2027-01-15T08:00:00Z"
     assert parse_expires_at(tags["ec2-trainer:expires_at"]) == IDENTITY.expires_at_epoch
     assert tags["Name"] == "ec2-trainer/train_hurricane/aaaaaaaaaaaa"
+
+
+def test_adoption_matches_every_run_tag_but_the_per_try_ones():
+    tags = run_tags(IDENTITY, "ec2-trainer", host_public_key="ssh-ed25519 AAAA")
+    i = IDENTITY
+    adoption = adoption_tags("ec2-trainer", i.deployment, i.dag_id, i.run_id, i.git_sha)
+    assert adoption == {k: v for k, v in tags.items() if k not in (TAG_EXPIRES_AT, TAG_HOST_KEY)}
+    assert run_scope_tags("ec2-trainer", i.deployment, i.dag_id, i.run_id).items() <= adoption.items()
+    assert deployment_tags("ec2-trainer", "prod") == {"ec2-trainer:project": "ec2-trainer", TAG_DEPLOYMENT: "prod"}
 
 
 def test_tag_values_are_sanitised_truncated_and_stay_distinct():

@@ -22,6 +22,8 @@ from orchestrator.settings import (
 )
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+# aws.deployment has no default: every environment that should load names one.
+DEPLOYED = {"TRAINER__AWS__DEPLOYMENT": "test"}
 
 
 def with_changes(settings: Settings, section: str, **changes: Any) -> Settings:
@@ -30,13 +32,13 @@ def with_changes(settings: Settings, section: str, **changes: Any) -> Settings:
 
 @pytest.fixture(scope="module")
 def defaults() -> Settings:
-    return load_settings(env={})
+    return load_settings(env=DEPLOYED)
 
 
 def write_toml(tmp_path: Path, text: str) -> dict[str, str]:
     path = tmp_path / "trainer.toml"
     path.write_text(text)
-    return {"TRAINER_CONFIG": str(path)}
+    return {"TRAINER_CONFIG": str(path), **DEPLOYED}
 
 
 # ---- defaults and layering
@@ -51,8 +53,18 @@ def test_defaults_load_and_validate(defaults: Settings) -> None:
     assert defaults.training.extra_params == {}
 
 
+def test_the_deployment_must_be_named() -> None:
+    """No default: two deployments that both kept one would count, sweep and terminate each other's instances."""
+    with pytest.raises(ConfigError, match=r"^aws\.deployment: '' is invalid; expected a name .* no other deployment"):
+        load_settings(env={})
+    with pytest.raises(ConfigError, match=r"^aws\.deployment: '' .*set TRAINER__AWS__DEPLOYMENT$"):
+        load_settings(env={"TRAINER__AWS__DEPLOYMENT": " "})
+    assert load_settings(env={"TRAINER__AWS__DEPLOYMENT": "prod-eu.2"}).aws.deployment == "prod-eu.2"
+
+
 def test_environment_of_the_process_is_the_default_source(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRAINER__TRAINING__EPOCHS", "7")
+    monkeypatch.setenv("TRAINER__AWS__DEPLOYMENT", "test")
     assert load_settings().training.epochs == 7
 
 
@@ -78,7 +90,7 @@ def test_precedence_defaults_file_env_params(tmp_path: Path) -> None:
 
 
 def test_empty_params_keep_the_configured_values(defaults: Settings) -> None:
-    settings = load_settings({"epochs": None, "instance_types": [], "data_uri": "", "git_ref": "main"}, env={})
+    settings = load_settings({"epochs": None, "instance_types": [], "data_uri": "", "git_ref": "main"}, env=DEPLOYED)
     assert settings == defaults
 
 
@@ -98,7 +110,7 @@ def test_params_override_each_field() -> None:
         "model": "seed",
         "data_uri": "synthetic://?size=64",
     }
-    s = load_settings(params, env={})
+    s = load_settings(params, env=DEPLOYED)
     assert s.aws.instance_types == ("p4d.24xlarge", "g6.xlarge")
     assert s.aws.spot is True
     assert s.aws.max_lifetime_minutes == 600
@@ -107,7 +119,7 @@ def test_params_override_each_field() -> None:
 
 
 def test_spot_false_param_overrides_a_true_setting() -> None:
-    assert load_settings({"spot": False}, env={"TRAINER__AWS__SPOT": "true"}).aws.spot is False
+    assert load_settings({"spot": False}, env={"TRAINER__AWS__SPOT": "true", **DEPLOYED}).aws.spot is False
 
 
 @pytest.mark.parametrize(
@@ -147,7 +159,7 @@ def test_empty_data_uri_from_the_environment_is_refused() -> None:
     ],
 )
 def test_bool_from_env(raw: str, expected: bool) -> None:
-    assert load_settings(env={"TRAINER__AWS__SPOT": raw}).aws.spot is expected
+    assert load_settings(env={"TRAINER__AWS__SPOT": raw, **DEPLOYED}).aws.spot is expected
 
 
 def test_lists_ints_floats_and_dicts_from_env() -> None:
@@ -159,6 +171,7 @@ def test_lists_ints_floats_and_dicts_from_env() -> None:
         "TRAINER__MLFLOW__THRESHOLD": "0.75",
         "TRAINER__TRAINING__EXTRA_PARAMS": "max_images=100,image_size=64",
         "TRAINER__GITHUB__ALLOWED_CONCLUSIONS": "success",
+        **DEPLOYED,
     }
     s = load_settings(env=env)
     assert s.aws.instance_types == ("g5.xlarge", "g6.2xlarge")
@@ -171,13 +184,13 @@ def test_lists_ints_floats_and_dicts_from_env() -> None:
 
 
 def test_empty_env_list_and_dict_become_empty() -> None:
-    s = load_settings(env={"TRAINER__AWS__SECURITY_GROUP_IDS": "", "TRAINER__TRAINING__EXTRA_PARAMS": " "})
+    s = load_settings(env={"TRAINER__AWS__SECURITY_GROUP_IDS": "", "TRAINER__TRAINING__EXTRA_PARAMS": " ", **DEPLOYED})
     assert s.aws.security_group_ids == ()
     assert s.training.extra_params == {}
 
 
 def test_env_strings_are_stripped() -> None:
-    assert load_settings(env={"TRAINER__AWS__REGION": "  eu-central-1 "}).aws.region == "eu-central-1"
+    assert load_settings(env={"TRAINER__AWS__REGION": "  eu-central-1 ", **DEPLOYED}).aws.region == "eu-central-1"
 
 
 @pytest.mark.parametrize(
@@ -193,7 +206,7 @@ def test_env_strings_are_stripped() -> None:
 )
 def test_bad_env_values_name_the_field(name: str, value: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        load_settings(env={name: value})
+        load_settings(env={name: value, **DEPLOYED})
 
 
 @pytest.mark.parametrize(
@@ -293,6 +306,9 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("aws", {"max_lifetime_minutes": 7 * 24 * 60 + 1}, r"aws\.max_lifetime_minutes"),
     ("aws", {"launch_timeout_minutes": 0}, r"aws\.launch_timeout_minutes"),
     ("aws", {"project_tag": "has space"}, r"aws\.project_tag"),
+    ("aws", {"deployment": "prod/eu"}, r"aws\.deployment: 'prod/eu' is invalid; expected a name for this Airflow"),
+    ("aws", {"deployment": "-x"}, r"aws\.deployment"),
+    ("aws", {"deployment": "x" * 65}, r"aws\.deployment"),
     ("instance", {"ssh_user": "Root"}, r"instance\.ssh_user: 'Root' is invalid; expected a Unix user"),
     ("instance", {"ssh_user": "ubuntu;id"}, r"instance\.ssh_user"),
     ("instance", {"ssh_port": 0}, r"instance\.ssh_port"),
@@ -476,7 +492,11 @@ def test_training_repo_url_explicit_wins(defaults: Settings) -> None:
 def test_to_dict_from_dict_round_trip_through_json() -> None:
     settings = load_settings(
         {"instance_types": ["g5.xlarge"], "spot": True},
-        env={"TRAINER__TRAINING__EXTRA_PARAMS": "max_images=10", "TRAINER__AWS__SECURITY_GROUP_IDS": "sg-1"},
+        env={
+            "TRAINER__TRAINING__EXTRA_PARAMS": "max_images=10",
+            "TRAINER__AWS__SECURITY_GROUP_IDS": "sg-1",
+            **DEPLOYED,
+        },
     )
     data = json.loads(json.dumps(settings.to_dict()))
     assert Settings.from_dict(data) == settings

@@ -23,7 +23,7 @@ RUN_ID = "5d2c6e0b9a1f4c3e8b7a6d5c4b3a2f10"
 def settings() -> Settings:
     return load_settings(
         {"epochs": 3, "batch_size": 32, "learning_rate": 0.0005, "model": "seed", "data_uri": "s3://bucket/data/"},
-        env={"TRAINER__TRAINING__EXTRA_PARAMS": "max_images=100,image_size=64"},
+        env={"TRAINER__TRAINING__EXTRA_PARAMS": "max_images=100,image_size=64", "TRAINER__AWS__DEPLOYMENT": "test"},
     )
 
 
