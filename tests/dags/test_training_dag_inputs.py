@@ -1,4 +1,5 @@
-"""Refs that look like numbers reach the CI gate as text and resolve, through the training DAG's `dag.test()`.
+"""The training DAG's trigger inputs through `dag.test()`: refs that look like numbers reach the CI gate as text and
+resolve; a misspelt conf key fails the run before anything is spent.
 
 The GitHub stand-in resolves refs with `git rev-parse` in a repository of its own; each test points it at a shared
 clone of the project (the project's refs stay untouched) holding a tag `1.0`, a branch `2024` and a commit whose
@@ -75,4 +76,17 @@ def test_a_number_like_ref_resolves_at_the_gate(
     assert gate.xcom_pull(task_ids="ci_gate") == expected_sha
     # The run went no further than planned: the unknown type stopped it before any launch.
     assert states["plan_launch"] == "failed"
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_a_misspelt_conf_key_fails_at_trigger_time(
+    env: EmbeddedStack, sha: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    dag_run = run_dag(git_ref=sha, epoch=3)
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["resolve_config"] == "failed"
+    assert states["ci_gate"] == "upstream_failed"
+    assert "params: unknown key 'epoch'; did you mean 'epochs'?" in capfd.readouterr().out
     assert_all_terminated(env, dag_run, 0)
