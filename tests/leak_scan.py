@@ -102,14 +102,14 @@ class SshTraffic:
 
         handle._write = recording_write
 
-    def places(self, env_upload: re.Pattern[str] | None) -> tuple[dict[str, str], dict[str, str]]:
+    def places(self, env_upload: re.Pattern[str]) -> tuple[dict[str, str], dict[str, str]]:
         """(the commands and every SFTP write, the writes to paths that `env_upload` matches in full)."""
         with self._lock:
             places = {COMMANDS: "\n".join(self.commands)}
             env_writes = {}
             for i, write in enumerate(self.writes, 1):
                 name = f"SFTP write #{i} to {write.path}"
-                target = env_writes if env_upload and env_upload.fullmatch(write.path) else places
+                target = env_writes if env_upload.fullmatch(write.path) else places
                 target[name] = write.content.decode(errors="replace")
         return places, env_writes
 
