@@ -24,8 +24,8 @@ class FaultRow:
     expected: str
     observed: str
     instances_left: int  # the run's instances not terminated at the end
-    # occurrences of the planted secrets in logs, XComs, rendered fields, user-data and the process list (sampled
-    # for the whole test: the stand-in instance's processes, training included, run on this machine)
+    # occurrences of the planted secrets in logs, XComs, rendered fields, user-data, the process list (sampled for
+    # the whole test), commands and SFTP writes sent over SSH, the instance's disk and the MLflow run (leak_scan.py)
     secrets_found: int
 
 

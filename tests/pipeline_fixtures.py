@@ -6,6 +6,7 @@ restores it before it ends.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from embedded.stack import EmbeddedStack, TrainingKnobs
 from tests.conftest import REPO
+from tests.leak_scan import SshTraffic, leaks_beyond_logs, planted_found
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +84,14 @@ def planted(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     for name, value in connections.items():
         monkeypatch.setenv(name, value)
     return secrets
+
+
+@pytest.fixture
+def ssh_traffic(monkeypatch: pytest.MonkeyPatch) -> SshTraffic:
+    """Every command and SFTP write the test's SSH clients send: secrets_found scans them for the planted values."""
+    traffic = SshTraffic()
+    traffic.install(monkeypatch)
+    return traffic
 
 
 def run_dag(**conf: Any) -> Any:
@@ -183,9 +193,26 @@ class ProcessListSampler:
         self._thread.join()
 
 
-def planted_found(planted: Mapping[str, str], places: Mapping[str, str]) -> dict[str, int]:
-    """Occurrences of each planted value in each place, as {"<secret> in <place>": count}; empty when none leaked."""
-    found = {
-        f"{secret} in {place}": text.count(value) for secret, value in planted.items() for place, text in places.items()
-    }
-    return {where: count for where, count in found.items() if count}
+def secrets_found(
+    planted: Mapping[str, str],
+    stack: EmbeddedStack,
+    dag_run: Any,
+    task_log: str,
+    processes: ProcessListSampler,
+    traffic: SshTraffic,
+) -> dict[str, int]:
+    """Where the planted values occur, as planted_found counts them; empty when nowhere.
+
+    Scanned: the task log, XComs, rendered fields, every instance's user-data, the process list sampled during the
+    run (the stand-in instance's processes included), and what tests/leak_scan.py reads: every command and SFTP write
+    sent over SSH, the instances' disks after the run, and the MLflow run's params, tags and artifacts.
+    """
+    ec2 = stack.cloud.client("ec2")
+    instances = instances_of(stack, dag_run)
+    places = {"task log": task_log, "XComs and rendered fields": stored_task_outputs(dag_run)}
+    for instance_id in instances:
+        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        places[f"user-data of {instance_id}"] = base64.b64decode(attr["UserData"]["Value"]).decode()
+    places["process list"] = processes.text()
+    found = planted_found(planted, places)
+    return found | leaks_beyond_logs(planted, stack, dag_run.dag_id, dag_run.run_id, instances, traffic)

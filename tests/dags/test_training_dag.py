@@ -7,19 +7,18 @@ EC2 backend, the GitHub stand-in, the instance's bootstrap), never inside the or
 
 from __future__ import annotations
 
-import base64
 import threading
 from typing import Any
 
 import pytest
 
 from embedded.stack import EmbeddedStack
+from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
 from tests.pipeline_fixtures import (
     ProcessListSampler,
     assert_all_terminated,
-    planted_found,
     run_dag,
-    stored_task_outputs,
+    secrets_found,
     task_states,
 )
 
@@ -30,6 +29,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     env: EmbeddedStack,
     sha: str,
     planted: dict[str, str],
+    ssh_traffic: SshTraffic,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -63,19 +63,15 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert run_link.startswith(env.mlflow.url) and run_link.endswith(f"/runs/{run_id}")
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
 
-    user_data = base64.b64decode(
-        env.cloud.client("ec2").describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")[
-            "UserData"
-        ]["Value"]
-    ).decode()
-    places = {
-        "task log": task_log,
-        "XComs and rendered fields": stored_task_outputs(dag_run),
-        "user-data": user_data,
-        "process list": processes.text(),
-    }
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
-    assert planted_found(planted, places) == {}
+    # The scans cover the job: its control commands and uploads, its folder on the disk, the run's model files.
+    assert any(" setsid bash " in command for command in ssh_traffic.commands)
+    env_upload = env_upload_pattern(run_job_paths(env, dag_run.dag_id, dag_run.run_id))
+    assert any(env_upload.fullmatch(write.path) for write in ssh_traffic.writes), "the env file's upload was not seen"
+    inst = env.cloud.instances[instance["InstanceId"]]
+    assert any(name.endswith("/output.log") for name in disk_places(env, [inst]))
+    assert any(name.endswith("artifact MLmodel") for name in mlflow_places(env.mlflow.url, [run_id]))
+    assert secrets_found(planted, env, dag_run, task_log, processes, ssh_traffic) == {}
 
 
 def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) -> None:
@@ -211,7 +207,13 @@ def test_bootstrap_error_fails_fast_and_terminates(
     assert "error: python" in out  # the bootstrap's own error line reached the task log
 
 
-def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: str, planted: dict[str, str]) -> None:
+def test_training_failure_fails_the_run_and_terminates(
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    ssh_traffic: SshTraffic,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     # Valid for the orchestrator, but the job finds no dataset there and exits non-zero.
     with ProcessListSampler() as processes:
         dag_run = run_dag(git_ref=sha, data_uri="file:///nonexistent/hurricane-data")
@@ -222,9 +224,9 @@ def test_training_failure_fails_the_run_and_terminates(env: EmbeddedStack, sha: 
     assert states["evaluate"] == "upstream_failed"
     assert states["terminate"] == "success"
     assert_all_terminated(env, dag_run, 1)
-    # A failed run too: the planted secrets never reached a command line while the job ran.
+    # A failed run too: the planted secrets never reached a command line, a file or MLflow while the job ran.
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
-    assert planted_found(planted, {"process list": processes.text()}) == {}
+    assert secrets_found(planted, env, dag_run, capfd.readouterr().out, processes, ssh_traffic) == {}
 
 
 def test_retried_launch_adopts_the_instance_it_already_started(

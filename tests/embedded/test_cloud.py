@@ -172,10 +172,26 @@ def test_watchdog_deadline_powers_the_instance_off(cloud: LocalCloud, client_key
     assert cloud.instances[instance_id].powered_off_at is not None
 
 
-def test_untagged_instances_are_ignored(cloud: LocalCloud, client_key: SshKeyPair) -> None:
-    instance_id = launch(cloud, generate_host_key(), client_key, tags=[{"Key": "team", "Value": "other"}])
-    # Give the emulator several polls in which it would have booted a project instance.
-    time.sleep(1.0)
+def test_untagged_instances_are_ignored(
+    cloud: LocalCloud, client_key: SshKeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tick = cloud._tick
+    launched: list[str] = []
+    seen_by_ticks: list[bool] = []  # one entry per emulator tick begun after the launch returned
+
+    def counted_tick() -> None:
+        began_after_launch = bool(launched)
+        listed = {i.id for i in cloud._backend().all_instances()}
+        tick()
+        if began_after_launch:
+            seen_by_ticks.append(launched[0] in listed)
+
+    monkeypatch.setattr(cloud, "_tick", counted_tick)
+    launched.append(launch(cloud, generate_host_key(), client_key, tags=[{"Key": "team", "Value": "other"}]))
+    instance_id = launched[0]
+    # Three whole ticks that listed the instance: each would have booted a project instance.
+    wait_until("three emulator ticks after the launch", lambda: len(seen_by_ticks) >= 3)
+    assert all(seen_by_ticks), "the emulator's ticks did not list the instance: its not booting proves nothing"
     assert instance_id not in cloud.instances
     assert not describe(cloud, instance_id).get("PublicIpAddress", "").startswith("127.")
     cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])

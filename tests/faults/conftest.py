@@ -1,4 +1,5 @@
-"""Fixtures of the fault-injection suite: the process-list sampler and the row each test adds to the fault table."""
+"""Fixtures of the fault-injection suite: the SSH traffic recorder, the process-list sampler and the row each test
+adds to the fault table."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from tests.fault_table import FaultTable
+from tests.leak_scan import SshTraffic
 from tests.pipeline_fixtures import ProcessListSampler
 
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
@@ -20,6 +22,12 @@ def pytest_runtest_makereport(
     if report.when == "call":
         item.stash[_CALL_REPORT] = report
     return report
+
+
+@pytest.fixture(autouse=True)
+def recorded_ssh(ssh_traffic: SshTraffic) -> SshTraffic:
+    """Every fault test records its SSH traffic: record_run reaches it through SshTraffic.active()."""
+    return ssh_traffic
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import signal
@@ -15,7 +14,8 @@ from typing import Any
 from embedded.cloud import EmulatedInstance
 from embedded.stack import EmbeddedStack
 from tests.fault_table import FaultTable
-from tests.pipeline_fixtures import ProcessListSampler, instances_of, planted_found, stored_task_outputs
+from tests.leak_scan import SshTraffic
+from tests.pipeline_fixtures import ProcessListSampler, instances_of, secrets_found
 
 # Long enough for a cold `mlflow run` to reach its first epoch on a busy 2-core machine.
 JOB_WAIT_S = 240.0
@@ -24,20 +24,6 @@ JOB_WAIT_S = 240.0
 def instances_left(stack: EmbeddedStack, dag_run: Any) -> int:
     """How many of the run's instances are not terminated."""
     return sum(1 for i in instances_of(stack, dag_run).values() if i["State"]["Name"] != "terminated")
-
-
-def secrets_found(
-    planted: Mapping[str, str], stack: EmbeddedStack, dag_run: Any, task_log: str, processes: ProcessListSampler
-) -> dict[str, int]:
-    """Where the planted values occur: the task log, XComs, rendered fields, every instance's user-data and the
-    process list sampled during the run (the stand-in instance's processes included); empty when nowhere."""
-    ec2 = stack.cloud.client("ec2")
-    places = {"task log": task_log, "XComs and rendered fields": stored_task_outputs(dag_run)}
-    for instance_id in instances_of(stack, dag_run):
-        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        places[f"user-data of {instance_id}"] = base64.b64decode(attr["UserData"]["Value"]).decode()
-    places["process list"] = processes.text()
-    return planted_found(planted, places)
 
 
 def record_run(
@@ -52,8 +38,10 @@ def record_run(
     log: str,
     processes: ProcessListSampler,
 ) -> None:
-    """Prove the run leaked no planted secret and left no instance running, then record its row."""
-    found = secrets_found(planted, stack, dag_run, log, processes)
+    """Prove the run leaked no planted secret and left no instance running, then record its row.
+
+    What went over SSH comes from the recorder the suite installs for every test (tests/faults/conftest.py)."""
+    found = secrets_found(planted, stack, dag_run, log, processes, SshTraffic.active())
     leaks = sum(found.values())
     left = instances_left(stack, dag_run)
     assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found: {found}"

@@ -267,14 +267,20 @@ def test_sweeper_terminates_expired_and_spares_the_rest(aws):
     assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == []
 
 
-def test_instance_slot_counts_the_projects_live_instances_in_ec2(aws):
+def test_instance_slot_counts_the_projects_live_instances_in_ec2(aws, monkeypatch):
     ec2, ami = aws
     first = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
     launch_instance(ec2, make_spec(ami, project_tag="someone-else"), identity("b"), USER_DATA, retry=FAST)
     # Whatever run launched it (a crashed one included), a live instance of the project counts against the cap.
     leftover = launch_instance(ec2, make_spec(ami), identity("c"), USER_DATA, retry=FAST).instance_id
     assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == sorted([first, leftover])
-    assert wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 3, timeout_s=0, poll_s=0.05, retry=FAST) < 0.5
+    # A free slot is granted on the first look: one DescribeInstances, no sleep.
+    describes, sleeps = [], []
+    ec2.meta.events.register("before-call.ec2.DescribeInstances", lambda **_: describes.append(1))
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "sleep", sleeps.append)
+        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 3, timeout_s=0, poll_s=0.05, retry=FAST)
+    assert (len(describes), sleeps) == (1, [])
 
     with pytest.raises(InstanceCapError) as caught:
         wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0.3, poll_s=0.05, retry=FAST)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,11 +13,8 @@ from remote.progress import epoch_line
 CPU = torch.device("cpu")
 
 
-def _train(root, seed: int, epochs: int = 2, patience: int = 0) -> tuple[engine.FitResult, torch.Tensor]:
-    splits = {name: dataset.load_split(files, 32, CPU, 0) for name, files in dataset.scan(root).items()}
-    engine.seed_everything(seed)
-    model = engine.prepare_model(DamageCNN(32, (8, 16), 16, 0.2), CPU)
-    options = engine.FitOptions(
+def _options(seed: int, epochs: int, patience: int = 0) -> engine.FitOptions:
+    return engine.FitOptions(
         epochs=epochs,
         batch_size=4,
         learning_rate=1e-3,
@@ -24,6 +23,21 @@ def _train(root, seed: int, epochs: int = 2, patience: int = 0) -> tuple[engine.
         early_stopping_patience=patience,
         seed=seed,
     )
+
+
+def _splits(root) -> dict[str, dataset.LoadedSplit]:
+    return {name: dataset.load_split(files, 32, CPU, 0) for name, files in dataset.scan(root).items()}
+
+
+def _model(seed: int) -> torch.nn.Module:
+    engine.seed_everything(seed)
+    return engine.prepare_model(DamageCNN(32, (8, 16), 16, 0.2), CPU)
+
+
+def _train(root, seed: int, epochs: int = 2) -> tuple[engine.FitResult, torch.Tensor]:
+    splits = _splits(root)
+    model = _model(seed)
+    options = _options(seed, epochs)
     train = (splits["train_another"].images, splits["train_another"].labels)
     val = (splits["validation_another"].images, splits["validation_another"].labels)
     result = engine.fit(model, train, val, options)
@@ -43,12 +57,27 @@ def test_fixed_seed_reproduces_metrics_on_cpu(tiny_root):
     assert third.history[0].train_loss != first.history[0].train_loss
 
 
-def test_best_epoch_is_restored_and_early_stopping_stops(tiny_root):
-    result, _ = _train(tiny_root, seed=0, epochs=12, patience=1)
+def test_early_stopping_stops_and_restores_the_best_epochs_weights(tiny_root):
+    """Validation labels are the training labels flipped: the better the model fits, the worse its validation loss,
+    so validation loss rises, training stops early and the weights of the best epoch, not the last, are restored."""
+    train_split = _splits(tiny_root)["train_another"]
+    train = (train_split.images, train_split.labels)
+    val = (train_split.images, 1 - train_split.labels)
+    model, patience = _model(0), 2
+    options = _options(0, epochs=12, patience=patience)
+    weights: list[dict[str, torch.Tensor]] = []
+
+    result = engine.fit(model, train, val, options, lambda _: weights.append(copy.deepcopy(model.state_dict())))
+
     losses = [r.val_loss for r in result.history]
+    assert result.stopped_early, f"validation loss never rose for {patience} epochs: {losses}"
+    assert len(result.history) == result.best_epoch + patience < options.epochs
     assert result.best_epoch == losses.index(min(losses)) + 1
-    if result.stopped_early:
-        assert len(result.history) == result.best_epoch + 1
+    restored = model.state_dict()
+    assert all(torch.equal(restored[name], weights[result.best_epoch - 1][name]) for name in restored)
+    assert not all(torch.equal(restored[name], weights[-1][name]) for name in restored), "last epoch's weights kept"
+    val_loss, _ = engine.evaluate(model, *val, options)
+    assert val_loss.item() == pytest.approx(result.history[result.best_epoch - 1].val_loss, rel=1e-6)
 
 
 def test_batch_larger_than_training_set_is_an_error():
