@@ -35,8 +35,10 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,11 @@ class LocalCloud:
         ami_parameter: str = "/ec2-trainer/embedded/ami-id",
         instance_profile: str = "ec2-trainer-instance",
         poll_s: float = 0.2,
+        image_paths: Sequence[Path] = (),
     ) -> None:
+        """image_paths: what the emulated AMI provides from this machine (e.g. the interpreter standing in for the
+        AMI's); where a folder above one lets no other user through (pyenv under /root), each instance's namespace
+        covers that folder with a 0755 tmpfs holding only the way down to it, as the AMI has it world-readable."""
         self.workdir = workdir
         self.disk_root = disk_root.resolve()
         self.region = region
@@ -133,6 +139,10 @@ class LocalCloud:
         # Set by start(): LOGIN_USER as root (strict), else whoever runs the cloud.
         self.login_user = ""
         self.strict = False
+        self.image_paths = tuple(image_paths)
+        # Folder no other user may traverse -> the entries below it the image needs (see image_paths).
+        self._exposures: dict[Path, set[str]] = {}
+        self._staging: Path | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -157,6 +167,15 @@ class LocalCloud:
         if self.strict:
             self.login_user = ensure_login_user(LOGIN_USER)
             require_traversable(self.disk_root)
+            self._exposures = hidden_ancestors(self.image_paths)
+            if self._exposures:
+                if not self.private_disks or any(self.workdir.resolve().is_relative_to(a) for a in self._exposures):
+                    raise RuntimeError(
+                        f"the login user cannot reach {list(self.image_paths)} (no o+x on {sorted(self._exposures)}) "
+                        "and this cloud cannot expose them (needs mount namespaces and a workdir outside those "
+                        "folders): make them traversable (chmod o+x) or use an interpreter outside them"
+                    )
+                self._staging = Path(tempfile.mkdtemp(prefix="ec2-trainer-image-"))
         else:
             self.login_user = getpass.getuser()
             log.warning(
@@ -185,6 +204,8 @@ class LocalCloud:
             self._server = None
         self._clients.clear()
         self._uninstall_address_plan()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)  # only ever a mount point inside the namespaces
         global _RUNNING  # noqa: PLW0603
         if _RUNNING is self:
             _RUNNING = None
@@ -336,10 +357,21 @@ class LocalCloud:
         """A process that binds the instance's disk over disk_root (and, strict, its own home over the login user's)
         in a private mount namespace, then sleeps."""
         env = {**os.environ, INSTANCE_MARKER_ENV: inst.instance_id}
-        binds = [(inst.disk, self.disk_root)]
+        q = shlex.quote
+        steps = [f"mount --bind {q(str(inst.disk))} {q(str(self.disk_root))}"]
         if self.strict:
-            binds.append((self.home_of(inst), Path(pwd.getpwnam(self.login_user).pw_dir)))
-        script = " && ".join(f'mount --bind "${2 * i + 1}" "${2 * i + 2}"' for i in range(len(binds)))
+            home = Path(pwd.getpwnam(self.login_user).pw_dir)
+            steps.append(f"mount --bind {q(str(self.home_of(inst)))} {q(str(home))}")
+        for i, (hidden, entries) in enumerate(sorted(self._exposures.items())):
+            stage = Path(str(self._staging)) / f"{inst.instance_id}-{i}"  # start() made it: there are exposures
+            steps += [f"mkdir -p {q(str(stage))}", f"mount --bind {q(str(hidden))} {q(str(stage))}"]
+            steps.append(f"mount -t tmpfs -o mode=0755 tmpfs {q(str(hidden))}")
+            for entry in sorted(entries):
+                steps += [
+                    f"mkdir {q(str(hidden / entry))}",
+                    f"mount --bind {q(str(stage / entry))} {q(str(hidden / entry))}",
+                ]
+            steps.append(f"umount -l {q(str(stage))}")
         inst.namespace = subprocess.Popen(
             [
                 "unshare",
@@ -349,9 +381,7 @@ class LocalCloud:
                 "--",
                 "sh",
                 "-c",
-                f"{script} && exec sleep infinity",
-                "sh",
-                *(str(path) for pair in binds for path in pair),
+                " && ".join([*steps, "exec sleep infinity"]),
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -662,6 +692,18 @@ def ensure_login_user(name: str) -> str:
         raise RuntimeError(f"login user {name} is root: remove it (userdel) so an unprivileged one can be made")
     subprocess.run(["usermod", "-p", "*", name], capture_output=True, check=True)
     return name
+
+
+def hidden_ancestors(paths: Sequence[Path]) -> dict[Path, set[str]]:
+    """For each path (and its resolved self), the topmost folder above it that other users may not traverse, with the
+    entry below it on the way to the path."""
+    found: dict[Path, set[str]] = {}
+    for path in {p for given in paths for p in (Path(given).absolute(), Path(given).resolve())}:
+        for parent in reversed(path.parents):
+            if not parent.stat().st_mode & 0o001:
+                found.setdefault(parent, set()).add(path.relative_to(parent).parts[0])
+                break
+    return found
 
 
 def require_traversable(folder: Path) -> None:

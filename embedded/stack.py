@@ -84,7 +84,13 @@ class EmbeddedStack(Managed):
         self.ssh_port = free_port()
         self.github_token = secrets.token_hex(20)
         self.ssh_private_key, self.ssh_public_key = _client_key()
-        self.cloud = LocalCloud(self.workdir / "cloud", disk_root=self.disk_root, ami_parameter=AMI_PARAMETER)
+        self.cloud = LocalCloud(
+            self.workdir / "cloud",
+            disk_root=self.disk_root,
+            ami_parameter=AMI_PARAMETER,
+            # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
+            image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
+        )
         self.mlflow = MlflowServer(self.workdir / "mlflow")
         self.git = GitDaemon(self.repo_dir, self.workdir)
         self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token)
