@@ -193,7 +193,9 @@ class LoopbackSshd:
                 extra=self._extra_config,
             ),
         )
-        # stderr goes straight to a file: readiness is read from it, and it keeps logging after start().
+        # stderr goes straight to a file: readiness is read from it (from this start on: a restart appends), and it
+        # keeps logging after start().
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [*self._command_prefix, sshd, "-D", "-e", "-f", str(config)],
@@ -201,7 +203,7 @@ class LoopbackSshd:
                 stdout=log,
                 stderr=log,
             )
-        self._wait_ready()
+        self._wait_ready(log_start)
         logger.info("Loopback sshd listening on %s:%s (pid %s)", self._address, self._port, self._process.pid)
 
     @property
@@ -243,11 +245,12 @@ class LoopbackSshd:
         os.chmod(path, 0o600)
         return path
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, log_start: int) -> None:
         process = self._process
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            listening = _LISTENING_RE.search(self.read_log())
+            since_start = self.log_path.read_bytes()[log_start:].decode(errors="replace")
+            listening = _LISTENING_RE.search(since_start)
             if listening:
                 self._port = int(listening.group(1))
                 return
