@@ -3,14 +3,21 @@
 The orchestrator talks to the moto server exactly as it talks to AWS (through the aws connection's endpoint_url). The
 emulator plays the hypervisor and cloud-init for the instances it launches:
 - it gives each instance its own loopback address (127.0.x.y) as its public IP, which the orchestrator connects to;
-- it reads the instance's user-data and applies the parts cloud-init would: the pinned host key (`ssh_keys`), the
-  authorized keys, `write_files`, and `runcmd` in order (watchdog, bootstrap);
-- it serves SSH with a real OpenSSH sshd bound to that address, with the host key from the user-data;
+- it reads the instance's user-data and applies the parts cloud-init would, in cloud-init's order and as root:
+  `bootcmd`, `write_files` (missing parents root:root 0755), the default user's `~/.ssh/authorized_keys`, sshd
+  (after cloud-init's init stage, as ssh.service starts), the systemd jobs and units the boot asked for, `runcmd`;
+- systemd is played by stand-ins for the verbs the user-data uses (`systemd-run --no-block` from bootcmd,
+  `systemctl daemon-reload | enable [--now] | try-restart ssh.*`); a started unit's ExecStart runs as root; a
+  unit file and an sshd drop-in are written to the instance's own /etc, never this machine's;
+- it serves SSH with a real OpenSSH sshd bound to that address, with the host key from the user-data, configured as
+  on Ubuntu: logins only as the AMI's unprivileged default user (LOGIN_USER, made once with useradd), whose home is
+  the instance's own, never as root; the port is the one the user-data's sshd drop-in sets (22 without one);
 - a `shutdown` run on the instance powers it off, honouring InstanceInitiatedShutdownBehavior (terminate or stop);
 - when the instance is stopped or terminated, every process of the instance (sshd, sessions, detached jobs, watchdog)
   is killed, as powering off a VM would;
 - when run as root, each instance has its own disk: a private mount namespace in which the emulated disk folder is
   its own directory, so instances running at the same time never see each other's files (as separate VMs would).
+Not run as root, none of this can be made: cloud-init and SSH both run as the current user (a warning says so).
 Nothing of this is visible to the orchestrator except through the EC2 and SSH APIs, so the same code paths run as in
 production.
 """
@@ -19,14 +26,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import getpass
 import itertools
 import logging
 import os
+import pwd
+import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,13 @@ log = logging.getLogger(__name__)
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 INSTANCE_MARKER_ENV = "EC2_TRAINER_EMULATED_INSTANCE"
+# The emulated AMI's default user (Ubuntu's is `ubuntu`; a name of its own here, so no real account is ever used).
+LOGIN_USER = "ec2-trainer"
+# systemd's own PATH for units and cloud-init's commands; the instance's stand-ins go first.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Folders of the instance's /etc that the user-data writes: kept per instance, never written on this machine.
+INSTANCE_ETC_DIRS = ("/etc/systemd/system", "/etc/ssh/sshd_config.d")
+WRITE_FILES_KEYS = frozenset({"path", "content", "permissions"})
 _LIVE = ("pending", "running")
 _OFF = ("shutting-down", "terminated", "stopping", "stopped")
 _RUNNING: LocalCloud | None = None
@@ -55,7 +74,10 @@ class EmulatedInstance:
     # The process holding the instance's private mount namespace; None on a shared disk.
     namespace: subprocess.Popen[bytes] | None = None
     sshd: LoopbackSshd | None = None
+    # The systemd units started on the instance (their ExecStart process), by unit name.
+    units: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    bootcmd_exit_codes: list[int] = field(default_factory=list)
     runcmd_exit_codes: list[int] = field(default_factory=list)
     booted_at: float = field(default_factory=time.time)
     powered_off_at: float | None = None
@@ -63,6 +85,16 @@ class EmulatedInstance:
     @property
     def poweroff_request(self) -> Path:
         return self.root / "poweroff-requested"
+
+    @property
+    def etc(self) -> Path:
+        """The instance's own /etc (the parts the user-data writes)."""
+        return self.root / "etc"
+
+    @property
+    def systemd(self) -> Path:
+        """Where the systemd stand-ins leave queued jobs and start requests for the emulator."""
+        return self.root / "systemd"
 
 
 class LocalCloud:
@@ -72,16 +104,18 @@ class LocalCloud:
         self,
         workdir: Path,
         *,
-        ssh_port: int,
         disk_root: Path,
         region: str = "us-east-1",
         project_tag_key: str = "ec2-trainer:project",
         ami_parameter: str = "/ec2-trainer/embedded/ami-id",
         instance_profile: str = "ec2-trainer-instance",
         poll_s: float = 0.2,
+        image_paths: Sequence[Path] = (),
     ) -> None:
+        """image_paths: what the emulated AMI provides from this machine (e.g. the interpreter standing in for the
+        AMI's); where a folder above one lets no other user through (pyenv under /root), each instance's namespace
+        covers that folder with a 0755 tmpfs holding only the way down to it, as the AMI has it world-readable."""
         self.workdir = workdir
-        self.ssh_port = ssh_port
         self.disk_root = disk_root.resolve()
         self.region = region
         self.project_tag_key = project_tag_key
@@ -102,6 +136,13 @@ class LocalCloud:
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self.private_disks = False
+        # Set by start(): LOGIN_USER as root (strict), else whoever runs the cloud.
+        self.login_user = ""
+        self.strict = False
+        self.image_paths = tuple(image_paths)
+        # Folder no other user may traverse -> the entries below it the image needs (see image_paths).
+        self._exposures: dict[Path, set[str]] = {}
+        self._staging: Path | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -122,13 +163,33 @@ class LocalCloud:
                 "No mount namespaces (needs root and util-linux's unshare/nsenter): instances share one disk folder, "
                 "so run one instance at a time"
             )
+        self.strict = os.geteuid() == 0
+        if self.strict:
+            self.login_user = ensure_login_user(LOGIN_USER)
+            require_traversable(self.disk_root)
+            self._exposures = hidden_ancestors(self.image_paths)
+            if self._exposures:
+                if not self.private_disks or any(self.workdir.resolve().is_relative_to(a) for a in self._exposures):
+                    raise RuntimeError(
+                        f"the login user cannot reach {list(self.image_paths)} (no o+x on {sorted(self._exposures)}) "
+                        "and this cloud cannot expose them (needs mount namespaces and a workdir outside those "
+                        "folders): make them traversable (chmod o+x) or use an interpreter outside them"
+                    )
+                self._staging = Path(tempfile.mkdtemp(prefix="ec2-trainer-image-"))
+        else:
+            self.login_user = getpass.getuser()
+            log.warning(
+                "Not root: the emulated instances run cloud-init and SSH as %s, not as root and an unprivileged "
+                "login user as a real instance does; permission mistakes will not show here",
+                self.login_user,
+            )
         self._install_address_plan()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self._seed()
         self._thread = threading.Thread(target=self._run, name="instance-emulator", daemon=True)
         self._thread.start()
-        log.info("Local cloud (moto) at %s; instances answer SSH on 127.0.x.y:%s", self.endpoint_url, self.ssh_port)
+        log.info("Local cloud (moto) at %s; instances answer SSH as %s", self.endpoint_url, self.login_user)
         return self.endpoint_url
 
     def stop(self) -> None:
@@ -143,6 +204,8 @@ class LocalCloud:
             self._server = None
         self._clients.clear()
         self._uninstall_address_plan()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)  # only ever a mount point inside the namespaces
         global _RUNNING  # noqa: PLW0603
         if _RUNNING is self:
             _RUNNING = None
@@ -177,8 +240,11 @@ class LocalCloud:
         lines = []
         for inst in instances:
             state = "powered off" if inst.powered_off_at is not None else "on"
-            sshd = "sshd up" if inst.sshd is not None else "no sshd"
-            lines.append(f"{inst.instance_id} {inst.address} {state}, {sshd}, runcmd exits {inst.runcmd_exit_codes}")
+            sshd = f"sshd on port {inst.sshd.port}" if inst.sshd is not None else "no sshd"
+            lines.append(
+                f"{inst.instance_id} {inst.address} {state}, {sshd}, units {sorted(inst.units)}, "
+                f"bootcmd exits {inst.bootcmd_exit_codes}, runcmd exits {inst.runcmd_exit_codes}"
+            )
             lines += [f"    {note}" for note in inst.notes]
         return "\n".join(lines) or "no instance booted"
 
@@ -271,9 +337,10 @@ class LocalCloud:
                 # A new instance boots from a fresh disk; on a shared disk only when no other instance uses it.
                 shutil.rmtree(self.disk_root, ignore_errors=True)
                 self.disk_root.mkdir(parents=True, exist_ok=True)
+        disk.chmod(0o755)
         inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
         self.instances[moto_inst.id] = inst
-        log.info("Booting %s at %s:%s", moto_inst.id, inst.address, self.ssh_port)
+        log.info("Booting %s at %s", moto_inst.id, inst.address)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
 
     def host_path(self, inst: EmulatedInstance, path: Path | str) -> Path:
@@ -287,9 +354,24 @@ class LocalCloud:
         return ["nsenter", f"--target={inst.namespace.pid}", "--mount", "--no-fork", "--"]
 
     def _start_namespace(self, inst: EmulatedInstance) -> None:
-        """A process that binds the instance's disk over disk_root in a private mount namespace, then sleeps."""
+        """A process that binds the instance's disk over disk_root (and, strict, its own home over the login user's)
+        in a private mount namespace, then sleeps."""
         env = {**os.environ, INSTANCE_MARKER_ENV: inst.instance_id}
-        script = 'mount --bind "$1" "$2" && exec sleep infinity'
+        q = shlex.quote
+        steps = [f"mount --bind {q(str(inst.disk))} {q(str(self.disk_root))}"]
+        if self.strict:
+            home = Path(pwd.getpwnam(self.login_user).pw_dir)
+            steps.append(f"mount --bind {q(str(self.home_of(inst)))} {q(str(home))}")
+        for i, (hidden, entries) in enumerate(sorted(self._exposures.items())):
+            stage = Path(str(self._staging)) / f"{inst.instance_id}-{i}"  # start() made it: there are exposures
+            steps += [f"mkdir -p {q(str(stage))}", f"mount --bind {q(str(hidden))} {q(str(stage))}"]
+            steps.append(f"mount -t tmpfs -o mode=0755 tmpfs {q(str(hidden))}")
+            for entry in sorted(entries):
+                steps += [
+                    f"mkdir {q(str(hidden / entry))}",
+                    f"mount --bind {q(str(stage / entry))} {q(str(hidden / entry))}",
+                ]
+            steps.append(f"umount -l {q(str(stage))}")
         inst.namespace = subprocess.Popen(
             [
                 "unshare",
@@ -299,10 +381,7 @@ class LocalCloud:
                 "--",
                 "sh",
                 "-c",
-                script,
-                "sh",
-                inst.disk,
-                self.disk_root,
+                " && ".join([*steps, "exec sleep infinity"]),
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -322,6 +401,8 @@ class LocalCloud:
                 inst.notes.append("no user-data: nothing to configure, SSH not started")
                 return
             config = yaml.safe_load(base64.b64decode(raw).decode())
+            if self.strict:
+                self._make_home(inst)
             if self.private_disks:
                 self._start_namespace(inst)
             self._apply_cloud_config(inst, config)
@@ -329,52 +410,152 @@ class LocalCloud:
             log.exception("cloud-init emulation failed on %s", inst.instance_id)
             inst.notes.append(f"cloud-init emulation failed: {exc}")
 
+    def home_of(self, inst: EmulatedInstance) -> Path:
+        """The login user's home on the instance, as this machine sees it: the instance's own, bound over the user's
+        home in its namespace; on a shared disk, the user's home itself."""
+        return inst.root / "home" if self.private_disks else Path(pwd.getpwnam(self.login_user).pw_dir)
+
+    def _make_home(self, inst: EmulatedInstance) -> None:
+        """The login user's home on this instance, as useradd -m makes it (Ubuntu's homes are 0750)."""
+        user, home = pwd.getpwnam(self.login_user), self.home_of(inst)
+        shutil.copytree("/etc/skel", home, dirs_exist_ok=True)
+        for path in (home, *home.rglob("*")):
+            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        home.chmod(0o750)
+
+    def _root_env(self, inst: EmulatedInstance, stage: str) -> dict[str, str]:
+        """What cloud-init's commands and systemd's units see: root's, with the instance's stand-ins first on PATH."""
+        return {
+            **os.environ,
+            "PATH": f"{inst.root / 'bin'}:{SYSTEM_PATH}",
+            INSTANCE_MARKER_ENV: inst.instance_id,
+            "EC2_TRAINER_BOOT_STAGE": stage,
+        }
+
     def _apply_cloud_config(self, inst: EmulatedInstance, config: dict[str, Any]) -> None:
         host_key = (config.get("ssh_keys") or {}).get("ed25519_private")
         authorized = list(config.get("ssh_authorized_keys") or [])
         for user in config.get("users") or []:
             if isinstance(user, dict):
                 authorized += user.get("ssh_authorized_keys") or []
+        self._install_standins(inst)
+        # cloud-init's init stage: bootcmd, write_files, then the users and ssh modules.
+        inst.bootcmd_exit_codes = self._run_commands(inst, config.get("bootcmd"), self._root_env(inst, "init"))
         for entry in config.get("write_files") or []:
             self._write_file(inst, entry)
         if not host_key or not authorized:
             inst.notes.append("user-data has no ed25519 host key or no authorized key: SSH not started")
         else:
-            sshd = LoopbackSshd(
-                host_key,
-                authorized,
-                address=inst.address,
-                port=self.ssh_port,
-                workdir=inst.root / "sshd",
-                extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id}"],
-                command_prefix=self._enter(inst),
-            )
-            sshd.start()
-            inst.sshd = sshd
-        shutdown = inst.root / "bin" / "shutdown"
-        shutdown.write_text(f'#!/bin/sh\necho "$@" > {inst.poweroff_request}\n')
-        shutdown.chmod(0o755)
-        env = {**os.environ, "PATH": f"{inst.root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        env[INSTANCE_MARKER_ENV] = inst.instance_id
-        for argv in config.get("runcmd") or []:
+            self._start_sshd(inst, host_key, authorized)
+        # Ordered after cloud-init's init stage: the jobs bootcmd queued, then the units they started.
+        self._run_queued_jobs(inst)
+        # The final stage.
+        inst.runcmd_exit_codes = self._run_commands(inst, config.get("runcmd"), self._root_env(inst, "final"))
+
+    def _install_standins(self, inst: EmulatedInstance) -> None:
+        for folder in (inst.systemd / "queue", inst.etc / "systemd" / "system", inst.etc / "ssh" / "sshd_config.d"):
+            folder.mkdir(parents=True, exist_ok=True)
+        scripts = {
+            "shutdown": f'#!/bin/sh\necho "$@" > {shlex.quote(str(inst.poweroff_request))}\n',
+            "systemd-run": _SYSTEMD_RUN.replace("@QUEUE@", shlex.quote(str(inst.systemd / "queue"))),
+            "systemctl": _SYSTEMCTL.replace("@UNITS@", shlex.quote(str(inst.etc / "systemd" / "system"))).replace(
+                "@STARTS@", shlex.quote(str(inst.systemd / "start-requests"))
+            ),
+        }
+        for name, text in scripts.items():
+            path = inst.root / "bin" / name
+            path.write_text(text)
+            path.chmod(0o755)
+
+    def _run_commands(self, inst: EmulatedInstance, commands: Any, env: dict[str, str]) -> list[int]:
+        """bootcmd or runcmd: each entry in turn, as root, whatever the previous one returned (as cloud-init does)."""
+        codes: list[int] = []
+        for argv in commands or []:
             if inst.powered_off_at is not None:
-                return
+                break
             cmd = [str(a) for a in argv] if isinstance(argv, list) else ["sh", "-c", str(argv)]
+            result = subprocess.run([*self._enter(inst), *cmd], env=env, cwd="/", check=False, capture_output=True)
+            codes.append(result.returncode)
+            if result.returncode != 0:
+                inst.notes.append(
+                    f"{cmd[0]} exited {result.returncode}: {result.stderr.decode(errors='replace')[-300:]}"
+                )
+        return codes
+
+    def _start_sshd(self, inst: EmulatedInstance, host_key: str, authorized: list[str]) -> None:
+        if self.strict:
+            # cloud-init's ssh module: the default user's keys, owned by the user, 0600 in a 0700 .ssh.
+            user = pwd.getpwnam(self.login_user)
+            ssh_dir = self.home_of(inst) / ".ssh"
+            ssh_dir.mkdir(mode=0o700, exist_ok=True)
+            keys = ssh_dir / "authorized_keys"
+            keys.write_text("".join(f"{key.strip()}\n" for key in authorized))
+            keys.chmod(0o600)
+            for path in (ssh_dir, keys):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        sshd = LoopbackSshd(
+            host_key,
+            None if self.strict else authorized,
+            address=inst.address,
+            workdir=inst.root / "sshd",
+            login_user=self.login_user,
+            drop_in_dir=inst.etc / "ssh" / "sshd_config.d",
+            extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id}"],
+            command_prefix=self._enter(inst),
+        )
+        sshd.start()
+        inst.sshd = sshd
+
+    def _run_queued_jobs(self, inst: EmulatedInstance) -> None:
+        """The transient jobs `systemd-run --no-block` queued during the init stage, then the units they started."""
+        for job in sorted((inst.systemd / "queue").iterdir()):
+            argv = [a.decode() for a in job.read_bytes().split(b"\0") if a]
             result = subprocess.run(
-                [*self._enter(inst), *cmd], env=env, cwd=inst.root, check=False, capture_output=True
+                [*self._enter(inst), *argv],
+                env=self._root_env(inst, "systemd"),
+                cwd="/",
+                check=False,
+                capture_output=True,
             )
-            inst.runcmd_exit_codes.append(result.returncode)
+            if result.returncode != 0:
+                inst.notes.append(f"systemd job {argv} exited {result.returncode}: {result.stderr.decode()[-300:]}")
+        starts = inst.systemd / "start-requests"
+        for unit in dict.fromkeys(starts.read_text().split() if starts.exists() else []):
+            if inst.powered_off_at is None and unit not in inst.units:
+                self._start_unit(inst, unit)
+
+    def _start_unit(self, inst: EmulatedInstance, unit: str) -> None:
+        """What systemd does for a simple service: its ExecStart as root, detached (not restarted if it exits)."""
+        argv = unit_exec_start((inst.etc / "systemd" / "system" / unit).read_text())
+        inst.units[unit] = subprocess.Popen(
+            [*self._enter(inst), *argv],
+            env=self._root_env(inst, "systemd"),
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.info("%s: started unit %s (%s)", inst.instance_id, unit, shlex.join(argv))
 
     def _write_file(self, inst: EmulatedInstance, entry: dict[str, Any]) -> None:
+        unsupported = set(entry) - WRITE_FILES_KEYS
+        if unsupported:
+            # Honouring only some of an entry's keys would write what the instance would not: refuse it whole.
+            inst.notes.append(f"skipped write_files {entry.get('path')}: keys {sorted(unsupported)} not emulated")
+            return
         path = Path(str(entry["path"]))
-        if not path.resolve().is_relative_to(self.disk_root):
+        if str(path.parent) in INSTANCE_ETC_DIRS:
+            target = inst.root / path.relative_to("/")
+        elif path.resolve().is_relative_to(self.disk_root):
+            target = self.host_path(inst, path)
+        else:
             # The emulated disk is a folder of this machine: never write elsewhere.
             inst.notes.append(f"skipped write_files {path}: outside the emulated disk {self.disk_root}")
             return
-        path = self.host_path(inst, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(str(entry.get("content", "")))
-        path.chmod(int(str(entry.get("permissions", "0644")), 8))
+        make_parents(target.parent)
+        target.write_text(str(entry.get("content", "")))
+        target.chmod(int(str(entry.get("permissions", "0644")), 8))
 
     def _honour_shutdown(self, inst: EmulatedInstance) -> None:
         behaviour = (
@@ -401,10 +582,138 @@ class LocalCloud:
             killed += kill_process_tree(inst.sshd.pid)
             inst.sshd.stop()
         killed += kill_marked_processes(inst.instance_id)
+        for unit in inst.units.values():
+            unit.kill()
+            unit.wait(timeout=10)
         if inst.namespace is not None:
             inst.namespace.kill()
             inst.namespace.wait(timeout=10)
         log.info("Powered off %s (%d processes ended)", inst.instance_id, killed)
+
+
+_SYSTEMD_RUN = """#!/bin/bash
+# systemd-run as the emulated instance knows it: queues a transient job, run once cloud-init's init stage is over.
+set -u
+no_block=false
+while (($#)); do
+  case "$1" in
+    --no-block) no_block=true ;;
+    --unit=* | --description=* | --property=* | --collect | --quiet) ;;
+    -*) echo "systemd-run: option $1 is not emulated" >&2; exit 1 ;;
+    *) break ;;
+  esac
+  shift
+done
+if [[ "${EC2_TRAINER_BOOT_STAGE:-}" != init ]]; then
+  echo "systemd-run: only emulated from cloud-init's bootcmd" >&2; exit 1
+fi
+if ! $no_block; then
+  echo "systemd-run: without --no-block, bootcmd waits for a job ordered after cloud-init itself: the boot hangs" >&2
+  exit 1
+fi
+(($#)) || { echo "systemd-run: no command" >&2; exit 1; }
+printf '%s\\0' "$@" > @QUEUE@/"$(date +%s%N)"
+"""
+
+_SYSTEMCTL = """#!/bin/bash
+# systemctl as the emulated instance knows it: the verbs the user-data uses, on the instance's own unit folder.
+set -u
+now=false
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --now) now=true ;;
+    --no-block | --quiet) ;;
+    -*) echo "systemctl: option $arg is not emulated" >&2; exit 1 ;;
+    *) args+=("$arg") ;;
+  esac
+done
+verb="${args[0]:-}"
+units=("${args[@]:1}")
+case "$verb" in
+  daemon-reload) ;;
+  enable)
+    for unit in "${units[@]}"; do
+      [[ -f @UNITS@/"$unit" ]] || { echo "Failed to enable unit: Unit file $unit does not exist." >&2; exit 1; }
+    done
+    if $now; then printf '%s\\n' "${units[@]}" >> @STARTS@; fi ;;
+  try-restart)
+    # sshd starts after cloud-init's init stage, with the drop-ins already written: nothing left to apply.
+    for unit in "${units[@]}"; do
+      case "$unit" in
+        ssh.socket | ssh.service | sshd.service) ;;
+        *) echo "systemctl try-restart $unit is not emulated" >&2; exit 1 ;;
+      esac
+    done ;;
+  *) echo "systemctl $verb is not emulated" >&2; exit 1 ;;
+esac
+"""
+
+
+def unit_exec_start(unit_text: str) -> list[str]:
+    """The argv of a service unit's ExecStart, unquoted as systemd does; what it does not emulate is refused."""
+    section, lines = "", []
+    for raw in unit_text.splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == "Service" and line.startswith("ExecStart="):
+            lines.append(line.removeprefix("ExecStart="))
+    if len(lines) != 1 or not lines[0] or lines[0][0] in "-@+!:":
+        raise ValueError(f"unit needs exactly one plain ExecStart= in [Service], found {lines}")
+    words = shlex.split(lines[0])
+    if any("%" in w.replace("%%", "") or "$" in w.replace("$$", "") for w in words):
+        raise ValueError(f"ExecStart {lines[0]!r} uses specifiers or variables the emulator does not expand")
+    return [w.replace("%%", "%").replace("$$", "$") for w in words]
+
+
+def make_parents(folder: Path) -> None:
+    """Missing folders made as cloud-init's write_files makes them: owned by whoever runs it (root), 0755."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+        path.chmod(0o755)
+
+
+def ensure_login_user(name: str) -> str:
+    """The unprivileged login user, made once as the AMI has it (root only): useradd leaves it locked (`!`), which
+    sshd refuses even for key logins, hence usermod -p '*' (no password, not locked)."""
+    try:
+        existing = pwd.getpwnam(name)
+    except KeyError:
+        made = subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], capture_output=True, text=True, check=False)
+        if made.returncode not in (0, 9):  # 9: made meanwhile by another process
+            raise RuntimeError(f"useradd {name} failed: {made.stderr.strip()}") from None
+        existing = pwd.getpwnam(name)
+    if existing.pw_uid == 0:
+        raise RuntimeError(f"login user {name} is root: remove it (userdel) so an unprivileged one can be made")
+    subprocess.run(["usermod", "-p", "*", name], capture_output=True, check=True)
+    return name
+
+
+def hidden_ancestors(paths: Sequence[Path]) -> dict[Path, set[str]]:
+    """For each path (and its resolved self), the topmost folder above it that other users may not traverse, with the
+    entry below it on the way to the path."""
+    found: dict[Path, set[str]] = {}
+    for path in {p for given in paths for p in (Path(given).absolute(), Path(given).resolve())}:
+        for parent in reversed(path.parents):
+            if not parent.stat().st_mode & 0o001:
+                found.setdefault(parent, set()).add(path.relative_to(parent).parts[0])
+                break
+    return found
+
+
+def require_traversable(folder: Path) -> None:
+    """The login user must reach the emulated disk: every folder above it must let others through (o+x)."""
+    for parent in folder.parents:
+        if not parent.stat().st_mode & 0o001:
+            raise RuntimeError(
+                f"{parent} is not traversable by other users, so the instances' login user cannot reach the emulated "
+                f"disk {folder}: put it under a folder such as /tmp"
+            )
 
 
 def mount_namespaces_work() -> bool:

@@ -12,11 +12,14 @@ TRAINER__* variables): the DAG and the orchestrator run unchanged; only connecti
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
+import os
+import pwd
 import secrets
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +76,23 @@ class EmbeddedStack(Managed):
         self.workdir = workdir.resolve()
         self.repo_dir = repo_dir.resolve()
         self.knobs = knobs or TrainingKnobs()
-        self.disk_root = self.workdir / "disk"
+        # The instances' login user must reach their disk and the data cache: a temp folder others may traverse
+        # (workdir may lie under a private folder, as pytest's do).
+        self.instance_area = Path(tempfile.mkdtemp(prefix="ec2-trainer-instances-"))
+        self.instance_area.chmod(0o755)
+        self.disk_root = self.instance_area / "disk"
+        self.data_cache = self.instance_area / "data-cache"
         self.state_dir = self.disk_root / "var" / "lib" / "ec2-trainer"
+        # Not 22: instances listen on the port their user-data's sshd drop-in sets, as a real one would.
         self.ssh_port = free_port()
         self.github_token = secrets.token_hex(20)
         self.ssh_private_key, self.ssh_public_key = _client_key()
         self.cloud = LocalCloud(
-            self.workdir / "cloud", ssh_port=self.ssh_port, disk_root=self.disk_root, ami_parameter=AMI_PARAMETER
+            self.workdir / "cloud",
+            disk_root=self.disk_root,
+            ami_parameter=AMI_PARAMETER,
+            # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
+            image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
         )
         self.mlflow = MlflowServer(self.workdir / "mlflow")
         self.git = GitDaemon(self.repo_dir, self.workdir)
@@ -88,8 +101,13 @@ class EmbeddedStack(Managed):
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.disk_root.mkdir(parents=True, exist_ok=True)
+        self.disk_root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.data_cache.mkdir(mode=0o755, exist_ok=True)
         self.cloud.start()
+        if self.cloud.login_user != pwd.getpwuid(os.geteuid()).pw_name:
+            # The training job runs as the login user: the cache is its, as ~/.cache would be.
+            user = pwd.getpwnam(self.cloud.login_user)
+            os.chown(self.data_cache, user.pw_uid, user.pw_gid)
         self.git.start()
         self.github_url = self.github.start()
         self.mlflow.start()
@@ -100,6 +118,7 @@ class EmbeddedStack(Managed):
                 stop()
             except Exception:  # stop the rest whatever one of them does
                 log.exception("stopping %s failed", stop)
+        shutil.rmtree(self.instance_area, ignore_errors=True)
 
     def job_dirs(self) -> list[Path]:
         """The training job directories on every instance booted so far, as this machine sees them."""
@@ -119,7 +138,7 @@ class EmbeddedStack(Managed):
             "AIRFLOW_CONN_GITHUB_DEFAULT": {"conn_type": "http", "password": self.github_token},
             "AIRFLOW_CONN_EC2_TRAINER_SSH": {
                 "conn_type": "ssh",
-                "login": getpass.getuser(),
+                "login": self.cloud.login_user,
                 "extra": {"private_key": self.ssh_private_key},
             },
         }
@@ -133,7 +152,8 @@ class EmbeddedStack(Managed):
             "AWS__DEPLOYMENT": DEPLOYMENT,
             "AWS__MAX_LIFETIME_MINUTES": "60",
             "AWS__LAUNCH_TIMEOUT_MINUTES": "2",
-            "INSTANCE__SSH_USER": getpass.getuser(),
+            # The emulated AMI's default user (unprivileged; root only where the stack is not run as root).
+            "INSTANCE__SSH_USER": self.cloud.login_user,
             "INSTANCE__SSH_PORT": str(self.ssh_port),
             "INSTANCE__STATE_DIR": str(self.state_dir),
             # The stand-in instance's "AMI" interpreter: this environment, which already has torch and mlflow.
@@ -149,7 +169,7 @@ class EmbeddedStack(Managed):
             "TRAINING__BATCH_SIZE": str(k.batch_size),
             "TRAINING__DATA_URI": k.data_uri,
             "TRAINING__TIMEOUT_MINUTES": "20",
-            "TRAINING__EXTRA_PARAMS": f"image_size={k.image_size},workers=2,cache_dir={self.workdir / 'data-cache'}",
+            "TRAINING__EXTRA_PARAMS": f"image_size={k.image_size},workers=2,cache_dir={self.data_cache}",
         }
         env = {name: json.dumps(value) for name, value in conns.items()}
         env.update({f"TRAINER__{name}": value for name, value in settings.items()})

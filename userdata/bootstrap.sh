@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Instance bootstrap, run once by cloud-init (runcmd) as root: checks the GPU, installs what is missing and
-# writes <state_dir>/bootstrap.status atomically: "ok", or "error: <step>: <message>".
-# The orchestrator polls that marker over SSH and shows the tail of <state_dir>/bootstrap.log on error.
+# Instance bootstrap, run once by cloud-init (runcmd) as root: checks the GPU, installs what is missing, gives the
+# SSH login user the folders it writes, and writes <state_dir>/bootstrap.status atomically: "ok", or
+# "error: <step>: <message>". The orchestrator polls that marker over SSH as the login user and shows the tail of
+# <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.userdata.
 set -Eeuo pipefail
 
 STATE_DIR=@@{state_dir}
 PY=@@{python_bin}
 MLFLOW_REQUIREMENT=@@{mlflow_requirement}
+MLFLOW_VERSION=@@{mlflow_version}
 REQUIRE_GPU=@@{require_gpu}
 SSH_USER=@@{ssh_user}
 PACKAGES=(@@{packages})
@@ -15,8 +17,11 @@ PACKAGES=(@@{packages})
 APT_WAIT_S=900
 APT_RETRY_S=10
 
+# Made by root, as cloud-init's write_files made it: root:root 0755, readable but not writable by the login user.
 mkdir -p "$STATE_DIR"
 rm -f "$STATE_DIR/bootstrap.status"
+touch "$STATE_DIR/bootstrap.log"
+chmod 0644 "$STATE_DIR/bootstrap.log"
 exec </dev/null >>"$STATE_DIR/bootstrap.log" 2>&1
 
 STEP=start
@@ -85,6 +90,9 @@ if ! id "$SSH_USER" >/dev/null 2>&1; then
   fail "ssh user '$SSH_USER' does not exist on this AMI: set ssh_user to the AMI's default user (ubuntu on Ubuntu Deep Learning AMIs, ec2-user on Amazon Linux)"
 fi
 log "ssh user $SSH_USER exists"
+# The training job runs as the login user and creates its job folders here (train's `mkdir -p jobs/<key>`).
+install -d -o "$SSH_USER" -g "$(id -gn "$SSH_USER")" -m 0750 "$STATE_DIR/jobs"
+log "$STATE_DIR/jobs belongs to $SSH_USER"
 end
 
 begin gpu
@@ -129,19 +137,45 @@ begin python
 if ! command -v "$PY" >/dev/null 2>&1; then
   fail "python interpreter $PY not found: set python_bin to the AMI's interpreter that has torch (/opt/pytorch/bin/python on the PyTorch Deep Learning AMI)"
 fi
-VERSIONS_PY='import sys, torch, mlflow; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "mlflow", mlflow.__version__)'
-# One interpreter start both checks the imports and reports the versions (importing torch takes seconds).
-if versions="$("$PY" -c "$VERSIONS_PY" 2>&1)"; then
-  log "skipped: torch and mlflow already importable by $PY"
-else
-  if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
-    fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
-  fi
-  log "installing $MLFLOW_REQUIREMENT into $PY"
-  "$PY" -m pip install --quiet --disable-pip-version-check "$MLFLOW_REQUIREMENT"
-  versions="$("$PY" -c "$VERSIONS_PY")"
+# Cheap (nothing imported): whether torch is there, and which mlflow. The AMI may ship another mlflow (DLAMIs have an
+# older 3.x): the job's client must match the pin, not merely import.
+PROBE_PY='import importlib.metadata as m, importlib.util as u
+try:
+    mlflow = m.version("mlflow")
+except m.PackageNotFoundError:
+    mlflow = "none"
+print(mlflow, "torch" if u.find_spec("torch") else "no-torch")'
+probe="$("$PY" -c "$PROBE_PY")"
+read -r installed torch_found <<<"$probe"
+if [[ "$torch_found" != torch ]]; then
+  fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
 fi
+if [[ "$installed" == "$MLFLOW_VERSION" ]]; then
+  log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
+else
+  log "installing $MLFLOW_REQUIREMENT into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
+  "$PY" -m pip install --quiet --disable-pip-version-check "$MLFLOW_REQUIREMENT"
+  probe="$("$PY" -c "$PROBE_PY")"
+  read -r installed torch_found <<<"$probe"
+  if [[ "$installed" != "$MLFLOW_VERSION" ]]; then
+    fail "pip installed $MLFLOW_REQUIREMENT but $PY reports mlflow $installed: check that $PY's pip installs into its own environment"
+  fi
+fi
+# One interpreter start reports every version (importing torch takes seconds); torchvision only when a GPU is required.
+VERSIONS_PY='import sys, torch, mlflow
+tv = "not checked"
+if sys.argv[1] == "true":
+    try:
+        import torchvision
+        tv = torchvision.__version__
+    except Exception as exc:
+        tv = "missing (%s)" % exc
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "mlflow", mlflow.__version__, "torchvision", tv)'
+versions="$("$PY" -c "$VERSIONS_PY" "$REQUIRE_GPU")"
 log "$versions"
+if [[ "$versions" == *"torchvision missing"* ]]; then
+  log "warning: torchvision is not importable by $PY: the job decodes JPEGs on the CPU instead of the GPU (nvjpeg); use a PyTorch Deep Learning AMI or install torchvision matching torch"
+fi
 # The training job sources env.sh so that `python` and `mlflow` are this interpreter's.
 py_bin_dir="$(dirname "$(command -v "$PY")")"
 tmp="$(mktemp "$STATE_DIR/.env.sh.XXXXXX")"

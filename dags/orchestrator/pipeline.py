@@ -124,6 +124,7 @@ def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInsta
             host_key=host_key,
             authorized_public_key=public_line_from_private(ssh_private_key(s.instance.ssh_conn_id)),
             ssh_user=s.instance.ssh_user,
+            ssh_port=s.instance.ssh_port,
             deadline_epoch=identity.expires_at_epoch,
             state_dir=s.instance.state_dir,
             python_bin=s.instance.python_bin,

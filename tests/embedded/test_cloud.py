@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
+import yaml
 
 from embedded.cloud import LocalCloud
+from embedded.process import free_port
 from embedded.stack import EmbeddedStack
 from orchestrator.hostkeys import HostKey, generate_host_key
 from orchestrator.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
-from orchestrator.userdata import UserDataSpec, render_user_data
+from orchestrator.userdata import UserDataSpec, cloud_config, render_user_data
 from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair
 
 PROJECT_TAG = {"Key": "ec2-trainer:project", "Value": "ec2-trainer"}
-WAIT_S = 30.0
+# Generous: a boot imports torch, which takes many seconds on a loaded 2-core machine.
+WAIT_S = 120.0
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
@@ -44,30 +50,45 @@ def client_key() -> SshKeyPair:
     return make_ed25519_keypair()
 
 
-def launch(
-    cloud: LocalCloud,
-    host_key: HostKey,
-    client_key: SshKeyPair,
-    *,
-    deadline_in_s: int = 3600,
-    tags: list[dict[str, str]] | None = None,
-) -> str:
-    spec = UserDataSpec(
+@pytest.fixture(scope="module")
+def ssh_port() -> int:
+    """Not 22: the instances must listen where their user-data says."""
+    return free_port()
+
+
+def user_data_spec(
+    cloud: LocalCloud, host_key: HostKey, client_key: SshKeyPair, ssh_port: int, deadline_in_s: int = 3600
+) -> UserDataSpec:
+    return UserDataSpec(
         host_key=host_key,
         authorized_public_key=client_key.public_line,
-        ssh_user=getpass.getuser(),
+        ssh_user=cloud.login_user,
         deadline_epoch=int(time.time()) + deadline_in_s,
         state_dir=str(cloud.disk_root / "state"),
         python_bin=sys.executable,
         require_gpu=False,
+        ssh_port=ssh_port,
     )
+
+
+def launch(
+    cloud: LocalCloud,
+    host_key: HostKey,
+    client_key: SshKeyPair,
+    ssh_port: int,
+    *,
+    deadline_in_s: int = 3600,
+    tags: list[dict[str, str]] | None = None,
+    user_data: str | None = None,
+) -> str:
+    spec = user_data_spec(cloud, host_key, client_key, ssh_port, deadline_in_s)
     image_id = cloud.client("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     response = cloud.client("ec2").run_instances(
         ImageId=image_id,
         InstanceType="g6.xlarge",
         MinCount=1,
         MaxCount=1,
-        UserData=render_user_data(spec),
+        UserData=user_data if user_data is not None else render_user_data(spec),
         InstanceInitiatedShutdownBehavior="terminate",
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags if tags is not None else [PROJECT_TAG]}],
     )
@@ -79,14 +100,16 @@ def describe(cloud: LocalCloud, instance_id: str) -> dict[str, Any]:
     return dict(reservations[0]["Instances"][0])
 
 
-def target_of(cloud: LocalCloud, instance_id: str, host_public_key: str, client_key: SshKeyPair) -> SshTarget:
+def target_of(
+    cloud: LocalCloud, instance_id: str, host_public_key: str, client_key: SshKeyPair, ssh_port: int, user: str = ""
+) -> SshTarget:
     # The loopback "public IP" is set inside RunInstances, as EC2 does: never a moment without it.
     address = str(describe(cloud, instance_id)["PublicIpAddress"])
     assert address.startswith("127.0."), address
     return SshTarget(
         host=address,
-        port=cloud.ssh_port,
-        user=getpass.getuser(),
+        port=ssh_port,
+        user=user or cloud.login_user,
         host_public_key=host_public_key,
         private_key_pem=client_key.private_pem,
     )
@@ -109,10 +132,12 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(cloud: LocalCloud, client_key: SshKeyPair) -> None:
+def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(
+    cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int
+) -> None:
     host_key = generate_host_key()
-    instance_id = launch(cloud, host_key, client_key)
-    target = target_of(cloud, instance_id, host_key.public_line, client_key)
+    instance_id = launch(cloud, host_key, client_key, ssh_port)
+    target = target_of(cloud, instance_id, host_key.public_line, client_key, ssh_port)
     assert target.host.startswith("127.0.")
     assert target.host != "127.0.0.1"
 
@@ -129,7 +154,7 @@ def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(cloud: LocalClou
     assert pid_alive(sleeper)
 
     with pytest.raises(HostKeyMismatchError, match=r"."):
-        connect(target_of(cloud, instance_id, generate_host_key().public_line, client_key), timeout_s=10)
+        connect(target_of(cloud, instance_id, generate_host_key().public_line, client_key, ssh_port), timeout_s=10)
 
     cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
     wait_until("the detached job to be killed", lambda: not pid_alive(sleeper))
@@ -138,7 +163,7 @@ def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(cloud: LocalClou
 
 
 def test_an_instance_boots_at_its_address_however_slow_run_instances_is(
-    cloud: LocalCloud, client_key: SshKeyPair, monkeypatch: pytest.MonkeyPatch
+    cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """moto lists an instance before RunInstances returns; a loaded machine widens that window. Here it spans several
     emulator polls: the instance must still boot at the address RunInstances gave it, not at moto's own."""
@@ -152,8 +177,8 @@ def test_an_instance_boots_at_its_address_however_slow_run_instances_is(
 
     monkeypatch.setattr(Instance, "setup_defaults", slow_setup_defaults)
     host_key = generate_host_key()
-    instance_id = launch(cloud, host_key, client_key)
-    target = target_of(cloud, instance_id, host_key.public_line, client_key)
+    instance_id = launch(cloud, host_key, client_key, ssh_port)
+    target = target_of(cloud, instance_id, host_key.public_line, client_key, ssh_port)
     try:
         booted = wait_until("the emulator to boot the instance", lambda: cloud.instances.get(instance_id))
         assert booted.address == target.host
@@ -162,8 +187,8 @@ def test_an_instance_boots_at_its_address_however_slow_run_instances_is(
         cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
 
 
-def test_watchdog_deadline_powers_the_instance_off(cloud: LocalCloud, client_key: SshKeyPair) -> None:
-    instance_id = launch(cloud, generate_host_key(), client_key, deadline_in_s=2)
+def test_watchdog_deadline_powers_the_instance_off(cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int) -> None:
+    instance_id = launch(cloud, generate_host_key(), client_key, ssh_port, deadline_in_s=2)
     wait_until(
         "the watchdog to power the instance off (terminate)",
         lambda: describe(cloud, instance_id)["State"]["Name"] == "terminated",
@@ -173,7 +198,7 @@ def test_watchdog_deadline_powers_the_instance_off(cloud: LocalCloud, client_key
 
 
 def test_untagged_instances_are_ignored(
-    cloud: LocalCloud, client_key: SshKeyPair, monkeypatch: pytest.MonkeyPatch
+    cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tick = cloud._tick
     launched: list[str] = []
@@ -187,7 +212,7 @@ def test_untagged_instances_are_ignored(
             seen_by_ticks.append(launched[0] in listed)
 
     monkeypatch.setattr(cloud, "_tick", counted_tick)
-    launched.append(launch(cloud, generate_host_key(), client_key, tags=[{"Key": "team", "Value": "other"}]))
+    launched.append(launch(cloud, generate_host_key(), client_key, ssh_port, tags=[{"Key": "team", "Value": "other"}]))
     instance_id = launched[0]
     # Three whole ticks that listed the instance: each would have booted a project instance.
     wait_until("three emulator ticks after the launch", lambda: len(seen_by_ticks) >= 3)
@@ -195,3 +220,81 @@ def test_untagged_instances_are_ignored(
     assert instance_id not in cloud.instances
     assert not describe(cloud, instance_id).get("PublicIpAddress", "").startswith("127.")
     cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
+
+
+def test_watchdog_powers_the_instance_off_even_when_runcmd_fails(
+    cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int
+) -> None:
+    """The watchdog is a systemd unit started from cloud-init's init stage: a failing (or never reached) runcmd, the
+    last stage, must not take the lifetime bound with it."""
+    config = cloud_config(user_data_spec(cloud, generate_host_key(), client_key, ssh_port, deadline_in_s=3))
+    config["runcmd"] = [["sh", "-c", "exit 1"]]
+    instance_id = launch(
+        cloud, generate_host_key(), client_key, ssh_port, user_data="#cloud-config\n" + yaml.dump(config)
+    )
+    wait_until(
+        "the watchdog to power the instance off (terminate)",
+        lambda: describe(cloud, instance_id)["State"]["Name"] == "terminated",
+        timeout_s=20,
+    )
+    inst = cloud.instances[instance_id]
+    assert inst.runcmd_exit_codes == [1]
+    assert list(inst.units) == ["ec2-trainer-watchdog.service"]
+    watchdog_log = cloud.host_path(inst, cloud.disk_root / "state" / "watchdog.log")
+    assert "reached: powering off" in watchdog_log.read_text()
+    assert watchdog_log.stat().st_uid == 0, "systemd runs the watchdog as root"
+
+
+def test_instance_listens_on_the_port_its_user_data_sets(cloud: LocalCloud, client_key: SshKeyPair) -> None:
+    port = free_port()
+    host_key = generate_host_key()
+    instance_id = launch(cloud, host_key, client_key, port)
+    try:
+        target = target_of(cloud, instance_id, host_key.public_line, client_key, port)
+        assert wait_for_bootstrap(target, str(cloud.disk_root / "state"), timeout_s=WAIT_S, poll_s=0.2).ok
+        assert cloud.instances[instance_id].sshd is not None
+        assert cloud.instances[instance_id].sshd.port == port  # type: ignore[union-attr]
+    finally:
+        cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="an unprivileged login user can only be made as root")
+def test_logins_only_as_the_unprivileged_user_with_what_it_needs(
+    cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int
+) -> None:
+    """As on an Ubuntu instance: cloud-init works as root, SSH lets in only the default user, keyed from its home."""
+    host_key = generate_host_key()
+    instance_id = launch(cloud, host_key, client_key, ssh_port)
+    try:
+        target = target_of(cloud, instance_id, host_key.public_line, client_key, ssh_port)
+        state = cloud.disk_root / "state"
+        assert wait_for_bootstrap(target, str(state), timeout_s=WAIT_S, poll_s=0.2).ok
+        with pytest.raises(paramiko.AuthenticationException, match="Authentication failed"):
+            connect(
+                target_of(cloud, instance_id, host_key.public_line, client_key, ssh_port, user="root"), timeout_s=10
+            )
+
+        inst = cloud.instances[instance_id]
+        user = pwd.getpwnam(cloud.login_user)
+        assert user.pw_uid != 0
+        ssh_dir = cloud.home_of(inst) / ".ssh"
+        for path, mode in ((ssh_dir, 0o700), (ssh_dir / "authorized_keys", 0o600)):
+            assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (user.pw_uid, mode), path
+        # write_files made the missing parents as cloud-init does; the bootstrap (runcmd) ran as root.
+        for folder in (state, state / "bin"):
+            info = cloud.host_path(inst, folder).stat()
+            assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o755), folder
+        assert cloud.host_path(inst, state / "bootstrap.log").stat().st_uid == 0
+
+        ssh = connect(target, timeout_s=10)
+        try:
+            script = (
+                f"id -un; echo $HOME; mkdir -p {state}/jobs/probe && echo made; touch {state}/probe || echo refused"
+            )
+            _, stdout, _ = ssh.exec_command(script)
+            lines = stdout.read().decode().split()
+        finally:
+            ssh.close()
+        assert lines == [cloud.login_user, user.pw_dir, "made", "refused"]
+    finally:
+        cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])

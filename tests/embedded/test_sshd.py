@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,42 @@ def test_config_allows_public_keys_only(tmp_path: Path) -> None:
         f"HostKey {tmp_path / 'hk'}",
     } <= lines
     assert "Subsystem sftp internal-sftp" in lines
+
+
+def test_an_instance_config_is_ubuntus_one_user_no_root_keys_from_home(tmp_path: Path) -> None:
+    config = render_sshd_config(
+        address="127.0.1.2",
+        port=None,
+        host_key=tmp_path / "hk",
+        pid_file=tmp_path / "pid",
+        authorized_keys=None,
+        login_user="ec2-trainer",
+        drop_in_dir=tmp_path / "sshd_config.d",
+    )
+    lines = config.splitlines()
+    # Drop-ins first, as Ubuntu's sshd_config includes them: their Port decides (22 without one).
+    assert lines[0] == f"Include {tmp_path / 'sshd_config.d'}/*.conf"
+    assert not any(line.startswith("Port ") for line in lines)
+    assert {
+        "PermitRootLogin no",
+        "AllowUsers ec2-trainer",
+        "PasswordAuthentication no",
+        "AuthorizedKeysFile .ssh/authorized_keys",
+        "StrictModes yes",
+    } <= set(lines)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"authorized_keys": None}, "needs the login_user"),
+        ({"authorized_keys": None, "login_user": "root"}, "must be an unprivileged user"),
+        ({"authorized_keys": ["k"], "port": 2222, "drop_in_dir": Path("/d")}, "not both"),
+    ],
+)
+def test_instance_settings_are_checked(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(SshdError, match=message):
+        LoopbackSshd("key", workdir=tmp_path, **kwargs)
 
 
 def test_ensure_sshd_installed_returns_the_binary() -> None:

@@ -3,7 +3,9 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -13,9 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from embedded.cloud import unit_exec_start
 from orchestrator.errors import ConfigError
 from orchestrator.hostkeys import generate_host_key
 from orchestrator.userdata import (
+    SSHD_PORT_DROP_IN,
     USER_DATA_MAX_BYTES,
     UserDataSpec,
     UserDataTooLargeError,
@@ -52,10 +56,13 @@ def load(user_data: str) -> dict:
 
 
 def install(user_data: str) -> dict[str, Path]:
-    """Does what cloud-init's write_files does; returns the written files by name."""
+    """Does what cloud-init's write_files does for the files under the state folder; returns them by name (the
+    systemd unit and the sshd drop-in belong to the system: never written here)."""
     written = {}
     for entry in load(user_data)["write_files"]:
         path = Path(entry["path"])
+        if path.parts[1] == "etc":
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(entry["content"])
         path.chmod(int(entry["permissions"], 8))
@@ -79,25 +86,54 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     assert doc["ssh_authorized_keys"] == [client.public_line + " trainer"]
     assert doc["disable_root"] is True
     files = {f["path"]: f for f in doc["write_files"]}
+    unit = "/etc/systemd/system/ec2-trainer-watchdog.service"
     assert set(files) == {
         "/var/lib/ec2-trainer/bin/bootstrap.sh",
         "/var/lib/ec2-trainer/bin/watchdog.sh",
         "/var/lib/ec2-trainer/deadline",
+        unit,
     }
     assert files["/var/lib/ec2-trainer/bin/bootstrap.sh"]["permissions"] == "0755"
     assert files["/var/lib/ec2-trainer/bin/watchdog.sh"]["permissions"] == "0755"
     assert files["/var/lib/ec2-trainer/deadline"]["content"].strip() == str(spec.deadline_epoch)
-    assert doc["runcmd"] == [
-        ["setsid", "-f", "bash", "/var/lib/ec2-trainer/bin/watchdog.sh"],
-        ["bash", "/var/lib/ec2-trainer/bin/bootstrap.sh"],
-    ]
+    # The watchdog is not left to runcmd (the last stage, never reached when an earlier one fails): an enabled unit.
+    assert doc["runcmd"] == [["bash", "/var/lib/ec2-trainer/bin/bootstrap.sh"]]
+    assert unit_exec_start(files[unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/watchdog.sh"]
+    assert "WantedBy=multi-user.target" in files[unit]["content"].splitlines()
+    ((*run, shell, flag, script),) = doc["bootcmd"]
+    # bootcmd runs before write_files, inside cloud-init.service: the enabling is queued for after it, never awaited.
+    assert run[0] == "systemd-run" and "--no-block" in run
+    assert (shell, flag) == ("sh", "-c")
+    assert "systemctl enable --now ec2-trainer-watchdog.service" in script
+    # Port 22: no drop-in and no sshd restart.
+    assert "ssh" not in script
+    assert len(render_user_data(spec).encode()) < USER_DATA_MAX_BYTES
 
 
-def test_cloud_init_schema_accepts_the_user_data(keys, tmp_path):
+def test_a_non_default_ssh_port_is_applied_early(keys):
+    doc = load(render_user_data(make_spec(keys, ssh_port=2222)))
+    files = {f["path"]: f["content"] for f in doc["write_files"]}
+    assert files[SSHD_PORT_DROP_IN] == "Port 2222\n"
+    assert SSHD_PORT_DROP_IN.startswith("/etc/ssh/sshd_config.d/") and SSHD_PORT_DROP_IN.endswith(".conf")
+    ((*_, script),) = doc["bootcmd"]
+    # After the reload that re-runs Ubuntu 24.04's ssh.socket generator; on 22.04 ssh.service reads it as it starts.
+    steps = script.split("; ")
+    assert steps.index("systemctl daemon-reload") < steps.index("systemctl try-restart ssh.socket ssh.service")
+
+
+def test_the_watchdog_unit_quotes_its_script_path_for_systemd(keys):
+    state = "/var/lib/odd dir's $HOME 100%"
+    doc = load(render_user_data(make_spec(keys, state)))
+    (unit,) = (f["content"] for f in doc["write_files"] if f["path"].endswith(".service"))
+    assert unit_exec_start(unit) == ["/bin/bash", f"{state}/bin/watchdog.sh"]
+
+
+@pytest.mark.parametrize("ssh_port", [22, 2222])
+def test_cloud_init_schema_accepts_the_user_data(keys, tmp_path, ssh_port):
     if shutil.which("cloud-init") is None:
         pytest.skip("cloud-init not installed (apt-get install -y cloud-init)")
     path = tmp_path / "user-data"
-    path.write_text(render_user_data(make_spec(keys)))
+    path.write_text(render_user_data(make_spec(keys, ssh_port=ssh_port)))
     result = subprocess.run(
         ["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, check=False
     )
@@ -151,6 +187,8 @@ def test_oversized_user_data_is_refused(keys):
         # Full matches: `re.match` with `$` accepted a trailing newline, which would end a user-data line early.
         ({"ssh_user": "ubuntu\n"}, "not a valid Linux user name"),
         ({"packages": ("git\n",)}, "not valid Debian package names"),
+        ({"mlflow_requirement": "mlflow>=3"}, "must pin one version"),
+        ({"ssh_port": 0}, "must be a TCP port"),
     ],
 )
 def test_invalid_spec_is_refused(keys, override, message):
@@ -188,6 +226,7 @@ def test_watchdog_powers_off_at_the_deadline_not_before(keys, state_dir, tmp_pat
 
 
 def run_bootstrap(keys, state_dir: Path, tmp_path: Path, fake_gpu: bool, **overrides) -> tuple[str, str]:
+    """Runs the bootstrap as cloud-init would (as whoever runs the tests); returns its status line and its log."""
     files = install(render_user_data(make_spec(keys, str(state_dir), **overrides)))
     bin_dir = fake_bin(tmp_path, "placeholder", "exit 0\n")
     if fake_gpu:
@@ -210,7 +249,7 @@ def test_bootstrap_without_gpu_succeeds_when_gpu_optional(keys, state_dir, tmp_p
     assert status == "ok", log
     assert "skipped: no GPU (require_gpu=false)" in log
     assert "skipped: git already installed" in log
-    assert "skipped: torch and mlflow already importable" in log
+    assert "skipped: mlflow 3.17.2 already installed" in log
     assert re.search(r"\[python\] done in \d+s", log)
     # The training job sources env.sh: its python must be the configured interpreter.
     which = subprocess.run(
@@ -219,9 +258,24 @@ def test_bootstrap_without_gpu_succeeds_when_gpu_optional(keys, state_dir, tmp_p
     assert Path(which).parent == Path(sys.executable).parent
 
 
+def fake_python(tmp_path: Path, mlflow: str = "3.17.2", torchvision: bool = True) -> tuple[str, Path]:
+    """An interpreter stand-in (importing torch takes seconds) with `mlflow` installed; its pip "installs" the version
+    it is asked for. Returns its path and the file recording each of its command lines."""
+    version, calls = tmp_path / "fake-mlflow-version", tmp_path / "fake-python.calls"
+    version.write_text(mlflow + "\n")
+    tv = "0.26.0" if torchvision else "missing (No module named 'torchvision')"
+    script = f"""echo "$*" >> {shlex.quote(str(calls))}
+case "$*" in
+  "-m pip install "*) requirement="${{!#}}"; echo "${{requirement#mlflow==}}" > {shlex.quote(str(version))} ;;
+  *importlib.metadata*) echo "$(cat {shlex.quote(str(version))}) torch" ;;
+  *) echo "python 3 torch 2 cuda True mlflow $(cat {shlex.quote(str(version))}) torchvision {tv}" ;;
+esac
+"""
+    return str(fake_bin(tmp_path, "python-fake", script) / "python-fake"), calls
+
+
 def fast_python(tmp_path: Path) -> str:
-    """An interpreter stand-in for tests about other steps: importing torch takes seconds."""
-    return str(fake_bin(tmp_path, "python-fast", 'echo "python 3 torch 2 cuda True mlflow 3"\n') / "python-fast")
+    return fake_python(tmp_path)[0]
 
 
 def test_bootstrap_with_gpu_logs_the_gpus(keys, state_dir, tmp_path):
@@ -243,11 +297,56 @@ def test_bootstrap_reports_a_missing_ssh_user(keys, state_dir, tmp_path):
 
 
 def test_bootstrap_reports_an_unexpected_failure_with_its_step(keys, state_dir, tmp_path):
-    # A python without mlflow whose pip fails: the ERR trap names the step and the failing command.
-    interpreter = fake_bin(tmp_path, "python-broken", 'case "$2" in "import torch") exit 0;; esac\nexit 3\n')
+    # A python with an old mlflow whose pip fails: the ERR trap names the step and the failing command.
+    script = 'case "$*" in *importlib.metadata*) echo "3.1.0 torch";; *) exit 3;; esac\n'
+    interpreter = fake_bin(tmp_path, "python-broken", script)
     status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=str(interpreter / "python-broken"))
     assert status.startswith("error: python: command failed with exit code 3")
     assert "installing mlflow==3.17.2 into" in log
+
+
+def test_bootstrap_replaces_an_older_mlflow_with_the_pinned_one(keys, state_dir, tmp_path):
+    """A DLAMI ships an older mlflow 3.x: importable, but the job's client must match the server's pin."""
+    python, calls = fake_python(tmp_path, mlflow="3.1.0")
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
+    assert status == "ok", log
+    assert "installing mlflow==3.17.2 into" in log
+    assert "(found mlflow 3.1.0, pinned 3.17.2)" in log
+    assert "-m pip install --quiet --disable-pip-version-check mlflow==3.17.2" in calls.read_text()
+    assert "mlflow 3.17.2" in log
+
+
+def test_bootstrap_keeps_the_pinned_mlflow(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.17.2")
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
+    assert status == "ok", log
+    assert "skipped: mlflow 3.17.2 already installed" in log
+    assert "pip" not in calls.read_text()
+
+
+def test_bootstrap_warns_when_a_gpu_job_has_no_torchvision(keys, state_dir, tmp_path):
+    python, _ = fake_python(tmp_path, torchvision=False)
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, require_gpu=True, python_bin=python)
+    assert status == "ok", log
+    assert "warning: torchvision is not importable" in log and "nvjpeg" in log
+
+
+def test_bootstrap_fails_when_pip_does_not_install_the_pin(keys, state_dir, tmp_path):
+    script = 'case "$*" in *importlib.metadata*) echo "3.1.0 torch";; esac\n'  # pip "succeeds", nothing changes
+    interpreter = fake_bin(tmp_path, "python-stuck", script)
+    status, _ = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=str(interpreter / "python-stuck"))
+    assert status.startswith("error: python: pip installed mlflow==3.17.2 but")
+
+
+def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys, state_dir, tmp_path):
+    """train creates <state_dir>/jobs/<key> over SSH as the login user; the state folder itself stays root's."""
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=fast_python(tmp_path))
+    assert status == "ok", log
+    jobs = (state_dir / "jobs").stat()
+    assert (pwd.getpwuid(jobs.st_uid).pw_name, stat.S_IMODE(jobs.st_mode)) == (CURRENT_USER, 0o750)
+    assert jobs.st_gid == pwd.getpwnam(CURRENT_USER).pw_gid
+    for name in ("bootstrap.status", "bootstrap.log", "env.sh"):
+        assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o644, name
 
 
 def test_spec_is_frozen(keys):
