@@ -359,3 +359,30 @@ def test_concurrent_evaluations_leave_the_best_model_champion(tracking_uri: str,
         # A racer that held the alias when it checked may say it won and lose it later to a better one, as if
         # they had run one after the other; the best one must say it won.
         assert best not in racers or results[best].promoted, f"round {round_}: the best racer says it lost"
+
+
+# ---- the evaluate step: which errors retry
+
+
+def _step_config(tracking_uri: str, model_name: str) -> dict[str, Any]:
+    from orchestrator.settings import load_settings
+
+    config = load_settings().to_dict()
+    config["mlflow"] |= {"tracking_uri": tracking_uri, "model_name": model_name, "conn_id": "no_such_connection"}
+    return config
+
+
+def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator import pipeline
+
+    unscored = finished_run({"val_accuracy": 0.99}, with_model=False)
+    with pytest.raises(AirflowFailException, match=r"has no metric 'test_accuracy'"):
+        pipeline.evaluate(_step_config(tracking_uri, model_name), unscored)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_proxy.fault = lambda method, path: (401, UNAUTHENTICATED) if "/runs/get" in path else None
+    with pytest.raises(TrackingServerError, match=r"reading run .* \(UNAUTHENTICATED\)"):  # the task's retries apply
+        pipeline.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
