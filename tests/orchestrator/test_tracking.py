@@ -329,6 +329,25 @@ def test_a_failed_alias_move_retries_onto_the_same_version(
     assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
 
 
+def test_a_retry_after_the_alias_moved_reports_the_promotion(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_id = finished_run({METRIC: 0.95})
+    mlflow_proxy.fault = lambda method, path: (500, "Internal Server Error") if path.endswith("/runs/set-tag") else None
+    with pytest.raises(TrackingServerError, match=rf"MLflow failed while tagging run {run_id} \(INTERNAL_ERROR\)"):
+        evaluate(mlflow_proxy.url, run_id, model_name)
+    assert champion(tracking_uri, model_name) == ("1", run_id)
+    mlflow_proxy.fault = None
+    result = evaluate(mlflow_proxy.url, run_id, model_name)  # the task's retry
+    assert (result.promoted, result.model_version, result.reason) == (
+        True,
+        "1",
+        "0.9500 already holds the alias: an earlier try promoted it",
+    )
+    assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
+
+
 # ---- concurrent evaluations
 
 
