@@ -21,7 +21,7 @@ class MlflowServer:
         self.log_file = workdir / "mlflow-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 90.0) -> str:
+    def start(self, timeout_s: float = 240.0) -> str:  # ~7 s idle; minutes on a loaded 2-core machine
         self.workdir.mkdir(parents=True, exist_ok=True)
         mlflow_bin = Path(sys.executable).with_name("mlflow")
         self._proc = start_logged(

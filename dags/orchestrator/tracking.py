@@ -131,7 +131,11 @@ def evaluate_and_promote(
 
     champion = _champion(client, model_name, metric)
     champion_value = champion.value if champion else None
-    decision = decide_promotion(value, threshold, champion_value, greater_is_better=greater_is_better)
+    if champion is not None and champion.run_id == run_id:
+        # An earlier try moved the alias and failed after it: that try's decision stands.
+        decision = PromotionDecision(True, f"{value:.4f} already holds the alias: an earlier try promoted it")
+    else:
+        decision = decide_promotion(value, threshold, champion_value, greater_is_better=greater_is_better)
     promoted, reason, version = decision.promote, decision.reason, None
     if decision.promote:
         started = time.monotonic()
@@ -163,6 +167,7 @@ class _Scored:
 
     version: str
     value: float
+    run_id: str
 
 
 def _server_error(exc: Any, doing: str) -> TrackingServerError:
@@ -210,7 +215,7 @@ def _scored(client: Any, model_name: str, version: str, metric: str) -> _Scored:
             f"log {metric!r} on that run, or move alias {CHAMPION_ALIAS!r} to a version whose run has it "
             "(deleting the alias starts over with no champion)"
         )
-    return _Scored(str(version), float(run.data.metrics[metric]))
+    return _Scored(str(version), float(run.data.metrics[metric]), model_version.run_id)
 
 
 def _champion(client: Any, model_name: str, metric: str) -> _Scored | None:

@@ -243,8 +243,17 @@ def test_a_champion_whose_run_lacks_the_metric_fails_the_evaluation(tracking_uri
     assert "ec2_trainer.promotion" not in tags_of(tracking_uri, challenger)
 
 
-def _registry_reads(status: int, body: str) -> Any:
-    return lambda method, path: (status, body) if method == "GET" and "/registered-models/" in path else None
+def _first_registry_reads(times: int, status: int, body: str) -> Any:
+    """A blip: the first `times` reads of the registry get `status`; everything after goes through."""
+    left = [times]
+
+    def fault(method: str, path: str) -> tuple[int, str] | None:
+        if method == "GET" and "/registered-models/" in path and left[0] > 0:
+            left[0] -= 1
+            return status, body
+        return None
+
+    return fault
 
 
 UNAUTHENTICATED = "You are not authenticated. Please see the MLflow docs on how to authenticate."  # MLflow auth's 401
@@ -274,16 +283,17 @@ def test_a_registry_error_fails_the_evaluation_and_promotes_nothing(
     first = finished_run({METRIC: 0.95})
     assert evaluate(tracking_uri, first, model_name).promoted
     worse = finished_run({METRIC: 0.91})
-    mlflow_proxy.fault = _registry_reads(status, body)
+    # Once MLflow's retries are spent (a 5xx is tried 3 times here), the registry answers again: the old code
+    # took the failed read for "no champion" and promoted the worse model.
+    times = 3 if status >= 500 else 1
+    mlflow_proxy.fault = _first_registry_reads(times, status, body)
     with pytest.raises(
         TrackingServerError,
         match=rf"MLflow failed while reading registered model {model_name} \({code}\): .*{status}.*"
         r"check the MLflow connection's credentials and the server's health\. Nothing is promoted on doubt",
     ):
         evaluate(mlflow_proxy.url, worse, model_name)
-    assert mlflow_proxy.answered, "the fault never fired"
-    if status >= 500:
-        assert len(mlflow_proxy.answered) == 3  # MLflow's own retries came first
+    assert len(mlflow_proxy.answered) == times
     assert champion(tracking_uri, model_name) == ("1", first)
     assert "ec2_trainer.promotion" not in tags_of(tracking_uri, worse)
 
@@ -319,6 +329,25 @@ def test_a_failed_alias_move_retries_onto_the_same_version(
     assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
 
 
+def test_a_retry_after_the_alias_moved_reports_the_promotion(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_id = finished_run({METRIC: 0.95})
+    mlflow_proxy.fault = lambda method, path: (500, "Internal Server Error") if path.endswith("/runs/set-tag") else None
+    with pytest.raises(TrackingServerError, match=rf"MLflow failed while tagging run {run_id} \(INTERNAL_ERROR\)"):
+        evaluate(mlflow_proxy.url, run_id, model_name)
+    assert champion(tracking_uri, model_name) == ("1", run_id)
+    mlflow_proxy.fault = None
+    result = evaluate(mlflow_proxy.url, run_id, model_name)  # the task's retry
+    assert (result.promoted, result.model_version, result.reason) == (
+        True,
+        "1",
+        "0.9500 already holds the alias: an earlier try promoted it",
+    )
+    assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
+
+
 # ---- concurrent evaluations
 
 
@@ -349,3 +378,30 @@ def test_concurrent_evaluations_leave_the_best_model_champion(tracking_uri: str,
         # A racer that held the alias when it checked may say it won and lose it later to a better one, as if
         # they had run one after the other; the best one must say it won.
         assert best not in racers or results[best].promoted, f"round {round_}: the best racer says it lost"
+
+
+# ---- the evaluate step: which errors retry
+
+
+def _step_config(tracking_uri: str, model_name: str) -> dict[str, Any]:
+    from orchestrator.settings import load_settings
+
+    config = load_settings().to_dict()
+    config["mlflow"] |= {"tracking_uri": tracking_uri, "model_name": model_name, "conn_id": "no_such_connection"}
+    return config
+
+
+def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator import pipeline
+
+    unscored = finished_run({"val_accuracy": 0.99}, with_model=False)
+    with pytest.raises(AirflowFailException, match=r"has no metric 'test_accuracy'"):
+        pipeline.evaluate(_step_config(tracking_uri, model_name), unscored)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_proxy.fault = lambda method, path: (401, UNAUTHENTICATED) if "/runs/get" in path else None
+    with pytest.raises(TrackingServerError, match=r"reading run .* \(UNAUTHENTICATED\)"):  # the task's retries apply
+        pipeline.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
