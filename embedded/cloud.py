@@ -2,7 +2,9 @@
 
 The orchestrator talks to the moto server exactly as it talks to AWS (through the aws connection's endpoint_url). The
 emulator plays the hypervisor and cloud-init for the instances it launches:
-- it gives each instance its own loopback address (127.0.x.y) as its public IP, which the orchestrator connects to;
+- it gives each instance its own loopback address (127.0.x.y) as its public IP, which the orchestrator connects to,
+  when EC2 would give it a public IP at all (the subnet maps public IPs, or the request asks for one), and serves
+  SSH there only when one of its security groups admits TCP ssh_port from 127.0.0.1 (Airflow's address here);
 - it reads the instance's user-data and applies the parts cloud-init would: the pinned host key (`ssh_keys`), the
   authorized keys, `write_files`, and `runcmd` in order (watchdog, bootstrap);
 - it serves SSH with a real OpenSSH sshd bound to that address, with the host key from the user-data;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -39,6 +42,11 @@ from embedded.sshd import LoopbackSshd
 log = logging.getLogger(__name__)
 
 ACCOUNT_ID = "123456789012"  # moto's default account
+# Where the SSM parameters of the stand-in images live: `/aws/service/...` cannot be written in moto, so the same
+# shape under another prefix (set aws.ami_ssm_parameter to one of them).
+IMAGE_PARAMETER_PREFIX = "/ec2-trainer/embedded"
+# The address Airflow connects from: a security group must admit it for the emulator to serve SSH.
+AIRFLOW_ADDRESS = ipaddress.ip_address("127.0.0.1")
 INSTANCE_MARKER_ENV = "EC2_TRAINER_EMULATED_INSTANCE"
 _LIVE = ("pending", "running")
 _OFF = ("shutting-down", "terminated", "stopping", "stopped")
@@ -65,6 +73,167 @@ class EmulatedInstance:
         return self.root / "poweroff-requested"
 
 
+@dataclass(frozen=True)
+class StandInImage:
+    """An image as DescribeImages shows it; the embedded cloud registers each behind an SSM parameter."""
+
+    ami_type: str  # the part of a Deep Learning AMI parameter that names the image
+    name: str
+    description: str
+    root_device_name: str
+    root_snapshot_gb: int
+
+    @property
+    def parameter(self) -> str:
+        return f"{IMAGE_PARAMETER_PREFIX}/deeplearning/ami/x86_64/{self.ami_type}/latest/ami-id"
+
+
+# Shaped like the PyTorch Deep Learning AMIs: Ubuntu's root is /dev/sda1, Amazon Linux's /dev/xvda.
+UBUNTU_DLAMI = StandInImage(
+    ami_type="oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04",
+    name="Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.12 (Ubuntu 24.04) 20260815",
+    description="Supported EC2 instances: G4dn, G5, G6, Gr6, G6e, P4d, P4de, P5, P5e, P5en, P6-B200. PyTorch-2.12, "
+    "Python 3.12 at /opt/pytorch/bin/python, Ubuntu 24.04",
+    root_device_name="/dev/sda1",
+    root_snapshot_gb=75,
+)
+AMAZON_LINUX_DLAMI = StandInImage(
+    ami_type="oss-nvidia-driver-gpu-pytorch-2.12-amazon-linux-2023",
+    name="Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.12 (Amazon Linux 2023) 20260815",
+    description="Supported EC2 instances: G4dn, G5, G6, Gr6, G6e, P4d, P4de, P5, P5e, P5en, P6-B200. PyTorch-2.12, "
+    "Amazon Linux 2023",
+    root_device_name="/dev/xvda",
+    root_snapshot_gb=65,
+)
+STAND_IN_IMAGES = (UBUNTU_DLAMI, AMAZON_LINUX_DLAMI)
+
+
+@dataclass(frozen=True)
+class StandInNetwork:
+    vpc_id: str
+    subnet_id: str
+    security_group_id: str
+
+
+def register_images(ssm: Any, region: str, images: tuple[StandInImage, ...] = STAND_IN_IMAGES) -> dict[str, str]:
+    """Registers each image in moto's EC2 state with its root device and root snapshot size and publishes its id
+    under its parameter; returns parameter -> image id. moto's RegisterImage takes only a name, hence the backend."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+    from moto.ec2.utils import random_ami_id
+
+    class _Image(Ami):  # moto reports every image's root snapshot as 15 GB
+        root_snapshot_gb = 15
+
+        @property
+        def block_device_mappings(self) -> list[dict[str, Any]]:
+            ebs = {"SnapshotId": self.ebs_snapshot.id, "VolumeSize": self.root_snapshot_gb, "VolumeType": "gp3"}
+            return [{"DeviceName": self.root_device_name, "Ebs": {**ebs, "DeleteOnTermination": True}}]
+
+    backend = ec2_backends[ACCOUNT_ID][region]
+    published = {}
+    for image in images:
+        ami = _Image(
+            backend,
+            random_ami_id(),
+            name=image.name,
+            description=image.description,
+            owner_alias="amazon",
+            public=True,
+            virtualization_type="hvm",
+            architecture="x86_64",
+            hypervisor="xen",
+            root_device_type="ebs",
+            root_device_name=image.root_device_name,
+            region_name=f"{region}a",
+        )
+        ami.root_snapshot_gb = image.root_snapshot_gb
+        ami.ebs_snapshot.volume.size = image.root_snapshot_gb
+        backend.amis[ami.id] = ami
+        ssm.put_parameter(Name=image.parameter, Value=ami.id, Type="String", Overwrite=True)
+        published[image.parameter] = ami.id
+    return published
+
+
+def create_network(ec2: Any, region: str, ssh_port: int) -> StandInNetwork:
+    """A VPC of the project's own, as a user would make it: a subnet that does not map public IPs (the default
+    outside the default VPC) and a security group admitting SSH from Airflow only."""
+    vpc_id = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock="10.77.1.0/24", AvailabilityZone=f"{region}a")["Subnet"][
+        "SubnetId"
+    ]
+    group_id = ec2.create_security_group(
+        GroupName="ec2-trainer-instance", Description="SSH from Airflow", VpcId=vpc_id
+    )["GroupId"]
+    ec2.authorize_security_group_ingress(
+        GroupId=group_id,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": ssh_port,
+                "ToPort": ssh_port,
+                "IpRanges": [{"CidrIp": f"{AIRFLOW_ADDRESS}/32", "Description": "Airflow"}],
+            }
+        ],
+    )
+    return StandInNetwork(vpc_id, subnet_id, group_id)
+
+
+def admits_ssh(groups: Any, port: int, source: ipaddress.IPv4Address | ipaddress.IPv6Address = AIRFLOW_ADDRESS) -> bool:
+    """Whether any of these moto security groups has an inbound rule for TCP `port` from `source`."""
+    for group in groups:
+        for rule in group.ingress_rules:
+            if rule.ip_protocol not in ("tcp", "-1"):
+                continue
+            if rule.ip_protocol == "tcp" and not (rule.from_port <= port <= rule.to_port):
+                continue
+            cidr = rule.ip_range.get("CidrIp") or rule.ip_range.get("CidrIpv6")
+            if cidr and source in ipaddress.ip_network(cidr, strict=False):
+                return True
+    return False
+
+
+def install_strict_run_instances() -> Any:
+    """Makes moto's RunInstances as strict as EC2 about the root volume; returns a function that undoes it.
+
+    EC2 refuses a root override smaller than the image's root snapshot (InvalidBlockDeviceMapping), and a mapping
+    that misses the image's root device leaves the root as the image has it (moto would leave no root at all)."""
+    from moto.ec2.exceptions import EC2ClientError, InvalidAMIIdError
+    from moto.ec2.models.instances import InstanceBackend
+
+    original = InstanceBackend.run_instances
+
+    def run_instances(backend: Any, image_id: str, *args: Any, **kwargs: Any) -> Any:
+        mappings = kwargs.get("block_device_mappings")
+        try:
+            (image,) = backend.describe_images(ami_ids=[image_id])
+        except InvalidAMIIdError:
+            image = None  # moto launches unknown images; so does this (MOTO_ENABLE_AMI_VALIDATION is the switch)
+        if image is not None and mappings:
+            (root,) = image.block_device_mappings
+            snapshot_gb = int(root["Ebs"]["VolumeSize"])
+            overrides = [m for m in mappings if m.get("DeviceName") == image.root_device_name]
+            for mapping in overrides:
+                size = (mapping.get("Ebs") or {}).get("VolumeSize")
+                if size is not None and int(size) < snapshot_gb:
+                    raise EC2ClientError(
+                        "InvalidBlockDeviceMapping",
+                        f"Volume of size {size}GB is smaller than snapshot '{root['Ebs']['SnapshotId']}', "
+                        f"expect size >= {snapshot_gb}GB",
+                    )
+            if not overrides:
+                ebs = {"VolumeSize": snapshot_gb, "VolumeType": "gp3", "DeleteOnTermination": True, "Encrypted": False}
+                kwargs["block_device_mappings"] = [{"DeviceName": image.root_device_name, "Ebs": ebs}, *mappings]
+        return original(backend, image_id, *args, **kwargs)
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
+
+    def uninstall() -> None:
+        InstanceBackend.run_instances = original  # type: ignore[method-assign]
+
+    return uninstall
+
+
 class LocalCloud:
     """moto server + instance emulator; `start()` returns the endpoint URL for the aws connection."""
 
@@ -76,7 +245,6 @@ class LocalCloud:
         disk_root: Path,
         region: str = "us-east-1",
         project_tag_key: str = "ec2-trainer:project",
-        ami_parameter: str = "/ec2-trainer/embedded/ami-id",
         instance_profile: str = "ec2-trainer-instance",
         poll_s: float = 0.2,
     ) -> None:
@@ -85,7 +253,6 @@ class LocalCloud:
         self.disk_root = disk_root.resolve()
         self.region = region
         self.project_tag_key = project_tag_key
-        self.ami_parameter = ami_parameter
         self.instance_profile = instance_profile
         self.poll_s = poll_s
         self.port = free_port()
@@ -99,6 +266,11 @@ class LocalCloud:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._original_run_instances: Any = None
+        self._uninstall_strict: Any = None
+        # Instances whose security groups admit no SSH from Airflow: booted, but their sshd is never reachable.
+        self._firewalled: set[str] = set()
+        self.images: dict[str, str] = {}
+        self.network: StandInNetwork | None = None
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self.private_disks = False
@@ -123,6 +295,7 @@ class LocalCloud:
                 "so run one instance at a time"
             )
         self._install_address_plan()
+        self._uninstall_strict = install_strict_run_instances()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self._seed()
@@ -142,6 +315,9 @@ class LocalCloud:
             self._server.stop()
             self._server = None
         self._clients.clear()
+        if self._uninstall_strict is not None:  # installed over the address plan: undone first
+            self._uninstall_strict()
+            self._uninstall_strict = None
         self._uninstall_address_plan()
         global _RUNNING  # noqa: PLW0603
         if _RUNNING is self:
@@ -201,8 +377,11 @@ class LocalCloud:
             with lock:
                 for instance in reservation.instances:
                     if any(t["key"] == tag_key for t in instance.get_tags()):  # only the instances it emulates
-                        instance.nics[0].public_ip = address = next(addresses)
-                        planned[instance.id] = address
+                        planned[instance.id] = address = next(addresses)
+                        # Reachable only through a public IP, and only when EC2 gave it one (the subnet maps public
+                        # IPs, or the request asked for one): sshd still listens, at an address nobody is told.
+                        if instance.nics[0].public_ip:
+                            instance.nics[0].public_ip = address
             return reservation
 
         InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
@@ -218,10 +397,11 @@ class LocalCloud:
     # ---- what AWS would already have ------------------------------------------------------------------------------
 
     def _seed(self) -> None:
-        """The account's standing resources: an AMI behind an SSM parameter and the instance profile."""
-        ec2, ssm, iam = self.client("ec2"), self.client("ssm"), self.client("iam")
-        image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        ssm.put_parameter(Name=self.ami_parameter, Value=image_id, Type="String", Overwrite=True)
+        """The account's standing resources: Deep-Learning-AMI-like images behind SSM parameters, the project's own
+        VPC, subnet and security group (not moto's default VPC), and the instance profile."""
+        self.images = register_images(self.client("ssm"), self.region)
+        self.network = create_network(self.client("ec2"), self.region, self.ssh_port)
+        iam = self.client("iam")
         with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
             iam.create_role(RoleName=self.instance_profile, AssumeRolePolicyDocument="{}")
         with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
@@ -273,6 +453,8 @@ class LocalCloud:
                 self.disk_root.mkdir(parents=True, exist_ok=True)
         inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
         self.instances[moto_inst.id] = inst
+        if not admits_ssh(moto_inst.nics[0].group_set, self.ssh_port):
+            self._firewalled.add(moto_inst.id)
         log.info("Booting %s at %s:%s", moto_inst.id, inst.address, self.ssh_port)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
 
@@ -339,6 +521,10 @@ class LocalCloud:
             self._write_file(inst, entry)
         if not host_key or not authorized:
             inst.notes.append("user-data has no ed25519 host key or no authorized key: SSH not started")
+        elif inst.instance_id in self._firewalled:
+            inst.notes.append(
+                f"its security groups admit no TCP {self.ssh_port} from {AIRFLOW_ADDRESS}: SSH not served"
+            )
         else:
             sshd = LoopbackSshd(
                 host_key,

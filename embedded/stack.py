@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedded.cloud import LocalCloud
+from embedded.cloud import UBUNTU_DLAMI, LocalCloud
 from embedded.git_daemon import GitDaemon
 from embedded.github_standin import GitHubStandIn
 from embedded.mlflow_server import MlflowServer
@@ -29,7 +29,7 @@ from embedded.process import Managed, free_port
 log = logging.getLogger(__name__)
 
 GITHUB_REPO = "local/ec2-trainer"
-AMI_PARAMETER = "/ec2-trainer/embedded/ami-id"
+AMI_PARAMETER = UBUNTU_DLAMI.parameter
 # Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
 DEMO_DATA_URI = "synthetic://?train_per_class=120&val_per_class=30&test_per_class=30&size=64&seed=0"
 # Smaller still, for the tests and the load benchmark: exercises the whole job, learns little.
@@ -75,9 +75,7 @@ class EmbeddedStack(Managed):
         self.ssh_port = free_port()
         self.github_token = secrets.token_hex(20)
         self.ssh_private_key, self.ssh_public_key = _client_key()
-        self.cloud = LocalCloud(
-            self.workdir / "cloud", ssh_port=self.ssh_port, disk_root=self.disk_root, ami_parameter=AMI_PARAMETER
-        )
+        self.cloud = LocalCloud(self.workdir / "cloud", ssh_port=self.ssh_port, disk_root=self.disk_root)
         self.mlflow = MlflowServer(self.workdir / "mlflow")
         self.git = GitDaemon(self.repo_dir, self.workdir)
         self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token)
@@ -106,6 +104,9 @@ class EmbeddedStack(Managed):
     def environment(self) -> dict[str, str]:
         """AIRFLOW_CONN_* and TRAINER__* variables that point the unchanged pipeline at these services."""
         k = self.knobs
+        network = self.cloud.network
+        if network is None:
+            raise RuntimeError("the stack is not started: start() creates its network")
         conns = {
             "AIRFLOW_CONN_AWS_DEFAULT": {
                 "conn_type": "aws",
@@ -127,6 +128,8 @@ class EmbeddedStack(Managed):
             "AWS__REGION": self.cloud.region,
             "AWS__AMI_SSM_PARAMETER": AMI_PARAMETER,
             "AWS__INSTANCE_PROFILE": self.cloud.instance_profile,
+            "AWS__SUBNET_ID": network.subnet_id,
+            "AWS__SECURITY_GROUP_IDS": network.security_group_id,
             "AWS__MAX_LIFETIME_MINUTES": "60",
             "AWS__LAUNCH_TIMEOUT_MINUTES": "2",
             "INSTANCE__SSH_USER": getpass.getuser(),

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from embedded.cloud import LocalCloud
+from embedded.cloud import UBUNTU_DLAMI, LocalCloud
 from embedded.stack import EmbeddedStack
 from orchestrator.hostkeys import HostKey, generate_host_key
 from orchestrator.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
@@ -61,12 +61,20 @@ def launch(
         python_bin=sys.executable,
         require_gpu=False,
     )
-    image_id = cloud.client("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    assert cloud.network is not None
     response = cloud.client("ec2").run_instances(
-        ImageId=image_id,
+        ImageId=cloud.images[UBUNTU_DLAMI.parameter],
         InstanceType="g6.xlarge",
         MinCount=1,
         MaxCount=1,
+        NetworkInterfaces=[
+            {
+                "DeviceIndex": 0,
+                "SubnetId": cloud.network.subnet_id,
+                "Groups": [cloud.network.security_group_id],
+                "AssociatePublicIpAddress": True,
+            }
+        ],
         UserData=render_user_data(spec),
         InstanceInitiatedShutdownBehavior="terminate",
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags if tags is not None else [PROJECT_TAG]}],
