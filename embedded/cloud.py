@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import ipaddress
 import itertools
 import logging
@@ -193,15 +194,23 @@ def admits_ssh(groups: Any, port: int, source: ipaddress.IPv4Address | ipaddress
     return False
 
 
-def install_strict_run_instances() -> Any:
-    """Makes moto's RunInstances as strict as EC2 about the root volume; returns a function that undoes it.
+def install_strict_ec2() -> Any:
+    """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
 
-    EC2 refuses a root override smaller than the image's root snapshot (InvalidBlockDeviceMapping), and a mapping
-    that misses the image's root device leaves the root as the image has it (moto would leave no root at all)."""
+    RunInstances: EC2 refuses a root override smaller than the image's root snapshot (InvalidBlockDeviceMapping),
+    and a mapping that misses the image's root device leaves the root as the image has it (moto would leave no root
+    at all). TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again
+    and fails with InvalidNetworkInterfaceID.NotFound)."""
     from moto.ec2.exceptions import EC2ClientError, InvalidAMIIdError
-    from moto.ec2.models.instances import InstanceBackend
+    from moto.ec2.models.instances import Instance, InstanceBackend
 
     original = InstanceBackend.run_instances
+    original_terminate = Instance.terminate
+
+    def terminate(instance: Any) -> Any:
+        if instance.state == "terminated":
+            return copy.copy(instance._state)
+        return original_terminate(instance)
 
     def run_instances(backend: Any, image_id: str, *args: Any, **kwargs: Any) -> Any:
         mappings = kwargs.get("block_device_mappings")
@@ -227,9 +236,11 @@ def install_strict_run_instances() -> Any:
         return original(backend, image_id, *args, **kwargs)
 
     InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
+    Instance.terminate = terminate  # type: ignore[method-assign]
 
     def uninstall() -> None:
         InstanceBackend.run_instances = original  # type: ignore[method-assign]
+        Instance.terminate = original_terminate  # type: ignore[method-assign]
 
     return uninstall
 
@@ -295,7 +306,7 @@ class LocalCloud:
                 "so run one instance at a time"
             )
         self._install_address_plan()
-        self._uninstall_strict = install_strict_run_instances()
+        self._uninstall_strict = install_strict_ec2()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self._seed()
