@@ -7,7 +7,7 @@ STATE := .state
 # Test processes (pytest-xdist), each with its own embedded stack: most tests wait on runs, so two halve CI on 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint unit ui clean install system-deps
+.PHONY: demo test lint unit ui clean install system-deps smoke-aws
 
 $(BIN)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -32,6 +32,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
 	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
+
+## Opt-in, real AWS and real money (cents): the pipeline on one small CPU instance; see README, "Smoke test on AWS".
+smoke-aws: install
+	EC2_TRAINER_SMOKE_AWS=1 $(BIN)/pytest -q -p no:cacheprovider -s -m aws tests/smoke
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks

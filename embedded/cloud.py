@@ -236,7 +236,7 @@ def install_strict_ec2() -> Any:
         return original(backend, image_id, *args, **kwargs)
 
     InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
-    Instance.terminate = terminate  # type: ignore[method-assign]
+    Instance.terminate = terminate  # type: ignore[method-assign,assignment]
 
     def uninstall() -> None:
         InstanceBackend.run_instances = original  # type: ignore[method-assign]
