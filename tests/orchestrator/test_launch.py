@@ -196,3 +196,22 @@ def test_resolve_ami_refuses_a_value_that_is_no_ami(ssm):
     ssm.put_parameter(Name="/project/not-an-ami", Value="hello", Type="String")
     with pytest.raises(AmiNotFoundError, match="holds 'hello', not an AMI id"):
         resolve_ami(ssm, "/project/not-an-ami")
+
+
+def test_the_default_ami_is_a_supported_pytorch_ubuntu_dlami():
+    """The PyTorch 2.8 DLAMI's support ended 2026-08-06; 2.11 and 2.12 Ubuntu 24.04 DLAMIs are current. The embedded
+    stand-in image mirrors the default's name, so the demo runs what production runs."""
+    import re
+    import tomllib
+
+    from embedded.cloud import UBUNTU_DLAMI
+    from orchestrator.settings import DEFAULTS_FILE
+
+    parameter = tomllib.loads(DEFAULTS_FILE.read_text())["aws"]["ami_ssm_parameter"]
+    match = re.fullmatch(
+        r"/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-(\d+)\.(\d+)-ubuntu-24\.04/latest/ami-id",
+        parameter,
+    )
+    assert match, parameter
+    assert (int(match[1]), int(match[2])) >= (2, 11), f"{parameter} names a PyTorch DLAMI out of support"
+    assert parameter.removeprefix("/aws/service") == UBUNTU_DLAMI.parameter.removeprefix("/ec2-trainer/embedded")
