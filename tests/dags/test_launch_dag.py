@@ -26,7 +26,8 @@ def root_volumes_at_launch(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, tu
     def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
         reservation = original(self, *args, **kwargs)
         for instance in reservation.instances:
-            seen.append({d: (v.size, bool(v.encrypted)) for d, v in instance.block_device_mapping.items()})
+            volumes = {d: self.get_volume(m.volume_id) for d, m in instance.block_device_mapping.items()}
+            seen.append({d: (v.size, bool(v.encrypted)) for d, v in volumes.items()})
         return reservation
 
     monkeypatch.setattr(EC2Backend, "run_instances", run_instances)
