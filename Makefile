@@ -7,7 +7,7 @@ STATE := .state
 # Test processes (pytest-xdist), each with its own embedded stack: most tests wait on runs, so two halve CI on 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint unit ui clean install system-deps
+.PHONY: demo test lint unit ui clean install system-deps smoke-aws
 .PHONY: smoke-github
 
 $(BIN)/.installed: requirements.lock
@@ -37,6 +37,10 @@ test: install
 ## Read-only smoke test against the real GitHub API (free; anonymous or GITHUB_TOKEN; skips without a network).
 smoke-github: install
 	EC2_TRAINER_SMOKE=github $(BIN)/pytest -q -p no:cacheprovider -rs -m github tests/orchestrator/test_github_smoke.py
+
+## Opt-in, real AWS and real money (cents): the pipeline on one small CPU instance; see README, "Smoke test on AWS".
+smoke-aws: install
+	EC2_TRAINER_SMOKE_AWS=1 $(BIN)/pytest -q -p no:cacheprovider -s -m aws tests/smoke
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks

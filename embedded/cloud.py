@@ -2,7 +2,9 @@
 
 The orchestrator talks to the moto server exactly as it talks to AWS (through the aws connection's endpoint_url). The
 emulator plays the hypervisor and cloud-init for the instances it launches:
-- it gives each instance its own loopback address (127.0.x.y) as its public IP, which the orchestrator connects to;
+- it gives each instance its own loopback address (127.0.x.y) as its public IP, which the orchestrator connects to,
+  when EC2 would give it a public IP at all (the subnet maps public IPs, or the request asks for one), and serves
+  SSH there only when one of its security groups admits the sshd's TCP port from 127.0.0.1 (Airflow's address here);
 - it reads the instance's user-data and applies the parts cloud-init would, in cloud-init's order and as root:
   `bootcmd`, `write_files` (missing parents root:root 0755), the default user's `~/.ssh/authorized_keys`, sshd
   (after cloud-init's init stage, as ssh.service starts), the systemd jobs and units the boot asked for, `runcmd`;
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import getpass
+import ipaddress
 import itertools
 import logging
 import os
@@ -51,6 +55,11 @@ from embedded.sshd import LoopbackSshd
 log = logging.getLogger(__name__)
 
 ACCOUNT_ID = "123456789012"  # moto's default account
+# Where the SSM parameters of the stand-in images live: `/aws/service/...` cannot be written in moto, so the same
+# shape under another prefix (set aws.ami_ssm_parameter to one of them).
+IMAGE_PARAMETER_PREFIX = "/ec2-trainer/embedded"
+# The address Airflow connects from: a security group must admit it for the emulator to serve SSH.
+AIRFLOW_ADDRESS = ipaddress.ip_address("127.0.0.1")
 INSTANCE_MARKER_ENV = "EC2_TRAINER_EMULATED_INSTANCE"
 # The emulated AMI's default user (Ubuntu's is `ubuntu`; a name of its own here, so no real account is ever used).
 LOGIN_USER = "ec2-trainer"
@@ -81,6 +90,8 @@ class EmulatedInstance:
     runcmd_exit_codes: list[int] = field(default_factory=list)
     booted_at: float = field(default_factory=time.time)
     powered_off_at: float | None = None
+    # moto's security group objects of its network interface (live: a rule added later counts).
+    security_groups: list[Any] = field(default_factory=list)
 
     @property
     def poweroff_request(self) -> Path:
@@ -97,6 +108,187 @@ class EmulatedInstance:
         return self.root / "systemd"
 
 
+@dataclass(frozen=True)
+class StandInImage:
+    """An image as DescribeImages shows it; the embedded cloud registers each behind an SSM parameter."""
+
+    ami_type: str  # the part of a Deep Learning AMI parameter that names the image
+    name: str
+    description: str
+    root_device_name: str
+    root_snapshot_gb: int
+
+    @property
+    def parameter(self) -> str:
+        return f"{IMAGE_PARAMETER_PREFIX}/deeplearning/ami/x86_64/{self.ami_type}/latest/ami-id"
+
+
+# Shaped like the PyTorch Deep Learning AMIs: Ubuntu's root is /dev/sda1, Amazon Linux's /dev/xvda.
+UBUNTU_DLAMI = StandInImage(
+    ami_type="oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04",
+    name="Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.12 (Ubuntu 24.04) 20260815",
+    description="Supported EC2 instances: G4dn, G5, G6, Gr6, G6e, P4d, P4de, P5, P5e, P5en, P6-B200. PyTorch-2.12, "
+    "Python 3.12 at /opt/pytorch/bin/python, Ubuntu 24.04",
+    root_device_name="/dev/sda1",
+    root_snapshot_gb=75,
+)
+AMAZON_LINUX_DLAMI = StandInImage(
+    ami_type="oss-nvidia-driver-gpu-pytorch-2.12-amazon-linux-2023",
+    name="Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.12 (Amazon Linux 2023) 20260815",
+    description="Supported EC2 instances: G4dn, G5, G6, Gr6, G6e, P4d, P4de, P5, P5e, P5en, P6-B200. PyTorch-2.12, "
+    "Amazon Linux 2023",
+    root_device_name="/dev/xvda",
+    root_snapshot_gb=65,
+)
+STAND_IN_IMAGES = (UBUNTU_DLAMI, AMAZON_LINUX_DLAMI)
+
+
+@dataclass(frozen=True)
+class StandInNetwork:
+    vpc_id: str
+    subnet_id: str
+    security_group_id: str
+
+
+def register_images(ssm: Any, region: str, images: tuple[StandInImage, ...] = STAND_IN_IMAGES) -> dict[str, str]:
+    """Registers each image in moto's EC2 state with its root device and root snapshot size and publishes its id
+    under its parameter; returns parameter -> image id. moto's RegisterImage takes only a name, hence the backend."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+    from moto.ec2.utils import random_ami_id
+
+    class _Image(Ami):  # moto reports every image's root snapshot as 15 GB
+        root_snapshot_gb = 15
+
+        @property
+        def block_device_mappings(self) -> list[dict[str, Any]]:
+            ebs = {"SnapshotId": self.ebs_snapshot.id, "VolumeSize": self.root_snapshot_gb, "VolumeType": "gp3"}
+            return [{"DeviceName": self.root_device_name, "Ebs": {**ebs, "DeleteOnTermination": True}}]
+
+    backend = ec2_backends[ACCOUNT_ID][region]
+    published = {}
+    for image in images:
+        ami = _Image(
+            backend,
+            random_ami_id(),
+            name=image.name,
+            description=image.description,
+            owner_alias="amazon",
+            public=True,
+            virtualization_type="hvm",
+            architecture="x86_64",
+            hypervisor="xen",
+            root_device_type="ebs",
+            root_device_name=image.root_device_name,
+            region_name=f"{region}a",
+        )
+        ami.root_snapshot_gb = image.root_snapshot_gb
+        ami.ebs_snapshot.volume.size = image.root_snapshot_gb
+        backend.amis[ami.id] = ami
+        ssm.put_parameter(Name=image.parameter, Value=ami.id, Type="String", Overwrite=True)
+        published[image.parameter] = ami.id
+    return published
+
+
+def create_network(ec2: Any, region: str, ssh_port: int) -> StandInNetwork:
+    """A VPC of the project's own, as a user would make it: a subnet that does not map public IPs (the default
+    outside the default VPC) and a security group admitting SSH from Airflow only."""
+    vpc_id = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock="10.77.1.0/24", AvailabilityZone=f"{region}a")["Subnet"][
+        "SubnetId"
+    ]
+    group_id = ec2.create_security_group(
+        GroupName="ec2-trainer-instance", Description="SSH from Airflow", VpcId=vpc_id
+    )["GroupId"]
+    ec2.authorize_security_group_ingress(
+        GroupId=group_id,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": ssh_port,
+                "ToPort": ssh_port,
+                "IpRanges": [{"CidrIp": f"{AIRFLOW_ADDRESS}/32", "Description": "Airflow"}],
+            }
+        ],
+    )
+    return StandInNetwork(vpc_id, subnet_id, group_id)
+
+
+def sshd_port(drop_in_dir: Path) -> int:
+    """The port sshd will listen on: the first `Port` of its drop-ins (sshd keeps a keyword's first value), else 22."""
+    for conf in sorted(drop_in_dir.glob("*.conf")):
+        for line in conf.read_text().splitlines():
+            words = line.split()
+            if len(words) == 2 and words[0].lower() == "port" and words[1].isdigit():
+                return int(words[1])
+    return 22
+
+
+def admits_ssh(groups: Any, port: int, source: ipaddress.IPv4Address | ipaddress.IPv6Address = AIRFLOW_ADDRESS) -> bool:
+    """Whether any of these moto security groups has an inbound rule for TCP `port` from `source`."""
+    for group in groups:
+        for rule in group.ingress_rules:
+            if rule.ip_protocol not in ("tcp", "-1"):
+                continue
+            if rule.ip_protocol == "tcp" and not (rule.from_port <= port <= rule.to_port):
+                continue
+            cidr = rule.ip_range.get("CidrIp") or rule.ip_range.get("CidrIpv6")
+            if cidr and source in ipaddress.ip_network(cidr, strict=False):
+                return True
+    return False
+
+
+def install_strict_ec2() -> Any:
+    """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
+
+    RunInstances: EC2 refuses a root override smaller than the image's root snapshot (InvalidBlockDeviceMapping),
+    and a mapping that misses the image's root device leaves the root as the image has it (moto would leave no root
+    at all). TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again
+    and fails with InvalidNetworkInterfaceID.NotFound)."""
+    from moto.ec2.exceptions import EC2ClientError, InvalidAMIIdError
+    from moto.ec2.models.instances import Instance, InstanceBackend
+
+    original = InstanceBackend.run_instances
+    original_terminate = Instance.terminate
+
+    def terminate(instance: Any) -> Any:
+        if instance.state == "terminated":
+            return copy.copy(instance._state)
+        return original_terminate(instance)
+
+    def run_instances(backend: Any, image_id: str, *args: Any, **kwargs: Any) -> Any:
+        mappings = kwargs.get("block_device_mappings")
+        try:
+            (image,) = backend.describe_images(ami_ids=[image_id])
+        except InvalidAMIIdError:
+            image = None  # moto launches unknown images; so does this (MOTO_ENABLE_AMI_VALIDATION is the switch)
+        if image is not None and mappings:
+            (root,) = image.block_device_mappings
+            snapshot_gb = int(root["Ebs"]["VolumeSize"])
+            overrides = [m for m in mappings if m.get("DeviceName") == image.root_device_name]
+            for mapping in overrides:
+                size = (mapping.get("Ebs") or {}).get("VolumeSize")
+                if size is not None and int(size) < snapshot_gb:
+                    raise EC2ClientError(
+                        "InvalidBlockDeviceMapping",
+                        f"Volume of size {size}GB is smaller than snapshot '{root['Ebs']['SnapshotId']}', "
+                        f"expect size >= {snapshot_gb}GB",
+                    )
+            if not overrides:
+                ebs = {"VolumeSize": snapshot_gb, "VolumeType": "gp3", "DeleteOnTermination": True, "Encrypted": False}
+                kwargs["block_device_mappings"] = [{"DeviceName": image.root_device_name, "Ebs": ebs}, *mappings]
+        return original(backend, image_id, *args, **kwargs)
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
+    Instance.terminate = terminate  # type: ignore[method-assign,assignment]
+
+    def uninstall() -> None:
+        InstanceBackend.run_instances = original  # type: ignore[method-assign]
+        Instance.terminate = original_terminate  # type: ignore[method-assign]
+
+    return uninstall
+
+
 class LocalCloud:
     """moto server + instance emulator; `start()` returns the endpoint URL for the aws connection."""
 
@@ -107,21 +299,22 @@ class LocalCloud:
         disk_root: Path,
         region: str = "us-east-1",
         project_tag_key: str = "ec2-trainer:project",
-        ami_parameter: str = "/ec2-trainer/embedded/ami-id",
         instance_profile: str = "ec2-trainer-instance",
         poll_s: float = 0.2,
         image_paths: Sequence[Path] = (),
+        ssh_port: int = 22,
     ) -> None:
-        """image_paths: what the emulated AMI provides from this machine (e.g. the interpreter standing in for the
+        """ssh_port: the TCP port the account's security group admits from Airflow (the instances' sshd port).
+        image_paths: what the emulated AMI provides from this machine (e.g. the interpreter standing in for the
         AMI's); where a folder above one lets no other user through (pyenv under /root), each instance's namespace
         covers that folder with a 0755 tmpfs holding only the way down to it, as the AMI has it world-readable."""
         self.workdir = workdir
         self.disk_root = disk_root.resolve()
         self.region = region
         self.project_tag_key = project_tag_key
-        self.ami_parameter = ami_parameter
         self.instance_profile = instance_profile
         self.poll_s = poll_s
+        self.ssh_port = ssh_port
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.instances: dict[str, EmulatedInstance] = {}
@@ -133,6 +326,9 @@ class LocalCloud:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._original_run_instances: Any = None
+        self._uninstall_strict: Any = None
+        self.images: dict[str, str] = {}
+        self.network: StandInNetwork | None = None
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self.private_disks = False
@@ -184,6 +380,7 @@ class LocalCloud:
                 self.login_user,
             )
         self._install_address_plan()
+        self._uninstall_strict = install_strict_ec2()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self._seed()
@@ -203,6 +400,9 @@ class LocalCloud:
             self._server.stop()
             self._server = None
         self._clients.clear()
+        if self._uninstall_strict is not None:  # installed over the address plan: undone first
+            self._uninstall_strict()
+            self._uninstall_strict = None
         self._uninstall_address_plan()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)  # only ever a mount point inside the namespaces
@@ -267,8 +467,11 @@ class LocalCloud:
             with lock:
                 for instance in reservation.instances:
                     if any(t["key"] == tag_key for t in instance.get_tags()):  # only the instances it emulates
-                        instance.nics[0].public_ip = address = next(addresses)
-                        planned[instance.id] = address
+                        planned[instance.id] = address = next(addresses)
+                        # Reachable only through a public IP, and only when EC2 gave it one (the subnet maps public
+                        # IPs, or the request asked for one): sshd still listens, at an address nobody is told.
+                        if instance.nics[0].public_ip:
+                            instance.nics[0].public_ip = address
             return reservation
 
         InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
@@ -284,10 +487,11 @@ class LocalCloud:
     # ---- what AWS would already have ------------------------------------------------------------------------------
 
     def _seed(self) -> None:
-        """The account's standing resources: an AMI behind an SSM parameter and the instance profile."""
-        ec2, ssm, iam = self.client("ec2"), self.client("ssm"), self.client("iam")
-        image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        ssm.put_parameter(Name=self.ami_parameter, Value=image_id, Type="String", Overwrite=True)
+        """The account's standing resources: Deep-Learning-AMI-like images behind SSM parameters, the project's own
+        VPC, subnet and security group (not moto's default VPC), and the instance profile."""
+        self.images = register_images(self.client("ssm"), self.region)
+        self.network = create_network(self.client("ec2"), self.region, self.ssh_port)
+        iam = self.client("iam")
         with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
             iam.create_role(RoleName=self.instance_profile, AssumeRolePolicyDocument="{}")
         with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
@@ -340,6 +544,7 @@ class LocalCloud:
         disk.chmod(0o755)
         inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
         self.instances[moto_inst.id] = inst
+        inst.security_groups = list(moto_inst.nics[0].group_set)
         log.info("Booting %s at %s", moto_inst.id, inst.address)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
 
@@ -445,6 +650,8 @@ class LocalCloud:
             self._write_file(inst, entry)
         if not host_key or not authorized:
             inst.notes.append("user-data has no ed25519 host key or no authorized key: SSH not started")
+        elif not admits_ssh(inst.security_groups, port := sshd_port(inst.etc / "ssh" / "sshd_config.d")):
+            inst.notes.append(f"its security groups admit no TCP {port} from {AIRFLOW_ADDRESS}: SSH not served")
         else:
             self._start_sshd(inst, host_key, authorized)
         # Ordered after cloud-init's init stage: the jobs bootcmd queued, then the units they started.

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedded.cloud import LocalCloud
+from embedded.cloud import UBUNTU_DLAMI, LocalCloud
 from embedded.git_daemon import GitDaemon
 from embedded.github_standin import GitHubStandIn
 from embedded.mlflow_server import MlflowServer
@@ -32,7 +32,7 @@ from embedded.process import Managed, free_port
 log = logging.getLogger(__name__)
 
 GITHUB_REPO = "local/ec2-trainer"
-AMI_PARAMETER = "/ec2-trainer/embedded/ami-id"
+AMI_PARAMETER = UBUNTU_DLAMI.parameter
 # The embedded default's aws.deployment (a required setting). The emulator boots every instance with the project tag
 # key, whichever deployment's: like a hypervisor, it does not care who launched it.
 DEPLOYMENT = "embedded"
@@ -90,7 +90,7 @@ class EmbeddedStack(Managed):
         self.cloud = LocalCloud(
             self.workdir / "cloud",
             disk_root=self.disk_root,
-            ami_parameter=AMI_PARAMETER,
+            ssh_port=self.ssh_port,
             # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
             image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
         )
@@ -128,6 +128,9 @@ class EmbeddedStack(Managed):
     def environment(self) -> dict[str, str]:
         """AIRFLOW_CONN_* and TRAINER__* variables that point the unchanged pipeline at these services."""
         k = self.knobs
+        network = self.cloud.network
+        if network is None:
+            raise RuntimeError("the stack is not started: start() creates its network")
         conns = {
             "AIRFLOW_CONN_AWS_DEFAULT": {
                 "conn_type": "aws",
@@ -150,6 +153,8 @@ class EmbeddedStack(Managed):
             "AWS__AMI_SSM_PARAMETER": AMI_PARAMETER,
             "AWS__INSTANCE_PROFILE": self.cloud.instance_profile,
             "AWS__DEPLOYMENT": DEPLOYMENT,
+            "AWS__SUBNET_ID": network.subnet_id,
+            "AWS__SECURITY_GROUP_IDS": network.security_group_id,
             "AWS__MAX_LIFETIME_MINUTES": "60",
             "AWS__LAUNCH_TIMEOUT_MINUTES": "2",
             # The emulated AMI's default user (unprivileged; root only where the stack is not run as root).

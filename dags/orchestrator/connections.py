@@ -56,8 +56,19 @@ def mlflow_credentials(conn_id: str) -> MlflowCredentials:
     return MlflowCredentials(conn.login or None, conn.password or None)
 
 
-def aws_client(service: str, conn_id: str, region: str) -> Any:
-    """A boto3 client from the Amazon provider's hook: credentials, role and endpoint_url come from the connection."""
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+# botocore's own retries, the only ones around an AWS call: throttling (RequestLimitExceeded), 5xx and connection
+# errors, exponential backoff with jitter, at most this many HTTP attempts per call. A connection's extra
+# `config_kwargs` {"retries": {...}} overrides it.
+# (botocore's `max_attempts` counts retries only; `total_max_attempts` counts the first attempt too.)
+AWS_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 
-    return AwsBaseHook(aws_conn_id=conn_id, region_name=region, client_type=service).get_conn()
+
+def aws_client(service: str, conn_id: str, region: str) -> Any:
+    """A boto3 client from the Amazon provider's hook: credentials, role, endpoint_url and botocore config come from
+    the connection; retries are AWS_RETRIES unless its config_kwargs say otherwise."""
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from botocore.config import Config
+
+    hook = AwsBaseHook(aws_conn_id=conn_id, region_name=region, client_type=service)
+    # merge: what the connection sets explicitly wins; a copy, since botocore rewrites the dict it is given.
+    return hook.get_client_type(region_name=region, config=Config(retries=dict(AWS_RETRIES)).merge(hook.config))

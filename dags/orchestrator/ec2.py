@@ -2,13 +2,17 @@
 
 Identity is the run's tags, never saved state: a retried launch finds the instance an earlier try made, and
 teardown and the sweeper re-find what exists. Every call that loops is bounded.
+
+Throttling and server errors are retried by botocore itself, in the client (connections.aws_client: standard mode,
+jittered backoff, a bounded number of attempts): nothing here retries a call around it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,9 +52,15 @@ CAPACITY_ERROR_CODES = frozenset(
         "UnfulfillableCapacity",
     }
 )
-# Errors worth repeating the same call for, after a pause.
-RETRIABLE_ERROR_CODES = frozenset(
-    {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "ServiceUnavailable", "Unavailable"}
+# State reasons of an instance EC2 took back before it ran (capacity, spot): another (type, market) may still have
+# room. Client.* reasons (a person terminated it, a KMS key it may not use) fail instead.
+CAPACITY_LOST_REASONS = frozenset(
+    {
+        "Server.InsufficientInstanceCapacity",
+        "Server.SpotInstanceTermination",
+        "Server.SpotInstanceShutdown",
+        "Server.InternalError",
+    }
 )
 _NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 
@@ -75,16 +85,12 @@ class InstanceNotReadyError(OrchestratorError):
     """The instance did not reach running (lost, terminated, or too slow)."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff for throttling and server-side errors."""
+class InstanceLostError(InstanceNotReadyError):
+    """The instance stopped or terminated before it ran; reason_code is EC2's StateReason code."""
 
-    max_attempts: int = 6
-    base_delay_s: float = 1.0
-    max_delay_s: float = 20.0
-
-
-DEFAULT_RETRY = RetryPolicy()
+    def __init__(self, message: str, reason_code: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class InstanceInfo:
     private_ip: str | None
     launch_time: datetime | None
     state_reason: str | None = None
+    state_reason_code: str | None = None
 
 
 def _error_code(exc: BaseException) -> str:
@@ -123,41 +130,13 @@ def _error_message(exc: BaseException) -> str:
     return str(exc)
 
 
-def _call(fn: Callable[..., Any], retry: RetryPolicy, **kwargs: Any) -> Any:
-    """fn(**kwargs), repeated with backoff on throttling/5xx codes, at most retry.max_attempts times."""
-    from botocore.exceptions import ClientError
-
-    attempt = 1
-    while True:
-        try:
-            return fn(**kwargs)
-        except ClientError as exc:
-            code = _error_code(exc)
-            if code not in RETRIABLE_ERROR_CODES or attempt >= retry.max_attempts:
-                raise
-            delay = min(retry.max_delay_s, retry.base_delay_s * 2 ** (attempt - 1))
-            log.warning("EC2 answered %s (attempt %s/%s); retrying in %.1fs", code, attempt, retry.max_attempts, delay)
-            time.sleep(delay)
-            attempt += 1
-
-
 def _tags(instance: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
 
 
-def _describe(ec2: Any, filters: list[dict[str, Any]], retry: RetryPolicy) -> list[dict[str, Any]]:
-    instances: list[dict[str, Any]] = []
-    token: str | None = None
-    while True:
-        kwargs: dict[str, Any] = {"Filters": filters}
-        if token:
-            kwargs["NextToken"] = token
-        page = _call(ec2.describe_instances, retry, **kwargs)
-        for reservation in page.get("Reservations", []):
-            instances.extend(reservation.get("Instances", []))
-        token = page.get("NextToken")
-        if not token:
-            return instances
+def _describe(ec2: Any, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+    return [instance for page in pages for r in page.get("Reservations", []) for instance in r.get("Instances", [])]
 
 
 def _tag_filters(tags: Mapping[str, str], states: Iterable[str] = LIVE_STATES) -> list[dict[str, Any]]:
@@ -176,11 +155,9 @@ def find_run_instances(
     ec2: Any,
     tags: Mapping[str, str],
     states: Iterable[str] = LIVE_STATES,
-    *,
-    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[dict[str, Any]]:
     """The instances carrying every one of the run's tags (launch.run_scope_tags or adoption_tags), oldest first."""
-    found = _describe(ec2, _tag_filters(tags, states), retry)
+    found = _describe(ec2, _tag_filters(tags, states))
     return sorted(found, key=lambda i: (str(i.get("LaunchTime", "")), i["InstanceId"]))
 
 
@@ -198,6 +175,7 @@ def _info(instance: dict[str, Any]) -> InstanceInfo:
         private_ip=instance.get("PrivateIpAddress"),
         launch_time=instance.get("LaunchTime"),
         state_reason=reason.get("Message") or reason.get("Code"),
+        state_reason_code=reason.get("Code"),
     )
 
 
@@ -212,15 +190,13 @@ def adopt_run_instance(
     dag_id: str,
     run_id: str,
     git_sha: str,
-    *,
-    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> LaunchedInstance | None:
     """The live instance an earlier try of this run launched (the oldest, if several), or None.
 
     Only an instance with all of the run's tags (deployment, DAG, run, commit: launch.adoption_tags) qualifies:
     its host key tag is trusted for SSH, so another deployment's instance with the same run id must never match.
     """
-    existing = find_run_instances(ec2, adoption_tags(project_tag, deployment, dag_id, run_id, git_sha), retry=retry)
+    existing = find_run_instances(ec2, adoption_tags(project_tag, deployment, dag_id, run_id, git_sha))
     if not existing:
         return None
     chosen = existing[0]
@@ -241,11 +217,9 @@ def adopt_run_instance(
     )
 
 
-def live_project_instances(
-    ec2: Any, project_tag: str, deployment: str, *, retry: RetryPolicy = DEFAULT_RETRY
-) -> list[str]:
+def live_project_instances(ec2: Any, project_tag: str, deployment: str) -> list[str]:
     """Ids of this deployment's instances that are not shutting down or gone, whichever of its runs launched them."""
-    return sorted(i["InstanceId"] for i in _describe(ec2, _live_in_project(project_tag, deployment), retry))
+    return sorted(i["InstanceId"] for i in _describe(ec2, _live_in_project(project_tag, deployment)))
 
 
 def wait_for_instance_slot(
@@ -255,8 +229,6 @@ def wait_for_instance_slot(
     max_instances: int,
     timeout_s: float,
     poll_s: float,
-    *,
-    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> float:
     """Blocks until fewer than max_instances of the deployment's instances are live; returns the seconds waited.
 
@@ -267,7 +239,7 @@ def wait_for_instance_slot(
     started = time.monotonic()
     last_count = -1
     while True:
-        live = live_project_instances(ec2, project_tag, deployment, retry=retry)
+        live = live_project_instances(ec2, project_tag, deployment)
         waited = time.monotonic() - started
         if len(live) < max_instances:
             if waited > 0.5:
@@ -299,23 +271,30 @@ def launch_instance(
     user_data: str,
     *,
     host_public_key: str = "",
-    retry: RetryPolicy = DEFAULT_RETRY,
+    running_timeout_s: float,
+    poll_s: float,
 ) -> LaunchedInstance:
-    """A new instance for the run, from the first (type, market) attempt with capacity.
+    """A running instance for the run, from the first (type, market) attempt with capacity.
 
-    Moves to the next (type, market) only on CAPACITY_ERROR_CODES; any other error raises at once. Callers adopt an
-    earlier try's instance first (adopt_run_instance): the run's tags, not the ClientToken, make a retry idempotent.
+    Moves to the next (type, market) on CAPACITY_ERROR_CODES, and when EC2 takes a pending instance back before it
+    runs (CAPACITY_LOST_REASONS); any other error raises at once, terminating what was launched. Every attempt
+    together gets running_timeout_s. Callers adopt an earlier try's instance first (adopt_run_instance): the run's
+    tags, not the ClientToken, make a retry idempotent.
     """
     from botocore.exceptions import ClientError
 
+    deadline = time.monotonic() + running_timeout_s
     tried: list[tuple[str, str, str]] = []
     for instance_type, market in launch_attempts(spec):
+        if time.monotonic() >= deadline:
+            tried.append((instance_type, market, f"not tried: {running_timeout_s:.0f} s spent"))
+            continue
         request = build_run_instances_request(
             spec, identity, user_data, instance_type, market, host_public_key=host_public_key
         )
         log.info("launching %s (%s) for run %s of %s", instance_type, market, identity.run_id, identity.dag_id)
         try:
-            response = _call(ec2.run_instances, retry, **request)
+            response = ec2.run_instances(**request)
         except ClientError as exc:
             code, message = _error_code(exc), _error_message(exc)
             if code in CAPACITY_ERROR_CODES:
@@ -335,10 +314,19 @@ def launch_instance(
                     f"RunInstances returned instance {instance_id} already {state} (same ClientToken as an earlier "
                     "try): compute a new expires_at for this try so the launch gets a fresh token"
                 )
+            log.info("launched instance %s (%s, %s) for run %s", instance_id, instance_type, market, identity.run_id)
+            try:
+                wait_until_running(ec2, instance_id, max(0.0, deadline - time.monotonic()), poll_s)
+            except InstanceLostError as lost:
+                if lost.reason_code not in CAPACITY_LOST_REASONS:
+                    raise
+                log.warning("%s; trying the next option", lost)
+                terminate_instances(ec2, [instance_id])  # gone already; asking again is harmless
+                tried.append((instance_type, market, lost.reason_code))
+                continue
         except BaseException:
-            terminate_instances(ec2, [instance_id], retry=retry)
+            terminate_instances(ec2, [instance_id])
             raise
-        log.info("launched instance %s (%s, %s) for run %s", instance_id, instance_type, market, identity.run_id)
         return LaunchedInstance(instance_id, instance_type, market, reused=False, host_public_key=host_public_key)
 
     summary = "; ".join(f"{t} ({m}): {c}" for t, m, c in tried)
@@ -352,62 +340,65 @@ def launch_instance(
     )
 
 
-def describe_instance(ec2: Any, instance_id: str, *, retry: RetryPolicy = DEFAULT_RETRY) -> InstanceInfo | None:
+def describe_instance(ec2: Any, instance_id: str) -> InstanceInfo | None:
     """The instance's current state, or None when EC2 does not know the id (yet, or any more)."""
     from botocore.exceptions import ClientError
 
     try:
-        response = _call(ec2.describe_instances, retry, InstanceIds=[instance_id])
+        response = ec2.describe_instances(InstanceIds=[instance_id])
     except ClientError as exc:
         if _error_code(exc) in _NOT_FOUND_CODES:
             return None
         raise
+    return _first_info(response)
+
+
+def _first_info(response: dict[str, Any]) -> InstanceInfo | None:
     for reservation in response.get("Reservations", []):
         for instance in reservation.get("Instances", []):
             return _info(instance)
     return None
 
 
-def wait_until_running(
-    ec2: Any,
-    instance_id: str,
-    timeout_s: float,
-    poll_s: float,
-    *,
-    retry: RetryPolicy = DEFAULT_RETRY,
-) -> InstanceInfo:
-    """Polls until the instance runs; fails fast when it stops or terminates, and after timeout_s.
-
-    A loop rather than the boto `instance_running` waiter: the waiter's failure does not carry the
-    StateReason (spot interruption, Server.InsufficientInstanceCapacity) that says what to do.
-    """
-    deadline = time.monotonic() + timeout_s
-    info: InstanceInfo | None = None
-    last_state: str | None = None
-    while True:
-        info = describe_instance(ec2, instance_id, retry=retry)
-        if info is not None:
-            if info.state != last_state:
-                log.info("instance %s is %s", instance_id, info.state)
-                last_state = info.state
-            if info.state == "running":
-                return info
-            if info.state != "pending":
-                reason = info.state_reason or "no reason given"
-                raise InstanceNotReadyError(
-                    f"instance {instance_id} went {info.state} before running: {reason}. "
-                    "For capacity or spot interruptions, retry with other instance types or on-demand"
-                )
-        if time.monotonic() + poll_s > deadline:
-            seen = last_state or "not visible yet"
-            raise InstanceNotReadyError(
-                f"instance {instance_id} not running after {timeout_s:.0f}s (last state: {seen}): "
-                "check the EC2 console for it; raise the launch timeout if the region is slow"
-            )
-        time.sleep(poll_s)
+def waiter_config(timeout_s: float, poll_s: float) -> dict[str, Any]:
+    """A boto waiter's bounds: one look every poll_s, for at most timeout_s (one look at least)."""
+    return {"Delay": poll_s, "MaxAttempts": max(1, math.ceil(timeout_s / poll_s))}
 
 
-def terminate_instances(ec2: Any, instance_ids: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY) -> list[str]:
+def wait_until_running(ec2: Any, instance_id: str, timeout_s: float, poll_s: float) -> InstanceInfo:
+    """The instance once it runs (boto's bounded `instance_running` waiter); fails fast when it stops or terminates
+    first (InstanceLostError, with EC2's StateReason), and after timeout_s."""
+    from botocore.exceptions import WaiterError
+
+    try:
+        ec2.get_waiter("instance_running").wait(
+            InstanceIds=[instance_id], WaiterConfig=waiter_config(timeout_s, poll_s)
+        )
+    except WaiterError as exc:
+        last = exc.last_response or {}
+        info = _first_info(last)
+        if info is not None and info.state not in ("pending", "running"):
+            raise InstanceLostError(
+                f"instance {instance_id} went {info.state} before running: {info.state_reason or 'no reason given'}. "
+                "For capacity or spot interruptions, retry with other instance types or on-demand",
+                info.state_reason_code or "",
+            ) from exc
+        error = last.get("Error") or {}
+        seen = info.state if info is not None else "not visible yet"
+        if error:
+            seen += f"; EC2 answered {error.get('Code')}: {error.get('Message')}"
+        raise InstanceNotReadyError(
+            f"instance {instance_id} not running after {timeout_s:.0f}s (last state: {seen}): "
+            "check the EC2 console for it; raise aws.launch_timeout_minutes if the region is slow"
+        ) from exc
+    info = describe_instance(ec2, instance_id)
+    if info is None:  # the waiter just saw it running
+        raise InstanceNotReadyError(f"instance {instance_id} ran, then EC2 no longer knew it: check the EC2 console")
+    log.info("instance %s is %s", instance_id, info.state)
+    return info
+
+
+def terminate_instances(ec2: Any, instance_ids: Iterable[str]) -> list[str]:
     """Terminates the ids EC2 knows; unknown or malformed ids are skipped. Returns the ids EC2 accepted."""
     from botocore.exceptions import ClientError
 
@@ -415,7 +406,7 @@ def terminate_instances(ec2: Any, instance_ids: Iterable[str], *, retry: RetryPo
     if not ids:
         return []
     try:
-        _call(ec2.terminate_instances, retry, InstanceIds=ids)
+        ec2.terminate_instances(InstanceIds=ids)
     except ClientError as exc:
         if _error_code(exc) not in _NOT_FOUND_CODES:
             raise
@@ -423,7 +414,7 @@ def terminate_instances(ec2: Any, instance_ids: Iterable[str], *, retry: RetryPo
         accepted: list[str] = []
         for instance_id in ids:
             try:
-                _call(ec2.terminate_instances, retry, InstanceIds=[instance_id])
+                ec2.terminate_instances(InstanceIds=[instance_id])
             except ClientError as single:
                 if _error_code(single) not in _NOT_FOUND_CODES:
                     raise
@@ -443,13 +434,11 @@ def terminate_run(
     dag_id: str,
     run_id: str,
     instance_ids: Iterable[str] = (),
-    *,
-    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[str]:
     """Terminates the given ids and every live instance tagged with the run in this deployment; harmless to repeat."""
     tags = run_scope_tags(project_tag, deployment, dag_id, run_id)
-    tagged = [i["InstanceId"] for i in find_run_instances(ec2, tags, retry=retry)]
-    return terminate_instances(ec2, [*instance_ids, *tagged], retry=retry)
+    tagged = [i["InstanceId"] for i in find_run_instances(ec2, tags)]
+    return terminate_instances(ec2, [*instance_ids, *tagged])
 
 
 def sweep_expired(
@@ -459,14 +448,13 @@ def sweep_expired(
     now_epoch: float,
     *,
     untagged_grace_s: float = UNTAGGED_GRACE_S,
-    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> list[str]:
     """Terminates this deployment's live instances past their expires_at; returns their ids.
 
     An instance with a missing or unreadable expires_at is swept once it has run longer than untagged_grace_s.
     """
     expired: list[str] = []
-    for instance in _describe(ec2, _live_in_project(project_tag, deployment), retry):
+    for instance in _describe(ec2, _live_in_project(project_tag, deployment)):
         instance_id = instance["InstanceId"]
         tags = _tags(instance)
         expires_at = parse_expires_at(tags.get(TAG_EXPIRES_AT, ""))
@@ -481,19 +469,14 @@ def sweep_expired(
         if isinstance(launched, datetime) and now_epoch - launched.timestamp() > untagged_grace_s:
             log.warning("instance %s has no readable %s and launched at %s", instance_id, TAG_EXPIRES_AT, launched)
             expired.append(instance_id)
-    return terminate_instances(ec2, expired, retry=retry)
+    return terminate_instances(ec2, expired)
 
 
-def unoffered_instance_types(
-    ec2: Any, instance_types: Iterable[str], *, retry: RetryPolicy = DEFAULT_RETRY
-) -> list[str]:
+def unoffered_instance_types(ec2: Any, instance_types: Iterable[str]) -> list[str]:
     """The requested types that this region does not offer (misspelt or unknown names included), in request order."""
     wanted = list(instance_types)
-    response = _call(
-        ec2.describe_instance_type_offerings,
-        retry,
-        LocationType="region",
-        Filters=[{"Name": "instance-type", "Values": wanted}],
+    pages = ec2.get_paginator("describe_instance_type_offerings").paginate(
+        LocationType="region", Filters=[{"Name": "instance-type", "Values": wanted}]
     )
-    offered = {o["InstanceType"] for o in response.get("InstanceTypeOfferings", [])}
+    offered = {o["InstanceType"] for page in pages for o in page.get("InstanceTypeOfferings", [])}
     return [t for t in wanted if t not in offered]

@@ -52,12 +52,16 @@ class LaunchSpec:
     instance_types: tuple[str, ...]
     spot: bool
     spot_fallback_to_on_demand: bool
-    subnet_id: str | None
+    subnet_id: str
+    # Never empty: EC2 would put the instance in the VPC's default group.
     security_group_ids: tuple[str, ...]
+    # Ask EC2 for a public IP whatever the subnet's default (when Airflow connects to the public address).
+    public_ip: bool
     # An instance profile name or ARN; None launches without one (no AWS access from the instance).
     instance_profile: str | None
     root_volume_gb: int
-    root_device_name: str = "/dev/sda1"
+    # The image's own root device (DescribeImages' RootDeviceName): a mapping under another name adds a volume.
+    root_device_name: str
     kms_key_id: str | None = None
     project_tag: str
     extra_tags: Mapping[str, str] = field(default_factory=dict)
@@ -69,6 +73,12 @@ class LaunchSpec:
             raise ConfigError("instance_types is empty: list at least one instance type, e.g. ('g5.xlarge',)")
         if len(set(self.instance_types)) != len(self.instance_types):
             raise ConfigError(f"instance_types {self.instance_types!r} lists a type twice: remove the duplicate")
+        if not self.subnet_id.startswith("subnet-"):
+            raise ConfigError(f"subnet_id {self.subnet_id!r} is not a subnet id (subnet-...)")
+        if not self.security_group_ids:
+            raise ConfigError("security_group_ids is empty: EC2 would use the VPC's default group; name the groups")
+        if not self.root_device_name.startswith("/dev/"):
+            raise ConfigError(f"root_device_name {self.root_device_name!r} is not a device name: read the image's")
         if self.root_volume_gb < 1:
             raise ConfigError(f"root_volume_gb must be at least 1, got {self.root_volume_gb}")
         if not self.project_tag.strip():
@@ -220,11 +230,17 @@ def build_run_instances_request(
     if spec.instance_profile:
         key = "Arn" if spec.instance_profile.startswith("arn:") else "Name"
         request["IamInstanceProfile"] = {key: spec.instance_profile}
-    # Without a subnet EC2 picks the default VPC's; a public IP then follows the subnet's auto-assign setting.
-    if spec.subnet_id:
-        request["SubnetId"] = spec.subnet_id
-    if spec.security_group_ids:
-        request["SecurityGroupIds"] = list(spec.security_group_ids)
+    # One interface rather than top-level SubnetId/SecurityGroupIds: only here can the request ask for a public IP
+    # (or refuse one) instead of taking the subnet's default.
+    request["NetworkInterfaces"] = [
+        {
+            "DeviceIndex": 0,
+            "SubnetId": spec.subnet_id,
+            "Groups": list(spec.security_group_ids),
+            "AssociatePublicIpAddress": spec.public_ip,
+            "DeleteOnTermination": True,
+        }
+    ]
     if market == "spot":
         request["InstanceMarketOptions"] = {
             "MarketType": "spot",

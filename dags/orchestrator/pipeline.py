@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long terminate waits to see its instances terminated (EC2 takes seconds to a few minutes): only for the log.
+TERMINATE_WAIT_S = 300
+
 
 def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """Validate this run's params over the deployment's configuration; fail before anything is spent."""
@@ -53,29 +56,55 @@ def settings_of(config: Mapping[str, Any]) -> Settings:
 
 
 def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> dict[str, Any]:
-    """Check the instance types exist here, resolve the AMI and fix the deadline; nothing is created yet."""
+    """Check everything a launch needs before anything is created: the instance types exist here, the AMI (and its
+    root volume), the subnet, a security group admitting SSH, and the instance profile."""
     from orchestrator.connections import aws_client
     from orchestrator.ec2 import unoffered_instance_types
     from orchestrator.errors import ConfigError
     from orchestrator.launch import resolve_ami
+    from orchestrator.preflight import check_instance_profile, check_network, read_image_root, root_volume_gb
 
     s = settings_of(config)
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     with fail_without_retry(ConfigError):
-        unoffered = unoffered_instance_types(aws_client("ec2", s.aws.conn_id, s.aws.region), s.aws.instance_types)
+        unoffered = unoffered_instance_types(ec2, s.aws.instance_types)
         if unoffered:
             raise ConfigError(
                 f"aws.instance_types: {unoffered} not offered in {s.aws.region}: check the spelling "
                 "(e.g. g6.xlarge) or choose types this region has"
             )
         ami_id = resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
-    log.info("AMI %s (from %s)", ami_id, s.aws.ami_ssm_parameter)
-    return {"ami_id": ami_id, "git_sha": git_sha, "dag_id": dag_id, "run_id": run_id}
+        root = read_image_root(ec2, ami_id)
+        volume_gb = root_volume_gb(s.aws.root_volume_gb, root)
+        network = check_network(ec2, s.aws.subnet_id, s.aws.security_group_ids, s.instance.ssh_port)
+        if s.aws.instance_profile:
+            check_instance_profile(aws_client("iam", s.aws.conn_id, s.aws.region), s.aws.instance_profile)
+    log.info(
+        "AMI %s (from %s), root %s of %s GB (snapshot %s GB); subnet %s in %s (maps public IPs: %s)",
+        ami_id,
+        s.aws.ami_ssm_parameter,
+        root.device_name,
+        volume_gb,
+        root.snapshot_gb,
+        network.subnet_id,
+        network.vpc_id,
+        network.maps_public_ip,
+    )
+    return {
+        "ami_id": ami_id,
+        "root_device_name": root.device_name,
+        "root_volume_gb": volume_gb,
+        "git_sha": git_sha,
+        "dag_id": dag_id,
+        "run_id": run_id,
+    }
 
 
 def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
     """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key.
 
-    A new instance waits for a slot under aws.max_instances first; its deadline counts from when it is launched.
+    A new instance waits for a slot under aws.max_instances first; its deadline counts from when it is launched. It is
+    returned running: an instance EC2 takes back before it runs (capacity, spot) is replaced on the next option.
     """
     from orchestrator.connections import aws_client
     from orchestrator.ec2 import InstanceCapError, adopt_run_instance, wait_for_instance_slot
@@ -136,14 +165,25 @@ def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInsta
         instance_types=s.aws.instance_types,
         spot=s.aws.spot,
         spot_fallback_to_on_demand=s.aws.spot_fallback_to_on_demand,
-        subnet_id=s.aws.subnet_id or None,
+        subnet_id=s.aws.subnet_id,
         security_group_ids=s.aws.security_group_ids,
+        public_ip=s.instance.address == "public_ip",
         instance_profile=s.aws.instance_profile or None,
-        root_volume_gb=s.aws.root_volume_gb,
+        root_volume_gb=plan["root_volume_gb"],
+        root_device_name=plan["root_device_name"],
         kms_key_id=s.aws.kms_key_id or None,
         project_tag=s.aws.project_tag,
     )
-    launched = launch_instance(ec2, spec, identity, user_data, host_public_key=host_key.public_line)
+    launched = launch_instance(
+        ec2,
+        spec,
+        identity,
+        user_data,
+        host_public_key=host_key.public_line,
+        # Relaunches after capacity was lost count against the same bound, and never past the run's deadline.
+        running_timeout_s=min(s.aws.launch_timeout_minutes * 60, expires_at - time.time()),
+        poll_s=s.instance.poll_seconds,
+    )
     log.info(
         "Instance %s (%s, %s) for commit %s; host key %s; it must be gone by %s",
         launched.instance_id,
@@ -238,22 +278,26 @@ def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
 
 def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids: list[str]) -> dict[str, str]:
     """Terminate the run's instances by id and by tag; harmless to repeat; returns each one's final state."""
+    from botocore.exceptions import WaiterError
+
     from orchestrator.connections import aws_client
-    from orchestrator.ec2 import describe_instance, terminate_run
+    from orchestrator.ec2 import describe_instance, terminate_run, waiter_config
 
     s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     asked = terminate_run(ec2, s.aws.project_tag, s.aws.deployment, dag_id, run_id, instance_ids=tuple(instance_ids))
-    states: dict[str, str] = {}
-    deadline = time.monotonic() + 300
-    for instance_id in asked:
+    if asked:
         # Terminating a running instance passes through shutting-down; wait (bounded) so the log shows the end state.
-        while True:
-            info = describe_instance(ec2, instance_id)
-            states[instance_id] = info.state if info else "terminated"
-            if states[instance_id] == "terminated" or time.monotonic() > deadline:
-                break
-            time.sleep(s.instance.poll_seconds)
+        try:
+            ec2.get_waiter("instance_terminated").wait(
+                InstanceIds=asked, WaiterConfig=waiter_config(TERMINATE_WAIT_S, s.instance.poll_seconds)
+            )
+        except WaiterError as exc:
+            log.warning("Not every instance is terminated yet after %s s: %s", TERMINATE_WAIT_S, exc)
+    states: dict[str, str] = {}
+    for instance_id in asked:
+        info = describe_instance(ec2, instance_id)
+        states[instance_id] = info.state if info else "terminated"
         log.info("Instance %s: %s", instance_id, states[instance_id])
     if not asked:
         log.info("No instance of run %s to terminate", run_id)

@@ -16,7 +16,7 @@ import paramiko
 import pytest
 import yaml
 
-from embedded.cloud import LocalCloud
+from embedded.cloud import UBUNTU_DLAMI, LocalCloud
 from embedded.process import free_port
 from embedded.stack import EmbeddedStack
 from orchestrator.hostkeys import HostKey, generate_host_key
@@ -50,10 +50,11 @@ def client_key() -> SshKeyPair:
     return make_ed25519_keypair()
 
 
-@pytest.fixture(scope="module")
-def ssh_port() -> int:
-    """Not 22: the instances must listen where their user-data says."""
-    return free_port()
+@pytest.fixture
+def ssh_port(cloud: LocalCloud) -> int:
+    """The port the stack's security group admits (a free one, not 22): instances must listen where their user-data
+    says."""
+    return cloud.ssh_port
 
 
 def user_data_spec(
@@ -82,12 +83,20 @@ def launch(
     user_data: str | None = None,
 ) -> str:
     spec = user_data_spec(cloud, host_key, client_key, ssh_port, deadline_in_s)
-    image_id = cloud.client("ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    assert cloud.network is not None
     response = cloud.client("ec2").run_instances(
-        ImageId=image_id,
+        ImageId=cloud.images[UBUNTU_DLAMI.parameter],
         InstanceType="g6.xlarge",
         MinCount=1,
         MaxCount=1,
+        NetworkInterfaces=[
+            {
+                "DeviceIndex": 0,
+                "SubnetId": cloud.network.subnet_id,
+                "Groups": [cloud.network.security_group_id],
+                "AssociatePublicIpAddress": True,
+            }
+        ],
         UserData=user_data if user_data is not None else render_user_data(spec),
         InstanceInitiatedShutdownBehavior="terminate",
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags if tags is not None else [PROJECT_TAG]}],
@@ -247,6 +256,14 @@ def test_watchdog_powers_the_instance_off_even_when_runcmd_fails(
 
 def test_instance_listens_on_the_port_its_user_data_sets(cloud: LocalCloud, client_key: SshKeyPair) -> None:
     port = free_port()
+    assert cloud.network is not None
+    # A second inbound rule on the stack's group, for this port only (the group's rule for the stack's port stays).
+    cloud.client("ec2").authorize_security_group_ingress(
+        GroupId=cloud.network.security_group_id,
+        IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": "127.0.0.1/32"}]}
+        ],
+    )
     host_key = generate_host_key()
     instance_id = launch(cloud, host_key, client_key, port)
     try:

@@ -1,13 +1,13 @@
-"""EC2 faults, injected server-side in the moto backend: throttling and a failed terminate are retried."""
+"""EC2 faults, answered by the moto server as EC2 answers them (error code and HTTP status): botocore retries them
+inside each call, a bounded number of HTTP attempts, and nothing retries around it."""
 
 from __future__ import annotations
-
-import collections
-from typing import Any
 
 import pytest
 
 from embedded.stack import EmbeddedStack
+from orchestrator.connections import AWS_RETRIES
+from tests.aws_fixtures import http_errors
 from tests.fault_table import FaultTable
 from tests.faults.support import output, record_run
 from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
@@ -15,7 +15,7 @@ from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, r
 pytestmark = pytest.mark.slow
 
 
-def test_throttling_and_a_failed_terminate_are_retried(
+def test_throttling_and_a_failed_terminate_are_retried_inside_botocore(
     env: EmbeddedStack,
     sha: str,
     planted: dict[str, str],
@@ -25,30 +25,10 @@ def test_throttling_and_a_failed_terminate_are_retried(
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
 ) -> None:
-    from moto.ec2.exceptions import EC2ClientError
-    from moto.ec2.models import EC2Backend
-
-    calls: collections.Counter[str] = collections.Counter()
-    # The first calls of each API fail; the emulator itself never calls these three, so every call is the pipeline's.
-    faults = {
-        "run_instances": (2, "RequestLimitExceeded", "Request limit exceeded."),
-        "describe_instances": (2, "RequestLimitExceeded", "Request limit exceeded."),
-        "terminate_instances": (1, "InternalError", "An internal error has occurred."),
-    }
-
-    def faulty(name: str, failures: int, code: str, message: str) -> Any:
-        original = getattr(EC2Backend, name)
-
-        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            calls[name] += 1
-            if calls[name] <= failures:
-                raise EC2ClientError(code, message)
-            return original(self, *args, **kwargs)
-
-        return call
-
-    for name, (failures, code, message) in faults.items():
-        monkeypatch.setattr(EC2Backend, name, faulty(name, failures, code, message))
+    # The first requests of each API fail; the emulator itself never calls these three, so every one is the pipeline's.
+    run = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503, failures=2)
+    describe = http_errors(monkeypatch, "DescribeInstances", "RequestLimitExceeded", 503, failures=2)
+    terminate = http_errors(monkeypatch, "TerminateInstances", "InternalError", 500, failures=1)
     dag_run = run_dag(git_ref=sha)
     log = output(capfd, caplog)
     monkeypatch.undo()  # the checks below describe instances themselves
@@ -58,20 +38,55 @@ def test_throttling_and_a_failed_terminate_are_retried(
     assert set(states.values()) == {"success"}
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["launch"].try_number == 1 and tis["terminate"].try_number == 1, "retried inside the calls"
-    assert calls["run_instances"] == 3, "two throttled RunInstances, then exactly one launch"
-    assert calls["describe_instances"] >= 3
-    assert calls["terminate_instances"] >= 2
-    assert "EC2 answered InternalError (attempt 1/6); retrying" in log
+    assert run == [503, 503, 200], "two throttled RunInstances requests, then exactly one launch"
+    assert describe[:3] == [503, 503, 200]
+    assert terminate[:2] == [500, 200]
     (instance_id,) = assert_all_terminated(env, dag_run, 1)
     assert f"launched instance {instance_id}" in log
     assert f"Instance {instance_id}: terminated" in log
     record_run(
         fault_table,
-        "EC2 RunInstances x2 + DescribeInstances x2 throttled, TerminateInstances x1 InternalError",
-        "retried; 1 instance, terminated; run succeeds",
-        f"calls run={calls['run_instances']} describe={calls['describe_instances']} "
-        f"terminate={calls['terminate_instances']}; throttles retried inside botocore (not logged), "
-        "InternalError retried and logged by the orchestrator; run success",
+        "EC2 RunInstances x2 + DescribeInstances x2 throttled (503), TerminateInstances x1 InternalError (500)",
+        "retried inside botocore; 1 instance, terminated; run succeeds",
+        f"HTTP requests run={run} terminate={terminate[:2]}; describe {len(describe)}; launch and terminate try 1; "
+        "run success",
+        stack=env,
+        dag_run=dag_run,
+        planted=planted,
+        log=log,
+        processes=processes,
+    )
+
+
+def test_throttling_that_never_ends_is_bounded_and_launches_nothing(
+    env: EmbeddedStack,
+    sha: str,
+    planted: dict[str, str],
+    processes: ProcessListSampler,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    run = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503)
+    dag_run = run_dag(git_ref=sha)
+    log = output(capfd, caplog)
+    monkeypatch.undo()
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["launch"] == "failed" and states["terminate"] == "success"
+    tries = {ti.task_id: ti for ti in dag_run.get_task_instances()}["launch"].try_number
+    # Each task try makes one RunInstances call of at most AWS_RETRIES attempts (the old nested loops: 18 per call).
+    assert len(run) == tries * AWS_RETRIES["total_max_attempts"] == 3 * 5
+    assert "RequestLimitExceeded: injected RequestLimitExceeded" in log, "the failure keeps EC2's reason"
+    assert_all_terminated(env, dag_run, 0)
+    record_run(
+        fault_table,
+        "EC2 RunInstances throttled (503) on every request",
+        "bounded: launch fails after its tries x the client's attempts; nothing launched",
+        f"{len(run)} HTTP requests = {tries} launch tries x {AWS_RETRIES['total_max_attempts']} attempts; "
+        "error names RequestLimitExceeded; 0 instances; run failed",
         stack=env,
         dag_run=dag_run,
         planted=planted,

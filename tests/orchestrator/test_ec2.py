@@ -1,20 +1,21 @@
 from __future__ import annotations
 
 import base64
-import json
 import time
+import types
 from typing import Any
 from unittest.mock import Mock
 
 import pytest
-from moto import mock_aws
 
+from embedded.cloud import AMAZON_LINUX_DLAMI, UBUNTU_DLAMI
+from orchestrator.connections import AWS_RETRIES
 from orchestrator.ec2 import (
     CapacityError,
     InstanceCapError,
     InstanceNotReadyError,
+    LaunchedInstance,
     LaunchError,
-    RetryPolicy,
     adopt_run_instance,
     describe_instance,
     find_run_instances,
@@ -26,48 +27,41 @@ from orchestrator.ec2 import (
     wait_until_running,
 )
 from orchestrator.launch import LaunchSpec, RunIdentity, run_scope_tags
+from tests.aws_fixtures import StrictAws, http_errors, strict_aws, take_back_the_first
 
 PROJECT = "ec2-trainer"
 DEPLOYMENT = "prod"
-FAST = RetryPolicy(max_attempts=3, base_delay_s=0.0)
 USER_DATA = "#cloud-config\nruncmd:\n- [echo, hi]\n"
 
 
 @pytest.fixture
-def aws(monkeypatch):
-    import boto3
-
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
-    with mock_aws():
-        iam = boto3.client("iam", region_name="us-east-1")
-        trust = {
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
-            ],
-        }
-        iam.create_role(RoleName="trainer", AssumeRolePolicyDocument=json.dumps(trust))
-        iam.create_instance_profile(InstanceProfileName="trainer")
-        iam.add_role_to_instance_profile(InstanceProfileName="trainer", RoleName="trainer")
-        # moto does not validate AMI ids (resolve_ami is tested in test_launch.py).
-        yield boto3.client("ec2", region_name="us-east-1"), "ami-0123456789abcdef0"
+def cloud(monkeypatch: pytest.MonkeyPatch) -> Any:
+    with strict_aws(monkeypatch) as aws:
+        yield aws
 
 
-def make_spec(ami: str, **overrides) -> LaunchSpec:
+def make_spec(cloud: StrictAws, **overrides) -> LaunchSpec:
     fields: dict[str, Any] = {
-        "ami_id": ami,
+        "ami_id": cloud.images[UBUNTU_DLAMI.parameter],
         "instance_types": ("g5.xlarge", "g6.xlarge"),
         "spot": True,
         "spot_fallback_to_on_demand": True,
-        "subnet_id": None,
-        "security_group_ids": (),
+        "subnet_id": cloud.network.subnet_id,
+        "security_group_ids": (cloud.network.security_group_id,),
+        "public_ip": True,
         "instance_profile": "trainer",
         "root_volume_gb": 100,
+        "root_device_name": UBUNTU_DLAMI.root_device_name,
         "project_tag": PROJECT,
     }
     fields.update(overrides)
     return LaunchSpec(**fields)
+
+
+def launch(ec2: Any, spec: LaunchSpec, run: RunIdentity | None = None, host_public_key: str = "") -> LaunchedInstance:
+    return launch_instance(
+        ec2, spec, run or identity(), USER_DATA, host_public_key=host_public_key, running_timeout_s=30, poll_s=0.05
+    )
 
 
 def identity(run_id: str = "manual__1", expires_in_s: int = 3600, deployment: str = DEPLOYMENT) -> RunIdentity:
@@ -93,9 +87,9 @@ def live(ec2) -> list[str]:
     return [i["InstanceId"] for r in pages["Reservations"] for i in r["Instances"]]
 
 
-def test_launch_creates_one_tagged_hardened_instance(aws):
-    ec2, ami = aws
-    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+def test_launch_creates_one_tagged_hardened_instance(cloud):
+    ec2 = cloud.ec2
+    launched = launch(ec2, make_spec(cloud))
     assert (launched.instance_type, launched.market, launched.reused) == ("g5.xlarge", "spot", False)
     instance = ec2.describe_instances(InstanceIds=[launched.instance_id])["Reservations"][0]["Instances"][0]
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
@@ -111,196 +105,266 @@ def test_launch_creates_one_tagged_hardened_instance(aws):
     assert base64.b64decode(user_data["UserData"]["Value"]).decode() == USER_DATA
 
 
-def test_capacity_error_moves_to_the_next_type(aws):
-    ec2, ami = aws
+def test_capacity_error_moves_to_the_next_type(cloud):
+    ec2 = cloud.ec2
     calls = fail_run_instances(ec2, "InsufficientInstanceCapacity", lambda body, n: body["InstanceType"] == "g5.xlarge")
-    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    launched = launch(ec2, make_spec(cloud))
     assert (launched.instance_type, launched.market) == ("g6.xlarge", "spot")
     assert [c["InstanceType"] for c in calls] == ["g5.xlarge", "g6.xlarge"]
     assert live(ec2) == [launched.instance_id]
 
 
-def test_spot_exhausted_falls_back_to_on_demand(aws):
-    ec2, ami = aws
+def test_spot_exhausted_falls_back_to_on_demand(cloud):
+    ec2 = cloud.ec2
     fail_run_instances(ec2, "MaxSpotInstanceCountExceeded", lambda body, n: "InstanceMarketOptions.MarketType" in body)
-    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+    launched = launch(ec2, make_spec(cloud))
     assert (launched.instance_type, launched.market) == ("g5.xlarge", "on-demand")
 
 
-def test_no_capacity_anywhere_raises_capacity_error_and_leaves_nothing(aws):
-    ec2, ami = aws
+def test_no_capacity_anywhere_raises_capacity_error_and_leaves_nothing(cloud):
+    ec2 = cloud.ec2
     calls = fail_run_instances(ec2, "InsufficientInstanceCapacity")
     with pytest.raises(
         CapacityError, match=r"g5\.xlarge \(spot\).*g6\.xlarge \(on-demand\).*other instance types"
     ) as err:
-        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+        launch(ec2, make_spec(cloud))
     assert len(err.value.tried) == len(calls) == 4
     assert live(ec2) == []
 
 
-def test_other_errors_raise_at_once(aws):
-    ec2, ami = aws
+def test_other_errors_raise_at_once(cloud):
+    ec2 = cloud.ec2
     calls = fail_run_instances(ec2, "UnauthorizedOperation")
     with pytest.raises(LaunchError, match=r"UnauthorizedOperation.*docs/iam\.md"):
-        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+        launch(ec2, make_spec(cloud))
     assert len(calls) == 1
 
 
-def test_throttling_is_retried_then_succeeds(aws):
-    ec2, ami = aws
-    calls = fail_run_instances(ec2, "RequestLimitExceeded", lambda body, n: n == 1)
-    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
-    assert (launched.instance_type, len(calls)) == ("g5.xlarge", 2)
+@pytest.fixture
+def retrying_ec2(cloud, monkeypatch):
+    """The orchestrator's EC2 client config (connections.AWS_RETRIES); botocore's backoff sleeps are recorded."""
+    import boto3
+    import botocore.endpoint
+    from botocore.config import Config
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(botocore.endpoint, "time", types.SimpleNamespace(sleep=sleeps.append))
+    return boto3.client("ec2", region_name="us-east-1", config=Config(retries=dict(AWS_RETRIES))), sleeps
 
 
-def test_throttling_retries_are_bounded(aws):
-    ec2, ami = aws
-    calls = fail_run_instances(ec2, "RequestLimitExceeded")
-    with pytest.raises(LaunchError, match="RequestLimitExceeded"):
-        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
-    assert len(calls) == FAST.max_attempts
+def test_throttling_is_retried_inside_botocore_then_succeeds(cloud, retrying_ec2, monkeypatch):
+    ec2, sleeps = retrying_ec2
+    attempts = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503, failures=2)
+    launched = launch(ec2, make_spec(cloud))
+    assert (launched.instance_type, len(attempts), len(sleeps)) == ("g5.xlarge", 3, 2)
 
 
-def test_relaunch_of_the_same_run_reuses_its_instance(aws):
-    ec2, ami = aws
+def test_throttling_retries_are_bounded_and_jittered(cloud, retrying_ec2, monkeypatch):
+    ec2, sleeps = retrying_ec2
+    attempts = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503)
+    with pytest.raises(LaunchError, match=r"g5\.xlarge \(spot\) failed: RequestLimitExceeded: injected Request"):
+        launch(ec2, make_spec(cloud))
+    # One call's attempts, all inside botocore: nothing retries around it (it was 3 x 6 = 18 attempts).
+    assert len(attempts) == AWS_RETRIES["total_max_attempts"] == 5
+    assert len(sleeps) == 4 and all(0 <= s <= 20 for s in sleeps)
+    assert len(set(sleeps)) > 1, "exponential backoff with jitter, not fixed delays"
+    assert live(cloud.ec2) == []
+
+
+def test_a_server_error_on_terminate_is_retried_inside_botocore(cloud, retrying_ec2, monkeypatch):
+    ec2, _ = retrying_ec2
+    launched = launch(cloud.ec2, make_spec(cloud))
+    attempts = http_errors(monkeypatch, "TerminateInstances", "InternalError", 500, failures=1)
+    assert terminate_run(ec2, "train_hurricane", "manual__1", PROJECT) == [launched.instance_id]
+    assert len(attempts) == 2
+    assert live(cloud.ec2) == []
+
+
+def test_capacity_taken_back_while_pending_relaunches_on_the_next_option(cloud, monkeypatch):
+    ec2 = cloud.ec2
+    launched_types = take_back_the_first("g5.xlarge", monkeypatch)
+    launched = launch(ec2, make_spec(cloud))
+    assert (launched.instance_type, launched.market) == ("g6.xlarge", "spot")
+    assert launched_types == ["g5.xlarge", "g6.xlarge"]
+    assert describe_instance(ec2, launched.instance_id).state == "running"
+    assert live(ec2) == [launched.instance_id]
+
+
+def test_capacity_taken_back_on_every_option_is_a_capacity_error(cloud, monkeypatch):
+    ec2 = cloud.ec2
+    for instance_type in ("g5.xlarge", "g6.xlarge"):
+        take_back_the_first(instance_type, monkeypatch)
+    with pytest.raises(CapacityError, match=r"g6\.xlarge \(on-demand\): Server\.InsufficientInstanceCapacity"):
+        launch(ec2, make_spec(cloud, spot=False))
+    assert live(ec2) == []
+
+
+def test_an_instance_terminated_by_someone_while_pending_is_not_replaced(cloud, monkeypatch):
+    ec2 = cloud.ec2
+    launched_types = take_back_the_first("g5.xlarge", monkeypatch, code="Client.UserInitiatedShutdown")
+    with pytest.raises(InstanceNotReadyError, match=r"went terminated before running: Client\.UserInitiatedShutdown"):
+        launch(ec2, make_spec(cloud))
+    assert launched_types == ["g5.xlarge"]
+
+
+def test_the_request_asks_for_a_public_ip_in_a_subnet_that_maps_none(cloud):
+    ec2 = cloud.ec2
+    (subnet,) = ec2.describe_subnets(SubnetIds=[cloud.network.subnet_id])["Subnets"]
+    assert subnet["MapPublicIpOnLaunch"] is False
+    public = launch(ec2, make_spec(cloud))
+    private = launch(ec2, make_spec(cloud, public_ip=False), identity("manual__private"))
+    assert wait_until_running(ec2, public.instance_id, timeout_s=10, poll_s=0.05).public_ip
+    info = wait_until_running(ec2, private.instance_id, timeout_s=10, poll_s=0.05)
+    assert (info.public_ip, bool(info.private_ip)) == (None, True)
+
+
+def test_the_root_volume_is_the_images_own_device_encrypted_at_the_configured_size(cloud):
+    ec2 = cloud.ec2
+    image = AMAZON_LINUX_DLAMI
+    spec = make_spec(cloud, ami_id=cloud.images[image.parameter], root_device_name=image.root_device_name)
+    launched = launch(ec2, spec)
+    (instance,) = ec2.describe_instances(InstanceIds=[launched.instance_id])["Reservations"][0]["Instances"]
+    (mapping,) = instance["BlockDeviceMappings"]
+    (volume,) = ec2.describe_volumes(VolumeIds=[mapping["Ebs"]["VolumeId"]])["Volumes"]
+    assert (mapping["DeviceName"], volume["Size"], volume["Encrypted"]) == ("/dev/xvda", 100, True)
+
+
+def test_relaunch_of_the_same_run_reuses_its_instance(cloud):
+    ec2 = cloud.ec2
     run = identity()
-    first = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST)
+    first = launch(ec2, make_spec(cloud), run)
     # A retried task finds its run's instance by the run's tags, whatever its new expires_at and ClientToken.
-    again = adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha, retry=FAST)
+    again = adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha)
     assert again is not None
     assert (again.instance_id, again.reused, again.market) == (first.instance_id, True, "spot")
-    assert adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, "manual__2", run.git_sha, retry=FAST) is None
-    other = launch_instance(ec2, make_spec(ami), identity("manual__2"), USER_DATA, retry=FAST)
+    assert adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, "manual__2", run.git_sha) is None
+    other = launch(ec2, make_spec(cloud), identity("manual__2"))
     assert other.instance_id != first.instance_id
     assert sorted(live(ec2)) == sorted([first.instance_id, other.instance_id])
 
 
-def test_a_failure_after_the_instance_exists_terminates_it(aws):
-    ec2, ami = aws
+def test_a_failure_after_the_instance_exists_terminates_it(cloud):
+    ec2 = cloud.ec2
 
     def replay_of_a_terminated_instance(parsed, **_):
         parsed["Instances"][0]["State"]["Name"] = "terminated"
 
     ec2.meta.events.register("after-call.ec2.RunInstances", replay_of_a_terminated_instance)
     with pytest.raises(LaunchError, match=r"already terminated .*fresh token"):
-        launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+        launch(ec2, make_spec(cloud))
     assert live(ec2) == []
 
 
-def test_wait_until_running(aws):
-    ec2, ami = aws
-    launched = launch_instance(ec2, make_spec(ami, spot=False), identity(), USER_DATA, retry=FAST)
-    info = wait_until_running(ec2, launched.instance_id, timeout_s=10, poll_s=0.05, retry=FAST)
+def test_wait_until_running(cloud):
+    ec2 = cloud.ec2
+    launched = launch(ec2, make_spec(cloud, spot=False), identity())
+    info = wait_until_running(ec2, launched.instance_id, timeout_s=10, poll_s=0.05)
     assert (info.instance_id, info.state, info.instance_type) == (launched.instance_id, "running", "g5.xlarge")
     assert info.private_ip
     assert info.launch_time is not None
 
 
-def test_wait_fails_fast_when_the_instance_is_gone(aws):
-    ec2, ami = aws
-    launched = launch_instance(ec2, make_spec(ami), identity(), USER_DATA, retry=FAST)
+def test_wait_fails_fast_when_the_instance_is_gone(cloud):
+    ec2 = cloud.ec2
+    launched = launch(ec2, make_spec(cloud))
     ec2.terminate_instances(InstanceIds=[launched.instance_id])
     with pytest.raises(InstanceNotReadyError, match=f"instance {launched.instance_id} went (shutting-down|terminated)"):
-        wait_until_running(ec2, launched.instance_id, timeout_s=10, poll_s=0.05, retry=FAST)
+        wait_until_running(ec2, launched.instance_id, timeout_s=10, poll_s=0.05)
 
 
-def test_wait_is_bounded_for_an_unknown_instance(aws):
-    ec2, _ = aws
-    assert describe_instance(ec2, "i-0123456789abcdef0", retry=FAST) is None
+def test_wait_is_bounded_for_an_unknown_instance(cloud):
+    ec2 = cloud.ec2
+    assert describe_instance(ec2, "i-0123456789abcdef0") is None
     with pytest.raises(InstanceNotReadyError, match=r"not running after 0s .*not visible yet"):
-        wait_until_running(ec2, "i-0123456789abcdef0", timeout_s=0.2, poll_s=0.05, retry=FAST)
+        wait_until_running(ec2, "i-0123456789abcdef0", timeout_s=0.2, poll_s=0.05)
 
 
-def test_terminate_by_id_and_by_tag_and_repeat(aws):
-    ec2, ami = aws
+def test_terminate_by_id_and_by_tag_and_repeat(cloud):
+    ec2 = cloud.ec2
     run = identity()
-    tagged = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST).instance_id
+    tagged = launch(ec2, make_spec(cloud), run).instance_id
     # An instance of the run the launch task never reported (e.g. it crashed after RunInstances).
-    stray = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-    bystander = launch_instance(ec2, make_spec(ami), identity("manual__other"), USER_DATA, retry=FAST).instance_id
+    stray = ec2.run_instances(ImageId=make_spec(cloud).ami_id, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    bystander = launch(ec2, make_spec(cloud), identity("manual__other")).instance_id
 
     asked = terminate_run(
         ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, instance_ids=[stray, "i-0123456789abcdef0", "bad-id"]
     )
     assert sorted(asked) == sorted([tagged, stray])
     assert live(ec2) == [bystander]
-    assert find_run_instances(ec2, run_scope_tags(PROJECT, DEPLOYMENT, run.dag_id, run.run_id), retry=FAST) == []
+    assert find_run_instances(ec2, run_scope_tags(PROJECT, DEPLOYMENT, run.dag_id, run.run_id)) == []
     # Harmless to repeat, with or without the ids.
-    assert terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, retry=FAST) == []
-    again = terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, instance_ids=[tagged], retry=FAST)
+    assert terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id) == []
+    again = terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, instance_ids=[tagged])
     assert again == [tagged]
     assert live(ec2) == [bystander]
 
 
-def test_terminate_propagates_unexpected_errors(aws):
+def test_terminate_propagates_unexpected_errors(cloud):
     from botocore.exceptions import ClientError
 
-    ec2, _ = aws
+    ec2 = cloud.ec2
 
     def deny(**_):
         return Mock(status_code=403), {"Error": {"Code": "UnauthorizedOperation", "Message": "denied"}}
 
     ec2.meta.events.register("before-call.ec2.TerminateInstances", deny)
     with pytest.raises(ClientError, match="UnauthorizedOperation"):
-        terminate_run(ec2, PROJECT, DEPLOYMENT, "d", "r", instance_ids=["i-0123456789abcdef0"], retry=FAST)
+        terminate_run(ec2, PROJECT, DEPLOYMENT, "d", "r", instance_ids=["i-0123456789abcdef0"])
 
 
-def test_sweeper_terminates_expired_and_spares_the_rest(aws):
-    ec2, ami = aws
+def test_sweeper_terminates_expired_and_spares_the_rest(cloud):
+    ec2 = cloud.ec2
     now = int(time.time())
     grace = 3600
-    expired = launch_instance(ec2, make_spec(ami), identity("old", expires_in_s=-10), USER_DATA, retry=FAST)
-    fresh = launch_instance(ec2, make_spec(ami), identity("new", expires_in_s=100 * grace), USER_DATA, retry=FAST)
-    garbled = launch_instance(ec2, make_spec(ami), identity("garbled"), USER_DATA, retry=FAST)
+    expired = launch(ec2, make_spec(cloud), identity("old", expires_in_s=-10))
+    fresh = launch(ec2, make_spec(cloud), identity("new", expires_in_s=100 * grace))
+    garbled = launch(ec2, make_spec(cloud), identity("garbled"))
     ec2.create_tags(Resources=[garbled.instance_id], Tags=[{"Key": "ec2-trainer:expires_at", "Value": "soon"}])
-    other_project = launch_instance(
-        ec2, make_spec(ami, project_tag="someone-else"), identity("x", expires_in_s=-10), USER_DATA, retry=FAST
-    )
+    other_project = launch(ec2, make_spec(cloud, project_tag="someone-else"), identity("x", expires_in_s=-10))
 
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=grace, retry=FAST) == [expired.instance_id]
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=grace) == [expired.instance_id]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, garbled.instance_id, other_project.instance_id])
     # Much later: the unreadable expiry is swept once past the grace period, the fresh one still is not.
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == [
-        garbled.instance_id
-    ]
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == [garbled.instance_id]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, other_project.instance_id])
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace, retry=FAST) == []
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == []
 
 
-def test_instance_slot_counts_the_projects_live_instances_in_ec2(aws, monkeypatch):
-    ec2, ami = aws
-    first = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
-    launch_instance(ec2, make_spec(ami, project_tag="someone-else"), identity("b"), USER_DATA, retry=FAST)
+def test_instance_slot_counts_the_projects_live_instances_in_ec2(cloud, monkeypatch):
+    ec2 = cloud.ec2
+    first = launch(ec2, make_spec(cloud), identity("a")).instance_id
+    launch(ec2, make_spec(cloud, project_tag="someone-else"), identity("b"))
     # Whatever run launched it (a crashed one included), a live instance of the project counts against the cap.
-    leftover = launch_instance(ec2, make_spec(ami), identity("c"), USER_DATA, retry=FAST).instance_id
-    assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == sorted([first, leftover])
+    leftover = launch(ec2, make_spec(cloud), identity("c")).instance_id
+    assert live_project_instances(ec2, PROJECT, DEPLOYMENT) == sorted([first, leftover])
     # A free slot is granted on the first look: one DescribeInstances, no sleep.
     describes, sleeps = [], []
     ec2.meta.events.register("before-call.ec2.DescribeInstances", lambda **_: describes.append(1))
     with monkeypatch.context() as patched:
         patched.setattr(time, "sleep", sleeps.append)
-        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 3, timeout_s=0, poll_s=0.05, retry=FAST)
+        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 3, timeout_s=0, poll_s=0.05)
     assert (len(describes), sleeps) == (1, [])
 
     with pytest.raises(InstanceCapError) as caught:
-        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0.3, poll_s=0.05, retry=FAST)
+        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0.3, poll_s=0.05)
     message = str(caught.value)
     assert "aws.max_instances = 2" in message and first in message and leftover in message
 
 
-def test_instance_slot_opens_when_an_instance_ends(aws):
+def test_instance_slot_opens_when_an_instance_ends(cloud):
     import threading
 
-    ec2, ami = aws
-    busy = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
+    ec2 = cloud.ec2
+    busy = launch(ec2, make_spec(cloud), identity("a")).instance_id
     timer = threading.Timer(0.5, lambda: ec2.terminate_instances(InstanceIds=[busy]))
     timer.start()
     try:
-        waited = wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 1, timeout_s=30, poll_s=0.05, retry=FAST)
+        waited = wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 1, timeout_s=30, poll_s=0.05)
     finally:
         timer.join()
     assert 0.4 < waited < 30
-    assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == []
+    assert live_project_instances(ec2, PROJECT, DEPLOYMENT) == []
 
 
 # ---- two deployments of ec2-trainer in one AWS account: same project tag, same DAG, even the same run ids
@@ -309,33 +373,28 @@ def test_instance_slot_opens_when_an_instance_ends(aws):
 OTHER = "staging"
 
 
-def test_the_instance_cap_counts_only_the_deployments_own_instances(aws):
-    ec2, ami = aws
-    ours = launch_instance(ec2, make_spec(ami), identity("a"), USER_DATA, retry=FAST).instance_id
-    theirs = [
-        launch_instance(ec2, make_spec(ami), identity(run, deployment=OTHER), USER_DATA, retry=FAST).instance_id
-        for run in ("a", "b")
-    ]
-    assert live_project_instances(ec2, PROJECT, DEPLOYMENT, retry=FAST) == [ours]
-    assert live_project_instances(ec2, PROJECT, OTHER, retry=FAST) == sorted(theirs)
+def test_the_instance_cap_counts_only_the_deployments_own_instances(cloud):
+    ec2 = cloud.ec2
+    ours = launch(ec2, make_spec(cloud), identity("a")).instance_id
+    theirs = [launch(ec2, make_spec(cloud), identity(run, deployment=OTHER)).instance_id for run in ("a", "b")]
+    assert live_project_instances(ec2, PROJECT, DEPLOYMENT) == [ours]
+    assert live_project_instances(ec2, PROJECT, OTHER) == sorted(theirs)
     # The other deployment's two instances take none of this one's two slots...
-    assert wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0, poll_s=0.05, retry=FAST) < 0.5
+    wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0, poll_s=0.05)  # raises at the cap
     # ...and this one's instance none of the other's.
     with pytest.raises(InstanceCapError, match=r"2 instances of deployment staging are live") as caught:
-        wait_for_instance_slot(ec2, PROJECT, OTHER, 2, timeout_s=0, poll_s=0.05, retry=FAST)
+        wait_for_instance_slot(ec2, PROJECT, OTHER, 2, timeout_s=0, poll_s=0.05)
     assert ours not in str(caught.value)
 
 
-def test_the_sweeper_never_touches_another_deployments_expired_instances(aws):
-    ec2, ami = aws
+def test_the_sweeper_never_touches_another_deployments_expired_instances(cloud):
+    ec2 = cloud.ec2
     now = int(time.time())
-    ours = launch_instance(ec2, make_spec(ami), identity("r", expires_in_s=-10), USER_DATA, retry=FAST).instance_id
-    theirs = launch_instance(
-        ec2, make_spec(ami), identity("r", expires_in_s=-10, deployment=OTHER), USER_DATA, retry=FAST
-    ).instance_id
+    ours = launch(ec2, make_spec(cloud), identity("r", expires_in_s=-10)).instance_id
+    theirs = launch(ec2, make_spec(cloud), identity("r", expires_in_s=-10, deployment=OTHER)).instance_id
     # Project-tagged but with no deployment tag (launched by hand, or before the tag existed): no deployment's.
     unowned = ec2.run_instances(
-        ImageId=ami,
+        ImageId=cloud.images[UBUNTU_DLAMI.parameter],
         MinCount=1,
         MaxCount=1,
         TagSpecifications=[
@@ -349,33 +408,33 @@ def test_the_sweeper_never_touches_another_deployments_expired_instances(aws):
         ],
     )["Instances"][0]["InstanceId"]
 
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=0, retry=FAST) == [ours]
+    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=0) == [ours]
     assert sorted(live(ec2)) == sorted([theirs, unowned])
-    assert sweep_expired(ec2, PROJECT, OTHER, now, untagged_grace_s=0, retry=FAST) == [theirs]
+    assert sweep_expired(ec2, PROJECT, OTHER, now, untagged_grace_s=0) == [theirs]
     assert live(ec2) == [unowned]
 
 
-def test_teardown_by_tag_does_not_cross_deployments(aws):
-    ec2, ami = aws
+def test_teardown_by_tag_does_not_cross_deployments(cloud):
+    ec2 = cloud.ec2
     run = identity("manual__2026-11-26T10:00:00+00:00")
-    ours = launch_instance(ec2, make_spec(ami), run, USER_DATA, retry=FAST).instance_id
+    ours = launch(ec2, make_spec(cloud), run).instance_id
     same_run_elsewhere = identity(run.run_id, deployment=OTHER)
-    theirs = launch_instance(ec2, make_spec(ami), same_run_elsewhere, USER_DATA, retry=FAST).instance_id
+    theirs = launch(ec2, make_spec(cloud), same_run_elsewhere).instance_id
 
-    assert terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, retry=FAST) == [ours]
+    assert terminate_run(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id) == [ours]
     assert live(ec2) == [theirs]
 
 
-def test_adoption_needs_every_run_tag_and_never_crosses_deployments(aws):
-    ec2, ami = aws
+def test_adoption_needs_every_run_tag_and_never_crosses_deployments(cloud):
+    ec2 = cloud.ec2
     run = identity("manual__2026-11-26T10:00:00+00:00")
     # The other deployment's instance for a run with the same DAG, run id and commit: its host key is not ours.
     theirs = identity(run.run_id, deployment=OTHER)
-    launch_instance(ec2, make_spec(ami), theirs, USER_DATA, host_public_key="ssh-ed25519 THEIRS", retry=FAST)
-    assert adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha, retry=FAST) is None
+    launch(ec2, make_spec(cloud), theirs, host_public_key="ssh-ed25519 THEIRS")
+    assert adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha) is None
 
-    ours = launch_instance(ec2, make_spec(ami), run, USER_DATA, host_public_key="ssh-ed25519 OURS", retry=FAST)
-    adopted = adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha, retry=FAST)
+    ours = launch(ec2, make_spec(cloud), run, host_public_key="ssh-ed25519 OURS")
+    adopted = adopt_run_instance(ec2, PROJECT, DEPLOYMENT, run.dag_id, run.run_id, run.git_sha)
     assert adopted is not None
     assert (adopted.instance_id, adopted.host_public_key) == (ours.instance_id, "ssh-ed25519 OURS")
     # Each of the run's own tags must match, not just the run id.
@@ -384,4 +443,4 @@ def test_adoption_needs_every_run_tag_and_never_crosses_deployments(aws):
         (run.dag_id, "c" * 40, PROJECT),
         (run.dag_id, run.git_sha, "someone-else"),
     ):
-        assert adopt_run_instance(ec2, other_project, DEPLOYMENT, other_dag, run.run_id, other_sha, retry=FAST) is None
+        assert adopt_run_instance(ec2, other_project, DEPLOYMENT, other_dag, run.run_id, other_sha) is None

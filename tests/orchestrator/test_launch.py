@@ -46,8 +46,10 @@ def make_spec(**overrides) -> LaunchSpec:
         "spot_fallback_to_on_demand": True,
         "subnet_id": "subnet-0abc",
         "security_group_ids": ("sg-1", "sg-2"),
+        "public_ip": True,
         "instance_profile": "ec2-trainer-instance",
         "root_volume_gb": 150,
+        "root_device_name": "/dev/sda1",
         "project_tag": "ec2-trainer",
         "extra_tags": {"team": "ml"},
     }
@@ -70,8 +72,17 @@ def test_request_has_every_field():
     ]
     assert req["InstanceInitiatedShutdownBehavior"] == "terminate"
     assert req["IamInstanceProfile"] == {"Name": "ec2-trainer-instance"}
-    assert req["SubnetId"] == "subnet-0abc"
-    assert req["SecurityGroupIds"] == ["sg-1", "sg-2"]
+    # The interface asks for a public IP whatever the subnet's default; top-level SubnetId would not.
+    assert req["NetworkInterfaces"] == [
+        {
+            "DeviceIndex": 0,
+            "SubnetId": "subnet-0abc",
+            "Groups": ["sg-1", "sg-2"],
+            "AssociatePublicIpAddress": True,
+            "DeleteOnTermination": True,
+        }
+    ]
+    assert "SubnetId" not in req and "SecurityGroupIds" not in req
     assert req["InstanceMarketOptions"] == {
         "MarketType": "spot",
         "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
@@ -83,12 +94,11 @@ def test_request_has_every_field():
     assert 0 < len(req["ClientToken"]) <= CLIENT_TOKEN_MAX
 
 
-def test_on_demand_request_with_arn_profile_kms_and_default_network():
+def test_on_demand_request_with_arn_profile_kms_private_address_and_the_images_root_device():
     spec = make_spec(
         instance_profile="arn:aws:iam::123456789012:instance-profile/x",
         kms_key_id="alias/ebs",
-        subnet_id=None,
-        security_group_ids=(),
+        public_ip=False,
         root_device_name="/dev/xvda",
     )
     req = build_run_instances_request(spec, IDENTITY, "ud", "g6.xlarge", "on-demand")
@@ -96,8 +106,7 @@ def test_on_demand_request_with_arn_profile_kms_and_default_network():
     assert req["IamInstanceProfile"] == {"Arn": "arn:aws:iam::123456789012:instance-profile/x"}
     assert req["BlockDeviceMappings"][0]["DeviceName"] == "/dev/xvda"
     assert req["BlockDeviceMappings"][0]["Ebs"]["KmsKeyId"] == "alias/ebs"
-    assert "SubnetId" not in req
-    assert "SecurityGroupIds" not in req
+    assert req["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
     assert "IamInstanceProfile" not in build_run_instances_request(
         make_spec(instance_profile=None), IDENTITY, "ud", "g6.xlarge", "on-demand"
     )
@@ -172,6 +181,9 @@ def test_attempt_order():
         ({"instance_types": ()}, "instance_types is empty"),
         ({"instance_types": ("g5.xlarge", "g5.xlarge")}, "lists a type twice"),
         ({"root_volume_gb": 0}, "root_volume_gb must be at least 1"),
+        ({"subnet_id": ""}, "is not a subnet id"),
+        ({"security_group_ids": ()}, "security_group_ids is empty: EC2 would use the VPC's default group"),
+        ({"root_device_name": "sda1"}, "is not a device name"),
         ({"project_tag": " "}, "project_tag is empty"),
         ({"extra_tags": {"ec2-trainer:run_id": "x"}}, "reserved keys"),
     ],
@@ -207,3 +219,22 @@ def test_resolve_ami_refuses_a_value_that_is_no_ami(ssm):
     ssm.put_parameter(Name="/project/not-an-ami", Value="hello", Type="String")
     with pytest.raises(AmiNotFoundError, match="holds 'hello', not an AMI id"):
         resolve_ami(ssm, "/project/not-an-ami")
+
+
+def test_the_default_ami_is_a_supported_pytorch_ubuntu_dlami():
+    """The PyTorch 2.8 DLAMI's support ended 2026-08-06; 2.11 and 2.12 Ubuntu 24.04 DLAMIs are current. The embedded
+    stand-in image mirrors the default's name, so the demo runs what production runs."""
+    import re
+    import tomllib
+
+    from embedded.cloud import UBUNTU_DLAMI
+    from orchestrator.settings import DEFAULTS_FILE
+
+    parameter = tomllib.loads(DEFAULTS_FILE.read_text())["aws"]["ami_ssm_parameter"]
+    match = re.fullmatch(
+        r"/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-(\d+)\.(\d+)-ubuntu-24\.04/latest/ami-id",
+        parameter,
+    )
+    assert match, parameter
+    assert (int(match[1]), int(match[2])) >= (2, 11), f"{parameter} names a PyTorch DLAMI out of support"
+    assert parameter.removeprefix("/aws/service") == UBUNTU_DLAMI.parameter.removeprefix("/ec2-trainer/embedded")

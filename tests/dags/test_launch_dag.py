@@ -1,0 +1,105 @@
+"""The launch side of the training DAG against the strict embedded cloud: the image's own root device, the preflight
+that fails before anything is launched, and an instance EC2 takes back before it runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from embedded.cloud import AMAZON_LINUX_DLAMI
+from embedded.stack import EmbeddedStack
+from tests.aws_fixtures import take_back_the_first
+from tests.faults.support import output
+from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+
+pytestmark = pytest.mark.slow
+
+
+def root_volumes_at_launch(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, tuple[int, bool]]]:
+    """Each launched instance's volumes as EC2 attached them: device -> (size GB, encrypted)."""
+    from moto.ec2.models import EC2Backend
+
+    original = EC2Backend.run_instances
+    seen: list[dict[str, tuple[int, bool]]] = []
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reservation = original(self, *args, **kwargs)
+        for instance in reservation.instances:
+            volumes = {d: self.get_volume(m.volume_id) for d, m in instance.block_device_mapping.items()}
+            seen.append({d: (v.size, bool(v.encrypted)) for d, v in volumes.items()})
+        return reservation
+
+    monkeypatch.setattr(EC2Backend, "run_instances", run_instances)
+    return seen
+
+
+def test_the_root_volume_is_the_images_own_device(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Amazon Linux image's root is /dev/xvda: mapping /dev/sda1 would add a volume and leave the root as the
+    image has it (unencrypted, the snapshot's size)."""
+    monkeypatch.setenv("TRAINER__AWS__AMI_SSM_PARAMETER", AMAZON_LINUX_DLAMI.parameter)
+    volumes = root_volumes_at_launch(monkeypatch)
+    dag_run = run_dag(git_ref=sha)
+
+    assert dag_run.state == "success", task_states(dag_run)
+    assert volumes == [{"/dev/xvda": (100, True)}]
+    assert_all_terminated(env, dag_run, 1)
+
+
+def failed_in_plan_launch(env: EmbeddedStack, dag_run: Any, log: str, message: str) -> None:
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["plan_launch"] == "failed"
+    assert states["launch"] == "upstream_failed"
+    assert message in log
+    (plan,) = (ti for ti in dag_run.get_task_instances() if ti.task_id == "plan_launch")
+    assert plan.try_number == 1, "a configuration error fails without retry"
+    assert_all_terminated(env, dag_run, 0)
+
+
+def test_a_root_volume_below_the_images_snapshot_fails_before_launch(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRAINER__AWS__ROOT_VOLUME_GB", "50")
+    dag_run = run_dag(git_ref=sha)
+    failed_in_plan_launch(env, dag_run, capfd.readouterr().out, "aws.root_volume_gb = 50 is smaller than")
+
+
+def test_a_security_group_without_ssh_fails_before_launch(
+    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert env.cloud.network is not None
+    ec2 = env.cloud.client("ec2")
+    closed = ec2.create_security_group(
+        GroupName="no-ssh-from-airflow", Description="HTTPS only", VpcId=env.cloud.network.vpc_id
+    )["GroupId"]
+    ec2.authorize_security_group_ingress(
+        GroupId=closed,
+        IpPermissions=[{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
+    )
+    monkeypatch.setenv("TRAINER__AWS__SECURITY_GROUP_IDS", closed)
+    # Bounds the run should it launch anyway (SSH never answers there).
+    monkeypatch.setenv("TRAINER__INSTANCE__READY_TIMEOUT_MINUTES", "1")
+    dag_run = run_dag(git_ref=sha)
+    failed_in_plan_launch(env, dag_run, capfd.readouterr().out, "has an inbound rule for TCP")
+
+
+def test_capacity_taken_back_while_pending_relaunches_on_the_next_type(
+    env: EmbeddedStack,
+    sha: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    launched = take_back_the_first("g6.xlarge", monkeypatch)
+    dag_run = run_dag(git_ref=sha, instance_types=["g6.xlarge", "g5.xlarge"])
+
+    assert dag_run.state == "success", task_states(dag_run)
+    assert launched == ["g6.xlarge", "g5.xlarge"]
+    instances = assert_all_terminated(env, dag_run, 2)
+    assert sorted(i["InstanceType"] for i in instances.values()) == ["g5.xlarge", "g6.xlarge"]
+    assert "went terminated before running: Server.InsufficientInstanceCapacity" in output(capfd, caplog)
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["launch"].try_number == 1 and tis["launch"].xcom_pull(task_ids="launch")["instance_type"] == "g5.xlarge"

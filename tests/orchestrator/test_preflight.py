@@ -1,0 +1,107 @@
+"""plan_launch's checks against a strict in-process AWS: each misconfiguration fails before launch, naming it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from embedded.cloud import AMAZON_LINUX_DLAMI, UBUNTU_DLAMI
+from orchestrator.errors import ConfigError
+from orchestrator.preflight import (
+    ImageRoot,
+    check_instance_profile,
+    check_network,
+    read_image_root,
+    root_volume_gb,
+)
+from tests.aws_fixtures import PROFILE, SSH_PORT, StrictAws, strict_aws
+
+
+@pytest.fixture
+def cloud(monkeypatch: pytest.MonkeyPatch) -> Any:
+    with strict_aws(monkeypatch) as aws:
+        yield aws
+
+
+def test_the_image_root_is_read_from_describe_images(cloud: StrictAws) -> None:
+    for image in (UBUNTU_DLAMI, AMAZON_LINUX_DLAMI):
+        root = read_image_root(cloud.ec2, cloud.images[image.parameter])
+        assert root == ImageRoot(image.root_device_name, image.root_snapshot_gb)
+
+
+def test_an_unknown_image_is_a_config_error(cloud: StrictAws) -> None:
+    with pytest.raises(ConfigError, match=r"aws.ami_ssm_parameter: image ami-0123456789abcdef0 does not exist"):
+        read_image_root(cloud.ec2, "ami-0123456789abcdef0")
+
+
+def test_a_root_volume_below_the_snapshot_is_refused_naming_the_setting() -> None:
+    root = ImageRoot("/dev/sda1", 75)
+    assert root_volume_gb(100, root) == 100
+    assert root_volume_gb(75, root) == 75
+    with pytest.raises(ConfigError, match=r"aws.root_volume_gb = 50 .*75 GB at /dev/sda1.*at least 75"):
+        root_volume_gb(50, root)
+
+
+def test_a_good_network_passes_and_says_whether_the_subnet_maps_public_ips(cloud: StrictAws) -> None:
+    network = check_network(cloud.ec2, cloud.network.subnet_id, (cloud.network.security_group_id,), SSH_PORT)
+    assert (network.subnet_id, network.vpc_id, network.maps_public_ip) == (
+        cloud.network.subnet_id,
+        cloud.network.vpc_id,
+        False,
+    )
+
+
+def group(cloud: StrictAws, vpc_id: str, *permissions: dict[str, Any]) -> str:
+    name = f"g{len(cloud.ec2.describe_security_groups()['SecurityGroups'])}"
+    group_id = str(cloud.ec2.create_security_group(GroupName=name, Description="x", VpcId=vpc_id)["GroupId"])
+    if permissions:
+        cloud.ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=list(permissions))
+    return group_id
+
+
+def test_a_group_with_any_rule_admitting_the_ssh_port_will_do(cloud: StrictAws) -> None:
+    vpc = cloud.network.vpc_id
+    https = {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    ranged = {"IpProtocol": "tcp", "FromPort": 20, "ToPort": 30, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+    everything = {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+    for admitting in (ranged, everything):
+        check_network(cloud.ec2, cloud.network.subnet_id, (group(cloud, vpc, https), group(cloud, vpc, admitting)), 22)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no subnet", r"aws.subnet_id is empty"),
+        ("unknown subnet", r"aws.subnet_id: subnet subnet-0123456789abcdef0 does not exist .*InvalidSubnetID"),
+        ("no groups", r"aws.security_group_ids is empty: EC2 would use the VPC's default group"),
+        ("unknown group", r"aws.security_group_ids: \['sg-0123456789abcdef0'\]: InvalidGroup.NotFound"),
+        ("no ssh rule", r"none of .* has an inbound rule for TCP 22 \(instance.ssh_port\)"),
+        ("other vpc", r"aws.security_group_ids: \['sg-.*'\] are not in the VPC vpc-"),
+    ],
+)
+def test_a_bad_network_is_a_config_error_naming_the_setting(cloud: StrictAws, case: str, message: str) -> None:
+    subnet, groups = cloud.network.subnet_id, (cloud.network.security_group_id,)
+    ssh = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    if case == "no subnet":
+        subnet = ""
+    elif case == "unknown subnet":
+        subnet = "subnet-0123456789abcdef0"
+    elif case == "no groups":
+        groups = ()
+    elif case == "unknown group":
+        groups = ("sg-0123456789abcdef0",)
+    elif case == "no ssh rule":
+        groups = (group(cloud, cloud.network.vpc_id),)
+    else:
+        other_vpc = cloud.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+        groups = (group(cloud, other_vpc, ssh),)
+    with pytest.raises(ConfigError, match=message):
+        check_network(cloud.ec2, subnet, groups, SSH_PORT)
+
+
+def test_the_instance_profile_must_exist(cloud: StrictAws) -> None:
+    check_instance_profile(cloud.iam, PROFILE)
+    check_instance_profile(cloud.iam, f"arn:aws:iam::123456789012:instance-profile/{PROFILE}")
+    with pytest.raises(ConfigError, match=r"aws.instance_profile: instance profile 'nope' does not exist"):
+        check_instance_profile(cloud.iam, "nope")
