@@ -175,7 +175,7 @@ def test_a_server_error_on_terminate_is_retried_inside_botocore(cloud, retrying_
     ec2, _ = retrying_ec2
     launched = launch(cloud.ec2, make_spec(cloud))
     attempts = http_errors(monkeypatch, "TerminateInstances", "InternalError", 500, failures=1)
-    assert terminate_run(ec2, "train_hurricane", "manual__1", PROJECT) == [launched.instance_id]
+    assert terminate_run(ec2, PROJECT, DEPLOYMENT, "train_hurricane", "manual__1") == [launched.instance_id]
     assert len(attempts) == 2
     assert live(cloud.ec2) == []
 

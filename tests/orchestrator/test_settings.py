@@ -140,12 +140,12 @@ def test_unknown_param_keys_are_refused_with_the_closest_name(params: dict[str, 
 @pytest.mark.parametrize("data_uri", ["   ", "-rf", "--data_uri=/etc"])
 def test_data_uri_param_that_the_job_would_refuse_is_refused_here(data_uri: str) -> None:
     with pytest.raises(ConfigError, match=r"training\.data_uri: .* is invalid; expected a data location"):
-        load_settings({"data_uri": data_uri}, env={})
+        load_settings({"data_uri": data_uri}, env=DEPLOYED)
 
 
 def test_empty_data_uri_from_the_environment_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"training\.data_uri: '' is invalid; expected a data location"):
-        load_settings(env={"TRAINER__TRAINING__DATA_URI": " "})
+        load_settings(env={"TRAINER__TRAINING__DATA_URI": " ", **DEPLOYED})
 
 
 # ---- coercion from environment strings

@@ -386,7 +386,7 @@ def test_concurrent_evaluations_leave_the_best_model_champion(tracking_uri: str,
 def _step_config(tracking_uri: str, model_name: str) -> dict[str, Any]:
     from orchestrator.settings import load_settings
 
-    config = load_settings().to_dict()
+    config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
     config["mlflow"] |= {"tracking_uri": tracking_uri, "model_name": model_name, "conn_id": "no_such_connection"}
     return config
 
