@@ -226,7 +226,9 @@ def test_the_ci_gate_receives_the_ref_as_text(training_dag: Any, ref: str) -> No
     from orchestrator.ci import parse_allowed_conclusions
     from orchestrator.settings import load_settings
 
-    config = load_settings({"git_ref": ref}, env={"TRAINER__GITHUB__CONN_ID": "2024"}).to_dict() | {"git_ref": ref}
+    config = load_settings(
+        {"git_ref": ref}, env={"TRAINER__GITHUB__CONN_ID": "2024", "TRAINER__AWS__DEPLOYMENT": "test"}
+    ).to_dict() | {"git_ref": ref}
     gate = _rendered(training_dag.get_task("ci_gate"), {"resolve_config": config})
     assert gate.git_ref == ref
     assert gate.github_conn_id == "2024"

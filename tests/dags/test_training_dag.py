@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from embedded.stack import EmbeddedStack
+from embedded.stack import DEPLOYMENT, EmbeddedStack
 from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
 from tests.pipeline_fixtures import (
     ProcessListSampler,
@@ -162,7 +162,7 @@ def test_no_capacity_anywhere_fails_cleanly(env: EmbeddedStack, sha: str, monkey
 def test_instance_cap_reached_fails_without_launching_or_retrying(
     env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Another instance of the project holds the only slot for longer than the launch may wait."""
+    """Another instance of this deployment holds the only slot for longer than the launch may wait."""
     monkeypatch.setenv("TRAINER__AWS__MAX_INSTANCES", "1")
     monkeypatch.setenv("TRAINER__AWS__INSTANCE_WAIT_MINUTES", "0")
     ec2 = env.cloud.client("ec2")
@@ -172,7 +172,13 @@ def test_instance_cap_reached_fails_without_launching_or_retrying(
         MinCount=1,
         MaxCount=1,
         TagSpecifications=[
-            {"ResourceType": "instance", "Tags": [{"Key": "ec2-trainer:project", "Value": "ec2-trainer"}]}
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "ec2-trainer:project", "Value": "ec2-trainer"},
+                    {"Key": "ec2-trainer:deployment", "Value": DEPLOYMENT},
+                ],
+            }
         ],
     )["Instances"][0]["InstanceId"]
     try:

@@ -3,7 +3,6 @@ and the root volume."""
 
 from __future__ import annotations
 
-import getpass
 import sys
 import time
 from typing import Any
@@ -83,11 +82,12 @@ def test_ssh_never_answers_when_no_security_group_admits_it(cloud: LocalCloud) -
         UserDataSpec(
             host_key=generate_host_key(),
             authorized_public_key=client_key.public_line,
-            ssh_user=getpass.getuser(),
+            ssh_user=cloud.login_user,
             deadline_epoch=int(time.time()) + 3600,
             state_dir=str(cloud.disk_root / "state"),
             python_bin=sys.executable,
             require_gpu=False,
+            ssh_port=cloud.ssh_port,
         )
     )
     instance_id = run(

@@ -26,12 +26,13 @@ def test_throttling_and_a_failed_terminate_are_retried_inside_botocore(
     fault_table: FaultTable,
 ) -> None:
     # The first requests of each API fail; the emulator itself never calls these three, so every one is the pipeline's.
-    run = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503, failures=2)
-    describe = http_errors(monkeypatch, "DescribeInstances", "RequestLimitExceeded", 503, failures=2)
-    terminate = http_errors(monkeypatch, "TerminateInstances", "InternalError", 500, failures=1)
-    dag_run = run_dag(git_ref=sha)
-    log = output(capfd, caplog)
-    monkeypatch.undo()  # the checks below describe instances themselves
+    # Only for the run: the checks below describe instances themselves (and the SSH recorder stays installed).
+    with monkeypatch.context() as faults:
+        run = http_errors(faults, "RunInstances", "RequestLimitExceeded", 503, failures=2)
+        describe = http_errors(faults, "DescribeInstances", "RequestLimitExceeded", 503, failures=2)
+        terminate = http_errors(faults, "TerminateInstances", "InternalError", 500, failures=1)
+        dag_run = run_dag(git_ref=sha)
+        log = output(capfd, caplog)
 
     states = task_states(dag_run)
     assert dag_run.state == "success", states
@@ -68,10 +69,10 @@ def test_throttling_that_never_ends_is_bounded_and_launches_nothing(
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
 ) -> None:
-    run = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503)
-    dag_run = run_dag(git_ref=sha)
-    log = output(capfd, caplog)
-    monkeypatch.undo()
+    with monkeypatch.context() as faults:
+        run = http_errors(faults, "RunInstances", "RequestLimitExceeded", 503)
+        dag_run = run_dag(git_ref=sha)
+        log = output(capfd, caplog)
 
     states = task_states(dag_run)
     assert dag_run.state == "failed"
