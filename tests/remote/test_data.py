@@ -34,6 +34,13 @@ def _load(
     return dataset.load_split(dataset.scan_split(root, split, max_images), 32, device, workers=2)
 
 
+def test_the_log_names_the_decoder(tiny_root, caplog):
+    """Which decoder ran decides the speed by 5x on a GPU: the job's log must say it."""
+    with caplog.at_level("INFO", logger="remote.dataset"):
+        _load(tiny_root)
+    assert "train_another: decoded 24 files with PIL (CPU)" in caplog.text
+
+
 def test_damage_is_the_positive_class():
     assert LABELS == {"damage": 1, "no_damage": 0}
     assert CLASS_NAMES[1] == "damage"
