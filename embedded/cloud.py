@@ -241,11 +241,11 @@ def admits_ssh(groups: Any, port: int, source: ipaddress.IPv4Address | ipaddress
 def install_strict_ec2() -> Any:
     """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
 
-    RunInstances: EC2 refuses a root override smaller than the image's root snapshot (InvalidBlockDeviceMapping),
-    and a mapping that misses the image's root device leaves the root as the image has it (moto would leave no root
+    RunInstances: EC2 refuses an unknown image (InvalidAMIID.NotFound) and a root override smaller than the image's
+    root snapshot (InvalidBlockDeviceMapping), and a mapping that misses the image's root device leaves the root as the image has it (moto would leave no root
     at all). TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again
     and fails with InvalidNetworkInterfaceID.NotFound)."""
-    from moto.ec2.exceptions import EC2ClientError, InvalidAMIIdError
+    from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models.instances import Instance, InstanceBackend
 
     original = InstanceBackend.run_instances
@@ -258,11 +258,9 @@ def install_strict_ec2() -> Any:
 
     def run_instances(backend: Any, image_id: str, *args: Any, **kwargs: Any) -> Any:
         mappings = kwargs.get("block_device_mappings")
-        try:
-            (image,) = backend.describe_images(ami_ids=[image_id])
-        except InvalidAMIIdError:
-            image = None  # moto launches unknown images; so does this (MOTO_ENABLE_AMI_VALIDATION is the switch)
-        if image is not None and mappings:
+        # EC2 refuses an image it does not know (InvalidAMIID.NotFound); moto would launch it.
+        (image,) = backend.describe_images(ami_ids=[image_id])
+        if mappings:
             (root,) = image.block_device_mappings
             snapshot_gb = int(root["Ebs"]["VolumeSize"])
             overrides = [m for m in mappings if m.get("DeviceName") == image.root_device_name]

@@ -25,6 +25,14 @@ class SshKeyPair:
     private_pem: str = field(repr=False)
 
 
+OPENSSH_PRIVATE_LABEL = "OPENSSH PRIVATE KEY"
+
+
+def pem_armor(body: str, label: str = OPENSSH_PRIVATE_LABEL) -> str:
+    """`body` in PEM armour: tests of what is *not* a usable key build it here, so no key-shaped text is committed."""
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
 def make_ed25519_keypair() -> SshKeyPair:
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(

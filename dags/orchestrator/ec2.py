@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, aws_error_code, aws_error_message
 from orchestrator.launch import (
     TAG_EXPIRES_AT,
     TAG_HOST_KEY,
@@ -114,20 +114,6 @@ class InstanceInfo:
     launch_time: datetime | None
     state_reason: str | None = None
     state_reason_code: str | None = None
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def _error_message(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Message", ""))
-    return str(exc)
 
 
 def _tags(instance: dict[str, Any]) -> dict[str, str]:
@@ -296,7 +282,7 @@ def launch_instance(
         try:
             response = ec2.run_instances(**request)
         except ClientError as exc:
-            code, message = _error_code(exc), _error_message(exc)
+            code, message = aws_error_code(exc), aws_error_message(exc)
             if code in CAPACITY_ERROR_CODES:
                 log.warning("no %s %s capacity: %s: %s; trying the next option", market, instance_type, code, message)
                 tried.append((instance_type, market, code))
@@ -347,7 +333,7 @@ def describe_instance(ec2: Any, instance_id: str) -> InstanceInfo | None:
     try:
         response = ec2.describe_instances(InstanceIds=[instance_id])
     except ClientError as exc:
-        if _error_code(exc) in _NOT_FOUND_CODES:
+        if aws_error_code(exc) in _NOT_FOUND_CODES:
             return None
         raise
     return _first_info(response)
@@ -408,7 +394,7 @@ def terminate_instances(ec2: Any, instance_ids: Iterable[str]) -> list[str]:
     try:
         ec2.terminate_instances(InstanceIds=ids)
     except ClientError as exc:
-        if _error_code(exc) not in _NOT_FOUND_CODES:
+        if aws_error_code(exc) not in _NOT_FOUND_CODES:
             raise
         # One bad id fails the whole batch: go one by one to terminate the others.
         accepted: list[str] = []
@@ -416,9 +402,11 @@ def terminate_instances(ec2: Any, instance_ids: Iterable[str]) -> list[str]:
             try:
                 ec2.terminate_instances(InstanceIds=[instance_id])
             except ClientError as single:
-                if _error_code(single) not in _NOT_FOUND_CODES:
+                if aws_error_code(single) not in _NOT_FOUND_CODES:
                     raise
-                log.warning("instance %s unknown to EC2 (%s); nothing to terminate", instance_id, _error_code(single))
+                log.warning(
+                    "instance %s unknown to EC2 (%s); nothing to terminate", instance_id, aws_error_code(single)
+                )
                 continue
             accepted.append(instance_id)
         ids = accepted

@@ -9,3 +9,19 @@ class OrchestratorError(Exception):
 
 class ConfigError(OrchestratorError):
     """A configuration value or a DAG param is invalid; the message names the field. No retry can fix it."""
+
+
+def aws_error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore ClientError (e.g. InvalidSubnetID.NotFound); "" for anything else."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def aws_error_message(exc: BaseException) -> str:
+    """AWS's own message for a ClientError; the exception's text for anything else."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Message", ""))
+    return str(exc)

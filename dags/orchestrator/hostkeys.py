@@ -1,7 +1,7 @@
 """SSH keys made for one run: the instance's pinned host key, and the public line of a client key.
 
 The host key is generated here and handed to the instance through user-data, so the SSH client can pin it
-from the first connection on instead of trusting whatever key answers (no AutoAddPolicy).
+from the first connection on instead of trusting whatever key answers (never accept-on-first-use).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, aws_error_code, aws_error_message
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,9 @@ class Network:
     maps_public_ip: bool
 
 
-def _code(exc: BaseException) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
 def _reason(exc: BaseException) -> str:
     """EC2's own words: the error code and its message."""
-    return f"{_code(exc)}: {getattr(exc, 'response', {}).get('Error', {}).get('Message', '')}"
+    return f"{aws_error_code(exc)}: {aws_error_message(exc)}"
 
 
 def read_image_root(ec2: Any, ami_id: str) -> ImageRoot:
@@ -44,7 +40,7 @@ def read_image_root(ec2: Any, ami_id: str) -> ImageRoot:
     try:
         images = ec2.describe_images(ImageIds=[ami_id])["Images"]
     except ClientError as exc:
-        if not _code(exc).startswith("InvalidAMIID"):
+        if not aws_error_code(exc).startswith("InvalidAMIID"):
             raise
         images = []
     if not images:
@@ -99,7 +95,7 @@ def check_network(ec2: Any, subnet_id: str, security_group_ids: tuple[str, ...],
     try:
         (subnet,) = ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
     except ClientError as exc:
-        if _code(exc) not in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
+        if aws_error_code(exc) not in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
             raise
         raise ConfigError(
             f"aws.subnet_id: subnet {subnet_id} does not exist in this region ({_reason(exc)}): set an existing subnet"
@@ -107,7 +103,7 @@ def check_network(ec2: Any, subnet_id: str, security_group_ids: tuple[str, ...],
     try:
         groups = ec2.describe_security_groups(GroupIds=list(security_group_ids))["SecurityGroups"]
     except ClientError as exc:
-        if not _code(exc).startswith("InvalidGroup"):
+        if not aws_error_code(exc).startswith("InvalidGroup"):
             raise
         raise ConfigError(
             f"aws.security_group_ids: {list(security_group_ids)}: {_reason(exc)}. Set existing security group ids"
@@ -134,7 +130,7 @@ def check_instance_profile(iam: Any, profile: str) -> None:
     try:
         iam.get_instance_profile(InstanceProfileName=name)
     except ClientError as exc:
-        if _code(exc) != "NoSuchEntity":
+        if aws_error_code(exc) != "NoSuchEntity":
             raise
         raise ConfigError(
             f"aws.instance_profile: instance profile {name!r} does not exist: create it (docs/iam.md) or leave the "

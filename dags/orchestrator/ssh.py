@@ -1,7 +1,7 @@
 """SSH to the training instance with a pinned host key, wait for it to answer, and wait for its bootstrap marker.
 
 paramiko is used directly rather than the SSH provider's SSHHook: SSHHook pins a host key only through connection
-extras and otherwise falls back to AutoAddPolicy, while here the expected key comes from the launch step (it was
+extras and otherwise accepts whatever key answers first, while here the expected key comes from the launch step (it was
 generated for this instance and given to it in user-data), and anything else must be refused before authenticating.
 """
 

@@ -136,3 +136,9 @@ def test_root_volume_rules_of_ec2(cloud: LocalCloud) -> None:
         assert by_device == {"/dev/xvda": (AMAZON_LINUX_DLAMI.root_snapshot_gb, False), "/dev/sda1": (100, True)}
     finally:
         ec2.terminate_instances(InstanceIds=[instance_id])
+
+
+def test_an_unknown_image_is_refused_as_ec2_refuses_it(cloud: LocalCloud) -> None:
+    assert cloud.network is not None
+    with pytest.raises(Exception, match=r"InvalidAMIID\.NotFound"):
+        run(cloud, ImageId="ami-0123456789abcdef0", SubnetId=cloud.network.subnet_id)

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from orchestrator.hostkeys import HostKeyError, generate_host_key, public_line_from_private
+from tests.sshd_fixtures import pem_armor
 
 
 def test_generated_key_loads_in_paramiko_and_matches_its_public_line_and_fingerprint():
@@ -18,7 +19,7 @@ def test_generated_key_loads_in_paramiko_and_matches_its_public_line_and_fingerp
     loaded = paramiko.Ed25519Key.from_private_key(io.StringIO(key.private_openssh))
     assert key.public_line == f"{loaded.get_name()} {loaded.get_base64()}"
     assert key.fingerprint_sha256 == loaded.fingerprint
-    assert key.private_openssh.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert key.private_openssh.startswith(pem_armor("").split("\n")[0])
     assert generate_host_key().public_line != key.public_line
 
 
@@ -59,4 +60,4 @@ def test_public_line_from_rsa_pem_private_key():
 
 def test_unreadable_private_key_says_what_to_use():
     with pytest.raises(HostKeyError, match="unencrypted OpenSSH or PEM private key"):
-        public_line_from_private("-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5\n-----END OPENSSH PRIVATE KEY-----")
+        public_line_from_private(pem_armor("bm90IGEga2V5"))

@@ -23,7 +23,7 @@ from orchestrator.ssh import (
     wait_for_bootstrap,
     wait_for_ssh,
 )
-from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair
+from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair, pem_armor
 
 
 def test_target_repr_hides_the_private_key(ssh_target: SshTarget) -> None:
@@ -152,7 +152,7 @@ def test_private_keys_of_each_supported_type_load() -> None:
 
 def test_bad_keys_fail_with_a_message_that_hides_them() -> None:
     with pytest.raises(OrchestratorError, match="could not be loaded") as err:
-        load_private_key("-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-key\n-----END OPENSSH PRIVATE KEY-----\n")
+        load_private_key(pem_armor("not-a-key"))
     assert "not-a-key" not in str(err.value)
     with pytest.raises(OrchestratorError, match="OpenSSH public key line like"):
         parse_public_key("ssh-ed25519")
