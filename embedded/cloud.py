@@ -243,8 +243,8 @@ def install_strict_ec2() -> Any:
 
     RunInstances: EC2 refuses an unknown image (InvalidAMIID.NotFound) and a root override smaller than the image's
     root snapshot (InvalidBlockDeviceMapping); a mapping that misses the image's root device leaves the root as the
-    image has it (moto would leave no root at all). TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again
-    and fails with InvalidNetworkInterfaceID.NotFound)."""
+    image has it (moto would leave no root at all). TerminateInstances on a terminated instance changes nothing
+    (moto deletes its network interface again and fails with InvalidNetworkInterfaceID.NotFound)."""
     from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models.instances import Instance, InstanceBackend
 
