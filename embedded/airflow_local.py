@@ -34,16 +34,21 @@ class AirflowError(RuntimeError):
 
 
 class LocalAirflow(Managed):
-    """Start with `with LocalAirflow(home, env) as airflow:`; `env` carries the connections and TRAINER__ settings."""
+    """Start with `with LocalAirflow(home, env) as airflow:`; `env` carries the connections and TRAINER__ settings.
 
-    def __init__(self, home: Path, env: Mapping[str, str], *, parallelism: int = 8) -> None:
+    `env` is applied last: an AIRFLOW__ variable in it overrides this class's default for that setting (the executor,
+    the metadata database, intervals). `port` None picks a free one.
+    """
+
+    def __init__(
+        self, home: Path, env: Mapping[str, str], *, parallelism: int = 8, port: int | None = None
+    ) -> None:
         self.home = home.resolve()
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
             **os.environ,
-            **env,
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
@@ -60,6 +65,7 @@ class LocalAirflow(Managed):
             "AIRFLOW__API__WORKERS": "1",
             # The triggerer imports the CI gate's trigger by its class path, as in production.
             "PYTHONPATH": str(REPO / "dags"),
+            **env,
         }
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._token = ""
