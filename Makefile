@@ -10,12 +10,13 @@ TEST_WORKERS ?= 2
 .PHONY: demo test lint unit ui clean install system-deps smoke-aws
 .PHONY: smoke-github
 
-$(BIN)/.installed: requirements.lock
+# requirements-deploy.lock: the production deployment's set (Celery, PostgreSQL drivers, Redis), which tests/deploy runs.
+$(BIN)/.installed: requirements.lock requirements-deploy.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import airflow, mlflow, moto, paramiko, torch" && touch $@
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-deploy.lock 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import airflow, mlflow, moto, paramiko, torch, celery, psycopg2, asyncpg, redis" && touch $@
 
 install: $(BIN)/.installed
 
