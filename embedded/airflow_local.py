@@ -3,14 +3,20 @@
 `dag.test()` runs one DAG run at a time in one process; this runs them the way production does, several at once,
 each task in its own supervised process, pools and retries enforced by the scheduler. It serves the load test and
 the test that kills a task's process, and `make ui`-style exploration. Everything listens on 127.0.0.1.
+
+With `workers=N` and the CeleryExecutor in `env` (embedded.deployment.celery_environment: PostgreSQL, Redis), it also
+runs N Celery workers, each named and killable as a whole process tree: the production topology (tests/deploy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +33,14 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("scheduler", "dag-processor", "triggerer")
 FINISHED = frozenset({"success", "failed"})
+# Each Celery worker's name, in its environment: the task hostname it reports (worker_hostname).
+WORKER_NAME_VAR = "EC2_TRAINER_WORKER_NAME"
+
+
+def worker_hostname() -> str:
+    """`[core] hostname_callable` of the harness's workers: on one machine every worker would report the same host
+    name, so each reports the name the harness gave it (a task instance's `hostname` tells which worker ran it)."""
+    return os.environ.get(WORKER_NAME_VAR) or socket.getfqdn()
 
 
 class AirflowError(RuntimeError):
@@ -37,11 +51,19 @@ class LocalAirflow(Managed):
     """Start with `with LocalAirflow(home, env) as airflow:`; `env` carries the connections and TRAINER__ settings.
 
     `env` is applied last: an AIRFLOW__ variable in it overrides this class's default for that setting (the executor,
-    the metadata database, intervals). `port` None picks a free one.
+    the metadata database, intervals). `port` None picks a free one. `workers` Celery workers (named worker-1, ...)
+    run `worker_concurrency` tasks each; they need the CeleryExecutor and its broker in `env`.
     """
 
     def __init__(
-        self, home: Path, env: Mapping[str, str], *, parallelism: int = 8, port: int | None = None
+        self,
+        home: Path,
+        env: Mapping[str, str],
+        *,
+        parallelism: int = 8,
+        port: int | None = None,
+        workers: int = 0,
+        worker_concurrency: int = 4,
     ) -> None:
         self.home = home.resolve()
         self.port = port or free_port()
@@ -69,6 +91,12 @@ class LocalAirflow(Managed):
         }
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._token = ""
+        self.workers = [f"worker-{n}" for n in range(1, workers + 1)]
+        self.worker_concurrency = worker_concurrency
+        # Applied over `env` in the workers only; restart_workers() changes it.
+        self.worker_env: dict[str, str] = {}
+        # Where each worker's current start begins in its log (a restart appends to it).
+        self._worker_log_offsets: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -90,10 +118,14 @@ class LocalAirflow(Managed):
             log_file=self.log_file("api-server"),
         )
         self._token = self._request("GET", "/auth/token", authorized=False)["access_token"]
+        for name in self.workers:
+            self._start_worker(name)
+        for name in self.workers:
+            self._wait_worker_ready(name)
         log.info("Airflow at %s (AIRFLOW_HOME %s)", self.url, self.home)
 
     def stop(self) -> None:
-        for name in (*COMPONENTS, "api-server"):
+        for name in (*self.workers, *COMPONENTS, "api-server"):
             stop_process(self._procs.pop(name, None), timeout_s=20)
 
     def log_file(self, component: str) -> Path:
@@ -101,6 +133,86 @@ class LocalAirflow(Managed):
 
     def component_pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self._procs.items() if proc.poll() is None}
+
+    # ---- Celery workers --------------------------------------------------------------------------------------------
+
+    def _start_worker(self, name: str) -> None:
+        env = {
+            **self.env,
+            **self.worker_env,
+            WORKER_NAME_VAR: name,
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname",
+            # The task processes import worker_hostname from this package.
+            "PYTHONPATH": f"{self.env['PYTHONPATH']}:{REPO}",
+        }
+        log_file = self.log_file(name)
+        self._worker_log_offsets[name] = log_file.stat().st_size if log_file.exists() else 0
+        self._procs[name] = start_logged(
+            [
+                "airflow",
+                "celery",
+                "worker",
+                "--celery-hostname",
+                name,
+                "--concurrency",
+                str(self.worker_concurrency),
+                "--pid",
+                str(self.home / f"{name}.pid"),
+                # Task logs are files in the one AIRFLOW_HOME every component shares: no log server needed.
+                "--skip-serve-logs",
+            ],
+            log_file,
+            env=env,
+        )
+
+    def _wait_worker_ready(self, name: str, timeout_s: float = 180) -> None:
+        """Until the worker consumes from the broker (Celery logs `<nodename> ready.`)."""
+        deadline = time.monotonic() + timeout_s
+        proc, log_file = self._procs[name], self.log_file(name)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AirflowError(f"{name} exited with code {proc.returncode}; see {log_file}")
+            if " ready." in self.worker_log(name):
+                return
+            time.sleep(0.5)
+        raise AirflowError(f"{name} not ready within {timeout_s:.0f}s; see {log_file}")
+
+    def worker_log(self, name: str) -> str:
+        """What the worker logged since its last start."""
+        with self.log_file(name).open("rb") as out:
+            out.seek(self._worker_log_offsets[name])
+            return out.read().decode(errors="replace")
+
+    def kill_worker(self, name: str) -> list[int]:
+        """SIGKILL the worker's whole process tree (Celery's pool, task supervisors, task processes): no task of it
+        gets to clean up, as when its machine dies. Returns the PIDs killed."""
+        import psutil
+
+        proc = self._procs[name]
+        tree = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
+        # The group first, at once (nothing forks in between), then any process that left it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive := [pid for pid in tree if _running(pid)]:
+            if time.monotonic() > deadline:
+                raise AirflowError(f"{name}: processes {alive} survived SIGKILL")
+            time.sleep(0.2)
+        return tree
+
+    def restart_workers(self, env: Mapping[str, str] | None = None) -> None:
+        """Stop every worker (a killed one too), apply `env` over their environment, start them, wait until ready."""
+        self.worker_env.update(env or {})
+        for name in self.workers:
+            stop_process(self._procs.pop(name, None), timeout_s=60)
+        for name in self.workers:
+            self._start_worker(name)
+        for name in self.workers:
+            self._wait_worker_ready(name)
 
     # ---- the REST API ----------------------------------------------------------------------------------------------
 
@@ -183,3 +295,13 @@ class LocalAirflow(Managed):
         result = subprocess.run(["airflow", *args], env=self.env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise AirflowError(f"airflow {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its reaper does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,10 +1,16 @@
-"""A real MLflow tracking server on loopback: SQLite backend, proxied artifacts (clients never write its disk)."""
+"""A real MLflow tracking server on loopback with proxied artifacts (clients never write its store).
+
+By default its backend is SQLite and its artifacts a folder in `workdir`; a production-like one takes a PostgreSQL
+`backend_store_uri` and an `s3://` `artifacts_destination`, with the S3 endpoint and credentials in `env`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -14,8 +20,19 @@ log = logging.getLogger(__name__)
 
 
 class MlflowServer:
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        backend_store_uri: str | None = None,
+        artifacts_destination: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        self.artifacts_destination = artifacts_destination or str(workdir / "artifacts")
+        self.env = dict(env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = workdir / "mlflow-server.log"
@@ -29,9 +46,9 @@ class MlflowServer:
                 str(mlflow_bin),
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{self.workdir / 'mlflow.db'}",
+                self.backend_store_uri,
                 "--artifacts-destination",
-                str(self.workdir / "artifacts"),
+                self.artifacts_destination,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -40,9 +57,10 @@ class MlflowServer:
                 "1",
             ],
             self.log_file,
+            env={**os.environ, **self.env},
         )
         wait_for_http(f"{self.url}/health", timeout_s, proc=self._proc, log_file=self.log_file)
-        log.info("MLflow server at %s (data in %s)", self.url, self.workdir)
+        log.info("MLflow server at %s (artifacts in %s)", self.url, self.artifacts_destination)
         return self.url
 
     def stop(self) -> None:

@@ -4,7 +4,8 @@
 | --------------------------- | ----------------------------------------------------------------------- |
 | AWS (EC2, SSM, IAM)         | a moto server, plus an emulator that boots instances as loopback sshd   |
 | GitHub repo + Actions API   | `git daemon` serving this repository, and a stand-in for the Actions API |
-| MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts                   |
+| MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts (or on PostgreSQL  |
+|                             | with artifacts in the moto server's S3: `mlflow_backend_store_uri`, ...) |
 
 `environment()` returns what Airflow needs to use them (connections as AIRFLOW_CONN_* variables, configuration as
 TRAINER__* variables): the DAG and the orchestrator run unchanged; only connections and configuration differ.
@@ -72,7 +73,18 @@ def _client_key() -> tuple[str, str]:
 
 
 class EmbeddedStack(Managed):
-    def __init__(self, workdir: Path, repo_dir: Path, *, knobs: TrainingKnobs | None = None) -> None:
+    """`mlflow_backend_store_uri` (e.g. PostgreSQL) and `mlflow_artifacts_bucket` (an S3 bucket made on the moto
+    server) give MLflow a production-like store; by default it keeps both in `workdir`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        repo_dir: Path,
+        *,
+        knobs: TrainingKnobs | None = None,
+        mlflow_backend_store_uri: str | None = None,
+        mlflow_artifacts_bucket: str | None = None,
+    ) -> None:
         self.workdir = workdir.resolve()
         self.repo_dir = repo_dir.resolve()
         self.knobs = knobs or TrainingKnobs()
@@ -94,7 +106,8 @@ class EmbeddedStack(Managed):
             # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
             image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
         )
-        self.mlflow = MlflowServer(self.workdir / "mlflow")
+        self.mlflow = MlflowServer(self.workdir / "mlflow", backend_store_uri=mlflow_backend_store_uri)
+        self.mlflow_artifacts_bucket = mlflow_artifacts_bucket
         self.git = GitDaemon(self.repo_dir, self.workdir)
         self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token)
         self.github_url = ""
@@ -110,6 +123,8 @@ class EmbeddedStack(Managed):
             os.chown(self.data_cache, user.pw_uid, user.pw_gid)
         self.git.start()
         self.github_url = self.github.start()
+        if self.mlflow_artifacts_bucket:
+            self._artifacts_in_s3(self.mlflow_artifacts_bucket)
         self.mlflow.start()
 
     def stop(self) -> None:
@@ -119,6 +134,17 @@ class EmbeddedStack(Managed):
             except Exception:  # stop the rest whatever one of them does
                 log.exception("stopping %s failed", stop)
         shutil.rmtree(self.instance_area, ignore_errors=True)
+
+    def _artifacts_in_s3(self, bucket: str) -> None:
+        """MLflow's artifacts in a bucket of the moto server, reached as a real S3 through MLFLOW_S3_ENDPOINT_URL."""
+        self.cloud.client("s3").create_bucket(Bucket=bucket)
+        self.mlflow.artifacts_destination = f"s3://{bucket}/artifacts"
+        self.mlflow.env.update(
+            MLFLOW_S3_ENDPOINT_URL=self.cloud.endpoint_url,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - moto's fixed test credentials
+            AWS_DEFAULT_REGION=self.cloud.region,
+        )
 
     def job_dirs(self) -> list[Path]:
         """The training job directories on every instance booted so far, as this machine sees them."""
