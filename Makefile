@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE := .state
 # Test processes (pytest-xdist), each with its own embedded stack: most tests wait on runs, so two halve CI on 2 cores.
+# --dist loadgroup: tests marked with one xdist_group run in one process, one after the other (the two modules that
+# start a whole Airflow deployment: tests/faults/test_scheduler_faults.py, tests/deploy/test_celery_deployment.py).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint unit ui clean install system-deps smoke-aws
@@ -33,7 +35,7 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
-	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ## Read-only smoke test against the real GitHub API (free; anonymous or GITHUB_TOKEN; skips without a network).
 smoke-github: install

@@ -24,7 +24,9 @@ from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining
 from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found
 
-pytestmark = pytest.mark.slow
+# Never alongside tests/deploy/test_celery_deployment.py (the same group): two Airflow deployments at once would
+# overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment")]
 
 RUNS = 8
 CAP = 3
