@@ -1,0 +1,262 @@
+"""The production topology on this machine: Airflow on PostgreSQL, the CeleryExecutor on Redis with two workers,
+scheduler, dag-processor, triggerer and api-server, MLflow on PostgreSQL with its artifacts in S3 (the moto server).
+
+It is docker-compose.yaml's deployment (tests/deploy/test_compose.py checks that they match), run on the machine's
+own PostgreSQL and Redis: the test makes and drops its own databases and claims its own Redis database number. It
+runs a batch of DAG runs at once, then kills a whole worker (its process tree) while `train` runs on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.load_benchmark import load_settings
+from embedded.airflow_local import LocalAirflow
+from embedded.deployment import (
+    POSTGRES_PORT,
+    REDIS_PORT,
+    PostgresDatabase,
+    RedisDatabase,
+    celery_environment,
+    deployment_settings,
+)
+from embedded.load import DAG_ID, run_batch
+from embedded.stack import EmbeddedStack, TrainingKnobs
+from tests.conftest import REPO
+from tests.faults.support import OnTraining
+
+# Never alongside tests/faults/test_scheduler_faults.py (the same group): two Airflow deployments at once would
+# overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment")]
+
+RUNS = 3
+# docker-compose.yaml runs as many (tests/deploy/test_compose.py).
+WORKERS = 2
+MLFLOW_BUCKET = "mlflow"
+# The deployment's own settings (config/deployment.env) with a dead worker noticed sooner, so the test is short.
+# Live tasks heartbeat every 5 s: 30 s is still 6 heartbeats missed in a row on a loaded machine.
+FAST_DETECTION = {
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+}
+
+
+@dataclass
+class Deployment:
+    stack: EmbeddedStack
+    airflow: LocalAirflow
+    mlflow_db: PostgresDatabase
+    broker: RedisDatabase
+
+
+def require_servers() -> None:
+    """PostgreSQL and Redis on loopback, as the CI machines run them; elsewhere the test skips, saying why."""
+    for name, port in (("PostgreSQL", POSTGRES_PORT), ("Redis", REDIS_PORT)):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except OSError as exc:
+            if os.environ.get("CI"):
+                raise AssertionError(f"{name} is not running on 127.0.0.1:{port} in CI: {exc}") from exc
+            pytest.skip(f"needs {name} on 127.0.0.1:{port} (CI machines run it): {exc}")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    require_servers()
+    with (
+        PostgresDatabase("ec2_trainer_airflow") as airflow_db,
+        PostgresDatabase("ec2_trainer_mlflow") as mlflow_db,
+        RedisDatabase() as broker,
+        EmbeddedStack(
+            tmp_path_factory.mktemp("deploy-stack"),
+            REPO,
+            knobs=TrainingKnobs.tiny(),
+            mlflow_backend_store_uri=mlflow_db.url(),
+            mlflow_artifacts_bucket=MLFLOW_BUCKET,
+        ) as stack,
+    ):
+        if not stack.cloud.private_disks:
+            pytest.skip("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
+        env = {
+            **stack.environment(),
+            **load_settings(RUNS),
+            **celery_environment(airflow_db.url(), broker.url),
+            **FAST_DETECTION,
+        }
+        with LocalAirflow(
+            tmp_path_factory.mktemp("deploy-airflow"), env, workers=WORKERS, worker_concurrency=4
+        ) as airflow:
+            airflow.wait_for_dag(DAG_ID)
+            yield Deployment(stack, airflow, mlflow_db, broker)
+
+
+def test_settings_come_from_the_one_list() -> None:
+    env = celery_environment("postgresql+psycopg2://u@h/db", "redis://h:6379/1")
+    assert deployment_settings().items() <= env.items()
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+postgresql+psycopg2://u@h/db"
+    # Above the longest task: the training's and the launch slot wait's default bounds (120 minutes each).
+    assert int(env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"]) > 2 * 3600
+    with pytest.raises(ValueError, match="postgresql"):
+        celery_environment("postgresql://u@h/db", "redis://h:6379/1")
+
+
+def test_concurrent_runs_on_two_workers_share_nothing(deployment: Deployment, sha: str) -> None:
+    stack, airflow = deployment.stack, deployment.airflow
+    report = run_batch(
+        stack,
+        airflow,
+        runs=RUNS,
+        cap=RUNS,
+        project_tag=load_settings(RUNS)["TRAINER__AWS__PROJECT_TAG"],
+        conf={"git_ref": sha},
+        timeout_s=900,
+        prefix="celery",
+    )
+    print(report.render())
+    assert report.problems() == []
+    hosts = {ti["hostname"] for run in report.runs for ti in airflow.task_instances(DAG_ID, run.run_id).values()} - {
+        None,
+        "",
+    }
+    assert hosts == set(airflow.workers), f"tasks ran on {hosts}, not on both workers"
+    # MLflow on PostgreSQL, its artifacts in S3: every run's row in the database and its files in the bucket.
+    mlflow_runs = {run.mlflow_run_id for run in report.runs}
+    assert mlflow_runs <= set(_mlflow_run_ids(deployment.mlflow_db))
+    keys = [
+        obj["Key"]
+        for page in stack.cloud.client("s3").get_paginator("list_objects_v2").paginate(Bucket=MLFLOW_BUCKET)
+        for obj in page.get("Contents", [])
+    ]
+    assert all(any(f"/{run_id}/artifacts/" in key for key in keys) for run_id in mlflow_runs), keys[:20]
+
+
+def test_worker_killed_mid_training_the_retry_reattaches_on_the_other(deployment: Deployment, sha: str) -> None:
+    stack, airflow = deployment.stack, deployment.airflow
+    run_id = "killed_worker__01"
+    killed: dict[str, Any] = {}
+
+    def kill_train_worker(job_dir: Path) -> None:
+        ti = airflow.task_instances(DAG_ID, run_id)["train"]
+        killed.update(worker=ti["hostname"], ti_id=ti["id"], pids=airflow.kill_worker(ti["hostname"]))
+        killed["at"] = time.monotonic()
+
+    # After the deferral merge `train` waits in the triggerer, not on a worker: for this phase the lead sets
+    #   airflow.restart_workers({"TRAINER__TRAINING__DEFERRABLE": "false"})
+    # here, so that train streams in a worker as before and the kill hits it there.
+    started = time.monotonic()
+    with OnTraining(stack, kill_train_worker) as killer:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
+        detection_s = _seconds_until_retried(airflow, run_id, killed)
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    wall_s = time.monotonic() - started
+    tis = airflow.task_instances(DAG_ID, run_id)
+    train_log = airflow.task_log(DAG_ID, run_id, "train")
+    launched = airflow.xcom(DAG_ID, run_id, "launch")
+    job_dir: Path = killer.job_dir  # type: ignore[assignment]
+    survivor = next(name for name in airflow.workers if name != killed["worker"])
+    print(
+        f"worker {killed['worker']} killed ({len(killed['pids'])} processes) while training; its task failed over "
+        f"{detection_s:.1f} s later; run {state} in {wall_s:.0f} s"
+    )
+
+    assert state == "success", {task: ti["state"] for task, ti in tis.items()}
+    assert tis["train"]["try_number"] == 2, "the kill must cost exactly one retry"
+    assert tis["train"]["hostname"] == survivor
+    assert "Re-attached to the training job" in train_log
+    assert train_log.count("Started training job") == 1
+    # One job, started once, on the run's one instance, which is terminated.
+    assert [p.name for p in job_dir.parent.iterdir()] == [job_dir.name]
+    assert (job_dir / "output.log").read_text().count("=== Running command") == 1
+    assert stack.cloud.instances[launched["instance_id"]].powered_off_at is not None
+    reservations = stack.cloud.client("ec2").describe_instances(
+        Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [run_id]}]
+    )["Reservations"]
+    assert [i["State"]["Name"] for r in reservations for i in r["Instances"]] == ["terminated"]
+    # Detection takes the heartbeat timeout (30 s here) plus up to a detection interval and a scheduler loop: far
+    # below the default timeout alone (300 s), with room for a loaded machine.
+    assert detection_s < 120
+
+    # The dead worker's Celery message (train's first try) stays unacknowledged in Redis until the visibility
+    # timeout: it was never handed to the surviving worker.
+    stale = _unacked_messages(deployment.broker)
+    stale_train = [m for m in stale if killed["ti_id"] in m["body"]]
+    assert len(stale_train) == 1, stale
+    assert stale_train[0]["task_id"] not in airflow.worker_log(survivor)
+
+    # Past the visibility timeout Redis hands it out again: a worker receives it, and the Execution API refuses a
+    # try that is no longer current. Nothing runs twice.
+    airflow.restart_workers({"AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "1"})
+    refused = f"execute_workload[{stale_train[0]['task_id']}] raised"
+    _wait_until(lambda: any(refused in airflow.worker_log(w) for w in airflow.workers), timeout_s=120)
+    # The try's id is history: the Execution API answers 404 to the stale workload's start.
+    assert any("Task Instance not found" in airflow.worker_log(w) for w in airflow.workers)
+    _wait_until(lambda: not _unacked_messages(deployment.broker), timeout_s=120)
+    after = airflow.task_instances(DAG_ID, run_id)
+    assert {task: ti["try_number"] for task, ti in after.items()} == {t: ti["try_number"] for t, ti in tis.items()}
+    assert airflow.dag_run(DAG_ID, run_id)["state"] == "success"
+    assert [p.name for p in job_dir.parent.iterdir()] == [job_dir.name]
+    assert (job_dir / "output.log").read_text().count("=== Running command") == 1
+
+
+def _seconds_until_retried(airflow: LocalAirflow, run_id: str, killed: dict[str, Any]) -> float:
+    """Seconds from the worker's kill until the scheduler took train's first try off it (no longer running)."""
+    deadline = time.monotonic() + 600
+    while "at" not in killed or _train_try(airflow, run_id) == (1, "running"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"train's first try still running 10 minutes on: {killed}")
+        time.sleep(0.5)
+    return time.monotonic() - float(killed["at"])
+
+
+def _train_try(airflow: LocalAirflow, run_id: str) -> tuple[int, str]:
+    ti = airflow.task_instances(DAG_ID, run_id)["train"]
+    return int(ti["try_number"]), str(ti["state"])
+
+
+def _unacked_messages(broker: RedisDatabase) -> list[dict[str, str]]:
+    """The messages a worker took from Redis and never acknowledged: Celery's task id and the decoded body."""
+    import redis
+
+    client = redis.Redis.from_url(broker.url)
+    try:
+        found = []
+        for raw in client.hvals("unacked"):
+            message = json.loads(raw)[0]
+            found.append(
+                {
+                    "task_id": message["headers"]["id"],
+                    "body": base64.b64decode(message["body"]).decode(errors="replace"),
+                }
+            )
+        return found
+    finally:
+        client.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _mlflow_run_ids(database: PostgresDatabase) -> list[str]:
+    conn = database.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT run_uuid FROM runs")
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
