@@ -10,7 +10,7 @@ STATE := .state
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint unit ui clean install system-deps smoke-aws
-.PHONY: smoke-github
+.PHONY: smoke-github test-deploy
 
 # requirements-deploy.lock: the production deployment's set (Celery, PostgreSQL drivers, Redis), which tests/deploy runs.
 $(BIN)/.installed: requirements.lock requirements-deploy.lock
@@ -36,6 +36,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
 	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
+## The production deployment alone: the Celery deployment on the local PostgreSQL and Redis, and the compose file.
+test-deploy: install system-deps
+	$(BIN)/pytest -q -p no:cacheprovider -s tests/deploy
 
 ## Read-only smoke test against the real GitHub API (free; anonymous or GITHUB_TOKEN; skips without a network).
 smoke-github: install

@@ -24,6 +24,7 @@ POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER = "127.0.0.1", 5432, "postgres"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 # The key that marks a Redis database number as taken: claimed with SET NX, so two tests never share one.
 _CLAIM_KEY = "ec2-trainer:claimed-by"
+_CLAIM_SECONDS = 6 * 3600
 
 
 def deployment_settings(path: Path = SETTINGS_FILE) -> dict[str, str]:
@@ -110,7 +111,8 @@ class RedisDatabase(Managed):
         for number in range(1, self._databases):
             client = self._client(number)
             try:
-                if not client.set(_CLAIM_KEY, self._token, nx=True):
+                # The claim expires: a test killed before its stop() frees the number by itself in time.
+                if not client.set(_CLAIM_KEY, self._token, nx=True, ex=_CLAIM_SECONDS):
                     continue
                 if client.dbsize() == 1:  # only our claim: nobody used it without claiming
                     self.number = number
