@@ -4,7 +4,7 @@
 each task in its own supervised process, pools and retries enforced by the scheduler. It serves the load test and
 the test that kills a task's process, and `make ui`-style exploration. Everything listens on 127.0.0.1.
 
-With `workers=N` and the CeleryExecutor in `env` (embedded.deployment.celery_environment: PostgreSQL, Redis), it also
+With `workers=N` and the CeleryExecutor in `env` (embedded.production.celery_environment: PostgreSQL, Redis), it also
 runs N Celery workers, each named and killable as a whole process tree: the production topology (tests/deploy).
 """
 

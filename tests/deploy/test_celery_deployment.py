@@ -23,7 +23,8 @@ import pytest
 
 from benchmarks.load_benchmark import load_settings
 from embedded.airflow_local import LocalAirflow
-from embedded.deployment import (
+from embedded.load import DAG_ID, run_batch
+from embedded.production import (
     POSTGRES_PORT,
     REDIS_PORT,
     PostgresDatabase,
@@ -31,7 +32,6 @@ from embedded.deployment import (
     celery_environment,
     deployment_settings,
 )
-from embedded.load import DAG_ID, run_batch
 from embedded.stack import EmbeddedStack, TrainingKnobs
 from tests.conftest import REPO
 from tests.faults.support import OnTraining

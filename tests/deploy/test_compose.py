@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from embedded.airflow_local import COMPONENTS
-from embedded.deployment import deployment_settings
+from embedded.production import deployment_settings
 from tests.conftest import REPO
 from tests.deploy.test_celery_deployment import WORKERS
 
