@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from orchestrator.run_params import BY_NAME, JOB_PARAMS
+
 if TYPE_CHECKING:
-    from orchestrator.settings import Settings, TrainingSettings
+    from orchestrator.settings import Settings
 
 # MLflow prints these lines on stderr (merged into the job log) when it creates and ends the run.
 _RUN_STARTED_RE = re.compile(r"=== Running command .* in run with ID '([0-9a-f]{32})' ===")
 _RUN_ENDED_RE = re.compile(r"=== Run \(ID '([0-9a-f]{32})'\) (succeeded|failed) ===")
 
-# The -P params the DAG sets from its own settings and the commit the CI gate resolved. training.extra_params may add
-# others, never replace these (settings refuses them): a run's recorded params must say what it really trained.
-DAG_PARAMS: Mapping[str, Callable[[TrainingSettings, str], str]] = {
-    "epochs": lambda t, sha: str(t.epochs),
-    "batch_size": lambda t, sha: str(t.batch_size),
-    "learning_rate": lambda t, sha: repr(t.learning_rate),
-    "model": lambda t, sha: t.model,
-    "data_uri": lambda t, sha: t.data_uri,
-    "git_sha": lambda t, sha: sha,
-}
+# The -P params the DAG sets: the trigger form's job knobs (from their settings) and the commit the CI gate resolved.
+# training.extra_params may add others, never replace these (settings refuses them): a run's recorded params must
+# say what it really trained.
+DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class TrainingCommand:
 
 def training_command(settings: Settings, git_sha: str) -> TrainingCommand:
     t = settings.training
-    params = {**t.extra_params, **{name: value(t, git_sha) for name, value in DAG_PARAMS.items()}}
+    params = {**t.extra_params, **{name: _job_param(settings, name) for name in JOB_PARAMS}, "git_sha": git_sha}
     return TrainingCommand(
         repo_url=settings.training_repo_url,
         git_sha=git_sha,
@@ -64,6 +60,13 @@ def training_command(settings: Settings, git_sha: str) -> TrainingCommand:
         experiment=settings.mlflow.experiment,
         params=params,
     )
+
+
+def _job_param(settings: Settings, name: str) -> str:
+    """The knob's setting as the job's command line spells it; repr keeps every digit of a float."""
+    section, key = BY_NAME[name].setting.split(".")
+    value = getattr(getattr(settings, section), key)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def parse_mlflow_run_id(log_text: str) -> str | None:
