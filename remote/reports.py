@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from remote.engine import EpochResult
 from remote.layout import CLASS_NAMES
@@ -23,6 +24,8 @@ def learning_curves(history: Sequence[EpochResult], best_epoch: int, path: Path)
         axes.plot(epochs, [getattr(r, f"val_{metric}") for r in history], marker="o", label="validation")
         axes.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch ({best_epoch})")
         axes.set(title=title, xlabel="epoch")
+        # Epochs are whole: a 3-epoch run would otherwise be ticked 1.0, 1.25, 1.5, ...
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     figure.savefig(path, dpi=100)

@@ -29,6 +29,9 @@ from remote.progress import epoch_line
 log = logging.getLogger("remote.train")
 
 _SYSTEM_METRICS_INTERVAL_S = 2.0  # short runs still get samples; long ones are not flooded
+DATA_PREFIX = "data/"
+_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
@@ -36,9 +39,20 @@ def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
 
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    # `mlflow run` already logged the -P values as typed; re-logging a differently spelled value is an error
+    # A run `mlflow run` created itself already holds the -P values, shell-quoted where a shell needs it (the DAG
+    # creates its runs beforehand so that none are): re-logging a differently spelled value is an error.
     params = {key: value for key, value in {**as_params(config), **extra}.items() if key not in existing}
     mlflow.log_params(params)
+
+
+def _mark_model_training(experiment_id: str) -> None:
+    """MLflow 3 opens an experiment on its GenAI view unless tagged as model training. The orchestrator tags the
+    experiments it creates; this covers the job run on its own (`mlflow run .`) too."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(_EXPERIMENT_KIND_TAG) != _MODEL_TRAINING_KIND:
+        client.set_experiment_tag(experiment_id, _EXPERIMENT_KIND_TAG, _MODEL_TRAINING_KIND)
 
 
 def _git_sha(config: TrainConfig) -> str:
@@ -87,6 +101,7 @@ def run(config: TrainConfig) -> dict[str, float]:
     mlflow.set_system_metrics_sampling_interval(_SYSTEM_METRICS_INTERVAL_S)
     with mlflow.start_run(log_system_metrics=True) as active, tempfile.TemporaryDirectory() as scratch:
         log.info("mlflow run %s on %s (%s)", active.info.run_id, engine.device_name(device), "bf16" if bf16 else "fp32")
+        _mark_model_training(active.info.experiment_id)
         safe_uri = sources.redact_uri(config.data_uri)
         mlflow.set_tags(
             {
@@ -113,7 +128,11 @@ def run(config: TrainConfig) -> dict[str, float]:
         }
         decode_s = time.perf_counter() - started
         total_images = sum(split.labels.numel() for split in loaded.values())
-        data_metrics: dict[str, float] = {"decode_time_s": decode_s, "decode_images_per_s": total_images / decode_s}
+        # Dataset figures share one prefix: MLflow groups them in one section, apart from the learning curves.
+        data_metrics: dict[str, float] = {
+            f"{DATA_PREFIX}decode_time_s": decode_s,
+            f"{DATA_PREFIX}decode_images_per_s": total_images / decode_s,
+        }
         for name, split in loaded.items():
             counts = split.class_counts()
             log.info(
@@ -125,12 +144,12 @@ def run(config: TrainConfig) -> dict[str, float]:
                 split.resized,
             )
             data_metrics |= {
-                f"data_{name}_images": split.labels.numel(),
-                f"data_{name}_damage": counts["damage"],
-                f"data_{name}_no_damage": counts["no_damage"],
-                f"data_{name}_damage_fraction": counts["damage"] / split.labels.numel(),
-                f"data_{name}_skipped": split.skipped,
-                f"data_{name}_resized": split.resized,
+                f"{DATA_PREFIX}{name}/images": split.labels.numel(),
+                f"{DATA_PREFIX}{name}/damage": counts["damage"],
+                f"{DATA_PREFIX}{name}/no_damage": counts["no_damage"],
+                f"{DATA_PREFIX}{name}/damage_fraction": counts["damage"] / split.labels.numel(),
+                f"{DATA_PREFIX}{name}/skipped": split.skipped,
+                f"{DATA_PREFIX}{name}/resized": split.resized,
             }
         mlflow.log_metrics(data_metrics)
         log.info("decoded %d images in %.1fs (%.0f images/s)", total_images, decode_s, total_images / decode_s)

@@ -87,14 +87,26 @@ class RemoteTrainingOperator(BaseOperator):
         from orchestrator.connections import mlflow_credentials
         from orchestrator.pipeline import settings_of
         from orchestrator.remote_job import RemoteJobError, RemoteJobLostError
-        from orchestrator.tracking import credentials_in_env, experiment_id_of
-        from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, training_command
+        from orchestrator.tracking import credentials_in_env, experiment_id_of, start_training_run
+        from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, tracked_run, training_command
 
         s = settings_of(self.config)
         # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
         context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
-        command = training_command(s, self.git_sha)
         creds = mlflow_credentials(s.mlflow.conn_id)
+        # The MLflow run is created here, named and tagged after this DAG run; the job trains into it (--run-id).
+        tracked = tracked_run(
+            s,
+            self.ready,
+            self.git_sha,
+            dag_id=self.dag_id,
+            run_id=context["run_id"],
+            try_number=context["ti"].try_number,
+        )
+        with credentials_in_env(creds.username, creds.password):
+            command = training_command(
+                s, self.git_sha, start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+            )
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
         job = self._job = self._remote_job(context)
         started = job.start_or_attach(command.argv(), env=env, env_sh=f"{s.instance.state_dir}/env.sh")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from orchestrator.github import commit_checks_url
 from orchestrator.run_params import BY_NAME, JOB_PARAMS
 
 if TYPE_CHECKING:
@@ -22,6 +23,51 @@ _RUN_ENDED_RE = re.compile(r"=== Run \(ID '([0-9a-f]{32})'\) (succeeded|failed) 
 DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))
 
 
+# Tags naming the DAG run an MLflow run belongs to: a retry finds the run its first try created by these two.
+DAG_ID_TAG = "airflow.dag_id"
+DAG_RUN_ID_TAG = "airflow.run_id"
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """The MLflow run a DAG run trains into: its name and tags (never a secret), created before the job starts."""
+
+    name: str
+    tags: Mapping[str, str]
+
+    @property
+    def key(self) -> dict[str, str]:
+        """The tags that identify it: one MLflow run per DAG run, whatever the number of task tries."""
+        return {DAG_ID_TAG: self.tags[DAG_ID_TAG], DAG_RUN_ID_TAG: self.tags[DAG_RUN_ID_TAG]}
+
+
+def tracked_run(
+    settings: Settings, ready: Mapping[str, str], git_sha: str, *, dag_id: str, run_id: str, try_number: int
+) -> TrackedRun:
+    """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
+
+    `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
+    its UI shows the commit and the repository as for a run `mlflow run` had created itself.
+    """
+    return TrackedRun(
+        # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
+        name=f"{git_sha[:7]} {run_id}",
+        tags={
+            DAG_ID_TAG: dag_id,
+            DAG_RUN_ID_TAG: run_id,
+            "airflow.try_number": str(try_number),
+            "ec2.instance_id": ready["instance_id"],
+            "ec2.instance_type": ready["instance_type"],
+            "ec2.market": ready["market"],
+            "ci.url": commit_checks_url(settings.github.api_url, settings.github.repo, git_sha),
+            "mlflow.source.git.commit": git_sha,
+            "mlflow.source.name": settings.training_repo_url,
+            "mlflow.source.type": "PROJECT",
+            "mlflow.project.entryPoint": settings.training.entry_point,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class TrainingCommand:
     repo_url: str
@@ -29,6 +75,9 @@ class TrainingCommand:
     entry_point: str
     experiment: str
     params: Mapping[str, str] = field(default_factory=dict)
+    # The run created beforehand (tracking.start_training_run). Given it, `mlflow run` logs no params of its own:
+    # it would log them shell-quoted ('synthetic://?...', ''), and the job logs them as it parsed them instead.
+    mlflow_run_id: str | None = None
 
     def argv(self) -> list[str]:
         """`mlflow run` at the exact commit, in the instance's own environment (the bootstrap prepared it)."""
@@ -45,12 +94,14 @@ class TrainingCommand:
             "--experiment-name",
             self.experiment,
         ]
+        if self.mlflow_run_id:
+            args += ["--run-id", self.mlflow_run_id]
         for key in sorted(self.params):
             args += ["-P", f"{key}={self.params[key]}"]
         return args
 
 
-def training_command(settings: Settings, git_sha: str) -> TrainingCommand:
+def training_command(settings: Settings, git_sha: str, mlflow_run_id: str | None = None) -> TrainingCommand:
     t = settings.training
     params = {**t.extra_params, **{name: _job_param(settings, name) for name in JOB_PARAMS}, "git_sha": git_sha}
     return TrainingCommand(
@@ -59,6 +110,7 @@ def training_command(settings: Settings, git_sha: str) -> TrainingCommand:
         entry_point=t.entry_point,
         experiment=settings.mlflow.experiment,
         params=params,
+        mlflow_run_id=mlflow_run_id,
     )
 
 

@@ -23,7 +23,9 @@ from orchestrator.tracking import (
     credentials_in_env,
     decide_promotion,
     evaluate_and_promote,
+    start_training_run,
 )
+from orchestrator.training_command import TrackedRun
 from tests.mlflow_fixtures import FaultProxy
 
 METRIC = "test_accuracy"
@@ -168,6 +170,67 @@ def test_champion_lifecycle(tracking_uri: str, model_name: str) -> None:
     result = evaluate(tracking_uri, better, model_name)
     assert (result.promoted, result.model_version, result.champion_value) == (True, "2", 0.92)
     assert champion(tracking_uri, model_name) == ("2", better)
+
+
+def test_the_registered_version_says_where_it_comes_from_and_why(tracking_uri: str, model_name: str) -> None:
+    from mlflow import MlflowClient
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    run_id = finished_run({METRIC: 0.95})
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, "mlflow.source.git.commit", sha)
+    client.set_tag(run_id, "airflow.run_id", "manual__1")
+    result = evaluate(tracking_uri, run_id, model_name)
+
+    version = client.get_model_version(model_name, str(result.model_version))
+    reason = "test_accuracy 0.9500 passes the threshold 0.9000; there is no champion yet"
+    assert version.description == f"Trained by MLflow run {run_id} from commit {sha} (Airflow run manual__1). " + (
+        f"Gate: {reason}."
+    )
+    assert {k: v for k, v in version.tags.items() if k != CONTENDER_TAG} == {
+        "run_id": run_id,
+        "git_commit": sha,
+        "gate_reason": reason,
+        "airflow.run_id": "manual__1",
+    }
+
+
+def _tracked(run_id: str, try_number: int) -> TrackedRun:
+    tags = {"airflow.dag_id": "ec2_training", "airflow.run_id": run_id, "airflow.try_number": str(try_number)}
+    return TrackedRun(name=f"0123456 {run_id}", tags=tags)
+
+
+def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = f"training-{uuid.uuid4().hex[:8]}"
+    first = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    created = client.get_experiment_by_name(experiment)
+    assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(first)
+    assert (run.info.run_name, run.info.status, run.data.tags["airflow.try_number"]) == (
+        "0123456 manual__1",
+        "RUNNING",
+        "1",
+    )
+
+    # A retry of the task finds the run its first try created, and records its own try number.
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2)) == first
+    assert client.get_run(first).data.tags["airflow.try_number"] == "2"
+    other = start_training_run(tracking_uri, experiment, _tracked("manual__2", 1))
+    assert other != first
+    assert len(client.search_runs([created.experiment_id])) == 2
+
+
+def test_an_existing_experiment_is_marked_as_model_training(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = f"genai-{uuid.uuid4().hex[:8]}"
+    experiment_id = client.create_experiment(experiment)
+    start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_below_threshold_registers_nothing(tracking_uri: str, model_name: str) -> None:
