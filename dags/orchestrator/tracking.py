@@ -411,6 +411,15 @@ def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) 
     return str(run.info.run_id)
 
 
+def fail_run_if_running(tracking_uri: str, run_id: str) -> None:
+    """Mark a run that its job left RUNNING as FAILED, so the experiment does not list it as running for ever."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if _get_run(client, run_id, f"MLflow run {run_id} is gone").info.status == "RUNNING":
+        _call(f"ending run {run_id}", client.set_terminated, run_id, "FAILED")
+
+
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 

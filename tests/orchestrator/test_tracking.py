@@ -23,6 +23,7 @@ from orchestrator.tracking import (
     credentials_in_env,
     decide_promotion,
     evaluate_and_promote,
+    fail_run_if_running,
     start_training_run,
 )
 from orchestrator.training_command import TrackedRun
@@ -468,3 +469,16 @@ def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared
     mlflow_proxy.fault = lambda method, path: (401, UNAUTHENTICATED) if "/runs/get" in path else None
     with pytest.raises(TrackingServerError, match=r"reading run .* \(UNAUTHENTICATED\)"):  # the task's retries apply
         pipeline.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
+
+
+def test_a_run_its_job_left_running_is_marked_failed(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = f"left-{uuid.uuid4().hex[:8]}"
+    left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    fail_run_if_running(tracking_uri, left)
+    assert client.get_run(left).info.status == "FAILED"
+    finished = finished_run({METRIC: 0.5}, with_model=False)
+    fail_run_if_running(tracking_uri, finished)
+    assert client.get_run(finished).info.status == "FINISHED"
