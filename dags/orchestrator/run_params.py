@@ -165,7 +165,7 @@ RUN_PARAMS: tuple[RunParam, ...] = (
         schema={"type": "boolean"},
         setting="aws.spot",
         section="Instance",
-        range_text="true (spot first) or false (on-demand only)",
+        range_text="either true (spot first) or false (on-demand only)",
         choices_display={"true": "spot first", "false": "on-demand only"},
     ),
     RunParam(

@@ -146,6 +146,21 @@ def test_every_param_explains_itself_and_can_go_back_to_configured(training_dag:
             assert schema["enum"][0] is None and schema["values_display"][None].startswith("configured"), name
 
 
+def test_the_api_server_checks_a_trigger_as_the_form_shows_it(training_dag: Any) -> None:
+    """The api-server validates a trigger's conf against the serialized DAG: the same schema survives the trip, and
+    a refusal names the Param (the form shows this message above the Trigger button)."""
+    from airflow.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.from_dict(json.loads(json.dumps(DagSerialization.to_dict(training_dag)))).params
+    assert served.deep_merge({}).validate() == dict.fromkeys(training_dag.params)
+    assert served.deep_merge({"spot": "true", "epochs": 3}).validate()["spot"] == "true"
+    spot = served.get_param("spot").schema
+    assert spot["enum"] == [None, "true", "false"] and spot["values_display"]["None"] == "configured (aws.spot)"
+    with pytest.raises(ParamValidationError, match=r"Invalid input for param epochs: 0 is less than the minimum of 1"):
+        served.deep_merge({"epochs": 0}).validate()
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
