@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.training_command import DAG_RUN_ID_TAG
+from orchestrator.training_command import DAG_RUN_ID_TAG, JOB_KEY_TAG
 
 if TYPE_CHECKING:
     from orchestrator.training_command import TrackedRun
@@ -365,7 +365,7 @@ def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
 
 
 def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) -> str:
-    """The id of the MLflow run this DAG run trains into: created once, found again by its tags on a later try.
+    """The id of the MLflow run this DAG run trains into: created once, found again by its job key on a later try.
 
     The experiment is created, or marked, as a model-training one. Tags are (re)written each time, so the try
     number is the latest try's.
@@ -391,8 +391,7 @@ def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) 
                 EXPERIMENT_KIND_TAG,
                 MODEL_TRAINING_KIND,
             )
-    # Airflow's run ids hold no quote (its allowed_run_id_pattern), so they sit safely inside the filter's quotes.
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tracked.key.items())
+    query = f"tags.`{JOB_KEY_TAG}` = '{tracked.job_key}'"
     earlier = _call("searching the DAG run's MLflow run", client.search_runs, [experiment_id], query, max_results=1)
     if earlier:
         run_id = str(earlier[0].info.run_id)

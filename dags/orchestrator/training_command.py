@@ -23,9 +23,11 @@ _RUN_ENDED_RE = re.compile(r"=== Run \(ID '([0-9a-f]{32})'\) (succeeded|failed) 
 DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))
 
 
-# Tags naming the DAG run an MLflow run belongs to: a retry finds the run its first try created by these two.
 DAG_ID_TAG = "airflow.dag_id"
 DAG_RUN_ID_TAG = "airflow.run_id"
+# The remote job's key (remote_job.job_key: letters, digits, '._-'): a retry finds the run its first try created by
+# this tag. A run id may hold characters (quotes) that MLflow's search filter cannot carry; the key never does.
+JOB_KEY_TAG = "ec2_trainer.job_key"
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,9 @@ class TrackedRun:
     tags: Mapping[str, str]
 
     @property
-    def key(self) -> dict[str, str]:
-        """The tags that identify it: one MLflow run per DAG run, whatever the number of task tries."""
-        return {DAG_ID_TAG: self.tags[DAG_ID_TAG], DAG_RUN_ID_TAG: self.tags[DAG_RUN_ID_TAG]}
+    def job_key(self) -> str:
+        """Identifies it: one MLflow run per DAG run (as one remote job), whatever the number of task tries."""
+        return self.tags[JOB_KEY_TAG]
 
 
 def tracked_run(
@@ -49,12 +51,15 @@ def tracked_run(
     `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
     its UI shows the commit and the repository as for a run `mlflow run` had created itself.
     """
+    from orchestrator.remote_job import job_key
+
     return TrackedRun(
         # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
         name=f"{git_sha[:7]} {run_id}",
         tags={
             DAG_ID_TAG: dag_id,
             DAG_RUN_ID_TAG: run_id,
+            JOB_KEY_TAG: job_key(dag_id, run_id),
             "airflow.try_number": str(try_number),
             "ec2.instance_id": ready["instance_id"],
             "ec2.instance_type": ready["instance_type"],

@@ -182,6 +182,7 @@ def test_the_api_server_checks_a_trigger_as_the_form_shows_it(training_dag: Any)
         ("data_uri", "s3://bucket/prefix/"),
         ("data_uri", "file:///data/hurricane"),
         ("data_uri", "/data/hurricane.zip"),
+        ("data_uri", ""),
         ("max_lifetime_minutes", 10),
     ],
 )

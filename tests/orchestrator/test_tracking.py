@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from embedded.mlflow_server import MlflowServer
+from orchestrator.remote_job import job_key
 from orchestrator.tracking import (
     CHAMPION_ALIAS,
     CONTENDER_TAG,
@@ -198,7 +199,7 @@ def test_the_registered_version_says_where_it_comes_from_and_why(tracking_uri: s
 
 def _tracked(run_id: str, try_number: int) -> TrackedRun:
     tags = {"airflow.dag_id": "ec2_training", "airflow.run_id": run_id, "airflow.try_number": str(try_number)}
-    return TrackedRun(name=f"0123456 {run_id}", tags=tags)
+    return TrackedRun(name=f"0123456 {run_id}", tags=tags | {"ec2_trainer.job_key": job_key("ec2_training", run_id)})
 
 
 def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri: str) -> None:
@@ -219,8 +220,10 @@ def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri:
     # A retry of the task finds the run its first try created, and records its own try number.
     assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2)) == first
     assert client.get_run(first).data.tags["airflow.try_number"] == "2"
-    other = start_training_run(tracking_uri, experiment, _tracked("manual__2", 1))
-    assert other != first
+    # A deployment's allowed_run_id_pattern may let a quote through: the search never sees the run id itself.
+    quoted = start_training_run(tracking_uri, experiment, _tracked("manual__it's", 1))
+    assert quoted != first
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__it's", 2)) == quoted
     assert len(client.search_runs([created.experiment_id])) == 2
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from orchestrator.remote_job import job_key
 from orchestrator.settings import Settings, load_settings
 from orchestrator.training_command import (
     DAG_PARAMS,
@@ -184,6 +185,7 @@ def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Set
     assert tracked.tags == {
         "airflow.dag_id": "ec2_training",
         "airflow.run_id": "manual__2026-11-26T10:00:00",
+        "ec2_trainer.job_key": job_key("ec2_training", "manual__2026-11-26T10:00:00"),
         "airflow.try_number": "2",
         "ec2.instance_id": "i-0abc",
         "ec2.instance_type": "g6.xlarge",
@@ -194,4 +196,4 @@ def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Set
         "mlflow.source.type": "PROJECT",
         "mlflow.project.entryPoint": "main",
     }
-    assert tracked.key == {"airflow.dag_id": "ec2_training", "airflow.run_id": "manual__2026-11-26T10:00:00"}
+    assert tracked.job_key == tracked.tags["ec2_trainer.job_key"]
