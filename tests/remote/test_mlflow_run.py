@@ -101,9 +101,11 @@ def test_mlflow_run_logs_everything(tracking_uri, project, tmp_path):
         assert 0.0 <= metrics[f"test_{name}"] <= 1.0
         assert f"test_another_{name}" in metrics
     assert metrics["test_accuracy"] >= 0.8  # the synthetic signal is learnable
-    # Dataset figures are grouped under one prefix, apart from the learning curves.
-    assert metrics["data/train_another/damage_fraction"] == 0.5
-    assert not any(key.startswith("data_") for key in metrics)
+    # Dataset figures are params under one prefix: no chart of theirs comes before the learning curves.
+    assert run.data.params["data/train_another/damage_fraction"] == "0.5"
+    assert run.data.params["data/test_another/images"] == "10"
+    assert not any(key.startswith("data") for key in metrics)
+    assert metrics["decode_images_per_s"] > 0
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert len(client.get_metric_history(run.info.run_id, "throughput_images_per_s")) == 3
