@@ -411,12 +411,19 @@ def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) 
 
 
 def fail_run_if_running(tracking_uri: str, run_id: str) -> None:
-    """Mark a run that its job left RUNNING as FAILED, so the experiment does not list it as running for ever."""
+    """Mark a run that its job left RUNNING as FAILED, so the experiment does not list it as running for ever.
+
+    Best effort: the caller fails for the training's own reason, which an MLflow outage must not hide.
+    """
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    if _get_run(client, run_id, f"MLflow run {run_id} is gone").info.status == "RUNNING":
-        _call(f"ending run {run_id}", client.set_terminated, run_id, "FAILED")
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except MlflowException as exc:
+        log.warning("Could not mark MLflow run %s as failed (%s): %s", run_id, exc.error_code, exc.message)
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:

@@ -485,3 +485,16 @@ def test_a_run_its_job_left_running_is_marked_failed(tracking_uri: str) -> None:
     finished = finished_run({METRIC: 0.5}, with_model=False)
     fail_run_if_running(tracking_uri, finished)
     assert client.get_run(finished).info.status == "FINISHED"
+
+
+def test_marking_a_left_run_failed_never_hides_the_training_failure(
+    tracking_uri: str, mlflow_proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    left = start_training_run(tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1))
+    # 403: MLflow's client does not retry it (a 5xx would be retried with backoff for minutes).
+    mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
+    fail_run_if_running(mlflow_proxy.url, left)  # no exception: the caller reports the training's own failure
+    assert f"Could not mark MLflow run {left} as failed" in caplog.text
+    assert MlflowClient(tracking_uri=tracking_uri).get_run(left).info.status == "RUNNING"
