@@ -5,7 +5,7 @@ validation of the settings they override (the same schema, so the form and `reso
 params the DAG passes to the job. The job itself (remote/config.py) runs from the trained commit on the instance and
 cannot import this module: tests/remote/test_parameter_sources.py fails when its bounds or MLproject drift from here.
 
-Pure data and stdlib only: the DAG file reads it at parse time.
+Pure data, importing the standard library only (jsonschema lazily): the DAG file reads it at parse time.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class RunParam:
         return f"{self.description} {range_text}. Empty: the configured value ({self.setting})."
 
     def values_display(self) -> dict[Any, str] | None:
-        if not self.choices_display and self.schema["type"] != "boolean":
+        """Labels of a drop-down's choices, the empty one naming the setting it stands for."""
+        if not self.choices_display:
             return None
         return {None: f"configured ({self.setting})", **self.choices_display}
 
