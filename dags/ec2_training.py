@@ -14,7 +14,7 @@ from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci_gate import CiGateOperator
 from orchestrator.operators import RemoteTrainingOperator
-from orchestrator.settings import MAX_INSTANCE_TYPES
+from orchestrator.run_params import RUN_PARAMS
 
 # Only the CI gate reads the configuration through templates, rendered as text: native rendering would turn a ref
 # such as `1.0`, `2024` or `1234567` into a number. Every other task receives XComArgs (values, never re-parsed).
@@ -34,31 +34,8 @@ with DAG(
     default_args={"retries": 0},
     tags=["training", "ec2", "mlflow"],
     doc_md=__doc__,
-    params={
-        "git_ref": Param(
-            "",
-            type="string",
-            maxLength=255,
-            title="Branch or commit",
-            description="Branch, tag or full 40-hex commit sha to train; empty: the configured branch",
-        ),
-        "instance_types": Param(
-            [],
-            type="array",
-            maxItems=MAX_INSTANCE_TYPES,
-            # `(?![\s\S])`: the end of the text both in Python (jsonschema's re.search) and in the browser's regex;
-            # `$` lets a trailing newline through in Python, and `\Z` is no anchor in JavaScript.
-            items={"type": "string", "pattern": "^[a-z][a-z0-9-]*\\.[a-z0-9-]+(?![\\s\\S])"},
-            description="EC2 instance types in preference order; empty: the configured list",
-        ),
-        "spot": Param(None, type=["null", "boolean"], description="Spot capacity first; empty: configured"),
-        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=10000),
-        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=65536),
-        "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1),
-        "model": Param(None, type=["null", "string"], enum=[None, "default", "seed"]),
-        "data_uri": Param(None, type=["null", "string"], maxLength=1024, description="s3://, file:// or synthetic://"),
-        "max_lifetime_minutes": Param(None, type=["null", "integer"], minimum=10, maximum=10080),
-    },
+    # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
+    params={param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS},
 ) as dag:
 
     @task(retries=0)

@@ -115,11 +115,11 @@ def _filters(raw: str) -> tuple[int, ...]:
 
 
 # name -> (parser, default as the command line would spell it)
-_PARAMETERS: dict[str, tuple[Callable[[str], object], str]] = {
+PARAMETERS: dict[str, tuple[Callable[[str], object], str]] = {
     "data_uri": (str, ""),
     "epochs": (_int("epochs", 1, 10_000), "10"),
     "batch_size": (_int("batch_size", 1, 65_536), "64"),
-    "learning_rate": (_float("learning_rate", 0.0, 10.0, low_open=True), "0.001"),
+    "learning_rate": (_float("learning_rate", 0.0, 1.0, low_open=True), "0.001"),
     "model": (_choice("model", ("default", "seed")), "default"),
     "conv_filters": (_filters, "32,64,128,128"),
     "dense_units": (_int("dense_units", 1, 65_536), "512"),
@@ -149,12 +149,12 @@ def feature_side(image_size: int, blocks: int) -> int:
 def parse_config(argv: Sequence[str]) -> TrainConfig:
     """Parse `--name value` arguments into a validated TrainConfig; raises ParameterError with the fix."""
     parser = argparse.ArgumentParser(prog="python -m remote.train", add_help=True, allow_abbrev=False)
-    for name, (_, default) in _PARAMETERS.items():
+    for name, (_, default) in PARAMETERS.items():
         parser.add_argument(f"--{name}", dest=name, default=default, type=str)
     namespace, unknown = parser.parse_known_args(list(argv))
     if unknown:
-        raise ParameterError(f"unknown arguments {' '.join(unknown)}; valid ones: --{' --'.join(_PARAMETERS)}")
-    values = {name: parse(getattr(namespace, name)) for name, (parse, _) in _PARAMETERS.items()}
+        raise ParameterError(f"unknown arguments {' '.join(unknown)}; valid ones: --{' --'.join(PARAMETERS)}")
+    values = {name: parse(getattr(namespace, name)) for name, (parse, _) in PARAMETERS.items()}
     if not str(values["data_uri"]).strip():
         raise ParameterError("data_uri is required: a folder, a .zip, an s3:// uri or synthetic://")
     config = TrainConfig(**values)  # type: ignore[arg-type]
@@ -168,7 +168,7 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
 
 def as_params(config: TrainConfig) -> dict[str, str]:
     """The config as MLflow params, spelled as on the command line."""
-    params = {name: str(getattr(config, name)) for name in _PARAMETERS}
+    params = {name: str(getattr(config, name)) for name in PARAMETERS}
     params["conv_filters"] = ",".join(str(width) for width in config.conv_filters)
     params["augment"] = str(config.augment).lower()
     return params

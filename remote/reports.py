@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from remote.engine import EpochResult
 from remote.layout import CLASS_NAMES
@@ -13,7 +14,12 @@ from remote.metrics import BinaryMetrics
 
 
 def learning_curves(history: Sequence[EpochResult], best_epoch: int, path: Path) -> Path:
-    """Train/validation loss and accuracy per epoch, the best epoch marked."""
+    """Train/validation loss and accuracy per epoch, the best epoch marked, as a PNG."""
+    learning_curves_figure(history, best_epoch).savefig(path, dpi=100)
+    return path
+
+
+def learning_curves_figure(history: Sequence[EpochResult], best_epoch: int) -> Figure:
     figure = Figure(figsize=(10, 4), layout="constrained")
     epochs = [result.epoch for result in history]
     for axes, metric, title in zip(
@@ -23,10 +29,11 @@ def learning_curves(history: Sequence[EpochResult], best_epoch: int, path: Path)
         axes.plot(epochs, [getattr(r, f"val_{metric}") for r in history], marker="o", label="validation")
         axes.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch ({best_epoch})")
         axes.set(title=title, xlabel="epoch")
+        # Epochs are whole: a 3-epoch run would otherwise be ticked 1.0, 1.25, 1.5, ...; one epoch gets one tick.
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.savefig(path, dpi=100)
-    return path
+    return figure
 
 
 def confusion_matrix(metrics: BinaryMetrics, split: str, path: Path) -> Path:

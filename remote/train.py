@@ -29,6 +29,9 @@ from remote.progress import epoch_line
 log = logging.getLogger("remote.train")
 
 _SYSTEM_METRICS_INTERVAL_S = 2.0  # short runs still get samples; long ones are not flooded
+DATA_PREFIX = "data/"
+_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
@@ -36,9 +39,20 @@ def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
 
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    # `mlflow run` already logged the -P values as typed; re-logging a differently spelled value is an error
+    # A run `mlflow run` created itself already holds the -P values, shell-quoted where a shell needs it (the DAG
+    # creates its runs beforehand so that none are): re-logging a differently spelled value is an error.
     params = {key: value for key, value in {**as_params(config), **extra}.items() if key not in existing}
     mlflow.log_params(params)
+
+
+def _mark_model_training(experiment_id: str) -> None:
+    """MLflow 3 opens an experiment on its GenAI view unless tagged as model training. The orchestrator tags the
+    experiments it creates; this covers the job run on its own (`mlflow run .`) too."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(_EXPERIMENT_KIND_TAG) != _MODEL_TRAINING_KIND:
+        client.set_experiment_tag(experiment_id, _EXPERIMENT_KIND_TAG, _MODEL_TRAINING_KIND)
 
 
 def _git_sha(config: TrainConfig) -> str:
@@ -76,6 +90,48 @@ def _evaluate_split(model: torch.nn.Module, split: dataset.LoadedSplit, options:
     return binary_metrics(labels, probabilities.float().cpu().tolist())
 
 
+def _load_data(config: TrainConfig, device: torch.device) -> tuple[dict[str, dataset.LoadedSplit], dict[str, float]]:
+    """Read and decode every split onto the device; log what was read. Returns the splits and the figures."""
+    import mlflow
+
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
+    root = sources.resolve(config.data_uri, cache_dir)
+    started = time.perf_counter()
+    loaded = {
+        name: dataset.load_split(files, config.image_size, device, config.workers)
+        for name, files in dataset.scan(root, config.max_images).items()
+    }
+    decode_s = time.perf_counter() - started
+    total_images = sum(split.labels.numel() for split in loaded.values())
+    # What the job was given, per split, as params under one prefix: one group in the run's parameter table.
+    # As metrics they were ~26 single-value charts, and MLflow's UI puts a prefixed section before the
+    # learning curves. Decoding is measured, so it stays a metric.
+    data_figures: dict[str, float] = {}
+    for name, split in loaded.items():
+        counts = split.class_counts()
+        log.info(
+            "%s: %d damage, %d no_damage, %d skipped, %d resized",
+            name,
+            counts["damage"],
+            counts["no_damage"],
+            split.skipped,
+            split.resized,
+        )
+        data_figures |= {
+            f"{DATA_PREFIX}{name}/images": split.labels.numel(),
+            f"{DATA_PREFIX}{name}/damage": counts["damage"],
+            f"{DATA_PREFIX}{name}/no_damage": counts["no_damage"],
+            f"{DATA_PREFIX}{name}/damage_fraction": counts["damage"] / split.labels.numel(),
+            f"{DATA_PREFIX}{name}/skipped": split.skipped,
+            f"{DATA_PREFIX}{name}/resized": split.resized,
+        }
+    mlflow.log_params({key: str(value) for key, value in data_figures.items()})
+    decode_metrics = {"decode_time_s": decode_s, "decode_images_per_s": total_images / decode_s}
+    mlflow.log_metrics(decode_metrics)
+    log.info("decoded %d images in %.1fs (%.0f images/s)", total_images, decode_s, total_images / decode_s)
+    return loaded, data_figures | decode_metrics
+
+
 def run(config: TrainConfig) -> dict[str, float]:
     """Train, evaluate and log one run; returns the test metrics."""
     import mlflow
@@ -87,6 +143,7 @@ def run(config: TrainConfig) -> dict[str, float]:
     mlflow.set_system_metrics_sampling_interval(_SYSTEM_METRICS_INTERVAL_S)
     with mlflow.start_run(log_system_metrics=True) as active, tempfile.TemporaryDirectory() as scratch:
         log.info("mlflow run %s on %s (%s)", active.info.run_id, engine.device_name(device), "bf16" if bf16 else "fp32")
+        _mark_model_training(active.info.experiment_id)
         safe_uri = sources.redact_uri(config.data_uri)
         mlflow.set_tags(
             {
@@ -104,36 +161,7 @@ def run(config: TrainConfig) -> dict[str, float]:
                 "resolved_compile": str(compiled).lower(),
             },
         )
-        cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else sources.default_cache_dir()
-        root = sources.resolve(config.data_uri, cache_dir)
-        started = time.perf_counter()
-        loaded = {
-            name: dataset.load_split(files, config.image_size, device, config.workers)
-            for name, files in dataset.scan(root, config.max_images).items()
-        }
-        decode_s = time.perf_counter() - started
-        total_images = sum(split.labels.numel() for split in loaded.values())
-        data_metrics: dict[str, float] = {"decode_time_s": decode_s, "decode_images_per_s": total_images / decode_s}
-        for name, split in loaded.items():
-            counts = split.class_counts()
-            log.info(
-                "%s: %d damage, %d no_damage, %d skipped, %d resized",
-                name,
-                counts["damage"],
-                counts["no_damage"],
-                split.skipped,
-                split.resized,
-            )
-            data_metrics |= {
-                f"data_{name}_images": split.labels.numel(),
-                f"data_{name}_damage": counts["damage"],
-                f"data_{name}_no_damage": counts["no_damage"],
-                f"data_{name}_damage_fraction": counts["damage"] / split.labels.numel(),
-                f"data_{name}_skipped": split.skipped,
-                f"data_{name}_resized": split.resized,
-            }
-        mlflow.log_metrics(data_metrics)
-        log.info("decoded %d images in %.1fs (%.0f images/s)", total_images, decode_s, total_images / decode_s)
+        loaded, data_figures = _load_data(config, device)
 
         options = engine.FitOptions(
             epochs=config.epochs,
@@ -177,7 +205,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             "stopped_early": float(fitted.stopped_early),
             "train_time_s": time.perf_counter() - fit_started,
         }
-        results: dict[str, object] = {"data": data_metrics}
+        results: dict[str, object] = {"data": data_figures}
         for name, prefix in TEST_PREFIXES.items():
             if name in loaded:
                 scores = _evaluate_split(model, loaded[name], options)

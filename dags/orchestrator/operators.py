@@ -87,14 +87,30 @@ class RemoteTrainingOperator(BaseOperator):
         from orchestrator.connections import mlflow_credentials
         from orchestrator.pipeline import settings_of
         from orchestrator.remote_job import RemoteJobError, RemoteJobLostError
-        from orchestrator.tracking import credentials_in_env, experiment_id_of
-        from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, training_command
+        from orchestrator.tracking import (
+            credentials_in_env,
+            experiment_id_of,
+            fail_run_if_running,
+            start_training_run,
+        )
+        from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, tracked_run, training_command
 
         s = settings_of(self.config)
         # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
         context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
-        command = training_command(s, self.git_sha)
         creds = mlflow_credentials(s.mlflow.conn_id)
+        # The MLflow run is created here, named and tagged after this DAG run; the job trains into it (--run-id).
+        tracked = tracked_run(
+            s,
+            self.ready,
+            self.git_sha,
+            dag_id=self.dag_id,
+            run_id=context["run_id"],
+            try_number=context["ti"].try_number,
+        )
+        with credentials_in_env(creds.username, creds.password):
+            created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+        command = training_command(s, self.git_sha, created_run_id)
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
         job = self._job = self._remote_job(context)
         started = job.start_or_attach(command.argv(), env=env, env_sh=f"{s.instance.state_dir}/env.sh")
@@ -126,6 +142,9 @@ class RemoteTrainingOperator(BaseOperator):
             context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
             self.log.info("MLflow run %s: %s", run_id, url)
         if exit_code != 0:
+            # `mlflow run` ends the run it trained into; if it failed before reaching it (a failed checkout), say so.
+            with credentials_in_env(creds.username, creds.password):
+                fail_run_if_running(s.mlflow.tracking_uri, created_run_id)
             # The job ran to its end: a retry would only re-attach to the same finished job.
             raise AirflowFailException(
                 f"training exited with code {exit_code} on {self.ready['instance_id']}"

@@ -248,6 +248,8 @@ def wait_ready(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[s
     log.info("Bootstrap finished (%s) after %.1f s in all", result.status_line, ready_s)
     return {
         "instance_id": info.instance_id,
+        "instance_type": info.instance_type,
+        "market": launched["market"],
         "address": address,
         "port": s.instance.ssh_port,
         "host_public_key": launched["host_public_key"],

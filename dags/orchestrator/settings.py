@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from orchestrator.errors import ConfigError
 from orchestrator.github import GitHubError, html_base_url, validate_ref, validate_repo
+from orchestrator.run_params import DATA_URI_SCHEMES, MAX_DATA_URI, RUN_PARAMS, RunParam, schema_violation
 from orchestrator.training_command import DAG_PARAMS
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "config" / "defaults.toml"
@@ -28,19 +29,14 @@ CONFIG_FILE_ENV = "TRAINER_CONFIG"
 ENV_PREFIX = "TRAINER__"
 
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
-_INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 _CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 _PARAM_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
 # C0 and C1 control characters (NUL, newline, escape, ...): no name, URL or parameter value needs one.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Each type is one more launch attempt (two with spot first): a bound keeps a pasted list from looping for hours.
-MAX_INSTANCE_TYPES = 20
 # Used verbatim as a tag value and in IAM policy conditions: plain characters only, so tag_value never alters it.
 _DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
-DATA_URI_SCHEMES = ("s3", "file", "synthetic")
-MODELS = ("default", "seed")
 
 
 @dataclass(frozen=True)
@@ -137,20 +133,13 @@ class Settings:
         return f"{html_base_url(self.github.api_url)}/{self.github.repo}.git"
 
 
-# The per-run knobs of the DAG's trigger form, and the setting each one overrides.
+# The per-run knobs of the DAG's trigger form (orchestrator/run_params.py), and the setting each one overrides.
 PARAM_FIELDS: dict[str, tuple[str, str]] = {
-    "instance_types": ("aws", "instance_types"),
-    "spot": ("aws", "spot"),
-    "max_lifetime_minutes": ("aws", "max_lifetime_minutes"),
-    "epochs": ("training", "epochs"),
-    "batch_size": ("training", "batch_size"),
-    "learning_rate": ("training", "learning_rate"),
-    "model": ("training", "model"),
-    "data_uri": ("training", "data_uri"),
+    param.name: (param.setting.split(".")[0], param.setting.split(".")[1])
+    for param in RUN_PARAMS
+    if param.overrides_setting
 }
-# The trigger form's params that are not settings: the ref to train, resolved by the CI gate.
-RUN_PARAMS = ("git_ref",)
-PARAM_NAMES = frozenset(PARAM_FIELDS) | frozenset(RUN_PARAMS)
+PARAM_NAMES = frozenset(param.name for param in RUN_PARAMS)
 
 
 def load_settings(
@@ -193,6 +182,9 @@ def validate(s: Settings) -> None:
     _validate_instance(s.instance)
     _validate_mlflow(s.mlflow)
     _validate_training(s.training)
+    for param in RUN_PARAMS:
+        if param.overrides_setting:
+            _check_param(s, param)
     a, i, t = s.aws, s.instance, s.training
     needed = a.launch_timeout_minutes + i.ready_timeout_minutes + t.timeout_minutes
     _check(
@@ -231,26 +223,8 @@ def _validate_aws(a: AwsSettings) -> None:
         a.ami_ssm_parameter,
         "an SSM parameter name starting with '/', e.g. /aws/service/deeplearning/ami/...",
     )
+    # The trigger form's bounds apply too (_check_param); as a setting the list must also not be empty.
     _check(bool(a.instance_types), "aws.instance_types", [], "at least one instance type, e.g. g6.xlarge")
-    _check(
-        len(a.instance_types) <= MAX_INSTANCE_TYPES,
-        "aws.instance_types",
-        f"{len(a.instance_types)} types",
-        f"at most {MAX_INSTANCE_TYPES} instance types, in preference order",
-    )
-    for n, itype in enumerate(a.instance_types):
-        _check(
-            bool(_INSTANCE_TYPE_RE.fullmatch(itype)),
-            f"aws.instance_types[{n}]",
-            itype,
-            "an EC2 instance type name such as g6.xlarge",
-        )
-    _check(
-        len(set(a.instance_types)) == len(a.instance_types),
-        "aws.instance_types",
-        a.instance_types,
-        "no repeats",
-    )
     _check(
         not a.subnet_id or a.subnet_id.startswith("subnet-"),
         "aws.subnet_id",
@@ -260,7 +234,6 @@ def _validate_aws(a: AwsSettings) -> None:
     for n, sg in enumerate(a.security_group_ids):
         _check(sg.startswith("sg-"), f"aws.security_group_ids[{n}]", sg, "a security group id sg-...")
     _check_range(a.root_volume_gb, "aws.root_volume_gb", 8, 16384)
-    _check_range(a.max_lifetime_minutes, "aws.max_lifetime_minutes", 10, 7 * 24 * 60)
     _check_range(a.launch_timeout_minutes, "aws.launch_timeout_minutes", 1, 120)
     _check_range(a.max_instances, "aws.max_instances", 1, 1000)
     _check_range(a.instance_wait_minutes, "aws.instance_wait_minutes", 0, 7 * 24 * 60)
@@ -301,10 +274,6 @@ def _validate_training(t: TrainingSettings) -> None:
     if t.repo_url:
         _check_url(t.repo_url, "training.repo_url", ("https", "http", "git", "ssh", "file"))
     _check_match(r"[A-Za-z0-9_.-]{1,64}", t.entry_point, "training.entry_point", "a name")
-    _check_range(t.epochs, "training.epochs", 1, 10_000)
-    _check_range(t.batch_size, "training.batch_size", 1, 65_536)
-    _check(0 < t.learning_rate <= 1, "training.learning_rate", t.learning_rate, "a number in (0, 1]")
-    _check(t.model in MODELS, "training.model", t.model, f"one of {list(MODELS)}")
     validate_data_uri(t.data_uri)
     _check_range(t.timeout_minutes, "training.timeout_minutes", 1, 7 * 24 * 60)
     for key, value in t.extra_params.items():
@@ -336,13 +305,25 @@ def validate_data_uri(uri: str) -> None:
     scheme = parsed.scheme or "file"
     # A URI never holds raw whitespace or control characters (RFC 3986); refusing them keeps shell-like text out.
     _check(
-        scheme in DATA_URI_SCHEMES and not any(c.isspace() or not c.isprintable() for c in uri) and len(uri) <= 1024,
+        scheme in DATA_URI_SCHEMES
+        and not any(c.isspace() or not c.isprintable() for c in uri)
+        and len(uri) <= MAX_DATA_URI,
         "training.data_uri",
         uri,
         f"a URI with one of the schemes {list(DATA_URI_SCHEMES)} (a folder or .zip in the dataset's layout)",
     )
     if scheme == "s3":
         _check(bool(parsed.netloc), "training.data_uri", uri, "s3://bucket/prefix/")
+
+
+def _check_param(s: Settings, param: RunParam) -> None:
+    """A setting that a trigger-form knob overrides obeys that knob's schema, whichever layer set it."""
+    section, key = PARAM_FIELDS[param.name]
+    value = getattr(getattr(s, section), key)
+    violation = schema_violation(list(value) if isinstance(value, tuple) else value, param.schema)
+    if violation:
+        where, part = violation
+        _check(False, f"{param.setting}{where}", tuple(part) if isinstance(part, list) else part, param.range_text)
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

@@ -16,9 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.training_command import DAG_RUN_ID_TAG, JOB_KEY_TAG
+
+if TYPE_CHECKING:
+    from orchestrator.training_command import TrackedRun
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,9 @@ CONTEST_LEASE_S = 1800.0
 CONTEST_BUDGET_S = 300.0
 _CONTEST_ROUNDS = 100  # a round writes only after a newer registration: 32 concurrent runs settle in far fewer
 _DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"  # MLflow's own JSON error code; a bare HTTP 404 maps to ENDPOINT_NOT_FOUND
+# MLflow 3 opens an experiment on its GenAI view (traces, prompts) unless this tag says it holds model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 # mlflow.register_model reads the process-wide tracking URI: threads of one process take turns at changing it.
 _GLOBAL_URI_LOCK = threading.Lock()
 
@@ -147,6 +154,7 @@ def evaluate_and_promote(
                 f"{value:.4f} passed the gate as version {version}, but version {holder.version} "
                 f"({holder.value:.4f}), evaluated at the same time, holds the champion alias"
             )
+        _describe_version(client, model_name, version, run, f"{metric} {reason}")
     log.info(
         "Run %s: %s (%s version %s): %s",
         run_id,
@@ -264,6 +272,23 @@ def _register_contender(client: Any, tracking_uri: str, run_id: str, model_name:
     return str(registered.version)
 
 
+def _describe_version(client: Any, model_name: str, version: str, run: Any, reason: str) -> None:
+    """Say on the registered version where it comes from and what the gate decided, in the registry's own view."""
+    tags = run.data.tags
+    commit = tags.get("mlflow.source.git.commit") or tags.get("git_sha") or "unknown"
+    dag_run = tags.get(DAG_RUN_ID_TAG)
+    description = f"Trained by MLflow run {run.info.run_id} from commit {commit}"
+    description += f" (Airflow run {dag_run})" if dag_run else ""
+    description += f". Gate: {reason}."
+    what = f"{model_name} version {version}"
+    _call(f"describing {what}", client.update_model_version, model_name, version, description=description)
+    version_tags = {"run_id": run.info.run_id, "git_commit": commit, "gate_reason": reason}
+    if dag_run:
+        version_tags[DAG_RUN_ID_TAG] = dag_run
+    for key, value in version_tags.items():
+        _call(f"tagging {what}", client.set_model_version_tag, model_name, version, key, value)
+
+
 def _live_contenders(client: Any, model_name: str, metric: str) -> list[_Scored]:
     """The versions whose contender lease has not run out, oldest first, with their scores."""
     found: list[Any] = []
@@ -337,6 +362,68 @@ def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) -> str:
+    """The id of the MLflow run this DAG run trains into: created once, found again by its job key on a later try.
+
+    The experiment is created, or marked, as a model-training one. Tags are (re)written each time, so the try
+    number is the latest try's.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = _call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        experiment_id = _call(
+            f"creating experiment {experiment!r}",
+            client.create_experiment,
+            experiment,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
+    else:
+        experiment_id = found.experiment_id
+        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            _call(
+                f"tagging experiment {experiment!r}",
+                client.set_experiment_tag,
+                experiment_id,
+                EXPERIMENT_KIND_TAG,
+                MODEL_TRAINING_KIND,
+            )
+    query = f"tags.`{JOB_KEY_TAG}` = '{tracked.job_key}'"
+    earlier = _call("searching the DAG run's MLflow run", client.search_runs, [experiment_id], query, max_results=1)
+    if earlier:
+        run_id = str(earlier[0].info.run_id)
+        for key, value in tracked.tags.items():
+            _call(f"tagging run {run_id}", client.set_tag, run_id, key, value)
+        log.info("MLflow run %s (%s), created by an earlier try of this DAG run", run_id, tracked.name)
+        return run_id
+    run = _call(
+        f"creating a run in {experiment!r}",
+        client.create_run,
+        experiment_id,
+        tags=dict(tracked.tags),
+        run_name=tracked.name,
+    )
+    log.info("MLflow run %s (%s) created in experiment %s", run.info.run_id, tracked.name, experiment_id)
+    return str(run.info.run_id)
+
+
+def fail_run_if_running(tracking_uri: str, run_id: str) -> None:
+    """Mark a run that its job left RUNNING as FAILED, so the experiment does not list it as running for ever.
+
+    Best effort: the caller fails for the training's own reason, which an MLflow outage must not hide.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except MlflowException as exc:
+        log.warning("Could not mark MLflow run %s as failed (%s): %s", run_id, exc.error_code, exc.message)
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:

@@ -3,27 +3,74 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from orchestrator.github import commit_checks_url
+from orchestrator.run_params import BY_NAME, JOB_PARAMS
+
 if TYPE_CHECKING:
-    from orchestrator.settings import Settings, TrainingSettings
+    from orchestrator.settings import Settings
 
 # MLflow prints these lines on stderr (merged into the job log) when it creates and ends the run.
 _RUN_STARTED_RE = re.compile(r"=== Running command .* in run with ID '([0-9a-f]{32})' ===")
 _RUN_ENDED_RE = re.compile(r"=== Run \(ID '([0-9a-f]{32})'\) (succeeded|failed) ===")
 
-# The -P params the DAG sets from its own settings and the commit the CI gate resolved. training.extra_params may add
-# others, never replace these (settings refuses them): a run's recorded params must say what it really trained.
-DAG_PARAMS: Mapping[str, Callable[[TrainingSettings, str], str]] = {
-    "epochs": lambda t, sha: str(t.epochs),
-    "batch_size": lambda t, sha: str(t.batch_size),
-    "learning_rate": lambda t, sha: repr(t.learning_rate),
-    "model": lambda t, sha: t.model,
-    "data_uri": lambda t, sha: t.data_uri,
-    "git_sha": lambda t, sha: sha,
-}
+# The -P params the DAG sets: the trigger form's job knobs (from their settings) and the commit the CI gate resolved.
+# training.extra_params may add others, never replace these (settings refuses them): a run's recorded params must
+# say what it really trained.
+DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))
+
+
+DAG_ID_TAG = "airflow.dag_id"
+DAG_RUN_ID_TAG = "airflow.run_id"
+# The remote job's key (remote_job.job_key: letters, digits, '._-'): a retry finds the run its first try created by
+# this tag. A run id may hold characters (quotes) that MLflow's search filter cannot carry; the key never does.
+JOB_KEY_TAG = "ec2_trainer.job_key"
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """The MLflow run a DAG run trains into: its name and tags (never a secret), created before the job starts."""
+
+    name: str
+    tags: Mapping[str, str]
+
+    @property
+    def job_key(self) -> str:
+        """Identifies it: one MLflow run per DAG run (as one remote job), whatever the number of task tries."""
+        return self.tags[JOB_KEY_TAG]
+
+
+def tracked_run(
+    settings: Settings, ready: Mapping[str, str], git_sha: str, *, dag_id: str, run_id: str, try_number: int
+) -> TrackedRun:
+    """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
+
+    `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
+    its UI shows the commit and the repository as for a run `mlflow run` had created itself.
+    """
+    from orchestrator.remote_job import job_key
+
+    return TrackedRun(
+        # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
+        name=f"{git_sha[:7]} {run_id}",
+        tags={
+            DAG_ID_TAG: dag_id,
+            DAG_RUN_ID_TAG: run_id,
+            JOB_KEY_TAG: job_key(dag_id, run_id),
+            "airflow.try_number": str(try_number),
+            "ec2.instance_id": ready["instance_id"],
+            "ec2.instance_type": ready["instance_type"],
+            "ec2.market": ready["market"],
+            "ci.url": commit_checks_url(settings.github.api_url, settings.github.repo, git_sha),
+            "mlflow.source.git.commit": git_sha,
+            "mlflow.source.name": settings.training_repo_url,
+            "mlflow.source.type": "PROJECT",
+            "mlflow.project.entryPoint": settings.training.entry_point,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -33,6 +80,9 @@ class TrainingCommand:
     entry_point: str
     experiment: str
     params: Mapping[str, str] = field(default_factory=dict)
+    # The run created beforehand (tracking.start_training_run). Given it, `mlflow run` logs no params of its own:
+    # it would log them shell-quoted ('synthetic://?...', ''), and the job logs them as it parsed them instead.
+    mlflow_run_id: str | None = None
 
     def argv(self) -> list[str]:
         """`mlflow run` at the exact commit, in the instance's own environment (the bootstrap prepared it)."""
@@ -49,21 +99,31 @@ class TrainingCommand:
             "--experiment-name",
             self.experiment,
         ]
+        if self.mlflow_run_id:
+            args += ["--run-id", self.mlflow_run_id]
         for key in sorted(self.params):
             args += ["-P", f"{key}={self.params[key]}"]
         return args
 
 
-def training_command(settings: Settings, git_sha: str) -> TrainingCommand:
+def training_command(settings: Settings, git_sha: str, mlflow_run_id: str | None = None) -> TrainingCommand:
     t = settings.training
-    params = {**t.extra_params, **{name: value(t, git_sha) for name, value in DAG_PARAMS.items()}}
+    params = {**t.extra_params, **{name: _job_param(settings, name) for name in JOB_PARAMS}, "git_sha": git_sha}
     return TrainingCommand(
         repo_url=settings.training_repo_url,
         git_sha=git_sha,
         entry_point=t.entry_point,
         experiment=settings.mlflow.experiment,
         params=params,
+        mlflow_run_id=mlflow_run_id,
     )
+
+
+def _job_param(settings: Settings, name: str) -> str:
+    """The knob's setting as the job's command line spells it; repr keeps every digit of a float."""
+    section, key = BY_NAME[name].setting.split(".")
+    value = getattr(getattr(settings, section), key)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def parse_mlflow_run_id(log_text: str) -> str | None:

@@ -127,10 +127,38 @@ def test_dag_file_parses_cheaply_without_heavy_modules(dag_file: str) -> None:
 
 
 def test_default_params_validate(training_dag: Any) -> None:
+    # Every knob empty means the configured value; none is required, so the form's Trigger button is enabled.
     resolved = copy.deepcopy(training_dag.params).validate()
-    assert resolved["git_ref"] == ""
-    assert resolved["instance_types"] == []
-    assert resolved["epochs"] is None
+    assert resolved == dict.fromkeys(training_dag.params)
+
+
+def test_every_param_explains_itself_and_can_go_back_to_configured(training_dag: Any) -> None:
+    for name in training_dag.params:
+        param = training_dag.params.get_param(name)
+        schema = param.schema
+        assert schema["title"] and schema["section"], name
+        # What it is, its range and what empty means, e.g. "... from 1 to 10000. Empty: the configured value (...)."
+        assert "Empty: the configured value (" in str(param.description), name
+        assert len(str(param.description)) > 60, name
+        # Airflow's form marks a field required unless its type admits null, and clears a field back to null.
+        assert "null" in schema["type"], name
+        if "enum" in schema:
+            assert schema["enum"][0] is None and schema["values_display"][None].startswith("configured"), name
+
+
+def test_the_api_server_checks_a_trigger_as_the_form_shows_it(training_dag: Any) -> None:
+    """The api-server validates a trigger's conf against the serialized DAG: the same schema survives the trip, and
+    a refusal names the Param (the form shows this message above the Trigger button)."""
+    from airflow.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.from_dict(json.loads(json.dumps(DagSerialization.to_dict(training_dag)))).params
+    assert served.deep_merge({}).validate() == dict.fromkeys(training_dag.params)
+    assert served.deep_merge({"spot": "true", "epochs": 3}).validate()["spot"] == "true"
+    spot = served.get_param("spot").schema
+    assert spot["enum"] == [None, "true", "false"] and spot["values_display"]["None"] == "configured (aws.spot)"
+    with pytest.raises(ParamValidationError, match=r"Invalid input for param epochs: 0 is less than the minimum of 1"):
+        served.deep_merge({"epochs": 0}).validate()
 
 
 @pytest.mark.parametrize(
@@ -138,8 +166,11 @@ def test_default_params_validate(training_dag: Any) -> None:
     [
         ("git_ref", "feature/x"),
         ("git_ref", SHA),
+        ("git_ref", "1.0"),
+        ("git_ref", ""),
         ("instance_types", ["g6.xlarge", "p4d.24xlarge"]),
-        ("spot", True),
+        ("spot", "true"),
+        ("spot", "false"),
         ("spot", None),
         ("epochs", 1),
         ("epochs", 10000),
@@ -147,7 +178,11 @@ def test_default_params_validate(training_dag: Any) -> None:
         ("learning_rate", 1),
         ("learning_rate", 0.0001),
         ("model", "seed"),
-        ("data_uri", "synthetic://?size=64"),
+        ("data_uri", "synthetic://?size=64&seed=1"),
+        ("data_uri", "s3://bucket/prefix/"),
+        ("data_uri", "file:///data/hurricane"),
+        ("data_uri", "/data/hurricane.zip"),
+        ("data_uri", ""),
         ("max_lifetime_minutes", 10),
     ],
 )
@@ -160,10 +195,14 @@ def test_good_param_values_are_accepted(training_dag: Any, name: str, value: Any
     ("name", "value", "match"),
     [
         ("git_ref", "x" * 256, r"is too long"),
-        ("git_ref", 5, r"5 is not of type 'string'"),
+        ("git_ref", 5, r"5 is not of type 'null', 'string'"),
+        ("git_ref", "-x", r"'-x' does not match"),
+        ("git_ref", "main; id", r"'main; id' does not match"),
         ("instance_types", ["not a type!"], r"'not a type!' does not match"),
-        ("instance_types", "g6.xlarge", r"'g6\.xlarge' is not of type 'array'"),
-        ("spot", "yes", r"'yes' is not of type 'null', 'boolean'"),
+        ("instance_types", "g6.xlarge", r"'g6\.xlarge' is not of type 'null', 'array'"),
+        ("instance_types", ["g6.xlarge", "g6.xlarge"], r"has non-unique elements"),
+        ("spot", "yes", r"'yes' is not one of \[None, 'true', 'false'\]"),
+        ("spot", True, r"True is not of type 'null', 'string'"),
         ("epochs", -1, r"-1 is less than the minimum of 1"),
         ("epochs", 0, r"0 is less than the minimum of 1"),
         ("epochs", 10001, r"10001 is greater than the maximum of 10000"),
@@ -173,6 +212,10 @@ def test_good_param_values_are_accepted(training_dag: Any, name: str, value: Any
         ("learning_rate", 1.5, r"1\.5 is greater than the maximum of 1"),
         ("model", "resnet", r"'resnet' is not one of \[None, 'default', 'seed'\]"),
         ("data_uri", "s3://b/" + "x" * 1024, r"is too long"),
+        ("data_uri", "ftp://host/data", r"'ftp://host/data' does not match"),
+        ("data_uri", "s3://", r"'s3://' does not match"),
+        ("data_uri", "-rf", r"'-rf' does not match"),
+        ("data_uri", "synthetic:// x", r"does not match"),
         ("instance_types", [f"g{n}.xlarge" for n in range(21)], r"is too long"),
         # The form's pattern must match the whole value: `$` let a trailing newline through.
         ("instance_types", ["g6.xlarge\n"], r"'g6\.xlarge\\n' does not match"),

@@ -51,10 +51,25 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     run = MlflowClient(env.mlflow.url).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.git.commit"] == sha
+    # Named and tagged after the DAG run, in an experiment MLflow's UI opens as model training.
+    assert run.info.run_name == f"{sha[:7]} {dag_run.run_id}"
+    assert run.data.tags["airflow.run_id"] == dag_run.run_id
+    assert (run.data.tags["airflow.dag_id"], run.data.tags["airflow.try_number"]) == ("ec2_training", "1")
+    assert run.data.tags["ec2.instance_id"] == instance["InstanceId"]
+    assert run.data.tags["ec2.instance_type"] == instance["InstanceType"]
+    assert run.data.tags["ec2.market"] == "on-demand"
+    assert run.data.tags["ci.url"] == f"{env.github_url}/local/ec2-trainer/commit/{sha}/checks"
+    assert not [value for value in run.data.params.values() if value.startswith("'")], run.data.params
+    client = MlflowClient(env.mlflow.url)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
     evaluation = tis["evaluate"].xcom_pull(task_ids="evaluate")
     assert evaluation["run_id"] == run_id
     assert evaluation["promoted"] is True  # threshold 0 and no champion for its model yet
+    version = client.get_model_version("hurricane-damage-cnn-happy-path", evaluation["model_version"])
+    assert version.tags["git_commit"] == sha and version.tags["run_id"] == run_id
+    assert evaluation["reason"] in version.description
     assert f"MLflow run {run_id}" in task_log
     # The UI's extra links: the commit's checks page on the gate, the MLflow run on the training task.
     checks_link = tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink")
@@ -98,7 +113,9 @@ def test_unknown_branch_fails_at_the_gate(env: EmbeddedStack) -> None:
 
 
 def test_invalid_param_fails_at_trigger_time(env: EmbeddedStack, sha: str) -> None:
-    dag_run = run_dag(git_ref=sha, data_uri="ftp://example.invalid/data")
+    # Within the form's bounds (10 to 10080), but shorter than the launch, ready and training timeouts together:
+    # only resolve_config can tell, before anything is spent.
+    dag_run = run_dag(git_ref=sha, max_lifetime_minutes=10)
 
     states = task_states(dag_run)
     assert dag_run.state == "failed"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import ConfigError
+from orchestrator.run_params import MAX_INSTANCE_TYPES
 from orchestrator.settings import (
-    MAX_INSTANCE_TYPES,
     PARAM_FIELDS,
     Settings,
     html_base_url,
@@ -92,6 +92,12 @@ def test_precedence_defaults_file_env_params(tmp_path: Path) -> None:
 def test_empty_params_keep_the_configured_values(defaults: Settings) -> None:
     settings = load_settings({"epochs": None, "instance_types": [], "data_uri": "", "git_ref": "main"}, env=DEPLOYED)
     assert settings == defaults
+
+
+@pytest.mark.parametrize(("form", "spot"), [("true", True), ("false", False), (None, False)])
+def test_the_forms_spot_choice_becomes_the_boolean_setting(form: str | None, spot: bool) -> None:
+    # The form offers "true"/"false" as text (a boolean switch could not go back to empty = configured).
+    assert load_settings({"spot": form}, env=DEPLOYED).aws.spot is spot
 
 
 def test_every_param_maps_to_a_setting(defaults: Settings) -> None:
@@ -292,17 +298,25 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("aws", {"instance_types": ("g6.xlarge", "not a type!")}, r"aws\.instance_types\[1\]: 'not a type!' is invalid"),
     ("aws", {"instance_types": ("G6.xlarge",)}, r"aws\.instance_types\[0\]"),
     ("aws", {"instance_types": ("g6",)}, r"aws\.instance_types\[0\]"),
-    ("aws", {"instance_types": ("g6.xlarge", "g6.xlarge")}, r"aws\.instance_types: .* expected no repeats"),
+    (
+        "aws",
+        {"instance_types": ("g6.xlarge", "g6.xlarge")},
+        r"aws\.instance_types: .* expected EC2 type names such as g6\.xlarge, no repeats",
+    ),
     (
         "aws",
         {"instance_types": tuple(f"g{n}.xlarge" for n in range(MAX_INSTANCE_TYPES + 1))},
-        r"aws\.instance_types: '21 types' is invalid; expected at most 20 instance types",
+        r"aws\.instance_types: .* is invalid; expected .*up to 20",
     ),
     ("aws", {"subnet_id": "vpc-123"}, r"aws\.subnet_id: 'vpc-123' is invalid; expected empty or subnet-"),
     ("aws", {"security_group_ids": ("sg-1", "default")}, r"aws\.security_group_ids\[1\]: 'default' is invalid"),
     ("aws", {"root_volume_gb": 7}, r"aws\.root_volume_gb: 7 is invalid"),
     ("aws", {"root_volume_gb": 16385}, r"aws\.root_volume_gb"),
-    ("aws", {"max_lifetime_minutes": 9}, r"aws\.max_lifetime_minutes: 9 is invalid; expected a value between 10"),
+    (
+        "aws",
+        {"max_lifetime_minutes": 9},
+        r"aws\.max_lifetime_minutes: 9 is invalid; expected a whole number of minutes from 10 to 10080",
+    ),
     ("aws", {"max_lifetime_minutes": 7 * 24 * 60 + 1}, r"aws\.max_lifetime_minutes"),
     ("aws", {"launch_timeout_minutes": 0}, r"aws\.launch_timeout_minutes"),
     ("aws", {"project_tag": "has space"}, r"aws\.project_tag"),
@@ -336,9 +350,13 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("training", {"epochs": 0}, r"training\.epochs: 0 is invalid"),
     ("training", {"epochs": 10_001}, r"training\.epochs"),
     ("training", {"batch_size": 0}, r"training\.batch_size"),
-    ("training", {"learning_rate": 0.0}, r"training\.learning_rate: 0\.0 is invalid; expected a number in \(0, 1\]"),
+    (
+        "training",
+        {"learning_rate": 0.0},
+        r"training\.learning_rate: 0\.0 is invalid; expected a number above 0 and at most 1",
+    ),
     ("training", {"learning_rate": 1.5}, r"training\.learning_rate"),
-    ("training", {"model": "resnet"}, r"training\.model: 'resnet' is invalid; expected one of \['default', 'seed'\]"),
+    ("training", {"model": "resnet"}, r"training\.model: 'resnet' is invalid; expected one of default, seed"),
     ("training", {"data_uri": "ftp://host/data"}, r"training\.data_uri: 'ftp://host/data' is invalid"),
     ("training", {"data_uri": "; rm -rf /"}, r"training\.data_uri: '; rm -rf /' is invalid"),
     ("training", {"data_uri": "s3://bucket/a\nb"}, r"training\.data_uri"),

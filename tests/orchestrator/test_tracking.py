@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from embedded.mlflow_server import MlflowServer
+from orchestrator.remote_job import job_key
 from orchestrator.tracking import (
     CHAMPION_ALIAS,
     CONTENDER_TAG,
@@ -23,7 +24,10 @@ from orchestrator.tracking import (
     credentials_in_env,
     decide_promotion,
     evaluate_and_promote,
+    fail_run_if_running,
+    start_training_run,
 )
+from orchestrator.training_command import TrackedRun
 from tests.mlflow_fixtures import FaultProxy
 
 METRIC = "test_accuracy"
@@ -168,6 +172,69 @@ def test_champion_lifecycle(tracking_uri: str, model_name: str) -> None:
     result = evaluate(tracking_uri, better, model_name)
     assert (result.promoted, result.model_version, result.champion_value) == (True, "2", 0.92)
     assert champion(tracking_uri, model_name) == ("2", better)
+
+
+def test_the_registered_version_says_where_it_comes_from_and_why(tracking_uri: str, model_name: str) -> None:
+    from mlflow import MlflowClient
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    run_id = finished_run({METRIC: 0.95})
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, "mlflow.source.git.commit", sha)
+    client.set_tag(run_id, "airflow.run_id", "manual__1")
+    result = evaluate(tracking_uri, run_id, model_name)
+
+    version = client.get_model_version(model_name, str(result.model_version))
+    reason = "test_accuracy 0.9500 passes the threshold 0.9000; there is no champion yet"
+    assert version.description == f"Trained by MLflow run {run_id} from commit {sha} (Airflow run manual__1). " + (
+        f"Gate: {reason}."
+    )
+    assert {k: v for k, v in version.tags.items() if k != CONTENDER_TAG} == {
+        "run_id": run_id,
+        "git_commit": sha,
+        "gate_reason": reason,
+        "airflow.run_id": "manual__1",
+    }
+
+
+def _tracked(run_id: str, try_number: int) -> TrackedRun:
+    tags = {"airflow.dag_id": "ec2_training", "airflow.run_id": run_id, "airflow.try_number": str(try_number)}
+    return TrackedRun(name=f"0123456 {run_id}", tags=tags | {"ec2_trainer.job_key": job_key("ec2_training", run_id)})
+
+
+def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = f"training-{uuid.uuid4().hex[:8]}"
+    first = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    created = client.get_experiment_by_name(experiment)
+    assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(first)
+    assert (run.info.run_name, run.info.status, run.data.tags["airflow.try_number"]) == (
+        "0123456 manual__1",
+        "RUNNING",
+        "1",
+    )
+
+    # A retry of the task finds the run its first try created, and records its own try number.
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2)) == first
+    assert client.get_run(first).data.tags["airflow.try_number"] == "2"
+    # A deployment's allowed_run_id_pattern may let a quote through: the search never sees the run id itself.
+    quoted = start_training_run(tracking_uri, experiment, _tracked("manual__it's", 1))
+    assert quoted != first
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__it's", 2)) == quoted
+    assert len(client.search_runs([created.experiment_id])) == 2
+
+
+def test_an_existing_experiment_is_marked_as_model_training(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = f"genai-{uuid.uuid4().hex[:8]}"
+    experiment_id = client.create_experiment(experiment)
+    start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_below_threshold_registers_nothing(tracking_uri: str, model_name: str) -> None:
@@ -405,3 +472,29 @@ def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared
     mlflow_proxy.fault = lambda method, path: (401, UNAUTHENTICATED) if "/runs/get" in path else None
     with pytest.raises(TrackingServerError, match=r"reading run .* \(UNAUTHENTICATED\)"):  # the task's retries apply
         pipeline.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
+
+
+def test_a_run_its_job_left_running_is_marked_failed(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = f"left-{uuid.uuid4().hex[:8]}"
+    left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    fail_run_if_running(tracking_uri, left)
+    assert client.get_run(left).info.status == "FAILED"
+    finished = finished_run({METRIC: 0.5}, with_model=False)
+    fail_run_if_running(tracking_uri, finished)
+    assert client.get_run(finished).info.status == "FINISHED"
+
+
+def test_marking_a_left_run_failed_never_hides_the_training_failure(
+    tracking_uri: str, mlflow_proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    left = start_training_run(tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1))
+    # 403: MLflow's client does not retry it (a 5xx would be retried with backoff for minutes).
+    mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
+    fail_run_if_running(mlflow_proxy.url, left)  # no exception: the caller reports the training's own failure
+    assert f"Could not mark MLflow run {left} as failed" in caplog.text
+    assert MlflowClient(tracking_uri=tracking_uri).get_run(left).info.status == "RUNNING"

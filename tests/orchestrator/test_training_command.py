@@ -6,12 +6,14 @@ import dataclasses
 
 import pytest
 
+from orchestrator.remote_job import job_key
 from orchestrator.settings import Settings, load_settings
 from orchestrator.training_command import (
     DAG_PARAMS,
     TrainingCommand,
     mlflow_run_url,
     parse_mlflow_run_id,
+    tracked_run,
     training_command,
 )
 
@@ -166,3 +168,32 @@ def test_mlflow_run_url(uri: str) -> None:
 def test_mlflow_run_url_keeps_a_path_prefix() -> None:
     url = mlflow_run_url("https://mlflow.example.com/tracking", "7", RUN_ID)
     assert url == f"https://mlflow.example.com/tracking/#/experiments/7/runs/{RUN_ID}"
+
+
+def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:
+    argv = training_command(settings, SHA, RUN_ID).argv()
+    assert argv[argv.index("--run-id") + 1] == RUN_ID
+    assert "--run-id" not in training_command(settings, SHA).argv()
+
+
+def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Settings) -> None:
+    ready = {"instance_id": "i-0abc", "instance_type": "g6.xlarge", "market": "spot", "address": "10.0.0.1"}
+    tracked = tracked_run(
+        settings, ready, SHA, dag_id="ec2_training", run_id="manual__2026-11-26T10:00:00", try_number=2
+    )
+    assert tracked.name == "0123456 manual__2026-11-26T10:00:00"
+    assert tracked.tags == {
+        "airflow.dag_id": "ec2_training",
+        "airflow.run_id": "manual__2026-11-26T10:00:00",
+        "ec2_trainer.job_key": job_key("ec2_training", "manual__2026-11-26T10:00:00"),
+        "airflow.try_number": "2",
+        "ec2.instance_id": "i-0abc",
+        "ec2.instance_type": "g6.xlarge",
+        "ec2.market": "spot",
+        "ci.url": f"https://github.com/your-org/ec2-trainer/commit/{SHA}/checks",
+        "mlflow.source.git.commit": SHA,
+        "mlflow.source.name": "https://github.com/your-org/ec2-trainer.git",
+        "mlflow.source.type": "PROJECT",
+        "mlflow.project.entryPoint": "main",
+    }
+    assert tracked.job_key == tracked.tags["ec2_trainer.job_key"]

@@ -101,11 +101,16 @@ def test_mlflow_run_logs_everything(tracking_uri, project, tmp_path):
         assert 0.0 <= metrics[f"test_{name}"] <= 1.0
         assert f"test_another_{name}" in metrics
     assert metrics["test_accuracy"] >= 0.8  # the synthetic signal is learnable
-    assert metrics["data_train_another_damage_fraction"] == 0.5
+    # Dataset figures are params under one prefix: no chart of theirs comes before the learning curves.
+    assert run.data.params["data/train_another/damage_fraction"] == "0.5"
+    assert run.data.params["data/test_another/images"] == "10"
+    assert not any(key.startswith("data") for key in metrics)
+    assert metrics["decode_images_per_s"] > 0
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert len(client.get_metric_history(run.info.run_id, "throughput_images_per_s")) == 3
     assert any(key.startswith("system/") for key in metrics)
+    assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {
         "learning_curves.png",
@@ -122,6 +127,37 @@ def test_mlflow_run_logs_everything(tracking_uri, project, tmp_path):
     prediction = np.asarray(model.predict(np.zeros((3, 3, 64, 64), dtype=np.float32)))
     assert prediction.shape == (3, 1)
     assert bool(((prediction >= 0) & (prediction <= 1)).all())
+
+
+def test_a_run_created_beforehand_gets_every_param_unquoted(tracking_uri, project, tmp_path):
+    """As the DAG runs it: the run exists, named and tagged, and `mlflow run --run-id` trains into it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment(f"precreated-{tmp_path.name}")
+    created = client.create_run(experiment_id, run_name="abc1234 manual__1", tags={"airflow.run_id": "manual__1"})
+    # `?` and `&` make a shell-quoted value; an empty value would be logged as ''.
+    data = DATA + "&seed=1"
+    completed = subprocess.run(
+        [
+            *(str(BIN / "mlflow"), "run", str(project), "--env-manager", "local"),
+            *("--experiment-id", experiment_id, "--run-id", created.info.run_id),
+            *("-P", "epochs=1", "-P", "batch_size=8", "-P", f"data_uri={data}", "-P", "image_size=64"),
+        ],
+        env=_env(tracking_uri, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run = client.get_run(created.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert (run.info.run_name, run.data.tags["airflow.run_id"]) == ("abc1234 manual__1", "manual__1")
+    params = run.data.params
+    assert (params["data_uri"], params["cache_dir"], params["epochs"]) == (data, "", "1")
+    assert not [value for value in params.values() if value.startswith("'")]
+    assert len(client.search_runs([experiment_id])) == 1  # no second run of its own
 
 
 @pytest.mark.parametrize(
