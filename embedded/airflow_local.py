@@ -37,11 +37,18 @@ class LocalAirflow(Managed):
     """Start with `with LocalAirflow(home, env) as airflow:`; `env` carries the connections and TRAINER__ settings.
 
     `env` is applied last: an AIRFLOW__ variable in it overrides this class's default for that setting (the executor,
-    the metadata database, intervals). `port` None picks a free one.
+    the metadata database, intervals). `port` None picks a free one. `login` (user, password): the harness signs in as
+    that user, for a deployment whose `env` turns the all-admins default off.
     """
 
     def __init__(
-        self, home: Path, env: Mapping[str, str], *, parallelism: int = 8, port: int | None = None
+        self,
+        home: Path,
+        env: Mapping[str, str],
+        *,
+        parallelism: int = 8,
+        port: int | None = None,
+        login: tuple[str, str] | None = None,
     ) -> None:
         self.home = home.resolve()
         self.port = port or free_port()
@@ -69,6 +76,7 @@ class LocalAirflow(Managed):
         }
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._token = ""
+        self._login = login
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -89,7 +97,12 @@ class LocalAirflow(Managed):
             proc=self._procs["api-server"],
             log_file=self.log_file("api-server"),
         )
-        self._token = self._request("GET", "/auth/token", authorized=False)["access_token"]
+        if self._login:
+            user, password = self._login
+            body = {"username": user, "password": password}
+            self._token = self._request("POST", "/auth/token", body, authorized=False)["access_token"]
+        else:
+            self._token = self._request("GET", "/auth/token", authorized=False)["access_token"]
         log.info("Airflow at %s (AIRFLOW_HOME %s)", self.url, self.home)
 
     def stop(self) -> None:

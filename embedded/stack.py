@@ -72,7 +72,18 @@ def _client_key() -> tuple[str, str]:
 
 
 class EmbeddedStack(Managed):
-    def __init__(self, workdir: Path, repo_dir: Path, *, knobs: TrainingKnobs | None = None) -> None:
+    """`mlflow_port` and `github_port` fix the two services a browser opens (links must outlive a restart); None
+    picks free ports, as the tests do."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        repo_dir: Path,
+        *,
+        knobs: TrainingKnobs | None = None,
+        mlflow_port: int | None = None,
+        github_port: int | None = None,
+    ) -> None:
         self.workdir = workdir.resolve()
         self.repo_dir = repo_dir.resolve()
         self.knobs = knobs or TrainingKnobs()
@@ -94,9 +105,9 @@ class EmbeddedStack(Managed):
             # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
             image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
         )
-        self.mlflow = MlflowServer(self.workdir / "mlflow")
+        self.mlflow = MlflowServer(self.workdir / "mlflow", port=mlflow_port)
         self.git = GitDaemon(self.repo_dir, self.workdir)
-        self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token)
+        self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token, port=github_port or 0)
         self.github_url = ""
 
     def start(self) -> None:
