@@ -83,6 +83,7 @@ def admin_password(passwords_file: Path) -> str:
         passwords[ADMIN_USER] = secrets.token_urlsafe(12)
         passwords_file.parent.mkdir(parents=True, exist_ok=True)
         passwords_file.touch(mode=0o600)
+        passwords_file.chmod(0o600)
         passwords_file.write_text(json.dumps(passwords) + "\n")
     return passwords[ADMIN_USER]
 
