@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             print(banner(deployment.urls(), (ADMIN_USER, deployment.password), state_root), flush=True)
             expected = set(deployment.airflow.component_pids())
             while not (gone := expected - set(deployment.airflow.component_pids())):
+                # A commit made while this runs is trainable at once, as a pushed one is on GitHub.
+                deployment.stack.git.sync()
                 time.sleep(2)
             died = ", ".join(sorted(gone))
             print(f"Airflow's {died} exited: see {deployment.airflow.home / 'components'}; stopping.", flush=True)
