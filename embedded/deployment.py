@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedded.airflow_local import LocalAirflow
-from embedded.process import Managed, free_port
+from embedded.process import Managed, free_port, wait_for_http
 from embedded.stack import EmbeddedStack, TrainingKnobs
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,9 @@ class LocalDeployment(Managed):
             login=(ADMIN_USER, self.password),
         )
         self._airflow.start()
+        # The api-server builds its task execution API on that API's first request (3 to 10 s measured here),
+        # during which every request waits. Pay it now rather than in the first task of the first run.
+        wait_for_http(f"{self._airflow.url}/execution/health", 120, log_file=self._airflow.log_file("api-server"))
         self._airflow.wait_for_dag(DAG_ID)
 
     def stop(self) -> None:

@@ -83,6 +83,13 @@ def journey(browser: Any) -> Iterator[Journey]:
         context.close()
 
 
+def run_name(deployment: LocalDeployment, run_id: str) -> str:
+    """The name the MLflow UI shows on the run's page."""
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(deployment.stack.mlflow.url).get_run(run_id).info.run_name)
+
+
 def wait_for(found: Callable[[], list[Any]], timeout_s: float) -> list[Any]:
     """What `found` returns once it is not empty; fails after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -134,6 +141,7 @@ def test_a_new_user_finds_the_logs_links_and_form_working(
         mlflow_link.click()
     mlflow_page = opened.value
     mlflow_page.wait_for_function(f"document.title.includes({summary.mlflow_run_id!r})", timeout=UI_TIMEOUT_MS)
+    mlflow_page.get_by_text(run_name(deployment, summary.mlflow_run_id or "")).first.wait_for()
     assert mlflow_page.url.startswith(deployment.stack.mlflow.url)
     assert f"/runs/{summary.mlflow_run_id}" in mlflow_page.url
     journey.shot("mlflow-run", mlflow_page)
