@@ -67,11 +67,13 @@ def watch(deployment: LocalDeployment, run_id: str, timeout_s: float, out: Any =
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"DAG run {run_id} not finished after {timeout_s:.0f}s: {states}")
         time.sleep(POLL_S)
+    # In the order they ran (the API lists them by id); a task that never started comes last.
+    order = sorted(tis, key=lambda task: tis[task].get("start_date") or "~")
     summary = RunSummary(
         dag_run_id=run_id,
         state=run_state,
-        task_states={task: str(state) for task, state in now.items()},
-        task_seconds={task: float(ti["duration"] or 0.0) for task, ti in tis.items() if ti.get("duration")},
+        task_states={task: str(tis[task]["state"]) for task in order},
+        task_seconds={task: float(tis[task]["duration"]) for task in order if tis[task].get("duration")},
         # Airflow's own clock, from the trigger to the run's end: not this loop's polling lag.
         run_s=_seconds_between(run.get("queued_at"), run.get("end_date")) or time.monotonic() - started,
         train_s=(train_end - train_start) if train_start and train_end else 0.0,
