@@ -140,6 +140,9 @@ class LocalAirflow(Managed):
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
 
+    def dag(self, dag_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/v2/dags/{dag_id}")
+
     def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
         """Every run of the DAG, however it was triggered (the REST API, the UI's form), oldest first."""
         return list(self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=run_after&limit=100")["dag_runs"])

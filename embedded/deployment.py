@@ -16,8 +16,10 @@ import logging
 import secrets
 import socket
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from embedded.airflow_local import LocalAirflow
@@ -168,11 +170,27 @@ class LocalDeployment(Managed):
             port=self.ports.airflow,
             login=(ADMIN_USER, self.password),
         )
+        started = datetime.now(UTC)
         self._airflow.start()
         # The api-server builds its task execution API on that API's first request (3 to 10 s measured here),
         # during which every request waits. Pay it now rather than in the first task of the first run.
         wait_for_http(f"{self._airflow.url}/execution/health", 120, log_file=self._airflow.log_file("api-server"))
         self._airflow.wait_for_dag(DAG_ID)
+        self._wait_for_parse_since(started)
+
+    def _wait_for_parse_since(self, moment: datetime, timeout_s: float = 120) -> None:
+        """A restarted deployment's database already knows the DAG: wait until this start parsed the file, so a run
+        triggered now uses the DAG as it is on disk, not as it was."""
+
+        def parsed_since() -> bool:
+            parsed = self.airflow.dag(DAG_ID).get("last_parsed_time")
+            return parsed is not None and datetime.fromisoformat(parsed) >= moment
+
+        deadline = time.monotonic() + timeout_s
+        while not parsed_since():
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{DAG_ID} not parsed again within {timeout_s:.0f}s; see the dag-processor's log")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         # Side by side: the api-server and the MLflow server each take up to 10 s to go, one after the other 20 s.
