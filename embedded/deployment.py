@@ -68,6 +68,8 @@ class Ports:
         """Fail before starting anything when a port is taken (another `make ui`, or an unrelated server)."""
         for name, port in (("AIRFLOW_PORT", self.airflow), ("MLFLOW_PORT", self.mlflow), ("GITHUB_PORT", self.github)):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                # As the servers bind: connections of a previous run lingering in TIME_WAIT do not hold the port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind(("127.0.0.1", port))
                 except OSError:
