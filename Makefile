@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the whole pipeline on the embedded default) and `make test`.
+# The README's commands: `make demo` (the whole pipeline on the embedded default), `make ui` (its UIs) and `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv

@@ -99,6 +99,8 @@ def wait_for(found: Callable[[], list[Any]], timeout_s: float) -> list[Any]:
     return result
 
 
+# Start-up, two DAG runs and the browser: 4-5 minutes on a busy 2-core machine; the suite's default is 10.
+@pytest.mark.timeout(900)
 def test_a_new_user_finds_the_logs_links_and_form_working(
     deployment: LocalDeployment, journey: Journey, sha: str
 ) -> None:
