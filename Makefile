@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the whole pipeline on the embedded default) and `make test`.
+# The README's commands: `make demo` (the whole pipeline on the embedded default), `make ui` (its UIs) and `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -8,8 +8,13 @@ STATE := .state
 # --dist loadgroup: tests marked with one xdist_group run in one process, one after the other (the two modules that
 # start a whole Airflow deployment: tests/faults/test_scheduler_faults.py, tests/deploy/test_celery_deployment.py).
 TEST_WORKERS ?= 2
+# The ports `make demo` and `make ui` serve on 127.0.0.1 (the UIs' links use them: keep them across the two).
+AIRFLOW_PORT ?= 8080
+MLFLOW_PORT ?= 5000
+GITHUB_PORT ?= 8070
+PORT_ARGS = --airflow-port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT) --github-port $(GITHUB_PORT)
 
-.PHONY: demo test lint unit ui clean install system-deps smoke-aws
+.PHONY: demo test lint unit ui up clean install system-deps smoke-aws
 .PHONY: smoke-github test-deploy
 
 # requirements-deploy.lock: the production deployment's set (Celery, PostgreSQL drivers, Redis), which tests/deploy runs.
@@ -25,9 +30,13 @@ install: $(BIN)/.installed
 system-deps:
 	@WITH_TEST_TOOLS=$(WITH_TEST_TOOLS) .ci/system-deps.sh
 
-## Run the training DAG end to end on the embedded default (moto, loopback sshd, local MLflow, git daemon) and summarise.
+## Run the training DAG end to end on the embedded default's local Airflow, watch it live, and summarise.
 demo: install system-deps
-	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.demo --state-dir $(STATE)
+	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.demo --state-dir $(STATE) $(PORT_ARGS)
+
+## The same deployment, kept up until Ctrl-C: Airflow, MLflow and the GitHub stand-in UIs (URLs and login printed last).
+ui up: install system-deps
+	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.ui --state-dir $(STATE) $(PORT_ARGS)
 
 ## Lint, type-check and run every test (what CI runs).
 test: install
@@ -51,16 +60,6 @@ smoke-aws: install
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks
-
-## Browse the last demo: the Airflow UI on :8080 and the MLflow UI on :5000 (Ctrl-C stops both).
-ui: install
-	@test -f $(STATE)/airflow/airflow.db || { echo "No demo data in $(STATE): run make demo first"; exit 1; }
-	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(CURDIR)/$(STATE)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__PARALLELISM=2 \
-	  bash -c 'trap "kill 0" EXIT; airflow pools import $(CURDIR)/config/pools.json >/dev/null; \
-	    mlflow server --backend-store-uri sqlite:///$(CURDIR)/$(STATE)/services/mlflow/mlflow.db \
-	      --artifacts-destination $(CURDIR)/$(STATE)/services/mlflow/artifacts --host 127.0.0.1 --port 5000 --workers 1 & \
-	    airflow standalone'
 
 clean:
 	rm -rf $(STATE) .mypy_cache .ruff_cache .pytest_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the embedded default and the tests need: OpenSSH's server (the stand-in instance) and git.
-# cloud-init and shellcheck validate the user-data in tests (those tests skip, saying why, when they are missing).
+# cloud-init and shellcheck validate the user-data in tests, chromium runs the browser test (those tests skip, saying
+# why, when they are missing).
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,8 @@ command -v git >/dev/null 2>&1 || missing+=(git)
 if [ "${WITH_TEST_TOOLS:-0}" = 1 ]; then
   command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  # The browser test (tests/ui) drives Debian's Chromium through Playwright: no browser download.
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

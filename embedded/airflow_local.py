@@ -52,7 +52,8 @@ class LocalAirflow(Managed):
 
     `env` is applied last: an AIRFLOW__ variable in it overrides this class's default for that setting (the executor,
     the metadata database, intervals). `port` None picks a free one. `workers` Celery workers (named worker-1, ...)
-    run `worker_concurrency` tasks each; they need the CeleryExecutor and its broker in `env`.
+    run `worker_concurrency` tasks each; they need the CeleryExecutor and its broker in `env`. `login` (user,
+    password): the harness signs in as that user, for a deployment whose `env` turns the all-admins default off.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class LocalAirflow(Managed):
         port: int | None = None,
         workers: int = 0,
         worker_concurrency: int = 4,
+        login: tuple[str, str] | None = None,
     ) -> None:
         self.home = home.resolve()
         self.port = port or free_port()
@@ -97,6 +99,7 @@ class LocalAirflow(Managed):
         self.worker_env: dict[str, str] = {}
         # Where each worker's current start begins in its log (a restart appends to it).
         self._worker_log_offsets: dict[str, int] = {}
+        self._login = login
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -117,7 +120,12 @@ class LocalAirflow(Managed):
             proc=self._procs["api-server"],
             log_file=self.log_file("api-server"),
         )
-        self._token = self._request("GET", "/auth/token", authorized=False)["access_token"]
+        if self._login:
+            user, password = self._login
+            body = {"username": user, "password": password}
+            self._token = self._request("POST", "/auth/token", body, authorized=False)["access_token"]
+        else:
+            self._token = self._request("GET", "/auth/token", authorized=False)["access_token"]
         for name in self.workers:
             self._start_worker(name)
         for name in self.workers:
@@ -238,6 +246,13 @@ class LocalAirflow(Managed):
 
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+
+    def dag(self, dag_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/v2/dags/{dag_id}")
+
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        """Every run of the DAG, however it was triggered (the REST API, the UI's form), oldest first."""
+        return list(self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=run_after&limit=100")["dag_runs"])
 
     def wait_for_runs(self, dag_id: str, run_ids: list[str], timeout_s: float) -> dict[str, str]:
         """Each run's final state; raises once timeout_s passes with any run unfinished."""

@@ -1,90 +1,111 @@
-"""`make demo`: run the training DAG end to end on the embedded default and print what happened and where to look.
+"""`make demo`: one run of the training DAG on the embedded default's live local deployment, watched from the terminal.
 
-Starts the local services (embedded.stack), runs the real `ec2_training` DAG with Airflow's `dag.test()` (every task,
-the deferred CI gate included, runs in this process), stops the services, and prints a summary. Airflow's and
-MLflow's data stay under .state/ so `make ui` can show the result afterwards.
+Brings up the deployment (embedded.deployment: the services plus a real Airflow with its scheduler, triggerer,
+dag-processor and api-server), triggers `ec2_training` on the checkout's branch, prints each task's state as it
+changes and the training's epochs as they stream (embedded.live_view), then a summary, and stops. Every log is in its
+file under the state folder; `make ui` starts the same deployment again to browse this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DAG_ID = "ec2_training"
+from embedded.deployment import ADMIN_USER, DAG_ID, REPO, LocalDeployment, Ports, log_to_file, uncommitted_changes
+from embedded.live_view import (
+    LogFollower,
+    RunSummary,
+    epoch_progress,
+    log_messages,
+    progress_line,
+    render,
+    state_changes,
+)
+from embedded.stack import TrainingKnobs
+
+log = logging.getLogger(__name__)
+
+FINISHED = frozenset({"success", "failed"})
+POLL_S = 0.5
 
 
-@dataclass
-class RunSummary:
-    dag_run_id: str
-    state: str
-    task_states: dict[str, str]
-    git_sha: str | None = None
-    instance_id: str | None = None
-    instance_type: str | None = None
-    instance_states: dict[str, str] = field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    mlflow_run_url: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    evaluation: dict[str, Any] | None = None
-    task_seconds: dict[str, float] = field(default_factory=dict)
-    bootstrap_skipped: list[str] = field(default_factory=list)
+def _when(stamp: str | None) -> float | None:
+    return datetime.fromisoformat(stamp).timestamp() if stamp else None
 
 
-def configure_airflow(home: Path) -> None:
-    """Airflow reads its home and DAGs folder at import: set them first."""
-    os.environ["AIRFLOW_HOME"] = str(home)
-    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
-    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-    os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
-    sys.path.insert(0, str(REPO / "dags"))
+def watch(deployment: LocalDeployment, run_id: str, timeout_s: float, out: Any = sys.stdout) -> RunSummary:
+    """Poll the run until it ends, printing what changes; return its summary with the timings filled in."""
+    airflow = deployment.airflow
+    started = time.monotonic()
+    follower = LogFollower(airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=train")
+    states: dict[str, str | None] = {}
+    # The train task's earliest start and latest end seen: a deferred task resumes with a new start_date.
+    train_start: float | None = None
+    train_end: float | None = None
+    while True:
+        run = airflow.dag_run(DAG_ID, run_id)
+        run_state = str(run["state"])
+        tis = airflow.task_instances(DAG_ID, run_id)
+        now = {task: ti["state"] for task, ti in tis.items()}
+        for task, state in state_changes(states, now):
+            print(progress_line(time.monotonic() - started, f"{task:<15} {state}"), file=out, flush=True)
+        states = dict(now)
+        for message in log_messages(follower.new_lines()):
+            if epoch := epoch_progress(message):
+                print(progress_line(time.monotonic() - started, f"{'train':<15} {epoch}"), file=out, flush=True)
+        if train := tis.get("train"):
+            start, end = _when(train.get("start_date")), _when(train.get("end_date"))
+            train_start = min(filter(None, (train_start, start)), default=None)
+            train_end = end or train_end
+        if run_state in FINISHED:
+            break
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"DAG run {run_id} not finished after {timeout_s:.0f}s: {states}")
+        time.sleep(POLL_S)
+    # In the order they ran (the API lists them by id); a task that never started comes last.
+    order = sorted(tis, key=lambda task: tis[task].get("start_date") or "~")
+    summary = RunSummary(
+        dag_run_id=run_id,
+        state=run_state,
+        task_states={task: str(tis[task]["state"]) for task in order},
+        task_seconds={task: float(tis[task]["duration"]) for task in order if tis[task].get("duration")},
+        # Airflow's own clock, from the trigger to the run's end: not this loop's polling lag.
+        run_s=_seconds_between(run.get("queued_at"), run.get("end_date")) or time.monotonic() - started,
+        train_s=(train_end - train_start) if train_start and train_end else 0.0,
+    )
+    return summary
 
 
-def trigger(run_conf: dict[str, Any] | None = None) -> Any:
-    """One run of the training DAG, in-process; returns the DagRun (its state says whether it failed)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-    if DAG_ID not in bag.dags:
-        raise RuntimeError(f"DAG {DAG_ID} did not load: {bag.import_errors}")
-    return bag.dags[DAG_ID].test(run_conf=run_conf or {})
+def _seconds_between(first: str | None, last: str | None) -> float | None:
+    start, end = _when(first), _when(last)
+    return end - start if start is not None and end is not None else None
 
 
-def summarize(dag_run: Any, stack: Any) -> RunSummary:
-    """Collect what a person wants to see from Airflow's records, the cloud and MLflow."""
+def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
+    """What the run left in Airflow's XComs, in EC2 (the instance's final state) and in MLflow."""
     from mlflow import MlflowClient
 
-    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
-    summary = RunSummary(
-        dag_run_id=dag_run.run_id,
-        state=str(dag_run.state),
-        task_states={task_id: str(ti.state) for task_id, ti in tis.items()},
-        task_seconds={
-            task_id: round((ti.end_date - ti.start_date).total_seconds(), 1)
-            for task_id, ti in tis.items()
-            if ti.start_date and ti.end_date
-        },
-    )
+    from embedded.airflow_local import AirflowError
+
+    airflow, stack, run_id = deployment.airflow, deployment.stack, summary.dag_run_id
 
     def xcom(task_id: str, key: str = "return_value") -> Any:
-        return tis[task_id].xcom_pull(task_ids=task_id, key=key) if task_id in tis else None
+        try:
+            return airflow.xcom(DAG_ID, run_id, task_id, key)
+        except AirflowError:
+            return None
 
     summary.git_sha = xcom("ci_gate")
-    launched = xcom("launch")
-    if launched:
-        summary.instance_id = launched["instance_id"]
-        summary.instance_type = launched["instance_type"]
+    launched = xcom("launch") or {}
+    summary.instance_id, summary.instance_type = launched.get("instance_id"), launched.get("instance_type")
     ec2 = stack.cloud.client("ec2")
-    for reservation in ec2.describe_instances(Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [dag_run.run_id]}])[
-        "Reservations"
-    ]:
+    tagged = ec2.describe_instances(Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [run_id]}])
+    for reservation in tagged["Reservations"]:
         for inst in reservation["Instances"]:
             summary.instance_states[inst["InstanceId"]] = inst["State"]["Name"]
     summary.mlflow_run_id = xcom("train")
@@ -101,84 +122,40 @@ def summarize(dag_run: Any, stack: Any) -> RunSummary:
             for line in bootstrap_log.read_text().splitlines()
             if "skipped:" in line
         ]
-    return summary
-
-
-def render(summary: RunSummary, wall_s: float, state_root: Path) -> str:
-    train_s = summary.task_seconds.get("train", 0.0)
-    lines = [
-        "",
-        "=" * 78,
-        f"DAG run      {summary.dag_run_id}: {summary.state.upper()}",
-        "tasks        " + ", ".join(f"{t}={s}" for t, s in summary.task_states.items()),
-        f"commit       {summary.git_sha or '-'}",
-        f"instance     {summary.instance_id or '-'} ({summary.instance_type or '-'})",
-        "final state  "
-        + (", ".join(f"{i}: {s}" for i, s in summary.instance_states.items()) or "no instance launched"),
-        f"MLflow run   {summary.mlflow_run_id or '-'}",
-        f"             {summary.mlflow_run_url or ''}",
-        "metrics      " + (", ".join(f"{k}={v}" for k, v in summary.metrics.items()) or "-"),
-    ]
-    if summary.evaluation:
-        verdict = "promoted to champion" if summary.evaluation["promoted"] else "not promoted"
-        lines.append(f"model gate   {verdict}: {summary.evaluation['reason']}")
-    lines += [
-        "skipped here " + ("; ".join(summary.bootstrap_skipped) or "nothing"),
-        f"wall time    {wall_s:.1f} s in all; training task {train_s:.1f} s; outside training {wall_s - train_s:.1f} s",
-        "task times   " + ", ".join(f"{t} {s}s" for t, s in summary.task_seconds.items()),
-        "",
-        "Look closer:",
-        "  make ui      then open the Airflow UI at http://127.0.0.1:8080 (user admin, password printed by make ui)",
-        "               and the MLflow UI at http://127.0.0.1:5000 (experiment hurricane-damage-embedded)",
-        f"  data        {state_root}",
-        "=" * 78,
-    ]
-    return "\n".join(lines)
-
-
-def _current_branch() -> str:
-    """The checkout's branch (or its sha when detached): what the embedded GitHub stand-in knows as the ref."""
-    out = subprocess.run(
-        ["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    branch = out.stdout.strip()
-    if branch == "HEAD":
-        branch = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout
-    return branch.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--state-dir", type=Path, default=REPO / ".state", help="where services keep their data")
+    parser.add_argument("--state-dir", type=Path, default=REPO / ".state", help="where the deployment keeps its data")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--git-ref", default="", help="branch or full sha to train (default: the checkout's branch)")
+    parser.add_argument("--airflow-port", type=int, default=Ports.airflow)
+    parser.add_argument("--mlflow-port", type=int, default=Ports.mlflow)
+    parser.add_argument("--github-port", type=int, default=Ports.github)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds the DAG run may take")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     state_root: Path = args.state_dir.resolve()
-    configure_airflow(state_root / "airflow")
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout
-    if dirty.strip():
-        logging.warning("Uncommitted changes are not trained: the instance checks out the committed HEAD only.")
-
-    from embedded.stack import EmbeddedStack, TrainingKnobs
-
+    log_to_file(state_root / "demo.log")
+    if uncommitted_changes():
+        print("Note: uncommitted changes are not trained: the instance checks out the committed HEAD only.")
+    ports = Ports(airflow=args.airflow_port, mlflow=args.mlflow_port, github=args.github_port)
+    print(f"Starting the embedded services and Airflow (state in {state_root}) ...", flush=True)
     started = time.monotonic()
-    with EmbeddedStack(state_root / "services", REPO, knobs=TrainingKnobs(epochs=args.epochs)) as stack:
-        os.environ.update(stack.environment())
-        from airflow.utils import db
-
-        db.initdb()
-        dag_run = trigger({"git_ref": args.git_ref or _current_branch()})
-        wall_s = time.monotonic() - started
-        summary = summarize(dag_run, stack)
-    print(render(summary, wall_s, state_root))
+    with LocalDeployment(state_root, ports=ports, knobs=TrainingKnobs(epochs=args.epochs)) as deployment:
+        startup_s = time.monotonic() - started
+        run_id = f"demo__{datetime.now(UTC):%Y%m%dT%H%M%S}"
+        print(f"Up in {startup_s:.1f} s; triggered {DAG_ID} run {run_id}:", flush=True)
+        deployment.airflow.trigger(DAG_ID, run_id, {"git_ref": args.git_ref or deployment.branch})
+        summary = watch(deployment, run_id, args.timeout)
+        summary.startup_s = startup_s
+        fill_in(summary, deployment)
+        urls, login = deployment.urls(), (ADMIN_USER, deployment.password)
+        print("Stopping the deployment ...", flush=True)
+    print(render(summary, urls=urls, login=login, state_root=state_root))
     return 0 if summary.state == "success" else 1
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "dags"))
     sys.exit(main())

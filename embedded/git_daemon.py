@@ -41,9 +41,9 @@ class GitDaemon:
         import socket
         import time
 
-        bare = self.workdir / "git" / f"{self.name}.git"
+        bare = self._bare
         if bare.exists():
-            git("fetch", "--quiet", "--prune", str(self.repo_dir), "+refs/heads/*:refs/heads/*", cwd=bare)
+            self.sync()
         else:
             bare.parent.mkdir(parents=True, exist_ok=True)
             git("clone", "--quiet", "--bare", str(self.repo_dir), str(bare))
@@ -71,6 +71,14 @@ class GitDaemon:
             except OSError:
                 time.sleep(0.1)
         raise ServiceError(f"git daemon did not listen on port {self.port} within {timeout_s}s; see {self.log_file}")
+
+    @property
+    def _bare(self) -> Path:
+        return self.workdir / "git" / f"{self.name}.git"
+
+    def sync(self) -> None:
+        """Mirror the branches as they are now: commits made since start() become clonable, as after a push."""
+        git("fetch", "--quiet", "--prune", str(self.repo_dir), "+refs/heads/*:refs/heads/*", cwd=self._bare)
 
     def stop(self) -> None:
         stop_process(self._proc)

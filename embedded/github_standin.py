@@ -8,7 +8,11 @@ Serves, on 127.0.0.1 and a free port, shaped by GitHub's REST description (API v
   ones absent: ``ABSENT``), paginated (``per_page`` up to 100, a ``Link`` header with next/last/first/prev, at most
   1,000 results for a filtered query).
 
-Like GitHub, every answer carries an ``ETag`` and the ``x-ratelimit-*`` headers; a matching ``If-None-Match`` is
+And, as github.com serves it for a browser (no token, no rate limit), the commit's checks page
+``GET /{owner}/{repo}/commit/{sha}/checks``: a small HTML page listing the commit's workflow runs, which the CI gate's
+"GitHub Actions" link opens.
+
+Like GitHub, every API answer carries an ``ETag`` and the ``x-ratelimit-*`` headers; a matching ``If-None-Match`` is
 answered ``304 Not Modified``, which costs no rate limit when the request carries a token; a spent budget answers 403.
 A sha with nothing scripted answers one completed, successful workflow named "CI": the embedded default's local HEAD
 is "green" with no set-up. Faults (5xx, rate limits, malformed answers) can be injected for the next requests.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import html
 import json
 import logging
 import os
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _COMMITS_RE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/commits/(?P<ref>.+)$")
 _RUNS_RE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/runs$")
+_CHECKS_PAGE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/commit/(?P<sha>[0-9a-f]{40})/checks$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{4,40}$")
 _DEFAULT_PER_PAGE = 30
 _MAX_PER_PAGE = 100
@@ -336,13 +342,14 @@ class GitHubStandIn:
         owner, name = self.repo.split("/", 1)
         return {"id": 1, "name": name, "full_name": self.repo, "owner": {"login": owner}, "private": False}
 
-    def _runs_for(self, sha: str) -> list[dict[str, Any]]:
+    def _runs_for(self, sha: str, *, advance: bool = True) -> list[dict[str, Any]]:
+        """The runs answered for this sha; `advance` False only looks (a browser's page must not move a script on)."""
         with self._state.lock:
             queue = self._state.scripts.get(sha)
             if queue is None:
                 answer = self._fill_all(sha, [{"id": 1, "name": "CI"}])
             else:
-                answer = queue[0] if len(queue) == 1 else queue.popleft()
+                answer = queue[0] if len(queue) == 1 or not advance else queue.popleft()
         return [self._absolute(run) for run in answer]
 
     def _absolute(self, run: dict[str, Any]) -> dict[str, Any]:
@@ -400,6 +407,10 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         self._path = unquote(parts.path)
         self._conditional = "If-None-Match" in self.headers
+        if match := _CHECKS_PAGE_RE.fullmatch(self._path):
+            # A web page, not the API: public like github.com's for a public repository, so no token.
+            self._checks_page(match["repo"], match["sha"])
+            return
         header = self.headers.get("Authorization")
         if not self.standin._authorized(header):
             self._json(401, {"message": "Bad credentials"})
@@ -465,6 +476,34 @@ class _Handler(BaseHTTPRequestHandler):
             links += [link(1, "first"), link(page - 1, "prev")]
         headers = {"Link": ", ".join(links)} if links else {}
         self._json(200, {"total_count": len(runs), "workflow_runs": chunk}, headers)
+
+    def _checks_page(self, repo: str, sha: str) -> None:
+        if repo != self.standin.repo or self.standin._resolve(sha) != sha:
+            self._html(404, "Not Found", "<p>No such commit in this repository.</p>")
+            return
+        rows = []
+        for run in self.standin._runs_for(sha, advance=False):
+            name = html.escape(str(run.get("name") or run.get("path") or run["workflow_id"]))
+            link = f"<a href='{html.escape(str(run.get('html_url', '')))}'>{name}</a>"
+            cells = (link, *(html.escape(str(run.get(key))) for key in ("status", "conclusion", "run_attempt")))
+            rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+        body = (
+            f"<h1>{html.escape(repo)}</h1><p>Checks of commit <code id='sha'>{sha}</code>"
+            " (the embedded default's GitHub stand-in: the workflow runs its API answers for this commit)</p>"
+            "<table><thead><tr><th>workflow</th><th>status</th><th>conclusion</th><th>attempt</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+        self._html(200, f"Checks of {sha[:7]} in {repo}", body)
+
+    def _html(self, status: int, title: str, body: str) -> None:
+        page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+        data = f"{page}<body>{body}</body></html>".encode()
+        self.standin._record(Served(self._path, status, self._conditional))
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()

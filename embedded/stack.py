@@ -74,7 +74,9 @@ def _client_key() -> tuple[str, str]:
 
 class EmbeddedStack(Managed):
     """`mlflow_backend_store_uri` (e.g. PostgreSQL) and `mlflow_artifacts_bucket` (an S3 bucket made on the moto
-    server) give MLflow a production-like store; by default it keeps both in `workdir`."""
+    server) give MLflow a production-like store; by default it keeps both in `workdir`.
+    `mlflow_port` and `github_port` fix the two services a browser opens (links must outlive a restart); None
+    picks free ports, as the tests do."""
 
     def __init__(
         self,
@@ -84,6 +86,8 @@ class EmbeddedStack(Managed):
         knobs: TrainingKnobs | None = None,
         mlflow_backend_store_uri: str | None = None,
         mlflow_artifacts_bucket: str | None = None,
+        mlflow_port: int | None = None,
+        github_port: int | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.repo_dir = repo_dir.resolve()
@@ -106,10 +110,12 @@ class EmbeddedStack(Managed):
             # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
             image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
         )
-        self.mlflow = MlflowServer(self.workdir / "mlflow", backend_store_uri=mlflow_backend_store_uri)
+        self.mlflow = MlflowServer(
+            self.workdir / "mlflow", backend_store_uri=mlflow_backend_store_uri, port=mlflow_port
+        )
         self.mlflow_artifacts_bucket = mlflow_artifacts_bucket
         self.git = GitDaemon(self.repo_dir, self.workdir)
-        self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token)
+        self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token, port=github_port or 0)
         self.github_url = ""
 
     def start(self) -> None:

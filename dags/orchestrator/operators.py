@@ -137,7 +137,7 @@ class RemoteTrainingOperator(BaseOperator):
             job.close()
         if run_id:
             with credentials_in_env(creds.username, creds.password):
-                url = mlflow_run_url(s.mlflow.tracking_uri, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
+                url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
             context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
             context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
             self.log.info("MLflow run %s: %s", run_id, url)

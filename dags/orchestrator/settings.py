@@ -88,12 +88,18 @@ class InstanceSettings:
 @dataclass(frozen=True)
 class MlflowSettings:
     tracking_uri: str
+    ui_url: str
     conn_id: str
     experiment: str
     model_name: str
     metric: str
     threshold: float
     greater_is_better: bool
+
+    @property
+    def ui_base_url(self) -> str:
+        """Where a person's browser opens MLflow: ui_url, or the tracking URI when that one is reachable as is."""
+        return self.ui_url or self.tracking_uri
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,8 @@ def _validate_instance(i: InstanceSettings) -> None:
 
 def _validate_mlflow(m: MlflowSettings) -> None:
     _check_url(m.tracking_uri, "mlflow.tracking_uri", ("http", "https"))
+    if m.ui_url:
+        _check_url(m.ui_url, "mlflow.ui_url", ("http", "https"))
     _check(
         bool(m.experiment.strip()) and not _CONTROL_RE.search(m.experiment),
         "mlflow.experiment",

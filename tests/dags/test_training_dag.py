@@ -37,6 +37,9 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
 
     # A registered model of its own: runs earlier in the session (the fault suite's) may have promoted a champion.
     monkeypatch.setenv("TRAINER__MLFLOW__MODEL_NAME", "hurricane-damage-cnn-happy-path")
+    # The address a browser uses for MLflow, not the tracking URI Airflow and the instance use.
+    ui_url = env.mlflow.url.replace("127.0.0.1", "localhost")
+    monkeypatch.setenv("TRAINER__MLFLOW__UI_URL", ui_url)
     with ProcessListSampler() as processes:
         dag_run = run_dag(git_ref=sha)
     task_log = capfd.readouterr().out
@@ -75,7 +78,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     checks_link = tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink")
     assert checks_link == f"{env.github_url}/local/ec2-trainer/commit/{sha}/checks"
     run_link = tis["train"].xcom_pull(task_ids="train", key="_link_MlflowRunLink")
-    assert run_link.startswith(env.mlflow.url) and run_link.endswith(f"/runs/{run_id}")
+    assert run_link == f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
 
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"

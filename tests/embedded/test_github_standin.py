@@ -194,6 +194,26 @@ def test_script_answers_in_turn_then_repeats_the_last(standin: GitHubStandIn) ->
     assert seen[3]["conclusion"] == "failure"
 
 
+def test_the_commit_checks_page_a_browser_opens(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    from orchestrator.github import commit_checks_url
+
+    sha = repo[1]
+    standin.script(sha, [[{"name": "lint", "conclusion": "failure"}], [{"name": "lint <b>"}]])
+    page_url = commit_checks_url(standin.url, REPO, sha)
+    with urllib.request.urlopen(page_url, timeout=5) as response:  # no token: a web page, as on github.com
+        assert response.headers["Content-Type"].startswith("text/html")
+        page = response.read().decode()
+    assert f"<code id='sha'>{sha}</code>" in page
+    assert "<td>failure</td>" in page
+    # Looking at the page does not move the script on: the API still answers its first entry, then the next.
+    assert get(f"{standin.url}/repos/{REPO}/actions/runs?head_sha={sha}")[2]["workflow_runs"][0]["name"] == "lint"
+    with urllib.request.urlopen(page_url, timeout=5) as response:
+        assert "lint &lt;b&gt;" in response.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(commit_checks_url(standin.url, REPO, "f" * 40), timeout=5)
+    assert missing.value.code == 404
+
+
 def test_pagination_with_link_header(standin: GitHubStandIn) -> None:
     sha = "d" * 40
     standin.set_runs(sha, [{"id": i, "workflow_id": i} for i in range(1, 251)])

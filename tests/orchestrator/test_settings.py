@@ -335,6 +335,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("instance", {"poll_seconds": 0.05}, r"instance\.poll_seconds: 0\.05 is invalid"),
     ("mlflow", {"tracking_uri": "file:///tmp/mlruns"}, r"mlflow\.tracking_uri: 'file:///tmp/mlruns' is invalid"),
     ("mlflow", {"tracking_uri": "https://u:p@mlflow.example.com"}, r"mlflow\.tracking_uri: '<redacted>'"),
+    ("mlflow", {"ui_url": "mlflow.example.com"}, r"mlflow\.ui_url: 'mlflow\.example\.com' is invalid"),
+    ("mlflow", {"ui_url": "https://u:p@mlflow.example.com"}, r"mlflow\.ui_url: '<redacted>'"),
     ("mlflow", {"experiment": "  "}, r"mlflow\.experiment: '  ' is invalid; expected a non-empty"),
     ("mlflow", {"experiment": "exp\x1b[2J"}, r"mlflow\.experiment: .* without control characters"),
     ("mlflow", {"experiment": "exp\0"}, r"mlflow\.experiment: 'exp\\x00' is invalid"),
@@ -408,6 +410,7 @@ def test_credentials_never_reach_the_message(defaults: Settings, url: str) -> No
         ("aws", {"instance_types": ("p4d.24xlarge", "g6e.xlarge")}),
         ("aws", {"subnet_id": "subnet-0abc", "security_group_ids": ("sg-0abc", "sg-1def")}),
         ("mlflow", {"tracking_uri": "http://127.0.0.1:5000"}),
+        ("mlflow", {"ui_url": "https://mlflow.example.com/ui"}),
         ("training", {"repo_url": "ssh://git@github.com/acme/repo.git"}),
         ("training", {"repo_url": "git://127.0.0.1:9418/proj.git"}),
         ("training", {"repo_url": "file:///srv/git/proj.git"}),
@@ -531,3 +534,10 @@ def test_from_dict_names_missing_and_unknown_keys(defaults: Settings) -> None:
         Settings.from_dict(data)
     with pytest.raises(ConfigError, match=r"^github: expected a table of settings"):
         Settings.from_dict({**defaults.to_dict(), "github": "acme/repo"})
+
+
+def test_mlflow_links_use_the_ui_url_and_fall_back_to_the_tracking_uri(defaults: Settings) -> None:
+    assert defaults.mlflow.ui_url == ""
+    assert defaults.mlflow.ui_base_url == defaults.mlflow.tracking_uri
+    internal = with_changes(defaults, "mlflow", tracking_uri="http://mlflow:5000", ui_url="http://127.0.0.1:5000")
+    assert internal.mlflow.ui_base_url == "http://127.0.0.1:5000"

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.pipeline_fixtures import run_dag
+
 pytestmark = pytest.mark.aws
 
 OPT_IN = "EC2_TRAINER_SMOKE_AWS"
@@ -82,7 +84,6 @@ def test_the_pipeline_runs_on_aws_and_terminates(airflow_db: Any, monkeypatch: p
     for name, value in SMOKE_SETTINGS.items():
         monkeypatch.setenv(f"TRAINER__{name}", value)
 
-    from embedded.demo import trigger
     from orchestrator.connections import aws_client
     from orchestrator.ec2 import terminate_instances
     from orchestrator.settings import load_settings
@@ -95,7 +96,7 @@ def test_the_pipeline_runs_on_aws_and_terminates(airflow_db: Any, monkeypatch: p
     started = datetime.now(tz=UTC)
     dag_run = None
     try:
-        dag_run = trigger({"git_ref": os.environ.get("EC2_TRAINER_SMOKE_GIT_REF", "")})
+        dag_run = run_dag(git_ref=os.environ.get("EC2_TRAINER_SMOKE_GIT_REF", ""))
     finally:
         leftover = run_instances(ec2, settings.aws.project_tag, started, dag_run.run_id if dag_run else None)
         if leftover:
