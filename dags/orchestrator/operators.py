@@ -28,6 +28,8 @@ LAUNCH_POKE_MAX_S = 120.0
 # The sensor's own bound, never reached: aws.instance_wait_minutes (at most 7 days) fails the launch first.
 LAUNCH_SENSOR_TIMEOUT_S = (7 * 24 + 1) * 3600.0
 MLFLOW_RUN_URL_KEY = "mlflow_run_url"
+# wait_ready's view of the running instance (address, when the wait began, its deadline), kept for its resumption.
+RUNNING_KEY = "running"
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 
 
@@ -94,6 +96,8 @@ class InstanceReadyOperator(BaseOperator):
         running = wait_running(self.config, self.launched)
         if not s.training.deferrable:
             return wait_ready_in_worker(self.config, self.launched, running)
+        # For execute_complete, on whichever worker resumes the task.
+        context["ti"].xcom_push(key=RUNNING_KEY, value=running)
         self.defer(
             trigger=BootstrapTrigger(
                 ssh_conn_id=s.instance.ssh_conn_id,
@@ -107,15 +111,15 @@ class InstanceReadyOperator(BaseOperator):
                 deadline=running["deadline"],
             ),
             method_name="execute_complete",
-            kwargs={"running": running},
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any], running: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from orchestrator.pipeline import ready_result
 
         if event.get("status") != "ready":
             # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
             raise AirflowFailException(str(event.get("message") or f"unexpected event: {event!r}"))
+        running = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
         return ready_result(
             self.config, self.launched, running, float(event["seconds_to_ssh"]), float(event["seconds_to_ready"])
         )
