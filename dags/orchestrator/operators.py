@@ -131,7 +131,11 @@ class RemoteTrainingOperator(BaseOperator):
     The job is keyed by the DAG run, so a retried task re-attaches to the job already running (or finished) on the
     instance instead of starting another; its log is streamed into the task log from the start; its exit code decides
     the task state; killing the task kills the remote job. MLflow credentials reach the job through a 0600 file that
-    the job reads and deletes: never the command line, never this log.
+    the job reads and deletes: never the command line, never this log, never the trigger's kwargs.
+
+    With training.deferrable (the default) the worker only starts or re-attaches, then defers to RemoteJobTrigger
+    (which streams the log and, if the deferred task is marked failed or cleared, kills the job);
+    `execute_complete` finishes on any worker. Otherwise the worker follows the job itself until it exits.
     """
 
     template_fields: Sequence[str] = ("config", "ready", "git_sha")
@@ -178,7 +182,7 @@ class RemoteTrainingOperator(BaseOperator):
                 "The run cannot finish; trigger it again (on-demand capacity avoids spot interruptions)."
             )
 
-    def execute(self, context: Context) -> str | None:
+    def execute(self, context: Context) -> str:
         from orchestrator.connections import mlflow_credentials
         from orchestrator.pipeline import settings_of
         from orchestrator.remote_job import RemoteJobError
