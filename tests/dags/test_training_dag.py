@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from embedded.stack import DEPLOYMENT, EmbeddedStack
+from tests.faults.support import output
 from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
 from tests.pipeline_fixtures import (
     ProcessListSampler,
@@ -206,7 +207,11 @@ def test_instance_cap_reached_fails_without_launching_or_retrying(
 
 
 def test_launch_at_the_cap_is_rescheduled_until_a_slot_frees(
-    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    env: EmbeddedStack,
+    sha: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """At the cap, launch gives its worker and pool slot back (up for reschedule) and launches once a slot frees."""
     import time
@@ -239,7 +244,7 @@ def test_launch_at_the_cap_is_rescheduled_until_a_slot_frees(
     finally:
         freer.join(timeout=310)
         ec2.terminate_instances(InstanceIds=[holder])
-    log = capfd.readouterr().out
+    log = output(capfd, caplog)
 
     assert rescheduled == [dag_run.run_id], "launch never waited up for reschedule at the cap"
     assert dag_run.state == "success", task_states(dag_run)
