@@ -106,7 +106,7 @@ class LoadReport:
             "for this process tree: Airflow, task processes, services, instances and their jobs",
             f"  task seconds, mean   {per_task}",
             f"  train worker slots   {worker_s:.0f} slot-seconds held by train's task processes over {train_s:.0f} s "
-            f"of train tasks ({worker_s / train_s if train_s else 0:.0%}); the triggerer followed the jobs between",
+            f"of train tasks ({worker_s / train_s if train_s else 0:.0%})",
         ]
         return "\n".join(lines)
 
