@@ -5,7 +5,8 @@
 
 Starts the embedded services and a local Airflow (api-server, scheduler with the LocalExecutor, dag-processor,
 triggerer), triggers the runs together, and prints the batch's wall time, peak memory, the most instances live at
-once against the cap, the runs' final states, and anything two runs shared. Exit code 1 if a run failed, an
+once against the cap, the runs' final states, the worker-slot seconds `train` held against its duration, and anything
+two runs shared. Exit code 1 if a run failed, an
 instance was left running, the cap was exceeded or two runs shared anything.
 """
 

@@ -13,14 +13,14 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci_gate import CiGateOperator
-from orchestrator.operators import RemoteTrainingOperator
+from orchestrator.operators import InstanceLaunchSensor, InstanceReadyOperator, RemoteTrainingOperator
 from orchestrator.run_params import RUN_PARAMS
 
 # Only the CI gate reads the configuration through templates, rendered as text: native rendering would turn a ref
 # such as `1.0`, `2024` or `1234567` into a number. Every other task receives XComArgs (values, never re-parsed).
 CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
 # One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
-# follows are atomic across runs. Runs waiting for an instance queue here, visible on the Pools page.
+# follows are atomic across runs. A launch at the cap is rescheduled: it holds the slot only while it looks.
 LAUNCH_POOL = "ec2_trainer_launch"
 
 with DAG(
@@ -37,8 +37,8 @@ with DAG(
     # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
     params={param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS},
 ) as dag:
-
-    @task(retries=0)
+    # Every step a worker's death can interrupt is safe to repeat (docs/decisions.md, "Per-task retries").
+    @task(retries=2, retry_delay=timedelta(seconds=10))
     def resolve_config() -> dict[str, Any]:
         from orchestrator.pipeline import resolve_config as resolve
 
@@ -66,18 +66,6 @@ with DAG(
         ctx = get_current_context()
         return plan(config, git_sha, ctx["dag"].dag_id, ctx["run_id"])
 
-    @task(retries=2, retry_delay=timedelta(seconds=20), pool=LAUNCH_POOL)
-    def launch(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-        from orchestrator.pipeline import launch as launch_instance
-
-        return launch_instance(config, plan)
-
-    @task(retries=0)
-    def wait_ready(config: dict[str, Any], launched: dict[str, Any]) -> dict[str, Any]:
-        from orchestrator.pipeline import wait_ready as wait
-
-        return wait(config, launched)
-
     @task(retries=2, retry_delay=timedelta(seconds=20))
     def evaluate(config: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
         from orchestrator.pipeline import evaluate as gate
@@ -98,14 +86,28 @@ with DAG(
     config = resolve_config()
     config >> ci_gate
     planned = plan_launch(config, ci_gate.output)
-    launched = launch(config, planned)
-    ready = wait_ready(config, launched)
+    launch = InstanceLaunchSensor(
+        task_id="launch",
+        config=config,
+        plan=planned,
+        pool=LAUNCH_POOL,
+        retries=2,
+        retry_delay=timedelta(seconds=20),
+    )
+    ready = InstanceReadyOperator(
+        task_id="wait_ready",
+        config=config,
+        launched=launch.output,
+        retries=2,
+        retry_delay=timedelta(seconds=10),
+    )
     train = RemoteTrainingOperator(
         task_id="train",
         config=config,
-        ready=ready,
+        ready=ready.output,
         git_sha=ci_gate.output,
-        retries=1,
+        # Enough to survive two lost workers (each retry re-attaches to the same job).
+        retries=2,
         retry_delay=timedelta(seconds=10),
     )
     evaluated = evaluate(config, train.output)

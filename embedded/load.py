@@ -1,7 +1,9 @@
 """Many training DAG runs at once on a real scheduler: what the load test asserts and the load benchmark prints.
 
-While the batch runs, a sampler records the project's live instances (the cap must hold at every moment) and the
-memory of this process tree (Airflow components, task processes, services, emulated instances and their jobs).
+While the batch runs, a sampler records the project's live instances (the cap must hold at every moment), the
+memory of this process tree (Airflow components, task processes, services, emulated instances and their jobs), and
+how long each task instance had a task process, i.e. held a worker slot (the LocalExecutor's `airflow worker -- <ti
+id>` processes): `train` should hold one only to start the job and to finish, the triggerer following it between.
 Afterwards each run is checked against the others: its own instance, its own host key, and on that instance's disk
 its own training job and nothing else.
 """
@@ -18,6 +20,8 @@ from embedded.airflow_local import LocalAirflow
 from embedded.stack import EmbeddedStack
 
 DAG_ID = "ec2_training"
+# How the LocalExecutor titles the process running one task instance: `airflow worker -- <ti id>`.
+TASK_PROCESS_TITLE = "airflow worker -- "
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class RunOutcome:
     # This run's training job key, and the job directories found on its instance: only its own, or runs mixed.
     own_job: str
     jobs_on_instance: tuple[str, ...]
+    # Seconds a task process of `train` was alive (a worker slot held), against the train task's whole duration.
+    train_worker_s: float = 0.0
 
 
 @dataclass
@@ -82,8 +88,14 @@ class LoadReport:
         tasks = dict.fromkeys(task for run in self.runs for task in run.task_seconds)
         return {task: sum(r.task_seconds.get(task, 0.0) for r in self.runs) / len(self.runs) for task in tasks}
 
+    def train_slot_seconds(self) -> tuple[float, float]:
+        """(worker-slot seconds held by train, seconds train took), summed over the runs."""
+        worker = sum(run.train_worker_s for run in self.runs)
+        return worker, sum(run.task_seconds.get("train", 0.0) for run in self.runs)
+
     def render(self) -> str:
         per_task = ", ".join(f"{task} {seconds:.1f}" for task, seconds in self.mean_task_seconds().items())
+        worker_s, train_s = self.train_slot_seconds()
         lines = [
             f"Load: {len(self.runs)} concurrent DAG runs, aws.max_instances = {self.cap}",
             f"  final states         {dict(self.states)}",
@@ -93,6 +105,8 @@ class LoadReport:
             f"  peak memory          {self.peak_pss_mb:.0f} MB PSS ({self.peak_rss_mb:.0f} MB summed RSS) "
             "for this process tree: Airflow, task processes, services, instances and their jobs",
             f"  task seconds, mean   {per_task}",
+            f"  train worker slots   {worker_s:.0f} slot-seconds held by train's task processes over {train_s:.0f} s "
+            f"of train tasks ({worker_s / train_s if train_s else 0:.0%})",
         ]
         return "\n".join(lines)
 
@@ -109,6 +123,9 @@ class _Sampler:
         self.max_live = 0
         self.peak_rss = 0
         self.peak_pss = 0
+        # Task instance id -> seconds a task process of it was seen alive.
+        self.task_process_s: dict[str, float] = {}
+        self._last_look = time.monotonic()
 
     def _live(self) -> int:
         pages = self._ec2.describe_instances(
@@ -133,10 +150,28 @@ class _Sampler:
             pss += getattr(info, "pss", info.rss)
         return rss, pss
 
+    def _count_task_processes(self) -> None:
+        """Add the time since the last look to every task instance that has a task process now."""
+        import psutil
+
+        now = time.monotonic()
+        elapsed, self._last_look = now - self._last_look, now
+        running = set()
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if TASK_PROCESS_TITLE in title:
+                running.add(title.split(TASK_PROCESS_TITLE, 1)[1].split()[0])
+        for ti_id in running:
+            self.task_process_s[ti_id] = self.task_process_s.get(ti_id, 0.0) + elapsed
+
     def _run(self) -> None:
         next_memory = 0.0
         while not self._stop.wait(self._interval_s):
             self.max_live = max(self.max_live, self._live())
+            self._count_task_processes()
             if time.monotonic() >= next_memory:  # reading every process's smaps is the costly part
                 rss, pss = self._memory()
                 self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
@@ -193,6 +228,7 @@ def run_batch(
                 mlflow_run_id=_xcom_or_none(airflow, run_id, "train") or "",
                 own_job=job_key(DAG_ID, run_id),
                 jobs_on_instance=tuple(sorted(p.name for p in jobs_dir.glob("*"))) if jobs_dir else (),
+                train_worker_s=sampler.task_process_s.get(str(tis["train"]["id"]), 0.0) if "train" in tis else 0.0,
             )
         )
     ec2 = stack.cloud.client("ec2")

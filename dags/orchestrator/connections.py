@@ -37,10 +37,29 @@ def ssh_private_key(conn_id: str) -> str:
     try:
         conn = _connection(conn_id)
     except Exception as exc:
-        raise ConfigError(
-            f"instance.ssh_conn_id: Airflow connection {conn_id!r} not found: create an SSH connection whose extra "
-            'holds {"private_key": "<OpenSSH private key>"} (see README, Connections)'
-        ) from exc
+        raise _no_ssh_connection(conn_id) from exc
+    return _private_key_of(conn, conn_id)
+
+
+async def assh_private_key(conn_id: str) -> str:
+    """`ssh_private_key` for triggers: the triggerer reads the connection itself, so the key is never serialized."""
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = await BaseHook.aget_connection(conn_id)
+    except Exception as exc:
+        raise _no_ssh_connection(conn_id) from exc
+    return _private_key_of(conn, conn_id)
+
+
+def _no_ssh_connection(conn_id: str) -> ConfigError:
+    return ConfigError(
+        f"instance.ssh_conn_id: Airflow connection {conn_id!r} not found: create an SSH connection whose extra "
+        'holds {"private_key": "<OpenSSH private key>"} (see README, Connections)'
+    )
+
+
+def _private_key_of(conn: Any, conn_id: str) -> str:
     key = (conn.extra_dejson or {}).get("private_key")
     if not key:
         raise ConfigError(f"instance.ssh_conn_id: connection {conn_id!r} has no private_key in its extra")

@@ -208,46 +208,42 @@ def live_project_instances(ec2: Any, project_tag: str, deployment: str) -> list[
     return sorted(i["InstanceId"] for i in _describe(ec2, _live_in_project(project_tag, deployment)))
 
 
-def wait_for_instance_slot(
+def instance_slot_free(
     ec2: Any,
     project_tag: str,
     deployment: str,
     max_instances: int,
+    waited_s: float,
     timeout_s: float,
-    poll_s: float,
-) -> float:
-    """Blocks until fewer than max_instances of the deployment's instances are live; returns the seconds waited.
+) -> bool:
+    """One look: are fewer than max_instances of the deployment's instances live? At the cap after `timeout_s` of
+    waiting, raises InstanceCapError; before that, False (the caller looks again later, holding nothing meanwhile).
 
     Counting in EC2, not in Airflow, caps what is billed: instances left by a crashed run count until they are gone.
     Callers serialise this check and the launch that follows (the DAG's one-slot launch pool), or two launches
     could both see the last free slot.
     """
-    started = time.monotonic()
-    last_count = -1
-    while True:
-        live = live_project_instances(ec2, project_tag, deployment)
-        waited = time.monotonic() - started
-        if len(live) < max_instances:
-            if waited > 0.5:
-                log.info("an instance slot is free (%d of %d live) after %.0f s", len(live), max_instances, waited)
-            return waited
-        if len(live) != last_count:
-            log.info(
-                "%d of at most %d instances of deployment %s are live (%s); waiting for one to end (up to %.0f s)",
-                len(live),
-                max_instances,
-                deployment,
-                ", ".join(live),
-                timeout_s,
-            )
-            last_count = len(live)
-        if waited + poll_s > timeout_s:
-            raise InstanceCapError(
-                f"{len(live)} instances of deployment {deployment} are live ({', '.join(live)}), at the cap "
-                f"aws.max_instances = {max_instances}, for {waited:.0f} s. Trigger the run again later, raise "
-                "aws.max_instances or aws.instance_wait_minutes, or check these instances in the EC2 console"
-            )
-        time.sleep(poll_s)
+    live = live_project_instances(ec2, project_tag, deployment)
+    if len(live) < max_instances:
+        if waited_s > 0.5:
+            log.info("an instance slot is free (%d of %d live) after %.0f s", len(live), max_instances, waited_s)
+        return True
+    if waited_s >= timeout_s:
+        raise InstanceCapError(
+            f"{len(live)} instances of deployment {deployment} are live ({', '.join(live)}), at the cap "
+            f"aws.max_instances = {max_instances}, for {waited_s:.0f} s. Trigger the run again later, raise "
+            "aws.max_instances or aws.instance_wait_minutes, or check these instances in the EC2 console"
+        )
+    log.info(
+        "%d of at most %d instances of deployment %s are live (%s); waited %.0f s of up to %.0f s for one to end",
+        len(live),
+        max_instances,
+        deployment,
+        ", ".join(live),
+        waited_s,
+        timeout_s,
+    )
+    return False
 
 
 def launch_instance(

@@ -1,12 +1,19 @@
-"""The training step as an operator: it owns the remote job's lifetime (start or re-attach, stream, kill on cancel)."""
+"""The DAG's steps that wait: launch (for a slot under the instance cap), wait_ready and train.
+
+None of them sleeps in a worker for long: the launch looks for a slot once per poke and is rescheduled in between
+(freeing its worker and its launch-pool slot), wait_ready and train defer to the triggerer (orchestrator.triggers)
+unless training.deferrable is false. The training operator owns the remote job's lifetime: start or re-attach,
+follow, kill on cancel.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk import BaseOperator, BaseOperatorLink, BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
@@ -15,7 +22,14 @@ if TYPE_CHECKING:
 
     from orchestrator.remote_job import RemoteJob
 
+# How often a launch waiting at the instance cap looks again; each look is a short task run holding the launch pool.
+LAUNCH_POKE_S = 15.0
+LAUNCH_POKE_MAX_S = 120.0
+# The sensor's own bound, never reached: aws.instance_wait_minutes (at most 7 days) fails the launch first.
+LAUNCH_SENSOR_TIMEOUT_S = (7 * 24 + 1) * 3600.0
 MLFLOW_RUN_URL_KEY = "mlflow_run_url"
+# wait_ready's view of the running instance (address, when the wait began, its deadline), kept for its resumption.
+RUNNING_KEY = "running"
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 
 
@@ -30,13 +44,98 @@ class MlflowRunLink(BaseOperatorLink):
         return str(XCom.get_value(key=MLFLOW_RUN_URL_KEY, ti_key=ti_key) or "")
 
 
+class InstanceLaunchSensor(BaseSensorOperator):
+    """Launch the run's instance (or adopt an earlier try's) once the deployment is under aws.max_instances.
+
+    Each poke counts the live instances and, if a slot is free, launches, all while holding the one-slot launch pool
+    (count and launch are atomic across runs). At the cap it is rescheduled: between looks it holds neither a worker
+    nor the pool slot. The wait is bounded by aws.instance_wait_minutes from the first look of the first try.
+    """
+
+    template_fields: Sequence[str] = ("config", "plan")
+    ui_color = "#e8f5e9"
+
+    def __init__(self, *, config: Any, plan: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("poke_interval", LAUNCH_POKE_S)
+        kwargs.setdefault("exponential_backoff", True)
+        kwargs.setdefault("max_wait", LAUNCH_POKE_MAX_S)
+        kwargs.setdefault("timeout", LAUNCH_SENSOR_TIMEOUT_S)
+        super().__init__(mode="reschedule", **kwargs)
+        self.config = config
+        self.plan = plan
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        from orchestrator.pipeline import launch
+
+        first_look = context["ti"].get_first_reschedule_date(context)
+        waited_s = time.time() - first_look.timestamp() if first_look is not None else 0.0
+        launched = launch(self.config, self.plan, waited_s=waited_s)
+        return PokeReturnValue(is_done=launched is not None, xcom_value=launched)
+
+
+class InstanceReadyOperator(BaseOperator):
+    """Wait, bounded, until the instance runs, answers SSH with its pinned host key and its bootstrap succeeded.
+
+    The EC2 check runs here; the SSH and bootstrap wait (up to instance.ready_timeout_minutes, the bootstrap log
+    streamed into the task log as `bootstrap | ...`) runs in the triggerer, or here when training.deferrable is false.
+    """
+
+    template_fields: Sequence[str] = ("config", "launched")
+    ui_color = "#e3f2fd"
+
+    def __init__(self, *, config: Any, launched: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.launched = launched
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from orchestrator.pipeline import settings_of, wait_ready_in_worker, wait_running
+        from orchestrator.triggers import BootstrapTrigger
+
+        s = settings_of(self.config)
+        running = wait_running(self.config, self.launched)
+        if not s.training.deferrable:
+            return wait_ready_in_worker(self.config, self.launched, running)
+        # For execute_complete, on whichever worker resumes the task.
+        context["ti"].xcom_push(key=RUNNING_KEY, value=running)
+        self.defer(
+            trigger=BootstrapTrigger(
+                ssh_conn_id=s.instance.ssh_conn_id,
+                host=running["address"],
+                port=s.instance.ssh_port,
+                user=s.instance.ssh_user,
+                host_public_key=self.launched["host_public_key"],
+                state_dir=s.instance.state_dir,
+                poll_s=s.instance.poll_seconds,
+                started_at=running["started_at"],
+                deadline=running["deadline"],
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        from orchestrator.pipeline import ready_result
+
+        if event.get("status") != "ready":
+            # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
+            raise AirflowFailException(str(event.get("message") or f"unexpected event: {event!r}"))
+        running = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
+        return ready_result(
+            self.config, self.launched, running, float(event["seconds_to_ssh"]), float(event["seconds_to_ready"])
+        )
+
+
 class RemoteTrainingOperator(BaseOperator):
     """Run `mlflow run <repo> --version <sha>` on the instance over SSH, as a detached job.
 
     The job is keyed by the DAG run, so a retried task re-attaches to the job already running (or finished) on the
     instance instead of starting another; its log is streamed into the task log from the start; its exit code decides
     the task state; killing the task kills the remote job. MLflow credentials reach the job through a 0600 file that
-    the job reads and deletes: never the command line, never this log.
+    the job reads and deletes: never the command line, never this log, never the trigger's kwargs.
+
+    With training.deferrable (the default) the worker only starts or re-attaches, then defers to RemoteJobTrigger
+    (which streams the log and, if the deferred task is marked failed or cleared, kills the job);
+    `execute_complete` finishes on any worker. Otherwise the worker follows the job itself until it exits.
     """
 
     template_fields: Sequence[str] = ("config", "ready", "git_sha")
@@ -86,14 +185,9 @@ class RemoteTrainingOperator(BaseOperator):
     def execute(self, context: Context) -> str:
         from orchestrator.connections import mlflow_credentials
         from orchestrator.pipeline import settings_of
-        from orchestrator.remote_job import RemoteJobError, RemoteJobLostError
-        from orchestrator.tracking import (
-            credentials_in_env,
-            experiment_id_of,
-            fail_run_if_running,
-            start_training_run,
-        )
-        from orchestrator.training_command import mlflow_run_url, parse_mlflow_run_id, tracked_run, training_command
+        from orchestrator.remote_job import RemoteJobError
+        from orchestrator.tracking import credentials_in_env, start_training_run
+        from orchestrator.training_command import tracked_run, training_command
 
         s = settings_of(self.config)
         # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
@@ -110,10 +204,17 @@ class RemoteTrainingOperator(BaseOperator):
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+            # Published before training: the task's link opens the run while it trains, and the finishing step
+            # (maybe on another worker, after a deferral) finds the run here.
+            self._publish_run(context, created_run_id)
         command = training_command(s, self.git_sha, created_run_id)
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
         job = self._job = self._remote_job(context)
-        started = job.start_or_attach(command.argv(), env=env, env_sh=f"{s.instance.state_dir}/env.sh")
+        try:
+            started = job.start_or_attach(command.argv(), env=env, env_sh=f"{s.instance.state_dir}/env.sh")
+        except BaseException:
+            job.close()
+            raise
         self.log.info(
             "%s training job in %s on %s: %s",
             "Started" if started else "Re-attached to the",
@@ -121,30 +222,141 @@ class RemoteTrainingOperator(BaseOperator):
             self.ready["instance_id"],
             " ".join(command.argv()),
         )
+        timeout_s = s.training.timeout_minutes * 60
+        if s.training.deferrable:
+            job.close()
+            self._job = None
+            self._defer_following(context, timeout_s=timeout_s, deadline=time.time() + timeout_s)
         try:
-            exit_code = job.stream(
-                lambda line: self.log.info("train | %s", line), timeout_s=s.training.timeout_minutes * 60
+            exit_code = job.stream(lambda line: self.log.info("train | %s", line), timeout_s=timeout_s)
+        except RemoteJobError as exc:
+            job.close()
+            self._fail_for(exc)
+        return self._finish(context, job, exit_code)
+
+    def _defer_following(
+        self, context: Context, *, timeout_s: float, deadline: float, offset: int = 0, failures: int = 0
+    ) -> NoReturn:
+        """Hand the wait to the triggerer: no worker slot is held while the job trains."""
+        from orchestrator.pipeline import settings_of
+        from orchestrator.remote_job import job_dir_for, job_key, reconnect_delay_s
+        from orchestrator.triggers import RemoteJobTrigger
+
+        s = settings_of(self.config)
+        paths = job_dir_for(s.instance.state_dir, job_key(self.dag_id, context["run_id"]))
+        # A dropped connection is retried with backoff, as RemoteJob does in a worker.
+        delay = reconnect_delay_s(failures) if failures else 0.0
+        self.log.info("Following the job from the triggerer (log byte %d, %.0f s left)", offset, deadline - time.time())
+        self.defer(
+            trigger=RemoteJobTrigger(
+                ssh_conn_id=s.instance.ssh_conn_id,
+                host=self.ready["address"],
+                port=s.instance.ssh_port,
+                user=s.instance.ssh_user,
+                host_public_key=self.ready["host_public_key"],
+                job_dir=paths.job_dir,
+                poll_s=min(s.instance.poll_seconds, 2.0),
+                deadline=deadline,
+                timeout_s=timeout_s,
+                from_offset=offset,
+                failures=failures,
+                not_before=time.time() + delay,
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
+        """The trigger's event, on whichever worker picks it up: finish as the streaming path does."""
+        from orchestrator.remote_job import (
+            MAX_RECONNECTS,
+            RemoteJobError,
+            RemoteJobLostError,
+            RemoteJobTimeoutError,
+            reconnect_delay_s,
+        )
+
+        status = event.get("status")
+        message = str(event.get("message", ""))
+        if status == "disconnected":
+            failures = int(event["failures"])
+            # As in a worker: a lost connection may mean a lost instance; ask EC2 at once, then follow again.
+            self._fail_if_instance_gone()
+            if failures > MAX_RECONNECTS:
+                self._fail_for(
+                    RemoteJobError(
+                        f"Lost SSH to the instance of the training job and could not reconnect after {MAX_RECONNECTS} "
+                        f"attempts (last error: {message}). The job may still be running: a retry re-attaches."
+                    )
+                )
+            self.log.warning(
+                "SSH to the training job failed (%s); reconnecting in %.1fs (attempt %d of %d)",
+                message,
+                reconnect_delay_s(failures),
+                failures,
+                MAX_RECONNECTS,
             )
+            self._defer_following(
+                context,
+                timeout_s=float(event["timeout_s"]),
+                deadline=float(event["deadline"]),
+                offset=int(event.get("offset", 0)),
+                failures=failures,
+            )
+        if status == "lost":
+            self._fail_for(RemoteJobLostError(message))
+        if status == "timeout":
+            self._fail_for(RemoteJobTimeoutError(message))
+        if status != "exited":
+            self._fail_for(RemoteJobError(message or f"unexpected event from the job's trigger: {event!r}"))
+        job = self._job = self._remote_job(context)
+        return self._finish(context, job, int(event["exit_code"]))
+
+    def _fail_for(self, exc: Exception) -> NoReturn:
+        """A job that could not be followed to its end: say whether the instance itself went away, and whether a
+        retry can help."""
+        from orchestrator.remote_job import RemoteJobLostError
+
+        # A job that vanished without an exit code often means the instance itself went away: say which.
+        self._fail_if_instance_gone()
+        if isinstance(exc, RemoteJobLostError):
+            # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
+            raise AirflowFailException(f"{exc} A task retry cannot restart it: trigger a new DAG run.") from None
+        raise exc
+
+    def _publish_run(self, context: Context, run_id: str) -> None:
+        """The MLflow run's id and UI address as XComs (the latter is the task's 'MLflow run' link)."""
+        from orchestrator.pipeline import settings_of
+        from orchestrator.tracking import experiment_id_of
+        from orchestrator.training_command import mlflow_run_url
+
+        s = settings_of(self.config)
+        url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
+        context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
+        context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
+        self.log.info("MLflow run %s: %s", run_id, url)
+
+    def _finish(self, context: Context, job: RemoteJob, exit_code: int) -> str:
+        """The job ended with `exit_code`: check it trained into this run's MLflow run, then succeed or fail."""
+        from orchestrator.connections import mlflow_credentials
+        from orchestrator.pipeline import settings_of
+        from orchestrator.remote_job import RemoteJobError
+        from orchestrator.tracking import credentials_in_env, fail_run_if_running
+        from orchestrator.training_command import parse_mlflow_run_id
+
+        s = settings_of(self.config)
+        created_run_id = context["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
+        try:
             run_id = parse_mlflow_run_id(job.read_log())
         except RemoteJobError as exc:
-            # A job that vanished without an exit code often means the instance itself went away: say which.
-            self._fail_if_instance_gone()
-            if isinstance(exc, RemoteJobLostError):
-                # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
-                raise AirflowFailException(f"{exc} A task retry cannot restart it: trigger a new DAG run.") from None
-            raise
+            self._fail_for(exc)
         finally:
             job.close()
-        if run_id:
-            with credentials_in_env(creds.username, creds.password):
-                url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
-            context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
-            context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
-            self.log.info("MLflow run %s: %s", run_id, url)
         if exit_code != 0:
             # `mlflow run` ends the run it trained into; if it failed before reaching it (a failed checkout), say so.
-            with credentials_in_env(creds.username, creds.password):
-                fail_run_if_running(s.mlflow.tracking_uri, created_run_id)
+            if created_run_id:
+                creds = mlflow_credentials(s.mlflow.conn_id)
+                with credentials_in_env(creds.username, creds.password):
+                    fail_run_if_running(s.mlflow.tracking_uri, created_run_id)
             # The job ran to its end: a retry would only re-attach to the same finished job.
             raise AirflowFailException(
                 f"training exited with code {exit_code} on {self.ready['instance_id']}"
@@ -153,6 +365,12 @@ class RemoteTrainingOperator(BaseOperator):
             )
         if not run_id:
             raise AirflowException("training succeeded but its log names no MLflow run: was it run by `mlflow run`?")
+        if run_id != created_run_id:
+            # The job's own log is the truth (a retry that did not find the first try's run created another).
+            self.log.warning("The job trained into MLflow run %s, not %s: linking to that run", run_id, created_run_id)
+            creds = mlflow_credentials(s.mlflow.conn_id)
+            with credentials_in_env(creds.username, creds.password):
+                self._publish_run(context, run_id)
         return run_id
 
     def on_kill(self) -> None:

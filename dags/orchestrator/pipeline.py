@@ -100,14 +100,16 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     }
 
 
-def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
-    """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key.
+def launch(config: Mapping[str, Any], plan: Mapping[str, Any], waited_s: float) -> dict[str, Any] | None:
+    """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key; None while
+    the deployment is at aws.max_instances (look again later: nothing sleeps here).
 
-    A new instance waits for a slot under aws.max_instances first; its deadline counts from when it is launched. It is
-    returned running: an instance EC2 takes back before it runs (capacity, spot) is replaced on the next option.
+    `waited_s` is how long this run has waited for a slot so far; past aws.instance_wait_minutes at the cap it fails.
+    A new instance's deadline counts from when it is launched. It is returned running: an instance EC2 takes back
+    before it runs (capacity, spot) is replaced on the next option.
     """
     from orchestrator.connections import aws_client
-    from orchestrator.ec2 import InstanceCapError, adopt_run_instance, wait_for_instance_slot
+    from orchestrator.ec2 import InstanceCapError, adopt_run_instance, instance_slot_free
     from orchestrator.errors import ConfigError
 
     s = settings_of(config)
@@ -118,14 +120,16 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]
     if launched is None:
         # A retry after the cap held too long would wait the whole aws.instance_wait_minutes again.
         with fail_without_retry(InstanceCapError, ConfigError):
-            wait_for_instance_slot(
+            free = instance_slot_free(
                 ec2,
                 s.aws.project_tag,
                 s.aws.deployment,
                 s.aws.max_instances,
+                waited_s=waited_s,
                 timeout_s=s.aws.instance_wait_minutes * 60,
-                poll_s=s.instance.poll_seconds,
             )
+            if not free:
+                return None
             launched = _launch_new(s, plan, ec2)
     else:
         log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
@@ -210,53 +214,100 @@ def ssh_target(config: Mapping[str, Any], address: str, host_public_key: str) ->
     )
 
 
-def wait_ready(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[str, Any]:
-    """Bounded: the instance is running, answers SSH with the pinned host key, and its bootstrap succeeded."""
+# What no retry of wait_ready can fix: a lost or address-less instance, another host key, a failed or late bootstrap.
+def _not_ready_errors() -> tuple[type[Exception], ...]:
+    from orchestrator.ec2 import InstanceLostError, InstanceNotReadyError
+    from orchestrator.ssh import BootstrapFailedError, BootstrapTimeoutError, HostKeyMismatchError, SshTimeoutError
+
+    return (
+        InstanceLostError,
+        InstanceNotReadyError,
+        HostKeyMismatchError,
+        SshTimeoutError,
+        BootstrapFailedError,
+        BootstrapTimeoutError,
+    )
+
+
+def wait_running(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[str, Any]:
+    """The instance runs and has its address (launch returns it running, so this is one look, bounded anyway).
+
+    The ready wait's deadline (aws.launch_timeout_minutes + instance.ready_timeout_minutes) counts from the
+    instance's launch time as EC2 records it, so a retried wait_ready keeps the first try's bound.
+    """
     from orchestrator.connections import aws_client
-    from orchestrator.ec2 import InstanceNotReadyError, wait_until_running
-    from orchestrator.ssh import wait_for_bootstrap, wait_for_ssh
+    from orchestrator.ec2 import InstanceNotReadyError, describe_instance, wait_until_running
 
     s = settings_of(config)
-    started = time.monotonic()
-    info = wait_until_running(
-        aws_client("ec2", s.aws.conn_id, s.aws.region),
-        launched["instance_id"],
-        timeout_s=s.aws.launch_timeout_minutes * 60,
-        poll_s=s.instance.poll_seconds,
-    )
-    address = info.public_ip if s.instance.address == "public_ip" else info.private_ip
-    if not address:
-        raise InstanceNotReadyError(
-            f"{info.instance_id} has no {s.instance.address.replace('_', ' ')}: use a subnet that assigns public "
-            "IPs, or set instance.address = private_ip when Airflow runs inside the VPC"
+    started = time.time()
+    with fail_without_retry(*_not_ready_errors()):
+        ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+        known = describe_instance(ec2, launched["instance_id"])
+        launched_at = known.launch_time.timestamp() if known is not None and known.launch_time else started
+        deadline = launched_at + (s.aws.launch_timeout_minutes + s.instance.ready_timeout_minutes) * 60
+        info = wait_until_running(
+            ec2,
+            launched["instance_id"],
+            timeout_s=max(1.0, min(s.aws.launch_timeout_minutes * 60, deadline - started)),
+            poll_s=s.instance.poll_seconds,
         )
-    running_s = time.monotonic() - started
+        address = info.public_ip if s.instance.address == "public_ip" else info.private_ip
+        if not address:
+            raise InstanceNotReadyError(
+                f"{info.instance_id} has no {s.instance.address.replace('_', ' ')}: use a subnet that assigns "
+                "public IPs, or set instance.address = private_ip when Airflow runs inside the VPC"
+            )
+    running_s = time.time() - started
     log.info("%s is running (%s) at %s after %.1f s", info.instance_id, info.instance_type, address, running_s)
-    target = ssh_target(config, address, launched["host_public_key"])
-    deadline = started + s.instance.ready_timeout_minutes * 60 + s.aws.launch_timeout_minutes * 60
-    wait_for_ssh(target, timeout_s=max(1.0, deadline - time.monotonic()), poll_s=s.instance.poll_seconds)
-    ssh_s = time.monotonic() - started
-    log.info("SSH answers on %s:%s with the pinned host key after %.1f s", address, s.instance.ssh_port, ssh_s)
-    result = wait_for_bootstrap(
-        target,
-        s.instance.state_dir,
-        timeout_s=max(1.0, deadline - time.monotonic()),
-        poll_s=s.instance.poll_seconds,
-        on_log=lambda line: log.info("bootstrap | %s", line),
-    )
-    ready_s = time.monotonic() - started
-    log.info("Bootstrap finished (%s) after %.1f s in all", result.status_line, ready_s)
     return {
         "instance_id": info.instance_id,
         "instance_type": info.instance_type,
         "market": launched["market"],
         "address": address,
-        "port": s.instance.ssh_port,
-        "host_public_key": launched["host_public_key"],
+        "started_at": started,
+        "deadline": deadline,
         "seconds_to_running": round(running_s, 1),
+    }
+
+
+def ready_result(
+    config: Mapping[str, Any], launched: Mapping[str, Any], running: Mapping[str, Any], ssh_s: float, ready_s: float
+) -> dict[str, Any]:
+    """wait_ready's XCom: where train logs in (address and pinned host key) and how long each stage took."""
+    log.info("Bootstrap finished after %.1f s in all (SSH answered after %.1f s)", ready_s, ssh_s)
+    return {
+        "instance_id": running["instance_id"],
+        "address": running["address"],
+        "port": settings_of(config).instance.ssh_port,
+        "host_public_key": launched["host_public_key"],
+        "seconds_to_running": running["seconds_to_running"],
         "seconds_to_ssh": round(ssh_s, 1),
         "seconds_to_ready": round(ready_s, 1),
     }
+
+
+def wait_ready_in_worker(
+    config: Mapping[str, Any], launched: Mapping[str, Any], running: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Bounded, in this worker (training.deferrable = false): SSH answers with the pinned host key, and the
+    bootstrap succeeded. The deferrable path does the same in the triggerer (orchestrator.triggers)."""
+    from orchestrator.ssh import wait_for_bootstrap, wait_for_ssh
+
+    s = settings_of(config)
+    started, deadline = float(running["started_at"]), float(running["deadline"])
+    target = ssh_target(config, running["address"], launched["host_public_key"])
+    with fail_without_retry(*_not_ready_errors()):
+        wait_for_ssh(target, timeout_s=max(1.0, deadline - time.time()), poll_s=s.instance.poll_seconds)
+        ssh_s = time.time() - started
+        log.info("SSH answers on %s:%s with the pinned host key after %.1f s", target.host, target.port, ssh_s)
+        wait_for_bootstrap(
+            target,
+            s.instance.state_dir,
+            timeout_s=max(1.0, deadline - time.time()),
+            poll_s=s.instance.poll_seconds,
+            on_log=lambda line: log.info("bootstrap | %s", line),
+        )
+    return ready_result(config, launched, running, ssh_s, time.time() - started)
 
 
 def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:

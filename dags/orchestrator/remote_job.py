@@ -23,7 +23,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.errors import ConfigError, OrchestratorError
@@ -46,6 +46,10 @@ EXIT_SIGTERM = 143
 EXIT_SIGKILL = 137
 # How long kill() waits for a job that was just started to write its pid file.
 PID_WAIT_S = 5
+# Reconnects after a dropped SSH connection before following the job gives up (a retry re-attaches), and the first
+# pause between them, doubled after each failure up to 32 times itself.
+MAX_RECONNECTS = 10
+RECONNECT_BACKOFF_S = 2.0
 # Seconds between process checks while the log is quiet: each costs a remote shell, and is only a hint.
 LIVENESS_CHECK_S = 5.0
 
@@ -238,6 +242,39 @@ def parse_exit_code(text: str | None) -> int | None:
         ) from None
 
 
+def reconnect_delay_s(failures: int, backoff_s: float = RECONNECT_BACKOFF_S) -> float:
+    """The pause before reconnect number `failures` (1 for the first): exponential, capped at 32 x backoff_s."""
+    return float(backoff_s * 2 ** min(failures - 1, 5))
+
+
+def timeout_message(paths: JobPaths, timeout_s: float, offset: int) -> str:
+    return (
+        f"Stopped following remote job {paths.job_dir} after {timeout_s:.0f}s (at log byte {offset}); the job is "
+        "still running. Re-attach to follow it, or kill it."
+    )
+
+
+@dataclass
+class JobCursor:
+    """One follower's place in a job: log bytes read, the partial last line held back, lines read but not yet
+    handed on (a poll that fails halfway keeps them for the next), and when the job's processes looked gone."""
+
+    offset: int = 0
+    next_liveness_check: float = 0.0
+    lines: LineBuffer = field(default_factory=LineBuffer)
+    ready: list[str] = field(default_factory=list)
+    gone_since: float | None = None
+
+    @property
+    def resume_offset(self) -> int:
+        """Where another follower resumes without losing or repeating a line: the end of the last whole line."""
+        return self.offset - self.lines.pending_bytes
+
+    def take_lines(self) -> list[str]:
+        taken, self.ready = self.ready, []
+        return taken
+
+
 class RemoteJob:
     """One remote job, reached through `connect` (called again after a dropped connection)."""
 
@@ -247,8 +284,8 @@ class RemoteJob:
         paths: JobPaths,
         *,
         poll_s: float = 1.0,
-        max_reconnects: int = 10,
-        reconnect_backoff_s: float = 2.0,
+        max_reconnects: int = MAX_RECONNECTS,
+        reconnect_backoff_s: float = RECONNECT_BACKOFF_S,
         lost_grace_s: float = 30.0,
         on_disconnect: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -262,6 +299,10 @@ class RemoteJob:
         self._lost_grace_s = lost_grace_s
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def _liveness_every_s(self) -> float:
+        return min(LIVENESS_CHECK_S, self._lost_grace_s)
 
     def __repr__(self) -> str:
         return f"RemoteJob(job_dir={self.paths.job_dir!r})"
@@ -305,6 +346,32 @@ class RemoteJob:
         )
         return started
 
+    def cursor(self, from_offset: int = 0) -> JobCursor:
+        """A fresh place to follow the job's log from (0 replays it all, e.g. into a retried task's log)."""
+        return JobCursor(offset=from_offset, next_liveness_check=time.monotonic() + self._liveness_every_s)
+
+    def poll(self, cursor: JobCursor) -> int | None:
+        """One look: new log lines go to `cursor` (take them with `take_lines`); the exit code once there is one.
+
+        Blocking and short (a few SFTP reads, now and then a process check): a trigger runs it in a thread. Raises
+        RemoteJobLostError when the job's processes stayed gone past `lost_grace_s` with no exit code, and the
+        transient SSH errors of `transient_ssh_errors()` (the caller reconnects; the cursor keeps its place).
+        """
+        sftp = self._open_sftp()
+        # Exit code first, then the log to its end: once the code exists, the log is complete.
+        exit_code = parse_exit_code(read_text(sftp, self.paths.exit_code))
+        while chunk := read_from(sftp, self.paths.log, cursor.offset):
+            cursor.offset += len(chunk)
+            cursor.ready += cursor.lines.feed(chunk)
+        if exit_code is not None:
+            cursor.ready += cursor.lines.flush()
+            logger.info("Remote job %s exited with %d", self.paths.job_dir, exit_code)
+            return exit_code
+        if time.monotonic() >= cursor.next_liveness_check:
+            cursor.gone_since = self._check_alive(cursor.gone_since)
+            cursor.next_liveness_check = time.monotonic() + self._liveness_every_s
+        return None
+
     def stream(self, on_line: Callable[[str], None], *, from_offset: int = 0, timeout_s: float | None = None) -> int:
         """Pass each log line to `on_line` as it appears and return the job's exit code once it has one.
 
@@ -315,38 +382,25 @@ class RemoteJob:
         connection cannot be re-established.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        lines = LineBuffer()
-        offset = from_offset
+        cursor = self.cursor(from_offset)
         failures = 0
-        gone_since: float | None = None
-        next_liveness_check = time.monotonic() + min(LIVENESS_CHECK_S, self._lost_grace_s)
         while True:
+            exit_code = None
             try:
-                sftp = self._open_sftp()
-                # Exit code first, then the log to its end: once the code exists, the log is complete.
-                exit_code = parse_exit_code(read_text(sftp, self.paths.exit_code))
-                while chunk := read_from(sftp, self.paths.log, offset):
-                    offset += len(chunk)
-                    for line in lines.feed(chunk):
-                        on_line(line)
-                if exit_code is not None:
-                    for line in lines.flush():
-                        on_line(line)
-                    logger.info("Remote job %s exited with %d", self.paths.job_dir, exit_code)
-                    return exit_code
-                if time.monotonic() >= next_liveness_check:
-                    gone_since = self._check_alive(gone_since)
-                    next_liveness_check = time.monotonic() + min(LIVENESS_CHECK_S, self._lost_grace_s)
+                exit_code = self.poll(cursor)
                 failures = 0
             except transient_ssh_errors() as exc:
                 failures += 1
                 self._reconnect_after(exc, failures)
                 continue
+            finally:
+                # Lines read before a failure are handed on too: the cursor has moved past them.
+                for line in cursor.take_lines():
+                    on_line(line)
+            if exit_code is not None:
+                return exit_code
             if deadline is not None and time.monotonic() + self._poll_s > deadline:
-                raise RemoteJobTimeoutError(
-                    f"Stopped following remote job {self.paths.job_dir} after {timeout_s:.0f}s (at log byte "
-                    f"{offset}); the job is still running. Re-attach to follow it, or kill it."
-                )
+                raise RemoteJobTimeoutError(timeout_message(self.paths, timeout_s or 0, cursor.offset))
             time.sleep(self._poll_s)
 
     def read_log(self) -> str:
@@ -400,7 +454,7 @@ class RemoteJob:
                 f"{self._max_reconnects} attempts (last error: {type(exc).__name__}: {exc}). The job may still "
                 "be running: re-attach later, or check the instance and its security group."
             ) from exc
-        delay = self._reconnect_backoff_s * 2 ** min(failures - 1, 5)
+        delay = reconnect_delay_s(failures, self._reconnect_backoff_s)
         logger.warning(
             "SSH to remote job %s failed (%s: %s); reconnecting in %.1fs (attempt %d of %d)",
             self.paths.job_dir,

@@ -113,6 +113,9 @@ class TrainingSettings:
     data_uri: str
     timeout_minutes: int
     extra_params: dict[str, str] = field(default_factory=dict)
+    # The long waits (train, wait_ready) hand their polling to the triggerer; false keeps them in the worker, for
+    # deployments without a triggerer.
+    deferrable: bool = True
 
 
 @dataclass(frozen=True)

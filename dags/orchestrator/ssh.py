@@ -194,12 +194,16 @@ def wait_for_ssh(
             logger.info("SSH to %s answered with the pinned host key after %.1fs", target, time.monotonic() - started)
             return
         if time.monotonic() + poll_s > deadline:
-            raise SshTimeoutError(
-                f"SSH to {target} did not accept a login within {timeout_s:.0f}s ({attempts} attempts; last "
-                f"error: {last_error}). Check that the security group allows port {target.port} from this "
-                "worker, that the instance is running, and its console output for boot errors."
-            )
+            raise SshTimeoutError(ssh_timeout_message(target, timeout_s, attempts, last_error))
         time.sleep(poll_s)
+
+
+def ssh_timeout_message(target: SshTarget, timeout_s: float, attempts: int, last_error: str) -> str:
+    return (
+        f"SSH to {target} did not accept a login within {timeout_s:.0f}s ({attempts} attempts; last "
+        f"error: {last_error}). Check that the security group allows port {target.port} from this "
+        "worker, that the instance is running, and its console output for boot errors."
+    )
 
 
 class LineBuffer:
@@ -211,6 +215,11 @@ class LineBuffer:
     def feed(self, data: bytes) -> list[str]:
         *complete, self._pending = (self._pending + data).split(b"\n")
         return [_decode_line(line) for line in complete]
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the partial last line held back: a reader resuming elsewhere starts that many bytes earlier."""
+        return len(self._pending)
 
     def flush(self) -> list[str]:
         """The last line when the stream ended without a newline."""
@@ -251,6 +260,44 @@ def read_tail(sftp: paramiko.SFTPClient, path: str, lines: int = LOG_TAIL_LINES)
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
+class BootstrapWatch:
+    """One look at a time at `<state_dir>/bootstrap.status` and the new lines of `<state_dir>/bootstrap.log`:
+    what wait_for_bootstrap loops over in a worker, and what the ready trigger polls from the triggerer."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.status_path = posixpath.join(state_dir, BOOTSTRAP_STATUS)
+        self.log_path = posixpath.join(state_dir, BOOTSTRAP_LOG)
+        self._lines = LineBuffer()
+        self._offset = 0
+        self._ready: list[str] = []
+
+    def poll(self, client: paramiko.SSHClient, *, with_tail: bool = False) -> tuple[str, str]:
+        """(status, tail): status is `ok` or `error: ...` once the bootstrap wrote its marker, else empty; the
+        log's tail comes with a final status, or when asked (for a timeout message). Blocking and short."""
+        sftp = client.open_sftp()
+        try:
+            status = (read_text(sftp, self.status_path) or "").strip()
+            while chunk := read_from(sftp, self.log_path, self._offset):
+                self._offset += len(chunk)
+                self._ready += self._lines.feed(chunk)
+            final = status == "ok" or status.startswith("error")
+            tail = read_tail(sftp, self.log_path) if final or with_tail else ""
+        finally:
+            sftp.close()
+        return (status if final else ""), tail
+
+    def take_lines(self) -> list[str]:
+        taken, self._ready = self._ready, []
+        return taken
+
+    def timeout_message(self, target: SshTarget, timeout_s: float, tail: str) -> str:
+        return (
+            f"Bootstrap on {target} wrote no marker to {self.status_path} within {timeout_s:.0f}s. "
+            "Raise the bootstrap timeout if the image is slow to prepare, or read the instance's "
+            f"console output. Last lines of {self.log_path}:\n{tail}"
+        )
+
+
 def wait_for_bootstrap(
     target: SshTarget,
     state_dir: str,
@@ -265,31 +312,17 @@ def wait_for_bootstrap(
     New lines of `<state_dir>/bootstrap.log` go to `on_log` as they appear. Dropped connections are re-opened
     within the same deadline. Raises BootstrapFailedError or BootstrapTimeoutError, both with the log's tail.
     """
-    status_path = posixpath.join(state_dir, BOOTSTRAP_STATUS)
-    log_path = posixpath.join(state_dir, BOOTSTRAP_LOG)
+    watch = BootstrapWatch(state_dir)
     started = time.monotonic()
     deadline = started + timeout_s
-    lines = LineBuffer()
-    offset = 0
     client: paramiko.SSHClient | None = None
     try:
         while True:
+            late = time.monotonic() + poll_s > deadline
             try:
                 if client is None:
                     client = connect(target, timeout_s=connect_timeout_s)
-                sftp = client.open_sftp()
-                try:
-                    status = (read_text(sftp, status_path) or "").strip()
-                    if on_log is not None:
-                        while chunk := read_from(sftp, log_path, offset):
-                            offset += len(chunk)
-                            for line in lines.feed(chunk):
-                                on_log(line)
-                    if status == "ok" or status.startswith("error"):
-                        return _bootstrap_outcome(target, status, read_tail(sftp, log_path), started)
-                    tail_if_late = read_tail(sftp, log_path) if time.monotonic() + poll_s > deadline else ""
-                finally:
-                    sftp.close()
+                status, tail = watch.poll(client, with_tail=late)
             except HostKeyMismatchError:
                 raise
             except transient_ssh_errors() as exc:
@@ -297,24 +330,26 @@ def wait_for_bootstrap(
                 if client is not None:
                     client.close()
                 client = None
-                tail_if_late = "(log not readable: the last poll lost its SSH connection)"
-            if time.monotonic() + poll_s > deadline:
-                raise BootstrapTimeoutError(
-                    f"Bootstrap on {target} wrote no marker to {status_path} within {timeout_s:.0f}s. "
-                    "Raise the bootstrap timeout if the image is slow to prepare, or read the instance's "
-                    f"console output. Last lines of {log_path}:\n{tail_if_late}"
-                )
+                status, tail = "", "(log not readable: the last poll lost its SSH connection)"
+            finally:
+                for line in watch.take_lines():
+                    if on_log is not None:
+                        on_log(line)
+            if status:
+                return bootstrap_outcome(target, status, tail, time.monotonic() - started)
+            if late:
+                raise BootstrapTimeoutError(watch.timeout_message(target, timeout_s, tail))
             time.sleep(poll_s)
     finally:
         if client is not None:
             client.close()
 
 
-def _bootstrap_outcome(target: SshTarget, status: str, tail: str, started: float) -> BootstrapResult:
-    elapsed = time.monotonic() - started
+def bootstrap_outcome(target: SshTarget, status: str, tail: str, elapsed_s: float) -> BootstrapResult:
+    """The result of a final status: `ok` returns, `error: ...` raises BootstrapFailedError with the log's tail."""
     if status == "ok":
-        logger.info("Bootstrap on %s finished ok after %.1fs", target, elapsed)
-        return BootstrapResult(ok=True, status_line=status, log_tail=tail, elapsed_s=elapsed)
+        logger.info("Bootstrap on %s finished ok after %.1fs", target, elapsed_s)
+        return BootstrapResult(ok=True, status_line=status, log_tail=tail, elapsed_s=elapsed_s)
     raise BootstrapFailedError(
         f"Bootstrap on {target} failed: {status}. Fix that step in the user-data bootstrap (or the image) and "
         f"launch again. Last lines of the bootstrap log:\n{tail}"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from embedded.stack import DEPLOYMENT, EmbeddedStack
+from tests.faults.support import output
 from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
 from tests.pipeline_fixtures import (
     ProcessListSampler,
@@ -179,28 +180,36 @@ def test_no_capacity_anywhere_fails_cleanly(env: EmbeddedStack, sha: str, monkey
     assert_all_terminated(env, dag_run, 0)
 
 
+def hold_the_only_slot(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, wait_minutes: int) -> str:
+    """aws.max_instances = 1, taken by another instance of this deployment; returns that instance's id."""
+    monkeypatch.setenv("TRAINER__AWS__MAX_INSTANCES", "1")
+    monkeypatch.setenv("TRAINER__AWS__INSTANCE_WAIT_MINUTES", str(wait_minutes))
+    ec2 = env.cloud.client("ec2")
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return str(
+        ec2.run_instances(
+            ImageId=image_id,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {
+                    "ResourceType": "instance",
+                    "Tags": [
+                        {"Key": "ec2-trainer:project", "Value": "ec2-trainer"},
+                        {"Key": "ec2-trainer:deployment", "Value": DEPLOYMENT},
+                    ],
+                }
+            ],
+        )["Instances"][0]["InstanceId"]
+    )
+
+
 def test_instance_cap_reached_fails_without_launching_or_retrying(
     env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Another instance of this deployment holds the only slot for longer than the launch may wait."""
-    monkeypatch.setenv("TRAINER__AWS__MAX_INSTANCES", "1")
-    monkeypatch.setenv("TRAINER__AWS__INSTANCE_WAIT_MINUTES", "0")
     ec2 = env.cloud.client("ec2")
-    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    holder = ec2.run_instances(
-        ImageId=image_id,
-        MinCount=1,
-        MaxCount=1,
-        TagSpecifications=[
-            {
-                "ResourceType": "instance",
-                "Tags": [
-                    {"Key": "ec2-trainer:project", "Value": "ec2-trainer"},
-                    {"Key": "ec2-trainer:deployment", "Value": DEPLOYMENT},
-                ],
-            }
-        ],
-    )["Instances"][0]["InstanceId"]
+    holder = hold_the_only_slot(env, monkeypatch, wait_minutes=0)
     try:
         dag_run = run_dag(git_ref=sha)
     finally:
@@ -215,6 +224,54 @@ def test_instance_cap_reached_fails_without_launching_or_retrying(
     assert tis["launch"].try_number == 1, "waiting again on a retry would multiply the configured wait"
     assert "at the cap aws.max_instances = 1" in log and holder in log
     assert_all_terminated(env, dag_run, 0)
+
+
+def test_launch_at_the_cap_is_rescheduled_until_a_slot_frees(
+    env: EmbeddedStack,
+    sha: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At the cap, launch gives its worker and pool slot back (up for reschedule) and launches once a slot frees."""
+    import time
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    ec2 = env.cloud.client("ec2")
+    holder = hold_the_only_slot(env, monkeypatch, wait_minutes=10)
+    rescheduled: list[str] = []
+
+    def free_the_slot_once_launch_waits() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not rescheduled:
+            with create_session() as session:
+                waiting = select(TaskInstance.run_id).where(
+                    TaskInstance.dag_id == "ec2_training",
+                    TaskInstance.task_id == "launch",
+                    TaskInstance.state == "up_for_reschedule",
+                )
+                rescheduled.extend(session.scalars(waiting))
+            time.sleep(0.5)
+        ec2.terminate_instances(InstanceIds=[holder])
+
+    freer = threading.Thread(target=free_the_slot_once_launch_waits, daemon=True)
+    freer.start()
+    try:
+        dag_run = run_dag(git_ref=sha)
+    finally:
+        freer.join(timeout=310)
+        ec2.terminate_instances(InstanceIds=[holder])
+    log = output(capfd, caplog)
+
+    assert rescheduled == [dag_run.run_id], "launch never waited up for reschedule at the cap"
+    assert dag_run.state == "success", task_states(dag_run)
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["launch"].try_number == 1, "rescheduled, not retried"
+    assert "1 of at most 1 instances of deployment" in log and holder in log
+    assert_all_terminated(env, dag_run, 1)
 
 
 def test_bootstrap_error_fails_fast_and_terminates(

@@ -132,6 +132,9 @@ def test_concurrent_runs_on_two_workers_share_nothing(deployment: Deployment, sh
     )
     print(report.render())
     assert report.problems() == []
+    # Deferred, train holds a worker only to start the job and to finish: measured, and less than its duration.
+    worker_s, train_s = report.train_slot_seconds()
+    assert 0 < worker_s < train_s, (worker_s, train_s)
     tis = [ti for run in report.runs for ti in airflow.task_instances(DAG_ID, run.run_id).values()]
     hosts = {ti["hostname"] for ti in tis if ti["hostname"]}
     assert hosts == set(airflow.workers), f"tasks ran on {hosts}, not on both workers"
@@ -156,9 +159,9 @@ def test_worker_killed_mid_training_the_retry_reattaches_on_the_other(deployment
         killed.update(worker=ti["hostname"], ti_id=ti["id"], pids=airflow.kill_worker(ti["hostname"]))
         killed["at"] = time.monotonic()
 
-    # After the deferral merge `train` waits in the triggerer, not on a worker: for this phase the lead sets
-    #   airflow.restart_workers({"TRAINER__TRAINING__DEFERRABLE": "false"})
-    # here, so that train streams in a worker as before and the kill hits it there.
+    # A deferred `train` waits in the triggerer, holding no worker to kill: this phase makes it stream in a worker
+    # (training.deferrable = false, read by resolve_config on the workers), where a worker's death can hit it.
+    airflow.restart_workers({"TRAINER__TRAINING__DEFERRABLE": "false"})
     started = time.monotonic()
     with OnTraining(stack, kill_train_worker) as killer:
         airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})

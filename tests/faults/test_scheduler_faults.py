@@ -1,16 +1,22 @@
-"""Faults that need Airflow's real scheduler: many runs at once under the instance cap, and a killed task process.
+"""Faults that need Airflow's real scheduler and triggerer: many runs at once under the instance cap, a killed task
+process, a deferred training marked failed, and a triggerer restarted mid-training.
 
 `dag.test()` runs one DAG run in one process. Here the api-server, the scheduler with the LocalExecutor, the
 dag-processor and the triggerer run as in production (embedded.airflow_local), each task in its own supervised
-process, against the session's embedded services. Its connections carry the planted secrets.
+process, against the session's embedded services. Its connections carry the planted secrets. A settings file
+(TRAINER_CONFIG, read when each run resolves its configuration) lets one test run with training.deferrable = false.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import os
 import signal
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ import pytest
 from benchmarks.load_benchmark import load_settings
 from embedded.airflow_local import LocalAirflow
 from embedded.load import DAG_ID, run_batch
+from embedded.process import start_logged, stop_process
 from embedded.stack import EmbeddedStack
 from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining
@@ -33,13 +40,38 @@ CAP = 3
 
 
 @pytest.fixture(scope="module")
-def airflow(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
+def settings_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The deployment's TRAINER_CONFIG: empty (the defaults, deferrable) unless a test writes to it."""
+    path = tmp_path_factory.mktemp("trainer-config") / "trainer.toml"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def airflow(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory, settings_file: Path
+) -> Iterator[LocalAirflow]:
     if not stack.cloud.private_disks:
         pytest.skip("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
-    env = {**stack.environment(), **planted_connections(stack)[1], **load_settings(CAP)}
+    env = {
+        **stack.environment(),
+        **planted_connections(stack)[1],
+        **load_settings(CAP),
+        "TRAINER_CONFIG": str(settings_file),
+    }
     with LocalAirflow(tmp_path_factory.mktemp("airflow"), env) as running:
         running.wait_for_dag(DAG_ID)
         yield running
+
+
+@contextlib.contextmanager
+def not_deferrable(settings_file: Path) -> Iterator[None]:
+    """Runs triggered inside stream their training in the worker, as a deployment without a triggerer does."""
+    settings_file.write_text("[training]\ndeferrable = false\n")
+    try:
+        yield
+    finally:
+        settings_file.write_text("")
 
 
 @pytest.fixture
@@ -81,8 +113,11 @@ def test_many_runs_at_once_stay_under_the_cap_apart_and_clean(
         timeout_s=900,
     )
     print(report.render())
+    worker_s, train_s = report.train_slot_seconds()
 
     assert report.problems() == []
+    # Deferred: a train task's process lives only to start the job and to finish it, never the whole training.
+    assert 0 < worker_s < train_s, (worker_s, train_s)
     assert report.max_live_instances == CAP, "the cap was never reached: the batch did not test it"
     assert processes.saw(f"mlflow run {stack.git.url}"), "the sampler never saw a training job"
     leaks = scan(planted_in_airflow, stack, airflow, {r.run_id: r.instance_id for r in report.runs}, processes)
@@ -91,7 +126,7 @@ def test_many_runs_at_once_stay_under_the_cap_apart_and_clean(
         f"{RUNS} DAG runs at once, aws.max_instances={CAP}, real scheduler",
         f"all succeed; at most {CAP} instances live; each run its own instance, key, job; none left",
         f"{dict(report.states)}; max {report.max_live_instances} live; no sharing; wall {report.wall_s:.0f} s, "
-        f"peak {report.peak_pss_mb:.0f} MB PSS",
+        f"peak {report.peak_pss_mb:.0f} MB PSS; train held worker slots {worker_s:.0f} s of {train_s:.0f} s",
         len(report.instances_left),
         sum(leaks.values()),
     )
@@ -113,12 +148,17 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
     airflow: LocalAirflow,
     stack: EmbeddedStack,
     sha: str,
+    settings_file: Path,
     planted_in_airflow: dict[str, str],
     processes: ProcessListSampler,
     fault_table: FaultTable,
 ) -> None:
+    """training.deferrable = false: the worker follows the job, so there is a task process to kill mid-training."""
     run_id = "killed_task__01"
-    with OnTraining(stack, lambda job_dir: kill_task_process(airflow, run_id, "train")) as killer:
+    with (
+        not_deferrable(settings_file),
+        OnTraining(stack, lambda job_dir: kill_task_process(airflow, run_id, "train")) as killer,
+    ):
         airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
         state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
     tis = airflow.task_instances(DAG_ID, run_id)
@@ -148,3 +188,116 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
         sum(1 for s in states if s != "terminated"),
         sum(leaks.values()),
     )
+
+
+# ---- a deferred training: marked failed by a user, or its triggerer restarted ----------------------------------
+
+
+def when_deferred(airflow: LocalAirflow, run_id: str, action: Callable[[], Any], timeout_s: float = 120) -> Any:
+    """Run `action` once the run's train task is deferred (its job trains, followed from the triggerer)."""
+    deadline = time.monotonic() + timeout_s
+    while airflow.task_instances(DAG_ID, run_id)["train"]["state"] != "deferred":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"train of {run_id} did not defer within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    return action()
+
+
+def clear_task(airflow: LocalAirflow, run_id: str, task_id: str) -> None:
+    """What a user's "Clear" on the task in the UI sends (the REST API, with a token of its own)."""
+    with urllib.request.urlopen(f"{airflow.url}/auth/token", timeout=30) as response:
+        token = json.loads(response.read())["access_token"]
+    body = {"dry_run": False, "task_ids": [task_id], "dag_run_id": run_id, "only_failed": False}
+    request = urllib.request.Request(
+        f"{airflow.url}/api/v2/dags/{DAG_ID}/clearTaskInstances",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+def test_deferred_training_cleared_kills_the_job(
+    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+) -> None:
+    """A user clears train while it is deferred: the triggerer calls the trigger's on_kill, which stops the job.
+
+    (Clearing rather than marking failed keeps the order fixed: the instance stays up while the cleared task runs
+    again, where a failed train would race its kill against the teardown's terminate.)"""
+    run_id = "cleared_while_deferred__01"
+    with OnTraining(
+        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: clear_task(airflow, run_id, "train"))
+    ) as clearer:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    job_dir: Path = clearer.job_dir  # type: ignore[assignment]
+    tis = airflow.task_instances(DAG_ID, run_id)
+    train_log = airflow.task_log(DAG_ID, run_id, "train")
+
+    # The trigger's on_kill stopped the job's process group: SIGTERM, recorded as 143 by the kill command.
+    assert (job_dir / "exit_code").read_text().strip() == "143"
+    assert "Task killed while deferred: stopping the remote training job" in train_log
+    assert "train | " in train_log, "the job's lines reached the task log while it was deferred"
+    # The cleared task ran again, re-attached to the killed job (one job per run) and failed on its exit code.
+    assert train_log.count("Started training job") == 1
+    assert "Re-attached to the training job" in train_log
+    assert "training exited with code 143" in train_log
+    assert state == "failed"
+    assert tis["train"]["state"] == "failed" and tis["terminate"]["state"] == "success"
+    run_instances = stack.cloud.client("ec2").describe_instances(
+        Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [run_id]}]
+    )["Reservations"]
+    states = [i["State"]["Name"] for r in run_instances for i in r["Instances"]]
+    assert states == ["terminated"]
+    fault_table.record(
+        "deferred train cleared by a user (real scheduler and triggerer)",
+        "the trigger's on_kill stops the remote job; the rerun re-attaches and fails on it; instance terminated",
+        f"job exit code 143 (SIGTERM); train rerun failed on it; run {state}; terminate ran",
+        sum(1 for s in states if s != "terminated"),
+        0,
+    )
+
+
+def restart_triggerer(airflow: LocalAirflow, started: list[Any]) -> int:
+    """Stop the triggerer as a deployment's restart does (SIGTERM to its process group) and start another."""
+    import psutil
+
+    pid = airflow.component_pids()["triggerer"]
+    os.killpg(pid, signal.SIGTERM)
+    psutil.Process(pid).wait(timeout=60)
+    started.append(start_logged(["airflow", "triggerer"], airflow.log_file("triggerer-restarted"), env=airflow.env))
+    return pid
+
+
+def test_triggerer_restart_mid_training_does_not_kill_the_job(
+    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+) -> None:
+    run_id = "triggerer_restart__01"
+    replacements: list[Any] = []
+    try:
+        with OnTraining(
+            stack, lambda job_dir: when_deferred(airflow, run_id, lambda: restart_triggerer(airflow, replacements))
+        ) as restart:
+            airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 30})
+            state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
+        job_dir: Path = restart.job_dir  # type: ignore[assignment]
+        tis = airflow.task_instances(DAG_ID, run_id)
+        train_log = airflow.task_log(DAG_ID, run_id, "train")
+
+        assert state == "success", {task: ti["state"] for task, ti in tis.items()}
+        assert tis["train"]["try_number"] == 1, "followed on by the new triggerer, not by a task retry"
+        assert (job_dir / "exit_code").read_text().strip() == "0"
+        assert (job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
+        assert "Task killed while deferred" not in train_log
+        assert "train | epoch 30/30" in train_log, "the new triggerer streamed the job to its end"
+        fault_table.record(
+            "triggerer restarted (SIGTERM) while train is deferred (real scheduler)",
+            "the trigger resumes in the new triggerer; the job is not killed; run succeeds",
+            f"job exit 0, started once; train try 1; run {state}; triggerer pid {restart.result} replaced",
+            0,
+            0,
+        )
+    finally:
+        for proc in replacements:
+            stop_process(proc, timeout_s=20)

@@ -19,11 +19,11 @@ from orchestrator.ec2 import (
     adopt_run_instance,
     describe_instance,
     find_run_instances,
+    instance_slot_free,
     launch_instance,
     live_project_instances,
     sweep_expired,
     terminate_run,
-    wait_for_instance_slot,
     wait_until_running,
 )
 from orchestrator.launch import LaunchSpec, RunIdentity, run_scope_tags
@@ -331,39 +331,33 @@ def test_sweeper_terminates_expired_and_spares_the_rest(cloud):
     assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == []
 
 
-def test_instance_slot_counts_the_projects_live_instances_in_ec2(cloud, monkeypatch):
+def test_instance_slot_counts_the_projects_live_instances_in_ec2(cloud):
     ec2 = cloud.ec2
     first = launch(ec2, make_spec(cloud), identity("a")).instance_id
     launch(ec2, make_spec(cloud, project_tag="someone-else"), identity("b"))
     # Whatever run launched it (a crashed one included), a live instance of the project counts against the cap.
     leftover = launch(ec2, make_spec(cloud), identity("c")).instance_id
     assert live_project_instances(ec2, PROJECT, DEPLOYMENT) == sorted([first, leftover])
-    # A free slot is granted on the first look: one DescribeInstances, no sleep.
-    describes, sleeps = [], []
+    # One look is one DescribeInstances: a free slot is granted at once, even with no wait allowed.
+    describes = []
     ec2.meta.events.register("before-call.ec2.DescribeInstances", lambda **_: describes.append(1))
-    with monkeypatch.context() as patched:
-        patched.setattr(time, "sleep", sleeps.append)
-        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 3, timeout_s=0, poll_s=0.05)
-    assert (len(describes), sleeps) == (1, [])
+    assert instance_slot_free(ec2, PROJECT, DEPLOYMENT, 3, waited_s=0, timeout_s=0) is True
+    assert len(describes) == 1
 
+    # At the cap: "look again later" while the wait is within its bound, an error naming the instances after it.
+    assert instance_slot_free(ec2, PROJECT, DEPLOYMENT, 2, waited_s=10, timeout_s=60) is False
     with pytest.raises(InstanceCapError) as caught:
-        wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0.3, poll_s=0.05)
+        instance_slot_free(ec2, PROJECT, DEPLOYMENT, 2, waited_s=60, timeout_s=60)
     message = str(caught.value)
     assert "aws.max_instances = 2" in message and first in message and leftover in message
 
 
 def test_instance_slot_opens_when_an_instance_ends(cloud):
-    import threading
-
     ec2 = cloud.ec2
     busy = launch(ec2, make_spec(cloud), identity("a")).instance_id
-    timer = threading.Timer(0.5, lambda: ec2.terminate_instances(InstanceIds=[busy]))
-    timer.start()
-    try:
-        waited = wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 1, timeout_s=30, poll_s=0.05)
-    finally:
-        timer.join()
-    assert 0.4 < waited < 30
+    assert instance_slot_free(ec2, PROJECT, DEPLOYMENT, 1, waited_s=0, timeout_s=30) is False
+    ec2.terminate_instances(InstanceIds=[busy])
+    assert instance_slot_free(ec2, PROJECT, DEPLOYMENT, 1, waited_s=5, timeout_s=30) is True
     assert live_project_instances(ec2, PROJECT, DEPLOYMENT) == []
 
 
@@ -380,10 +374,10 @@ def test_the_instance_cap_counts_only_the_deployments_own_instances(cloud):
     assert live_project_instances(ec2, PROJECT, DEPLOYMENT) == [ours]
     assert live_project_instances(ec2, PROJECT, OTHER) == sorted(theirs)
     # The other deployment's two instances take none of this one's two slots...
-    wait_for_instance_slot(ec2, PROJECT, DEPLOYMENT, 2, timeout_s=0, poll_s=0.05)  # raises at the cap
+    assert instance_slot_free(ec2, PROJECT, DEPLOYMENT, 2, waited_s=0, timeout_s=0)  # would raise at the cap
     # ...and this one's instance none of the other's.
     with pytest.raises(InstanceCapError, match=r"2 instances of deployment staging are live") as caught:
-        wait_for_instance_slot(ec2, PROJECT, OTHER, 2, timeout_s=0, poll_s=0.05)
+        instance_slot_free(ec2, PROJECT, OTHER, 2, waited_s=0, timeout_s=0)
     assert ours not in str(caught.value)
 
 
