@@ -277,6 +277,8 @@ def ready_result(
     log.info("Bootstrap finished after %.1f s in all (SSH answered after %.1f s)", ready_s, ssh_s)
     return {
         "instance_id": running["instance_id"],
+        "instance_type": running["instance_type"],
+        "market": running["market"],
         "address": running["address"],
         "port": settings_of(config).instance.ssh_port,
         "host_public_key": launched["host_public_key"],
