@@ -64,9 +64,13 @@ class Ports:
     def free(cls) -> Ports:
         return cls(airflow=free_port(), mlflow=free_port(), github=free_port())
 
-    def check_free(self) -> None:
-        """Fail before starting anything when a port is taken (another `make ui`, or an unrelated server)."""
-        for name, port in (("AIRFLOW_PORT", self.airflow), ("MLFLOW_PORT", self.mlflow), ("GITHUB_PORT", self.github)):
+    def check_free(self, *, services: bool = True) -> None:
+        """Fail before starting anything when a port is taken (another `make ui`, or an unrelated server); only
+        Airflow's when `services` is False (they already run)."""
+        ports = [("AIRFLOW_PORT", self.airflow)]
+        if services:
+            ports += [("MLFLOW_PORT", self.mlflow), ("GITHUB_PORT", self.github)]
+        for name, port in ports:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 # As the servers bind: connections of a previous run lingering in TIME_WAIT do not hold the port.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -134,14 +138,18 @@ class LocalDeployment(Managed):
         knobs: TrainingKnobs | None = None,
         repo_dir: Path = REPO,
         parallelism: int = 4,
+        stack: EmbeddedStack | None = None,
     ) -> None:
+        """`stack`: services already running (a test process's own: one per process), used and left running; then
+        only `ports.airflow` is this deployment's."""
         self.state_root = state_root.resolve()
         self.ports = ports
         self.repo_dir = repo_dir
         self.branch = current_branch(repo_dir)
         self.home = self.state_root / "airflow"
         self.passwords_file = self.home / PASSWORDS_FILE
-        self.stack = EmbeddedStack(
+        self._owns_stack = stack is None
+        self.stack = stack or EmbeddedStack(
             self.state_root / "services",
             repo_dir,
             knobs=knobs,
@@ -162,8 +170,9 @@ class LocalDeployment(Managed):
         return admin_password(self.passwords_file)
 
     def start(self) -> None:
-        self.ports.check_free()
-        self.stack.start()
+        self.ports.check_free(services=self._owns_stack)
+        if self._owns_stack:
+            self.stack.start()
         env = airflow_environment(self.stack.environment(), self.home, self.branch)
         self._airflow = LocalAirflow(
             self.home,
@@ -197,7 +206,7 @@ class LocalDeployment(Managed):
     def stop(self) -> None:
         # Side by side: the api-server and the MLflow server each take up to 10 s to go, one after the other 20 s.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            stopping = [pool.submit(self.stack.stop)]
+            stopping = [pool.submit(self.stack.stop)] if self._owns_stack else []
             if self._airflow is not None:
                 stopping.append(pool.submit(self._airflow.stop))
         for done in stopping:

@@ -4,8 +4,8 @@
 | --------------------------- | ----------------------------------------------------------------------- |
 | AWS (EC2, SSM, IAM)         | a moto server, plus an emulator that boots instances as loopback sshd   |
 | GitHub repo + Actions API   | `git daemon` serving this repository, and a stand-in for the Actions API |
-| MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts (or on PostgreSQL  |
-|                             | with artifacts in the moto server's S3: `mlflow_backend_store_uri`, ...) |
+| MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts (or a second one  |
+|                             | on PostgreSQL with artifacts in the moto server's S3: `s3_mlflow()`)     |
 
 `environment()` returns what Airflow needs to use them (connections as AIRFLOW_CONN_* variables, configuration as
 TRAINER__* variables): the DAG and the orchestrator run unchanged; only connections and configuration differ.
@@ -73,10 +73,8 @@ def _client_key() -> tuple[str, str]:
 
 
 class EmbeddedStack(Managed):
-    """`mlflow_backend_store_uri` (e.g. PostgreSQL) and `mlflow_artifacts_bucket` (an S3 bucket made on the moto
-    server) give MLflow a production-like store; by default it keeps both in `workdir`.
-    `mlflow_port` and `github_port` fix the two services a browser opens (links must outlive a restart); None
-    picks free ports, as the tests do."""
+    """`mlflow_port` and `github_port` fix the two services a browser opens (links must outlive a restart); None
+    picks free ports, as the tests do. One stack per process: moto keeps one state per process (LocalCloud)."""
 
     def __init__(
         self,
@@ -84,8 +82,6 @@ class EmbeddedStack(Managed):
         repo_dir: Path,
         *,
         knobs: TrainingKnobs | None = None,
-        mlflow_backend_store_uri: str | None = None,
-        mlflow_artifacts_bucket: str | None = None,
         mlflow_port: int | None = None,
         github_port: int | None = None,
     ) -> None:
@@ -110,10 +106,7 @@ class EmbeddedStack(Managed):
             # The stand-in for the AMI's interpreter (INSTANCE__PYTHON_BIN): the login user runs the job with it.
             image_paths=(Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)),
         )
-        self.mlflow = MlflowServer(
-            self.workdir / "mlflow", backend_store_uri=mlflow_backend_store_uri, port=mlflow_port
-        )
-        self.mlflow_artifacts_bucket = mlflow_artifacts_bucket
+        self.mlflow = MlflowServer(self.workdir / "mlflow", port=mlflow_port)
         self.git = GitDaemon(self.repo_dir, self.workdir)
         self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token, port=github_port or 0)
         self.github_url = ""
@@ -129,8 +122,6 @@ class EmbeddedStack(Managed):
             os.chown(self.data_cache, user.pw_uid, user.pw_gid)
         self.git.start()
         self.github_url = self.github.start()
-        if self.mlflow_artifacts_bucket:
-            self._artifacts_in_s3(self.mlflow_artifacts_bucket)
         self.mlflow.start()
 
     def stop(self) -> None:
@@ -141,15 +132,20 @@ class EmbeddedStack(Managed):
                 log.exception("stopping %s failed", stop)
         shutil.rmtree(self.instance_area, ignore_errors=True)
 
-    def _artifacts_in_s3(self, bucket: str) -> None:
-        """MLflow's artifacts in a bucket of the moto server, reached as a real S3 through MLFLOW_S3_ENDPOINT_URL."""
+    def s3_mlflow(self, workdir: Path, backend_store_uri: str, bucket: str) -> MlflowServer:
+        """A production-like MLflow server (not started): `backend_store_uri` (e.g. PostgreSQL), artifacts in a new
+        bucket of this stack's moto server, reached as a real S3 through MLFLOW_S3_ENDPOINT_URL."""
         self.cloud.client("s3").create_bucket(Bucket=bucket)
-        self.mlflow.artifacts_destination = f"s3://{bucket}/artifacts"
-        self.mlflow.env.update(
-            MLFLOW_S3_ENDPOINT_URL=self.cloud.endpoint_url,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - moto's fixed test credentials
-            AWS_DEFAULT_REGION=self.cloud.region,
+        return MlflowServer(
+            workdir,
+            backend_store_uri=backend_store_uri,
+            artifacts_destination=f"s3://{bucket}/artifacts",
+            env={
+                "MLFLOW_S3_ENDPOINT_URL": self.cloud.endpoint_url,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": self.cloud.region,
+            },
         )
 
     def job_dirs(self) -> list[Path]:

@@ -32,7 +32,7 @@ from embedded.production import (
     celery_environment,
     deployment_settings,
 )
-from embedded.stack import EmbeddedStack, TrainingKnobs
+from embedded.stack import EmbeddedStack
 from tests.conftest import REPO
 from tests.faults.support import OnTraining
 
@@ -72,24 +72,21 @@ def require_servers() -> None:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """The session's embedded stack (one per process: moto's state is) for AWS, GitHub and the instances, with a
+    production-like MLflow of the deployment's own: on PostgreSQL, its artifacts in the stack's S3."""
     require_servers()
+    if not stack.cloud.private_disks:
+        pytest.skip("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
     with (
         PostgresDatabase("ec2_trainer_airflow") as airflow_db,
         PostgresDatabase("ec2_trainer_mlflow") as mlflow_db,
         RedisDatabase() as broker,
-        EmbeddedStack(
-            tmp_path_factory.mktemp("deploy-stack"),
-            REPO,
-            knobs=TrainingKnobs.tiny(),
-            mlflow_backend_store_uri=mlflow_db.url(),
-            mlflow_artifacts_bucket=MLFLOW_BUCKET,
-        ) as stack,
+        stack.s3_mlflow(tmp_path_factory.mktemp("deploy-mlflow"), mlflow_db.url(), MLFLOW_BUCKET) as mlflow,
     ):
-        if not stack.cloud.private_disks:
-            pytest.skip("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
         env = {
             **stack.environment(),
+            "TRAINER__MLFLOW__TRACKING_URI": mlflow.url,
             **load_settings(RUNS),
             **celery_environment(airflow_db.url(), broker.url),
             **FAST_DETECTION,

@@ -23,7 +23,7 @@ import pytest
 
 from embedded.demo import fill_in, watch
 from embedded.deployment import ADMIN_USER, DAG_ID, LocalDeployment, Ports
-from embedded.stack import TrainingKnobs
+from embedded.stack import EmbeddedStack
 from orchestrator.github import commit_checks_url
 from tests.conftest import REPO
 
@@ -49,10 +49,11 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def deployment(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    with LocalDeployment(
-        tmp_path_factory.mktemp("deployment"), ports=Ports.free(), knobs=TrainingKnobs.tiny(epochs=2)
-    ) as running:
+def deployment(
+    browser: Any, stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalDeployment]:
+    # The test process's stack (one per process: moto's state is), with the deployment's own Airflow on top.
+    with LocalDeployment(tmp_path_factory.mktemp("deployment"), ports=Ports.free(), stack=stack) as running:
         yield running
 
 
@@ -106,7 +107,7 @@ def test_a_new_user_finds_the_logs_links_and_form_working(
 ) -> None:
     airflow = deployment.airflow
     run_id = "demo__browser"
-    airflow.trigger(DAG_ID, run_id, {"git_ref": sha})
+    airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 2})
     terminal = io.StringIO()
     summary = watch(deployment, run_id, RUN_TIMEOUT_S, out=terminal)
     fill_in(summary, deployment)
@@ -166,7 +167,11 @@ def test_a_new_user_finds_the_logs_links_and_form_working(
     page.goto(f"{airflow.url}/dags/{DAG_ID}")
     page.get_by_role("button", name="Trigger").first.click()
     dialog = page.get_by_role("dialog")
-    dialog.get_by_text("Run Parameters").wait_for()
+    # The Params come in sections (orchestrator/run_params.py); open the first to show its titled, described fields.
+    section = dialog.get_by_role("button", name="What to train")
+    if section.get_attribute("aria-expanded") != "true":
+        section.click()
+    dialog.get_by_text("Branch, tag or commit").first.wait_for()
     journey.shot("trigger-form")
     submit = dialog.get_by_role("button", name="Trigger")
     assert submit.is_enabled(), "the form's defaults do not validate: the Trigger button is disabled"
