@@ -73,6 +73,11 @@ _OFF = ("shutting-down", "terminated", "stopping", "stopped")
 _RUNNING: LocalCloud | None = None
 
 
+def running_cloud() -> LocalCloud | None:
+    """The LocalCloud started in this process, if any (there is at most one: moto's state is per process)."""
+    return _RUNNING
+
+
 @dataclass
 class EmulatedInstance:
     instance_id: str
@@ -483,6 +488,11 @@ class LocalCloud:
             self._original_run_instances = None
 
     # ---- what AWS would already have ------------------------------------------------------------------------------
+
+    def reseed(self) -> None:
+        """Put the standing resources back after this process's moto state was wiped (moto's `mock_aws` wipes it on
+        entering and on leaving); the network gets new ids, which `EmbeddedStack.environment()` then reports."""
+        self._seed()
 
     def _seed(self) -> None:
         """The account's standing resources: Deep-Learning-AMI-like images behind SSM parameters, the project's own

@@ -33,15 +33,31 @@ class StrictAws:
 
 
 @contextmanager
+def in_process_aws() -> Iterator[None]:
+    """moto's `mock_aws`, which wipes this process's moto state on entering and on leaving: the session's embedded
+    stack, if this test process runs one, gets its standing resources (images, network, profile) back afterwards,
+    whichever tests xdist puts after this one."""
+    from moto import mock_aws
+
+    from embedded.cloud import running_cloud
+
+    try:
+        with mock_aws():
+            yield
+    finally:
+        if (cloud := running_cloud()) is not None:
+            cloud.reseed()
+
+
+@contextmanager
 def strict_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictAws]:
     import boto3
-    from moto import mock_aws
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
     uninstall = install_strict_ec2()
     try:
-        with mock_aws():
+        with in_process_aws():
             ec2, ssm, iam = (boto3.client(s, region_name=REGION) for s in ("ec2", "ssm", "iam"))
             trust = {
                 "Version": "2012-10-17",

@@ -5,7 +5,6 @@ import re
 from typing import Any
 
 import pytest
-from moto import mock_aws
 
 from orchestrator.errors import ConfigError
 from orchestrator.launch import (
@@ -27,6 +26,7 @@ from orchestrator.launch import (
     run_tags,
     tag_value,
 )
+from tests.aws_fixtures import in_process_aws
 
 AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 IDENTITY = RunIdentity(
@@ -199,7 +199,7 @@ def ssm(monkeypatch):
 
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
         monkeypatch.setenv(name, value)
-    with mock_aws():
+    with in_process_aws():
         yield boto3.client("ssm", region_name="us-east-1")
 
 

@@ -187,12 +187,13 @@ def test_bad_local_inputs(tmp_path):
 def s3(monkeypatch):
     """A moto S3 with an empty bucket named "data"; yields its client."""
     import boto3
-    from moto import mock_aws
+
+    from tests.aws_fixtures import in_process_aws
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
+    with in_process_aws():
         client = boto3.client("s3")
         client.create_bucket(Bucket="data")
         yield client
