@@ -386,7 +386,7 @@ class LocalCloud:
         self._uninstall_strict = install_strict_ec2()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
-        self._seed()
+        self.seed()
         self._thread = threading.Thread(target=self._run, name="instance-emulator", daemon=True)
         self._thread.start()
         log.info("Local cloud (moto) at %s; instances answer SSH as %s", self.endpoint_url, self.login_user)
@@ -489,14 +489,11 @@ class LocalCloud:
 
     # ---- what AWS would already have ------------------------------------------------------------------------------
 
-    def reseed(self) -> None:
-        """Put the standing resources back after this process's moto state was wiped (moto's `mock_aws` wipes it on
-        entering and on leaving); the network gets new ids, which `EmbeddedStack.environment()` then reports."""
-        self._seed()
-
-    def _seed(self) -> None:
+    def seed(self) -> None:
         """The account's standing resources: Deep-Learning-AMI-like images behind SSM parameters, the project's own
-        VPC, subnet and security group (not moto's default VPC), and the instance profile."""
+        VPC, subnet and security group (not moto's default VPC), and the instance profile. Called again after this
+        process's moto state was wiped (moto's `mock_aws` wipes it on entering and on leaving): the network then gets
+        new ids, which `EmbeddedStack.environment()` reports."""
         self.images = register_images(self.client("ssm"), self.region)
         self.network = create_network(self.client("ec2"), self.region, self.ssh_port)
         iam = self.client("iam")

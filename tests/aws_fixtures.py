@@ -46,7 +46,7 @@ def in_process_aws() -> Iterator[None]:
             yield
     finally:
         if (cloud := running_cloud()) is not None:
-            cloud.reseed()
+            cloud.seed()
 
 
 @contextmanager

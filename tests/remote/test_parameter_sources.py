@@ -60,3 +60,14 @@ def test_mlproject_declares_what_the_job_parses_with_its_defaults() -> None:
         assert str(declared[name]["default"]) == expected, name
     passed = re.findall(r"--(\w+) \{(\w+)\}", main["command"])
     assert passed == [(name, name) for name in config.PARAMETERS]
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_the_range_in_words_names_the_schemas_bounds(name: str) -> None:
+    """The form's and the settings' messages say the range in words: they must say the schema's numbers."""
+    param = BY_NAME[name]
+    bounds = [
+        param.schema[key] for key in ("minimum", "maximum", "exclusiveMinimum", "maxItems") if key in param.schema
+    ]
+    for bound in bounds:
+        assert re.search(rf"(?<![\d.]){re.escape(str(bound))}(?![\d])", param.range_text), (bound, param.range_text)
