@@ -26,6 +26,27 @@ class MlflowCredentials:
         return env
 
 
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: str = field(repr=False)
+
+
+def basic_auth(conn_id: str, setting: str) -> BasicAuth:
+    """The login and password of the connection an optional setting names (e.g. metrics.conn_id): a service the
+    setting says needs them, so a missing connection or login is an error naming the setting, not an open server."""
+    try:
+        conn = _connection(conn_id)
+    except Exception as exc:
+        raise ConfigError(
+            f"{setting}: Airflow connection {conn_id!r} not found: create one with the login and password "
+            "(see .env.example), or empty the setting for no authentication"
+        ) from exc
+    if not conn.login:
+        raise ConfigError(f"{setting}: connection {conn_id!r} has no login")
+    return BasicAuth(str(conn.login), str(conn.password or ""))
+
+
 def _connection(conn_id: str) -> Any:
     from airflow.sdk import BaseHook
 
