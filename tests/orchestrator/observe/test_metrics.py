@@ -1,0 +1,423 @@
+"""Run metrics: the pure series builder, then the real Debian Pushgateway and Prometheus on loopback, with every panel
+of the Grafana dashboard (config/grafana/dashboards) queried against that Prometheus."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedded.process import free_port
+from embedded.prometheus import Prometheus, Pushgateway, basic_auth_header
+from orchestrator.errors import ConfigError
+from orchestrator.observe.metrics import (
+    MAX_SERIES_PER_LABEL,
+    PREFIX,
+    Totals,
+    grouping_key,
+    push_run_metrics,
+    run_metric_families,
+)
+from orchestrator.observe.report import Cost, RunReport
+from orchestrator.settings import Settings, load_settings, validate
+from tests.conftest import REPO
+
+DASHBOARD = REPO / "config" / "grafana" / "dashboards" / "ec2-trainer.json"
+RUN_ID = "manual__2026-11-26T20:00:00+00:00"
+INSTANCE_ID = "i-0123456789abcdef0"
+SHA = "a" * 40
+# What a label may be called; the grouping key's three come from the gateway's group, `job` from the job name.
+ALLOWED_LABELS = {"__name__", "job", "instance", "deployment", "instance_type", "market", "outcome", "phase", "metric"}
+
+
+def success_report(**changes: Any) -> RunReport:
+    report = RunReport(
+        dag_id="ec2_training",
+        run_id=RUN_ID,
+        deployment="metrics-test",
+        outcome="success",
+        failed_step=None,
+        error=None,
+        git_sha=SHA,
+        instance_id=INSTANCE_ID,
+        instance_type="g6.xlarge",
+        market="on-demand",
+        links={"airflow": "http://127.0.0.1:8080/dags/ec2_training/runs/x", "mlflow": "http://127.0.0.1:5000/#/x"},
+        metric_name="test_accuracy",
+        metric_value=0.93,
+        promoted=True,
+        promotion_reason="beats the threshold and the champion",
+        duration_s=912.5,
+        phases_s={
+            "ci_wait": 60.0,
+            "launch": 12.0,
+            "boot": 45.0,
+            "bootstrap.packages": 30.0,
+            "bootstrap.mlflow": 20.0,
+            "training": 600.0,
+            "evaluation": 15.0,
+            "teardown": 8.0,
+        },
+        images_per_s=41544.0,
+        test_metrics={"test_accuracy": 0.93, "test_f1": 0.91, "test_roc_auc": 0.97},
+        cost=Cost(
+            usd=0.2024,
+            billed_s=728.0,
+            training_s=600.0,
+            non_training_s=128.0,
+            training_share=600.0 / 728.0,
+            usd_per_hour=1.0,
+            price_source="fallback-table",
+            region="us-east-1",
+        ),
+        mlflow_run_id="0123456789abcdef0123456789abcdef",
+    )
+    return dataclasses.replace(report, **changes)
+
+
+def failed_before_launch() -> RunReport:
+    """A run whose CI was red: no instance, no type, no market, no cost."""
+    return success_report(
+        outcome="failed",
+        failed_step="ci_gate",
+        error="CiFailedError: workflow 'ci' concluded failure",
+        instance_id=None,
+        instance_type=None,
+        market=None,
+        metric_value=None,
+        promoted=None,
+        promotion_reason=None,
+        duration_s=75.0,
+        phases_s={"ci_wait": 70.0},
+        images_per_s=None,
+        test_metrics={},
+        cost=None,
+        mlflow_run_id=None,
+    )
+
+
+def samples(families: list[Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def metrics_settings(url: str = "", **metrics: str) -> Settings:
+    env = {"TRAINER__AWS__DEPLOYMENT": "metrics-test", "TRAINER__METRICS__PUSHGATEWAY_URL": url}
+    env.update({f"TRAINER__METRICS__{name.upper()}": value for name, value in metrics.items()})
+    return load_settings(env=env)
+
+
+# ---- settings
+
+
+def test_metrics_are_off_by_default() -> None:
+    assert not load_settings(env={"TRAINER__AWS__DEPLOYMENT": "x"}).metrics.enabled
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"pushgateway_url": "pushgateway:9091"}, r"metrics\.pushgateway_url: 'pushgateway:9091' is invalid"),
+        ({"pushgateway_url": "ftp://gw:9091"}, r"metrics\.pushgateway_url: 'ftp://gw:9091' is invalid"),
+        ({"pushgateway_url": "http://u:hunter2@gw:9091"}, r"metrics\.pushgateway_url: '<redacted>'.*no credentials"),
+        ({"job": "two words"}, r"metrics\.job: 'two words' is invalid; expected a name"),
+        ({"job": ""}, r"metrics\.job"),
+        ({"conn_id": "has space"}, r"metrics\.conn_id: 'has space' is invalid; expected empty \(no auth\)"),
+        ({"timeout_seconds": 0.0}, r"metrics\.timeout_seconds: 0\.0 is invalid"),
+        ({"timeout_seconds": 61.0}, r"metrics\.timeout_seconds"),
+    ],
+)
+def test_bad_metrics_settings_name_the_field(changes: dict[str, Any], match: str) -> None:
+    s = metrics_settings()
+    with pytest.raises(ConfigError, match=match) as caught:
+        validate(dataclasses.replace(s, metrics=dataclasses.replace(s.metrics, **changes)))
+    assert "hunter2" not in str(caught.value)
+
+
+# ---- the pure builder
+
+
+def test_a_success_run_gives_every_series_with_bounded_labels_only() -> None:
+    report = success_report()
+    got = samples(run_metric_families(report, Totals(), pushed_at=1_800_000_000.0))
+    assert got[(f"{PREFIX}last_run_timestamp_seconds", ())] == 1_800_000_000.0
+    assert got[(f"{PREFIX}last_run_outcome", (("outcome", "success"),))] == 1.0
+    assert got[(f"{PREFIX}last_run_outcome", (("outcome", "failed"),))] == 0.0
+    assert got[(f"{PREFIX}last_run_phase_duration_seconds", (("phase", "bootstrap.packages"),))] == 30.0
+    assert got[(f"{PREFIX}last_run_test_metric", (("metric", "test_f1"),))] == 0.91
+    assert got[(f"{PREFIX}last_run_instance_billed_seconds", ())] == 728.0
+    assert got[(f"{PREFIX}last_run_non_training_seconds", ())] == 128.0
+    assert got[(f"{PREFIX}last_run_training_ratio", ())] == pytest.approx(600 / 728)
+    assert got[(f"{PREFIX}last_run_images_per_second", ())] == 41544.0
+    assert got[(f"{PREFIX}last_run_cost_usd", ())] == 0.2024
+    assert got[(f"{PREFIX}last_run_promoted", ())] == 1.0
+    assert got[(f"{PREFIX}runs_total", (("outcome", "success"),))] == 1.0
+    assert got[(f"{PREFIX}runs_total", (("outcome", "failed"),))] == 0.0
+    assert got[(f"{PREFIX}cost_usd_total", ())] == 0.2024
+    # No `_created` samples: each push rebuilds the counters, so a creation time would read as a reset.
+    assert not [name for name, _ in got if name.endswith("_created")]
+    labels = {name for _, pairs in got for name, _ in pairs}
+    assert labels <= ALLOWED_LABELS
+    values = {value for _, pairs in got for _, value in pairs} | set(grouping_key(report).values())
+    assert not values & {RUN_ID, INSTANCE_ID, SHA, report.mlflow_run_id}
+
+
+def test_the_totals_add_this_run_to_what_the_group_held() -> None:
+    before = Totals(runs={"success": 4.0, "failed": 2.0}, cost_usd=1.5, billed_s=3000.0, training_s=2000.0)
+    got = samples(run_metric_families(success_report(), before, pushed_at=0.0))
+    assert got[(f"{PREFIX}runs_total", (("outcome", "success"),))] == 5.0
+    assert got[(f"{PREFIX}runs_total", (("outcome", "failed"),))] == 2.0
+    assert got[(f"{PREFIX}cost_usd_total", ())] == pytest.approx(1.7024)
+    assert got[(f"{PREFIX}instance_billed_seconds_total", ())] == 3728.0
+    assert got[(f"{PREFIX}training_seconds_total", ())] == 2600.0
+
+
+def test_a_run_without_an_instance_has_no_cost_series_and_its_own_group() -> None:
+    report = failed_before_launch()
+    assert grouping_key(report) == {"deployment": "metrics-test", "instance_type": "none", "market": "none"}
+    got = samples(run_metric_families(report, Totals(), pushed_at=0.0))
+    names = {name for name, _ in got}
+    assert (
+        not {f"{PREFIX}last_run_cost_usd", f"{PREFIX}last_run_promoted", f"{PREFIX}last_run_images_per_second"} & names
+    )
+    assert got[(f"{PREFIX}runs_total", (("outcome", "failed"),))] == 1.0
+    assert got[(f"{PREFIX}cost_usd_total", ())] == 0.0
+    assert got[(f"{PREFIX}last_run_outcome", (("outcome", "failed"),))] == 1.0
+
+
+def test_unexpected_label_values_stay_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    phases = {f"bootstrap.step{n:02d}": 1.0 for n in range(MAX_SERIES_PER_LABEL + 5)}
+    report = success_report(
+        instance_type="G6 XLARGE; drop",
+        market="reserved",
+        phases_s={**phases, "Bootstrap Weird Name": 1.0},
+        test_metrics={"test_accuracy": 0.9, "val_accuracy": 0.8, f"test_{'x' * 80}": 0.1},
+    )
+    assert grouping_key(report) == {"deployment": "metrics-test", "instance_type": "other", "market": "other"}
+    with caplog.at_level(logging.WARNING, logger="orchestrator.observe.metrics"):
+        got = samples(run_metric_families(report, Totals(), pushed_at=0.0))
+    phase_values = [dict(pairs)["phase"] for name, pairs in got if name.endswith("phase_duration_seconds")]
+    assert len(phase_values) == MAX_SERIES_PER_LABEL
+    metric_values = [dict(pairs)["metric"] for name, pairs in got if name.endswith("test_metric")]
+    assert metric_values == ["test_accuracy"]
+    assert "'Bootstrap Weird Name' left out" in caplog.text
+    assert "'val_accuracy' left out" in caplog.text
+
+
+# ---- the dashboard
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel, with the dashboard's variables set to "All"."""
+    board = dashboard()
+    variables = {v["name"]: v["allValue"] for v in board["templating"]["list"]}
+    # Grafana's own: the dashboard's time range and a rate window.
+    variables |= {"__range": "1h", "__rate_interval": "1m", "__interval": "15s"}
+    queries = []
+    for panel in board["panels"]:
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            expr = re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], target["expr"])
+            queries.append((panel["title"], expr))
+    return queries
+
+
+def test_every_series_has_a_panel_and_every_panel_a_series() -> None:
+    pushed = {f.name for f in run_metric_families(success_report(), Totals(), 0.0)}
+    # A counter family is named without _total; its sample (what a query names) has it.
+    pushed = {name if name.startswith(f"{PREFIX}last_run_") else f"{name}_total" for name in pushed}
+    shown = {name for _, expr in panel_queries() for name in re.findall(rf"{PREFIX}\w+", expr)}
+    assert pushed == shown
+
+
+def test_the_panels_name_the_provisioned_data_source() -> None:
+    provisioned = REPO / "config" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
+    uid = re.search(r"uid: (\S+)", provisioned.read_text())
+    assert uid
+    board = dashboard()
+    for panel in board["panels"]:
+        for target in [panel, *panel["targets"]]:
+            assert target["datasource"] == {"type": "prometheus", "uid": uid.group(1)}, panel["title"]
+    assert all(v["datasource"]["uid"] == uid.group(1) for v in board["templating"]["list"])
+
+
+# ---- the real Pushgateway and Prometheus
+
+
+@pytest.fixture(scope="module")
+def monitoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pushgateway, Prometheus]]:
+    workdir = tmp_path_factory.mktemp("monitoring")
+    with Pushgateway(workdir / "pushgateway") as gateway, Prometheus(workdir / "prometheus", [gateway.address]) as prom:
+        yield gateway, prom
+
+
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
+        return json.load(resp)
+
+
+def query(prom: Prometheus, expr: str) -> list[dict[str, Any]]:
+    answer = get_json(f"{prom.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+def wait_for(what: str, condition: Any, timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.25)
+    return result
+
+
+def gateway_group(gateway: Pushgateway, key: dict[str, str], job: str = "ec2_trainer", **auth: Any) -> dict[str, Any]:
+    groups = get_json(f"{gateway.url}/api/v1/metrics", **auth)["data"]
+    (group,) = [g for g in groups if g["labels"] == {"job": job, **key}]
+    return dict(group)
+
+
+def test_pushed_runs_reach_prometheus_and_every_panel_shows_data(
+    monitoring: tuple[Pushgateway, Prometheus], caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway, prom = monitoring
+    settings = metrics_settings(gateway.url)
+    success, failed = success_report(), failed_before_launch()
+    with caplog.at_level(logging.INFO, logger="orchestrator.observe.metrics"):
+        push_run_metrics(settings, failed)
+        push_run_metrics(settings, success)
+        assert success.cost
+        push_run_metrics(settings, success_report(cost=dataclasses.replace(success.cost, usd=0.5)))
+    assert "WARNING" not in caplog.text
+    assert caplog.text.count("Run metrics pushed to the Pushgateway") == 3
+
+    # The gateway holds the group's totals, accumulated over the two successes.
+    group = gateway_group(gateway, grouping_key(success))
+    runs = {m["labels"]["outcome"]: float(m["value"]) for m in group[f"{PREFIX}runs_total"]["metrics"]}
+    assert runs == {"success": 2.0, "failed": 0.0}
+    assert float(group[f"{PREFIX}cost_usd_total"]["metrics"][0]["value"]) == pytest.approx(0.7024)
+    assert float(group[f"{PREFIX}last_run_cost_usd"]["metrics"][0]["value"]) == 0.5
+
+    # Prometheus scraped them, with the pushed labels kept (honor_labels).
+    scraped = wait_for(
+        "both groups' totals in Prometheus",
+        lambda: {
+            (r["metric"]["instance_type"], r["metric"]["outcome"]): float(r["value"][1])
+            for r in query(prom, f'{PREFIX}runs_total{{deployment="metrics-test"}} > 0')
+        }
+        == {("g6.xlarge", "success"): 2.0, ("none", "failed"): 1.0},
+    )
+    assert scraped
+    for title, expr in panel_queries():
+        assert query(prom, expr), f"panel {title!r}: no data for {expr}"
+    for variable in dashboard()["templating"]["list"]:
+        metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"]).groups()  # type: ignore[union-attr]
+        values = get_json(f"{prom.url}/api/v1/label/{label}/values?{urllib.parse.urlencode({'match[]': metric})}")
+        assert values["data"], f"variable {variable['name']}: no values"
+
+    # Nothing unbounded in any label of any series in Prometheus.
+    selector = '{__name__=~"' + PREFIX + '.+"}'
+    series = get_json(f"{prom.url}/api/v1/series?{urllib.parse.urlencode({'match[]': selector})}")
+    assert series["data"]
+    for labels in series["data"]:
+        assert set(labels) <= ALLOWED_LABELS, labels
+        assert not set(labels.values()) & {RUN_ID, INSTANCE_ID, SHA}, labels
+
+
+def test_a_dead_pushgateway_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    settings = metrics_settings(f"http://127.0.0.1:{free_port()}", timeout_seconds="1")
+    with caplog.at_level(logging.WARNING, logger="orchestrator.observe.metrics"):
+        push_run_metrics(settings, success_report())  # returns: nothing raised
+    assert "Run metrics not pushed to the Pushgateway http://127.0.0.1:" in caplog.text
+    assert "Connection refused" in caplog.text
+
+
+def test_nothing_is_sent_while_the_url_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_request(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a request was made")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_request)
+    monkeypatch.setattr("prometheus_client.exposition.push_to_gateway", no_request)
+    push_run_metrics(metrics_settings(""), success_report())
+
+
+@pytest.fixture(scope="module")
+def gateway_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushgateway]:
+    import bcrypt  # paramiko's dependency; what Prometheus's web configuration expects
+
+    workdir = tmp_path_factory.mktemp("gateway-auth")
+    hashed = bcrypt.hashpw(b"right-password-31", bcrypt.gensalt(rounds=4)).decode()
+    web_config = workdir / "web.yml"
+    web_config.write_text(f"basic_auth_users:\n  trainer: {hashed}\n")
+    with Pushgateway(workdir / "gw", web_config=web_config, login=("trainer", "right-password-31")) as gateway:
+        yield gateway
+
+
+def use_connection(monkeypatch: pytest.MonkeyPatch, password: str) -> None:
+    conn = {"conn_type": "http", "login": "trainer", "password": password}
+    monkeypatch.setenv("AIRFLOW_CONN_PUSHGATEWAY_TEST", json.dumps(conn))
+
+
+def test_basic_auth_comes_from_the_connection(
+    gateway_with_auth: Pushgateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    use_connection(monkeypatch, "right-password-31")
+    settings = metrics_settings(gateway_with_auth.url, conn_id="pushgateway_test")
+    with caplog.at_level(logging.INFO, logger="orchestrator.observe.metrics"):
+        push_run_metrics(settings, success_report())
+        push_run_metrics(settings, success_report())
+    assert "WARNING" not in caplog.text
+    group = gateway_group(gateway_with_auth, grouping_key(success_report()), headers=auth_headers())
+    runs = {m["labels"]["outcome"]: float(m["value"]) for m in group[f"{PREFIX}runs_total"]["metrics"]}
+    assert runs["success"] == 2.0
+    assert "right-password-31" not in caplog.text
+
+
+def auth_headers() -> dict[str, str]:
+    return basic_auth_header(("trainer", "right-password-31"))
+
+
+@pytest.mark.parametrize(
+    ("password", "conn_id", "expected"),
+    [
+        ("wrong-password-47", "pushgateway_test", "HTTP Error 401: Unauthorized"),
+        ("", "pushgateway_missing", "metrics.conn_id: Airflow connection 'pushgateway_missing' not found"),
+    ],
+)
+def test_refused_credentials_are_a_warning_that_shows_no_secret(
+    gateway_with_auth: Pushgateway,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+    conn_id: str,
+    expected: str,
+) -> None:
+    if password:
+        use_connection(monkeypatch, password)
+    settings = metrics_settings(gateway_with_auth.url, conn_id=conn_id)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.observe.metrics"):
+        push_run_metrics(settings, failed_before_launch())
+    assert expected in caplog.text
+    assert not password or password not in caplog.text
+
+
+def test_the_dashboard_file_is_what_grafana_provisions(tmp_path: Path) -> None:
+    provider = (REPO / "config" / "grafana" / "provisioning" / "dashboards" / "ec2-trainer.yaml").read_text()
+    assert "path: /var/lib/grafana/dashboards" in provider
+    board = dashboard()
+    assert board["uid"] and board["title"]
+    # Grafana lays panels out on a 24-column grid; ids are unique.
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in board["panels"])
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
