@@ -10,13 +10,11 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from embedded.process import free_port
 from embedded.prometheus import Prometheus, Pushgateway, basic_auth_header
 from orchestrator.errors import ConfigError
 from orchestrator.observe.metrics import (
@@ -27,92 +25,26 @@ from orchestrator.observe.metrics import (
     push_run_metrics,
     run_metric_families,
 )
-from orchestrator.observe.report import Cost, RunReport
-from orchestrator.settings import Settings, load_settings, validate
+from orchestrator.settings import load_settings, validate
 from tests.conftest import REPO
+from tests.monitoring_fixtures import (
+    GATEWAY_LOGIN,
+    INSTANCE_ID,
+    RUN_ID,
+    SHA,
+    failed_before_launch,
+    metrics_settings,
+    success_report,
+    use_connection,
+)
 
 DASHBOARD = REPO / "config" / "grafana" / "dashboards" / "ec2-trainer.json"
-RUN_ID = "manual__2026-11-26T20:00:00+00:00"
-INSTANCE_ID = "i-0123456789abcdef0"
-SHA = "a" * 40
 # What a label may be called; the grouping key's three come from the gateway's group, `job` from the job name.
 ALLOWED_LABELS = {"__name__", "job", "instance", "deployment", "instance_type", "market", "outcome", "phase", "metric"}
 
 
-def success_report(**changes: Any) -> RunReport:
-    report = RunReport(
-        dag_id="ec2_training",
-        run_id=RUN_ID,
-        deployment="metrics-test",
-        outcome="success",
-        failed_step=None,
-        error=None,
-        git_sha=SHA,
-        instance_id=INSTANCE_ID,
-        instance_type="g6.xlarge",
-        market="on-demand",
-        links={"airflow": "http://127.0.0.1:8080/dags/ec2_training/runs/x", "mlflow": "http://127.0.0.1:5000/#/x"},
-        metric_name="test_accuracy",
-        metric_value=0.93,
-        promoted=True,
-        promotion_reason="beats the threshold and the champion",
-        duration_s=912.5,
-        phases_s={
-            "ci_wait": 60.0,
-            "launch": 12.0,
-            "boot": 45.0,
-            "bootstrap.packages": 30.0,
-            "bootstrap.mlflow": 20.0,
-            "training": 600.0,
-            "evaluation": 15.0,
-            "teardown": 8.0,
-        },
-        images_per_s=41544.0,
-        test_metrics={"test_accuracy": 0.93, "test_f1": 0.91, "test_roc_auc": 0.97},
-        cost=Cost(
-            usd=0.2024,
-            billed_s=728.0,
-            training_s=600.0,
-            non_training_s=128.0,
-            training_share=600.0 / 728.0,
-            usd_per_hour=1.0,
-            price_source="fallback-table",
-            region="us-east-1",
-        ),
-        mlflow_run_id="0123456789abcdef0123456789abcdef",
-    )
-    return dataclasses.replace(report, **changes)
-
-
-def failed_before_launch() -> RunReport:
-    """A run whose CI was red: no instance, no type, no market, no cost."""
-    return success_report(
-        outcome="failed",
-        failed_step="ci_gate",
-        error="CiFailedError: workflow 'ci' concluded failure",
-        instance_id=None,
-        instance_type=None,
-        market=None,
-        metric_value=None,
-        promoted=None,
-        promotion_reason=None,
-        duration_s=75.0,
-        phases_s={"ci_wait": 70.0},
-        images_per_s=None,
-        test_metrics={},
-        cost=None,
-        mlflow_run_id=None,
-    )
-
-
 def samples(families: list[Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
-
-
-def metrics_settings(url: str = "", **metrics: str) -> Settings:
-    env = {"TRAINER__AWS__DEPLOYMENT": "metrics-test", "TRAINER__METRICS__PUSHGATEWAY_URL": url}
-    env.update({f"TRAINER__METRICS__{name.upper()}": value for name, value in metrics.items()})
-    return load_settings(env=env)
 
 
 # ---- settings
@@ -256,13 +188,6 @@ def test_the_panels_name_the_provisioned_data_source() -> None:
 # ---- the real Pushgateway and Prometheus
 
 
-@pytest.fixture(scope="module")
-def monitoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pushgateway, Prometheus]]:
-    workdir = tmp_path_factory.mktemp("monitoring")
-    with Pushgateway(workdir / "pushgateway") as gateway, Prometheus(workdir / "prometheus", [gateway.address]) as prom:
-        yield gateway, prom
-
-
 def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
         return json.load(resp)
@@ -336,14 +261,6 @@ def test_pushed_runs_reach_prometheus_and_every_panel_shows_data(
         assert not set(labels.values()) & {RUN_ID, INSTANCE_ID, SHA}, labels
 
 
-def test_a_dead_pushgateway_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    settings = metrics_settings(f"http://127.0.0.1:{free_port()}", timeout_seconds="1")
-    with caplog.at_level(logging.WARNING, logger="orchestrator.observe.metrics"):
-        push_run_metrics(settings, success_report())  # returns: nothing raised
-    assert "Run metrics not pushed to the Pushgateway http://127.0.0.1:" in caplog.text
-    assert "Connection refused" in caplog.text
-
-
 def test_nothing_is_sent_while_the_url_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_request(*args: object, **kwargs: object) -> None:
         raise AssertionError("a request was made")
@@ -353,27 +270,10 @@ def test_nothing_is_sent_while_the_url_is_empty(monkeypatch: pytest.MonkeyPatch)
     push_run_metrics(metrics_settings(""), success_report())
 
 
-@pytest.fixture(scope="module")
-def gateway_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushgateway]:
-    import bcrypt  # paramiko's dependency; what Prometheus's web configuration expects
-
-    workdir = tmp_path_factory.mktemp("gateway-auth")
-    hashed = bcrypt.hashpw(b"right-password-31", bcrypt.gensalt(rounds=4)).decode()
-    web_config = workdir / "web.yml"
-    web_config.write_text(f"basic_auth_users:\n  trainer: {hashed}\n")
-    with Pushgateway(workdir / "gw", web_config=web_config, login=("trainer", "right-password-31")) as gateway:
-        yield gateway
-
-
-def use_connection(monkeypatch: pytest.MonkeyPatch, password: str) -> None:
-    conn = {"conn_type": "http", "login": "trainer", "password": password}
-    monkeypatch.setenv("AIRFLOW_CONN_PUSHGATEWAY_TEST", json.dumps(conn))
-
-
 def test_basic_auth_comes_from_the_connection(
     gateway_with_auth: Pushgateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    use_connection(monkeypatch, "right-password-31")
+    use_connection(monkeypatch, GATEWAY_LOGIN[1])
     settings = metrics_settings(gateway_with_auth.url, conn_id="pushgateway_test")
     with caplog.at_level(logging.INFO, logger="orchestrator.observe.metrics"):
         push_run_metrics(settings, success_report())
@@ -382,35 +282,11 @@ def test_basic_auth_comes_from_the_connection(
     group = gateway_group(gateway_with_auth, grouping_key(success_report()), headers=auth_headers())
     runs = {m["labels"]["outcome"]: float(m["value"]) for m in group[f"{PREFIX}runs_total"]["metrics"]}
     assert runs["success"] == 2.0
-    assert "right-password-31" not in caplog.text
+    assert GATEWAY_LOGIN[1] not in caplog.text
 
 
 def auth_headers() -> dict[str, str]:
-    return basic_auth_header(("trainer", "right-password-31"))
-
-
-@pytest.mark.parametrize(
-    ("password", "conn_id", "expected"),
-    [
-        ("wrong-password-47", "pushgateway_test", "HTTP Error 401: Unauthorized"),
-        ("", "pushgateway_missing", "metrics.conn_id: Airflow connection 'pushgateway_missing' not found"),
-    ],
-)
-def test_refused_credentials_are_a_warning_that_shows_no_secret(
-    gateway_with_auth: Pushgateway,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    password: str,
-    conn_id: str,
-    expected: str,
-) -> None:
-    if password:
-        use_connection(monkeypatch, password)
-    settings = metrics_settings(gateway_with_auth.url, conn_id=conn_id)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.observe.metrics"):
-        push_run_metrics(settings, failed_before_launch())
-    assert expected in caplog.text
-    assert not password or password not in caplog.text
+    return basic_auth_header(GATEWAY_LOGIN)
 
 
 def test_the_dashboard_file_is_what_grafana_provisions(tmp_path: Path) -> None:

@@ -1,0 +1,118 @@
+"""Fixtures and test data of the run-metrics tests (registered in conftest): run reports per the report contract,
+settings that point at a gateway, and Debian's Pushgateway and Prometheus on loopback, one pair per test module."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from embedded.prometheus import Prometheus, Pushgateway
+from orchestrator.observe.report import Cost, RunReport
+from orchestrator.settings import Settings, load_settings
+
+RUN_ID = "manual__2026-11-26T20:00:00+00:00"
+INSTANCE_ID = "i-0123456789abcdef0"
+SHA = "a" * 40
+GATEWAY_LOGIN = ("trainer", "right-password-31")
+
+
+def success_report(**changes: Any) -> RunReport:
+    report = RunReport(
+        dag_id="ec2_training",
+        run_id=RUN_ID,
+        deployment="metrics-test",
+        outcome="success",
+        failed_step=None,
+        error=None,
+        git_sha=SHA,
+        instance_id=INSTANCE_ID,
+        instance_type="g6.xlarge",
+        market="on-demand",
+        links={"airflow": "http://127.0.0.1:8080/dags/ec2_training/runs/x", "mlflow": "http://127.0.0.1:5000/#/x"},
+        metric_name="test_accuracy",
+        metric_value=0.93,
+        promoted=True,
+        promotion_reason="beats the threshold and the champion",
+        duration_s=912.5,
+        phases_s={
+            "ci_wait": 60.0,
+            "launch": 12.0,
+            "boot": 45.0,
+            "bootstrap.packages": 30.0,
+            "bootstrap.mlflow": 20.0,
+            "training": 600.0,
+            "evaluation": 15.0,
+            "teardown": 8.0,
+        },
+        images_per_s=41544.0,
+        test_metrics={"test_accuracy": 0.93, "test_f1": 0.91, "test_roc_auc": 0.97},
+        cost=Cost(
+            usd=0.2024,
+            billed_s=728.0,
+            training_s=600.0,
+            non_training_s=128.0,
+            training_share=600.0 / 728.0,
+            usd_per_hour=1.0,
+            price_source="fallback-table",
+            region="us-east-1",
+        ),
+        mlflow_run_id="0123456789abcdef0123456789abcdef",
+    )
+    return dataclasses.replace(report, **changes)
+
+
+def failed_before_launch() -> RunReport:
+    """A run whose CI was red: no instance, no type, no market, no cost."""
+    return success_report(
+        outcome="failed",
+        failed_step="ci_gate",
+        error="CiFailedError: workflow 'ci' concluded failure",
+        instance_id=None,
+        instance_type=None,
+        market=None,
+        metric_value=None,
+        promoted=None,
+        promotion_reason=None,
+        duration_s=75.0,
+        phases_s={"ci_wait": 70.0},
+        images_per_s=None,
+        test_metrics={},
+        cost=None,
+        mlflow_run_id=None,
+    )
+
+
+def metrics_settings(url: str = "", **metrics: str) -> Settings:
+    env = {"TRAINER__AWS__DEPLOYMENT": "metrics-test", "TRAINER__METRICS__PUSHGATEWAY_URL": url}
+    env.update({f"TRAINER__METRICS__{name.upper()}": value for name, value in metrics.items()})
+    return load_settings(env=env)
+
+
+@pytest.fixture(scope="module")
+def monitoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pushgateway, Prometheus]]:
+    workdir = tmp_path_factory.mktemp("monitoring")
+    with Pushgateway(workdir / "pushgateway") as gateway, Prometheus(workdir / "prometheus", [gateway.address]) as prom:
+        yield gateway, prom
+
+
+@pytest.fixture(scope="module")
+def gateway_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushgateway]:
+    import bcrypt  # paramiko's dependency; what Prometheus's web configuration expects
+
+    workdir = tmp_path_factory.mktemp("gateway-auth")
+    user, password = GATEWAY_LOGIN
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    web_config = workdir / "web.yml"
+    web_config.write_text(f"basic_auth_users:\n  {user}: {hashed}\n")
+    with Pushgateway(workdir / "gw", web_config=web_config, login=GATEWAY_LOGIN) as gateway:
+        yield gateway
+
+
+def use_connection(monkeypatch: pytest.MonkeyPatch, password: str) -> None:
+    """The connection `pushgateway_test` (metrics.conn_id) with the gateway's user and `password`."""
+    conn = {"conn_type": "http", "login": GATEWAY_LOGIN[0], "password": password}
+    monkeypatch.setenv("AIRFLOW_CONN_PUSHGATEWAY_TEST", json.dumps(conn))
