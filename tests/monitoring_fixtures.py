@@ -101,6 +101,10 @@ def monitoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pushg
 
 @pytest.fixture(scope="module")
 def gateway_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushgateway]:
+    """A Pushgateway that asks for GATEWAY_LOGIN; the tests reach it through a connection (`use_connection`)."""
+    # Airflow sets up its logging on first import (seconds on a busy machine): done here, before any test's caplog
+    # handler is in place and before a test times a push that reads a connection.
+    import airflow.sdk  # noqa: F401
     import bcrypt  # paramiko's dependency; what Prometheus's web configuration expects
 
     workdir = tmp_path_factory.mktemp("gateway-auth")

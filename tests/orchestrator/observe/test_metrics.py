@@ -279,6 +279,7 @@ def test_basic_auth_comes_from_the_connection(
         push_run_metrics(settings, success_report())
         push_run_metrics(settings, success_report())
     assert "WARNING" not in caplog.text
+    assert caplog.text.count("Run metrics pushed to the Pushgateway") == 2
     group = gateway_group(gateway_with_auth, grouping_key(success_report()), headers=auth_headers())
     runs = {m["labels"]["outcome"]: float(m["value"]) for m in group[f"{PREFIX}runs_total"]["metrics"]}
     assert runs["success"] == 2.0
