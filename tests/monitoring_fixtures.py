@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from embedded.prometheus import Prometheus, Pushgateway
+from orchestrator.observe.metrics import PREFIX, grouping_key
 from orchestrator.observe.report import Cost, RunReport
 from orchestrator.settings import Settings, load_settings
 
@@ -120,3 +124,53 @@ def use_connection(monkeypatch: pytest.MonkeyPatch, password: str) -> None:
     """The connection `pushgateway_test` (metrics.conn_id) with the gateway's user and `password`."""
     conn = {"conn_type": "http", "login": GATEWAY_LOGIN[0], "password": password}
     monkeypatch.setenv("AIRFLOW_CONN_PUSHGATEWAY_TEST", json.dumps(conn))
+
+
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
+        return json.load(resp)
+
+
+def query(prom: Prometheus, expr: str) -> list[dict[str, Any]]:
+    """An instant PromQL query's result vector."""
+    answer = get_json(f"{prom.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.25)
+    return result
+
+
+def assert_run_in_prometheus(prom: Prometheus, report: RunReport) -> dict[str, float]:
+    """Wait until Prometheus has scraped this run's push (its group's latest run has its duration), then check the
+    run's outcome, phases and cost there; returns the group's latest-run gauges by name."""
+    selector = ",".join(f'{k}="{v}"' for k, v in grouping_key(report).items())
+
+    def latest() -> dict[str, float]:
+        """`name` or `name:<outcome|phase|metric>` -> value."""
+        gauges = {}
+        for found in query(prom, f'{{__name__=~"{PREFIX}last_run_.+",{selector}}}'):
+            labels = found["metric"]
+            key = ":".join([labels["__name__"], *(labels[k] for k in ("outcome", "phase", "metric") if k in labels)])
+            gauges[key] = float(found["value"][1])
+        return gauges
+
+    gauges = wait_for(
+        f"the run's series in Prometheus ({selector})",
+        lambda: (g := latest()).get(f"{PREFIX}last_run_duration_seconds") == report.duration_s and g,
+    )
+    assert gauges[f"{PREFIX}last_run_outcome:{report.outcome}"] == 1.0
+    for phase, seconds in report.phases_s.items():
+        assert gauges[f"{PREFIX}last_run_phase_duration_seconds:{phase}"] == seconds
+    if report.cost is not None:
+        assert gauges[f"{PREFIX}last_run_cost_usd"] == report.cost.usd
+        assert gauges[f"{PREFIX}last_run_instance_billed_seconds"] == report.cost.billed_s
+    runs = query(prom, f'{PREFIX}runs_total{{{selector},outcome="{report.outcome}"}}')
+    assert runs and float(runs[0]["value"][1]) >= 1
+    return dict(gauges)

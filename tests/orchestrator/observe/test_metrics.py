@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import re
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -32,10 +31,14 @@ from tests.monitoring_fixtures import (
     INSTANCE_ID,
     RUN_ID,
     SHA,
+    assert_run_in_prometheus,
     failed_before_launch,
+    get_json,
     metrics_settings,
+    query,
     success_report,
     use_connection,
+    wait_for,
 )
 
 DASHBOARD = REPO / "config" / "grafana" / "dashboards" / "ec2-trainer.json"
@@ -188,26 +191,6 @@ def test_the_panels_name_the_provisioned_data_source() -> None:
 # ---- the real Pushgateway and Prometheus
 
 
-def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
-        return json.load(resp)
-
-
-def query(prom: Prometheus, expr: str) -> list[dict[str, Any]]:
-    answer = get_json(f"{prom.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
-    assert answer["status"] == "success", answer
-    return list(answer["data"]["result"])
-
-
-def wait_for(what: str, condition: Any, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(0.25)
-    return result
-
-
 def gateway_group(gateway: Pushgateway, key: dict[str, str], job: str = "ec2_trainer", **auth: Any) -> dict[str, Any]:
     groups = get_json(f"{gateway.url}/api/v1/metrics", **auth)["data"]
     (group,) = [g for g in groups if g["labels"] == {"job": job, **key}]
@@ -220,11 +203,12 @@ def test_pushed_runs_reach_prometheus_and_every_panel_shows_data(
     gateway, prom = monitoring
     settings = metrics_settings(gateway.url)
     success, failed = success_report(), failed_before_launch()
+    assert success.cost
+    second = success_report(duration_s=700.0, cost=dataclasses.replace(success.cost, usd=0.5))
     with caplog.at_level(logging.INFO, logger="orchestrator.observe.metrics"):
         push_run_metrics(settings, failed)
         push_run_metrics(settings, success)
-        assert success.cost
-        push_run_metrics(settings, success_report(cost=dataclasses.replace(success.cost, usd=0.5)))
+        push_run_metrics(settings, second)
     assert "WARNING" not in caplog.text
     assert caplog.text.count("Run metrics pushed to the Pushgateway") == 3
 
@@ -235,7 +219,9 @@ def test_pushed_runs_reach_prometheus_and_every_panel_shows_data(
     assert float(group[f"{PREFIX}cost_usd_total"]["metrics"][0]["value"]) == pytest.approx(0.7024)
     assert float(group[f"{PREFIX}last_run_cost_usd"]["metrics"][0]["value"]) == 0.5
 
-    # Prometheus scraped them, with the pushed labels kept (honor_labels).
+    # Prometheus scraped them, with the pushed labels kept (honor_labels): each group shows its latest run.
+    assert_run_in_prometheus(prom, second)
+    assert_run_in_prometheus(prom, failed)
     scraped = wait_for(
         "both groups' totals in Prometheus",
         lambda: {
