@@ -70,11 +70,11 @@ def success_report(**changes: Any) -> RunReport:
 
 
 def failed_before_launch() -> RunReport:
-    """A run whose CI was red: no instance, no type, no market, no cost."""
+    """A run that found no capacity (the report runs once plan_launch passed): no instance, type, market or cost."""
     return success_report(
         outcome="failed",
-        failed_step="ci_gate",
-        error="CiFailedError: workflow 'ci' concluded failure",
+        failed_step="launch",
+        error="LaunchError: no capacity for g6.xlarge, g5.xlarge in us-east-1",
         instance_id=None,
         instance_type=None,
         market=None,
@@ -82,7 +82,7 @@ def failed_before_launch() -> RunReport:
         promoted=None,
         promotion_reason=None,
         duration_s=75.0,
-        phases_s={"ci_wait": 70.0},
+        phases_s={"ci_wait": 60.0, "launch": 10.0},
         images_per_s=None,
         test_metrics={},
         cost=None,
