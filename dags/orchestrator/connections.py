@@ -6,6 +6,7 @@ or to the remote job's 0600 environment file.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,11 @@ class MlflowCredentials:
 class BasicAuth:
     username: str
     password: str = field(repr=False)
+
+    def header(self) -> dict[str, str]:
+        """The HTTP Authorization header (RFC 7617): for the request only, never logged."""
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
 
 
 def basic_auth(conn_id: str, setting: str) -> BasicAuth:

@@ -12,7 +12,6 @@ the LAST push of a group, so the group holds two kinds of series (docs/decisions
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -21,6 +20,8 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from orchestrator.observe.report import error_line
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -198,16 +199,9 @@ def totals_of(groups: Any, job: str, key: Mapping[str, str]) -> Totals:
     )
 
 
-def _auth_headers(auth: BasicAuth | None) -> dict[str, str]:
-    if auth is None:
-        return {}
-    token = base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
-
 def read_totals(m: MetricsSettings, key: Mapping[str, str], auth: BasicAuth | None) -> Totals:
     request = urllib.request.Request(  # noqa: S310 - metrics.pushgateway_url is validated as http(s)
-        f"{m.pushgateway_url.rstrip('/')}/api/v1/metrics", headers=_auth_headers(auth)
+        f"{m.pushgateway_url.rstrip('/')}/api/v1/metrics", headers=auth.header() if auth else {}
     )
     with urllib.request.urlopen(request, timeout=m.timeout_seconds) as resp:  # noqa: S310 - as above
         return totals_of(json.load(resp), m.job, key)
@@ -236,7 +230,6 @@ def push_run_metrics(settings: Settings, report: RunReport) -> None:
     """Push the run's series to the Pushgateway of `metrics.pushgateway_url`; off when it is empty. A gateway that
     is down, slow or refuses is logged as a warning: metrics never change a run's outcome."""
     from orchestrator.connections import basic_auth
-    from orchestrator.observe.report import error_line
 
     m = settings.metrics
     if not m.enabled:
