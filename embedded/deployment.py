@@ -222,6 +222,7 @@ class LocalDeployment(Managed):
             "Airflow": self.airflow.url,
             "MLflow": self.stack.mlflow.url,
             "GitHub stand-in": commit_checks_url(self.stack.github.url, self.stack.github.repo, head),
+            "Prometheus": self.stack.prometheus.url,
         }
 
 

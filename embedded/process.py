@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -48,15 +48,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout_s: float, *, proc: subprocess.Popen[bytes] | None = None, log_file: Path) -> None:
-    """Poll `url` until it answers 2xx, the process dies, or the time is up."""
+def wait_for_http(
+    url: str,
+    timeout_s: float,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    log_file: Path,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Poll `url` (with `headers`, e.g. a server's basic auth) until it answers 2xx, the process dies, or the time
+    is up."""
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - a loopback URL we built
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServiceError(f"{url}: the server exited with code {proc.returncode}; see {log_file}")
         with (
             contextlib.suppress(urllib.error.URLError, OSError),
-            urllib.request.urlopen(url, timeout=2) as resp,  # noqa: S310 - a loopback URL we built
+            urllib.request.urlopen(request, timeout=2) as resp,  # noqa: S310 - a loopback URL we built
         ):
             if 200 <= resp.status < 300:
                 return

@@ -6,6 +6,7 @@
 | GitHub repo + Actions API   | `git daemon` serving this repository, and a stand-in for the Actions API |
 | MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts (or a second one  |
 |                             | on PostgreSQL with artifacts in the moto server's S3: `s3_mlflow()`)     |
+| Pushgateway + Prometheus    | Debian's prometheus-pushgateway, and prometheus scraping it             |
 
 `environment()` returns what Airflow needs to use them (connections as AIRFLOW_CONN_* variables, configuration as
 TRAINER__* variables): the DAG and the orchestrator run unchanged; only connections and configuration differ.
@@ -29,6 +30,7 @@ from embedded.git_daemon import GitDaemon
 from embedded.github_standin import GitHubStandIn
 from embedded.mlflow_server import MlflowServer
 from embedded.process import Managed, free_port
+from embedded.prometheus import Prometheus, Pushgateway
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,8 @@ class EmbeddedStack(Managed):
         self.git = GitDaemon(self.repo_dir, self.workdir)
         self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token, port=github_port or 0)
         self.github_url = ""
+        self.pushgateway = Pushgateway(self.workdir / "pushgateway")
+        self.prometheus = Prometheus(self.workdir / "prometheus", [self.pushgateway.address])
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -123,9 +127,18 @@ class EmbeddedStack(Managed):
         self.git.start()
         self.github_url = self.github.start()
         self.mlflow.start()
+        self.pushgateway.start()
+        self.prometheus.start()
 
     def stop(self) -> None:
-        for stop in (self.cloud.stop, self.github.stop, self.git.stop, self.mlflow.stop):
+        for stop in (
+            self.cloud.stop,
+            self.github.stop,
+            self.git.stop,
+            self.mlflow.stop,
+            self.prometheus.stop,
+            self.pushgateway.stop,
+        ):
             try:
                 stop()
             except Exception:  # stop the rest whatever one of them does
@@ -203,6 +216,7 @@ class EmbeddedStack(Managed):
             "TRAINING__DATA_URI": k.data_uri,
             "TRAINING__TIMEOUT_MINUTES": "20",
             "TRAINING__EXTRA_PARAMS": f"image_size={k.image_size},workers=2,cache_dir={self.data_cache}",
+            "METRICS__PUSHGATEWAY_URL": self.pushgateway.url,
         }
         env = {name: json.dumps(value) for name, value in conns.items()}
         env.update({f"TRAINER__{name}": value for name, value in settings.items()})

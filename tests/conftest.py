@@ -51,4 +51,5 @@ pytest_plugins = [
     "tests.pipeline_fixtures",
     "tests.github_fixtures",
     "tests.fault_table",
+    "tests.monitoring_fixtures",
 ]

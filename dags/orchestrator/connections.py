@@ -6,6 +6,7 @@ or to the remote job's 0600 environment file.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,32 @@ class MlflowCredentials:
         if self.password:
             env["MLFLOW_TRACKING_PASSWORD"] = self.password
         return env
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: str = field(repr=False)
+
+    def header(self) -> dict[str, str]:
+        """The HTTP Authorization header (RFC 7617): for the request only, never logged."""
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+
+def basic_auth(conn_id: str, setting: str) -> BasicAuth:
+    """The login and password of the connection an optional setting names (e.g. metrics.conn_id): a service the
+    setting says needs them, so a missing connection or login is an error naming the setting, not an open server."""
+    try:
+        conn = _connection(conn_id)
+    except Exception as exc:
+        raise ConfigError(
+            f"{setting}: Airflow connection {conn_id!r} not found: create one with the login and password "
+            "(see .env.example), or empty the setting for no authentication"
+        ) from exc
+    if not conn.login:
+        raise ConfigError(f"{setting}: connection {conn_id!r} has no login")
+    return BasicAuth(str(conn.login), str(conn.password or ""))
 
 
 def _connection(conn_id: str) -> Any:

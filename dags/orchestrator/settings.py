@@ -119,12 +119,27 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Per-run metrics pushed to a Prometheus Pushgateway by the report step; an empty URL turns them off."""
+
+    pushgateway_url: str
+    job: str
+    conn_id: str  # optional Airflow connection whose login/password are the gateway's basic auth
+    timeout_seconds: float
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pushgateway_url)
+
+
+@dataclass(frozen=True)
 class Settings:
     github: GitHubSettings
     aws: AwsSettings
     instance: InstanceSettings
     mlflow: MlflowSettings
     training: TrainingSettings
+    metrics: MetricsSettings
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy (for XCom): holds no secret by construction."""
@@ -191,6 +206,7 @@ def validate(s: Settings) -> None:
     _validate_instance(s.instance)
     _validate_mlflow(s.mlflow)
     _validate_training(s.training)
+    _validate_metrics(s.metrics)
     for param in RUN_PARAMS:
         if param.overrides_setting:
             _check_param(s, param)
@@ -301,6 +317,20 @@ def _validate_training(t: TrainingSettings) -> None:
             value,
             "a single-line string without control characters",
         )
+
+
+def _validate_metrics(m: MetricsSettings) -> None:
+    if m.pushgateway_url:
+        _check_url(m.pushgateway_url, "metrics.pushgateway_url", ("http", "https"))
+    # The Pushgateway's job label: Prometheus's label-value rules are looser, but a plain name is all a job needs.
+    _check_match(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}", m.job, "metrics.job", "a name such as ec2_trainer")
+    _check(
+        not m.conn_id or bool(_CONN_ID_RE.fullmatch(m.conn_id)),
+        "metrics.conn_id",
+        m.conn_id,
+        "empty (no auth) or an Airflow connection id",
+    )
+    _check_range(m.timeout_seconds, "metrics.timeout_seconds", 0.5, 60)
 
 
 def validate_data_uri(uri: str) -> None:

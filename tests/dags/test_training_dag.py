@@ -19,6 +19,7 @@ from embedded.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.observe.report import RunReport
 from tests.faults.support import output
 from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
+from tests.monitoring_fixtures import assert_run_in_prometheus
 from tests.pipeline_fixtures import (
     ProcessListSampler,
     assert_all_terminated,
@@ -86,6 +87,8 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert run_link == f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
     assert_reported_success(tis["report"].xcom_pull(task_ids="report"), env, sha, instance, run, tis)
+    # The report step pushed the run's series to the stack's Pushgateway; its Prometheus scraped them.
+    assert_run_in_prometheus(env.prometheus, RunReport.from_dict(tis["report"].xcom_pull(task_ids="report")))
 
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     # The scans cover the job: its control commands and uploads, its folder on the disk, the run's model files.
@@ -365,6 +368,7 @@ def test_training_failure_fails_the_run_and_terminates(
     assert (report.outcome, report.failed_step) == ("failed", "train")
     assert re.match(r"training exited with code [1-9]\d* on i-\w+ \(MLflow run \w+\)", report.error or ""), report.error
     assert report.promoted is None and report.cost is not None and report.cost.billed_s >= 60
+    assert_run_in_prometheus(env.prometheus, report)
     # A failed run too: the planted secrets never reached a command line, a file or MLflow while the job ran.
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     assert secrets_found(planted, env, dag_run, capfd.readouterr().out, processes, ssh_traffic) == {}

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from embedded.airflow_local import COMPONENTS
 from embedded.production import deployment_settings
+from embedded.prometheus import PROMETHEUS_CONFIG
 from tests.conftest import REPO
 from tests.deploy.test_celery_deployment import WORKERS
 
@@ -28,7 +30,10 @@ REQUIRED = {
     "AIRFLOW_JWT_SECRET": "a-jwt-secret",
     "AIRFLOW_FERNET_KEY": "a-fernet-key",
     "MLFLOW_ARTIFACTS_DESTINATION": "s3://a-bucket/mlflow",
+    "GRAFANA_ADMIN_PASSWORD": "a-grafana-password",
 }
+# The run metrics' services, as the embedded default runs them (embedded/prometheus.py).
+METRICS_SERVICES = ("pushgateway", "prometheus", "grafana")
 # Every Airflow component the test deployment runs, and the service and command that run it here.
 AIRFLOW_SERVICES = {
     **{f"airflow-{name}": [name] for name in COMPONENTS},
@@ -82,7 +87,7 @@ def test_a_missing_secret_stops_it_with_a_message_naming_it(tmp_path: Path, miss
 
 def test_the_services_are_the_tested_deployments(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*AIRFLOW_SERVICES, "airflow-init", "postgres", "redis", "mlflow"}
+    assert set(services) == {*AIRFLOW_SERVICES, "airflow-init", "postgres", "redis", "mlflow", *METRICS_SERVICES}
     for name, command in AIRFLOW_SERVICES.items():
         assert services[name]["command"] == command, name
     assert services["airflow-worker"]["deploy"]["replicas"] == WORKERS
@@ -133,6 +138,41 @@ def test_mlflow_runs_on_postgres_with_artifacts_in_s3(config: dict[str, Any]) ->
     assert mlflow["environment"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "CREATE DATABASE mlflow" in config["configs"]["mlflow-database"]["content"]
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> the host path (bind mounts) or volume name it comes from."""
+    return {volume["target"]: volume["source"] for volume in service.get("volumes", [])}
+
+
+def test_the_metrics_services_mirror_the_embedded_default(config: dict[str, Any]) -> None:
+    services = config["services"]
+    pushgateway, prometheus, grafana = (services[name] for name in METRICS_SERVICES)
+    # Airflow pushes to the pushgateway service, on the port it listens on.
+    for name in AIRFLOW_SERVICES:
+        assert services[name]["environment"]["TRAINER__METRICS__PUSHGATEWAY_URL"] == "http://pushgateway:9091", name
+    assert "--web.listen-address=:9091" in pushgateway["command"]
+    assert any(arg.startswith("--persistence.file=/data/") for arg in pushgateway["command"])
+    assert _mounts(pushgateway)["/data"] == "pushgateway-data"
+    # Prometheus runs the very file the embedded default runs (embedded.prometheus.PROMETHEUS_CONFIG), which scrapes
+    # that service with the pushed labels kept.
+    assert _mounts(prometheus)["/etc/prometheus/prometheus.yml"] == str(PROMETHEUS_CONFIG)
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    (scrape,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    assert scrape["honor_labels"] is True
+    assert scrape["static_configs"] == [{"targets": ["pushgateway:9091"]}]
+    # Grafana: the provisioning folder, and the dashboards where the provider looks, on the data source's URL.
+    mounts = _mounts(grafana)
+    grafana_dir = REPO / "config" / "grafana"
+    assert mounts["/etc/grafana/provisioning"] == str(grafana_dir / "provisioning")
+    (provider,) = yaml.safe_load((grafana_dir / "provisioning/dashboards/ec2-trainer.yaml").read_text())["providers"]
+    assert mounts[provider["options"]["path"]] == str(grafana_dir / "dashboards")
+    (source,) = yaml.safe_load((grafana_dir / "provisioning/datasources/prometheus.yaml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    assert {"published": "9090", "target": 9090}.items() <= prometheus["ports"][0].items()
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED["GRAFANA_ADMIN_PASSWORD"]
+    assert prometheus["depends_on"]["pushgateway"]["condition"] == "service_healthy"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
 
 
 def test_the_image_is_airflows_with_the_locked_requirements() -> None:

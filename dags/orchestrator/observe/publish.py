@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from orchestrator.observe.metrics import push_run_metrics
 from orchestrator.observe.report import error_line
 
 if TYPE_CHECKING:
@@ -17,8 +18,11 @@ log = logging.getLogger(__name__)
 
 def publish(settings: Settings, report: RunReport) -> list[str]:
     """Run each publisher; one that fails is logged as a warning and changes nothing. Returns those that succeeded."""
+    publishers: list[tuple[str, Callable[[Settings, RunReport], object]]] = [("mlflow", log_cost_to_mlflow)]
+    if settings.metrics.enabled:
+        publishers.append(("metrics", push_run_metrics))
     done = []
-    for name, publisher in (("mlflow", log_cost_to_mlflow),):
+    for name, publisher in publishers:
         if _guarded(name, publisher, settings, report):
             done.append(name)
     return done
