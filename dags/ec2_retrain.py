@@ -78,6 +78,7 @@ if DATASET is not None and WATCH.datasets.poll_minutes:
         DatasetPollOperator(
             task_id="look_for_new_version",
             asset=DATASET,
+            datasets_uri=WATCH.datasets.uri,
             marker=WATCH.datasets.marker,
             aws_conn_id=WATCH.aws_conn_id,
             region=WATCH.aws_region,

@@ -23,6 +23,7 @@ class DatasetPollOperator(BaseOperator):
         self,
         *,
         asset: Asset,
+        datasets_uri: str,
         marker: str,
         aws_conn_id: str,
         region: str,
@@ -32,6 +33,8 @@ class DatasetPollOperator(BaseOperator):
     ) -> None:
         super().__init__(inlets=[asset], outlets=[asset], **kwargs)
         self.asset = asset
+        # Not asset.uri: Airflow normalises that one (drops the trailing '/' a prefix needs).
+        self.datasets_uri = datasets_uri
         self.marker = marker
         self.aws_conn_id = aws_conn_id
         self.region = region
@@ -41,11 +44,13 @@ class DatasetPollOperator(BaseOperator):
     def execute(self, context: Context) -> None:
         from orchestrator.datasets.triggers import DatasetPollTrigger
 
+        started = time.monotonic()
         known = last_digest(context["inlet_events"][self.asset])
-        self.log.info("Looking for a complete version under %s other than digest %s", self.asset.uri, known)
+        self.log.info("read the asset's last event in %.1f s", time.monotonic() - started)
+        self.log.info("Looking for a complete version under %s other than digest %s", self.datasets_uri, known)
         self.defer(
             trigger=DatasetPollTrigger(
-                datasets_uri=self.asset.uri,
+                datasets_uri=self.datasets_uri,
                 marker=self.marker,
                 aws_conn_id=self.aws_conn_id,
                 region=self.region,
@@ -65,7 +70,7 @@ class DatasetPollOperator(BaseOperator):
         if event["status"] == "unchanged":
             waiting = event.get("incomplete") or []
             reason = (
-                f"no new complete dataset version under {self.asset.uri} within {self.window_s:.0f} s (latest: "
+                f"no new complete dataset version under {self.datasets_uri} within {self.window_s:.0f} s (latest: "
                 f"{event.get('version')!r}; without their marker {self.marker!r}: {waiting or 'none'})"
             )
             self.log.info("%s", reason)
