@@ -46,7 +46,15 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> Any:
     raise AssertionError(f"{what} not seen within {timeout_s:.0f} s")
 
 
-@pytest.mark.timeout(1200)
+def failure_report(airflow: Any, run_id: str) -> str:
+    """Each task's state, and the end of each failed task's log."""
+    tasks = airflow.task_instances("ec2_training", run_id)
+    failed = [task for task, ti in tasks.items() if ti["state"] == "failed"]
+    logs = "".join(f"\n--- {task}\n{airflow.task_log('ec2_training', run_id, task)[-3000:]}" for task in failed)
+    return f"{ {task: ti['state'] for task, ti in tasks.items()} }{logs}"
+
+
+@pytest.mark.timeout(1500)
 def test_a_burst_of_new_data_starts_one_training_of_the_latest_version(
     deployment: LocalDeployment, stack: EmbeddedStack
 ) -> None:
@@ -70,7 +78,7 @@ def test_a_burst_of_new_data_starts_one_training_of_the_latest_version(
     trainings = airflow.dag_runs("ec2_training")
 
     assert len(trainings) == 1, [t["dag_run_id"] for t in trainings]
-    assert states[run["dag_run_id"]] == "success", airflow.task_log("ec2_training", run["dag_run_id"])[-4000:]
+    assert states[run["dag_run_id"]] == "success", failure_report(airflow, run["dag_run_id"])
     assert run["dag_run_id"].startswith("retrain__") and run["conf"]["data_uri"] == f"{DATASETS_URI}v2/"
     assert set(retrain_states.values()) == {"success"} and retrains[0]["run_type"] == "asset_triggered"
     ec2 = stack.cloud.client("ec2")
