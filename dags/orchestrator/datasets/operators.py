@@ -44,9 +44,7 @@ class DatasetPollOperator(BaseOperator):
     def execute(self, context: Context) -> None:
         from orchestrator.datasets.triggers import DatasetPollTrigger
 
-        started = time.monotonic()
         known = last_digest(context["inlet_events"][self.asset])
-        self.log.info("read the asset's last event in %.1f s", time.monotonic() - started)
         self.log.info("Looking for a complete version under %s other than digest %s", self.datasets_uri, known)
         self.defer(
             trigger=DatasetPollTrigger(
