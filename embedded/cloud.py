@@ -68,6 +68,10 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Folders of the instance's /etc that the user-data writes: kept per instance, never written on this machine.
 INSTANCE_ETC_DIRS = ("/etc/systemd/system", "/etc/ssh/sshd_config.d")
 WRITE_FILES_KEYS = frozenset({"path", "content", "permissions"})
+# The bucket and queue of the embedded default's dataset versions (README, "Retrain on new data and on a schedule").
+DATASET_BUCKET = "ec2-trainer-datasets"
+DATASET_PREFIX = "hurricane-damage/"
+DATASET_QUEUE = "ec2-trainer-dataset-events"
 _LIVE = ("pending", "running")
 _OFF = ("shutting-down", "terminated", "stopping", "stopped")
 _RUNNING: LocalCloud | None = None
@@ -193,6 +197,25 @@ def register_images(ssm: Any, region: str, images: tuple[StandInImage, ...] = ST
         ssm.put_parameter(Name=image.parameter, Value=ami.id, Type="String", Overwrite=True)
         published[image.parameter] = ami.id
     return published
+
+
+def create_dataset_bucket(s3: Any, sqs: Any) -> str:
+    """The dataset bucket, notifying every object created under DATASET_PREFIX to a queue (as a production bucket
+    would, though there a suffix filter on the marker spares the queue: the watcher filters either way); its URL."""
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=DATASET_BUCKET)
+    queue_url = str(sqs.create_queue(QueueName=DATASET_QUEUE)["QueueUrl"])
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    rules = [{"Name": "prefix", "Value": DATASET_PREFIX}]
+    s3.put_bucket_notification_configuration(
+        Bucket=DATASET_BUCKET,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"], "Filter": {"Key": {"FilterRules": rules}}}
+            ]
+        },
+    )
+    return queue_url
 
 
 def create_network(ec2: Any, region: str, ssh_port: int) -> StandInNetwork:
@@ -332,6 +355,7 @@ class LocalCloud:
         self._uninstall_strict: Any = None
         self.images: dict[str, str] = {}
         self.network: StandInNetwork | None = None
+        self.dataset_queue_url = ""
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self.private_disks = False
@@ -496,6 +520,7 @@ class LocalCloud:
         new ids, which `EmbeddedStack.environment()` reports."""
         self.images = register_images(self.client("ssm"), self.region)
         self.network = create_network(self.client("ec2"), self.region, self.ssh_port)
+        self.dataset_queue_url = create_dataset_bucket(self.client("s3"), self.client("sqs"))
         iam = self.client("iam")
         with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
             iam.create_role(RoleName=self.instance_profile, AssumeRolePolicyDocument="{}")
@@ -712,11 +737,19 @@ class LocalCloud:
             workdir=inst.root / "sshd",
             login_user=self.login_user,
             drop_in_dir=inst.etc / "ssh" / "sshd_config.d",
-            extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id}"],
+            extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id} {self._instance_profile_env()}"],
             command_prefix=self._enter(inst),
         )
         sshd.start()
         inst.sshd = sshd
+
+    def _instance_profile_env(self) -> str:
+        """What the instance's AWS SDKs find on a real instance through its metadata service (the instance profile's
+        credentials, the region) and its network (AWS's endpoints): here moto's, as sshd SetEnv words."""
+        return (
+            f"AWS_ENDPOINT_URL={self.endpoint_url} AWS_DEFAULT_REGION={self.region} "
+            "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing"
+        )
 
     def _run_queued_jobs(self, inst: EmulatedInstance) -> None:
         """The transient jobs `systemd-run --no-block` queued during the init stage, then the units they started."""

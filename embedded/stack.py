@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedded.cloud import UBUNTU_DLAMI, LocalCloud
+from embedded.cloud import DATASET_BUCKET, DATASET_PREFIX, UBUNTU_DLAMI, LocalCloud
 from embedded.git_daemon import GitDaemon
 from embedded.github_standin import GitHubStandIn
 from embedded.mlflow_server import MlflowServer
@@ -39,6 +39,8 @@ AMI_PARAMETER = UBUNTU_DLAMI.parameter
 # The embedded default's aws.deployment (a required setting). The emulator boots every instance with the project tag
 # key, whichever deployment's: like a hypervisor, it does not care who launched it.
 DEPLOYMENT = "embedded"
+# Where dataset versions land (embedded.datasets uploads them); ec2_retrain trains the latest complete one.
+DATASETS_URI = f"s3://{DATASET_BUCKET}/{DATASET_PREFIX}"
 # Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
 DEMO_DATA_URI = "synthetic://?train_per_class=120&val_per_class=30&test_per_class=30&size=64&seed=0"
 # Smaller still, for the tests and the load benchmark: exercises the whole job, learns little.
@@ -217,6 +219,9 @@ class EmbeddedStack(Managed):
             "TRAINING__TIMEOUT_MINUTES": "20",
             "TRAINING__EXTRA_PARAMS": f"image_size={k.image_size},workers=2,cache_dir={self.data_cache}",
             "METRICS__PUSHGATEWAY_URL": self.pushgateway.url,
+            # The retraining DAGs watch the stack's dataset bucket through its queue (off in defaults.toml).
+            "DATASETS__URI": DATASETS_URI,
+            "DATASETS__SQS_QUEUE_URL": self.cloud.dataset_queue_url,
         }
         env = {name: json.dumps(value) for name, value in conns.items()}
         env.update({f"TRAINER__{name}": value for name, value in settings.items()})

@@ -189,12 +189,14 @@ class RemoteTrainingOperator(BaseOperator):
 
     def execute(self, context: Context) -> str:
         from orchestrator.connections import mlflow_credentials
-        from orchestrator.pipeline import settings_of
+        from orchestrator.pipeline import settings_of, training_data
         from orchestrator.remote_job import RemoteJobError
-        from orchestrator.tracking import credentials_in_env, start_training_run
+        from orchestrator.tracking import credentials_in_env, log_dataset_manifest, start_training_run
         from orchestrator.training_command import tracked_run, training_command
 
         s = settings_of(self.config)
+        # Read again as the job starts: the run records the data as it is when it is downloaded.
+        dataset = training_data(s)
         # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
         context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
         creds = mlflow_credentials(s.mlflow.conn_id)
@@ -206,9 +208,12 @@ class RemoteTrainingOperator(BaseOperator):
             dag_id=self.dag_id,
             run_id=context["run_id"],
             try_number=context["ti"].try_number,
+            dataset_tags=dataset.tags() if dataset else None,
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+            if dataset:
+                log_dataset_manifest(s.mlflow.tracking_uri, created_run_id, dataset.manifest())
             # Published before training: the task's link opens the run while it trains, and the finishing step
             # (maybe on another worker, after a deferral) finds the run here.
             self._publish_run(context, created_run_id)

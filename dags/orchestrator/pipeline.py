@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.settings import Settings, load_settings, validate_git_ref
 
 if TYPE_CHECKING:
+    from orchestrator.datasets.versions import DatasetVersion
     from orchestrator.ec2 import LaunchedInstance
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     from orchestrator.preflight import check_instance_profile, check_network, read_image_root, root_volume_gb
 
     s = settings_of(config)
+    dataset = training_data(s)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     with fail_without_retry(ConfigError):
         unoffered = unoffered_instance_types(ec2, s.aws.instance_types)
@@ -91,6 +93,7 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
         network.maps_public_ip,
     )
     return {
+        "dataset": dataset.tags() if dataset else None,
         "ami_id": ami_id,
         "root_device_name": root.device_name,
         "root_volume_gb": volume_gb,
@@ -98,6 +101,28 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
         "dag_id": dag_id,
         "run_id": run_id,
     }
+
+
+def training_data(s: Settings) -> DatasetVersion | None:
+    """The exact data an s3:// training.data_uri holds now (None for other schemes): it must exist and, when it is
+    a version under datasets.uri, be complete (its marker written). Fails without retry otherwise."""
+    from orchestrator.connections import aws_client
+    from orchestrator.datasets.s3 import identify
+    from orchestrator.datasets.versions import DatasetError
+
+    if not s.training.data_uri.startswith("s3://"):
+        return None
+    with fail_without_retry(DatasetError):
+        version = identify(aws_client("s3", s.aws.conn_id, s.aws.region), s.training.data_uri, s.datasets)
+    log.info(
+        "Data %s: %s%d objects, %d bytes, digest %s",
+        version.uri,
+        f"version {version.name!r}, " if version.name else "",
+        len(version.objects),
+        sum(o.size for o in version.objects),
+        version.digest,
+    )
+    return version
 
 
 def launch(config: Mapping[str, Any], plan: Mapping[str, Any], waited_s: float) -> dict[str, Any] | None:

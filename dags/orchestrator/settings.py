@@ -36,6 +36,8 @@ _UNIX_PATH_RE = re.compile(r"^/[A-Za-z0-9._/-]+$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Used verbatim as a tag value and in IAM policy conditions: plain characters only, so tag_value never alters it.
 _DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# S3 bucket names (legacy us-east-1 ones allow capitals and underscores, as remote/sources.py accepts).
+_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
 
 
@@ -133,6 +135,30 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class DatasetSettings:
+    """Where new dataset versions land (orchestrator/datasets): each is a folder `<uri><version>/`, complete once its
+    `marker` object is written. Empty uri: no dataset watching at all."""
+
+    uri: str = ""
+    marker: str = "_SUCCESS"
+    # S3 event notifications of the marker go to this queue; an asset watcher reads it (empty: no watcher).
+    sqs_queue_url: str = ""
+    # Without SQS: look for a new complete version every this many minutes (0: no polling).
+    poll_minutes: int = 0
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """Retraining without a person: on new dataset versions (DatasetSettings) and, when set, on a schedule."""
+
+    schedule: str = ""  # a cron expression (UTC); empty: no scheduled retraining
+    branch: str = ""  # the git ref retrained; empty: github.branch
+
+    def ref(self, github: GitHubSettings) -> str:
+        return self.branch or github.branch
+
+
+@dataclass(frozen=True)
 class Settings:
     github: GitHubSettings
     aws: AwsSettings
@@ -140,6 +166,8 @@ class Settings:
     mlflow: MlflowSettings
     training: TrainingSettings
     metrics: MetricsSettings
+    datasets: DatasetSettings = field(default_factory=DatasetSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy (for XCom): holds no secret by construction."""
@@ -171,17 +199,46 @@ def load_settings(
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Layer defaults, the optional TRAINER_CONFIG file, TRAINER__* variables and DAG params; then validate."""
+    raw = _layered(env)
+    if params:
+        _merge(raw, _param_overrides(params), "params")
+    settings = Settings.from_dict(raw)
+    validate(settings)
+    return settings
+
+
+def _layered(env: Mapping[str, str] | None) -> dict[str, Any]:
     env = os.environ if env is None else env
     raw = _read_toml(DEFAULTS_FILE)
     extra_file = env.get(CONFIG_FILE_ENV, "").strip()
     if extra_file:
         _merge(raw, _read_toml(Path(extra_file)), CONFIG_FILE_ENV)
     _merge(raw, _env_overrides(env), "environment")
-    if params:
-        _merge(raw, _param_overrides(params), "params")
-    settings = Settings.from_dict(raw)
-    validate(settings)
-    return settings
+    return raw
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """What the retraining DAGs need when their file is parsed (schedules, the asset and its watcher): only these
+    sections are read and validated there, so a deployment's other settings never break their parsing."""
+
+    datasets: DatasetSettings
+    retrain: RetrainSettings
+    aws_conn_id: str
+    aws_region: str
+
+
+def load_watch_settings(env: Mapping[str, str] | None = None) -> WatchSettings:
+    raw = _layered(env)
+    datasets = _build(DatasetSettings, raw["datasets"], "datasets.")
+    retrain = _build(RetrainSettings, raw["retrain"], "retrain.")
+    _validate_datasets(datasets)
+    _validate_retrain(retrain, datasets)
+    conn_id = _coerce(raw["aws"]["conn_id"], str, "aws.conn_id")
+    region = _coerce(raw["aws"]["region"], str, "aws.region")
+    _check(bool(_CONN_ID_RE.fullmatch(conn_id)), "aws.conn_id", conn_id, "an Airflow connection id")
+    _check_match(_REGION_RE, region, "aws.region", "an AWS region such as us-east-1")
+    return WatchSettings(datasets, retrain, conn_id, region)
 
 
 def validate_git_ref(ref: str, name: str = "git_ref") -> str:
@@ -207,6 +264,8 @@ def validate(s: Settings) -> None:
     _validate_mlflow(s.mlflow)
     _validate_training(s.training)
     _validate_metrics(s.metrics)
+    _validate_datasets(s.datasets)
+    _validate_retrain(s.retrain, s.datasets)
     for param in RUN_PARAMS:
         if param.overrides_setting:
             _check_param(s, param)
@@ -331,6 +390,47 @@ def _validate_metrics(m: MetricsSettings) -> None:
         "empty (no auth) or an Airflow connection id",
     )
     _check_range(m.timeout_seconds, "metrics.timeout_seconds", 0.5, 60)
+
+
+def _validate_datasets(d: DatasetSettings) -> None:
+    if d.uri:
+        parsed = urlparse(d.uri)
+        _check(
+            parsed.scheme == "s3"
+            and bool(_BUCKET_RE.fullmatch(parsed.netloc))
+            and d.uri.endswith("/")
+            and not _CONTROL_RE.search(d.uri)
+            and " " not in d.uri,
+            "datasets.uri",
+            d.uri,
+            "empty, or s3://bucket/prefix/ (ending in '/') under which each dataset version is a folder",
+        )
+    _check_match(
+        r"[A-Za-z0-9_.-]{1,128}",
+        d.marker,
+        "datasets.marker",
+        "an object name without '/' (e.g. _SUCCESS) that the uploader writes last into a version's folder",
+    )
+    if d.sqs_queue_url:
+        _check_url(d.sqs_queue_url, "datasets.sqs_queue_url", ("https", "http"))
+    _check_range(d.poll_minutes, "datasets.poll_minutes", 0, 24 * 60)
+    for name, on in (("datasets.sqs_queue_url", bool(d.sqs_queue_url)), ("datasets.poll_minutes", d.poll_minutes > 0)):
+        _check(not on or bool(d.uri), "datasets.uri", d.uri, f"s3://bucket/prefix/: {name} watches it")
+
+
+def _validate_retrain(r: RetrainSettings, d: DatasetSettings) -> None:
+    if r.schedule:
+        from croniter import croniter  # type: ignore[import-untyped]  # Airflow's own cron parser
+
+        _check(
+            croniter.is_valid(r.schedule),
+            "retrain.schedule",
+            r.schedule,
+            "empty (off) or a cron expression such as '0 3 * * 1' (Mondays 03:00 UTC)",
+        )
+        _check(bool(d.uri), "datasets.uri", d.uri, "s3://bucket/prefix/: retrain.schedule retrains its latest version")
+    if r.branch:
+        validate_git_ref(r.branch, "retrain.branch")
 
 
 def validate_data_uri(uri: str) -> None:

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -409,6 +409,29 @@ def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) 
     )
     log.info("MLflow run %s (%s) created in experiment %s", run.info.run_id, tracked.name, experiment_id)
     return str(run.info.run_id)
+
+
+def log_dataset_manifest(tracking_uri: str, run_id: str, manifest: dict[str, Any]) -> None:
+    """Every key, ETag and size of the run's data, as an artifact: with it the training can be reproduced."""
+    from mlflow import MlflowClient
+
+    from orchestrator.datasets.versions import MANIFEST_ARTIFACT
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    _call(f"logging the dataset manifest of run {run_id}", client.log_dict, run_id, manifest, MANIFEST_ARTIFACT)
+
+
+def find_finished_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
+    """The id of a FINISHED run of `experiment` carrying every one of `tags` (plain values: hex, names), if any."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = _call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        return None
+    query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'FINISHED'"])
+    runs = _call("searching finished runs", client.search_runs, [found.experiment_id], query, max_results=1)
+    return str(runs[0].info.run_id) if runs else None
 
 
 def fail_run_if_running(tracking_uri: str, run_id: str) -> None:

@@ -44,12 +44,20 @@ class TrackedRun:
 
 
 def tracked_run(
-    settings: Settings, ready: Mapping[str, str], git_sha: str, *, dag_id: str, run_id: str, try_number: int
+    settings: Settings,
+    ready: Mapping[str, str],
+    git_sha: str,
+    *,
+    dag_id: str,
+    run_id: str,
+    try_number: int,
+    dataset_tags: Mapping[str, str] | None = None,
 ) -> TrackedRun:
     """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
 
     `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
-    its UI shows the commit and the repository as for a run `mlflow run` had created itself.
+    its UI shows the commit and the repository as for a run `mlflow run` had created itself. `dataset_tags`: the
+    identity of s3:// data (datasets.versions.DatasetVersion.tags).
     """
     from orchestrator.remote_job import job_key
 
@@ -69,6 +77,7 @@ def tracked_run(
             "mlflow.source.name": settings.training_repo_url,
             "mlflow.source.type": "PROJECT",
             "mlflow.project.entryPoint": settings.training.entry_point,
+            **(dataset_tags or {}),
         },
     )
 

@@ -49,7 +49,7 @@ def training_dag(dagbag: Any) -> Any:
 
 def test_dag_files_import_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
-    assert sorted(dagbag.dags) == ["ec2_sweeper", "ec2_training"]
+    assert sorted(dagbag.dags) == ["ec2_retrain", "ec2_sweeper", "ec2_training"]
 
 
 def test_every_dag_file_was_collected(dagbag: Any) -> None:

@@ -541,3 +541,59 @@ def test_mlflow_links_use_the_ui_url_and_fall_back_to_the_tracking_uri(defaults:
     assert defaults.mlflow.ui_base_url == defaults.mlflow.tracking_uri
     internal = with_changes(defaults, "mlflow", tracking_uri="http://mlflow:5000", ui_url="http://127.0.0.1:5000")
     assert internal.mlflow.ui_base_url == "http://127.0.0.1:5000"
+
+
+def test_retraining_is_off_by_default(defaults: Settings) -> None:
+    assert defaults.datasets.uri == "" and defaults.datasets.sqs_queue_url == ""
+    assert defaults.datasets.poll_minutes == 0 and defaults.retrain.schedule == ""
+    assert defaults.datasets.marker == "_SUCCESS"
+    assert defaults.retrain.ref(defaults.github) == defaults.github.branch
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"TRAINER__DATASETS__URI": "s3://bucket/prefix"}, r"datasets.uri: .*ending in '/'"),
+        ({"TRAINER__DATASETS__URI": "https://bucket/prefix/"}, r"datasets.uri: .*s3://bucket/prefix/"),
+        ({"TRAINER__DATASETS__MARKER": "done/_SUCCESS"}, r"datasets.marker: .*without '/'"),
+        ({"TRAINER__DATASETS__POLL_MINUTES": "5"}, r"datasets.uri: .*datasets.poll_minutes watches it"),
+        ({"TRAINER__DATASETS__SQS_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/q"}, r"datasets.sqs_queue_url"),
+        ({"TRAINER__RETRAIN__SCHEDULE": "0 3 * * 1"}, r"datasets.uri: .*retrain.schedule"),
+        (
+            {"TRAINER__DATASETS__URI": "s3://b-1/p/", "TRAINER__RETRAIN__SCHEDULE": "every monday"},
+            r"retrain.schedule: 'every monday' is invalid; expected empty \(off\) or a cron expression",
+        ),
+        ({"TRAINER__RETRAIN__BRANCH": "-x"}, r"retrain.branch"),
+        (
+            {"TRAINER__DATASETS__URI": "s3://b-1/p/", "TRAINER__DATASETS__SQS_QUEUE_URL": "https://u:p@sqs.example/q"},
+            r"datasets.sqs_queue_url: '<redacted>'",
+        ),
+    ],
+)
+def test_retraining_settings_are_validated(env: dict[str, str], match: str) -> None:
+    from orchestrator.settings import load_watch_settings
+
+    with pytest.raises(ConfigError, match=match):
+        load_settings(env={**DEPLOYED, **env})
+    # The retraining DAGs' parse reads the same rules, and nothing else: aws.deployment may be unset there.
+    with pytest.raises(ConfigError, match=match):
+        load_watch_settings(env=env)
+
+
+def test_watch_settings_read_only_their_sections() -> None:
+    from orchestrator.settings import load_watch_settings
+
+    watch = load_watch_settings(
+        env={
+            "TRAINER__DATASETS__URI": "s3://b-1/data/",
+            "TRAINER__DATASETS__POLL_MINUTES": "15",
+            "TRAINER__RETRAIN__SCHEDULE": "0 3 * * 1",
+            "TRAINER__AWS__REGION": "eu-west-1",
+        }
+    )
+    assert (watch.datasets.uri, watch.datasets.poll_minutes, watch.retrain.schedule) == (
+        "s3://b-1/data/",
+        15,
+        "0 3 * * 1",
+    )
+    assert (watch.aws_conn_id, watch.aws_region) == ("aws_default", "eu-west-1")
