@@ -22,6 +22,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.training_command import DAG_RUN_ID_TAG, JOB_KEY_TAG
 
 if TYPE_CHECKING:
+    from orchestrator.observe.report import Cost
     from orchestrator.training_command import TrackedRun
 
 log = logging.getLogger(__name__)
@@ -430,3 +431,36 @@ def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
     return str(MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id)
+
+
+# Names of the cost on the training's MLflow run: metrics (comparable across runs) and tags (overwritten on a retry,
+# where params would refuse a second value).
+COST_METRICS = ("cost_usd", "billed_seconds", "non_training_seconds", "training_share")
+PRICE_SOURCE_TAG = "ec2_trainer.price_source"
+USD_PER_HOUR_TAG = "ec2_trainer.usd_per_hour"
+
+
+def log_cost(tracking_uri: str, run_id: str, cost: Cost) -> None:
+    """Record what the run's instance cost on its MLflow run; raises TrackingServerError if MLflow refuses."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    now_ms = int(time.time() * 1000)
+    values = (cost.usd, cost.billed_s, cost.non_training_s, cost.training_share)
+    _call(
+        f"logging the cost on run {run_id}",
+        client.log_batch,
+        run_id,
+        metrics=[Metric(name, float(value), now_ms, 0) for name, value in zip(COST_METRICS, values, strict=True)],
+        tags=[RunTag(PRICE_SOURCE_TAG, cost.price_source), RunTag(USD_PER_HOUR_TAG, f"{cost.usd_per_hour:g}")],
+    )
+    log.info(
+        "Run %s cost %.4f USD: %.0f s billed at %s USD/h (%s), %.0f%% of it training",
+        run_id,
+        cost.usd,
+        cost.billed_s,
+        f"{cost.usd_per_hour:g}",
+        cost.price_source,
+        cost.training_share * 100,
+    )

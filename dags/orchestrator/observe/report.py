@@ -1,0 +1,129 @@
+"""What one DAG run did, cost and produced: the run report every publisher (MLflow, notifications, metrics) reads.
+
+Pure and standard-library only: the `report` task assembles it, `to_dict` makes it an XCom, `from_dict` reads it back.
+Field names are a contract between publishers (docs/decisions.md, "Run report"): add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+OUTCOMES = ("success", "failed")
+PRICE_SOURCES = ("aws-price-list", "spot-price-history", "fallback-table")
+LINK_KEYS = ("airflow", "ci", "mlflow")
+# The fixed phase names; bootstrap phases are "bootstrap.<name>" (the names userdata/bootstrap.sh records).
+PHASES = ("ci_wait", "launch", "boot", "training", "evaluation", "teardown")
+BOOTSTRAP_PHASE_PREFIX = "bootstrap."
+# EC2 bills Linux instances per second with a one-minute minimum.
+MIN_BILLED_S = 60.0
+MAX_ERROR_CHARS = 300
+
+# What could be a secret inside an error message: credentials in a URL, tokens with a known shape, webhook URLs.
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+_SECRET_RES = (
+    re.compile(r"https://hooks\.slack\.com/\S+"),
+    re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(
+        r"(?i)\b(password|passwd|secret|token|api[_-]?key|authorization)\b(\s*[=:]\s*)(?:bearer\s+|basic\s+)?\S+"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Cost:
+    usd: float  # billed_s / 3600 * usd_per_hour
+    billed_s: float  # EC2 per-second billing, 60 s minimum, from the instance's launch to its termination
+    training_s: float  # seconds the training job ran on it
+    non_training_s: float  # billed_s - training_s
+    training_share: float  # training_s / billed_s (0..1)
+    usd_per_hour: float
+    price_source: str  # one of PRICE_SOURCES
+    region: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cost:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class RunReport:
+    dag_id: str
+    run_id: str
+    deployment: str  # aws.deployment (a bounded label)
+    outcome: str  # one of OUTCOMES
+    failed_step: str | None  # task id of the step that failed (None on success)
+    error: str | None  # first line of that step's error, never a secret (error_line)
+    git_sha: str | None
+    instance_id: str | None
+    instance_type: str | None  # bounded label
+    market: str | None  # "spot" | "on-demand" (bounded label)
+    links: dict[str, str]  # keys among LINK_KEYS: URLs for people (absent when unknown)
+    metric_name: str | None  # mlflow.metric (e.g. test_accuracy)
+    metric_value: float | None
+    promoted: bool | None  # None when the gate did not run
+    promotion_reason: str | None
+    duration_s: float  # the DAG run, from its start to the report
+    phases_s: dict[str, float]  # keys among PHASES and "bootstrap.<phase>"; absent when the run never got there
+    images_per_s: float | None  # training throughput
+    test_metrics: dict[str, float]  # the run's test_* metrics from MLflow
+    cost: Cost | None  # None when no instance was launched
+    mlflow_run_id: str | None = None  # the training's MLflow run, where the cost is logged
+    extra: dict[str, Any] = field(default_factory=dict)  # room for later additions without a contract change
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (an XCom)."""
+        data = asdict(self)
+        data["cost"] = self.cost.to_dict() if self.cost else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunReport:
+        values = _known(cls, data)
+        cost = values.get("cost")
+        values["cost"] = Cost.from_dict(cost) if cost else None
+        return cls(**values)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome == "success"
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields `cls` declares; a missing one without a default is a KeyError naming it."""
+    names = {f.name for f in fields(cls)}
+    missing = sorted(
+        f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING
+    )
+    if missing:
+        raise KeyError(f"{cls.__name__}: missing fields {missing}")
+    return {key: value for key, value in data.items() if key in names}
+
+
+def scrub(text: str) -> str:
+    """`text` with anything shaped like a credential replaced by ***: URL user info, tokens, webhook URLs."""
+    text = _URL_CREDENTIALS_RE.sub(r"\g<scheme>***@", text)
+    for pattern in _SECRET_RES:
+        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***" if m.lastindex == 2 else "***", text)
+    return text
+
+
+def error_line(error: BaseException | str | None) -> str | None:
+    """The first non-empty line of an error, scrubbed and cut to MAX_ERROR_CHARS: what a report may say."""
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        # Airflow's own wrappers (AirflowFailException around a ConfigError's text) add nothing a person needs.
+        name = type(error).__name__
+        text = str(error) if name.startswith("Airflow") and str(error) else f"{name}: {error}".rstrip(": ")
+    else:
+        text = error
+    line = scrub(next((ln.strip() for ln in text.splitlines() if ln.strip()), ""))
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 1] + "…"
