@@ -104,7 +104,8 @@ class LocalSmtpServer(Managed):
     def start(self) -> None:
         from aiosmtpd.controller import Controller
 
-        self.mailbox_dir.mkdir(parents=True, exist_ok=True)
+        # Maildir makes its cur/new/tmp folders only when it makes the folder itself.
+        self.mailbox_dir.parent.mkdir(parents=True, exist_ok=True)
         mailbox.Maildir(self.mailbox_dir, create=True)
         tls_context = None
         if self._tls is not None:
@@ -147,7 +148,7 @@ class LocalSmtpServer(Managed):
             and isinstance(auth_data, LoginPassword)
             and (auth_data.login.decode(), auth_data.password.decode()) == self._credentials
         )
-        return AuthResult(success=ok, handled=False)
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
     def _deliver(self, envelope: Any, session: Any) -> str:
         with self._lock:

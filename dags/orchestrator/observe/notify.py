@@ -55,9 +55,13 @@ def wanted(notify: NotifySettings, outcome: str) -> bool:
     return notify.enabled and (notify.on == "both" or (notify.on == "success") == (outcome == "success"))
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _one_line(text: str, limit: int) -> str:
-    line = _CONTROL_RE.sub(" ", text.strip().splitlines()[0] if text.strip() else "").strip()
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    """The first line, without control characters, at most `limit` characters."""
+    return _cut(_CONTROL_RE.sub(" ", text.strip().splitlines()[0] if text.strip() else "").strip(), limit)
 
 
 def _safe_url(url: str) -> str | None:
@@ -172,7 +176,7 @@ def compose_slack(report: RunReport) -> SlackMessage:
     headline = _headline(report)
     icon = ":x:" if _failed(report) else ":white_check_mark:"
     fields = [
-        {"type": "mrkdwn", "text": _one_line(f"*{label}*\n{_mrkdwn(value)}", _SLACK_FIELD_MAX)}
+        {"type": "mrkdwn", "text": _cut(f"*{label}*\n{_mrkdwn(value)}", _SLACK_FIELD_MAX)}
         for label, value in facts(report)
         if label not in ("Error", "Commit")
     ]
@@ -210,6 +214,8 @@ def _send_slack(notify: NotifySettings, report: RunReport) -> None:
         unfurl_links=False,
         unfurl_media=False,
         timeout=notify.timeout_seconds,
+        # One attempt: slack_sdk's retry handlers log the request's full URL (the webhook's secret) at INFO.
+        retry_handlers=[],
     ).notify(_NO_CONTEXT)
 
 
