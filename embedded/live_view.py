@@ -85,6 +85,8 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     bootstrap_skipped: list[str] = field(default_factory=list)
+    # Where the run's notifications landed: "e-mail" / "Slack" -> what arrived and where it is kept.
+    notifications: dict[str, str] = field(default_factory=dict)
     # Seconds: bringing the deployment up, the DAG run from trigger to its end, and the training task within it.
     startup_s: float = 0.0
     run_s: float = 0.0
@@ -113,6 +115,10 @@ def render(summary: RunSummary, *, urls: Mapping[str, str], login: tuple[str, st
         verdict = "promoted to champion" if s.evaluation.get("promoted") else "not promoted"
         lines.append(f"model gate   {verdict}: {s.evaluation.get('reason', '')}")
     lines += [
+        *(
+            f"{'notified' if n == 0 else '':<12} {channel}: {where}"
+            for n, (channel, where) in enumerate(s.notifications.items())
+        ),
         "skipped here " + ("; ".join(s.bootstrap_skipped) or "nothing"),
         f"time         DAG run {s.run_s:.1f} s: training {s.train_s:.1f} s, "
         f"outside training {s.outside_training_s:.1f} s (start-up before it {s.startup_s:.1f} s)",

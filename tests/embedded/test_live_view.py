@@ -86,6 +86,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
         startup_s=21.0,
         run_s=32.5,
         train_s=20.0,
+        notifications={"e-mail": "1 message(s) in the Maildir /m", "Slack": "1 message(s) in /s"},
     )
     assert summary.outside_training_s == 12.5
     text = render(
@@ -99,6 +100,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
     assert "model gate   promoted to champion: 0.93 passes the threshold" in text
     assert "DAG run 32.5 s: training 20.0 s, outside training 12.5 s (start-up before it 21.0 s)" in text
     assert "train 20.0s, terminate 1.5s" in text
+    assert "notified     e-mail: 1 message(s) in the Maildir /m\n             Slack: 1 message(s) in /s" in text
     lines = text.splitlines()
     assert lines[-4:-1] == [
         "  Airflow          http://127.0.0.1:8080",
