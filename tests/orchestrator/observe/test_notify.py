@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import airflow.sdk  # noqa: F401 - Airflow sets up logging on import: before caplog adds its handler
 import pytest
 
 from embedded.process import free_port
@@ -44,7 +45,7 @@ FAILURE = replace(
 )
 
 
-def _settings(**notify: Any) -> Settings:
+def notify_settings(**notify: Any) -> Settings:
     env = {"TRAINER__AWS__DEPLOYMENT": "test"}
     env.update({f"TRAINER__NOTIFY__{key.upper()}": str(value) for key, value in notify.items()})
     return load_settings(env=env)
@@ -175,7 +176,7 @@ def test_links_lose_credentials_and_text_is_escaped_for_slack() -> None:
 
 def test_notifications_are_off_by_default(connections: tuple[LocalSmtpServer, SlackWebhookStandIn]) -> None:
     smtp, slack = connections
-    settings = _settings()
+    settings = notify_settings()
     assert not settings.notify.enabled
     assert send_notifications(settings, FAILURE) == []
     assert smtp.received == [] and slack.requests == 0
@@ -194,14 +195,14 @@ def test_notifications_are_off_by_default(connections: tuple[LocalSmtpServer, Sl
 )
 def test_bad_settings_name_the_field(notify: dict[str, str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        _settings(**notify)
+        notify_settings(**notify)
 
 
 @pytest.mark.parametrize(("on", "success_sent", "failure_sent"), [("failure", 0, 2), ("success", 2, 0), ("both", 2, 2)])
 def test_on_chooses_which_runs_are_announced(
     connections: tuple[LocalSmtpServer, SlackWebhookStandIn], on: str, success_sent: int, failure_sent: int
 ) -> None:
-    settings = _settings(**BOTH, on=on)
+    settings = notify_settings(**BOTH, on=on)
     assert len(send_notifications(settings, SUCCESS)) == success_sent
     assert len(send_notifications(settings, FAILURE)) == failure_sent
 
@@ -216,7 +217,7 @@ def test_both_channels_deliver_the_report(
 ) -> None:
     smtp, slack = connections
     caplog.set_level(logging.DEBUG)
-    assert send_notifications(_settings(**BOTH), FAILURE) == ["slack", "email"]
+    assert send_notifications(notify_settings(**BOTH), FAILURE) == ["slack", "email"]
     [mail] = smtp.received
     assert (mail.mail_from, mail.rcpt_tos) == ("airflow@example.com", ("ml-team@example.com",))
     assert mail.message["Subject"] == compose_email(FAILURE).subject
@@ -237,7 +238,7 @@ def test_a_dead_port_or_a_failing_server_is_a_warning_and_changes_nothing(
 ) -> None:
     smtp, slack = connections
     caplog.set_level(logging.INFO)
-    settings = _settings(**BOTH)
+    settings = notify_settings(**BOTH)
     # The receivers answer as in an outage: Slack's 500 rollup_error, the mail server's 451.
     slack.fail_next(1, 500, "rollup_error")
     smtp.fail_next(1)
@@ -273,7 +274,7 @@ def test_a_webhook_url_that_slack_does_not_know_is_a_warning_without_the_url(
     monkeypatch.setenv(
         f"AIRFLOW_CONN_{SLACK_CONN.upper()}", json.dumps({"conn_type": "slackwebhook", "password": revoked})
     )
-    assert send_notifications(_settings(slack_webhook_conn_id=SLACK_CONN), FAILURE) == []
+    assert send_notifications(notify_settings(slack_webhook_conn_id=SLACK_CONN), FAILURE) == []
     assert "Status Code: 404" in caplog.text and "no_service" in caplog.text
     assert "planted-revoked-token" not in caplog.text
 
@@ -309,7 +310,7 @@ def test_smtp_starttls_and_login_as_the_connection_says(
 ) -> None:
     server, tls = tls_smtp
     caplog.set_level(logging.INFO)
-    settings = _settings(smtp_conn_id=SMTP_CONN, email_to="ml-team@example.com")
+    settings = notify_settings(smtp_conn_id=SMTP_CONN, email_to="ml-team@example.com")
     monkeypatch.setenv(f"AIRFLOW_CONN_{SMTP_CONN.upper()}", _submission_conn(server.port))
     # The certificate is verified (ssl_context "default"): trusted only once its CA is.
     assert send_notifications(settings, SUCCESS) == []
