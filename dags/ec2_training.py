@@ -13,6 +13,7 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci_gate import CiGateOperator
+from orchestrator.observe.failures import record_failure
 from orchestrator.operators import InstanceLaunchSensor, InstanceReadyOperator, RemoteTrainingOperator
 from orchestrator.run_params import RUN_PARAMS
 
@@ -31,7 +32,8 @@ with DAG(
     catchup=False,
     # Runs beyond aws.max_instances wait cheaply in the launch pool; this only bounds the scheduler's work.
     max_active_runs=32,
-    default_args={"retries": 0},
+    # Each step that fails for good records its error's first line for the run report (secrets masked).
+    default_args={"retries": 0, "on_failure_callback": record_failure},
     tags=["training", "ec2", "mlflow"],
     doc_md=__doc__,
     # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
@@ -76,12 +78,28 @@ with DAG(
     @task(retries=5, retry_delay=timedelta(seconds=15))
     def terminate(config: dict[str, Any]) -> dict[str, str]:
         """Runs whatever happened once plan_launch succeeded; finds the run's instances by tag too."""
+        import time
+
+        from orchestrator.observe.gather import TERMINATED_AT_KEY
         from orchestrator.pipeline import terminate as terminate_run
 
         ctx = get_current_context()
         launched = ctx["ti"].xcom_pull(task_ids="launch")
         instance_ids = [launched["instance_id"]] if launched else []
-        return terminate_run(config, ctx["dag"].dag_id, ctx["run_id"], instance_ids)
+        states = terminate_run(config, ctx["dag"].dag_id, ctx["run_id"], instance_ids)
+        # The end of billing when EC2 does not say when termination was asked.
+        ctx["ti"].xcom_push(key=TERMINATED_AT_KEY, value=time.time())
+        return states
+
+    @teardown
+    @task(retries=1, retry_delay=timedelta(seconds=15))
+    def report(config: dict[str, Any]) -> dict[str, Any] | None:
+        """After terminate, whatever happened: the run's outcome, phases and cost, logged in MLflow and published
+        (orchestrator.observe.publish). Never fails; as a teardown its state never decides the run's."""
+        from orchestrator.observe.gather import report_run
+        from orchestrator.pipeline import settings_of
+
+        return report_run(settings_of(config), get_current_context())
 
     config = resolve_config()
     config >> ci_gate
@@ -111,4 +129,5 @@ with DAG(
         retry_delay=timedelta(seconds=10),
     )
     evaluated = evaluate(config, train.output)
-    evaluated >> terminate(config).as_teardown(setups=planned)
+    terminated = terminate(config).as_teardown(setups=planned)
+    evaluated >> terminated >> report(config).as_teardown(setups=planned)

@@ -60,6 +60,11 @@ class FitResult:
     best_epoch: int
     stopped_early: bool
 
+    @property
+    def images_per_s(self) -> float:
+        """Training throughput over the whole fit: every epoch trains on the same images, so the harmonic mean."""
+        return len(self.history) / sum(1 / e.images_per_s for e in self.history) if self.history else 0.0
+
 
 def resolve_device(requested: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA without one is an error that says so."""

@@ -204,6 +204,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             "epochs_run": len(fitted.history),
             "stopped_early": float(fitted.stopped_early),
             "train_time_s": time.perf_counter() - fit_started,
+            "train_images_per_s": fitted.images_per_s,
         }
         results: dict[str, object] = {"data": data_figures}
         for name, prefix in TEST_PREFIXES.items():

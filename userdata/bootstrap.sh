@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instance bootstrap, run once by cloud-init (runcmd) as root: checks the GPU, installs what is missing, gives the
 # SSH login user the folders it writes, and writes <state_dir>/bootstrap.status atomically: "ok", or
-# "error: <step>: <message>". The orchestrator polls that marker over SSH as the login user and shows the tail of
+# "error: <step>: <message>". Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines,
+# complete before the status marker), which the orchestrator reads with the marker for the run's cost report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.userdata.
 set -Eeuo pipefail
@@ -22,6 +23,8 @@ mkdir -p "$STATE_DIR"
 rm -f "$STATE_DIR/bootstrap.status"
 touch "$STATE_DIR/bootstrap.log"
 chmod 0644 "$STATE_DIR/bootstrap.log"
+: >"$STATE_DIR/bootstrap.phases"
+chmod 0644 "$STATE_DIR/bootstrap.phases"
 exec </dev/null >>"$STATE_DIR/bootstrap.log" 2>&1
 
 STEP=start
@@ -51,7 +54,12 @@ begin() {
   log "begin"
 }
 
-end() { log "done in $(($(date +%s) - STEP_STARTED))s"; }
+record_phase() { printf '%s %s\n' "$STEP" "$(($(date +%s) - STEP_STARTED))" >>"$STATE_DIR/bootstrap.phases"; }
+
+end() {
+  record_phase
+  log "done in $(($(date +%s) - STEP_STARTED))s"
+}
 
 on_err() {
   local rc=$?
@@ -63,6 +71,7 @@ on_err() {
 on_exit() {
   local rc=$?
   if ((rc != 0)); then
+    record_phase
     write_status "error: $STEP: ${ERROR_MESSAGE:-exit code $rc (see bootstrap.log)}"
   fi
 }

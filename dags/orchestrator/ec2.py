@@ -114,6 +114,10 @@ class InstanceInfo:
     launch_time: datetime | None
     state_reason: str | None = None
     state_reason_code: str | None = None
+    # EC2's "User initiated (2026-01-01 12:00:00 GMT)": when a stop or termination was asked (billing ends there).
+    state_transition_reason: str | None = None
+    availability_zone: str | None = None
+    market: Market = "on-demand"
 
 
 def _tags(instance: dict[str, Any]) -> dict[str, str]:
@@ -162,6 +166,9 @@ def _info(instance: dict[str, Any]) -> InstanceInfo:
         launch_time=instance.get("LaunchTime"),
         state_reason=reason.get("Message") or reason.get("Code"),
         state_reason_code=reason.get("Code"),
+        state_transition_reason=instance.get("StateTransitionReason") or None,
+        availability_zone=(instance.get("Placement") or {}).get("AvailabilityZone"),
+        market=_market_of(instance),
     )
 
 

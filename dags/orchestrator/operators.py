@@ -121,7 +121,12 @@ class InstanceReadyOperator(BaseOperator):
             raise AirflowFailException(str(event.get("message") or f"unexpected event: {event!r}"))
         running = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
         return ready_result(
-            self.config, self.launched, running, float(event["seconds_to_ssh"]), float(event["seconds_to_ready"])
+            self.config,
+            self.launched,
+            running,
+            float(event["seconds_to_ssh"]),
+            float(event["seconds_to_ready"]),
+            event.get("bootstrap_phases_s") or {},
         )
 
 

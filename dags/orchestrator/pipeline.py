@@ -271,9 +271,15 @@ def wait_running(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict
 
 
 def ready_result(
-    config: Mapping[str, Any], launched: Mapping[str, Any], running: Mapping[str, Any], ssh_s: float, ready_s: float
+    config: Mapping[str, Any],
+    launched: Mapping[str, Any],
+    running: Mapping[str, Any],
+    ssh_s: float,
+    ready_s: float,
+    bootstrap_phases_s: Mapping[str, float],
 ) -> dict[str, Any]:
-    """wait_ready's XCom: where train logs in (address and pinned host key) and how long each stage took."""
+    """wait_ready's XCom: where train logs in (address and pinned host key) and how long each stage took (the
+    bootstrap's own steps as the instance timed them)."""
     log.info("Bootstrap finished after %.1f s in all (SSH answered after %.1f s)", ready_s, ssh_s)
     return {
         "instance_id": running["instance_id"],
@@ -285,6 +291,7 @@ def ready_result(
         "seconds_to_running": running["seconds_to_running"],
         "seconds_to_ssh": round(ssh_s, 1),
         "seconds_to_ready": round(ready_s, 1),
+        "bootstrap_phases_s": dict(bootstrap_phases_s),
     }
 
 
@@ -302,14 +309,14 @@ def wait_ready_in_worker(
         wait_for_ssh(target, timeout_s=max(1.0, deadline - time.time()), poll_s=s.instance.poll_seconds)
         ssh_s = time.time() - started
         log.info("SSH answers on %s:%s with the pinned host key after %.1f s", target.host, target.port, ssh_s)
-        wait_for_bootstrap(
+        bootstrap = wait_for_bootstrap(
             target,
             s.instance.state_dir,
             timeout_s=max(1.0, deadline - time.time()),
             poll_s=s.instance.poll_seconds,
             on_log=lambda line: log.info("bootstrap | %s", line),
         )
-    return ready_result(config, launched, running, ssh_s, time.time() - started)
+    return ready_result(config, launched, running, ssh_s, time.time() - started, bootstrap.phases_s)
 
 
 def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:

@@ -29,6 +29,8 @@ KEEPALIVE_S = 15
 PROGRESS_LOG_EVERY_S = 30.0
 BOOTSTRAP_STATUS = "bootstrap.status"
 BOOTSTRAP_LOG = "bootstrap.log"
+# "<step> <seconds>" lines, one per finished bootstrap step (userdata/bootstrap.sh), complete before the marker.
+BOOTSTRAP_PHASES = "bootstrap.phases"
 LOG_TAIL_LINES = 40
 # Only the end of a log is read for a tail, so a huge log costs one bounded read.
 TAIL_READ_BYTES = 64 * 1024
@@ -76,6 +78,17 @@ class BootstrapResult:
     status_line: str
     log_tail: str
     elapsed_s: float
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+
+def parse_phases(text: str | None) -> dict[str, float]:
+    """bootstrap.phases as {step: seconds}; a malformed line (the instance writes it) is skipped, not trusted."""
+    phases: dict[str, float] = {}
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isidentifier() and parts[1].isdigit():
+            phases[parts[0]] = phases.get(parts[0], 0.0) + float(parts[1])
+    return phases
 
 
 def parse_public_key(line: str) -> paramiko.PKey:
@@ -267,6 +280,9 @@ class BootstrapWatch:
     def __init__(self, state_dir: str) -> None:
         self.status_path = posixpath.join(state_dir, BOOTSTRAP_STATUS)
         self.log_path = posixpath.join(state_dir, BOOTSTRAP_LOG)
+        self.phases_path = posixpath.join(state_dir, BOOTSTRAP_PHASES)
+        # Read with the final marker (the bootstrap writes them first): each step's seconds, for the run report.
+        self.phases_s: dict[str, float] = {}
         self._lines = LineBuffer()
         self._offset = 0
         self._ready: list[str] = []
@@ -282,6 +298,8 @@ class BootstrapWatch:
                 self._ready += self._lines.feed(chunk)
             final = status == "ok" or status.startswith("error")
             tail = read_tail(sftp, self.log_path) if final or with_tail else ""
+            if final:
+                self.phases_s = parse_phases(read_text(sftp, self.phases_path))
         finally:
             sftp.close()
         return (status if final else ""), tail
@@ -336,7 +354,7 @@ def wait_for_bootstrap(
                     if on_log is not None:
                         on_log(line)
             if status:
-                return bootstrap_outcome(target, status, tail, time.monotonic() - started)
+                return bootstrap_outcome(target, status, tail, time.monotonic() - started, watch.phases_s)
             if late:
                 raise BootstrapTimeoutError(watch.timeout_message(target, timeout_s, tail))
             time.sleep(poll_s)
@@ -345,11 +363,15 @@ def wait_for_bootstrap(
             client.close()
 
 
-def bootstrap_outcome(target: SshTarget, status: str, tail: str, elapsed_s: float) -> BootstrapResult:
+def bootstrap_outcome(
+    target: SshTarget, status: str, tail: str, elapsed_s: float, phases_s: dict[str, float] | None = None
+) -> BootstrapResult:
     """The result of a final status: `ok` returns, `error: ...` raises BootstrapFailedError with the log's tail."""
     if status == "ok":
         logger.info("Bootstrap on %s finished ok after %.1fs", target, elapsed_s)
-        return BootstrapResult(ok=True, status_line=status, log_tail=tail, elapsed_s=elapsed_s)
+        return BootstrapResult(
+            ok=True, status_line=status, log_tail=tail, elapsed_s=elapsed_s, phases_s=dict(phases_s or {})
+        )
     raise BootstrapFailedError(
         f"Bootstrap on {target} failed: {status}. Fix that step in the user-data bootstrap (or the image) and "
         f"launch again. Last lines of the bootstrap log:\n{tail}"

@@ -123,7 +123,7 @@ class BootstrapTrigger(_SshTrigger):
                     for line in watch.take_lines():
                         self.log.info("bootstrap | %s", line)
                 if status:
-                    yield self._outcome(target, status, tail, login.answered_at)
+                    yield self._outcome(target, status, tail, login.answered_at, watch.phases_s)
                     return
                 if late:
                     budget_s = self.deadline - self.started_at
@@ -168,12 +168,14 @@ class BootstrapTrigger(_SshTrigger):
             login.close()
             return "", "(log not readable: the last poll lost its SSH connection)"
 
-    def _outcome(self, target: SshTarget, status: str, tail: str, answered_at: float | None) -> TriggerEvent:
+    def _outcome(
+        self, target: SshTarget, status: str, tail: str, answered_at: float | None, phases_s: dict[str, float]
+    ) -> TriggerEvent:
         from orchestrator.ssh import BootstrapFailedError, bootstrap_outcome
 
         now = time.time()
         try:
-            result = bootstrap_outcome(target, status, tail, now - self.started_at)
+            result = bootstrap_outcome(target, status, tail, now - self.started_at, phases_s)
         except BootstrapFailedError as exc:
             return TriggerEvent({"status": "failed", "message": str(exc)})
         return TriggerEvent(
@@ -182,6 +184,7 @@ class BootstrapTrigger(_SshTrigger):
                 "status_line": result.status_line,
                 "seconds_to_ssh": round((answered_at or now) - self.started_at, 1),
                 "seconds_to_ready": round(now - self.started_at, 1),
+                "bootstrap_phases_s": result.phases_s,
             }
         )
 

@@ -70,6 +70,7 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
         "train",
         "evaluate",
         "terminate",
+        "report",
     }
     assert "resolve_config" in tasks["ci_gate"].upstream_task_ids
     assert "ci_gate" in tasks["plan_launch"].upstream_task_ids
@@ -82,7 +83,14 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert tasks["plan_launch"].is_setup
     assert tasks["terminate"].is_teardown
     assert [t.task_id for t in tasks["terminate"].upstream_list if t.is_setup] == ["plan_launch"]
-    assert not any(t.is_setup or t.is_teardown for name, t in tasks.items() if name not in ("plan_launch", "terminate"))
+    # The report comes after teardown, whatever happened, and as a teardown itself never decides the run's state.
+    assert tasks["report"].is_teardown and not tasks["report"].on_failure_fail_dagrun
+    assert tasks["report"].upstream_task_ids == {"resolve_config", "plan_launch", "terminate"}
+    assert not any(
+        t.is_setup or t.is_teardown for name, t in tasks.items() if name not in ("plan_launch", "terminate", "report")
+    )
+    # Every step records why it failed for the run report.
+    assert all(t.on_failure_callback for t in tasks.values())
 
     train = tasks["train"]
     assert isinstance(train, RemoteTrainingOperator)

@@ -7,12 +7,15 @@ EC2 backend, the GitHub stand-in, the instance's bootstrap), never inside the or
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from embedded.stack import DEPLOYMENT, EmbeddedStack
+from orchestrator.observe.report import RunReport
 from tests.faults.support import output
 from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
 from tests.pipeline_fixtures import (
@@ -81,6 +84,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     run_link = tis["train"].xcom_pull(task_ids="train", key="_link_MlflowRunLink")
     assert run_link == f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
+    assert_reported_success(tis["report"].xcom_pull(task_ids="report"), env, sha, instance, run, tis)
 
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     # The scans cover the job: its control commands and uploads, its folder on the disk, the run's model files.
@@ -91,6 +95,54 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert any(name.endswith("/output.log") for name in disk_places(env, [inst]))
     assert any(name.endswith("artifact MLmodel") for name in mlflow_places(env.mlflow.url, [run_id]))
     assert secrets_found(planted, env, dag_run, task_log, processes, ssh_traffic) == {}
+
+
+def assert_reported_success(
+    data: dict[str, Any], stack: EmbeddedStack, sha: str, instance: dict[str, Any], run: Any, tis: dict[str, Any]
+) -> None:
+    """The report task's XCom says what the run did and cost, and the cost is on the MLflow run."""
+    from mlflow import MlflowClient
+
+    from orchestrator.observe.cost import transition_time
+    from orchestrator.tracking import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
+
+    report = RunReport.from_dict(data)
+    assert (report.outcome, report.failed_step, report.error) == ("success", None, None)
+    assert (report.git_sha, report.instance_id, report.deployment) == (sha, instance["InstanceId"], DEPLOYMENT)
+    assert (report.instance_type, report.market, report.mlflow_run_id) == ("g6.xlarge", "on-demand", run.info.run_id)
+    assert report.links == {
+        "airflow": f"http://localhost:8080/dags/ec2_training/runs/{quote(report.run_id)}",
+        "ci": tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink"),
+        "mlflow": tis["train"].xcom_pull(task_ids="train", key="mlflow_run_url"),
+    }
+    assert (report.metric_name, report.metric_value) == ("test_accuracy", run.data.metrics["test_accuracy"])
+    assert report.promoted is True and report.promotion_reason
+    assert report.test_metrics == {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    assert report.images_per_s == run.data.metrics["train_images_per_s"] > 0
+    bootstrap = {"bootstrap.user", "bootstrap.gpu", "bootstrap.packages", "bootstrap.python"}
+    assert set(report.phases_s) == {"ci_wait", "launch", "boot", "training", "evaluation", "teardown"} | bootstrap
+    assert report.phases_s["training"] == pytest.approx((run.info.end_time - run.info.start_time) / 1000, abs=0.1)
+    assert 0 < sum(report.phases_s.values()) <= report.duration_s
+    # Billed from EC2's launch time to the termination request, at the fallback table's g6.xlarge price: moto
+    # serves no Price List API.
+    cost = report.cost
+    assert cost is not None
+    assert (cost.price_source, cost.usd_per_hour, cost.region) == ("fallback-table", 0.8048, "us-east-1")
+    ended = transition_time(instance["StateTransitionReason"])
+    assert ended is not None
+    assert cost.billed_s == max(60.0, math.ceil(ended - instance["LaunchTime"].timestamp()))
+    assert cost.usd == pytest.approx(cost.billed_s / 3600 * 0.8048)
+    assert cost.training_s == report.phases_s["training"]
+    assert cost.non_training_s == pytest.approx(cost.billed_s - cost.training_s)
+    assert 0 < cost.training_share < 1
+    logged = MlflowClient(stack.mlflow.url).get_run(run.info.run_id).data
+    assert {k: logged.metrics[k] for k in ("cost_usd", "billed_seconds", "non_training_seconds", "training_share")} == {
+        "cost_usd": pytest.approx(cost.usd),
+        "billed_seconds": cost.billed_s,
+        "non_training_seconds": pytest.approx(cost.non_training_s),
+        "training_share": pytest.approx(cost.training_share),
+    }
+    assert (logged.tags[PRICE_SOURCE_TAG], logged.tags[USD_PER_HOUR_TAG]) == ("fallback-table", "0.8048")
 
 
 def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) -> None:
@@ -306,7 +358,12 @@ def test_training_failure_fails_the_run_and_terminates(
     assert states["train"] == "failed"
     assert states["evaluate"] == "upstream_failed"
     assert states["terminate"] == "success"
+    assert states["report"] == "success"  # a teardown: its success does not hide the failed training
     assert_all_terminated(env, dag_run, 1)
+    report = RunReport.from_dict(dag_run.get_task_instance("report").xcom_pull(task_ids="report"))
+    assert (report.outcome, report.failed_step) == ("failed", "train")
+    assert report.error is not None and report.error.startswith("training exited with code 3 on i-"), report.error
+    assert report.promoted is None and report.cost is not None and report.cost.billed_s >= 60
     # A failed run too: the planted secrets never reached a command line, a file or MLflow while the job ran.
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     assert secrets_found(planted, env, dag_run, capfd.readouterr().out, processes, ssh_traffic) == {}

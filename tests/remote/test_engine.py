@@ -121,3 +121,13 @@ def test_progress_line():
     assert epoch_line(result, 4, elapsed_s=60.0) == (
         "epoch 2/4 train_loss=0.5000 train_acc=0.750 val_loss=0.4000 val_acc=0.800 61,234 img/s 1.5s eta 0:01:00"
     )
+
+
+def test_fit_throughput_is_the_harmonic_mean_of_the_epochs():
+    def epoch(n: int, images_per_s: float) -> engine.EpochResult:
+        return engine.EpochResult(n, 0.5, 0.5, 0.5, 0.5, seconds=1.0, images_per_s=images_per_s)
+
+    # 100 images at 100/s then at 300/s: 200 images in 1 + 1/3 s.
+    fitted = engine.FitResult((epoch(1, 100.0), epoch(2, 300.0)), best_epoch=2, stopped_early=False)
+    assert fitted.images_per_s == pytest.approx(150.0)
+    assert engine.FitResult((), best_epoch=0, stopped_early=False).images_per_s == 0.0

@@ -7,7 +7,7 @@ Field names are a contract between publishers (docs/decisions.md, "Run report"):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -115,8 +115,9 @@ def scrub(text: str) -> str:
     return text
 
 
-def error_line(error: BaseException | str | None) -> str | None:
-    """The first non-empty line of an error, scrubbed and cut to MAX_ERROR_CHARS: what a report may say."""
+def error_line(error: BaseException | str | None, redact: Callable[[str], str] | None = None) -> str | None:
+    """The first non-empty line of an error, scrubbed (and passed through `redact`, e.g. Airflow's secrets masker,
+    before it is cut) and cut to MAX_ERROR_CHARS: what a report may say."""
     if error is None:
         return None
     if isinstance(error, BaseException):
@@ -125,5 +126,6 @@ def error_line(error: BaseException | str | None) -> str | None:
         text = str(error) if name.startswith("Airflow") and str(error) else f"{name}: {error}".rstrip(": ")
     else:
         text = error
-    line = scrub(next((ln.strip() for ln in text.splitlines() if ln.strip()), ""))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = scrub(redact(line) if redact else line)
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 1] + "…"

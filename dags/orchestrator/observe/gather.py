@@ -1,0 +1,214 @@
+"""The `report` teardown task's body: assemble the DAG run's RunReport from what its steps left (task outcomes and
+durations, XComs, EC2's record of the instances, the MLflow run), then publish it.
+
+Each source is read on its own and guarded: a missing one leaves its fields empty and logs why; nothing here raises
+into the task (a report must never fail the run, nor hide why it failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from orchestrator.ci_gate import SHA_XCOM_KEY
+from orchestrator.observe.cost import BilledInstance, run_cost, transition_time
+from orchestrator.observe.failures import FAILURE_KEY
+from orchestrator.observe.report import Cost, RunReport, error_line
+from orchestrator.operators import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY
+from orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TERMINATED_AT_KEY = "observed_at"  # terminate: when it saw its instances' final states (epoch seconds)
+_OFF_STATES = ("shutting-down", "terminated")
+_T = TypeVar("_T")
+
+
+def report_run(settings: Settings, context: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Assemble, publish and return the run's report (as an XCom); None, with the reason logged, if it cannot."""
+    from orchestrator.observe.publish import publish
+
+    try:
+        report = assemble(settings, context)
+    except Exception:
+        log.exception("No run report: assembling it failed (the run's own state is unaffected)")
+        return None
+    log.info(
+        "Run report: %s%s; cost %s",
+        report.outcome,
+        f" at {report.failed_step}: {report.error}" if report.failed_step else "",
+        f"{report.cost.usd:.4f} USD ({report.cost.price_source})" if report.cost else "none (no instance)",
+    )
+    publish(settings, report)
+    return report.to_dict()
+
+
+def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
+    ti, dag, dag_run = context["ti"], context["dag"], context["dag_run"]
+    dag_id, run_id = dag.dag_id, context["run_id"]
+
+    def xcom(task_id: str, key: str = "return_value") -> Any:
+        return ti.xcom_pull(task_ids=task_id, key=key)
+
+    no_outcomes: dict[str, tuple[str, float | None]] = {}
+    tasks = _guarded("task outcomes", lambda: task_outcomes(ti, dag_id, run_id), no_outcomes)
+    order = [task.task_id for task in dag.task_group.topological_sort() if task.task_id != ti.task_id]
+    failed = [task_id for task_id in order if tasks.get(task_id, ("", 0.0))[0] == "failed"]
+    broken = failed or [t for t in order if tasks.get(t, ("", 0.0))[0] == "upstream_failed"]
+    failed_step = failed[0] if failed else None
+    failure = (xcom(failed_step, FAILURE_KEY) or {}) if failed_step else {}
+
+    git_sha = xcom("ci_gate") or xcom("ci_gate", SHA_XCOM_KEY)
+    launched = xcom("launch") or {}
+    ready = xcom("wait_ready") or {}
+    evaluation = xcom("evaluate") or {}
+    mlflow_run_id = xcom("train") or xcom("train", MLFLOW_RUN_ID_KEY)
+    run = _guarded("the MLflow run", lambda: _mlflow_run(s, mlflow_run_id), None) if mlflow_run_id else None
+    metrics: dict[str, float] = dict(run.data.metrics) if run else {}
+    durations = {task_id: duration for task_id, (_, duration) in tasks.items()}
+    training_s = _job_seconds(run) if run else durations.get("train")
+    phases = phases_of(durations, ready, training_s)
+
+    instance_ids = list(xcom("terminate") or {}) or ([launched["instance_id"]] if launched.get("instance_id") else [])
+    seen_at = xcom("terminate", TERMINATED_AT_KEY) or time.time()
+    cost = _guarded("the cost", lambda: _cost(s, instance_ids, float(seen_at), training_s or 0.0), None)
+
+    links = {"airflow": airflow_run_url(dag_id, run_id)}
+    if git_sha:
+        from orchestrator.github import commit_checks_url
+
+        links["ci"] = commit_checks_url(s.github.api_url, s.github.repo, git_sha)
+    if mlflow_url := xcom("train", MLFLOW_RUN_URL_KEY):
+        links["mlflow"] = mlflow_url
+    started = dag_run.start_date.timestamp() if dag_run.start_date else time.time()
+    return RunReport(
+        dag_id=dag_id,
+        run_id=run_id,
+        deployment=s.aws.deployment,
+        outcome="failed" if broken else "success",
+        failed_step=failed_step,
+        error=failure.get("error") or ("failed (see the task log)" if failed_step else None),
+        git_sha=git_sha,
+        instance_id=launched.get("instance_id") or (instance_ids[0] if instance_ids else None),
+        instance_type=ready.get("instance_type") or launched.get("instance_type"),
+        market=ready.get("market") or launched.get("market"),
+        links=links,
+        metric_name=s.mlflow.metric,
+        metric_value=evaluation.get("value", metrics.get(s.mlflow.metric)),
+        promoted=evaluation.get("promoted"),
+        promotion_reason=evaluation.get("reason"),
+        duration_s=round(time.time() - started, 1),
+        phases_s=phases,
+        images_per_s=metrics.get("train_images_per_s"),
+        test_metrics={k: v for k, v in sorted(metrics.items()) if k.startswith("test_")},
+        cost=cost,
+        mlflow_run_id=mlflow_run_id,
+    )
+
+
+def phases_of(
+    durations: Mapping[str, float | None], ready: Mapping[str, Any], training_s: float | None
+) -> dict[str, float]:
+    """Seconds per phase, from the steps' durations and what wait_ready and the job measured; a phase the run
+    never reached is absent.
+
+    launch: the launch step (a free slot, RunInstances, until running) and any rest of the wait for running;
+    boot: from running to SSH answering; bootstrap.<step>: as the instance timed them; training: the job.
+    """
+    phases: dict[str, float] = {}
+    for phase, task_id in (("ci_wait", "ci_gate"), ("launch", "launch")):
+        if durations.get(task_id) is not None:
+            phases[phase] = float(durations[task_id] or 0.0)
+    if ready:
+        running_s = float(ready.get("seconds_to_running") or 0.0)
+        phases["launch"] = phases.get("launch", 0.0) + running_s
+        phases["boot"] = max(0.0, float(ready.get("seconds_to_ssh") or 0.0) - running_s)
+        for step, seconds in (ready.get("bootstrap_phases_s") or {}).items():
+            phases[f"bootstrap.{step}"] = float(seconds)
+    if training_s is not None:
+        phases["training"] = float(training_s)
+    for phase, task_id in (("evaluation", "evaluate"), ("teardown", "terminate")):
+        if durations.get(task_id) is not None:
+            phases[phase] = float(durations[task_id] or 0.0)
+    return {phase: round(seconds, 1) for phase, seconds in phases.items()}
+
+
+def task_outcomes(ti: Any, dag_id: str, run_id: str) -> dict[str, tuple[str, float | None]]:
+    """{task_id: (state, seconds)} of the run's finished tasks, from Airflow's execution API. A deferred task's
+    duration spans its deferral (its start date is kept when it resumes)."""
+    return {
+        str(crumb["task_id"]): (str(getattr(crumb["state"], "value", crumb["state"])), crumb.get("duration"))
+        for crumb in ti.get_task_breadcrumbs(dag_id, run_id)
+    }
+
+
+def airflow_run_url(dag_id: str, run_id: str) -> str:
+    """The run's page in the Airflow UI, under [api] base_url (as Airflow builds its own task log links)."""
+    from airflow.sdk.configuration import conf
+
+    base = conf.get("api", "base_url", fallback="http://localhost:8080/")
+    return f"{base.rstrip('/')}/dags/{quote(dag_id)}/runs/{quote(run_id)}"
+
+
+def _guarded(what: str, read: Callable[[], _T], default: _T) -> _T:
+    try:
+        return read()
+    except Exception as exc:
+        log.warning("Run report: %s not available: %s", what, error_line(exc))
+        return default
+
+
+def _mlflow_run(s: Settings, run_id: str) -> Any:
+    from mlflow import MlflowClient
+
+    from orchestrator.connections import mlflow_credentials
+    from orchestrator.tracking import credentials_in_env
+
+    creds = mlflow_credentials(s.mlflow.conn_id)
+    with credentials_in_env(creds.username, creds.password):
+        return MlflowClient(tracking_uri=s.mlflow.tracking_uri).get_run(run_id)
+
+
+def _job_seconds(run: Any) -> float | None:
+    """The training job's wall time: its MLflow run, created as the job starts and ended by `mlflow run`."""
+    start, end = run.info.start_time, run.info.end_time
+    return (end - start) / 1000 if start and end else None
+
+
+def _cost(s: Settings, instance_ids: list[str], seen_at: float, training_s: float) -> Cost | None:
+    """Every instance's billed time (EC2's launch to the termination request) at its price; None with none."""
+    from orchestrator.connections import aws_client
+    from orchestrator.ec2 import describe_instance
+    from orchestrator.observe.pricing import instance_price
+
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    billed: list[BilledInstance] = []
+    for instance_id in instance_ids:
+        info = describe_instance(ec2, instance_id)
+        if info is None or info.launch_time is None:
+            log.warning("Run report: EC2 no longer describes %s; its cost is left out", instance_id)
+            continue
+        ended_at = transition_time(info.state_transition_reason) if info.state in _OFF_STATES else None
+        if ended_at is None:
+            if info.state not in _OFF_STATES:
+                log.warning("Run report: %s is still %s; its cost counts until now", instance_id, info.state)
+            ended_at = seen_at if info.state in _OFF_STATES else time.time()
+        launched_at = info.launch_time.timestamp()
+        price = instance_price(
+            s.aws.conn_id, s.aws.region, info.instance_type, info.market, info.availability_zone, launched_at
+        )
+        log.info(
+            "%s (%s, %s): billed from %s for %.0f s at %s USD/h (%s)",
+            instance_id,
+            info.instance_type,
+            info.market,
+            info.launch_time.isoformat(),
+            ended_at - launched_at,
+            f"{price.usd_per_hour:g}",
+            price.detail,
+        )
+        billed.append(BilledInstance(instance_id, launched_at, ended_at, price))
+    return run_cost(billed, training_s, s.aws.region)
