@@ -17,7 +17,8 @@ import pytest
 from embedded.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.observe.report import RunReport
 from tests.faults.support import output
-from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
+from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, planted_found, run_job_paths
+from tests.orchestrator.observe.test_notify import mail_text
 from tests.pipeline_fixtures import (
     ProcessListSampler,
     assert_all_terminated,
@@ -85,6 +86,10 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert run_link == f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
     assert_reported_success(tis["report"].xcom_pull(task_ids="report"), env, sha, instance, run, tis)
+    mail, post = notifications_of(env, dag_run.run_id, planted)
+    assert "ec2_training succeeded: test_accuracy" in mail and ", promoted" in mail
+    assert f"Cost:       ${report_cost(tis):.4f}" in mail and run_link in mail
+    assert "promoted to champion" in post and "|MLflow run>" in post
 
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     # The scans cover the job: its control commands and uploads, its folder on the disk, the run's model files.
@@ -95,6 +100,24 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert any(name.endswith("/output.log") for name in disk_places(env, [inst]))
     assert any(name.endswith("artifact MLmodel") for name in mlflow_places(env.mlflow.url, [run_id]))
     assert secrets_found(planted, env, dag_run, task_log, processes, ssh_traffic) == {}
+
+
+def notifications_of(stack: EmbeddedStack, run_id: str, planted: dict[str, str]) -> tuple[str, str]:
+    """The run's e-mail (its text) in the stack's SMTP server and its message in the Slack webhook stand-in (as
+    posted): exactly one each, and no planted secret in either."""
+    import json
+
+    mails = [mail_text(m.message) for m in stack.smtp.received if run_id in str(m.message["Subject"])]
+    posts = [json.dumps(p) for p in stack.slack.received if run_id in p["text"]]
+    assert (len(mails), len(posts)) == (1, 1), (mails, posts)
+    assert planted_found(planted, {"e-mail": mails[0], "Slack message": posts[0]}) == {}
+    return mails[0], posts[0]
+
+
+def report_cost(tis: dict[str, Any]) -> float:
+    cost = RunReport.from_dict(tis["report"].xcom_pull(task_ids="report")).cost
+    assert cost is not None
+    return cost.usd
 
 
 def assert_reported_success(
@@ -364,6 +387,9 @@ def test_training_failure_fails_the_run_and_terminates(
     assert (report.outcome, report.failed_step) == ("failed", "train")
     assert report.error is not None and report.error.startswith("training exited with code 3 on i-"), report.error
     assert report.promoted is None and report.cost is not None and report.cost.billed_s >= 60
+    mail, post = notifications_of(env, dag_run.run_id, planted)
+    assert "ec2_training FAILED at train" in mail and "Failed step: train" in mail
+    assert "Error:       training exited with code 3 on i-" in mail and "training exited with code 3" in post
     # A failed run too: the planted secrets never reached a command line, a file or MLflow while the job ran.
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     assert secrets_found(planted, env, dag_run, capfd.readouterr().out, processes, ssh_traffic) == {}

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from orchestrator.observe.notify import send_notifications
 from orchestrator.observe.report import error_line
 
 if TYPE_CHECKING:
@@ -18,7 +19,12 @@ log = logging.getLogger(__name__)
 def publish(settings: Settings, report: RunReport) -> list[str]:
     """Run each publisher; one that fails is logged as a warning and changes nothing. Returns those that succeeded."""
     done = []
-    for name, publisher in (("mlflow", log_cost_to_mlflow),):
+    publishers: tuple[tuple[str, Callable[[Settings, RunReport], object]], ...] = (
+        ("mlflow", log_cost_to_mlflow),
+        # After MLflow: the message's cost and links are those MLflow now holds.
+        ("notify", send_notifications),
+    )
+    for name, publisher in publishers:
         if _guarded(name, publisher, settings, report):
             done.append(name)
     return done

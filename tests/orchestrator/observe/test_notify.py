@@ -88,7 +88,7 @@ def connections(
     return smtp, slack
 
 
-def _plain(message: Any) -> str:
+def mail_text(message: Any) -> str:
     """The e-mail's text as a person reads it (the provider sends it as escaped text in an HTML <pre>)."""
     import html
 
@@ -221,7 +221,7 @@ def test_both_channels_deliver_the_report(
     [mail] = smtp.received
     assert (mail.mail_from, mail.rcpt_tos) == ("airflow@example.com", ("ml-team@example.com",))
     assert mail.message["Subject"] == compose_email(FAILURE).subject
-    assert _plain(mail.message) == compose_email(FAILURE).body
+    assert mail_text(mail.message) == compose_email(FAILURE).body
     assert len(list((smtp.mailbox_dir / "new").iterdir())) == 1  # kept in the Maildir too
     [payload] = slack.received
     assert payload["text"] == compose_slack(FAILURE).text and payload["blocks"] == compose_slack(FAILURE).blocks

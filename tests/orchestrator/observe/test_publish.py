@@ -32,7 +32,7 @@ def test_the_cost_is_logged_on_the_training_run(mlflow_server: MlflowServer) -> 
     from mlflow import MlflowClient
 
     run_id = _new_run(mlflow_server.url)
-    assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=run_id)) == ["mlflow"]
+    assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=run_id)) == ["mlflow", "notify"]
     data = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).data
     assert data.metrics == {
         "cost_usd": pytest.approx(0.1606),
@@ -42,12 +42,12 @@ def test_the_cost_is_logged_on_the_training_run(mlflow_server: MlflowServer) -> 
     }
     assert (data.tags[PRICE_SOURCE_TAG], data.tags[USD_PER_HOUR_TAG]) == ("fallback-table", "0.8048")
     # A second report (a retried task) overwrites rather than fails.
-    assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=run_id)) == ["mlflow"]
+    assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=run_id)) == ["mlflow", "notify"]
 
 
 def test_nothing_to_log_without_an_instance_or_a_run(mlflow_server: MlflowServer) -> None:
-    assert publish(_settings(mlflow_server.url), replace(REPORT, cost=None)) == ["mlflow"]
-    assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=None)) == ["mlflow"]
+    assert publish(_settings(mlflow_server.url), replace(REPORT, cost=None)) == ["mlflow", "notify"]
+    assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=None)) == ["mlflow", "notify"]
 
 
 def test_an_mlflow_outage_is_a_warning(
@@ -56,5 +56,5 @@ def test_an_mlflow_outage_is_a_warning(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     # 403: MLflow's client does not retry it.
     mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
-    assert publish(_settings(mlflow_proxy.url), replace(REPORT, mlflow_run_id="f" * 32)) == []
+    assert publish(_settings(mlflow_proxy.url), replace(REPORT, mlflow_run_id="f" * 32)) == ["notify"]
     assert "not published to mlflow: TrackingServerError: MLflow failed while logging the cost" in caplog.text
