@@ -87,6 +87,8 @@ class RunSummary:
     bootstrap_skipped: list[str] = field(default_factory=list)
     # Where the run's notifications landed: "e-mail" / "Slack" -> what arrived and where it is kept.
     notifications: dict[str, str] = field(default_factory=dict)
+    # The run report's cost (orchestrator.observe.report.Cost as a dict); None when the run launched nothing.
+    cost: dict[str, Any] | None = None
     # Seconds: bringing the deployment up, the DAG run from trigger to its end, and the training task within it.
     startup_s: float = 0.0
     run_s: float = 0.0
@@ -114,6 +116,12 @@ def render(summary: RunSummary, *, urls: Mapping[str, str], login: tuple[str, st
     if s.evaluation:
         verdict = "promoted to champion" if s.evaluation.get("promoted") else "not promoted"
         lines.append(f"model gate   {verdict}: {s.evaluation.get('reason', '')}")
+    if s.cost:
+        c = s.cost
+        lines.append(
+            f"cost         {c['usd']:.4f} USD: {c['billed_s']:.0f} s billed at {c['usd_per_hour']:g} USD/h "
+            f"({c['price_source']}); training {c['training_share']:.0%} of it, {c['non_training_s']:.0f} s not"
+        )
     lines += [
         *(
             f"{'notified' if n == 0 else '':<12} {channel}: {where}"

@@ -154,7 +154,7 @@ def assert_reported_success(
     ended = transition_time(instance["StateTransitionReason"])
     assert ended is not None
     assert cost.billed_s == max(60.0, math.ceil(ended - instance["LaunchTime"].timestamp()))
-    assert cost.usd == pytest.approx(cost.billed_s / 3600 * 0.8048)
+    assert cost.usd == pytest.approx(cost.billed_s / 3600 * 0.8048, abs=1e-6)
     assert cost.training_s == report.phases_s["training"]
     assert cost.non_training_s == pytest.approx(cost.billed_s - cost.training_s)
     assert 0 < cost.training_share < 1

@@ -87,6 +87,16 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
         run_s=32.5,
         train_s=20.0,
         notifications={"e-mail": "1 message(s) in the Maildir /m", "Slack": "1 message(s) in /s"},
+        cost={
+            "usd": 0.013413,
+            "billed_s": 60.0,  # a minute at least
+            "training_s": 20.0,
+            "non_training_s": 40.0,
+            "training_share": 0.3333,
+            "usd_per_hour": 0.8048,
+            "price_source": "fallback-table",
+            "region": "us-east-1",
+        },
     )
     assert summary.outside_training_s == 12.5
     text = render(
@@ -101,6 +111,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
     assert "DAG run 32.5 s: training 20.0 s, outside training 12.5 s (start-up before it 21.0 s)" in text
     assert "train 20.0s, terminate 1.5s" in text
     assert "notified     e-mail: 1 message(s) in the Maildir /m\n             Slack: 1 message(s) in /s" in text
+    assert "cost         0.0134 USD: 60 s billed at 0.8048 USD/h (fallback-table); training 33% of it, 40 s not" in text
     lines = text.splitlines()
     assert lines[-4:-1] == [
         "  Airflow          http://127.0.0.1:8080",
@@ -115,4 +126,5 @@ def test_summary_of_a_run_that_failed_early() -> None:
     assert "demo__2: FAILED" in text
     assert "final state  no instance" in text
     assert "model gate" not in text
+    assert "cost" not in text
     assert "outside training 4.0 s" in text

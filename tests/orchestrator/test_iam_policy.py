@@ -18,7 +18,7 @@ from orchestrator.hostkeys import generate_host_key
 from orchestrator.launch import TAG_DEPLOYMENT, TAG_PROJECT, LaunchSpec, RunIdentity, build_run_instances_request
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = sorted((REPO / "dags" / "orchestrator").glob("*.py"))
+SOURCES = sorted((REPO / "dags" / "orchestrator").rglob("*.py"))
 # The policy's placeholder for aws.deployment, and the value the launch request below is built with.
 DEPLOYMENT = "prod"
 
@@ -43,7 +43,7 @@ def allowed_actions(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return by_action
 
 
-CLIENTS = {"ec2": "ec2", "ssm_client": "ssm", "iam": "iam"}
+CLIENTS = {"ec2": "ec2", "ssm_client": "ssm", "iam": "iam", "pricing": "pricing"}
 # The API calls behind each boto waiter the code uses.
 WAITERS = {"instance_running": "describe_instances", "instance_terminated": "describe_instances"}
 
@@ -53,7 +53,7 @@ def calls_in_source() -> set[str]:
     ones included (`ec2.get_paginator("describe_instances")`, `ec2.get_waiter("instance_running")`)."""
     found = set()
     for path in SOURCES:
-        calls = re.findall(r'(?<![/\w])(ec2|ssm_client|iam)\.([a-z_]+)\((?:\s*"([a-z_]+)")?', path.read_text())
+        calls = re.findall(r'(?<![/\w])(ec2|ssm_client|iam|pricing)\.([a-z_]+)\((?:\s*"([a-z_]+)")?', path.read_text())
         for client, method, argument in calls:
             if method in ("meta", "exceptions"):
                 continue
@@ -74,6 +74,8 @@ def test_every_call_the_code_makes_is_allowed() -> None:
         "ec2:DescribeSubnets",
         "ec2:DescribeSecurityGroups",
         "iam:GetInstanceProfile",
+        "pricing:GetProducts",
+        "ec2:DescribeSpotPriceHistory",
     } <= calls
     missing = calls - set(allowed_actions(airflow_policy()))
     assert not missing, f"docs/iam.md does not allow {sorted(missing)}"

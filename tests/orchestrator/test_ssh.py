@@ -19,6 +19,7 @@ from orchestrator.ssh import (
     SshTimeoutError,
     connect,
     load_private_key,
+    parse_phases,
     parse_public_key,
     wait_for_bootstrap,
     wait_for_ssh,
@@ -110,6 +111,7 @@ def _write_later(path: Path, text: str, delay_s: float) -> threading.Timer:
 
 def test_bootstrap_ok_streams_the_log(ssh_target: SshTarget, remote_state_dir: Path) -> None:
     (remote_state_dir / "bootstrap.log").write_text("step 1\nstep 2\n")
+    (remote_state_dir / "bootstrap.phases").write_text("user 0\ngpu 2\npackages 31\n")
     timer = _write_later(remote_state_dir / "bootstrap.status", "ok\n", 0.5)
     seen: list[str] = []
     result = wait_for_bootstrap(ssh_target, str(remote_state_dir), timeout_s=10, poll_s=0.1, on_log=seen.append)
@@ -118,6 +120,13 @@ def test_bootstrap_ok_streams_the_log(ssh_target: SshTarget, remote_state_dir: P
     assert seen == ["step 1", "step 2"]
     assert result.log_tail == "step 1\nstep 2"
     assert result.elapsed_s >= 0.4
+    assert result.phases_s == {"user": 0.0, "gpu": 2.0, "packages": 31.0}
+
+
+def test_bootstrap_phases_written_by_the_instance_are_not_trusted() -> None:
+    text = "user 1\nuser 2\n$(rm -rf /) 3\ngpu -1\ngpu 1.5\npython\n\npython 4 extra\npackages 7\n"
+    assert parse_phases(text) == {"user": 3.0, "packages": 7.0}
+    assert parse_phases(None) == {}
 
 
 def test_bootstrap_error_raises_with_the_log_tail(ssh_target: SshTarget, remote_state_dir: Path) -> None:

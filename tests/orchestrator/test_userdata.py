@@ -18,6 +18,7 @@ import yaml
 from embedded.cloud import unit_exec_start
 from orchestrator.errors import ConfigError
 from orchestrator.hostkeys import generate_host_key
+from orchestrator.ssh import parse_phases
 from orchestrator.userdata import (
     SSHD_PORT_DROP_IN,
     USER_DATA_MAX_BYTES,
@@ -345,8 +346,16 @@ def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys
     jobs = (state_dir / "jobs").stat()
     assert (pwd.getpwuid(jobs.st_uid).pw_name, stat.S_IMODE(jobs.st_mode)) == (CURRENT_USER, 0o750)
     assert jobs.st_gid == pwd.getpwnam(CURRENT_USER).pw_gid
-    for name in ("bootstrap.status", "bootstrap.log", "env.sh"):
+    for name in ("bootstrap.status", "bootstrap.log", "bootstrap.phases", "env.sh"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o644, name
+    # Each step's seconds, for the run's cost report (read with the marker by orchestrator.ssh).
+    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user", "gpu", "packages", "python"}
+
+
+def test_bootstrap_records_the_failed_steps_seconds_too(keys, state_dir, tmp_path):
+    status, _ = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, ssh_user="no_such_user_x")
+    assert status.startswith("error: user:")
+    assert (state_dir / "bootstrap.phases").read_text() == "user 0\n"
 
 
 def test_spec_is_frozen(keys):

@@ -1,0 +1,143 @@
+"""orchestrator.observe.pricing: the Price List API answer parsed as AWS shapes it, spot prices and the fallback
+table, against the embedded stack's moto server (which serves DescribeSpotPriceHistory but no Price List API)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+from unittest.mock import Mock
+
+import pytest
+
+from embedded.stack import EmbeddedStack
+from orchestrator.observe.pricing import (
+    FALLBACK_FILE,
+    PriceNotFoundError,
+    fallback_price,
+    instance_price,
+    on_demand_price,
+    on_demand_usd_per_hour,
+    read_price_table,
+    spot_price,
+)
+
+
+def _product(usd: str, sku: str = "ABC") -> str:
+    """One PriceList entry as GetProducts returns it: a JSON document per product, terms keyed by SKU.offer."""
+    return json.dumps(
+        {
+            "product": {"sku": sku, "attributes": {"instanceType": "g6.xlarge", "regionCode": "us-east-1"}},
+            "terms": {
+                "OnDemand": {
+                    f"{sku}.JRTCKXETXF": {
+                        "priceDimensions": {
+                            f"{sku}.JRTCKXETXF.6YS6EN2CT7": {
+                                "unit": "Hrs",
+                                "pricePerUnit": {"USD": usd},
+                                "description": "$0.8048 per On Demand Linux g6.xlarge Instance Hour",
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    )
+
+
+def test_on_demand_price_list_parsing() -> None:
+    assert on_demand_usd_per_hour([_product("0.8048000000")], "g6.xlarge") == 0.8048
+    # The same price twice (two products of one type) is one price; two prices or none are refused.
+    assert on_demand_usd_per_hour([_product("0.8048"), _product("0.8048", "DEF")], "x") == 0.8048
+    with pytest.raises(PriceNotFoundError, match=r"2 distinct on-demand hourly prices for x"):
+        on_demand_usd_per_hour([_product("0.8048"), _product("0.9", "DEF")], "x")
+    with pytest.raises(PriceNotFoundError, match=r"0 distinct"):
+        on_demand_usd_per_hour([_product("0.0000000000")], "x")  # e.g. a reserved-capacity line
+
+
+def test_on_demand_price_asks_for_one_linux_product(stack: EmbeddedStack) -> None:
+    pricing = stack.cloud.client("pricing")
+    asked: list[dict[str, Any]] = []
+
+    def answer(params: dict[str, Any], **kwargs: Any) -> Any:
+        asked.append(params)
+        return Mock(status_code=200), {"PriceList": [_product("0.8048")], "FormatVersion": "aws_v1"}
+
+    # Answered at the client boundary: moto serves no Price List API (checked in the next test).
+    pricing.meta.events.register("before-call.pricing.GetProducts", answer)
+    try:
+        price = on_demand_price(pricing, "g6.xlarge", "eu-west-1")
+    finally:
+        pricing.meta.events.unregister("before-call.pricing.GetProducts", answer)
+    assert (price.usd_per_hour, price.source) == (0.8048, "aws-price-list")
+    filters = {f["Field"]: f["Value"] for f in asked[0]["Filters"]}
+    assert filters == {
+        "instanceType": "g6.xlarge",
+        "regionCode": "eu-west-1",
+        "operatingSystem": "Linux",
+        "preInstalledSw": "NA",
+        "tenancy": "Shared",
+        "capacitystatus": "Used",
+        "licenseModel": "No License required",
+        "marketoption": "OnDemand",
+    }
+
+
+def test_moto_serves_no_price_list_so_the_table_prices_the_embedded_default(
+    env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    price = instance_price("aws_default", env.cloud.region, "g6.xlarge", "on-demand", None, time.time())
+    assert (price.usd_per_hour, price.source) == (0.8048, "fallback-table")
+    assert "the AWS Price List API (pricing:GetProducts)" in price.detail
+    assert "No price for g6.xlarge (on-demand)" in caplog.text
+
+
+def test_access_denied_falls_back_with_the_reason(
+    env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from orchestrator import connections
+
+    made = connections.aws_client
+
+    denied = {"Code": "AccessDeniedException", "Message": "not authorized to perform pricing:GetProducts"}
+
+    def denying(service: str, conn_id: str, region: str) -> Any:
+        client = made(service, conn_id, region)
+        client.meta.events.register(
+            "before-call.pricing.GetProducts", lambda **kwargs: (Mock(status_code=400), {"Error": denied})
+        )
+        return client
+
+    monkeypatch.setattr(connections, "aws_client", denying)
+    price = instance_price("aws_default", "us-east-1", "g5.xlarge", "on-demand", None, time.time())
+    assert (price.usd_per_hour, price.source) == (1.006, "fallback-table")
+    assert "AccessDeniedException: not authorized to perform pricing:GetProducts" in price.detail
+
+
+def test_spot_price_of_the_instance_zone_from_the_moto_server(env: EmbeddedStack) -> None:
+    # moto answers every zone (ignoring the zone filter) with a fixed price; only the instance's zone counts.
+    price = spot_price(env.cloud.client("ec2"), "g6.xlarge", f"{env.cloud.region}b", time.time())
+    assert price.source == "spot-price-history"
+    assert price.usd_per_hour == pytest.approx(0.00001)
+    assert f"{env.cloud.region}b" in price.detail
+    with pytest.raises(PriceNotFoundError, match=r"no spot price for g6.xlarge in mars-1a"):
+        spot_price(env.cloud.client("ec2"), "g6.xlarge", "mars-1a", time.time())
+    # Through instance_price: a spot price that cannot be found falls back to the on-demand table.
+    fallback = instance_price("aws_default", env.cloud.region, "g6.xlarge", "spot", "mars-1a", time.time())
+    assert (fallback.source, fallback.usd_per_hour) == ("fallback-table", 0.8048)
+
+
+def test_fallback_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    table = read_price_table()
+    assert table["read_on"] and table["regions"]["us-east-1"]["g6.xlarge"] == 0.8048
+    # Another region: us-east-1's price, said to be approximate; an unknown type: 0, said too.
+    assert fallback_price("g6.xlarge", "eu-west-1", "why").usd_per_hour == 0.8048
+    assert "has no eu-west-1 price for g6.xlarge" in caplog.text
+    unknown = fallback_price("x9.huge", "us-east-1", "why")
+    assert (unknown.usd_per_hour, unknown.source) == (0.0, "fallback-table")
+    assert f"{FALLBACK_FILE.name} has no price for x9.huge" in caplog.text
+    bad = tmp_path / "prices.toml"
+    bad.write_text('read_on = "2025-06"\n[regions.us-east-1]\n"g6.xlarge" = -1\n')
+    with pytest.raises(Exception, match=r"regions.us-east-1.g6.xlarge must be a positive USD/h price"):
+        read_price_table(bad)
