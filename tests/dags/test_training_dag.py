@@ -181,6 +181,10 @@ def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) 
     assert states["plan_launch"] == "upstream_failed"
     assert states["launch"] == "upstream_failed"
     assert_all_terminated(env, dag_run, 0)
+    # No report task runs without a launch setup: the gate announces the failure itself, with the CI run's link.
+    mail, post = notifications_of(env, dag_run.run_id, {})
+    assert "ec2_training FAILED at ci_gate" in mail and "Cost:        none (no instance was launched)" in mail
+    assert f"CI run: {env.github_url}/local/ec2-trainer/commit/{sha}/checks" in mail and "|CI run>" in post
 
 
 def test_unknown_branch_fails_at_the_gate(env: EmbeddedStack) -> None:
