@@ -111,7 +111,8 @@ def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
     summary.mlflow_run_id = xcom("train")
     summary.mlflow_run_url = xcom("train", "mlflow_run_url")
     summary.evaluation = xcom("evaluate")
-    summary.cost = (xcom("report") or {}).get("cost")
+    report = xcom("report") or {}
+    summary.cost, summary.phases = report.get("cost"), report.get("phases_s") or {}
     if summary.mlflow_run_id:
         metrics = MlflowClient(stack.mlflow.url).get_run(summary.mlflow_run_id).data.metrics
         summary.metrics = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test_")}

@@ -89,6 +89,7 @@ class RunSummary:
     notifications: dict[str, str] = field(default_factory=dict)
     # The run report's cost (orchestrator.observe.report.Cost as a dict); None when the run launched nothing.
     cost: dict[str, Any] | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # the run report's phases_s
     # Seconds: bringing the deployment up, the DAG run from trigger to its end, and the training task within it.
     startup_s: float = 0.0
     run_s: float = 0.0
@@ -122,6 +123,8 @@ def render(summary: RunSummary, *, urls: Mapping[str, str], login: tuple[str, st
             f"cost         {c['usd']:.4f} USD: {c['billed_s']:.0f} s billed at {c['usd_per_hour']:g} USD/h "
             f"({c['price_source']}); training {c['training_share']:.0%} of it, {c['non_training_s']:.0f} s not"
         )
+    if s.phases:
+        lines.append("phases       " + ", ".join(f"{phase} {sec:.1f}s" for phase, sec in s.phases.items()))
     lines += [
         *(
             f"{'notified' if n == 0 else '':<12} {channel}: {where}"

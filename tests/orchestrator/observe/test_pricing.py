@@ -60,16 +60,21 @@ def test_on_demand_price_asks_for_one_linux_product(stack: EmbeddedStack) -> Non
     pricing = stack.cloud.client("pricing")
     asked: list[dict[str, Any]] = []
 
-    def answer(params: dict[str, Any], **kwargs: Any) -> Any:
-        asked.append(params)
+    def ask(params: dict[str, Any], **kwargs: Any) -> None:
+        asked.append(dict(params))
+
+    def answer(**kwargs: Any) -> Any:
         return Mock(status_code=200), {"PriceList": [_product("0.8048")], "FormatVersion": "aws_v1"}
 
     # Answered at the client boundary: moto serves no Price List API (checked in the next test).
-    pricing.meta.events.register("before-call.pricing.GetProducts", answer)
+    events = (("before-parameter-build.pricing.GetProducts", ask), ("before-call.pricing.GetProducts", answer))
+    for event, handler in events:
+        pricing.meta.events.register(event, handler)
     try:
         price = on_demand_price(pricing, "g6.xlarge", "eu-west-1")
     finally:
-        pricing.meta.events.unregister("before-call.pricing.GetProducts", answer)
+        for event, handler in events:
+            pricing.meta.events.unregister(event, handler)
     assert (price.usd_per_hour, price.source) == (0.8048, "aws-price-list")
     filters = {f["Field"]: f["Value"] for f in asked[0]["Filters"]}
     assert filters == {

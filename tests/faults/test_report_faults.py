@@ -1,0 +1,83 @@
+"""Run-report faults at unit level (a whole DAG run costs minutes): AWS refusing the price lookups and MLflow refusing
+the cost. The report must still be made, say where its price came from and why, and never raise into the run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+from unittest.mock import Mock
+
+import pytest
+
+from embedded.stack import EmbeddedStack
+from orchestrator.observe.publish import publish
+from orchestrator.observe.report import Cost
+from orchestrator.settings import load_settings
+from tests.fault_table import FaultTable
+from tests.mlflow_fixtures import FaultProxy
+from tests.orchestrator.observe.test_report import REPORT
+from tests.pipeline_fixtures import ProcessListSampler, planted_found
+
+pytestmark = pytest.mark.slow
+
+
+def test_prices_denied_and_mlflow_refusing_the_cost(
+    env: EmbeddedStack,
+    planted: dict[str, str],
+    mlflow_proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    processes: ProcessListSampler,
+    fault_table: FaultTable,
+) -> None:
+    from orchestrator import connections
+    from orchestrator.observe.pricing import instance_price
+
+    made = connections.aws_client
+    denied = {"Code": "AccessDeniedException", "Message": "User is not authorized to perform: pricing:GetProducts"}
+    throttled = {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}
+    requests: list[str] = []
+
+    def refusing(service: str, conn_id: str, region: str) -> Any:
+        client = made(service, conn_id, region)
+
+        def answer(error: dict[str, str], status: int) -> Any:
+            def handler(model: Any, **kwargs: Any) -> Any:
+                requests.append(model.name)
+                return Mock(status_code=status), {"Error": error}
+
+            return handler
+
+        client.meta.events.register("before-call.pricing.GetProducts", answer(denied, 400))
+        client.meta.events.register("before-call.ec2.DescribeSpotPriceHistory", answer(throttled, 503))
+        return client
+
+    monkeypatch.setattr(connections, "aws_client", refusing)
+    on_demand = instance_price("aws_default", "us-east-1", "g6.xlarge", "on-demand", None, time.time())
+    spot = instance_price("aws_default", "us-east-1", "g5.xlarge", "spot", "us-east-1a", time.time())
+    assert (on_demand.source, on_demand.usd_per_hour) == ("fallback-table", 0.8048)
+    assert "AccessDeniedException: User is not authorized" in on_demand.detail
+    assert (spot.source, spot.usd_per_hour) == ("fallback-table", 1.006)
+    assert "DescribeSpotPriceHistory: RequestLimitExceeded" in spot.detail
+    # Denied once (a client error is not retried); throttled until botocore's attempts ran out (5).
+    assert (requests.count("GetProducts"), requests.count("DescribeSpotPriceHistory")) == (1, 5)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
+    s = load_settings()
+    s = replace(s, mlflow=replace(s.mlflow, tracking_uri=mlflow_proxy.url))
+    cost = Cost(0.0335, 150.0, 75.0, 75.0, 0.5, on_demand.usd_per_hour, on_demand.source, "us-east-1")
+    assert publish(s, replace(REPORT, cost=cost, mlflow_run_id="f" * 32)) == []  # nothing raised
+    assert "Run report not published to mlflow: TrackingServerError" in caplog.text
+
+    leaks = sum(planted_found(planted, {"log": caplog.text, "process list": processes.text()}).values())
+    assert leaks == 0
+    fault_table.record(
+        "unit: report: Price List API AccessDenied, spot history throttled, MLflow 403 on the cost",
+        "prices from config/prices.toml naming why; cost not logged, a warning; nothing raised",
+        f"fallback-table {on_demand.usd_per_hour} and {spot.usd_per_hour} USD/h with the AWS error codes; "
+        f"{requests.count('DescribeSpotPriceHistory')} throttled attempts; MLflow 403 logged as a warning",
+        0,
+        leaks,
+    )
