@@ -13,6 +13,7 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci_gate import CiGateOperator
+from orchestrator.observe.early_failure import announce_early_failure
 from orchestrator.observe.failures import record_failure
 from orchestrator.operators import InstanceLaunchSensor, InstanceReadyOperator, RemoteTrainingOperator
 from orchestrator.run_params import RUN_PARAMS
@@ -32,8 +33,9 @@ with DAG(
     catchup=False,
     # Runs beyond aws.max_instances wait cheaply in the launch pool; this only bounds the scheduler's work.
     max_active_runs=32,
-    # Each step that fails for good records its error's first line for the run report (secrets masked).
-    default_args={"retries": 0, "on_failure_callback": record_failure},
+    # Each step that fails for good records its error's first line for the run report (secrets masked); one that
+    # fails before plan_launch succeeded (no report will run) sends the run's failure notice itself.
+    default_args={"retries": 0, "on_failure_callback": [record_failure, announce_early_failure]},
     tags=["training", "ec2", "mlflow"],
     doc_md=__doc__,
     # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.

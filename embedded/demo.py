@@ -116,6 +116,11 @@ def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
     if summary.mlflow_run_id:
         metrics = MlflowClient(stack.mlflow.url).get_run(summary.mlflow_run_id).data.metrics
         summary.metrics = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test_")}
+    mails, posts = len(stack.smtp.received), len(stack.slack.received)
+    summary.notifications = {
+        "e-mail": f"{mails} message(s) in the Maildir {stack.smtp.mailbox_dir} (new/, one file each)",
+        "Slack": f"{posts} message(s) in {stack.slack.folder} (one JSON file each, as posted)",
+    }
     booted = stack.cloud.instances.get(summary.instance_id or "")
     bootstrap_log = stack.cloud.host_path(booted, stack.state_dir / "bootstrap.log") if booted else None
     if bootstrap_log and bootstrap_log.exists():

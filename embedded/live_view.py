@@ -85,6 +85,8 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     bootstrap_skipped: list[str] = field(default_factory=list)
+    # Where the run's notifications landed: "e-mail" / "Slack" -> what arrived and where it is kept.
+    notifications: dict[str, str] = field(default_factory=dict)
     # The run report's cost (orchestrator.observe.report.Cost as a dict); None when the run launched nothing.
     cost: dict[str, Any] | None = None
     phases: dict[str, float] = field(default_factory=dict)  # the run report's phases_s
@@ -124,6 +126,10 @@ def render(summary: RunSummary, *, urls: Mapping[str, str], login: tuple[str, st
     if s.phases:
         lines.append("phases       " + ", ".join(f"{phase} {sec:.1f}s" for phase, sec in s.phases.items()))
     lines += [
+        *(
+            f"{'notified' if n == 0 else '':<12} {channel}: {where}"
+            for n, (channel, where) in enumerate(s.notifications.items())
+        ),
         "skipped here " + ("; ".join(s.bootstrap_skipped) or "nothing"),
         f"time         DAG run {s.run_s:.1f} s: training {s.train_s:.1f} s, "
         f"outside training {s.outside_training_s:.1f} s (start-up before it {s.startup_s:.1f} s)",

@@ -7,6 +7,8 @@
 | MLflow tracking server      | a real MLflow server on SQLite with proxied artifacts (or a second one  |
 |                             | on PostgreSQL with artifacts in the moto server's S3: `s3_mlflow()`)     |
 | Pushgateway + Prometheus    | Debian's prometheus-pushgateway, and prometheus scraping it             |
+| mail server, Slack          | an SMTP server (aiosmtpd) keeping mail in a Maildir, and a stand-in for |
+|                             | a Slack incoming webhook keeping each message as a JSON file            |
 
 `environment()` returns what Airflow needs to use them (connections as AIRFLOW_CONN_* variables, configuration as
 TRAINER__* variables): the DAG and the orchestrator run unchanged; only connections and configuration differ.
@@ -31,6 +33,8 @@ from embedded.github_standin import GitHubStandIn
 from embedded.mlflow_server import MlflowServer
 from embedded.process import Managed, free_port
 from embedded.prometheus import Prometheus, Pushgateway
+from embedded.slack_webhook import SlackWebhookStandIn
+from embedded.smtp_server import LocalSmtpServer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,10 @@ DEPLOYMENT = "embedded"
 DATASETS_URI = f"s3://{DATASET_BUCKET}/{DATASET_PREFIX}"
 # Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
 DEMO_DATA_URI = "synthetic://?train_per_class=120&val_per_class=30&test_per_class=30&size=64&seed=0"
+# The embedded default's notification connections (notify.*_conn_id) and recipient.
+SMTP_CONN_ID = "smtp_default"
+SLACK_CONN_ID = "slack_webhook"
+EMAIL_TO = "ml-team@localhost"
 # Smaller still, for the tests and the load benchmark: exercises the whole job, learns little.
 TINY_DATA_URI = "synthetic://?train_per_class=40&val_per_class=10&test_per_class=10&size=64&seed=0"
 
@@ -116,6 +124,9 @@ class EmbeddedStack(Managed):
         self.github_url = ""
         self.pushgateway = Pushgateway(self.workdir / "pushgateway")
         self.prometheus = Prometheus(self.workdir / "prometheus", [self.pushgateway.address])
+        notifications = self.workdir / "notifications"
+        self.smtp = LocalSmtpServer(notifications)
+        self.slack = SlackWebhookStandIn(notifications / "slack")
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +142,8 @@ class EmbeddedStack(Managed):
         self.mlflow.start()
         self.pushgateway.start()
         self.prometheus.start()
+        self.smtp.start()
+        self.slack.start()
 
     def stop(self) -> None:
         for stop in (
@@ -140,6 +153,8 @@ class EmbeddedStack(Managed):
             self.mlflow.stop,
             self.prometheus.stop,
             self.pushgateway.stop,
+            self.smtp.stop,
+            self.slack.stop,
         ):
             try:
                 stop()
@@ -187,6 +202,22 @@ class EmbeddedStack(Managed):
                 "login": self.cloud.login_user,
                 "extra": {"private_key": self.ssh_private_key},
             },
+            # A local relay, as a mail server on localhost would be: plain SMTP, no login (the tests also run the
+            # server with STARTTLS and AUTH, as a submission server on 587 asks).
+            f"AIRFLOW_CONN_{SMTP_CONN_ID.upper()}": {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": self.smtp.port,
+                "extra": {
+                    "disable_ssl": True,
+                    "disable_tls": True,
+                    "from_email": "ec2-trainer@localhost",
+                    "timeout": 10,
+                    "retry_limit": 1,
+                },
+            },
+            # As Slack hands it out: the whole webhook URL is the secret, kept as the password.
+            f"AIRFLOW_CONN_{SLACK_CONN_ID.upper()}": {"conn_type": "slackwebhook", "password": self.slack.url},
         }
         settings = {
             "GITHUB__REPO": GITHUB_REPO,
@@ -222,6 +253,9 @@ class EmbeddedStack(Managed):
             # The retraining DAGs watch the stack's dataset bucket through its queue (off in defaults.toml).
             "DATASETS__URI": DATASETS_URI,
             "DATASETS__SQS_QUEUE_URL": self.cloud.dataset_queue_url,
+            "NOTIFY__SMTP_CONN_ID": SMTP_CONN_ID,
+            "NOTIFY__SLACK_WEBHOOK_CONN_ID": SLACK_CONN_ID,
+            "NOTIFY__EMAIL_TO": EMAIL_TO,
         }
         env = {name: json.dumps(value) for name, value in conns.items()}
         env.update({f"TRAINER__{name}": value for name, value in settings.items()})

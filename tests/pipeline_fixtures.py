@@ -65,6 +65,7 @@ def planted_connections(stack: EmbeddedStack) -> tuple[dict[str, str], dict[str,
         "mlflow": f"planted-mlflow-password-{_PLANTED_SUFFIX}",
         "github": stack.github_token,
         "ssh": stack.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
+        "slack webhook": stack.slack.path.rsplit("/", 1)[1],  # the token part of the webhook's URL
     }
     aws = json.loads(stack.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
     aws.update(login="AKIAPLANTEDKEYID0000", password=secrets["aws"])

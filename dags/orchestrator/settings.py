@@ -39,6 +39,9 @@ _DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # S3 bucket names (legacy us-east-1 ones allow capitals and underscores, as remote/sources.py accepts).
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 _CONCLUSIONS = frozenset({"success", "skipped", "neutral"})
+# An address as SMTP carries it (no display name): the notifier passes it as given to the mail server.
+_EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+NOTIFY_ON = ("failure", "success", "both")
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,22 @@ class RetrainSettings:
         return self.branch or github.branch
 
 
+class NotifySettings:
+    """Optional alerts about each run (orchestrator/observe/notify.py); an empty connection id turns its channel off."""
+
+    slack_webhook_conn_id: str = ""
+    smtp_conn_id: str = ""
+    email_to: tuple[str, ...] = ()
+    # Empty: the SMTP connection's extra `from_email`.
+    email_from: str = ""
+    on: str = "both"
+    timeout_seconds: int = 10
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.slack_webhook_conn_id or self.smtp_conn_id)
+
+
 @dataclass(frozen=True)
 class Settings:
     github: GitHubSettings
@@ -168,6 +187,7 @@ class Settings:
     metrics: MetricsSettings
     datasets: DatasetSettings = field(default_factory=DatasetSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy (for XCom): holds no secret by construction."""
@@ -266,6 +286,7 @@ def validate(s: Settings) -> None:
     _validate_metrics(s.metrics)
     _validate_datasets(s.datasets)
     _validate_retrain(s.retrain, s.datasets)
+    _validate_notify(s.notify)
     for param in RUN_PARAMS:
         if param.overrides_setting:
             _check_param(s, param)
@@ -431,6 +452,31 @@ def _validate_retrain(r: RetrainSettings, d: DatasetSettings) -> None:
         _check(bool(d.uri), "datasets.uri", d.uri, "s3://bucket/prefix/: retrain.schedule retrains its latest version")
     if r.branch:
         validate_git_ref(r.branch, "retrain.branch")
+
+
+def _validate_notify(n: NotifySettings) -> None:
+    for name, conn_id in (
+        ("notify.slack_webhook_conn_id", n.slack_webhook_conn_id),
+        ("notify.smtp_conn_id", n.smtp_conn_id),
+    ):
+        _check(
+            not conn_id or bool(_CONN_ID_RE.fullmatch(conn_id)),
+            name,
+            conn_id,
+            "empty (off) or an Airflow connection id",
+        )
+    _check(n.on in NOTIFY_ON, "notify.on", n.on, " or ".join(NOTIFY_ON))
+    _check_range(n.timeout_seconds, "notify.timeout_seconds", 1, 300)
+    for i, address in enumerate(n.email_to):
+        _check_match(_EMAIL_RE, address, f"notify.email_to[{i}]", "an e-mail address such as ml-team@example.com")
+    if n.email_from:
+        _check_match(_EMAIL_RE, n.email_from, "notify.email_from", "an e-mail address such as airflow@example.com")
+    _check(
+        not n.smtp_conn_id or bool(n.email_to),
+        "notify.email_to",
+        [],
+        "at least one address when notify.smtp_conn_id is set (the mail has nowhere to go otherwise)",
+    )
 
 
 def validate_data_uri(uri: str) -> None:

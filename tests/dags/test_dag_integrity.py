@@ -98,6 +98,16 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert train.operator_extra_links[0].name
 
 
+def test_a_failure_before_the_launch_setup_is_announced_by_the_failing_step(training_dag: Any) -> None:
+    """Such a run has no report (its setup never succeeded), so its failing step sends the notice itself."""
+    from orchestrator.observe.early_failure import announce_early_failure, report_will_run
+
+    early = {"resolve_config", "ci_gate", "plan_launch"}
+    for task in training_dag.tasks:
+        assert report_will_run(training_dag, task.task_id) is (task.task_id not in early), task.task_id
+        assert announce_early_failure in task.on_failure_callback
+
+
 def test_only_launch_takes_turns_in_the_shipped_one_slot_pool(training_dag: Any) -> None:
     pools = json.loads((REPO / "config" / "pools.json").read_text())
     in_pools = {t.task_id: t.pool for t in training_dag.tasks if t.pool != "default_pool"}

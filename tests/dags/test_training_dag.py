@@ -18,8 +18,9 @@ import pytest
 from embedded.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.observe.report import RunReport
 from tests.faults.support import output
-from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, run_job_paths
+from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, planted_found, run_job_paths
 from tests.monitoring_fixtures import assert_run_in_prometheus
+from tests.orchestrator.observe.test_notify import mail_text
 from tests.pipeline_fixtures import (
     ProcessListSampler,
     assert_all_terminated,
@@ -89,6 +90,10 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert_reported_success(tis["report"].xcom_pull(task_ids="report"), env, sha, instance, run, tis)
     # The report step pushed the run's series to the stack's Pushgateway; its Prometheus scraped them.
     assert_run_in_prometheus(env.prometheus, RunReport.from_dict(tis["report"].xcom_pull(task_ids="report")))
+    mail, post = notifications_of(env, dag_run.run_id, planted)
+    assert "ec2_training succeeded: test_accuracy" in mail and ", promoted" in mail
+    assert f"Cost:       ${report_cost(tis):.4f}" in mail and run_link in mail
+    assert "promoted to champion" in post and "|MLflow run>" in post
 
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     # The scans cover the job: its control commands and uploads, its folder on the disk, the run's model files.
@@ -99,6 +104,24 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert any(name.endswith("/output.log") for name in disk_places(env, [inst]))
     assert any(name.endswith("artifact MLmodel") for name in mlflow_places(env.mlflow.url, [run_id]))
     assert secrets_found(planted, env, dag_run, task_log, processes, ssh_traffic) == {}
+
+
+def notifications_of(stack: EmbeddedStack, run_id: str, planted: dict[str, str]) -> tuple[str, str]:
+    """The run's e-mail (its text) in the stack's SMTP server and its message in the Slack webhook stand-in (as
+    posted): exactly one each, and no planted secret in either."""
+    import json
+
+    mails = [mail_text(m.message) for m in stack.smtp.received if run_id in str(m.message["Subject"])]
+    posts = [json.dumps(p) for p in stack.slack.received if run_id in p["text"]]
+    assert (len(mails), len(posts)) == (1, 1), (mails, posts)
+    assert planted_found(planted, {"e-mail": mails[0], "Slack message": posts[0]}) == {}
+    return mails[0], posts[0]
+
+
+def report_cost(tis: dict[str, Any]) -> float:
+    cost = RunReport.from_dict(tis["report"].xcom_pull(task_ids="report")).cost
+    assert cost is not None
+    return cost.usd
 
 
 def assert_reported_success(
@@ -162,6 +185,10 @@ def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) 
     assert states["plan_launch"] == "upstream_failed"
     assert states["launch"] == "upstream_failed"
     assert_all_terminated(env, dag_run, 0)
+    # No report task runs without a launch setup: the gate announces the failure itself, with the CI run's link.
+    mail, post = notifications_of(env, dag_run.run_id, {})
+    assert "ec2_training FAILED at ci_gate" in mail and "Cost:        none (no instance was launched)" in mail
+    assert f"CI run: {env.github_url}/local/ec2-trainer/commit/{sha}/checks" in mail and "|CI run>" in post
 
 
 def test_unknown_branch_fails_at_the_gate(env: EmbeddedStack) -> None:
@@ -369,6 +396,9 @@ def test_training_failure_fails_the_run_and_terminates(
     assert re.match(r"training exited with code [1-9]\d* on i-\w+ \(MLflow run \w+\)", report.error or ""), report.error
     assert report.promoted is None and report.cost is not None and report.cost.billed_s >= 60
     assert_run_in_prometheus(env.prometheus, report)
+    mail, post = notifications_of(env, dag_run.run_id, planted)
+    assert "ec2_training FAILED at train" in mail and "Failed step: train" in mail
+    assert "Error:       training exited with code " in mail and "training exited with code " in post
     # A failed run too: the planted secrets never reached a command line, a file or MLflow while the job ran.
     assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
     assert secrets_found(planted, env, dag_run, capfd.readouterr().out, processes, ssh_traffic) == {}

@@ -86,6 +86,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
         startup_s=21.0,
         run_s=32.5,
         train_s=20.0,
+        notifications={"e-mail": "1 message(s) in the Maildir /m", "Slack": "1 message(s) in /s"},
         cost={
             "usd": 0.013413,
             "billed_s": 60.0,  # a minute at least
@@ -110,6 +111,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
     assert "model gate   promoted to champion: 0.93 passes the threshold" in text
     assert "DAG run 32.5 s: training 20.0 s, outside training 12.5 s (start-up before it 21.0 s)" in text
     assert "train 20.0s, terminate 1.5s" in text
+    assert "notified     e-mail: 1 message(s) in the Maildir /m\n             Slack: 1 message(s) in /s" in text
     assert "cost         0.0134 USD: 60 s billed at 0.8048 USD/h (fallback-table); training 33% of it, 40 s not" in text
     assert "phases       launch 1.0s, bootstrap.python 4.0s, training 20.0s" in text
     lines = text.splitlines()

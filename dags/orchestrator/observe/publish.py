@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orchestrator.observe.metrics import push_run_metrics
+from orchestrator.observe.notify import send_notifications
 from orchestrator.observe.report import error_line
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 def publish(settings: Settings, report: RunReport) -> list[str]:
     """Run each publisher; one that fails is logged as a warning and changes nothing. Returns those that succeeded."""
     publishers: list[tuple[str, Callable[[Settings, RunReport], object]]] = [("mlflow", log_cost_to_mlflow)]
+    if settings.notify.enabled:
+        # After MLflow: the message's cost and links are those MLflow now holds.
+        publishers.append(("notify", send_notifications))
     if settings.metrics.enabled:
         publishers.append(("metrics", push_run_metrics))
     done = []
