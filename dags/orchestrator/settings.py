@@ -161,6 +161,7 @@ class RetrainSettings:
         return self.branch or github.branch
 
 
+@dataclass(frozen=True)
 class NotifySettings:
     """Optional alerts about each run (orchestrator/observe/notify.py); an empty connection id turns its channel off."""
 
