@@ -201,6 +201,7 @@ class RemoteTrainingOperator(BaseOperator):
             dag_id=self.dag_id,
             run_id=context["run_id"],
             try_number=context["ti"].try_number,
+            parent_run_id=self.config.get("mlflow_parent_run_id", ""),
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
