@@ -47,6 +47,8 @@ with DAG(
             None,
             type=["null", "array"],
             items=SET_SCHEMA,
+            minItems=MIN_SETS,
+            maxItems=MAX_SETS,
             title="Sets",
             description=f"The hyperparameter sets, {MIN_SETS} to {MAX_SETS}, each a table of the job's knobs "
             f"({', '.join(JOB_PARAMS)}) with the bounds of ec2_training's form, e.g. {EXAMPLE_SETS}; a knob a set "

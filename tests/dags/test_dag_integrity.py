@@ -140,6 +140,8 @@ def test_sweep_params_check_each_knob_with_the_training_forms_schema(dagbag: Any
     assert params.get_param("grid").resolve({"model": ["default", "seed"]}) == {"model": ["default", "seed"]}
     with pytest.raises(ParamValidationError, match=r"0 is less than the minimum of 1"):
         copy.deepcopy(params.get_param("sets")).resolve([{"epochs": 0}, {}])
+    with pytest.raises(ParamValidationError, match=r"is too long"):
+        copy.deepcopy(params.get_param("sets")).resolve([{"epochs": n} for n in range(1, 18)])
     with pytest.raises(ParamValidationError, match=r"Additional properties are not allowed \('epoch' was unexpected"):
         copy.deepcopy(params.get_param("grid")).resolve({"epoch": [1, 2]})
 

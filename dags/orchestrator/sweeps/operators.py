@@ -29,6 +29,8 @@ class SweepSetOperator(TriggerDagRunOperator):
         kwargs.setdefault("deferrable", True)
         # A paused ec2_training would leave every set queued for ever: fail instead, saying so.
         kwargs.setdefault("fail_when_dag_is_paused", True)
+        # ec2_training refuses a conf key it does not know: OpenLineage's parent info would fail every set.
+        kwargs.setdefault("openlineage_inject_parent_info", False)
         super().__init__(**kwargs)
 
     def execute(self, context: Context) -> None:
