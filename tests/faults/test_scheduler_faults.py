@@ -345,7 +345,13 @@ def sweep_model(settings_file: Path) -> Iterator[str]:
 
 
 def test_a_sweep_of_three_sets_with_one_failing(
-    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, sweep_model: str, fault_table: FaultTable
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    sha: str,
+    sweep_model: str,
+    planted_in_airflow: dict[str, str],
+    processes: ProcessListSampler,
+    fault_table: FaultTable,
 ) -> None:
     """Three sets, the second with data that does not exist (its job exits 3): the other two train to their end,
     every set's instance is terminated, the gate promotes the best set only, and the sweep fails saying 1 of 3."""
@@ -397,6 +403,16 @@ def test_a_sweep_of_three_sets_with_one_failing(
     )
     assert expected in summary_log
     assert parent.info.status == "FAILED" and parent.data.tags["ec2_trainer.sweep.verdict"].startswith("1 of 3 sets")
+    launched = {child: airflow.xcom(DAG_ID, child, "launch")["instance_id"] for child in children}
+    sweep_places = {
+        "sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id),
+        "sweep XComs and rendered fields": airflow.stored_outputs(SWEEP_DAG_ID, run_id),
+        "parent MLflow run": json.dumps([parent.data.params, parent.data.tags]),
+    }
+    leaks = scan(planted_in_airflow, stack, airflow, launched, processes) | planted_found(
+        planted_in_airflow, sweep_places
+    )
+    assert leaks == {}
     fault_table.record(
         "sweep of 3 sets, set 2's data missing (job exits 3), aws.max_instances=3, real scheduler",
         "sets 1 and 3 train on and succeed; 3 nested MLflow runs; only the best set gated; sweep failed '1 of 3'",
@@ -404,19 +420,21 @@ def test_a_sweep_of_three_sets_with_one_failing(
         f"{children.index(best.data.tags['airflow.run_id']) + 1} promoted, the other left_to_sweep; sweep {state}: "
         f"'1 of 3 sets failed'; wall {wall_s:.0f} s",
         sum(1 for states in instance_states(stack, children).values() for s in states if s != "terminated"),
-        0,
+        sum(leaks.values()),
     )
 
 
 def test_sweep_params_the_form_refuses_start_nothing(
-    airflow: LocalAirflow, stack: EmbeddedStack, fault_table: FaultTable
+    airflow: LocalAirflow, stack: EmbeddedStack, planted_in_airflow: dict[str, str], fault_table: FaultTable
 ) -> None:
     """A set outside a knob's bounds is refused by the API (as by the form) before any DAG run exists."""
     from embedded.airflow_local import AirflowError
 
     airflow.wait_for_dag(SWEEP_DAG_ID)
     before = len(airflow.dag_runs(SWEEP_DAG_ID))
-    with pytest.raises(AirflowError, match=r"HTTP 400.*Invalid input for param sets: 0 is less than the minimum of 1"):
+    with pytest.raises(
+        AirflowError, match=r"HTTP 400.*Invalid input for param sets: 0 is less than the minimum of 1"
+    ) as refused:
         airflow.trigger(SWEEP_DAG_ID, "sweep_invalid__01", {"sets": [{"epochs": 0}, {"epochs": 2}]})
     assert len(airflow.dag_runs(SWEEP_DAG_ID)) == before
     assert instance_states(stack, ["sweep_invalid__01__set1", "sweep_invalid__01__set2"]) == {
@@ -428,12 +446,12 @@ def test_sweep_params_the_form_refuses_start_nothing(
         "refused by the API as the form refuses it, naming the param; no DAG run, nothing launched",
         "HTTP 400 'Invalid input for param sets: 0 is less than the minimum of 1'; no run created",
         0,
-        0,
+        sum(planted_found(planted_in_airflow, {"API answer": str(refused.value)}).values()),
     )
 
 
 def test_a_grid_of_too_many_sets_fails_before_the_ci_gate(
-    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+    airflow: LocalAirflow, sha: str, planted_in_airflow: dict[str, str], fault_table: FaultTable
 ) -> None:
     airflow.wait_for_dag(SWEEP_DAG_ID)
     run_id = "sweep_too_many__01"
@@ -455,5 +473,5 @@ def test_a_grid_of_too_many_sets_fails_before_the_ci_gate(
         f"resolve_sweep failed, try 1: 'grid gives 20 sets; expected 2 to 16: split it into several sweeps'; "
         f"ci_gate {tis['ci_gate']['state']}; 0 sets; run {state}",
         0,
-        0,
+        sum(planted_found(planted_in_airflow, {"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)}).values()),
     )
