@@ -64,4 +64,6 @@ def child_state(ti: Any, run_id: str) -> str:
     """The state of a set's ec2_training run, as the task instance `ti` can read it; NOT_CREATED if none exists."""
     if not ti.get_dr_count(dag_id=TRAINING_DAG_ID, run_ids=[run_id]):
         return NOT_CREATED
-    return str(ti.get_dagrun_state(TRAINING_DAG_ID, run_id))
+    state = ti.get_dagrun_state(TRAINING_DAG_ID, run_id)
+    # An enum (DagRunState) whose str() is "DagRunState.SUCCESS": its value is the state's name.
+    return str(getattr(state, "value", state))
