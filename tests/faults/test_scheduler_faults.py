@@ -408,7 +408,6 @@ def test_a_sweep_of_three_sets_with_one_failing(
     launched = {child: airflow.xcom(DAG_ID, child, "launch")["instance_id"] for child in children}
     sweep_places = {
         "sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id),
-        "sweep XComs and rendered fields": airflow.stored_outputs(SWEEP_DAG_ID, run_id),
         "parent MLflow run": json.dumps([parent.data.params, parent.data.tags]),
     }
     leaks = scan(planted_in_airflow, stack, airflow, launched, processes) | planted_found(
