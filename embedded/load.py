@@ -111,7 +111,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-class _Sampler:
+class Sampler:
     """Samples, every interval, the project's live instances (from EC2) and this process tree's memory."""
 
     def __init__(self, stack: EmbeddedStack, project_tag: str, interval_s: float = 0.5) -> None:
@@ -177,7 +177,7 @@ class _Sampler:
                 self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
                 next_memory = time.monotonic() + 2 * self._interval_s
 
-    def __enter__(self) -> _Sampler:
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -203,7 +203,7 @@ def run_batch(
     airflow.wait_for_dag(DAG_ID)
     run_ids = [f"{prefix}__{n:02d}" for n in range(runs)]
     started = time.monotonic()
-    with _Sampler(stack, project_tag) as sampler:
+    with Sampler(stack, project_tag) as sampler:
         for run_id in run_ids:
             airflow.trigger(DAG_ID, run_id, conf)
         states = airflow.wait_for_runs(DAG_ID, run_ids, timeout_s=timeout_s)

@@ -209,6 +209,7 @@ class RemoteTrainingOperator(BaseOperator):
             run_id=context["run_id"],
             try_number=context["ti"].try_number,
             dataset_tags=dataset.tags() if dataset else None,
+            parent_run_id=self.config.get("mlflow_parent_run_id", ""),
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.run_params import BY_NAME, RUN_PARAMS, schema_violation
 from orchestrator.settings import Settings, load_settings, validate_git_ref
 
 if TYPE_CHECKING:
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The config's keys that are this run's own values, not settings (git_ref, and what ec2_sweep sets on its runs).
+RUN_ONLY_KEYS = frozenset(param.name for param in RUN_PARAMS if not param.overrides_setting)
 # How long terminate waits to see its instances terminated (EC2 takes seconds to a few minutes): only for the log.
 TERMINATE_WAIT_S = 300
 
@@ -27,6 +30,7 @@ def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
     validate_git_ref(ref)
     resolved = settings.to_dict()
     resolved["git_ref"] = ref
+    resolved.update(sweep_child_params(params))
     log.info(
         "Run configuration: repo %s ref %s; instance types %s (%s); epochs %s, batch %s, lr %s, data %s",
         settings.github.repo,
@@ -41,6 +45,21 @@ def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def sweep_child_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """What ec2_sweep sets on each of its runs: the parent MLflow run ("" for none) and whether evaluate may move
+    the champion alias (True unless "false"). Checked against their Params' schemas, as the form checks them."""
+    from orchestrator.errors import ConfigError
+
+    values = {name: params.get(name) for name in ("mlflow_parent_run_id", "promote")}
+    for name, value in values.items():
+        param = BY_NAME[name]
+        if value not in (None, "") and schema_violation(value, param.form_schema()):
+            raise ConfigError(f"params: {name}: {value!r} is invalid; expected {param.range_text}")
+    if values["mlflow_parent_run_id"]:
+        log.info("Nested under MLflow run %s; promote: %s", values["mlflow_parent_run_id"], values["promote"] or "true")
+    return {"mlflow_parent_run_id": values["mlflow_parent_run_id"] or "", "promote": values["promote"] != "false"}
+
+
 @contextlib.contextmanager
 def fail_without_retry(*errors: type[Exception]) -> Iterator[None]:
     """Errors no retry can fix fail the task at once: retrying a bad instance type only delays the message."""
@@ -53,7 +72,7 @@ def fail_without_retry(*errors: type[Exception]) -> Iterator[None]:
 
 
 def settings_of(config: Mapping[str, Any]) -> Settings:
-    return Settings.from_dict({k: v for k, v in config.items() if k != "git_ref"})
+    return Settings.from_dict({k: v for k, v in config.items() if k not in RUN_ONLY_KEYS})
 
 
 def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> dict[str, Any]:
@@ -345,7 +364,9 @@ def wait_ready_in_worker(
 
 
 def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
-    """Gate the run's model; a run or champion that cannot be compared fails at once, any other MLflow error retries."""
+    """Gate the run's model; a run or champion that cannot be compared fails at once, any other MLflow error retries.
+
+    A sweep's run (promote false) only logs the verdict: the sweep gates its best run (orchestrator.sweeps)."""
     from orchestrator.connections import mlflow_credentials
     from orchestrator.tracking import TrackingError, credentials_in_env, evaluate_and_promote
 
@@ -359,6 +380,7 @@ def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
             metric=s.mlflow.metric,
             threshold=s.mlflow.threshold,
             greater_is_better=s.mlflow.greater_is_better,
+            promote=config.get("promote", True),
         )
     return result.to_dict()
 

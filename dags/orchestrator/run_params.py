@@ -23,6 +23,8 @@ INSTANCE_TYPE_PATTERN = "^[a-z][a-z0-9-]*\\.[a-z0-9-]+" + _END
 MODELS = ("default", "seed")
 DATA_URI_SCHEMES = ("s3", "file", "synthetic")
 MAX_DATA_URI = 1024
+# The form's section of the knobs that ec2_sweep sets on each of its runs (a person triggering one run leaves them).
+SWEEP_SECTION = "Sweep (set by ec2_sweep)"
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,18 @@ class RunParam:
     title: str
     description: str  # what it is, with its units; the range and the "empty" meaning are added from the fields below
     schema: Mapping[str, Any]  # JSON schema of a set value (never null)
-    setting: str  # `section.key` it overrides; for git_ref the setting used when it is empty
+    setting: str  # `section.key` it overrides; for git_ref the setting used when it is empty; "" for none
     section: str
     range_text: str  # the schema in words, as "expected ...": for the form and for settings' error messages
     job_param: bool = False  # passed to the training job as `-P name=value`
     overrides_setting: bool = True  # False: a value for this run only, not a setting (git_ref)
     choices_display: Mapping[str, str] = field(default_factory=dict)
+    # What an empty field means, for a knob that stands for no setting; by default the setting's configured value.
+    empty: str = ""
+
+    @property
+    def empty_text(self) -> str:
+        return self.empty or f"the configured value ({self.setting})"
 
     def form_schema(self) -> dict[str, Any]:
         """The Param's schema: nullable, since empty means the configured value, and shown as Airflow's form can.
@@ -65,13 +73,13 @@ class RunParam:
 
     def form_description(self) -> str:
         range_text = self.range_text[0].upper() + self.range_text[1:]
-        return f"{self.description} {range_text}. Empty: the configured value ({self.setting})."
+        return f"{self.description} {range_text}. Empty: {self.empty_text}."
 
     def values_display(self) -> dict[Any, str] | None:
         """Labels of a drop-down's choices, the empty one naming the setting it stands for."""
         if not self.choices_display:
             return None
-        return {None: f"configured ({self.setting})", **self.choices_display}
+        return {None: f"configured ({self.setting})" if not self.empty else self.empty, **self.choices_display}
 
 
 RUN_PARAMS: tuple[RunParam, ...] = (
@@ -178,6 +186,32 @@ RUN_PARAMS: tuple[RunParam, ...] = (
         setting="aws.max_lifetime_minutes",
         section="Instance",
         range_text="a whole number of minutes from 10 to 10080 (7 days)",
+    ),
+    RunParam(
+        name="mlflow_parent_run_id",
+        title="Parent MLflow run",
+        description="The sweep's MLflow run: this run's MLflow run is created nested under it (tag "
+        "mlflow.parentRunId), so the MLflow UI compares a sweep's sets side by side.",
+        # MLflow's run ids are 32 lowercase hex digits; "" as for git_ref (the form may send it for a cleared field).
+        schema={"type": "string", "pattern": "^(?:[0-9a-f]{32})?" + _END},
+        setting="",
+        section=SWEEP_SECTION,
+        overrides_setting=False,
+        range_text="an MLflow run id (32 hex digits)",
+        empty="none, a run of its own",
+    ),
+    RunParam(
+        name="promote",
+        title="Move the champion alias",
+        description="Whether evaluate may register the model and move the champion alias; a sweep's runs say "
+        "false (evaluate still logs its verdict) and the sweep gates its best run only.",
+        schema={"type": "boolean"},
+        setting="",
+        section=SWEEP_SECTION,
+        overrides_setting=False,
+        range_text="either true (the run's own gate decides) or false (the verdict is only logged)",
+        choices_display={"true": "true: evaluate decides", "false": "false: left to the sweep"},
+        empty="true, evaluate decides",
     ),
 )
 BY_NAME: Mapping[str, RunParam] = {param.name: param for param in RUN_PARAMS}

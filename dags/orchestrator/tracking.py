@@ -39,6 +39,11 @@ _DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"  # MLflow's own JSON error code; a b
 # MLflow 3 opens an experiment on its GenAI view (traces, prompts) unless this tag says it holds model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+# Run tags of the gate's outcome. A sweep's run (promote=False) records its verdict as LEFT_TO_SWEEP: the sweep
+# gates its best run only, which then gets "promoted" or "not_promoted".
+PROMOTION_TAG = "ec2_trainer.promotion"
+PROMOTION_REASON_TAG = "ec2_trainer.promotion_reason"
+LEFT_TO_SWEEP = "left_to_sweep"
 # mlflow.register_model reads the process-wide tracking URI: threads of one process take turns at changing it.
 _GLOBAL_URI_LOCK = threading.Lock()
 
@@ -118,9 +123,11 @@ def evaluate_and_promote(
     threshold: float,
     greater_is_better: bool,
     model_artifact: str = "model",
+    promote: bool = True,
 ) -> EvaluationResult:
     """Gate the run's model on `metric`; register it and move the champion alias only when it wins.
 
+    `promote` False (a sweep's run): the verdict is computed and logged, nothing is registered or moved.
     Raises TrackingError when the run or the champion cannot be compared, TrackingServerError on any other
     MLflow error: nothing is promoted on doubt.
     """
@@ -145,7 +152,9 @@ def evaluate_and_promote(
     else:
         decision = decide_promotion(value, threshold, champion_value, greater_is_better=greater_is_better)
     promoted, reason, version = decision.promote, decision.reason, None
-    if decision.promote:
+    if not promote:
+        promoted, reason = False, f"{reason}; left to the sweep, which gates its best run only"
+    elif decision.promote:
         started = time.monotonic()
         version = _register_contender(client, tracking_uri, run_id, model_name, model_artifact)
         holder = _settle_champion(client, model_name, metric, greater_is_better=greater_is_better, started=started)
@@ -164,9 +173,9 @@ def evaluate_and_promote(
         version or "not registered",
         reason,
     )
-    outcome = "promoted" if promoted else "not_promoted"
-    _call(f"tagging run {run_id}", client.set_tag, run_id, "ec2_trainer.promotion", outcome)
-    _call(f"tagging run {run_id}", client.set_tag, run_id, "ec2_trainer.promotion_reason", reason)
+    outcome = "promoted" if promoted else "not_promoted" if promote else LEFT_TO_SWEEP
+    _call(f"tagging run {run_id}", client.set_tag, run_id, PROMOTION_TAG, outcome)
+    _call(f"tagging run {run_id}", client.set_tag, run_id, PROMOTION_REASON_TAG, reason)
     return EvaluationResult(run_id, metric, value, champion_value, promoted, reason, version)
 
 

@@ -28,6 +28,8 @@ DAG_RUN_ID_TAG = "airflow.run_id"
 # The remote job's key (remote_job.job_key: letters, digits, '._-'): a retry finds the run its first try created by
 # this tag. A run id may hold characters (quotes) that MLflow's search filter cannot carry; the key never does.
 JOB_KEY_TAG = "ec2_trainer.job_key"
+# MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 @dataclass(frozen=True)
@@ -52,15 +54,18 @@ def tracked_run(
     run_id: str,
     try_number: int,
     dataset_tags: Mapping[str, str] | None = None,
+    parent_run_id: str = "",
 ) -> TrackedRun:
     """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
 
     `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
     its UI shows the commit and the repository as for a run `mlflow run` had created itself. `dataset_tags`: the
-    identity of s3:// data (datasets.versions.DatasetVersion.tags).
+    identity of s3:// data (datasets.versions.DatasetVersion.tags). `parent_run_id` (a sweep's run) nests it from its
+    creation, so a run that fails to train is still listed under its sweep.
     """
     from orchestrator.remote_job import job_key
 
+    parent = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
     return TrackedRun(
         # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
         name=f"{git_sha[:7]} {run_id}",
@@ -78,6 +83,7 @@ def tracked_run(
             "mlflow.source.type": "PROJECT",
             "mlflow.project.entryPoint": settings.training.entry_point,
             **(dataset_tags or {}),
+            **parent,
         },
     )
 

@@ -1,5 +1,6 @@
 """Faults that need Airflow's real scheduler and triggerer: many runs at once under the instance cap, a killed task
-process, a deferred training marked failed, and a triggerer restarted mid-training.
+process, a deferred training marked failed, a triggerer restarted mid-training, and a sweep (ec2_sweep: each set an
+ec2_training run it triggers) with a failing set or invalid sets.
 
 `dag.test()` runs one DAG run in one process. Here the api-server, the scheduler with the LocalExecutor, the
 dag-processor and the triggerer run as in production (embedded.airflow_local), each task in its own supervised
@@ -24,7 +25,7 @@ import pytest
 
 from benchmarks.load_benchmark import load_settings
 from embedded.airflow_local import LocalAirflow
-from embedded.load import DAG_ID, run_batch
+from embedded.load import DAG_ID, Sampler, run_batch
 from embedded.process import start_logged, stop_process
 from embedded.stack import EmbeddedStack
 from tests.fault_table import FaultTable
@@ -37,6 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment")]
 
 RUNS = 8
 CAP = 3
+SWEEP_DAG_ID = "ec2_sweep"
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +303,176 @@ def test_triggerer_restart_mid_training_does_not_kill_the_job(
     finally:
         for proc in replacements:
             stop_process(proc, timeout_s=20)
+
+
+# ---- sweeps: ec2_sweep triggers one ec2_training run per set ------------------------------------------------------
+
+
+def sweep_outputs(stack: EmbeddedStack, sweep_run_id: str) -> tuple[Any, list[Any]]:
+    """The sweep's parent MLflow run (exactly one) and the runs nested under it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack.mlflow.url)
+    experiment = client.get_experiment_by_name(stack.environment()["TRAINER__MLFLOW__EXPERIMENT"])
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`airflow.dag_id` = '{SWEEP_DAG_ID}' and tags.`airflow.run_id` = '{sweep_run_id}'",
+    )
+    assert len(parents) == 1, [run.info.run_id for run in parents]
+    nested = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return parents[0], nested
+
+
+def instance_states(stack: EmbeddedStack, run_ids: list[str]) -> dict[str, list[str]]:
+    ec2 = stack.cloud.client("ec2")
+    found = ec2.describe_instances(Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": run_ids}])["Reservations"]
+    states: dict[str, list[str]] = {run_id: [] for run_id in run_ids}
+    for instance in (i for r in found for i in r["Instances"]):
+        run_id = next(t["Value"] for t in instance["Tags"] if t["Key"] == "ec2-trainer:run_id")
+        states[run_id].append(instance["State"]["Name"])
+    return states
+
+
+@pytest.fixture
+def sweep_model(settings_file: Path) -> Iterator[str]:
+    """A registered model of the sweep's own: no champion yet, so only what the sweep's gate registers is there."""
+    name = f"sweep-{os.urandom(4).hex()}"
+    settings_file.write_text(f'[mlflow]\nmodel_name = "{name}"\n')
+    try:
+        yield name
+    finally:
+        settings_file.write_text("")
+
+
+def test_a_sweep_of_three_sets_with_one_failing(
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    sha: str,
+    sweep_model: str,
+    planted_in_airflow: dict[str, str],
+    processes: ProcessListSampler,
+    fault_table: FaultTable,
+) -> None:
+    """Three sets, the second with data that does not exist (its job fails): the other two train to their end,
+    every set's instance is terminated, the gate promotes the best set only, and the sweep fails saying 1 of 3."""
+    from mlflow import MlflowClient
+
+    airflow.wait_for_dag(SWEEP_DAG_ID)
+    run_id = "sweep__01"
+    sets = [{"learning_rate": 0.001}, {"data_uri": "file:///no/such/sweep-data"}, {"learning_rate": 0.003}]
+    children = [f"{run_id}__set{n}" for n in (1, 2, 3)]
+    started = time.monotonic()
+    with Sampler(stack, load_settings(CAP)["TRAINER__AWS__PROJECT_TAG"]) as sampler:
+        airflow.trigger(SWEEP_DAG_ID, run_id, {"git_ref": sha, "sets": sets})
+        state = airflow.wait_for_runs(SWEEP_DAG_ID, [run_id], timeout_s=900)[run_id]
+    wall_s = time.monotonic() - started
+    tis = airflow.task_instances(SWEEP_DAG_ID, run_id)
+    child_states = {child: airflow.dag_run(DAG_ID, child)["state"] for child in children}
+    summary_log = airflow.task_log(SWEEP_DAG_ID, run_id, "summary")
+
+    assert child_states == dict(zip(children, ["success", "failed", "success"], strict=True)), child_states
+    failed_log = airflow.task_log(DAG_ID, children[1], "train")
+    assert "data path /no/such/sweep-data does not exist" in failed_log and "training exited with code" in failed_log
+    # The failure did not stop the others: they trained at the same time as it, and on to their end.
+    failed_train = airflow.task_instances(DAG_ID, children[1])["train"]
+    for child in (children[0], children[2]):
+        train = airflow.task_instances(DAG_ID, child)["train"]
+        assert train["start_date"] < failed_train["end_date"] and train["end_date"] > failed_train["start_date"]
+    assert sampler.max_live == CAP, "the three sets never ran at once"
+    # Every set's own instance, terminated.
+    assert instance_states(stack, children) == {child: ["terminated"] for child in children}
+
+    parent, nested = sweep_outputs(stack, run_id)
+    by_dag_run = {run.data.tags["airflow.run_id"]: run for run in nested}
+    assert sorted(by_dag_run) == children
+    assert [by_dag_run[c].info.status for c in children] == ["FINISHED", "FAILED", "FINISHED"]
+    metric = "test_accuracy"
+    succeeded = [by_dag_run[children[0]], by_dag_run[children[2]]]
+    best = max(succeeded, key=lambda run: run.data.metrics[metric])  # the first of equals, as the gate picks
+    other = next(run for run in succeeded if run is not best)
+    assert parent.data.tags["ec2_trainer.sweep.best_run_id"] == best.info.run_id
+    # The gate ran on the best set only: its sets' own evaluate left the verdict to the sweep.
+    assert best.data.tags["ec2_trainer.promotion"] == "promoted"
+    assert other.data.tags["ec2_trainer.promotion"] == "left_to_sweep"
+    assert "ec2_trainer.promotion" not in by_dag_run[children[1]].data.tags
+    versions = MlflowClient(tracking_uri=stack.mlflow.url).search_model_versions(f"name = '{sweep_model}'")
+    assert [v.run_id for v in versions] == [best.info.run_id]
+
+    assert state == "failed"
+    assert tis["summary"]["state"] == "failed" and tis["gate_best_set"]["state"] == "success"
+    expected = (
+        "1 of 3 sets failed: set 2 (data_uri=file:///no/such/sweep-data): ec2_training run sweep__01__set2 failed"
+    )
+    assert expected in summary_log
+    assert parent.info.status == "FAILED" and parent.data.tags["ec2_trainer.sweep.verdict"].startswith("1 of 3 sets")
+    launched = {child: airflow.xcom(DAG_ID, child, "launch")["instance_id"] for child in children}
+    sweep_places = {
+        "sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id),
+        "parent MLflow run": json.dumps([parent.data.params, parent.data.tags]),
+    }
+    leaks = scan(planted_in_airflow, stack, airflow, launched, processes) | planted_found(
+        planted_in_airflow, sweep_places
+    )
+    assert leaks == {}
+    fault_table.record(
+        "sweep of 3 sets, set 2's data missing (its job fails), aws.max_instances=3, real scheduler",
+        "sets 1 and 3 train on and succeed; 3 nested MLflow runs; only the best set gated; sweep failed '1 of 3'",
+        f"sets {list(child_states.values())}; {sampler.max_live} live at once; best set "
+        f"{children.index(best.data.tags['airflow.run_id']) + 1} promoted, the other left_to_sweep; sweep {state}: "
+        f"'1 of 3 sets failed'; wall {wall_s:.0f} s",
+        sum(1 for states in instance_states(stack, children).values() for s in states if s != "terminated"),
+        sum(leaks.values()),
+    )
+
+
+def test_sweep_params_the_form_refuses_start_nothing(
+    airflow: LocalAirflow, stack: EmbeddedStack, planted_in_airflow: dict[str, str], fault_table: FaultTable
+) -> None:
+    """A set outside a knob's bounds is refused by the API (as by the form) before any DAG run exists."""
+    from embedded.airflow_local import AirflowError
+
+    airflow.wait_for_dag(SWEEP_DAG_ID)
+    before = len(airflow.dag_runs(SWEEP_DAG_ID))
+    with pytest.raises(
+        AirflowError, match=r"HTTP 400.*Invalid input for param sets: 0 is less than the minimum of 1"
+    ) as refused:
+        airflow.trigger(SWEEP_DAG_ID, "sweep_invalid__01", {"sets": [{"epochs": 0}, {"epochs": 2}]})
+    assert len(airflow.dag_runs(SWEEP_DAG_ID)) == before
+    assert instance_states(stack, ["sweep_invalid__01__set1", "sweep_invalid__01__set2"]) == {
+        "sweep_invalid__01__set1": [],
+        "sweep_invalid__01__set2": [],
+    }
+    fault_table.record(
+        "sweep set with epochs=0 (REST trigger)",
+        "refused by the API as the form refuses it, naming the param; no DAG run, nothing launched",
+        "HTTP 400 'Invalid input for param sets: 0 is less than the minimum of 1'; no run created",
+        0,
+        sum(planted_found(planted_in_airflow, {"API answer": str(refused.value)}).values()),
+    )
+
+
+def test_a_grid_of_too_many_sets_fails_before_the_ci_gate(
+    airflow: LocalAirflow, sha: str, planted_in_airflow: dict[str, str], fault_table: FaultTable
+) -> None:
+    airflow.wait_for_dag(SWEEP_DAG_ID)
+    run_id = "sweep_too_many__01"
+    grid = {"epochs": [1, 2, 3, 4, 5], "batch_size": [8, 16, 32, 64]}
+    airflow.trigger(SWEEP_DAG_ID, run_id, {"git_ref": sha, "grid": grid})
+    state = airflow.wait_for_runs(SWEEP_DAG_ID, [run_id], timeout_s=300)[run_id]
+    tis = airflow.task_instances(SWEEP_DAG_ID, run_id)
+    log = airflow.task_log(SWEEP_DAG_ID, run_id, "resolve_sweep")
+
+    assert state == "failed"
+    assert tis["resolve_sweep"]["state"] == "failed" and tis["resolve_sweep"]["try_number"] == 1
+    assert "grid gives 20 sets; expected 2 to 16: split it into several sweeps" in log
+    assert tis["ci_gate"]["state"] == "upstream_failed" and tis["start_sweep"]["state"] == "upstream_failed"
+    children = [run["dag_run_id"] for run in airflow.dag_runs(DAG_ID) if run["dag_run_id"].startswith(run_id)]
+    assert children == []
+    fault_table.record(
+        "sweep grid of 5 x 4 = 20 sets (over the 16 allowed)",
+        "resolve_sweep fails at once, saying what to do; no CI wait, no parent run, no set, nothing launched",
+        f"resolve_sweep failed, try 1: 'grid gives 20 sets; expected 2 to 16: split it into several sweeps'; "
+        f"ci_gate {tis['ci_gate']['state']}; 0 sets; run {state}",
+        0,
+        sum(planted_found(planted_in_airflow, {"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)}).values()),
+    )

@@ -247,6 +247,25 @@ def test_below_threshold_registers_nothing(tracking_uri: str, model_name: str) -
     assert MlflowClient(tracking_uri=tracking_uri).search_registered_models(f"name = '{model_name}'") == []
 
 
+def test_a_sweeps_run_logs_its_verdict_but_never_registers_or_moves_the_alias(
+    tracking_uri: str, model_name: str
+) -> None:
+    from mlflow import MlflowClient
+
+    run_id = finished_run({METRIC: 0.95})
+    result = evaluate(tracking_uri, run_id, model_name, promote=False)
+    assert (result.promoted, result.model_version, result.value) == (False, None, 0.95)
+    tags = tags_of(tracking_uri, run_id)
+    assert tags["ec2_trainer.promotion"] == "left_to_sweep"
+    assert tags["ec2_trainer.promotion_reason"] == (
+        "0.9500 passes the threshold 0.9000; there is no champion yet; left to the sweep, which gates its best run only"
+    )
+    assert MlflowClient(tracking_uri=tracking_uri).search_registered_models(f"name = '{model_name}'") == []
+    # The sweep's gate then decides on its best run, as for a run of its own.
+    assert evaluate(tracking_uri, run_id, model_name).promoted
+    assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
+
+
 def test_lower_is_better_metric(tracking_uri: str, model_name: str) -> None:
     run_id = finished_run({"val_loss": 0.1})
     result = evaluate(tracking_uri, run_id, model_name, metric="val_loss", threshold=0.3, greater_is_better=False)

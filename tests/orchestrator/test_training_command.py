@@ -197,3 +197,14 @@ def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Set
         "mlflow.project.entryPoint": "main",
     }
     assert tracked.job_key == tracked.tags["ec2_trainer.job_key"]
+
+
+def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings: Settings) -> None:
+    ready = {"instance_id": "i-0abc", "instance_type": "g6.xlarge", "market": "spot"}
+    parent = "f" * 32
+    nested = tracked_run(
+        settings, ready, SHA, dag_id="ec2_training", run_id="r__set1", try_number=1, parent_run_id=parent
+    )
+    assert nested.tags["mlflow.parentRunId"] == parent
+    alone = tracked_run(settings, ready, SHA, dag_id="ec2_training", run_id="r", try_number=1)
+    assert "mlflow.parentRunId" not in alone.tags

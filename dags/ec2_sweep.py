@@ -1,0 +1,141 @@
+"""Sweep hyperparameters: one ec2_training run per set, compared under one parent MLflow run, the best one gated.
+
+The commit's CI is gated once, before anything is created; then each set runs as a whole ec2_training DAG run (its
+own CI gate, launch-pool turn under aws.max_instances, instance, host key, job and teardown), nested in MLflow under
+the sweep's run and told not to promote. Once every set has ended, the champion gate runs on the best successful set
+only, and `summary` fails when any set failed, saying how many and which. Wiring only: the logic is in
+`orchestrator.sweeps`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, Param, get_current_context, task
+
+from orchestrator.ci_gate import CiGateOperator
+from orchestrator.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.sweeps.operators import SweepSetOperator
+from orchestrator.sweeps.sets import EXAMPLE_GRID, EXAMPLE_SETS, MAX_SETS, MIN_SETS
+
+# As in ec2_training: the CI gate's fields are templates rendered as text; everything else travels as XComArgs.
+CONFIG = "ti.xcom_pull(task_ids='resolve_sweep')['config']"
+SWEEP_SECTION = "Sweep"
+# Each key's own schema (run_params.py), so the form and the API refuse what a single run would refuse.
+SET_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {name: dict(BY_NAME[name].schema) for name in JOB_PARAMS},
+}
+
+with DAG(
+    dag_id="ec2_sweep",
+    description="A hyperparameter sweep: one ec2_training run per set, one parent MLflow run, the best set gated",
+    schedule=None,
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    # Its sets wait for instances under aws.max_instances anyway; this bounds how many sweeps queue sets at once.
+    max_active_runs=4,
+    default_args={"retries": 0},
+    tags=["training", "ec2", "mlflow", "sweep"],
+    doc_md=__doc__,
+    params={
+        "git_ref": Param(None, **BY_NAME["git_ref"].form_kwargs()),
+        "sets": Param(
+            None,
+            type=["null", "array"],
+            items=SET_SCHEMA,
+            minItems=MIN_SETS,
+            maxItems=MAX_SETS,
+            title="Sets",
+            description=f"The hyperparameter sets, {MIN_SETS} to {MAX_SETS}, each a table of the job's knobs "
+            f"({', '.join(JOB_PARAMS)}) with the bounds of ec2_training's form, e.g. {EXAMPLE_SETS}; a knob a set "
+            "leaves out has its configured value. Empty: use the grid.",
+            section=SWEEP_SECTION,
+        ),
+        "grid": Param(
+            None,
+            type=["null", "object"],
+            additionalProperties=False,
+            properties={
+                name: {"type": "array", "minItems": 1, "items": dict(BY_NAME[name].schema)} for name in JOB_PARAMS
+            },
+            title="Grid",
+            description=f"Instead of sets: each knob's values, every combination trained ({MIN_SETS} to {MAX_SETS} "
+            f"in all), e.g. {EXAMPLE_GRID} (6 sets). Empty: use the sets.",
+            section=SWEEP_SECTION,
+        ),
+    },
+) as dag:
+
+    @task(retries=2, retry_delay=timedelta(seconds=10))
+    def resolve_sweep() -> dict[str, Any]:
+        from orchestrator.sweeps.steps import resolve_sweep as resolve
+
+        return resolve(get_current_context()["params"])
+
+    ci_gate = CiGateOperator(
+        task_id="ci_gate",
+        git_ref="{{ " + CONFIG + "['git_ref'] }}",
+        repo="{{ " + CONFIG + "['github']['repo'] }}",
+        api_url="{{ " + CONFIG + "['github']['api_url'] }}",
+        github_conn_id="{{ " + CONFIG + "['github']['conn_id'] }}",
+        allowed_conclusions="{{ " + CONFIG + "['github']['allowed_conclusions'] | join(',') }}",
+        timeout_s="{{ " + CONFIG + "['github']['ci_timeout_minutes'] * 60 }}",
+        no_runs_timeout_s="{{ " + CONFIG + "['github']['ci_no_runs_timeout_minutes'] * 60 }}",
+        poll_interval_s="{{ " + CONFIG + "['github']['ci_poll_seconds'] }}",
+        retries=2,
+        retry_delay=timedelta(seconds=30),
+    )
+
+    @task(retries=2, retry_delay=timedelta(seconds=20))
+    def start_sweep(resolved: dict[str, Any], git_sha: str) -> list[dict[str, Any]]:
+        from orchestrator.sweeps.steps import start_sweep as start
+
+        ctx = get_current_context()
+        return start(resolved["config"], resolved["sets"], git_sha, ctx["dag"].dag_id, ctx["run_id"])
+
+    # Both run once every set has ended, however it ended; they read upstream results themselves, since an
+    # upstream that failed before the sets started left nothing to pass.
+    @task(trigger_rule="all_done", retries=2, retry_delay=timedelta(seconds=20))
+    def gate_best_set() -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from orchestrator.sweeps.operators import child_state
+        from orchestrator.sweeps.steps import gate_best
+
+        ti = get_current_context()["ti"]
+        children = ti.xcom_pull(task_ids="start_sweep")
+        if not children:
+            raise AirflowSkipException("the sweep started no set: nothing to gate")
+        resolved = ti.xcom_pull(task_ids="resolve_sweep")
+        return gate_best(resolved["config"], children, lambda run_id: child_state(ti, run_id))
+
+    @task(trigger_rule="all_done", retries=2, retry_delay=timedelta(seconds=20))
+    def summary() -> str:
+        from orchestrator.sweeps.operators import child_state
+        from orchestrator.sweeps.steps import summarize
+
+        ti = get_current_context()["ti"]
+        resolved = ti.xcom_pull(task_ids="resolve_sweep") or {}
+        return summarize(
+            resolved.get("config"),
+            ti.xcom_pull(task_ids="start_sweep"),
+            ti.xcom_pull(task_ids="gate_best_set"),
+            lambda run_id: child_state(ti, run_id),
+        )
+
+    resolved = resolve_sweep()
+    resolved >> ci_gate
+    children = start_sweep(resolved, ci_gate.output)
+    sets = SweepSetOperator.partial(
+        task_id="train_set",
+        map_index_template="{{ task.note }}",
+        # Each set's own bounds (CI wait, instance wait, training timeout) end its run; a retry re-attaches to it.
+        poke_interval=15,
+        retries=2,
+        retry_delay=timedelta(seconds=10),
+    ).expand_kwargs(children)
+    sets >> gate_best_set() >> summary()
