@@ -20,7 +20,7 @@ from orchestrator.run_params import BY_NAME, JOB_PARAMS
 from orchestrator.sweeps.operators import SweepSetOperator
 from orchestrator.sweeps.sets import EXAMPLE_GRID, EXAMPLE_SETS, MAX_SETS, MIN_SETS
 
-# As in ec2_training: the CI gate's fields are templates rendered as text; everything else travels as XComArgs.
+# As in ec2_training: only the CI gate reads the configuration through templates; the rest travels as XComArgs.
 CONFIG = "ti.xcom_pull(task_ids='resolve_sweep')['config']"
 SWEEP_SECTION = "Sweep"
 # Each key's own schema (run_params.py), so the form and the API refuse what a single run would refuse.
@@ -76,16 +76,9 @@ with DAG(
 
         return resolve(get_current_context()["params"])
 
-    ci_gate = CiGateOperator(
+    ci_gate = CiGateOperator.from_run_config(
+        CONFIG,
         task_id="ci_gate",
-        git_ref="{{ " + CONFIG + "['git_ref'] }}",
-        repo="{{ " + CONFIG + "['github']['repo'] }}",
-        api_url="{{ " + CONFIG + "['github']['api_url'] }}",
-        github_conn_id="{{ " + CONFIG + "['github']['conn_id'] }}",
-        allowed_conclusions="{{ " + CONFIG + "['github']['allowed_conclusions'] | join(',') }}",
-        timeout_s="{{ " + CONFIG + "['github']['ci_timeout_minutes'] * 60 }}",
-        no_runs_timeout_s="{{ " + CONFIG + "['github']['ci_no_runs_timeout_minutes'] * 60 }}",
-        poll_interval_s="{{ " + CONFIG + "['github']['ci_poll_seconds'] }}",
         retries=2,
         retry_delay=timedelta(seconds=30),
     )

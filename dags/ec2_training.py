@@ -18,8 +18,8 @@ from orchestrator.observe.failures import record_failure
 from orchestrator.operators import InstanceLaunchSensor, InstanceReadyOperator, RemoteTrainingOperator
 from orchestrator.run_params import RUN_PARAMS
 
-# Only the CI gate reads the configuration through templates, rendered as text: native rendering would turn a ref
-# such as `1.0`, `2024` or `1234567` into a number. Every other task receives XComArgs (values, never re-parsed).
+# Only the CI gate reads the configuration through templates (CiGateOperator.from_run_config says why); every other
+# task receives XComArgs (values, never re-parsed).
 CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
 # One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
 # follows are atomic across runs. A launch at the cap is rescheduled: it holds the slot only while it looks.
@@ -48,16 +48,9 @@ with DAG(
 
         return resolve(get_current_context()["params"])
 
-    ci_gate = CiGateOperator(
+    ci_gate = CiGateOperator.from_run_config(
+        CONFIG,
         task_id="ci_gate",
-        git_ref="{{ " + CONFIG + "['git_ref'] }}",
-        repo="{{ " + CONFIG + "['github']['repo'] }}",
-        api_url="{{ " + CONFIG + "['github']['api_url'] }}",
-        github_conn_id="{{ " + CONFIG + "['github']['conn_id'] }}",
-        allowed_conclusions="{{ " + CONFIG + "['github']['allowed_conclusions'] | join(',') }}",
-        timeout_s="{{ " + CONFIG + "['github']['ci_timeout_minutes'] * 60 }}",
-        no_runs_timeout_s="{{ " + CONFIG + "['github']['ci_no_runs_timeout_minutes'] * 60 }}",
-        poll_interval_s="{{ " + CONFIG + "['github']['ci_poll_seconds'] }}",
         retries=2,
         retry_delay=timedelta(seconds=30),
     )

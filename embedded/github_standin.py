@@ -35,11 +35,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from embedded.http_service import LoopbackHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -150,43 +152,28 @@ class GitHubStandIn:
         self._token = token
         self._port = port
         self._state = _State()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: LoopbackHttpServer | None = None
 
     def __repr__(self) -> str:
-        return f"GitHubStandIn(repo={self.repo!r}, url={self.url if self._server else None!r})"
+        return f"GitHubStandIn(repo={self.repo!r}, url={self.url if self._http else None!r})"
 
     @property
     def url(self) -> str:
-        if self._server is None:
+        if self._http is None:
             raise RuntimeError("the GitHub stand-in is not started: call start() first")
-        port = self._server.server_address[1]
-        return f"http://127.0.0.1:{port}"
+        return self._http.base_url
 
     def start(self) -> str:
         """Start serving in a daemon thread; return the API base URL."""
         handler = type("_BoundHandler", (_Handler,), {"standin": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            # A short poll interval keeps stop() quick (tests start and stop many servers).
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="github-standin",
-            daemon=True,
-        )
-        self._thread.start()
+        self._http = LoopbackHttpServer(handler, self._port, "github-standin")
         log.info("GitHub stand-in for %s (%s) serving at %s", self.repo, self.repo_dir, self.url)
         return self.url
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
 
     def __enter__(self) -> GitHubStandIn:
         self.start()

@@ -17,10 +17,11 @@ import json
 import logging
 import secrets
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from embedded.http_service import LoopbackHttpServer
 from embedded.process import Managed
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,13 @@ class SlackWebhookStandIn(Managed):
         self._received: list[dict[str, Any]] = []
         self._faults: list[tuple[int, str]] = []
         self.requests = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: LoopbackHttpServer | None = None
 
     @property
     def base_url(self) -> str:
-        if self._server is None:
+        if self._http is None:
             raise RuntimeError("the webhook stand-in is not started: call start() first")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._http.base_url
 
     @property
     def url(self) -> str:
@@ -115,22 +115,13 @@ class SlackWebhookStandIn(Managed):
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         handler = type("_BoundHandler", (_Handler,), {"standin": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="slack-webhook", daemon=True
-        )
-        self._thread.start()
+        self._http = LoopbackHttpServer(handler, self._port, "slack-webhook")
         log.info("Slack webhook stand-in on %s, messages in %s", self.base_url, self.folder)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
 
     @property
     def received(self) -> list[dict[str, Any]]:

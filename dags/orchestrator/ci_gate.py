@@ -233,6 +233,27 @@ class CiGateOperator(BaseOperator):
         self.no_runs_timeout_s = no_runs_timeout_s
         self.poll_interval_s = poll_interval_s
 
+    @classmethod
+    def from_run_config(cls, config: str, **kwargs: Any) -> CiGateOperator:
+        """The gate of a DAG whose resolved settings (Settings.to_dict() plus `git_ref`) are the Jinja expression
+        `config`, e.g. "ti.xcom_pull(task_ids='resolve_config')". Rendered as text on purpose: native rendering
+        would turn a ref such as `1.0`, `2024` or `1234567` into a number."""
+
+        def field(expression: str) -> str:
+            return "{{ " + config + expression + " }}"
+
+        return cls(
+            git_ref=field("['git_ref']"),
+            repo=field("['github']['repo']"),
+            api_url=field("['github']['api_url']"),
+            github_conn_id=field("['github']['conn_id']"),
+            allowed_conclusions=field("['github']['allowed_conclusions'] | join(',')"),
+            timeout_s=field("['github']['ci_timeout_minutes'] * 60"),
+            no_runs_timeout_s=field("['github']['ci_no_runs_timeout_minutes'] * 60"),
+            poll_interval_s=field("['github']['ci_poll_seconds']"),
+            **kwargs,
+        )
+
     def execute(self, context: Context) -> str:
         allowed = parse_allowed_conclusions(self.allowed_conclusions)
         timeout_s = _seconds(self.timeout_s, "timeout_s")
