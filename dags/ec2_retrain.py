@@ -18,8 +18,8 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_curr
 
 from orchestrator.datasets.asset import dataset_asset, poll_window
 from orchestrator.datasets.operators import DatasetPollOperator
-from orchestrator.datasets.retrain import TRAINING_DAG_ID
 from orchestrator.settings import load_watch_settings
+from orchestrator.training_runs import TRAINING_DAG_ID
 
 WATCH = load_watch_settings()
 DATASET = dataset_asset(WATCH)

@@ -14,10 +14,10 @@ from typing import Any
 
 from orchestrator.datasets.versions import DIGEST_TAG
 from orchestrator.settings import Settings
+from orchestrator.training_runs import TRAINING_DAG_ID, training_run_state
 
 log = logging.getLogger(__name__)
 
-TRAINING_DAG_ID = "ec2_training"
 COMMIT_TAG = "mlflow.source.git.commit"  # set on every training run (training_command.tracked_run)
 _HEX_RE = re.compile(r"[0-9a-f]+")
 # A training of the same commit and data that failed is tried again under a new run id, at most this many times.
@@ -128,15 +128,10 @@ def resolve(s: Settings, ti: Any) -> dict[str, Any]:
     from orchestrator.github import GitHubRefError, GitHubResponseError
     from orchestrator.pipeline import fail_without_retry
 
-    def state_of(run_id: str) -> str | None:
-        if not ti.get_dr_count(dag_id=TRAINING_DAG_ID, run_ids=[run_id]):
-            return None
-        return str(ti.get_dagrun_state(dag_id=TRAINING_DAG_ID, run_id=run_id))
-
     with fail_without_retry(DatasetError, GitHubRefError, GitHubResponseError):
         try:
             found = plan(s)
-            run_id = training_run_id(found.git_sha, found.digest, state_of)
+            run_id = training_run_id(found.git_sha, found.digest, lambda run_id: training_run_state(ti, run_id))
         except NothingToTrain as exc:
             log.info("Skipped: %s", exc)
             raise AirflowSkipException(str(exc)) from None

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.operators.trigger_dagrun import XCOM_RUN_ID, TriggerDagRunOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from orchestrator.training_runs import TRAINING_DAG_ID, training_run_state
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-TRAINING_DAG_ID = "ec2_training"
 # A set whose run was never created (its trigger failed first) has no DAG run state of its own.
 NOT_CREATED = "not created"
 
@@ -62,8 +63,4 @@ class SweepSetOperator(TriggerDagRunOperator):
 
 def child_state(ti: Any, run_id: str) -> str:
     """The state of a set's ec2_training run, as the task instance `ti` can read it; NOT_CREATED if none exists."""
-    if not ti.get_dr_count(dag_id=TRAINING_DAG_ID, run_ids=[run_id]):
-        return NOT_CREATED
-    state = ti.get_dagrun_state(TRAINING_DAG_ID, run_id)
-    # An enum (DagRunState) whose str() is "DagRunState.SUCCESS": its value is the state's name.
-    return str(getattr(state, "value", state))
+    return training_run_state(ti, run_id) or NOT_CREATED
