@@ -109,12 +109,14 @@ def mlflow_credentials(conn_id: str) -> MlflowCredentials:
 AWS_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 
 
-def aws_client(service: str, conn_id: str, region: str) -> Any:
+def aws_client(service: str, conn_id: str, region: str, total_attempts: int | None = None) -> Any:
     """A boto3 client from the Amazon provider's hook: credentials, role, endpoint_url and botocore config come from
-    the connection; retries are AWS_RETRIES unless its config_kwargs say otherwise."""
+    the connection; retries are AWS_RETRIES (with `total_attempts` HTTP attempts per call, when given) unless its
+    config_kwargs say otherwise."""
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from botocore.config import Config
 
     hook = AwsBaseHook(aws_conn_id=conn_id, region_name=region, client_type=service)
     # merge: what the connection sets explicitly wins; a copy, since botocore rewrites the dict it is given.
-    return hook.get_client_type(region_name=region, config=Config(retries=dict(AWS_RETRIES)).merge(hook.config))
+    retries = dict(AWS_RETRIES, **({"total_max_attempts": total_attempts} if total_attempts else {}))
+    return hook.get_client_type(region_name=region, config=Config(retries=retries).merge(hook.config))

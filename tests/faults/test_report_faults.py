@@ -13,7 +13,7 @@ import pytest
 from embedded.stack import EmbeddedStack
 from orchestrator.observe.publish import publish
 from orchestrator.observe.report import Cost
-from orchestrator.settings import load_settings
+from orchestrator.settings import NotifySettings, load_settings
 from tests.fault_table import FaultTable
 from tests.mlflow_fixtures import FaultProxy
 from tests.orchestrator.observe.test_report import REPORT
@@ -39,8 +39,8 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
     throttled = {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}
     requests: list[str] = []
 
-    def refusing(service: str, conn_id: str, region: str) -> Any:
-        client = made(service, conn_id, region)
+    def refusing(service: str, conn_id: str, region: str, **kwargs: Any) -> Any:
+        client = made(service, conn_id, region, **kwargs)
 
         def answer(error: dict[str, str], status: int) -> Any:
             def handler(model: Any, **kwargs: Any) -> Any:
@@ -67,7 +67,13 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
     s = load_settings()
-    s = replace(s, mlflow=replace(s.mlflow, tracking_uri=mlflow_proxy.url))
+    # Only the MLflow publisher: this report is made up, and must not reach the stack's mailbox or Prometheus.
+    s = replace(
+        s,
+        mlflow=replace(s.mlflow, tracking_uri=mlflow_proxy.url),
+        notify=NotifySettings(),
+        metrics=replace(s.metrics, pushgateway_url=""),
+    )
     cost = Cost(0.0335, 150.0, 75.0, 75.0, 0.5, on_demand.usd_per_hour, on_demand.source, "us-east-1")
     assert publish(s, replace(REPORT, cost=cost, mlflow_run_id="f" * 32)) == []  # nothing raised
     assert "Run report not published to mlflow: TrackingServerError" in caplog.text

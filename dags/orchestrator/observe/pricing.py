@@ -21,6 +21,9 @@ FALLBACK_FILE = Path(__file__).resolve().parents[3] / "config" / "prices.toml"
 FALLBACK_REGION = "us-east-1"
 # The Price List API answers in a few regions only; us-east-1's endpoint serves the prices of every region.
 PRICING_API_REGION = "us-east-1"
+# A price only refines the report, which waits on it after the run: one retry, then the table (saying why), rather
+# than botocore's full back-off against an endpoint that keeps failing.
+PRICE_LOOKUP_ATTEMPTS = 2
 # One product per instance type and region once these are fixed: Linux, no SQL/pre-installed software, shared
 # tenancy, a used (not reserved-capacity) on-demand instance.
 _PRODUCT_FILTERS = {
@@ -47,9 +50,10 @@ def instance_price(
 
     try:
         if market == "spot":
-            ec2 = aws_client("ec2", conn_id, region)
+            ec2 = aws_client("ec2", conn_id, region, total_attempts=PRICE_LOOKUP_ATTEMPTS)
             return spot_price(ec2, instance_type, availability_zone, launched_at)
-        return on_demand_price(aws_client("pricing", conn_id, PRICING_API_REGION), instance_type, region)
+        pricing = aws_client("pricing", conn_id, PRICING_API_REGION, total_attempts=PRICE_LOOKUP_ATTEMPTS)
+        return on_demand_price(pricing, instance_type, region)
     except (ClientError, BotoCoreError, PriceNotFoundError) as exc:
         api = "DescribeSpotPriceHistory" if market == "spot" else "the AWS Price List API (pricing:GetProducts)"
         code = aws_error_code(exc)

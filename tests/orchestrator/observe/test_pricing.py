@@ -14,6 +14,7 @@ import pytest
 from embedded.stack import EmbeddedStack
 from orchestrator.observe.pricing import (
     FALLBACK_FILE,
+    PRICE_LOOKUP_ATTEMPTS,
     PriceNotFoundError,
     fallback_price,
     instance_price,
@@ -92,10 +93,23 @@ def test_on_demand_price_asks_for_one_linux_product(stack: EmbeddedStack) -> Non
 def test_moto_serves_no_price_list_so_the_table_prices_the_embedded_default(
     env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from orchestrator import connections
+
+    made = connections.aws_client
+    sent: list[str] = []
+
+    def counting(service: str, conn_id: str, region: str, **kwargs: Any) -> Any:
+        client = made(service, conn_id, region, **kwargs)
+        client.meta.events.register("before-send.pricing.GetProducts", lambda **kw: sent.append("GetProducts"))
+        return client
+
+    monkeypatch.setattr(connections, "aws_client", counting)
     price = instance_price("aws_default", env.cloud.region, "g6.xlarge", "on-demand", None, time.time())
     assert (price.usd_per_hour, price.source) == (0.8048, "fallback-table")
     assert "the AWS Price List API (pricing:GetProducts)" in price.detail
     assert "No price for g6.xlarge (on-demand)" in caplog.text
+    # An endpoint that keeps failing gets one retry, not botocore's whole back-off, before the table answers.
+    assert sent == ["GetProducts"] * PRICE_LOOKUP_ATTEMPTS
 
 
 def test_access_denied_falls_back_with_the_reason(
@@ -107,8 +121,8 @@ def test_access_denied_falls_back_with_the_reason(
 
     denied = {"Code": "AccessDeniedException", "Message": "not authorized to perform pricing:GetProducts"}
 
-    def denying(service: str, conn_id: str, region: str) -> Any:
-        client = made(service, conn_id, region)
+    def denying(service: str, conn_id: str, region: str, **kwargs: Any) -> Any:
+        client = made(service, conn_id, region, **kwargs)
         client.meta.events.register(
             "before-call.pricing.GetProducts", lambda **kwargs: (Mock(status_code=400), {"Error": denied})
         )
