@@ -344,6 +344,9 @@ def sweep_model(settings_file: Path) -> Iterator[str]:
         settings_file.write_text("")
 
 
+# Three trainings at once plus the sweep's own tasks on a real scheduler: ~3.5 min on an idle 2-core machine, past
+# the default 600 s when the other test worker's deployment tests share the cores.
+@pytest.mark.timeout(1800)
 def test_a_sweep_of_three_sets_with_one_failing(
     airflow: LocalAirflow,
     stack: EmbeddedStack,

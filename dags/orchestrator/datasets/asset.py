@@ -10,7 +10,6 @@ if TYPE_CHECKING:
 
     from orchestrator.settings import WatchSettings
 
-ASSET_NAME = "ec2_trainer_dataset"
 WATCHER_NAME = "ec2_trainer_dataset_queue"
 
 
@@ -33,7 +32,9 @@ def dataset_asset(watch: WatchSettings) -> Asset | None:
             region=watch.aws_region,
         )
         watchers.append(AssetWatcher(name=WATCHER_NAME, trigger=trigger))
-    return Asset(name=ASSET_NAME, uri=d.uri, watchers=watchers)
+    # Named by its URI (Airflow's default): Airflow deactivates an asset whose name another URI already holds, so a
+    # fixed name would leave the asset of a changed datasets.uri inactive, failing the poll DAG's updates.
+    return Asset(uri=d.uri, watchers=watchers)
 
 
 def poll_window(poll_minutes: int) -> tuple[float, float]:
