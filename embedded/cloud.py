@@ -101,6 +101,8 @@ class EmulatedInstance:
     powered_off_at: float | None = None
     # moto's security group objects of its network interface (live: a rule added later counts).
     security_groups: list[Any] = field(default_factory=list)
+    # Launched with an instance profile: only then do its AWS SDKs find credentials, as on EC2.
+    has_instance_profile: bool = False
 
     @property
     def poweroff_request(self) -> Path:
@@ -575,6 +577,7 @@ class LocalCloud:
         inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
         self.instances[moto_inst.id] = inst
         inst.security_groups = list(moto_inst.nics[0].group_set)
+        inst.has_instance_profile = bool(moto_inst.iam_instance_profile)
         log.info("Booting %s at %s", moto_inst.id, inst.address)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
 
@@ -737,19 +740,20 @@ class LocalCloud:
             workdir=inst.root / "sshd",
             login_user=self.login_user,
             drop_in_dir=inst.etc / "ssh" / "sshd_config.d",
-            extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id} {self._instance_profile_env()}"],
+            extra_config=[f"SetEnv {INSTANCE_MARKER_ENV}={inst.instance_id} {self._aws_env(inst)}"],
             command_prefix=self._enter(inst),
         )
         sshd.start()
         inst.sshd = sshd
 
-    def _instance_profile_env(self) -> str:
-        """What the instance's AWS SDKs find on a real instance through its metadata service (the instance profile's
-        credentials, the region) and its network (AWS's endpoints): here moto's, as sshd SetEnv words."""
-        return (
-            f"AWS_ENDPOINT_URL={self.endpoint_url} AWS_DEFAULT_REGION={self.region} "
-            "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing"
-        )
+    def _aws_env(self, inst: EmulatedInstance) -> str:
+        """What the instance's AWS SDKs find on a real instance through its network (AWS's endpoints: here moto's),
+        its region and, only when it was launched with an instance profile, the profile's credentials (from the
+        metadata service on EC2); as sshd SetEnv words."""
+        env = f"AWS_ENDPOINT_URL={self.endpoint_url} AWS_DEFAULT_REGION={self.region}"
+        if inst.has_instance_profile:
+            env += " AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing"
+        return env
 
     def _run_queued_jobs(self, inst: EmulatedInstance) -> None:
         """The transient jobs `systemd-run --no-block` queued during the init stage, then the units they started."""

@@ -85,7 +85,9 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     from orchestrator.preflight import check_instance_profile, check_network, read_image_root, root_volume_gb
 
     s = settings_of(config)
-    dataset = training_data(s)
+    # Fails here, before anything is launched, on missing or half-uploaded data; train reads it again as the job
+    # starts (the identity the run records is the data's then).
+    training_data(s)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     with fail_without_retry(ConfigError):
         unoffered = unoffered_instance_types(ec2, s.aws.instance_types)
@@ -112,7 +114,6 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
         network.maps_public_ip,
     )
     return {
-        "dataset": dataset.tags() if dataset else None,
         "ami_id": ami_id,
         "root_device_name": root.device_name,
         "root_volume_gb": volume_gb,

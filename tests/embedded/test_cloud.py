@@ -16,7 +16,7 @@ import paramiko
 import pytest
 import yaml
 
-from embedded.cloud import UBUNTU_DLAMI, LocalCloud
+from embedded.cloud import UBUNTU_DLAMI, EmulatedInstance, LocalCloud
 from embedded.process import free_port
 from embedded.stack import EmbeddedStack
 from orchestrator.hostkeys import HostKey, generate_host_key
@@ -315,3 +315,12 @@ def test_logins_only_as_the_unprivileged_user_with_what_it_needs(
         assert lines == [cloud.login_user, user.pw_dir, "made", "refused"]
     finally:
         cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
+
+
+def test_only_an_instance_with_a_profile_gets_aws_credentials(stack: EmbeddedStack, tmp_path: Path) -> None:
+    # On EC2 an instance's SDKs get credentials from its instance profile (through the metadata service), or none.
+    bare = EmulatedInstance("i-0", "127.0.0.2", tmp_path, tmp_path)
+    profiled = EmulatedInstance("i-1", "127.0.0.3", tmp_path, tmp_path, has_instance_profile=True)
+    assert "AWS_ACCESS_KEY_ID" not in stack.cloud._aws_env(bare)
+    assert f"AWS_ENDPOINT_URL={stack.cloud.endpoint_url}" in stack.cloud._aws_env(bare)
+    assert "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing" in stack.cloud._aws_env(profiled)
