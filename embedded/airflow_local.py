@@ -142,6 +142,20 @@ class LocalAirflow(Managed):
     def component_pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self._procs.items() if proc.poll() is None}
 
+    def restart_component(self, name: str) -> int:
+        """Stop a component as a deployment's restart does (SIGTERM to its process group, waited for) and start
+        another in its place, logging to `<name>-restarted.log`. Returns the stopped one's PID."""
+        proc = self._procs.pop(name)
+        stop_process(proc, timeout_s=60)
+        self._procs[name] = start_logged(["airflow", name], self.log_file(f"{name}-restarted"), env=self.env)
+        return proc.pid
+
+    def _raise_if_a_component_exited(self) -> None:
+        """A run waited for cannot end without the scheduler or, once deferred, the triggerer: say so at once."""
+        for name, proc in self._procs.items():
+            if proc.poll() is not None:
+                raise AirflowError(f"{name} exited with code {proc.returncode}; see {self.log_file(name)}")
+
     # ---- Celery workers --------------------------------------------------------------------------------------------
 
     def _start_worker(self, name: str) -> None:
@@ -196,7 +210,7 @@ class LocalAirflow(Managed):
         gets to clean up, as when its machine dies. Returns the PIDs killed."""
         import psutil
 
-        proc = self._procs[name]
+        proc = self._procs.pop(name)
         tree = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
         # The group first, at once (nothing forks in between), then any process that left it.
         with contextlib.suppress(ProcessLookupError):
@@ -268,6 +282,7 @@ class LocalAirflow(Managed):
                         log.warning("Reading run %s of %s failed (%s); looking again", run_id, dag_id, exc)
             if all(states.get(run_id) in FINISHED for run_id in run_ids):
                 return states
+            self._raise_if_a_component_exited()
             if time.monotonic() > deadline:
                 raise AirflowError(f"runs not finished after {timeout_s:.0f}s: {states}")
             time.sleep(1)

@@ -18,6 +18,10 @@ from embedded.process import free_port, start_logged, stop_process, wait_for_htt
 
 log = logging.getLogger(__name__)
 
+# MLflow 3's job runner (GenAI evaluation jobs; nothing here submits one) starts six huey consumers per server, each
+# polling and holding ~250 MB: with a few servers per test session that was gigabytes and a steady share of 2 cores.
+SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 class MlflowServer:
     def __init__(
@@ -57,7 +61,7 @@ class MlflowServer:
                 "1",
             ],
             self.log_file,
-            env={**os.environ, **self.env},
+            env={**os.environ, **SERVER_DEFAULTS, **self.env},
         )
         wait_for_http(f"{self.url}/health", timeout_s, proc=self._proc, log_file=self.log_file)
         log.info("MLflow server at %s (artifacts in %s)", self.url, self.artifacts_destination)

@@ -26,7 +26,6 @@ import pytest
 from benchmarks.load_benchmark import load_settings
 from embedded.airflow_local import LocalAirflow
 from embedded.load import DAG_ID, Sampler, run_batch
-from embedded.process import start_logged, stop_process
 from embedded.stack import EmbeddedStack
 from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining
@@ -261,48 +260,33 @@ def test_deferred_training_cleared_kills_the_job(
     )
 
 
-def restart_triggerer(airflow: LocalAirflow, started: list[Any]) -> int:
-    """Stop the triggerer as a deployment's restart does (SIGTERM to its process group) and start another."""
-    import psutil
-
-    pid = airflow.component_pids()["triggerer"]
-    os.killpg(pid, signal.SIGTERM)
-    psutil.Process(pid).wait(timeout=60)
-    started.append(start_logged(["airflow", "triggerer"], airflow.log_file("triggerer-restarted"), env=airflow.env))
-    return pid
-
-
 def test_triggerer_restart_mid_training_does_not_kill_the_job(
     airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
 ) -> None:
     run_id = "triggerer_restart__01"
-    replacements: list[Any] = []
-    try:
-        with OnTraining(
-            stack, lambda job_dir: when_deferred(airflow, run_id, lambda: restart_triggerer(airflow, replacements))
-        ) as restart:
-            airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 30})
-            state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
-        job_dir: Path = restart.job_dir  # type: ignore[assignment]
-        tis = airflow.task_instances(DAG_ID, run_id)
-        train_log = airflow.task_log(DAG_ID, run_id, "train")
+    # The new triggerer stays the deployment's own: the module's later tests defer to it.
+    with OnTraining(
+        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: airflow.restart_component("triggerer"))
+    ) as restart:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 30})
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
+    job_dir: Path = restart.job_dir  # type: ignore[assignment]
+    tis = airflow.task_instances(DAG_ID, run_id)
+    train_log = airflow.task_log(DAG_ID, run_id, "train")
 
-        assert state == "success", {task: ti["state"] for task, ti in tis.items()}
-        assert tis["train"]["try_number"] == 1, "followed on by the new triggerer, not by a task retry"
-        assert (job_dir / "exit_code").read_text().strip() == "0"
-        assert (job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
-        assert "Task killed while deferred" not in train_log
-        assert "train | epoch 30/30" in train_log, "the new triggerer streamed the job to its end"
-        fault_table.record(
-            "triggerer restarted (SIGTERM) while train is deferred (real scheduler)",
-            "the trigger resumes in the new triggerer; the job is not killed; run succeeds",
-            f"job exit 0, started once; train try 1; run {state}; triggerer pid {restart.result} replaced",
-            0,
-            0,
-        )
-    finally:
-        for proc in replacements:
-            stop_process(proc, timeout_s=20)
+    assert state == "success", {task: ti["state"] for task, ti in tis.items()}
+    assert tis["train"]["try_number"] == 1, "followed on by the new triggerer, not by a task retry"
+    assert (job_dir / "exit_code").read_text().strip() == "0"
+    assert (job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
+    assert "Task killed while deferred" not in train_log
+    assert "train | epoch 30/30" in train_log, "the new triggerer streamed the job to its end"
+    fault_table.record(
+        "triggerer restarted (SIGTERM) while train is deferred (real scheduler)",
+        "the trigger resumes in the new triggerer; the job is not killed; run succeeds",
+        f"job exit 0, started once; train try 1; run {state}; triggerer pid {restart.result} replaced",
+        0,
+        0,
+    )
 
 
 # ---- sweeps: ec2_sweep triggers one ec2_training run per set ------------------------------------------------------
