@@ -32,6 +32,9 @@ from orchestrator.ssh import LineBuffer, read_from, read_text, transient_ssh_err
 if TYPE_CHECKING:
     import paramiko
 
+# What paramiko's recv_exit_status() returns when the channel closed without an exit status.
+NO_EXIT_STATUS = -1
+
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
@@ -490,6 +493,15 @@ class RemoteJob:
         _, stdout, stderr = self._client_or_connect().exec_command(command, timeout=timeout_s)
         out = stdout.read().decode("utf-8", errors="replace")
         status = stdout.channel.recv_exit_status()
+        if status == NO_EXIT_STATUS:
+            import paramiko
+
+            # The session ended before the command reported how it exited: the connection dropped (a transient
+            # error, reconnected by the caller), not a command that failed.
+            raise paramiko.SSHException(
+                f"the SSH session closed before a control command for remote job {self.paths.job_dir} reported "
+                "its exit status"
+            )
         if status != 0:
             err = stderr.read().decode("utf-8", errors="replace")
             raise RemoteJobError(

@@ -17,6 +17,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.remote_job import (
     JobPaths,
     RemoteJob,
+    RemoteJobError,
     RemoteJobLostError,
     RemoteJobTimeoutError,
     build_env_file,
@@ -25,7 +26,7 @@ from orchestrator.remote_job import (
     job_dir_for,
     job_key,
 )
-from orchestrator.ssh import SshTarget, connect
+from orchestrator.ssh import SshTarget, connect, transient_ssh_errors
 
 FIVE_LINES_EXIT_3 = ["bash", "-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; exit 3"]
 
@@ -303,5 +304,19 @@ def test_a_job_killed_without_an_exit_code_is_reported_lost(ssh_target: SshTarge
         with pytest.raises(RemoteJobLostError, match="no running process and no exit code"):
             job.stream(lines.append, timeout_s=20)
         assert lines == ["started"]
+    finally:
+        job.close()
+
+
+def test_a_session_dropped_during_a_control_command_is_transient(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    """paramiko reports -1 when the channel closes without an exit status: a dropped connection the caller
+    reconnects after, not a failed command (that failed a deferred training once, when a drop hit a liveness check)."""
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        # $PPID is the sshd process serving this session: killing it drops the connection mid-command.
+        with pytest.raises(transient_ssh_errors()) as dropped:
+            job._run("kill -9 $PPID; sleep 5")
+        assert not isinstance(dropped.value, RemoteJobError)
+        assert "closed before a control command" in str(dropped.value)
     finally:
         job.close()
