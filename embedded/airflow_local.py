@@ -152,7 +152,8 @@ class LocalAirflow(Managed):
 
     def _raise_if_a_component_exited(self) -> None:
         """A run waited for cannot end without the scheduler or, once deferred, the triggerer: say so at once."""
-        for name, proc in self._procs.items():
+        # A copy: a test's thread may restart a component meanwhile.
+        for name, proc in list(self._procs.items()):
             if proc.poll() is not None:
                 raise AirflowError(f"{name} exited with code {proc.returncode}; see {self.log_file(name)}")
 
