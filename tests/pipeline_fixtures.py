@@ -164,6 +164,7 @@ class ProcessListSampler:
         self._interval_s = interval_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._sampled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="process-list-sampler", daemon=True)
 
     def _run(self) -> None:
@@ -174,6 +175,7 @@ class ProcessListSampler:
                 with self._lock:
                     self._seen.update(out.stdout.splitlines())
                     self.samples += 1
+                self._sampled.set()
             if self._stop.wait(self._interval_s):
                 return
 
@@ -184,6 +186,8 @@ class ProcessListSampler:
 
     def text(self) -> str:
         """The command lines seen so far, one a line; fails if no sample was taken, as a scan would prove nothing."""
+        # A short test can end before the first `ps` on a loaded machine has: wait for it, bounded.
+        self._sampled.wait(timeout=120)
         lines = self.lines()
         assert self.samples, "the process list was never sampled: the scan would prove nothing"
         return "\n".join(sorted(lines))

@@ -38,7 +38,8 @@ from tests.faults.support import OnTraining
 
 # Never alongside tests/faults/test_scheduler_faults.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment")]
+# The runs' own waits (up to 900 s) fail first, with the runs' states: pytest's default 600 s must not cut them short.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment"), pytest.mark.timeout(1800)]
 
 RUNS = 3
 # docker-compose.yaml runs as many (tests/deploy/test_compose.py).

@@ -33,7 +33,9 @@ from tests.pipeline_fixtures import ProcessListSampler, planted_connections, pla
 
 # Never alongside tests/deploy/test_celery_deployment.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment")]
+# Each test waits for its runs with its own bound (up to 900 s, failing with the runs' states): pytest's default 600 s
+# must not cut that wait short on a loaded machine (a 3-worker run once took the 8-run batch past it).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment"), pytest.mark.timeout(1800)]
 
 RUNS = 8
 CAP = 3
@@ -328,9 +330,6 @@ def sweep_model(settings_file: Path) -> Iterator[str]:
         settings_file.write_text("")
 
 
-# Three trainings at once plus the sweep's own tasks on a real scheduler: ~3.5 min on an idle 2-core machine, past
-# the default 600 s when the other test worker's deployment tests share the cores.
-@pytest.mark.timeout(1800)
 def test_a_sweep_of_three_sets_with_one_failing(
     airflow: LocalAirflow,
     stack: EmbeddedStack,
