@@ -19,7 +19,7 @@ from embedded.process import free_port, start_logged, stop_process, wait_for_htt
 log = logging.getLogger(__name__)
 
 # MLflow 3's job runner (GenAI evaluation jobs; nothing here submits one) starts six huey consumers per server, each
-# polling and holding ~250 MB: with a few servers per test session that was gigabytes and a steady share of 2 cores.
+# importing mlflow (~250 MB, seconds of CPU apiece): with a few servers per test session that was gigabytes.
 SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
