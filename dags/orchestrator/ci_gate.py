@@ -28,6 +28,7 @@ from orchestrator.github import (
     GitHubRefError,
     GitHubResponseError,
     commit_checks_url,
+    poll_interval_s,
 )
 
 if TYPE_CHECKING:
@@ -146,8 +147,10 @@ class CiGateTrigger(BaseTrigger):
         seen: dict[int, tuple[Any, ...]] = {}
         # The operator has just checked: the first poll waits one interval too.
         wait_until = self.deadline
+        interval_s = self.poll_interval_s
         while True:
-            await asyncio.sleep(max(0.0, min(self.poll_interval_s, wait_until - time.time())))
+            await asyncio.sleep(max(0.0, min(interval_s, wait_until - time.time())))
+            sent_before = client.requests_sent
             try:
                 # The client is synchronous (requests) and may sleep between retries: keep it off the event loop.
                 runs = await asyncio.to_thread(client.list_workflow_runs, self.sha)
@@ -157,6 +160,8 @@ class CiGateTrigger(BaseTrigger):
             except GitHubError as exc:
                 yield _event("error", str(exc), self.sha)
                 return
+            # More pages (or retries) per poll: anonymously, the next polls are spaced further apart.
+            interval_s = poll_interval_s(interval_s, client.authenticated, client.requests_sent - sent_before)
             verdict = evaluate_ci(runs, self.allowed_conclusions)
             _log_changes(self.log, verdict.runs, seen)
             now = time.time()
@@ -258,13 +263,14 @@ class CiGateOperator(BaseOperator):
         allowed = parse_allowed_conclusions(self.allowed_conclusions)
         timeout_s = _seconds(self.timeout_s, "timeout_s")
         no_runs_timeout_s = _seconds(self.no_runs_timeout_s, "no_runs_timeout_s")
-        poll_interval_s = _seconds(self.poll_interval_s, "poll_interval_s")
+        configured_interval_s = _seconds(self.poll_interval_s, "poll_interval_s")
         client = GitHubClient.from_connection(self.github_conn_id, self.api_url, self.repo)
         try:
             sha = client.resolve_ref(self.git_ref)
             self.log.info("CI gate: %r in %s is commit %s", self.git_ref, self.repo, sha)
             context["ti"].xcom_push(key=SHA_XCOM_KEY, value=sha)
             self.log.info("CI checks: %s", client.commit_checks_url(sha))
+            sent_before = client.requests_sent
             verdict = evaluate_ci(client.list_workflow_runs(sha), allowed)
         except (GitHubRefError, GitHubResponseError) as exc:
             # A ref that does not exist will not appear on a retry minutes later, nor will an unreadable answer
@@ -284,10 +290,20 @@ class CiGateOperator(BaseOperator):
             raise AirflowFailException(self._timeout_message(sha, NO_RUNS_MESSAGE))
         if now >= deadline:
             raise AirflowFailException(self._timeout_message(sha, f"CI did not finish in time; {verdict.message}"))
+        interval_s = poll_interval_s(configured_interval_s, client.authenticated, client.requests_sent - sent_before)
+        if interval_s > configured_interval_s:
+            self.log.warning(
+                "CI gate: connection %r has no GitHub token, and GitHub counts every anonymous request (a 304 too) "
+                "against 60 an hour: polling every %.0f s instead of %.0f s to last the whole wait. For faster "
+                "polls, put a token (fine-grained, read-only: actions, contents) in the connection's password",
+                self.github_conn_id,
+                interval_s,
+                configured_interval_s,
+            )
         self.log.info(
             "CI gate: %s; deferring (poll every %.0f s, %.0f s left of %.0f s)",
             verdict.message,
-            poll_interval_s,
+            interval_s,
             deadline - now,
             timeout_s,
         )
@@ -297,7 +313,7 @@ class CiGateOperator(BaseOperator):
                 api_url=self.api_url,
                 repo=self.repo,
                 sha=sha,
-                poll_interval_s=poll_interval_s,
+                poll_interval_s=interval_s,
                 deadline=deadline,
                 no_runs_deadline=no_runs_deadline,
                 allowed_conclusions=sorted(allowed),

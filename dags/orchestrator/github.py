@@ -3,7 +3,8 @@
 ``requests`` is imported inside methods: DAG files import this module (through the CI gate operator) at parse time.
 Every wait is bounded (retries, back-off, rate-limit waits) and the sleep function is injectable so tests run fast.
 Requests are conditional: the last ``ETag`` of each URL goes out as ``If-None-Match`` and a ``304`` reuses the cached
-answer (with a token, a 304 costs no rate limit), so polling an unchanged commit is nearly free.
+answer (with a token, a 304 costs no rate limit), so polling an unchanged commit is nearly free. Without a token
+every request costs one of 60 an hour, so `poll_interval_s` spaces anonymous polls to fit that budget.
 The token only ever travels in the ``Authorization`` header: it is absent from reprs, log lines and error messages.
 """
 
@@ -32,6 +33,10 @@ PER_PAGE = 100
 # GitHub returns at most 1,000 runs for a filtered query: 10 pages; the bound guards against a looping Link header.
 MAX_PAGES = 20
 RATE_LIMIT_MIN_WAIT_S = 60.0
+# GitHub's primary rate limit without a token (per IP): every request counts, a 304 too.
+ANONYMOUS_REQUESTS_PER_HOUR = 60
+# Kept back from anonymous polling: the gate's first requests, retries, and other callers behind the same IP.
+ANONYMOUS_RESERVE = 15
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
@@ -133,6 +138,16 @@ def rate_limit_wait_s(headers: Mapping[str, str], now: float, attempt: int, back
     return max(RATE_LIMIT_MIN_WAIT_S, backoff_s * 2**attempt)
 
 
+def poll_interval_s(configured_s: float, authenticated: bool, requests_per_poll: int) -> float:
+    """The wait between CI polls. With a token, the configured one (its 304s are free); anonymously, long enough
+    that polls costing ``requests_per_poll`` each (pages and retries) stay within GitHub's 60 requests an hour,
+    less a reserve, for as long as the gate waits."""
+    if authenticated:
+        return configured_s
+    per_hour = ANONYMOUS_REQUESTS_PER_HOUR - ANONYMOUS_RESERVE
+    return max(configured_s, 3600.0 * max(requests_per_poll, 1) / per_hour)
+
+
 def _is_rate_limited(status: int, headers: Mapping[str, str], body: str) -> bool:
     if status == 429:
         return True
@@ -182,6 +197,8 @@ class GitHubClient:
         self._cache: dict[str, _Cached] = {}
         self.rate_limit: RateLimit | None = None
         self.not_modified = 0
+        # Every HTTP request sent (retries and pages included): anonymously, each costs one of the hourly budget.
+        self.requests_sent = 0
 
     def __repr__(self) -> str:
         token = "set" if self._token else "none"
@@ -202,6 +219,10 @@ class GitHubClient:
 
         conn = await BaseHook.aget_connection(conn_id)
         return cls(api_url, repo, conn.password or None, **kwargs)
+
+    @property
+    def authenticated(self) -> bool:
+        return self._token is not None
 
     @property
     def html_base_url(self) -> str:
@@ -287,6 +308,7 @@ class GitHubClient:
             cached = self._cache.get(key)
             if cached is not None:
                 headers["If-None-Match"] = cached.etag
+            self.requests_sent += 1
             try:
                 response = session.get(url, params=params, headers=headers, timeout=self.timeout_s)
             except (requests.ConnectionError, requests.Timeout) as exc:

@@ -347,3 +347,45 @@ def test_trigger_missing_connection_is_an_error_event(airflow_db: Path, standin:
     (event,) = collect_events(trigger_for(standin, "7" * 40, conn_id="no_such_conn_xyz"))
     assert event.payload["status"] == "error"
     assert "cannot read connection 'no_such_conn_xyz'" in event.payload["message"]
+
+
+@pytest.mark.parametrize("runs", [1, 230])
+def test_an_anonymous_60_minute_wait_stays_within_githubs_60_requests_an_hour(
+    airflow_db: Path,
+    shas: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    runs: int,
+) -> None:
+    """The whole CI timeout polled without a token, on an injected clock: every request (304s and pages too) counted
+    by a stand-in that charges anonymous requests as GitHub does, with the gate's first two requests on top."""
+    from types import SimpleNamespace
+
+    from orchestrator.github import ANONYMOUS_REQUESTS_PER_HOUR, poll_interval_s
+
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps({"conn_type": "http"}))
+    clock = [1_000_000.0]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr("orchestrator.ci_gate.asyncio.sleep", sleep)
+    monkeypatch.setattr("orchestrator.ci_gate.time", SimpleNamespace(time=lambda: clock[0]))
+    sha = "7" * 40
+    with GitHubStandIn(shas[0], REPO) as anonymous:
+        anonymous.set_runs(sha, [{"name": f"CI {i}", "status": "in_progress"} for i in range(runs)])
+        # The operator's resolve and first listing, before it defers.
+        gate_requests = 1 + -(-runs // 100)
+        start = clock[0]
+        trigger = trigger_for(
+            anonymous,
+            sha,
+            poll_interval_s=poll_interval_s(30, False, gate_requests - 1),
+            deadline=start + 3600,
+            no_runs_deadline=start + 600,
+        )
+        (event,) = collect_events(trigger)
+        used = anonymous.rate_used(authenticated=False)
+    assert event.payload["status"] == "timeout", event.payload["message"]
+    assert clock[0] - start >= 3600
+    assert 0 < used + gate_requests <= ANONYMOUS_REQUESTS_PER_HOUR
