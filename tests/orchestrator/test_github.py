@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -287,3 +291,89 @@ def test_from_connection_reads_the_password(
     client = GitHubClient.from_connection("github_client_test", standin.url, REPO)
     assert client.resolve_ref("main") == repo[1]
     assert TOKEN not in repr(client)
+
+
+class _RunsServer:
+    """A local HTTP server answering GitHub's `GET /repos/{repo}/actions/runs` from a list, counting requests.
+
+    ``link`` (a function of the page) sets the `Link` header; None sends none, as a proxy that drops it would."""
+
+    def __init__(self, runs: list[dict[str, object]], link: Callable[[int], str | None] = lambda page: None) -> None:
+        owner = self
+        self.runs, self.link, self.requests = runs, link, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests += 1
+                query = parse_qs(urlsplit(self.path).query)
+                per_page, page = int(query.get("per_page", ["30"])[0]), int(query.get("page", ["1"])[0])
+                chunk = owner.runs[(page - 1) * per_page : page * per_page]
+                body = json.dumps({"total_count": len(owner.runs), "workflow_runs": chunk}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                link = owner.link(page)
+                if link:
+                    self.send_header("Link", link)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _run(i: int, sha: str, conclusion: str = "success") -> dict[str, object]:
+    return {
+        "id": 1000 + i,
+        "name": f"CI {i}",
+        "workflow_id": 1000 + i,
+        "head_sha": sha,
+        "status": "completed",
+        "conclusion": conclusion,
+        "run_attempt": 1,
+        "html_url": f"https://github.com/{REPO}/actions/runs/{1000 + i}",
+        "created_at": "2026-01-01T00:00:00Z",
+        "run_started_at": "2026-01-01T00:00:00Z",
+    }
+
+
+def test_a_link_to_another_host_is_refused_with_no_request_sent_there() -> None:
+    sha = "a" * 40
+    foreign = _RunsServer([_run(i, sha) for i in range(230)])
+    own = _RunsServer(
+        [_run(i, sha) for i in range(230)],
+        link=lambda page: f'<{foreign.url}/repos/{REPO}/actions/runs?head_sha={sha}&per_page=100&page=2>; rel="next"',
+    )
+    try:
+        client = GitHubClient(own.url, REPO, TOKEN, sleep=Sleeps())
+        with pytest.raises(GitHubError, match=f"pagination link leads outside {own.url}: refusing to follow it"):
+            client.list_workflow_runs(sha)
+        assert (own.requests, foreign.requests) == (1, 0)
+    finally:
+        own.close()
+        foreign.close()
+
+
+def test_230_runs_without_link_headers_are_all_read_a_failure_on_page_3_too() -> None:
+    from orchestrator.ci import evaluate_ci
+
+    sha = "b" * 40
+    runs = [_run(i, sha, "failure" if i == 215 else "success") for i in range(230)]
+    server = _RunsServer(runs)
+    try:
+        read = GitHubClient(server.url, REPO, TOKEN, sleep=Sleeps()).list_workflow_runs(sha)
+        assert server.requests == 3
+    finally:
+        server.close()
+    assert [run.id for run in read] == [run["id"] for run in runs]
+    verdict = evaluate_ci(read, ())
+    assert verdict.state == "failed"
+    assert "CI 215" in verdict.message
