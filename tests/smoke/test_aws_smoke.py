@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -55,13 +56,19 @@ def cost_estimate(instance_type: str, root_gb: int) -> str:
     )
 
 
-def run_instances(ec2: Any, project_tag: str, launched_after: datetime, run_id: str | None) -> list[str]:
+T = TypeVar("T")
+
+
+def run_instances(
+    ec2: Any, project_tag: str, deployment: str, launched_after: datetime, run_id: str | None
+) -> list[str]:
     """This smoke run's instances: by its run tag, or (when the run never reported its id) the DAG's instances
-    launched since the test began."""
-    filters = [
-        {"Name": "tag:ec2-trainer:project", "Values": [project_tag]},
-        {"Name": "tag:ec2-trainer:dag_id", "Values": ["ec2_training"]},
-    ]
+    launched since the test began; always of this deployment only, which the per-deployment policy may terminate
+    (one foreign match would make the whole TerminateInstances call fail)."""
+    from orchestrator.launch import TAG_DAG_ID, deployment_tags
+
+    tags = {**deployment_tags(project_tag, deployment), TAG_DAG_ID: "ec2_training"}
+    filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()]
     if run_id:
         filters.append({"Name": "tag:ec2-trainer:run_id", "Values": [run_id]})
     pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
@@ -72,6 +79,24 @@ def run_instances(ec2: Any, project_tag: str, launched_after: datetime, run_id: 
         for i in r["Instances"]
         if run_id or i["LaunchTime"] >= launched_after
     ]
+
+
+def run_then_clean(run: Callable[[], T], clean: Callable[[T | None], list[str]]) -> tuple[T, list[str]]:
+    """run(), then clean(its result, or None when it raised). A failing cleanup never hides the run's own failure:
+    both are raised together."""
+    try:
+        result = run()
+    except BaseException as failure:
+        try:
+            clean(None)
+        except Exception as cleanup_failure:
+            raise BaseExceptionGroup(
+                "the smoke run failed and so did its cleanup: terminate its instance in the EC2 console "
+                "(tag ec2-trainer:dag_id = ec2_training, this deployment)",
+                [failure, cleanup_failure],
+            ) from None
+        raise
+    return result, clean(result)
 
 
 def test_the_pipeline_runs_on_aws_and_terminates(airflow_db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,18 +119,19 @@ def test_the_pipeline_runs_on_aws_and_terminates(airflow_db: Any, monkeypatch: p
     print(f"\nsmoke-aws in {settings.aws.region}: {cost_estimate(INSTANCE_TYPE, settings.aws.root_volume_gb)}")
     ec2 = aws_client("ec2", settings.aws.conn_id, settings.aws.region)
     started = datetime.now(tz=UTC)
-    dag_run = None
-    try:
-        dag_run = run_dag(git_ref=os.environ.get("EC2_TRAINER_SMOKE_GIT_REF", ""))
-    finally:
-        leftover = run_instances(ec2, settings.aws.project_tag, started, dag_run.run_id if dag_run else None)
+
+    def clean(dag_run: Any) -> list[str]:
+        run_id = dag_run.run_id if dag_run is not None else None
+        leftover = run_instances(ec2, settings.aws.project_tag, settings.aws.deployment, started, run_id)
         if leftover:
             terminate_instances(ec2, leftover)
             ec2.get_waiter("instance_terminated").wait(
                 InstanceIds=leftover, WaiterConfig={"Delay": 15, "MaxAttempts": 40}
             )
         print(f"smoke-aws: terminated {leftover or 'nothing (no instance was launched)'} at {time.strftime('%X')}")
-    assert dag_run is not None
+        return leftover
+
+    dag_run, leftover = run_then_clean(lambda: run_dag(git_ref=os.environ.get("EC2_TRAINER_SMOKE_GIT_REF", "")), clean)
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     assert dag_run.state == "success", states
     assert len(leftover) == 1, f"one instance expected, found {leftover}"
