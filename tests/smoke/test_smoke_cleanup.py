@@ -47,7 +47,12 @@ def test_a_failing_cleanup_is_raised_with_the_runs_own_failure() -> None:
     assert [type(e) for e in raised.value.exceptions] == [RuntimeError, PermissionError]
 
     cleaned: list[object] = []
+
+    def clean(result: object) -> list[str]:
+        cleaned.append(result)
+        return []
+
     with pytest.raises(RuntimeError, match="DAG run failed at train"):
-        run_then_clean(run, lambda result: cleaned.append(result) or [])
+        run_then_clean(run, clean)
     assert cleaned == [None]
     assert run_then_clean(lambda: "run", lambda result: [f"i-{result}"]) == ("run", ["i-run"])
