@@ -389,3 +389,26 @@ def test_an_anonymous_60_minute_wait_stays_within_githubs_60_requests_an_hour(
     assert event.payload["status"] == "timeout", event.payload["message"]
     assert clock[0] - start >= 3600
     assert 0 < used + gate_requests <= ANONYMOUS_REQUESTS_PER_HOUR
+
+
+def test_anonymous_gate_warns_once_and_defers_with_a_budget_interval(
+    airflow_db: Path,
+    shas: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps({"conn_type": "http"}))
+    sha = shas[1]["slow"]
+    with GitHubStandIn(shas[0], REPO) as anonymous:
+        anonymous.set_runs(sha, [{"name": f"CI {i}", "status": "in_progress"} for i in range(230)])
+        with pytest.raises(TaskDeferred) as deferred:
+            execute_gate(anonymous, sha, datetime.now(UTC))
+    # Three pages a poll, 45 requests an hour for polling: one poll every 240 s, not the configured 30 s.
+    assert deferred.value.trigger.poll_interval_s == 240
+    logged = output(capfd) + caplog.text
+    assert logged.count("has no GitHub token") == 1
+    assert "polling every 240 s instead of 30 s" in logged
+    assert "put a token (fine-grained, read-only: actions, contents) in the connection's password" in logged
