@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from embedded.authorizer import Check, run_instances_checks, terminate_checks
 from embedded.iam_policy import evaluate, load_policy
 from orchestrator.hostkeys import generate_host_key
 from orchestrator.launch import TAG_DEPLOYMENT, TAG_PROJECT, LaunchSpec, RunIdentity, build_run_instances_request
@@ -277,3 +279,99 @@ def test_launch_request_meets_the_policy_conditions(launch_request: dict[str, An
     assert "SecurityGroupIds" not in launch_request and "SubnetId" not in launch_request
     (interface,) = launch_request["NetworkInterfaces"]
     assert (interface["SubnetId"], interface["Groups"]) == ("subnet-0123456789abcdef0", ["sg-0123456789abcdef0"])
+
+
+VALUES = {
+    "REGION": "eu-west-1",
+    "ACCOUNT": "123456789012",
+    "DEPLOYMENT": DEPLOYMENT,
+    "BUCKET": "data",
+    "PREFIX": "hurricane-damage",
+    "QUEUE": "dataset-events",
+    "VPC-ID": "vpc-0abc",
+}
+
+
+def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
+    """Each policy's (action, resource, condition keys) checks for the requests one run makes: the launch request the
+    code builds (on-demand and spot) as EC2 authorizes it, a terminate of the run's instance by its tags, the
+    preflight reads, the price, the data listing and the queue; on the instance, the data's listing and reads."""
+    region, account = VALUES["REGION"], VALUES["ACCOUNT"]
+    spot = {**launch_request, "InstanceMarketOptions": {"MarketType": "spot"}}
+    launches = [
+        check
+        for request in (launch_request, spot)
+        for check in run_instances_checks(
+            request,
+            region=region,
+            account=account,
+            image_owner="amazon",
+            vpc_id=VALUES["VPC-ID"],
+            role_of_profile={"ec2-trainer-instance": "ec2-trainer-instance"},
+        )
+    ]
+    tags = next(s["Tags"] for s in launch_request["TagSpecifications"] if s["ResourceType"] == "instance")
+    terminate = terminate_checks({"i-0123": {t["Key"]: t["Value"] for t in tags}}, region=region, account=account)
+    describes = [(action, "*", {}) for action in sorted(calls_in_source("dags")) if ":Describe" in action]
+    parameter = tomllib.loads((REPO / "config" / "defaults.toml").read_text())["aws"]["ami_ssm_parameter"]
+    bucket = f"arn:aws:s3:::{VALUES['BUCKET']}"
+    listing: Check = ("s3:ListBucket", bucket, {"s3:prefix": f"{VALUES['PREFIX']}/"})
+    queue = f"arn:aws:sqs:{region}:{account}:{VALUES['QUEUE']}"
+    airflow: list[Check] = [
+        *launches,
+        *terminate,
+        *describes,
+        ("ssm:GetParameter", f"arn:aws:ssm:{region}::parameter{parameter}", {}),
+        ("iam:GetInstanceProfile", f"arn:aws:iam::{account}:instance-profile/ec2-trainer-instance", {}),
+        ("pricing:GetProducts", "*", {}),
+        listing,
+        ("sqs:ReceiveMessage", queue, {}),
+        ("sqs:DeleteMessage", queue, {}),
+    ]
+    instance = [listing, ("s3:GetObject", f"{bucket}/{VALUES['PREFIX']}/train/a.jpg", {})]
+    return {"airflow": airflow, "instance": instance}
+
+
+def test_a_run_is_allowed_and_every_statement_is_needed(launch_request: dict[str, Any]) -> None:
+    """All of a run's requests pass each policy, and removing any one statement denies at least one of them: no
+    statement is dead weight, and a test fails when one goes missing."""
+    for name, checks in requests_of_a_run(launch_request).items():
+        policy = load_policy(name, VALUES)
+        denied = [c for c in checks if evaluate(policy, *c) != "Allow"]
+        assert not denied, f"config/iam/{name}.json denies {denied}"
+        for statement in policy["Statement"]:
+            without = {**policy, "Statement": [s for s in policy["Statement"] if s is not statement]}
+            assert any(evaluate(without, *c) != "Allow" for c in checks), f"{name}: {statement['Sid']} is unused"
+
+
+def test_a_launch_outside_the_policy_is_denied(launch_request: dict[str, Any]) -> None:
+    """The conditions bite: another deployment's tag, IMDSv1, an unencrypted root volume, another VPC, a non-Amazon
+    image, a foreign instance to terminate."""
+    policy = load_policy("airflow", VALUES)
+
+    def denied(request: dict[str, Any], **overrides: Any) -> bool:
+        options = {
+            "region": VALUES["REGION"],
+            "account": VALUES["ACCOUNT"],
+            "image_owner": "amazon",
+            "vpc_id": VALUES["VPC-ID"],
+            "role_of_profile": {"ec2-trainer-instance": "ec2-trainer-instance"},
+            **overrides,
+        }
+        return any(evaluate(policy, *c) != "Allow" for c in run_instances_checks(request, **options))
+
+    assert not denied(launch_request)
+    other = json.loads(json.dumps(launch_request).replace(f'"{DEPLOYMENT}"', '"staging"'))
+    assert denied(other)
+    assert denied({**launch_request, "MetadataOptions": {"HttpTokens": "optional"}})
+    plain = json.loads(json.dumps(launch_request).replace('"Encrypted": true', '"Encrypted": false'))
+    assert denied(plain)
+    assert denied(launch_request, vpc_id="vpc-other")
+    assert denied(launch_request, image_owner="111122223333")
+    assert denied({**launch_request, "InstanceType": "p5.48xlarge"})
+    foreign = terminate_checks(
+        {"i-9": {TAG_PROJECT: "ec2-trainer", TAG_DEPLOYMENT: "staging"}},
+        region=VALUES["REGION"],
+        account=VALUES["ACCOUNT"],
+    )
+    assert evaluate(policy, *foreign[0]) == "ImplicitDeny"
