@@ -1,4 +1,5 @@
-"""The documented least-privilege policy covers every AWS call the orchestrator makes, and nothing broader.
+"""The least-privilege policies (config/iam/, shown in docs/iam.md) cover every AWS call the code makes, and nothing
+broader.
 
 The calls are read from the source (so a new call without a policy line fails here), and the launch request the code
 builds is checked against the policy's conditions (IMDSv2, encrypted root volume, tags, instance profile).
@@ -6,31 +7,30 @@ builds is checked against the policy's conditions (IMDSv2, encrypted root volume
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from embedded.authorizer import Check, run_instances_checks, terminate_checks
+from embedded.iam_policy import evaluate, load_policy
 from orchestrator.hostkeys import generate_host_key
 from orchestrator.launch import TAG_DEPLOYMENT, TAG_PROJECT, LaunchSpec, RunIdentity, build_run_instances_request
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = sorted((REPO / "dags" / "orchestrator").rglob("*.py"))
 # The policy's placeholder for aws.deployment, and the value the launch request below is built with.
 DEPLOYMENT = "prod"
 
 
 def airflow_policy() -> dict[str, Any]:
-    """The documented policy, with its DEPLOYMENT placeholder filled in as a deployment named DEPLOYMENT would."""
-    text = (REPO / "docs" / "iam.md").read_text()
-    section = text.split("## Airflow's policy", 1)[1]
-    block = re.search(r"```json\n(.*?)```", section, re.S)
-    assert block, "docs/iam.md has no JSON policy under 'Airflow's policy'"
-    assert '"DEPLOYMENT"' in block.group(1), "the policy is not scoped to a deployment"
-    return dict(json.loads(block.group(1).replace('"DEPLOYMENT"', json.dumps(DEPLOYMENT))))
+    """config/iam/airflow.json (docs/iam.md shows it), its DEPLOYMENT placeholder filled in as a deployment named
+    DEPLOYMENT would."""
+    policy = load_policy("airflow")
+    assert '"DEPLOYMENT"' in json.dumps(policy), "the policy is not scoped to a deployment"
+    return dict(json.loads(json.dumps(policy).replace('"DEPLOYMENT"', json.dumps(DEPLOYMENT))))
 
 
 def allowed_actions(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -43,28 +43,50 @@ def allowed_actions(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return by_action
 
 
-CLIENTS = {"ec2": "ec2", "ssm_client": "ssm", "iam": "iam", "pricing": "pricing"}
-# The API calls behind each boto waiter the code uses.
-WAITERS = {"instance_running": "describe_instances", "instance_terminated": "describe_instances"}
+# Where the IAM action differs from the API operation's name (the service authorization reference says so).
+ACTION_OF = {
+    "s3:ListObjectsV2": "s3:ListBucket",
+    "s3:HeadObject": "s3:GetObject",
+    "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
+}
+# Methods boto3 adds to a client, and the operations they make.
+INJECTED = {"s3": {"download_file": ("HeadObject", "GetObject")}}
+# A client built by the code: `aws_client("s3", ...)`, `to_thread(aws_client, "sqs", ...)`, `boto3.client("s3")`.
+CLIENT_BUILT = re.compile(r'(?:\baws_client(?:\(|,\s*)|\.client\()"([a-z0-9-]+)"')
+ATTRIBUTE = re.compile(r'\.([a-z][a-z0-9_]*)\b(?:\(\s*"([a-z0-9_]+)")?')
 
 
-def calls_in_source() -> set[str]:
-    """`ec2.run_instances` -> `ec2:RunInstances`, for every boto3 call the orchestrator makes, paginated and waited
-    ones included (`ec2.get_paginator("describe_instances")`, `ec2.get_waiter("instance_running")`)."""
+def calls_in_source(root: str) -> set[str]:
+    """The IAM action of every AWS call the code under `root` (dags/ or remote/) makes: the services are those whose
+    clients the code builds, and the calls every attribute of a name that is one of their operations (a method
+    call, a method passed to a thread, a paginator or a waiter), found through botocore's own service models."""
+    import botocore.session
+    from botocore import xform_name
+
+    session = botocore.session.get_session()
+    sources = {path: path.read_text() for path in sorted((REPO / root).rglob("*.py"))}
+    services = {service for text in sources.values() for service in CLIENT_BUILT.findall(text)}
+    assert services, f"found no AWS client built under {root}/"
     found = set()
-    for path in SOURCES:
-        calls = re.findall(r'(?<![/\w])(ec2|ssm_client|iam|pricing)\.([a-z_]+)\((?:\s*"([a-z_]+)")?', path.read_text())
-        for client, method, argument in calls:
-            if method in ("meta", "exceptions"):
-                continue
-            api_method = {"get_paginator": argument, "get_waiter": WAITERS.get(argument, "")}.get(method, method)
-            api = "".join(part.capitalize() for part in api_method.split("_"))
-            found.add(f"{CLIENTS[client]}:{api}")
+    for service in sorted(services):
+        model = session.get_service_model(service)
+        operations = {xform_name(op): [op] for op in model.operation_names}
+        operations.update({m: list(ops) for m, ops in INJECTED.get(service, {}).items()})
+        waiters = session.get_waiter_model(service) if service == "ec2" else None
+        for text in sources.values():
+            for method, argument in ATTRIBUTE.findall(text):
+                if method == "get_paginator" and argument in operations:
+                    names = operations[argument]
+                elif method == "get_waiter" and waiters and argument:
+                    names = [waiters.get_waiter("".join(p.capitalize() for p in argument.split("_"))).operation]
+                else:
+                    names = operations.get(method, [])
+                found |= {ACTION_OF.get(f"{service}:{n}", f"{service}:{n}") for n in names}
     return found
 
 
 def test_every_call_the_code_makes_is_allowed() -> None:
-    calls = calls_in_source()
+    calls = calls_in_source("dags")
     assert {
         "ec2:RunInstances",
         "ec2:TerminateInstances",
@@ -76,9 +98,48 @@ def test_every_call_the_code_makes_is_allowed() -> None:
         "iam:GetInstanceProfile",
         "pricing:GetProducts",
         "ec2:DescribeSpotPriceHistory",
+        "s3:ListBucket",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
     } <= calls
     missing = calls - set(allowed_actions(airflow_policy()))
-    assert not missing, f"docs/iam.md does not allow {sorted(missing)}"
+    assert not missing, f"config/iam/airflow.json does not allow {sorted(missing)}"
+    on_instance = calls_in_source("remote")
+    assert on_instance == {"s3:ListBucket", "s3:GetObject"}
+    missing = on_instance - set(allowed_actions(load_policy("instance")))
+    assert not missing, f"config/iam/instance.json does not allow {sorted(missing)}"
+
+
+def test_data_calls_are_allowed_on_the_data_prefix_only() -> None:
+    """The S3 and SQS requests the code makes, evaluated as AWS would: the listing of the data prefix (plan_launch,
+    train, ec2_retrain, the poll trigger; ListObjectsV2 with Prefix), the queue's receive and delete, the instance's
+    reads; nothing outside the prefix."""
+    values = {
+        "REGION": "eu-west-1",
+        "ACCOUNT": "123456789012",
+        "DEPLOYMENT": DEPLOYMENT,
+        "BUCKET": "data",
+        "PREFIX": "hurricane-damage",
+        "QUEUE": "dataset-events",
+        "VPC-ID": "vpc-0abc",
+    }
+    bucket = "arn:aws:s3:::data"
+    for name in ("airflow", "instance"):
+        policy = load_policy(name, values)
+        for prefix in ("hurricane-damage/", "hurricane-damage/v2/"):
+            assert evaluate(policy, "s3:ListBucket", bucket, {"s3:prefix": prefix}) == "Allow", (name, prefix)
+        for prefix in ("", "other/", "hurricane-damage-old/"):
+            assert evaluate(policy, "s3:ListBucket", bucket, {"s3:prefix": prefix}) == "ImplicitDeny", (name, prefix)
+        assert evaluate(policy, "s3:ListBucket", bucket) == "ImplicitDeny", "a listing of the whole bucket"
+    airflow, instance = load_policy("airflow", values), load_policy("instance", values)
+    queue = "arn:aws:sqs:eu-west-1:123456789012:dataset-events"
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage"):
+        assert evaluate(airflow, action, queue) == "Allow"
+        assert evaluate(airflow, action, queue + "-other") == "ImplicitDeny"
+        assert evaluate(instance, action, queue) == "ImplicitDeny"
+    assert evaluate(airflow, "s3:GetObject", bucket + "/hurricane-damage/a.jpg") == "ImplicitDeny", "Airflow reads none"
+    assert evaluate(instance, "s3:GetObject", bucket + "/hurricane-damage/a.jpg") == "Allow"
+    assert evaluate(instance, "s3:GetObject", bucket + "/other/a.jpg") == "ImplicitDeny"
 
 
 def test_policy_is_least_privilege() -> None:
@@ -136,28 +197,9 @@ def launch_request() -> dict[str, Any]:
 
 
 def condition_holds(conditions: dict[str, dict[str, Any]], context: dict[str, str]) -> bool:
-    """IAM's evaluation of a statement's Condition block for the operators the policy uses: a key missing from the
-    request fails its test unless the operator ends in IfExists."""
-    for operator, tests in conditions.items():
-        kind = operator.removesuffix("IfExists")
-        for key, expected in tests.items():
-            allowed = [str(v) for v in (expected if isinstance(expected, list) else [expected])]
-            if key not in context:
-                if operator.endswith("IfExists"):
-                    continue
-                return False
-            value = context[key]
-            if kind in ("StringEquals", "ArnEquals"):
-                ok = value in allowed
-            elif kind in ("StringLike", "ArnLike"):
-                ok = any(fnmatch.fnmatchcase(value, pattern) for pattern in allowed)
-            elif kind == "Bool":
-                ok = value.lower() in [a.lower() for a in allowed]
-            else:
-                raise AssertionError(f"this test does not evaluate {operator}: extend condition_holds")
-            if not ok:
-                return False
-    return True
+    """A statement's Condition block as IAM evaluates it (embedded.iam_policy, the stand-in's evaluator)."""
+    statement = {"Effect": "Allow", "Action": "*", "Resource": "*", "Condition": conditions}
+    return evaluate({"Statement": [statement]}, "ec2:RunInstances", "*", context) == "Allow"
 
 
 def instance_context(request: dict[str, Any]) -> dict[str, str]:
@@ -237,3 +279,99 @@ def test_launch_request_meets_the_policy_conditions(launch_request: dict[str, An
     assert "SecurityGroupIds" not in launch_request and "SubnetId" not in launch_request
     (interface,) = launch_request["NetworkInterfaces"]
     assert (interface["SubnetId"], interface["Groups"]) == ("subnet-0123456789abcdef0", ["sg-0123456789abcdef0"])
+
+
+VALUES = {
+    "REGION": "eu-west-1",
+    "ACCOUNT": "123456789012",
+    "DEPLOYMENT": DEPLOYMENT,
+    "BUCKET": "data",
+    "PREFIX": "hurricane-damage",
+    "QUEUE": "dataset-events",
+    "VPC-ID": "vpc-0abc",
+}
+
+
+def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
+    """Each policy's (action, resource, condition keys) checks for the requests one run makes: the launch request the
+    code builds (on-demand and spot) as EC2 authorizes it, a terminate of the run's instance by its tags, the
+    preflight reads, the price, the data listing and the queue; on the instance, the data's listing and reads."""
+    region, account = VALUES["REGION"], VALUES["ACCOUNT"]
+    spot = {**launch_request, "InstanceMarketOptions": {"MarketType": "spot"}}
+    launches = [
+        check
+        for request in (launch_request, spot)
+        for check in run_instances_checks(
+            request,
+            region=region,
+            account=account,
+            image_owner="amazon",
+            vpc_id=VALUES["VPC-ID"],
+            role_of_profile={"ec2-trainer-instance": "ec2-trainer-instance"},
+        )
+    ]
+    tags = next(s["Tags"] for s in launch_request["TagSpecifications"] if s["ResourceType"] == "instance")
+    terminate = terminate_checks({"i-0123": {t["Key"]: t["Value"] for t in tags}}, region=region, account=account)
+    describes = [(action, "*", {}) for action in sorted(calls_in_source("dags")) if ":Describe" in action]
+    parameter = tomllib.loads((REPO / "config" / "defaults.toml").read_text())["aws"]["ami_ssm_parameter"]
+    bucket = f"arn:aws:s3:::{VALUES['BUCKET']}"
+    listing: Check = ("s3:ListBucket", bucket, {"s3:prefix": f"{VALUES['PREFIX']}/"})
+    queue = f"arn:aws:sqs:{region}:{account}:{VALUES['QUEUE']}"
+    airflow: list[Check] = [
+        *launches,
+        *terminate,
+        *describes,
+        ("ssm:GetParameter", f"arn:aws:ssm:{region}::parameter{parameter}", {}),
+        ("iam:GetInstanceProfile", f"arn:aws:iam::{account}:instance-profile/ec2-trainer-instance", {}),
+        ("pricing:GetProducts", "*", {}),
+        listing,
+        ("sqs:ReceiveMessage", queue, {}),
+        ("sqs:DeleteMessage", queue, {}),
+    ]
+    instance = [listing, ("s3:GetObject", f"{bucket}/{VALUES['PREFIX']}/train/a.jpg", {})]
+    return {"airflow": airflow, "instance": instance}
+
+
+def test_a_run_is_allowed_and_every_statement_is_needed(launch_request: dict[str, Any]) -> None:
+    """All of a run's requests pass each policy, and removing any one statement denies at least one of them: no
+    statement is dead weight, and a test fails when one goes missing."""
+    for name, checks in requests_of_a_run(launch_request).items():
+        policy = load_policy(name, VALUES)
+        denied = [c for c in checks if evaluate(policy, *c) != "Allow"]
+        assert not denied, f"config/iam/{name}.json denies {denied}"
+        for statement in policy["Statement"]:
+            without = {**policy, "Statement": [s for s in policy["Statement"] if s is not statement]}
+            assert any(evaluate(without, *c) != "Allow" for c in checks), f"{name}: {statement['Sid']} is unused"
+
+
+def test_a_launch_outside_the_policy_is_denied(launch_request: dict[str, Any]) -> None:
+    """The conditions bite: another deployment's tag, IMDSv1, an unencrypted root volume, another VPC, a non-Amazon
+    image, a foreign instance to terminate."""
+    policy = load_policy("airflow", VALUES)
+
+    def denied(request: dict[str, Any], **overrides: Any) -> bool:
+        options = {
+            "region": VALUES["REGION"],
+            "account": VALUES["ACCOUNT"],
+            "image_owner": "amazon",
+            "vpc_id": VALUES["VPC-ID"],
+            "role_of_profile": {"ec2-trainer-instance": "ec2-trainer-instance"},
+            **overrides,
+        }
+        return any(evaluate(policy, *c) != "Allow" for c in run_instances_checks(request, **options))
+
+    assert not denied(launch_request)
+    other = json.loads(json.dumps(launch_request).replace(f'"{DEPLOYMENT}"', '"staging"'))
+    assert denied(other)
+    assert denied({**launch_request, "MetadataOptions": {"HttpTokens": "optional"}})
+    plain = json.loads(json.dumps(launch_request).replace('"Encrypted": true', '"Encrypted": false'))
+    assert denied(plain)
+    assert denied(launch_request, vpc_id="vpc-other")
+    assert denied(launch_request, image_owner="111122223333")
+    assert denied({**launch_request, "InstanceType": "p5.48xlarge"})
+    foreign = terminate_checks(
+        {"i-9": {TAG_PROJECT: "ec2-trainer", TAG_DEPLOYMENT: "staging"}},
+        region=VALUES["REGION"],
+        account=VALUES["ACCOUNT"],
+    )
+    assert evaluate(policy, *foreign[0]) == "ImplicitDeny"
