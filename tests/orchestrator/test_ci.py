@@ -231,3 +231,29 @@ def test_parse_allowed_conclusions() -> None:
     assert parse_allowed_conclusions(["skipped"]) == {"skipped"}
     with pytest.raises(ConfigError, match=r"unknown value\(s\) \['skiped'\]"):
         parse_allowed_conclusions("skiped")
+
+
+def test_each_verdict_is_whole_message_failing_and_deciding_runs() -> None:
+    """Every field of each verdict, with two workflows so the lists' separators count (mutation testing found the
+    messages and the run tuples unchecked)."""
+    from orchestrator.ci import CiVerdict
+
+    url = "https://github.com/o/r/actions/runs/"
+    lint = run(id=2, name="Lint", workflow_id=11, html_url=f"{url}2")
+    assert evaluate_ci([]) == CiVerdict("no_runs", "no GitHub Actions workflow run found for this commit yet", (), ())
+    red = run(conclusion="failure")
+    red_lint = run(id=2, name="Lint", workflow_id=11, html_url=f"{url}2", conclusion="timed_out")
+    assert evaluate_ci([red, red_lint]) == CiVerdict(
+        "failed",
+        f"CI failed: workflow 'CI' completed/failure: {url}1; workflow 'Lint' completed/timed_out: {url}2",
+        (red, red_lint),
+        (red, red_lint),
+    )
+    busy = run(status="in_progress", conclusion=None)
+    queued = run(id=2, name="Lint", workflow_id=11, status="queued", conclusion=None)
+    assert evaluate_ci([busy, queued]) == CiVerdict(
+        "pending", "waiting for 2 of 2 workflow(s): 'CI' in_progress/-, 'Lint' queued/-", (), (busy, queued)
+    )
+    assert evaluate_ci([run(), lint]) == CiVerdict(
+        "success", "all 2 workflow(s) passed: 'CI' completed/success, 'Lint' completed/success", (), (run(), lint)
+    )
