@@ -257,3 +257,26 @@ def test_each_verdict_is_whole_message_failing_and_deciding_runs() -> None:
     assert evaluate_ci([run(), lint]) == CiVerdict(
         "success", "all 2 workflow(s) passed: 'CI' completed/success, 'Lint' completed/success", (), (run(), lint)
     )
+
+
+def test_every_field_round_trips_and_a_wrong_type_names_its_field() -> None:
+    full = run(run_started_at="2024-05-01T10:05:00Z", path=".github/workflows/ci.yml@refs/heads/main")
+    assert full.to_dict() == {
+        "id": 1,
+        "name": "CI",
+        "workflow_id": 10,
+        "head_sha": SHA,
+        "status": "completed",
+        "conclusion": "success",
+        "run_attempt": 1,
+        "html_url": "https://github.com/o/r/actions/runs/1",
+        "created_at": "2024-05-01T10:00:00Z",
+        "run_started_at": "2024-05-01T10:05:00Z",
+        "path": ".github/workflows/ci.yml@refs/heads/main",
+    }
+    assert WorkflowRun.from_api(full.to_dict()) == full
+    for key in ("run_started_at", "path"):
+        with pytest.raises(
+            MalformedRunError, match=rf"malformed workflow run 1: field '{key}' must be a string or null, got 3"
+        ):
+            WorkflowRun.from_api({**full.to_dict(), key: 3})
