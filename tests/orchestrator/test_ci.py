@@ -260,7 +260,8 @@ def test_each_verdict_is_whole_message_failing_and_deciding_runs() -> None:
 
 
 def test_every_field_round_trips_and_a_wrong_type_names_its_field() -> None:
-    full = run(run_started_at="2024-05-01T10:05:00Z", path=".github/workflows/ci.yml@refs/heads/main")
+    # run_attempt 2, not the default 1: a key read wrongly would fall back to 1 unseen.
+    full = run(run_attempt=2, run_started_at="2024-05-01T10:05:00Z", path=".github/workflows/ci.yml@refs/heads/main")
     assert full.to_dict() == {
         "id": 1,
         "name": "CI",
@@ -268,7 +269,7 @@ def test_every_field_round_trips_and_a_wrong_type_names_its_field() -> None:
         "head_sha": SHA,
         "status": "completed",
         "conclusion": "success",
-        "run_attempt": 1,
+        "run_attempt": 2,
         "html_url": "https://github.com/o/r/actions/runs/1",
         "created_at": "2024-05-01T10:00:00Z",
         "run_started_at": "2024-05-01T10:05:00Z",
@@ -280,3 +281,6 @@ def test_every_field_round_trips_and_a_wrong_type_names_its_field() -> None:
             MalformedRunError, match=rf"malformed workflow run 1: field '{key}' must be a string or null, got 3"
         ):
             WorkflowRun.from_api({**full.to_dict(), key: 3})
+    without_id = {key: value for key, value in full.to_dict().items() if key != "id"}
+    with pytest.raises(MalformedRunError, match=r"malformed workflow run '\?': .*'id'"):
+        WorkflowRun.from_api(without_id)
