@@ -15,7 +15,7 @@ GITHUB_PORT ?= 8070
 PORT_ARGS = --airflow-port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT) --github-port $(GITHUB_PORT)
 
 .PHONY: demo test lint unit ui up clean install system-deps smoke-aws
-.PHONY: smoke-github test-deploy
+.PHONY: smoke-github test-deploy mutation
 
 # requirements-deploy.lock: the production deployment's set (Celery, PostgreSQL drivers, Redis), which tests/deploy runs.
 $(BIN)/.installed: requirements.lock requirements-deploy.lock
@@ -57,6 +57,12 @@ smoke-github: install
 ## Opt-in, real AWS and real money (cents): the pipeline on one small CPU instance; see README, "Smoke test on AWS".
 smoke-aws: install
 	EC2_TRAINER_SMOKE_AWS=1 $(BIN)/pytest -q -p no:cacheprovider -s -m aws tests/smoke
+
+## Mutation testing of the safety-critical modules, each on its own unit tests (minutes each; on purpose, not in CI).
+## The results stay in .state/mutation/<module>/ (`mutmut results`, `mutmut show <name>` there).
+mutation: install
+	$(BIN)/python -m pip install -q --disable-pip-version-check mutmut==3.8.1 2>&1 | grep -v '^WARNING: Location' || true
+	.ci/mutation.sh $(MODULES)
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks

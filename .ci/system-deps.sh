@@ -2,7 +2,7 @@
 # System packages the embedded default and the tests need: OpenSSH's server (the stand-in instance), git, and
 # Prometheus with its Pushgateway (the embedded default's monitoring; only ever started on loopback by the project).
 # cloud-init and shellcheck validate the user-data in tests, chromium runs the browser test (those tests skip, saying
-# why, when they are missing).
+# why, when they are missing, and fail under CI=true).
 set -euo pipefail
 
 missing=()
@@ -13,8 +13,13 @@ command -v git >/dev/null 2>&1 || missing+=(git)
 if [ "${WITH_TEST_TOOLS:-0}" = 1 ]; then
   command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
-  # The browser test (tests/ui) drives Debian's Chromium through Playwright: no browser download.
-  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  # The browser test (tests/ui) drives Debian's Chromium through Playwright: no browser download. Where
+  # EC2_TRAINER_CHROMIUM names another Chromium (the GitHub workflow's), that one must be there.
+  if [ -n "${EC2_TRAINER_CHROMIUM:-}" ]; then
+    [ -x "$EC2_TRAINER_CHROMIUM" ] || { echo "EC2_TRAINER_CHROMIUM=$EC2_TRAINER_CHROMIUM is not an executable: install that browser or unset it" >&2; exit 1; }
+  else
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+  fi
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -56,6 +56,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     (instance,) = assert_all_terminated(env, dag_run, 1).values()
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
     assert tags["ec2-trainer:git_sha"] == sha
+    assert_lifetime_bounded(env, instance)
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     run_id = tis["train"].xcom_pull(task_ids="train")
     run = MlflowClient(env.mlflow.url).get_run(run_id)
@@ -104,6 +105,32 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert any(name.endswith("/output.log") for name in disk_places(env, [inst]))
     assert any(name.endswith("artifact MLmodel") for name in mlflow_places(env.mlflow.url, [run_id]))
     assert secrets_found(planted, env, dag_run, task_log, processes, ssh_traffic) == {}
+
+
+def assert_lifetime_bounded(stack: EmbeddedStack, instance: dict[str, Any]) -> None:
+    """The instance's expires_at tag and its watchdog's deadline (the user-data's) are aws.max_lifetime_minutes after
+    its launch: a lifetime off by a factor or a deadline other than the tag's fails here."""
+    import base64
+
+    import yaml
+
+    from orchestrator.launch import TAG_EXPIRES_AT, parse_expires_at
+    from orchestrator.settings import load_settings
+
+    lifetime_s = load_settings().aws.max_lifetime_minutes * 60
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    expires_at = parse_expires_at(tags[TAG_EXPIRES_AT])
+    assert expires_at is not None, tags[TAG_EXPIRES_AT]
+    # expires_at is computed just before run_instances: at most the launch's own seconds before LaunchTime's lifetime.
+    from_launch = expires_at - instance["LaunchTime"].timestamp()
+    assert lifetime_s - 300 <= from_launch <= lifetime_s + 1, (from_launch, lifetime_s)
+    attribute = stack.cloud.client("ec2").describe_instance_attribute(
+        InstanceId=instance["InstanceId"], Attribute="userData"
+    )
+    user_data = yaml.safe_load(base64.b64decode(attribute["UserData"]["Value"]))
+    files = {f["path"].rsplit("/", 1)[-1]: f["content"] for f in user_data["write_files"]}
+    assert files["deadline"] == f"{expires_at}\n"
+    assert f"\nFALLBACK_DEADLINE={expires_at}\n" in files["watchdog.sh"]
 
 
 def notifications_of(stack: EmbeddedStack, run_id: str, planted: dict[str, str]) -> tuple[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import time
 import tomllib
@@ -35,6 +34,7 @@ from embedded.production import (
 from embedded.stack import EmbeddedStack
 from tests.conftest import REPO
 from tests.faults.support import OnTraining
+from tests.tools import missing_tool
 
 # Never alongside tests/faults/test_scheduler_faults.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
@@ -67,9 +67,7 @@ def require_servers() -> None:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         except OSError as exc:
-            if os.environ.get("CI"):
-                raise AssertionError(f"{name} is not running on 127.0.0.1:{port} in CI: {exc}") from exc
-            pytest.skip(f"needs {name} on 127.0.0.1:{port} (CI machines run it): {exc}")
+            missing_tool(f"needs {name} on 127.0.0.1:{port} (CI machines run it): {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +76,7 @@ def deployment(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -
     production-like MLflow of the deployment's own: on PostgreSQL, its artifacts in the stack's S3."""
     require_servers()
     if not stack.cloud.private_disks:
-        pytest.skip("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
+        missing_tool("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
     with (
         PostgresDatabase("ec2_trainer_airflow") as airflow_db,
         PostgresDatabase("ec2_trainer_mlflow") as mlflow_db,

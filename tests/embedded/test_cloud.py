@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pwd
 import socket
 import stat
@@ -23,6 +22,7 @@ from orchestrator.hostkeys import HostKey, generate_host_key
 from orchestrator.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
 from orchestrator.userdata import UserDataSpec, cloud_config, render_user_data
 from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair
+from tests.tools import require_root
 
 PROJECT_TAG = {"Key": "ec2-trainer:project", "Value": "ec2-trainer"}
 # Generous: a boot imports torch, which takes many seconds on a loaded 2-core machine.
@@ -275,11 +275,11 @@ def test_instance_listens_on_the_port_its_user_data_sets(cloud: LocalCloud, clie
         cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="an unprivileged login user can only be made as root")
 def test_logins_only_as_the_unprivileged_user_with_what_it_needs(
     cloud: LocalCloud, client_key: SshKeyPair, ssh_port: int
 ) -> None:
     """As on an Ubuntu instance: cloud-init works as root, SSH lets in only the default user, keyed from its home."""
+    require_root("an unprivileged login user can only be made as root")
     host_key = generate_host_key()
     instance_id = launch(cloud, host_key, client_key, ssh_port)
     try:

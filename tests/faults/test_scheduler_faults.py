@@ -30,6 +30,7 @@ from embedded.stack import EmbeddedStack
 from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining
 from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found
+from tests.tools import missing_tool
 
 # Never alongside tests/deploy/test_celery_deployment.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
@@ -55,7 +56,7 @@ def airflow(
     stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory, settings_file: Path
 ) -> Iterator[LocalAirflow]:
     if not stack.cloud.private_disks:
-        pytest.skip("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
+        missing_tool("concurrent instances need their own disks: mount namespaces, i.e. root (CI runs as root)")
     env = {
         **stack.environment(),
         **planted_connections(stack)[1],

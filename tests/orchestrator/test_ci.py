@@ -231,3 +231,56 @@ def test_parse_allowed_conclusions() -> None:
     assert parse_allowed_conclusions(["skipped"]) == {"skipped"}
     with pytest.raises(ConfigError, match=r"unknown value\(s\) \['skiped'\]"):
         parse_allowed_conclusions("skiped")
+
+
+def test_each_verdict_is_whole_message_failing_and_deciding_runs() -> None:
+    """Every field of each verdict, with two workflows so the lists' separators count (mutation testing found the
+    messages and the run tuples unchecked)."""
+    from orchestrator.ci import CiVerdict
+
+    url = "https://github.com/o/r/actions/runs/"
+    lint = run(id=2, name="Lint", workflow_id=11, html_url=f"{url}2")
+    assert evaluate_ci([]) == CiVerdict("no_runs", "no GitHub Actions workflow run found for this commit yet", (), ())
+    red = run(conclusion="failure")
+    red_lint = run(id=2, name="Lint", workflow_id=11, html_url=f"{url}2", conclusion="timed_out")
+    assert evaluate_ci([red, red_lint]) == CiVerdict(
+        "failed",
+        f"CI failed: workflow 'CI' completed/failure: {url}1; workflow 'Lint' completed/timed_out: {url}2",
+        (red, red_lint),
+        (red, red_lint),
+    )
+    busy = run(status="in_progress", conclusion=None)
+    queued = run(id=2, name="Lint", workflow_id=11, status="queued", conclusion=None)
+    assert evaluate_ci([busy, queued]) == CiVerdict(
+        "pending", "waiting for 2 of 2 workflow(s): 'CI' in_progress/-, 'Lint' queued/-", (), (busy, queued)
+    )
+    assert evaluate_ci([run(), lint]) == CiVerdict(
+        "success", "all 2 workflow(s) passed: 'CI' completed/success, 'Lint' completed/success", (), (run(), lint)
+    )
+
+
+def test_every_field_round_trips_and_a_wrong_type_names_its_field() -> None:
+    # run_attempt 2, not the default 1: a key read wrongly would fall back to 1 unseen.
+    full = run(run_attempt=2, run_started_at="2024-05-01T10:05:00Z", path=".github/workflows/ci.yml@refs/heads/main")
+    assert full.to_dict() == {
+        "id": 1,
+        "name": "CI",
+        "workflow_id": 10,
+        "head_sha": SHA,
+        "status": "completed",
+        "conclusion": "success",
+        "run_attempt": 2,
+        "html_url": "https://github.com/o/r/actions/runs/1",
+        "created_at": "2024-05-01T10:00:00Z",
+        "run_started_at": "2024-05-01T10:05:00Z",
+        "path": ".github/workflows/ci.yml@refs/heads/main",
+    }
+    assert WorkflowRun.from_api(full.to_dict()) == full
+    for key in ("run_started_at", "path"):
+        with pytest.raises(
+            MalformedRunError, match=rf"malformed workflow run 1: field '{key}' must be a string or null, got 3"
+        ):
+            WorkflowRun.from_api({**full.to_dict(), key: 3})
+    without_id = {key: value for key, value in full.to_dict().items() if key != "id"}
+    with pytest.raises(MalformedRunError, match=r"malformed workflow run '\?': .*'id'"):
+        WorkflowRun.from_api(without_id)

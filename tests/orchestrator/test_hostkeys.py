@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 
 import pytest
@@ -10,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from orchestrator.hostkeys import HostKeyError, generate_host_key, public_line_from_private
 from tests.sshd_fixtures import pem_armor
+from tests.tools import require_executable
 
 
 def test_generated_key_loads_in_paramiko_and_matches_its_public_line_and_fingerprint():
@@ -24,8 +24,7 @@ def test_generated_key_loads_in_paramiko_and_matches_its_public_line_and_fingerp
 
 
 def test_fingerprint_matches_ssh_keygen(tmp_path):
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen not installed (apt-get install -y openssh-client)")
+    require_executable("ssh-keygen", "apt-get install -y openssh-client")
     key = generate_host_key()
     path = tmp_path / "key.pub"
     path.write_text(key.public_line + "\n")

@@ -26,6 +26,7 @@ from orchestrator.userdata import (
     UserDataTooLargeError,
     render_user_data,
 )
+from tests.tools import require_executable
 
 CURRENT_USER = pwd.getpwuid(os.getuid()).pw_name
 
@@ -131,8 +132,7 @@ def test_the_watchdog_unit_quotes_its_script_path_for_systemd(keys):
 
 @pytest.mark.parametrize("ssh_port", [22, 2222])
 def test_cloud_init_schema_accepts_the_user_data(keys, tmp_path, ssh_port):
-    if shutil.which("cloud-init") is None:
-        pytest.skip("cloud-init not installed (apt-get install -y cloud-init)")
+    require_executable("cloud-init", "apt-get install -y cloud-init")
     path = tmp_path / "user-data"
     path.write_text(render_user_data(make_spec(keys, ssh_port=ssh_port)))
     result = subprocess.run(
@@ -143,8 +143,7 @@ def test_cloud_init_schema_accepts_the_user_data(keys, tmp_path, ssh_port):
 
 
 def test_scripts_pass_shellcheck(keys, state_dir):
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    require_executable("shellcheck", "apt-get install -y shellcheck")
     files = install(render_user_data(make_spec(keys, str(state_dir))))
     result = subprocess.run(
         ["shellcheck", str(files["bootstrap.sh"]), str(files["watchdog.sh"])],

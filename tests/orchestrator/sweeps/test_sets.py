@@ -80,3 +80,23 @@ def test_duplicates_compare_values_not_spellings() -> None:
 def test_describe_lists_the_knobs_or_says_configured() -> None:
     assert describe({"learning_rate": 0.001, "epochs": 3}) == "epochs=3, learning_rate=0.001"
     assert describe({}) == "the configured values"
+
+
+def epochs_sweep(count: int, shape: str) -> tuple[Any, Any]:
+    """`count` distinct sets, as a list (`sets`) or as a one-knob grid."""
+    values = list(range(1, count + 1))
+    return ([{"epochs": n} for n in values], None) if shape == "sets" else (None, {"epochs": values})
+
+
+@pytest.mark.parametrize("shape", ["sets", "grid"])
+@pytest.mark.parametrize("count", [2, 16])
+def test_the_bounds_of_a_sweeps_size_are_accepted(count: int, shape: str) -> None:
+    # Literal bounds, not MIN_SETS/MAX_SETS: a changed constant or an off-by-one comparison must fail here.
+    assert [s["epochs"] for s in expand_sets(*epochs_sweep(count, shape))] == list(range(1, count + 1))
+
+
+@pytest.mark.parametrize("shape", ["sets", "grid"])
+@pytest.mark.parametrize("count", [1, 17])
+def test_one_past_the_bounds_of_a_sweeps_size_is_refused(count: int, shape: str) -> None:
+    with pytest.raises(ConfigError, match=rf"sweep: {shape} gives {count} sets; expected 2 to 16: "):
+        expand_sets(*epochs_sweep(count, shape))
