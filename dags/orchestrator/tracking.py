@@ -239,7 +239,7 @@ def _scored(client: Any, model_name: str, version: str, metric: str) -> _Scored:
         raise TrackingError(
             f"{what}'s run {model_version.run_id} has no metric {metric!r}, so no model can be shown to beat it: "
             f"log {metric!r} on that run, or move alias {CHAMPION_ALIAS!r} to a version whose run has it "
-            "(deleting the alias starts over with no champion)"
+            "(deleting the alias leaves the best registered version with the metric as the one to beat)"
         )
     return _Scored(str(version), float(run.data.metrics[metric]), model_version.run_id)
 
