@@ -48,9 +48,13 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=30), multiple_outputs=True)
     def resolve() -> dict[str, Any]:
         from orchestrator.datasets.retrain import resolve as resolve_retrain
+        from orchestrator.errors import ConfigError
+        from orchestrator.pipeline import fail_without_retry
         from orchestrator.settings import load_settings
 
-        return resolve_retrain(load_settings(), get_current_context()["ti"])
+        with fail_without_retry(ConfigError):  # no retry fixes a bad setting
+            s = load_settings()
+        return resolve_retrain(s, get_current_context()["ti"])
 
     resolved = resolve()
     TriggerDagRunOperator(

@@ -24,13 +24,17 @@ TERMINATE_WAIT_S = 300
 
 
 def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate this run's params over the deployment's configuration; fail before anything is spent."""
-    settings = load_settings(params)
-    ref = str(params.get("git_ref") or "").strip() or settings.github.branch
-    validate_git_ref(ref)
-    resolved = settings.to_dict()
-    resolved["git_ref"] = ref
-    resolved.update(sweep_child_params(params))
+    """Validate this run's params over the deployment's configuration; fail before anything is spent, on the first
+    try: no retry fixes a bad setting."""
+    from orchestrator.errors import ConfigError
+
+    with fail_without_retry(ConfigError):
+        settings = load_settings(params)
+        ref = str(params.get("git_ref") or "").strip() or settings.github.branch
+        validate_git_ref(ref)
+        resolved = settings.to_dict()
+        resolved["git_ref"] = ref
+        resolved.update(sweep_child_params(params))
     log.info(
         "Run configuration: repo %s ref %s; instance types %s (%s); epochs %s, batch %s, lr %s, data %s",
         settings.github.repo,

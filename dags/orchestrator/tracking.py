@@ -146,9 +146,17 @@ def evaluate_and_promote(
 
     champion = _champion(client, model_name, metric)
     champion_value = champion.value if champion else None
-    if champion is not None and champion.run_id == run_id:
+    best = _best_registered(client, model_name, metric, greater_is_better=greater_is_better, other_than=run_id)
+    below_best = best is not None and (champion is None or _beats(best.value, champion.value, greater_is_better))
+    if champion is not None and champion.run_id == run_id and not below_best:
         # An earlier try moved the alias and failed after it: that try's decision stands.
         decision = PromotionDecision(True, f"{value:.4f} already holds the alias: an earlier try promoted it")
+    elif below_best and best is not None and not _beats(value, best.value, greater_is_better):
+        # The alias read may be stale or moved by hand: never promote below the best registered version.
+        decision = PromotionDecision(
+            False,
+            f"{value:.4f} does not beat {model_name} version {best.version}'s {best.value:.4f}, the best registered",
+        )
     else:
         decision = decide_promotion(value, threshold, champion_value, greater_is_better=greater_is_better)
     promoted, reason, version = decision.promote, decision.reason, None
@@ -231,23 +239,63 @@ def _scored(client: Any, model_name: str, version: str, metric: str) -> _Scored:
         raise TrackingError(
             f"{what}'s run {model_version.run_id} has no metric {metric!r}, so no model can be shown to beat it: "
             f"log {metric!r} on that run, or move alias {CHAMPION_ALIAS!r} to a version whose run has it "
-            "(deleting the alias starts over with no champion)"
+            "(deleting the alias leaves the best registered version with the metric as the one to beat)"
         )
     return _Scored(str(version), float(run.data.metrics[metric]), model_version.run_id)
 
 
 def _champion(client: Any, model_name: str, metric: str) -> _Scored | None:
-    """The champion and its score; None only when MLflow says the registered model does not exist or has no alias."""
+    """The champion and its score, read by alias. None only when MLflow says the registered model or the alias does
+    not exist: any other answer, an answer without a version included (a stale cache, a stripping proxy), is an error
+    (the step retries), never "no champion"."""
     from mlflow.exceptions import MlflowException
 
     try:
-        model = client.get_registered_model(model_name)
+        version = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
     except MlflowException as exc:
-        if exc.error_code == _DOES_NOT_EXIST:
+        # MLflow says a missing alias with INVALID_PARAMETER_VALUE: only its own words mean "none".
+        missing_alias = exc.error_code == "INVALID_PARAMETER_VALUE" and exc.message.endswith(
+            f"alias {CHAMPION_ALIAS} not found."
+        )
+        if exc.error_code == _DOES_NOT_EXIST or missing_alias:
             return None
-        raise _server_error(exc, f"reading registered model {model_name}") from exc
-    version = model.aliases.get(CHAMPION_ALIAS)
-    return None if version is None else _scored(client, model_name, str(version), metric)
+        raise _server_error(exc, f"reading alias {CHAMPION_ALIAS!r} of {model_name}") from exc
+    if version is None or not getattr(version, "version", None):
+        raise TrackingServerError(
+            f"MLflow answered the read of alias {CHAMPION_ALIAS!r} of {model_name} without a version: check the "
+            "server and any proxy or cache in front of it. Nothing is promoted on doubt: the step fails and retries"
+        )
+    return _scored(client, model_name, str(version.version), metric)
+
+
+def _best_registered(
+    client: Any, model_name: str, metric: str, *, greater_is_better: bool, other_than: str = ""
+) -> _Scored | None:
+    """The best-scoring registered version whose run has `metric` (earliest on a tie), other than run `other_than`'s:
+    the alias never moves below it, whatever a read of the alias says. Versions without a run or the metric are not
+    comparable: left out."""
+    from mlflow.exceptions import MlflowException
+
+    best: _Scored | None = None
+    for found in sorted(_versions(client, model_name), key=lambda v: int(v.version)):
+        if not found.run_id or found.run_id == other_than:
+            continue
+        try:
+            run = client.get_run(found.run_id)
+        except MlflowException as exc:
+            if exc.error_code == _DOES_NOT_EXIST:
+                continue
+            raise _server_error(exc, f"reading run {found.run_id}") from exc
+        if metric in run.data.metrics:
+            scored = _Scored(str(found.version), float(run.data.metrics[metric]), found.run_id)
+            if best is None or _beats(scored.value, best.value, greater_is_better):
+                best = scored
+    return best
+
+
+def _beats(a: float, b: float, greater_is_better: bool) -> bool:
+    """Strictly better: a tie never displaces."""
+    return a > b if greater_is_better else a < b
 
 
 def _register_contender(client: Any, tracking_uri: str, run_id: str, model_name: str, model_artifact: str) -> str:
@@ -299,8 +347,8 @@ def _describe_version(client: Any, model_name: str, version: str, run: Any, reas
         _call(f"tagging {what}", client.set_model_version_tag, model_name, version, key, value)
 
 
-def _live_contenders(client: Any, model_name: str, metric: str) -> list[_Scored]:
-    """The versions whose contender lease has not run out, oldest first, with their scores."""
+def _versions(client: Any, model_name: str) -> list[Any]:
+    """Every registered version of `model_name`, all pages."""
     found: list[Any] = []
     token: str | None = None
     while True:
@@ -313,8 +361,13 @@ def _live_contenders(client: Any, model_name: str, metric: str) -> list[_Scored]
         found.extend(page)
         token = page.token
         if not token:
-            break
+            return found
+
+
+def _live_contenders(client: Any, model_name: str, metric: str) -> list[_Scored]:
+    """The versions whose contender lease has not run out, oldest first, with their scores."""
     now = time.time()
+    found = _versions(client, model_name)
     live = sorted(int(version.version) for version in found if float(version.tags.get(CONTENDER_TAG) or 0) > now)
     return [_scored(client, model_name, str(version), metric) for version in live]
 
@@ -328,9 +381,12 @@ def _settle_champion(client: Any, model_name: str, metric: str, *, greater_is_be
     for _ in range(_CONTEST_ROUNDS):
         contenders = _live_contenders(client, model_name, metric)
         current = _champion(client, model_name, metric)
+        floor = _best_registered(client, model_name, metric, greater_is_better=greater_is_better)
         best = current
-        for candidate in contenders:  # ties keep the champion, then the earliest version: every reader agrees
-            if best is None or (candidate.value > best.value if greater_is_better else candidate.value < best.value):
+        # Ties keep the champion, then the earliest version: every reader agrees. The best registered version
+        # comes last: the alias never moves below it, even when a read of the alias says there is none.
+        for candidate in [*contenders, floor]:
+            if candidate is not None and (best is None or _beats(candidate.value, best.value, greater_is_better)):
                 best = candidate
         if best is None:
             raise TrackingError(f"{model_name} has no champion and no live contender: was its new version deleted?")

@@ -51,3 +51,25 @@ def test_the_settings_of_a_config_ignore_the_run_only_values() -> None:
         "promote": False,
     }
     assert settings_of(config) == load_settings(env=DEPLOYED)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"epochs": "0"}, r"epochs"),
+        ({"git_ref": "bad..ref"}, r"bad\.\.ref"),
+        ({"promote": "no"}, r"promote: 'no' is invalid"),
+    ],
+)
+def test_a_bad_configuration_fails_resolve_config_on_its_first_try(
+    monkeypatch: pytest.MonkeyPatch, params: dict[str, Any], match: str
+) -> None:
+    # AirflowFailException is what skips the task's retries: a ConfigError would be retried like a network error.
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator.pipeline import resolve_config
+
+    for key, value in DEPLOYED.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(AirflowFailException, match=match):
+        resolve_config(params)

@@ -375,7 +375,7 @@ def test_a_registry_error_fails_the_evaluation_and_promotes_nothing(
     mlflow_proxy.fault = _first_registry_reads(times, status, body)
     with pytest.raises(
         TrackingServerError,
-        match=rf"MLflow failed while reading registered model {model_name} \({code}\): .*{status}.*"
+        match=rf"MLflow failed while reading alias 'champion' of {model_name} \({code}\): .*{status}.*"
         r"check the MLflow connection's credentials and the server's health\. Nothing is promoted on doubt",
     ):
         evaluate(mlflow_proxy.url, worse, model_name)
@@ -432,6 +432,71 @@ def test_a_retry_after_the_alias_moved_reports_the_promotion(
         "0.9500 already holds the alias: an earlier try promoted it",
     )
     assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
+
+
+def _stale_alias_reads(answer: tuple[int, str]) -> Any:
+    """A stale cache or stripping proxy: every read of the registered model or of its alias gets `answer`."""
+
+    def fault(method: str, path: str) -> tuple[int, str] | None:
+        stale = "/registered-models/get" in path or "/registered-models/alias" in path
+        return answer if method == "GET" and stale else None
+
+    return fault
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param((200, "{}"), id="200-without-the-alias"),
+        pytest.param((200, '{"model_version": {"name": "m", "aliases": []}}'), id="200-version-without-a-number"),
+    ],
+)
+def test_a_stale_alias_read_fails_the_gate_and_never_promotes_a_worse_model(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, answer: Any
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    first = finished_run({METRIC: 0.95})
+    assert evaluate(tracking_uri, first, model_name).promoted
+    worse = finished_run({METRIC: 0.91})
+    mlflow_proxy.fault = _stale_alias_reads(answer)
+    with pytest.raises(TrackingServerError, match=r"without a version: check the server and any proxy or cache"):
+        evaluate(mlflow_proxy.url, worse, model_name)
+    assert champion(tracking_uri, model_name) == ("1", first)
+    assert "ec2_trainer.promotion" not in tags_of(tracking_uri, worse)
+
+
+def test_an_alias_read_that_says_none_never_moves_it_below_the_best_registered_version(
+    tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy
+) -> None:
+    from mlflow import MlflowClient
+
+    first = finished_run({METRIC: 0.95})
+    assert evaluate(tracking_uri, first, model_name).promoted
+    # The champion's contender lease has run out: only the registry's versions can show it is better.
+    MlflowClient(tracking_uri=tracking_uri).set_model_version_tag(model_name, "1", CONTENDER_TAG, "0")
+    worse = finished_run({METRIC: 0.91})
+    missing = '{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "stale: no such model"}'
+    mlflow_proxy.fault = _stale_alias_reads((404, missing))
+    result = evaluate(mlflow_proxy.url, worse, model_name)
+    assert (result.promoted, result.model_version, result.reason) == (
+        False,
+        None,
+        f"0.9100 does not beat {model_name} version 1's 0.9500, the best registered",
+    )
+    assert champion(tracking_uri, model_name) == ("1", first)
+
+
+def test_a_tie_with_the_champion_does_not_displace_it(tracking_uri: str, model_name: str) -> None:
+    first = finished_run({METRIC: 0.95})
+    assert evaluate(tracking_uri, first, model_name).promoted
+    tied = finished_run({METRIC: 0.95})
+    result = evaluate(tracking_uri, tied, model_name)
+    assert (result.promoted, result.model_version, result.reason) == (
+        False,
+        None,
+        "0.9500 does not beat the current champion's 0.9500",
+    )
+    assert champion(tracking_uri, model_name) == ("1", first)
 
 
 # ---- concurrent evaluations
