@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -371,6 +372,10 @@ def test_bootstrap_error_fails_fast_and_terminates(
     assert_all_terminated(env, dag_run, 1)
     out = capfd.readouterr().out
     assert "error: python" in out  # the bootstrap's own error line reached the task log
+    # No MLflow run yet: the post-mortem bundle, read before terminate, is in wait_ready's log, and its error says so.
+    assert re.search(r"postmortem \| bootstrap\.log \| .*error: python", out), "no bootstrap log in the bundle"
+    assert "postmortem | kernel.log | " in out and "postmortem | nvidia-smi.txt | no nvidia-smi" in out
+    assert "The instance's logs are above, prefixed 'postmortem |'" in out
 
 
 def test_training_failure_fails_the_run_and_terminates(
@@ -379,6 +384,7 @@ def test_training_failure_fails_the_run_and_terminates(
     planted: dict[str, str],
     ssh_traffic: SshTraffic,
     capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     # Valid for the orchestrator, but the job finds no dataset there and exits non-zero.
     with ProcessListSampler() as processes:
@@ -394,6 +400,15 @@ def test_training_failure_fails_the_run_and_terminates(
     report = RunReport.from_dict(dag_run.get_task_instance("report").xcom_pull(task_ids="report"))
     assert (report.outcome, report.failed_step) == ("failed", "train")
     assert re.match(r"training exited with code [1-9]\d* on i-\w+ \(MLflow run \w+\)", report.error or ""), report.error
+    assert "the instance's logs are the run's 'postmortem/' artifacts" in (report.error or "")
+    # The post-mortem bundle, copied before terminate: the job's log tail (its own error) on the MLflow run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env.mlflow.url)
+    artifacts = {a.path for a in client.list_artifacts(report.mlflow_run_id or "", "postmortem")}
+    assert {"postmortem/job-output.log", "postmortem/bootstrap.log", "postmortem/kernel.log"} <= artifacts, artifacts
+    job_log = Path(client.download_artifacts(report.mlflow_run_id or "", "postmortem/job-output.log", str(tmp_path)))
+    assert "/nonexistent/hurricane-data" in job_log.read_text()
     assert report.promoted is None and report.cost is not None and report.cost.billed_s >= 60
     assert_run_in_prometheus(env.prometheus, report)
     mail, post = notifications_of(env, dag_run.run_id, planted)
