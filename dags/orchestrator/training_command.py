@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +32,16 @@ DAG_RUN_ID_TAG = "airflow.run_id"
 JOB_KEY_TAG = "ec2_trainer.job_key"
 # MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
 PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+SETTINGS_DIGEST_TAG = "ec2_trainer.settings_digest"
+
+
+def settings_digest(settings: Settings) -> str:
+    """sha256 of the resolved settings as canonical JSON (sorted keys, no spaces): equal digests, equal settings.
+    The settings hold no secret (credentials live in Airflow connections)."""
+    canonical = json.dumps(settings.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ def tracked_run(
             "mlflow.source.name": settings.training_repo_url,
             "mlflow.source.type": "PROJECT",
             "mlflow.project.entryPoint": settings.training.entry_point,
+            SETTINGS_DIGEST_TAG: settings_digest(settings),
             **(dataset_tags or {}),
             **parent,
         },
