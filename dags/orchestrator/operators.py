@@ -225,6 +225,8 @@ class RemoteTrainingOperator(BaseOperator):
             try_number=context["ti"].try_number,
             dataset_tags=dataset.tags() if dataset else None,
             parent_run_id=self.config.get("mlflow_parent_run_id", ""),
+            # The image the instance runs, as plan_launch resolved it (the DAG's setup).
+            image=context["ti"].xcom_pull(task_ids="plan_launch"),
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)

@@ -68,6 +68,13 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert (run.data.tags["airflow.dag_id"], run.data.tags["airflow.try_number"]) == ("ec2_training", "1")
     assert run.data.tags["ec2.instance_id"] == instance["InstanceId"]
     assert run.data.tags["ec2.instance_type"] == instance["InstanceType"]
+    # The reproducible record: the image, the software stack the job reported, the resolved settings.
+    assert run.data.tags["ec2.ami_id"] == instance["ImageId"] and run.data.tags["ec2.ami_name"] != "unknown"
+    assert run.data.tags["ec2.market"] == "on-demand"
+    assert re.fullmatch(r"[0-9a-f]{64}", run.data.tags["ec2_trainer.settings_digest"])
+    env_tags = {"torch", "torchvision", "mlflow", "cuda", "cudnn", "nvidia_driver"}
+    assert {f"env.{name}_version" for name in env_tags} <= set(run.data.tags), run.data.tags
+    assert run.data.tags["env.nvidia_driver_version"] == "none"  # the stand-in instance has no GPU
     assert run.data.tags["ec2.market"] == "on-demand"
     assert run.data.tags["ci.url"] == f"{env.github_url}/local/ec2-trainer/commit/{sha}/checks"
     assert not [value for value in run.data.params.values() if value.startswith("'")], run.data.params
