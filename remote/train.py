@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from remote import dataset, engine, reports, sources
+from remote import dataset, engine, environment, reports, sources
 from remote.config import TrainConfig, as_params, parse_config
 from remote.errors import TrainingError
 from remote.layout import TEST_PREFIXES, TRAIN_SPLIT, VALIDATION_SPLIT
@@ -151,6 +151,7 @@ def run(config: TrainConfig) -> dict[str, float]:
                 "device_name": engine.device_name(device),
                 "data_uri": safe_uri,
                 "model_name": config.model,
+                **environment.environment_tags(),
             }
         )
         _log_params(

@@ -95,7 +95,10 @@ class InstanceReadyOperator(BaseOperator):
         s = settings_of(self.config)
         running = wait_running(self.config, self.launched)
         if not s.training.deferrable:
-            return wait_ready_in_worker(self.config, self.launched, running)
+            try:
+                return wait_ready_in_worker(self.config, self.launched, running)
+            except AirflowFailException as exc:
+                raise AirflowFailException(str(exc) + self._postmortem(running, str(exc))) from None
         # For execute_complete, on whichever worker resumes the task.
         context["ti"].xcom_push(key=RUNNING_KEY, value=running)
         self.defer(
@@ -113,13 +116,25 @@ class InstanceReadyOperator(BaseOperator):
             method_name="execute_complete",
         )
 
+    def _postmortem(self, running: dict[str, Any] | None, message: str) -> str:
+        """Before the teardown terminates it: the instance's logs into this task log (no MLflow run exists yet).
+        Not when it answered with another host key: nothing is sent to that host."""
+        from orchestrator.postmortem import for_run, log_to_task_log
+
+        if not running or "does not match the pinned key" in message:
+            return ""
+        bundle = for_run(self.config, running["address"], self.launched["host_public_key"])
+        log_to_task_log(bundle, self.log)
+        return " The instance's logs are above, prefixed 'postmortem |'." if bundle else ""
+
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from orchestrator.pipeline import ready_result
 
-        if event.get("status") != "ready":
-            # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
-            raise AirflowFailException(str(event.get("message") or f"unexpected event: {event!r}"))
         running = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
+        if event.get("status") != "ready":
+            message = str(event.get("message") or f"unexpected event: {event!r}")
+            # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
+            raise AirflowFailException(message + self._postmortem(running, message))
         return ready_result(
             self.config,
             self.launched,
@@ -210,6 +225,8 @@ class RemoteTrainingOperator(BaseOperator):
             try_number=context["ti"].try_number,
             dataset_tags=dataset.tags() if dataset else None,
             parent_run_id=self.config.get("mlflow_parent_run_id", ""),
+            # The image the instance runs, as plan_launch resolved it (the DAG's setup).
+            image=context["ti"].xcom_pull(task_ids="plan_launch"),
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
@@ -373,6 +390,7 @@ class RemoteTrainingOperator(BaseOperator):
                 f"training exited with code {exit_code} on {self.ready['instance_id']}"
                 + (f" (MLflow run {run_id})" if run_id else " before MLflow created a run")
                 + ": the lines above, prefixed 'train |', show why"
+                + self._postmortem(run_id or created_run_id, job.paths.log)
             )
         if not run_id:
             raise AirflowException("training succeeded but its log names no MLflow run: was it run by `mlflow run`?")
@@ -383,6 +401,29 @@ class RemoteTrainingOperator(BaseOperator):
             with credentials_in_env(creds.username, creds.password):
                 self._publish_run(context, run_id)
         return run_id
+
+    def _postmortem(self, mlflow_run_id: str | None, job_log: str) -> str:
+        """Before the teardown terminates it: the instance's logs as the MLflow run's `postmortem/` artifacts (or
+        into this task log without a run); what the failure message adds to say where they are."""
+        from orchestrator.connections import mlflow_credentials
+        from orchestrator.pipeline import settings_of
+        from orchestrator.postmortem import ARTIFACT_DIR, attach_to_run, for_run, log_to_task_log
+        from orchestrator.tracking import credentials_in_env
+
+        bundle = for_run(self.config, self.ready["address"], self.ready["host_public_key"], job_log)
+        if not bundle:
+            return ""
+        if mlflow_run_id:
+            s = settings_of(self.config)
+            try:
+                creds = mlflow_credentials(s.mlflow.conn_id)
+                with credentials_in_env(creds.username, creds.password):
+                    attach_to_run(s.mlflow.tracking_uri, mlflow_run_id, bundle)
+                return f"; the instance's logs are the run's '{ARTIFACT_DIR}/' artifacts"
+            except Exception as exc:
+                self.log.warning("Could not attach the post-mortem bundle to MLflow run %s: %s", mlflow_run_id, exc)
+        log_to_task_log(bundle, self.log)
+        return "; the instance's logs are in this task log, prefixed 'postmortem |'"
 
     def on_kill(self) -> None:
         """The task was killed (marked failed, timed out, cancelled): the remote job must not run on unattended."""

@@ -119,6 +119,7 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     )
     return {
         "ami_id": ami_id,
+        "ami_name": root.name,
         "root_device_name": root.device_name,
         "root_volume_gb": volume_gb,
         "git_sha": git_sha,

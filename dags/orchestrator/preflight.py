@@ -18,6 +18,7 @@ class ImageRoot:
 
     device_name: str
     snapshot_gb: int
+    name: str = ""  # the image's name, recorded on the run (the id alone says nothing once the image is gone)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def read_image_root(ec2: Any, ami_id: str) -> ImageRoot:
             f"aws.ami_ssm_parameter: image {ami_id} ({image.get('Name')}) has no EBS root volume at {device!r}: "
             "use an EBS-backed Deep Learning AMI"
         )
-    return ImageRoot(device, int(root["Ebs"]["VolumeSize"]))
+    return ImageRoot(device, int(root["Ebs"]["VolumeSize"]), str(image.get("Name") or ""))
 
 
 def root_volume_gb(configured_gb: int, image: ImageRoot) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,16 @@ JOB_KEY_TAG = "ec2_trainer.job_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
+SETTINGS_DIGEST_TAG = "ec2_trainer.settings_digest"
+
+
+def settings_digest(settings: Settings) -> str:
+    """sha256 of the resolved settings as canonical JSON (sorted keys, no spaces): equal digests, equal settings.
+    The settings hold no secret (credentials live in Airflow connections)."""
+    canonical = json.dumps(settings.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class TrackedRun:
     """The MLflow run a DAG run trains into: its name and tags (never a secret), created before the job starts."""
@@ -55,17 +67,20 @@ def tracked_run(
     try_number: int,
     dataset_tags: Mapping[str, str] | None = None,
     parent_run_id: str = "",
+    image: Mapping[str, str] | None = None,
 ) -> TrackedRun:
     """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
 
     `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
     its UI shows the commit and the repository as for a run `mlflow run` had created itself. `dataset_tags`: the
     identity of s3:// data (datasets.versions.DatasetVersion.tags). `parent_run_id` (a sweep's run) nests it from its
-    creation, so a run that fails to train is still listed under its sweep.
+    creation, so a run that fails to train is still listed under its sweep. `image`: plan_launch's result, whose
+    AMI id and name (`ec2.ami_id`, `ec2.ami_name`) let the run be repeated on the same image.
     """
     from orchestrator.remote_job import job_key
 
     parent = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+    ami = {"ec2.ami_id": image["ami_id"], "ec2.ami_name": image.get("ami_name") or "unknown"} if image else {}
     return TrackedRun(
         # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
         name=f"{git_sha[:7]} {run_id}",
@@ -82,7 +97,9 @@ def tracked_run(
             "mlflow.source.name": settings.training_repo_url,
             "mlflow.source.type": "PROJECT",
             "mlflow.project.entryPoint": settings.training.entry_point,
+            SETTINGS_DIGEST_TAG: settings_digest(settings),
             **(dataset_tags or {}),
+            **ami,
             **parent,
         },
     )

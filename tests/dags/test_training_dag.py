@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -68,6 +69,13 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert (run.data.tags["airflow.dag_id"], run.data.tags["airflow.try_number"]) == ("ec2_training", "1")
     assert run.data.tags["ec2.instance_id"] == instance["InstanceId"]
     assert run.data.tags["ec2.instance_type"] == instance["InstanceType"]
+    # The reproducible record: the image, the software stack the job reported, the resolved settings.
+    assert run.data.tags["ec2.ami_id"] == instance["ImageId"] and run.data.tags["ec2.ami_name"] != "unknown"
+    assert run.data.tags["ec2.market"] == "on-demand"
+    assert re.fullmatch(r"[0-9a-f]{64}", run.data.tags["ec2_trainer.settings_digest"])
+    env_tags = {"torch", "torchvision", "mlflow", "cuda", "cudnn", "nvidia_driver"}
+    assert {f"env.{name}_version" for name in env_tags} <= set(run.data.tags), run.data.tags
+    assert run.data.tags["env.nvidia_driver_version"] == "none"  # the stand-in instance has no GPU
     assert run.data.tags["ec2.market"] == "on-demand"
     assert run.data.tags["ci.url"] == f"{env.github_url}/local/ec2-trainer/commit/{sha}/checks"
     assert not [value for value in run.data.params.values() if value.startswith("'")], run.data.params
@@ -398,6 +406,10 @@ def test_bootstrap_error_fails_fast_and_terminates(
     assert_all_terminated(env, dag_run, 1)
     out = capfd.readouterr().out
     assert "error: python" in out  # the bootstrap's own error line reached the task log
+    # No MLflow run yet: the post-mortem bundle, read before terminate, is in wait_ready's log, and its error says so.
+    assert re.search(r"postmortem \| bootstrap\.log \| .*error: python", out), "no bootstrap log in the bundle"
+    assert "postmortem | kernel.log | " in out and "postmortem | nvidia-smi.txt | no nvidia-smi" in out
+    assert "The instance's logs are above, prefixed 'postmortem |'" in out
 
 
 def test_training_failure_fails_the_run_and_terminates(
@@ -406,6 +418,7 @@ def test_training_failure_fails_the_run_and_terminates(
     planted: dict[str, str],
     ssh_traffic: SshTraffic,
     capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     # Valid for the orchestrator, but the job finds no dataset there and exits non-zero.
     with ProcessListSampler() as processes:
@@ -421,6 +434,15 @@ def test_training_failure_fails_the_run_and_terminates(
     report = RunReport.from_dict(dag_run.get_task_instance("report").xcom_pull(task_ids="report"))
     assert (report.outcome, report.failed_step) == ("failed", "train")
     assert re.match(r"training exited with code [1-9]\d* on i-\w+ \(MLflow run \w+\)", report.error or ""), report.error
+    assert "the instance's logs are the run's 'postmortem/' artifacts" in (report.error or "")
+    # The post-mortem bundle, copied before terminate: the job's log tail (its own error) on the MLflow run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env.mlflow.url)
+    artifacts = {a.path for a in client.list_artifacts(report.mlflow_run_id or "", "postmortem")}
+    assert {"postmortem/job-output.log", "postmortem/bootstrap.log", "postmortem/kernel.log"} <= artifacts, artifacts
+    job_log = Path(client.download_artifacts(report.mlflow_run_id or "", "postmortem/job-output.log", str(tmp_path)))
+    assert "/nonexistent/hurricane-data" in job_log.read_text()
     assert report.promoted is None and report.cost is not None and report.cost.billed_s >= 60
     assert_run_in_prometheus(env.prometheus, report)
     mail, post = notifications_of(env, dag_run.run_id, planted)

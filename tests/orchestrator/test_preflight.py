@@ -27,7 +27,7 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_the_image_root_is_read_from_describe_images(cloud: StrictAws) -> None:
     for image in (UBUNTU_DLAMI, AMAZON_LINUX_DLAMI):
         root = read_image_root(cloud.ec2, cloud.images[image.parameter])
-        assert root == ImageRoot(image.root_device_name, image.root_snapshot_gb)
+        assert root == ImageRoot(image.root_device_name, image.root_snapshot_gb, image.name)
 
 
 def test_an_unknown_image_is_a_config_error(cloud: StrictAws) -> None:

@@ -13,6 +13,7 @@ from orchestrator.training_command import (
     TrainingCommand,
     mlflow_run_url,
     parse_mlflow_run_id,
+    settings_digest,
     tracked_run,
     training_command,
 )
@@ -195,8 +196,16 @@ def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Set
         "mlflow.source.name": "https://github.com/your-org/ec2-trainer.git",
         "mlflow.source.type": "PROJECT",
         "mlflow.project.entryPoint": "main",
+        "ec2_trainer.settings_digest": settings_digest(settings),
     }
     assert tracked.job_key == tracked.tags["ec2_trainer.job_key"]
+
+
+def test_the_settings_digest_names_the_resolved_settings(settings: Settings) -> None:
+    digest = settings_digest(settings)
+    assert len(digest) == 64 and digest == settings_digest(Settings.from_dict(settings.to_dict()))
+    other = dataclasses.replace(settings, training=dataclasses.replace(settings.training, epochs=7))
+    assert settings_digest(other) != digest
 
 
 def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,14 @@ def test_mlflow_run_logs_everything(tracking_uri, project, tmp_path):
     assert run.data.params["resolved_device"] == "cpu"
     assert run.data.tags["git_sha"] == "abc123"
     assert run.data.tags["device_name"] == "cpu"
+    # The reproducible record: the software stack it trained with ("none" for what a CPU machine lacks).
+    import torch
+
+    assert run.data.tags["env.torch_version"] == torch.__version__
+    assert run.data.tags["env.mlflow_version"] == mlflow.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*|none", run.data.tags["env.torchvision_version"])
+    assert run.data.tags["env.cuda_version"] == (torch.version.cuda or "none")
+    assert run.data.tags["env.cudnn_version"] == "none" and run.data.tags["env.nvidia_driver_version"] == "none"
     assert run.data.tags["data_uri"] == DATA
     metrics = run.data.metrics
     for name in ("accuracy", "precision", "recall", "f1", "roc_auc"):
