@@ -1,5 +1,5 @@
 # The image of every service in docker-compose.yaml: Airflow's components, the Celery workers, the init job and the
-# MLflow server. Built, never run here (no Docker engine on the development machines): see README, "Production
+# MLflow server. Built, never run here (no Docker engine on the development machines): see docs/production.md, "Production
 # deployment".
 FROM apache/airflow:3.3.2-python3.11
 
@@ -15,5 +15,5 @@ RUN pip install --no-cache-dir \
 COPY --chown=airflow:root dags/ /opt/airflow/dags/
 COPY --chown=airflow:root config/ /opt/airflow/config/
 COPY --chown=airflow:root userdata/ /opt/airflow/userdata/
-# The triggerer imports the CI gate's trigger by its class path, as the harness does (embedded/airflow_local.py).
+# The triggerer imports the CI gate's trigger by its class path, as the harness does (embedded/deploy/airflow_local.py).
 ENV PYTHONPATH=/opt/airflow/dags

@@ -8,6 +8,8 @@ STATE := .state
 # --dist loadgroup: tests marked with one xdist_group run in one process, one after the other (the two modules that
 # start a whole Airflow deployment: tests/faults/test_scheduler_faults.py, tests/deploy/test_celery_deployment.py).
 TEST_WORKERS ?= 2
+# Extra pytest arguments, e.g. PYTEST_ARGS=--junitxml=/tmp/junit.xml for benchmarks/suite_durations.py.
+PYTEST_ARGS ?=
 # The ports `make demo` and `make ui` serve on 127.0.0.1 (the UIs' links use them: keep them across the two).
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
@@ -15,7 +17,7 @@ GITHUB_PORT ?= 8070
 PORT_ARGS = --airflow-port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT) --github-port $(GITHUB_PORT)
 
 .PHONY: demo test lint unit ui up clean install system-deps smoke-aws
-.PHONY: smoke-github test-deploy mutation
+.PHONY: smoke-github test-deploy mutation config-reference
 
 # requirements-deploy.lock: the production deployment's set (Celery, PostgreSQL drivers, Redis), which tests/deploy runs.
 $(BIN)/.installed: requirements.lock requirements-deploy.lock
@@ -32,11 +34,11 @@ system-deps:
 
 ## Run the training DAG end to end on the embedded default's local Airflow, watch it live, and summarise.
 demo: install system-deps
-	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.demo --state-dir $(STATE) $(PORT_ARGS)
+	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.cli.demo --state-dir $(STATE) $(PORT_ARGS)
 
 ## The same deployment, kept up until Ctrl-C: Airflow, MLflow and the GitHub stand-in UIs (URLs and login printed last).
 ui up: install system-deps
-	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.ui --state-dir $(STATE) $(PORT_ARGS)
+	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.cli.ui --state-dir $(STATE) $(PORT_ARGS)
 
 ## Lint, type-check and run every test (what CI runs).
 test: install
@@ -44,7 +46,11 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy dags embedded remote benchmarks
-	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+
+## The inner loop's fast tier: every test but the `slow` ones (whole DAG runs, Airflow deployments, the browser).
+unit: install
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 ## The production deployment alone: the Celery deployment on the local PostgreSQL and Redis, and the compose file.
 test-deploy: install system-deps
@@ -54,7 +60,7 @@ test-deploy: install system-deps
 smoke-github: install
 	EC2_TRAINER_SMOKE=github $(BIN)/pytest -q -p no:cacheprovider -rs -m github tests/orchestrator/test_github_smoke.py
 
-## Opt-in, real AWS and real money (cents): the pipeline on one small CPU instance; see README, "Smoke test on AWS".
+## Opt-in, real AWS and real money (cents): the pipeline on one small CPU instance; see docs/production.md, "Smoke test on AWS".
 smoke-aws: install
 	EC2_TRAINER_SMOKE_AWS=1 $(BIN)/pytest -q -p no:cacheprovider -s -m aws tests/smoke
 
@@ -63,6 +69,10 @@ smoke-aws: install
 mutation: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check mutmut==3.8.1 2>&1 | grep -v '^WARNING: Location' || true
 	.ci/mutation.sh $(MODULES)
+
+## docs/configuration.md from the settings model (tests/orchestrator/test_settings_reference.py fails when it is stale).
+config-reference: install
+	PYTHONPATH=dags $(BIN)/python -m orchestrator.config.settings_reference > docs/configuration.md
 
 lint: install
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy dags embedded remote benchmarks

@@ -2,18 +2,20 @@
 # `make mutation`: mutmut over one safety-critical module at a time, each on its own fast unit tests. Run on purpose,
 # never in CI (minutes per module). mutmut 3 only maps a test's import to a mutant for sources under ./ or src/, so
 # the tracked tree is copied to .state/mutation/<module>/ with dags/ as src/ (dags kept as a link for tests/conftest).
-# Usage: .ci/mutation.sh [module:tests ...]; results: `mutmut results` in that folder.
+# Usage: .ci/mutation.sh [module:tests[,tests...] ...]; results: `mutmut results` in that folder.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="$ROOT/.venv/bin/python"
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut missing: $PY -m pip install mutmut==3.8.1" >&2; exit 1; }
 PAIRS=("$@")
 [ ${#PAIRS[@]} -gt 0 ] || PAIRS=(
-  orchestrator/ci.py:tests/orchestrator/test_ci.py
-  orchestrator/hostkeys.py:tests/orchestrator/test_hostkeys.py
-  orchestrator/launch.py:tests/orchestrator/test_launch.py
-  orchestrator/run_params.py:tests/orchestrator/test_settings.py
+  orchestrator/ci/verdict.py:tests/orchestrator/test_ci.py
+  orchestrator/cloud/hostkeys.py:tests/orchestrator/test_hostkeys.py
+  orchestrator/cloud/launch_spec.py:tests/orchestrator/test_launch.py
+  orchestrator/config/run_params.py:tests/orchestrator/test_run_params.py,tests/orchestrator/test_settings.py
   orchestrator/observe/cost.py:tests/orchestrator/observe/test_cost.py
+  orchestrator/sweeps/sets.py:tests/orchestrator/sweeps/test_sets.py
+  orchestrator/instance/source_tree.py:tests/orchestrator/test_source_tree.py
 )
 for pair in "${PAIRS[@]}"; do
   module=${pair%%:*} tests=${pair#*:}
@@ -27,7 +29,7 @@ for pair in "${PAIRS[@]}"; do
 
 [tool.mutmut]
 paths_to_mutate = ["src/$module"]
-tests_dir = ["$tests"]
+tests_dir = ["${tests//,/\", \"}"]
 also_copy = ["dags", "src", "tests", "config", "userdata", "embedded", "remote"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
 TOML

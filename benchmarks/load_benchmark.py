@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from embedded.airflow_local import LocalAirflow
-from embedded.load import run_batch
-from embedded.stack import EmbeddedStack, TrainingKnobs
+from embedded.deploy.airflow_local import LocalAirflow
+from embedded.deploy.load import run_batch
+from embedded.deploy.stack import EmbeddedStack, TrainingKnobs
 
 REPO = Path(__file__).resolve().parents[1]
 

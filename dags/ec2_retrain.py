@@ -16,10 +16,10 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_current_context, task
 
+from orchestrator.config.settings import load_watch_settings
 from orchestrator.datasets.asset import dataset_asset, poll_window
 from orchestrator.datasets.operators import DatasetPollOperator
-from orchestrator.settings import load_watch_settings
-from orchestrator.training_runs import TRAINING_DAG_ID
+from orchestrator.tracking.training_runs import TRAINING_DAG_ID
 
 WATCH = load_watch_settings()
 DATASET = dataset_asset(WATCH)
@@ -47,12 +47,11 @@ with DAG(
 
     @task(retries=2, retry_delay=timedelta(seconds=30), multiple_outputs=True)
     def resolve() -> dict[str, Any]:
+        from orchestrator.config.settings import load_settings
         from orchestrator.datasets.retrain import resolve as resolve_retrain
-        from orchestrator.errors import ConfigError
-        from orchestrator.pipeline import fail_without_retry
-        from orchestrator.settings import load_settings
+        from orchestrator.errors import fail_without_retry
 
-        with fail_without_retry(ConfigError):  # no retry fixes a bad setting
+        with fail_without_retry():  # no retry fixes a bad setting (a ConfigError)
             s = load_settings()
         return resolve_retrain(s, get_current_context()["ti"])
 

@@ -15,8 +15,9 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
 
-from orchestrator.ci_gate import CiGateOperator
-from orchestrator.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.ci.gate import CiGateOperator
+from orchestrator.config.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.retries import OUTAGE_RETRIES
 from orchestrator.sweeps.operators import SweepSetOperator
 from orchestrator.sweeps.sets import EXAMPLE_GRID, EXAMPLE_SETS, MAX_SETS, MIN_SETS
 
@@ -92,7 +93,7 @@ with DAG(
 
     # Both run once every set has ended, however it ended; they read upstream results themselves, since an
     # upstream that failed before the sets started left nothing to pass.
-    @task(trigger_rule="all_done", retries=2, retry_delay=timedelta(seconds=20))
+    @task(trigger_rule="all_done", **OUTAGE_RETRIES)
     def gate_best_set() -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -128,7 +129,6 @@ with DAG(
         map_index_template="{{ task.note }}",
         # Each set's own bounds (CI wait, instance wait, training timeout) end its run; a retry re-attaches to it.
         poke_interval=15,
-        retries=2,
-        retry_delay=timedelta(seconds=10),
+        **OUTAGE_RETRIES,
     ).expand_kwargs(children)
     sets >> gate_best_set() >> summary()

@@ -12,11 +12,14 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
-from orchestrator.ci_gate import CiGateOperator
+from orchestrator.ci.gate import CiGateOperator
+from orchestrator.cloud.operators import InstanceLaunchSensor
+from orchestrator.config.run_params import RUN_PARAMS
+from orchestrator.instance.operators import InstanceReadyOperator
+from orchestrator.instance.training_operator import RemoteTrainingOperator
 from orchestrator.observe.early_failure import announce_early_failure
 from orchestrator.observe.failures import record_failure
-from orchestrator.operators import InstanceLaunchSensor, InstanceReadyOperator, RemoteTrainingOperator
-from orchestrator.run_params import RUN_PARAMS
+from orchestrator.retries import OUTAGE_RETRIES
 
 # Only the CI gate reads the configuration through templates (CiGateOperator.from_run_config says why); every other
 # task receives XComArgs (values, never re-parsed).
@@ -41,10 +44,10 @@ with DAG(
     # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
     params={param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS},
 ) as dag:
-    # Every step a worker's death can interrupt is safe to repeat (docs/decisions.md, "Per-task retries").
+    # Every step a worker's death can interrupt is safe to repeat (docs/decisions/0007-*.md).
     @task(retries=2, retry_delay=timedelta(seconds=10))
     def resolve_config() -> dict[str, Any]:
-        from orchestrator.pipeline import resolve_config as resolve
+        from orchestrator.config.resolve import resolve_config as resolve
 
         return resolve(get_current_context()["params"])
 
@@ -58,14 +61,14 @@ with DAG(
     @setup
     @task(retries=2, retry_delay=timedelta(seconds=20))
     def plan_launch(config: dict[str, Any], git_sha: str) -> dict[str, Any]:
-        from orchestrator.pipeline import plan_launch as plan
+        from orchestrator.cloud.tasks import plan_launch as plan
 
         ctx = get_current_context()
         return plan(config, git_sha, ctx["dag"].dag_id, ctx["run_id"])
 
-    @task(retries=2, retry_delay=timedelta(seconds=20))
+    @task(**OUTAGE_RETRIES)
     def evaluate(config: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
-        from orchestrator.pipeline import evaluate as gate
+        from orchestrator.tracking.promotion import evaluate as gate
 
         return gate(config, mlflow_run_id)
 
@@ -75,8 +78,8 @@ with DAG(
         """Runs whatever happened once plan_launch succeeded; finds the run's instances by tag too."""
         import time
 
+        from orchestrator.cloud.tasks import terminate as terminate_run
         from orchestrator.observe.gather import TERMINATED_AT_KEY
-        from orchestrator.pipeline import terminate as terminate_run
 
         ctx = get_current_context()
         launched = ctx["ti"].xcom_pull(task_ids="launch")
@@ -89,12 +92,23 @@ with DAG(
     @teardown
     @task(retries=1, retry_delay=timedelta(seconds=15))
     def report(config: dict[str, Any]) -> dict[str, Any] | None:
-        """After terminate, whatever happened: the run's outcome, phases and cost, logged in MLflow and published
-        (orchestrator.observe.publish). Never fails; as a teardown its state never decides the run's."""
+        """After terminate and evaluate, whatever happened: the run's outcome, phases and cost, logged in MLflow and
+        published (orchestrator.observe.publish); ends an MLflow run the job left running. Never fails; the verdict
+        after it decides the run's state."""
+        from orchestrator.config.resolve import settings_of
         from orchestrator.observe.gather import report_run
-        from orchestrator.pipeline import settings_of
 
         return report_run(settings_of(config), get_current_context())
+
+    # Last, whatever happened: Airflow decides a run from its leaves minus teardowns, so a run marked failed by hand
+    # (its pending steps skipped) would end success; this teardown takes part in the decision and fails the run
+    # unless every step succeeded. Retries: a control-plane blip must not flip the outcome.
+    @teardown(on_failure_fail_dagrun=True)
+    @task(retries=3, retry_delay=timedelta(seconds=30))
+    def verdict() -> str:
+        from orchestrator.observe.gather import judge_run
+
+        return judge_run(get_current_context())
 
     config = resolve_config()
     config >> ci_gate
@@ -119,10 +133,11 @@ with DAG(
         config=config,
         ready=ready.output,
         git_sha=ci_gate.output,
-        # Enough to survive two lost workers (each retry re-attaches to the same job).
-        retries=2,
-        retry_delay=timedelta(seconds=10),
+        # Each retry re-attaches to the same job, or reads its result once it finished.
+        **OUTAGE_RETRIES,
     )
-    evaluated = evaluate(config, train.output)
+    # The instance goes as soon as the training's result is in MLflow: evaluate needs only MLflow, not the GPU.
     terminated = terminate(config).as_teardown(setups=planned)
-    evaluated >> terminated >> report(config).as_teardown(setups=planned)
+    train >> terminated
+    evaluated = evaluate(config, train.output)
+    [terminated, evaluated] >> report(config).as_teardown(setups=planned) >> verdict()

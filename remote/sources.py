@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import zipfile
@@ -19,13 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 from remote import synthetic
 from remote.errors import DataError
 from remote.layout import REQUIRED_SPLITS
+from remote.pathnames import BUCKET_NAME, SEGMENT_RULE, unsafe_segment
 
 log = logging.getLogger(__name__)
 
 _READY_MARKER = ".complete"
 _S3_DOWNLOAD_THREADS = 32  # thousands of small objects: latency-bound, not bandwidth-bound
-# Legacy us-east-1 names allow capitals and underscores; a leading letter or digit keeps '.' and '..' out.
-_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def default_cache_dir() -> Path:
@@ -57,14 +55,13 @@ def find_root(folder: Path) -> Path:
 def _inside(folder: Path, relative: str, what: str) -> Path:
     """`folder / relative`, refused (DataError naming `what`) unless it is plainly a path under `folder`.
 
-    Empty ('a//b', a leading '/'), '.' and '..' segments and backslashes (a separator on Windows) are refused
-    rather than normalised: the source's own names are wrong, and two names must never land on one file.
+    The segment rule is remote/pathnames.py's, which the pre-launch checks share.
     """
-    bad = next((part for part in relative.split("/") if part in ("", ".", "..") or "\\" in part), None)
+    bad = unsafe_segment(relative)
     if bad is not None:
         raise DataError(
-            f"{what} has the unsafe path segment {bad!r} (empty, '.', '..', a leading '/' or a backslash) and "
-            "would not stay inside the data cache; rename it to plain folder/file names or move it out of the data"
+            f"{what} has the unsafe path segment {bad!r} ({SEGMENT_RULE}) and would not stay inside the data "
+            "cache; rename it to plain folder/file names or move it out of the data"
         )
     path = folder / relative
     if not path.resolve().is_relative_to(folder.resolve()):
@@ -105,7 +102,7 @@ def _download_s3(uri: str, cache_dir: Path) -> Path:
     bucket, prefix = parts.netloc, parts.path.lstrip("/")
     if not bucket:
         raise DataError(f"s3 uri {uri!r} names no bucket; use s3://bucket/prefix")
-    if not _BUCKET_NAME.fullmatch(bucket):
+    if not BUCKET_NAME.fullmatch(bucket):
         raise DataError(f"s3 uri {uri!r}: {bucket!r} is not a bucket name; use s3://bucket/prefix")
     client = boto3.client("s3")  # credentials: the instance profile (default chain), never from the job's params
     bucket_dir = cache_dir / "s3" / bucket

@@ -11,12 +11,8 @@ from typing import Any
 
 import pytest
 
-from embedded.cloud import (
-    StandInNetwork,
-    create_network,
-    install_strict_ec2,
-    register_images,
-)
+from embedded.cloud.seed import StandInNetwork, create_network, register_images
+from embedded.cloud.strict_moto import install_strict_ec2
 
 REGION = "us-east-1"
 PROFILE = "trainer"
@@ -68,7 +64,7 @@ def strict_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictAws]:
             iam.create_role(RoleName=PROFILE, AssumeRolePolicyDocument=json.dumps(trust))
             iam.create_instance_profile(InstanceProfileName=PROFILE)
             iam.add_role_to_instance_profile(InstanceProfileName=PROFILE, RoleName=PROFILE)
-            yield StrictAws(ec2, ssm, iam, register_images(ssm, REGION), create_network(ec2, REGION, SSH_PORT))
+            yield StrictAws(ec2, ssm, iam, register_images(REGION), create_network(ec2, REGION, SSH_PORT))
     finally:
         uninstall()
 

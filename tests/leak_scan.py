@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 import pytest
 
 from embedded.cloud import EmulatedInstance
-from embedded.stack import EmbeddedStack
-from orchestrator.remote_job import JobPaths, job_dir_for, job_key
-from orchestrator.training_command import parse_mlflow_run_id
+from embedded.deploy.stack import EmbeddedStack
+from orchestrator.instance.command import parse_mlflow_run_id
+from orchestrator.instance.job_script import JobPaths, job_dir_for, job_key
 
 # Keys of the `planted` secrets that the env-file upload carries on purpose: the MLflow credentials.
 ENV_FILE_SECRETS = frozenset({"mlflow"})

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from embedded.mlflow_server import MlflowServer
+from embedded.services.mlflow_server import MlflowServer
 
 # (method, path) -> None to forward the request, or (status, body) to answer it instead, as a proxy or an
 # authenticating front end would.

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from embedded.prometheus import Prometheus, Pushgateway
+from embedded.services.prometheus import Prometheus, Pushgateway
+from orchestrator.config.settings import Settings, load_settings
 from orchestrator.observe.metrics import PREFIX, grouping_key
 from orchestrator.observe.report import Cost, RunReport
-from orchestrator.settings import Settings, load_settings
 
 RUN_ID = "manual__2026-11-26T20:00:00+00:00"
 INSTANCE_ID = "i-0123456789abcdef0"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from embedded.stack import EmbeddedStack, TrainingKnobs
+from embedded.deploy.stack import EmbeddedStack, TrainingKnobs
 from tests.conftest import REPO
 from tests.leak_scan import SshTraffic, leaks_beyond_logs, planted_found
 
@@ -48,7 +48,7 @@ def env(stack: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> EmbeddedStack:
 
 @pytest.fixture(scope="session")
 def sha() -> str:
-    """The commit under test: the instance clones it from the git daemon, the GitHub stand-in answers for it."""
+    """The commit under test: the GitHub stand-in answers for it and serves its tree, which train ships."""
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
@@ -58,19 +58,24 @@ def sha() -> str:
 _PLANTED_SUFFIX = token_hex(8)
 
 
+def training_job_command(stack: EmbeddedStack) -> str:
+    """The start of any training job's command line on the stack's instances: `mlflow run` on a shipped tree."""
+    return f"mlflow run {stack.state_dir}/jobs/"
+
+
 def planted_connections(stack: EmbeddedStack) -> tuple[dict[str, str], dict[str, str]]:
     """Known secret values, and the AIRFLOW_CONN_* variables that carry them in every connection the run uses."""
     secrets = {
-        "aws": f"planted-aws-secret-key-{_PLANTED_SUFFIX}",
+        # Airflow's own identity in the stand-in (drawn per cloud, so per process): the cloud refuses a key it does
+        # not know, as AWS does.
+        "aws": stack.cloud.airflow.secret_key,
         "mlflow": f"planted-mlflow-password-{_PLANTED_SUFFIX}",
         "github": stack.github_token,
         "ssh": stack.ssh_private_key.splitlines()[2],  # a line of the key's base64 body
         "slack webhook": stack.slack.path.rsplit("/", 1)[1],  # the token part of the webhook's URL
     }
-    aws = json.loads(stack.environment()["AIRFLOW_CONN_AWS_DEFAULT"])
-    aws.update(login="AKIAPLANTEDKEYID0000", password=secrets["aws"])
     connections = {
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
+        "AIRFLOW_CONN_AWS_DEFAULT": stack.environment()["AIRFLOW_CONN_AWS_DEFAULT"],
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps(
             {"conn_type": "http", "login": "trainer", "password": secrets["mlflow"]}
         ),

@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from embedded.sshd import LoopbackSshd
-from orchestrator.ssh import SshTarget
+from embedded.services.sshd import LoopbackSshd
+from orchestrator.instance.ssh import SshTarget
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 # "error: <step>: <message>". Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines,
 # complete before the status marker), which the orchestrator reads with the marker for the run's cost report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
-# The placeholder values below are filled in, shell-quoted, by orchestrator.userdata.
+# The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
 set -Eeuo pipefail
 
 STATE_DIR=@@{state_dir}

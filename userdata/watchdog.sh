@@ -2,7 +2,7 @@
 # Max-lifetime backstop, started detached by cloud-init: powers the instance off at the deadline even when
 # Airflow, the network or the training job is gone. The launch sets InstanceInitiatedShutdownBehavior=terminate,
 # so this power-off terminates the instance and nothing keeps billing.
-# The placeholder values below are filled in, shell-quoted, by orchestrator.userdata.
+# The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
 # No `set -e`: a failed read or sleep must never end the backstop early.
 set -uo pipefail
 

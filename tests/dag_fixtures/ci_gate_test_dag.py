@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from airflow.sdk import DAG
 
-from orchestrator.ci_gate import CiGateOperator
+from orchestrator.ci.gate import CiGateOperator
 
 with DAG(
     dag_id="ci_gate_test",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.retries import OUTAGE_RETRIES
 from tests.conftest import REPO
 
 DAGS_DIR = REPO / "dags"
@@ -50,7 +51,7 @@ def training_dag(dagbag: Any) -> Any:
 
 def test_dag_files_import_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
-    assert sorted(dagbag.dags) == ["ec2_retrain", "ec2_sweep", "ec2_sweeper", "ec2_training"]
+    assert sorted(dagbag.dags) == ["ec2_reaper", "ec2_retrain", "ec2_sweep", "ec2_training"]
 
 
 def test_every_dag_file_was_collected(dagbag: Any) -> None:
@@ -59,7 +60,7 @@ def test_every_dag_file_was_collected(dagbag: Any) -> None:
 
 
 def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
-    from orchestrator.operators import RemoteTrainingOperator
+    from orchestrator.instance.training_operator import RemoteTrainingOperator
 
     tasks = {t.task_id: t for t in training_dag.tasks}
     assert set(tasks) == {
@@ -72,6 +73,7 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
         "evaluate",
         "terminate",
         "report",
+        "verdict",
     }
     assert "resolve_config" in tasks["ci_gate"].upstream_task_ids
     assert "ci_gate" in tasks["plan_launch"].upstream_task_ids
@@ -79,16 +81,27 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert "launch" in tasks["wait_ready"].upstream_task_ids
     assert "wait_ready" in tasks["train"].upstream_task_ids
     assert "train" in tasks["evaluate"].upstream_task_ids
-    assert {"evaluate", "plan_launch"} <= tasks["terminate"].upstream_task_ids
+    # The instance goes as soon as the training's result is in MLflow: evaluate (MLflow only) does not hold it.
+    assert {"train", "plan_launch"} <= tasks["terminate"].upstream_task_ids
+    assert "evaluate" not in training_dag.get_task("terminate").get_flat_relative_ids(upstream=True)
 
     assert tasks["plan_launch"].is_setup
     assert tasks["terminate"].is_teardown
     assert [t.task_id for t in tasks["terminate"].upstream_list if t.is_setup] == ["plan_launch"]
-    # The report comes after teardown, whatever happened, and as a teardown itself never decides the run's state.
+    # The report comes after terminate and evaluate, whatever happened; as a teardown it never decides the run.
     assert tasks["report"].is_teardown and not tasks["report"].on_failure_fail_dagrun
-    assert tasks["report"].upstream_task_ids == {"resolve_config", "plan_launch", "terminate"}
+    assert tasks["report"].upstream_task_ids == {"resolve_config", "plan_launch", "terminate", "evaluate"}
+    # The verdict is the last task and the one teardown that decides the run, from every step's state.
+    verdict = tasks["verdict"]
+    assert verdict.is_teardown and verdict.on_failure_fail_dagrun
+    assert verdict.upstream_task_ids == {"report"} and not verdict.downstream_task_ids
+    assert verdict.get_flat_relative_ids(upstream=True) == set(tasks) - {"verdict"}
+    # Its retries ride out a control-plane blip; its own failure is final (AirflowFailException).
+    assert verdict.retries >= 3
     assert not any(
-        t.is_setup or t.is_teardown for name, t in tasks.items() if name not in ("plan_launch", "terminate", "report")
+        t.is_setup or t.is_teardown
+        for name, t in tasks.items()
+        if name not in ("plan_launch", "terminate", "report", "verdict")
     )
     # Every step records why it failed for the run report.
     assert all(t.on_failure_callback for t in tasks.values())
@@ -97,6 +110,13 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert isinstance(train, RemoteTrainingOperator)
     assert len(train.operator_extra_links) == 1
     assert train.operator_extra_links[0].name
+
+
+def test_the_sweeps_list_of_training_teardowns_is_the_dags(training_dag: Any) -> None:
+    """A sweep counts a set by its steps: every task of ec2_training but these."""
+    from orchestrator.tracking.training_runs import TRAINING_TEARDOWNS
+
+    assert set(TRAINING_TEARDOWNS) == {t.task_id for t in training_dag.tasks if t.is_teardown}
 
 
 def test_a_failure_before_the_launch_setup_is_announced_by_the_failing_step(training_dag: Any) -> None:
@@ -118,11 +138,27 @@ def test_only_launch_takes_turns_in_the_shipped_one_slot_pool(training_dag: Any)
     assert training_dag.max_active_runs >= 8
 
 
-def test_sweeper_dag_is_scheduled_and_single(dagbag: Any) -> None:
-    sweeper = dagbag.dags["ec2_sweeper"]
-    assert [t.task_id for t in sweeper.tasks] == ["sweep_expired_instances"]
-    assert sweeper.max_active_runs == 1
-    assert sweeper.schedule == timedelta(minutes=5)
+def test_the_steps_an_outage_interrupts_retry_over_minutes(training_dag: Any) -> None:
+    """A control-plane outage kills whatever try is running: train and evaluate back off over minutes (issue 19)."""
+    delays = [
+        min(
+            OUTAGE_RETRIES["retry_delay"] * OUTAGE_RETRIES["retry_exponential_backoff"] ** n,
+            OUTAGE_RETRIES["max_retry_delay"],
+        )
+        for n in range(OUTAGE_RETRIES["retries"])
+    ]
+    assert delays[0] <= timedelta(seconds=30), "a lost worker's retry comes soon"
+    assert sum(delays, timedelta()) >= timedelta(minutes=10), "tries span a long outage"
+    tasks = {t.task_id: t for t in training_dag.tasks}
+    for task_id in ("train", "evaluate"):
+        assert {k: getattr(tasks[task_id], k) for k in OUTAGE_RETRIES} == OUTAGE_RETRIES, task_id
+
+
+def test_reaper_dag_is_scheduled_and_single(dagbag: Any) -> None:
+    reaper = dagbag.dags["ec2_reaper"]
+    assert [t.task_id for t in reaper.tasks] == ["reap_expired_instances"]
+    assert reaper.max_active_runs == 1
+    assert reaper.schedule == timedelta(minutes=5)
 
 
 def test_sweep_dag_gates_ci_once_then_maps_one_training_run_per_set(dagbag: Any) -> None:
@@ -142,7 +178,8 @@ def test_sweep_dag_gates_ci_once_then_maps_one_training_run_per_set(dagbag: Any)
     assert [t.task_id for t in sweep.tasks if not t.downstream_task_ids] == ["summary"]
     mapped = tasks["train_set"]
     assert mapped.operator_class is SweepSetOperator or issubclass(mapped.operator_class, SweepSetOperator)
-    assert mapped.partial_kwargs["retries"] == 2
+    assert {k: mapped.partial_kwargs[k] for k in OUTAGE_RETRIES} == OUTAGE_RETRIES
+    assert all(getattr(tasks["gate_best_set"], k) == v for k, v in OUTAGE_RETRIES.items())
     default = SweepSetOperator(task_id="t", trigger_run_id="r")
     assert (default.trigger_dag_id, default.wait_for_completion, default.deferrable) == ("ec2_training", True, True)
     assert default.fail_when_dag_is_paused
@@ -292,7 +329,7 @@ def test_bad_param_values_are_refused(training_dag: Any, name: str, value: Any, 
 
 
 def test_params_are_the_keys_the_configuration_knows(training_dag: Any) -> None:
-    from orchestrator.settings import PARAM_NAMES
+    from orchestrator.config.settings import PARAM_NAMES
 
     # resolve_config refuses any other trigger key, so a param declared here but unknown there could never be used.
     assert set(training_dag.params) == PARAM_NAMES
@@ -326,8 +363,8 @@ NUMBER_LIKE = ["1.0", "2024", "1234567", "1e5", "0x10", "1_000"]
 
 @pytest.mark.parametrize("ref", NUMBER_LIKE)
 def test_the_ci_gate_receives_the_ref_as_text(training_dag: Any, ref: str) -> None:
-    from orchestrator.ci import parse_allowed_conclusions
-    from orchestrator.settings import load_settings
+    from orchestrator.ci.verdict import parse_allowed_conclusions
+    from orchestrator.config.settings import load_settings
 
     config = load_settings(
         {"git_ref": ref}, env={"TRAINER__GITHUB__CONN_ID": "2024", "TRAINER__AWS__DEPLOYMENT": "test"}

@@ -3,12 +3,14 @@ that fails before anything is launched, and an instance EC2 takes back before it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from embedded.cloud import AMAZON_LINUX_DLAMI
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
 from tests.aws_fixtures import take_back_the_first
 from tests.faults.support import output
 from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
@@ -103,3 +105,56 @@ def test_capacity_taken_back_while_pending_relaunches_on_the_next_type(
     assert "went terminated before running: Server.InsufficientInstanceCapacity" in output(capfd, caplog)
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["launch"].try_number == 1 and tis["launch"].xcom_pull(task_ids="launch")["instance_type"] == "g5.xlarge"
+
+
+def test_a_run_repeated_with_ami_id_launches_that_image(env: EmbeddedStack, sha: str) -> None:
+    """The configured parameter holds the Ubuntu image; a run naming an earlier run's image gets that one."""
+    image = env.cloud.images[AMAZON_LINUX_DLAMI.parameter]
+    dag_run = run_dag(git_ref=sha, ami_id=image)
+
+    assert dag_run.state == "success", task_states(dag_run)
+    (instance,) = assert_all_terminated(env, dag_run, 1).values()
+    assert instance["ImageId"] == image
+
+
+@contextmanager
+def amazon_linux_image(env: EmbeddedStack, **changes: str) -> Iterator[str]:
+    """The Amazon Linux image's id, its moto attributes changed (its state, its architecture) for the block."""
+    from moto.ec2.models import ec2_backends
+
+    from embedded.cloud import ACCOUNT_ID
+
+    image_id = env.cloud.images[AMAZON_LINUX_DLAMI.parameter]
+    image = ec2_backends[ACCOUNT_ID][env.cloud.region].amis[image_id]
+    before = {name: getattr(image, name) for name in changes}
+    for name, value in changes.items():
+        setattr(image, name, value)
+    try:
+        yield image_id
+    finally:
+        for name, value in before.items():
+            setattr(image, name, value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (None, "aws.ami_id: image ami-0123456789abcdef0 does not exist"),
+        ({"state": "pending"}, "is pending, not available"),
+        ({"architecture": "arm64"}, "is arm64, which instance types ['g6.xlarge', 'g5.xlarge', 'g4dn.xlarge'] do not"),
+    ],
+    ids=["unknown", "pending", "another-architecture"],
+)
+def test_an_unusable_ami_id_fails_before_launch(
+    env: EmbeddedStack,
+    sha: str,
+    capfd: pytest.CaptureFixture[str],
+    changes: dict[str, str] | None,
+    message: str,
+) -> None:
+    if changes is None:
+        dag_run = run_dag(git_ref=sha, ami_id="ami-0123456789abcdef0")
+    else:
+        with amazon_linux_image(env, **changes) as image:
+            dag_run = run_dag(git_ref=sha, ami_id=image)
+    failed_in_plan_launch(env, dag_run, capfd.readouterr().out, message)

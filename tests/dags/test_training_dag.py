@@ -7,8 +7,10 @@ EC2 backend, the GitHub stand-in, the instance's bootstrap), never inside the or
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ from urllib.parse import quote
 
 import pytest
 
-from embedded.stack import DEPLOYMENT, EmbeddedStack
+from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.observe.report import RunReport
+from tests.conftest import REPO
 from tests.faults.support import output
 from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, planted_found, run_job_paths
 from tests.monitoring_fixtures import assert_run_in_prometheus
@@ -28,6 +31,7 @@ from tests.pipeline_fixtures import (
     run_dag,
     secrets_found,
     task_states,
+    training_job_command,
 )
 
 pytestmark = pytest.mark.slow
@@ -63,6 +67,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     run = MlflowClient(env.mlflow.url).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.git.commit"] == sha
+    assert run.data.tags["mlflow.source.git.repoURL"] == f"{env.github_url}/local/ec2-trainer"
     # Named and tagged after the DAG run, in an experiment MLflow's UI opens as model training.
     assert run.info.run_name == f"{sha[:7]} {dag_run.run_id}"
     assert run.data.tags["airflow.run_id"] == dag_run.run_id
@@ -81,6 +86,9 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert not [value for value in run.data.params.values() if value.startswith("'")], run.data.params
     client = MlflowClient(env.mlflow.url)
     experiment = client.get_experiment(run.info.experiment_id)
+    # A success's small post-mortem bundle: what it ran on, without the full failure set.
+    small = {a.path for a in client.list_artifacts(run_id, "postmortem")}
+    assert small == {"postmortem/job-output.log", "postmortem/bootstrap.phases", "postmortem/nvidia-smi.txt"}, small
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
     evaluation = tis["evaluate"].xcom_pull(task_ids="evaluate")
@@ -104,13 +112,20 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert f"Cost:       ${report_cost(tis):.4f}" in mail and run_link in mail
     assert "promoted to champion" in post and "|MLflow run>" in post
 
-    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
+    assert processes.saw(training_job_command(env)), "the sampler never saw the training job"
     # The scans cover the job: its control commands and uploads, its folder on the disk, the run's model files.
     assert any(" setsid bash " in command for command in ssh_traffic.commands)
     env_upload = env_upload_pattern(run_job_paths(env, dag_run.dag_id, dag_run.run_id))
     assert any(env_upload.fullmatch(write.path) for write in ssh_traffic.writes), "the env file's upload was not seen"
     inst = env.cloud.instances[instance["InstanceId"]]
     assert any(name.endswith("/output.log") for name in disk_places(env, [inst]))
+    # A private repository: the instance got the commit's tree from Airflow, with no git and no credential (the
+    # scans below look for the GitHub token in the upload and on the disk), and the token went to the API only.
+    assert env.github.private and not env.github.download_auth_seen
+    source = env.cloud.host_path(inst, Path(run_job_paths(env, dag_run.dag_id, dag_run.run_id).source_dir))
+    shipped = subprocess.run(["git", "show", f"{sha}:MLproject"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert (source / "MLproject").read_text() == shipped.stdout
+    assert not (source / ".git").exists()
     assert any(name.endswith("artifact MLmodel") for name in mlflow_places(env.mlflow.url, [run_id]))
     assert secrets_found(planted, env, dag_run, task_log, processes, ssh_traffic) == {}
 
@@ -122,8 +137,9 @@ def assert_lifetime_bounded(stack: EmbeddedStack, instance: dict[str, Any]) -> N
 
     import yaml
 
-    from orchestrator.launch import TAG_EXPIRES_AT, parse_expires_at
-    from orchestrator.settings import load_settings
+    from orchestrator.cloud.launch_spec import parse_expires_at
+    from orchestrator.config.settings import load_settings
+    from orchestrator.contracts import TAG_EXPIRES_AT
 
     lifetime_s = load_settings().aws.max_lifetime_minutes * 60
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
@@ -165,8 +181,8 @@ def assert_reported_success(
     """The report task's XCom says what the run did and cost, and the cost is on the MLflow run."""
     from mlflow import MlflowClient
 
+    from orchestrator.contracts import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
     from orchestrator.observe.cost import transition_time
-    from orchestrator.tracking import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
 
     report = RunReport.from_dict(data)
     assert (report.outcome, report.failed_step, report.error) == ("success", None, None)
@@ -231,6 +247,37 @@ def test_unknown_branch_fails_at_the_gate(env: EmbeddedStack) -> None:
 
     assert dag_run.state == "failed"
     assert task_states(dag_run)["ci_gate"] == "failed"
+    assert_all_terminated(env, dag_run, 0)
+
+
+@pytest.mark.parametrize(
+    ("password", "expected"),
+    [
+        (None, "cannot be read at .* anonymously .* a fine-grained token with 'contents: read'"),
+        ("ghp_revoked", r"\(401\): the token in the GitHub connection's password is wrong, expired or revoked"),
+    ],
+    ids=["no-token", "wrong-token"],
+)
+def test_a_private_repository_the_connection_cannot_read_fails_before_any_launch(
+    env: EmbeddedStack,
+    sha: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    password: str | None,
+    expected: str,
+) -> None:
+    conn = {"conn_type": "http", **({"password": password} if password else {})}
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_DEFAULT", json.dumps(conn))
+    dag_run = run_dag(git_ref=sha)
+    log = capfd.readouterr().out
+
+    states = task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states["ci_gate"] == "failed"
+    assert states["plan_launch"] == "upstream_failed"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["ci_gate"].try_number == 1, "no retry can make the repository readable"
+    assert re.search(expected, log), log[-3000:]
     assert_all_terminated(env, dag_run, 0)
 
 
@@ -430,6 +477,7 @@ def test_training_failure_fails_the_run_and_terminates(
     assert states["evaluate"] == "upstream_failed"
     assert states["terminate"] == "success"
     assert states["report"] == "success"  # a teardown: its success does not hide the failed training
+    assert states["verdict"] == "failed"  # the teardown that decides the run, from its steps
     assert_all_terminated(env, dag_run, 1)
     report = RunReport.from_dict(dag_run.get_task_instance("report").xcom_pull(task_ids="report"))
     assert (report.outcome, report.failed_step) == ("failed", "train")
@@ -449,7 +497,7 @@ def test_training_failure_fails_the_run_and_terminates(
     assert "ec2_training FAILED at train" in mail and "Failed step: train" in mail
     assert "Error:       training exited with code " in mail and "training exited with code " in post
     # A failed run too: the planted secrets never reached a command line, a file or MLflow while the job ran.
-    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the training job"
+    assert processes.saw(training_job_command(env)), "the sampler never saw the training job"
     assert secrets_found(planted, env, dag_run, capfd.readouterr().out, processes, ssh_traffic) == {}
 
 
@@ -520,7 +568,9 @@ def test_instance_terminated_from_outside_is_reported_promptly(
     assert dag_run.state == "failed"
     assert states["train"] == "failed"
     assert states["terminate"] == "success"
-    assert "terminated from outside Airflow" in log or "stopped or terminated from outside" in log
+    # Reported as ended, and why (EC2's StateReason of a TerminateInstances call), not as an SSH error.
+    assert "is terminated (Client.UserInitiatedShutdown: User initiated shutdown): a StopInstances" in log
+    assert "It ended while training" in log
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["train"].try_number == 1, "a lost instance is final: no retry"
     detected_after_s = tis["train"].end_date.timestamp() - (time.time() - (time.monotonic() - terminated_at[0]))
@@ -533,10 +583,10 @@ def test_host_answering_with_another_key_is_refused(
 ) -> None:
     """A man in the middle at the instance's address: refused with a clear error before any login or command."""
     import embedded.cloud
-    from orchestrator.hostkeys import generate_host_key
-    from orchestrator.remote_job import job_key
+    from orchestrator.cloud.hostkeys import generate_host_key
+    from orchestrator.instance.job_script import job_key
 
-    genuine = embedded.cloud.LoopbackSshd
+    genuine = embedded.cloud.cloud_init.LoopbackSshd
     impostors: list[Any] = []
 
     def impostor(host_private_key_pem: str, *args: Any, **kwargs: Any) -> Any:
@@ -544,7 +594,7 @@ def test_host_answering_with_another_key_is_refused(
         impostors.append(server)
         return server
 
-    monkeypatch.setattr(embedded.cloud, "LoopbackSshd", impostor)
+    monkeypatch.setattr(embedded.cloud.cloud_init, "LoopbackSshd", impostor)
     dag_run = run_dag(git_ref=sha)
     log = capfd.readouterr().out
 

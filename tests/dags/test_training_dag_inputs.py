@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
 from tests.conftest import REPO
 from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
 

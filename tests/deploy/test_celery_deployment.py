@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from benchmarks.load_benchmark import load_settings
-from embedded.airflow_local import LocalAirflow
-from embedded.load import DAG_ID, run_batch
-from embedded.production import (
+from embedded.deploy.airflow_local import LocalAirflow
+from embedded.deploy.load import DAG_ID, run_batch
+from embedded.deploy.production import (
     POSTGRES_PORT,
     REDIS_PORT,
     PostgresDatabase,
@@ -31,9 +31,9 @@ from embedded.production import (
     celery_environment,
     deployment_settings,
 )
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
 from tests.conftest import REPO
-from tests.faults.support import OnTraining
+from tests.faults.support import OnTraining, hold_job, release_after_reattach
 from tests.tools import missing_tool
 
 # Never alongside tests/faults/test_scheduler_faults.py (the same group): two Airflow deployments at once would
@@ -90,9 +90,12 @@ def deployment(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -
             **celery_environment(airflow_db.url(), broker.url),
             **FAST_DETECTION,
         }
-        with LocalAirflow(
-            tmp_path_factory.mktemp("deploy-airflow"), env, workers=WORKERS, worker_concurrency=4
-        ) as airflow:
+        with (
+            stack.cloud.policies_with({"PROJECT": env["TRAINER__AWS__PROJECT_TAG"]}),
+            LocalAirflow(
+                tmp_path_factory.mktemp("deploy-airflow"), env, workers=WORKERS, worker_concurrency=4
+            ) as airflow,
+        ):
             airflow.wait_for_dag(DAG_ID)
             yield Deployment(stack, airflow, mlflow_db, broker)
 
@@ -151,6 +154,7 @@ def test_worker_killed_mid_training_the_retry_reattaches_on_the_other(deployment
     killed: dict[str, Any] = {}
 
     def kill_train_worker(job_dir: Path) -> None:
+        hold_job(job_dir)
         ti = airflow.task_instances(DAG_ID, run_id)["train"]
         killed.update(worker=ti["hostname"], ti_id=ti["id"], pids=airflow.kill_worker(ti["hostname"]))
         killed["at"] = time.monotonic()
@@ -162,6 +166,7 @@ def test_worker_killed_mid_training_the_retry_reattaches_on_the_other(deployment
     with OnTraining(stack, kill_train_worker) as killer:
         airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
         detection_s = _seconds_until_retried(airflow, run_id, killed)
+        release_after_reattach(lambda: airflow.task_log(DAG_ID, run_id, "train"), killer)
         state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
     wall_s = time.monotonic() - started
     tis = airflow.task_instances(DAG_ID, run_id)

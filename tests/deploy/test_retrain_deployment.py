@@ -1,5 +1,5 @@
 """New data starts exactly one training, on a live local Airflow (scheduler, triggerer, dag-processor, api-server:
-embedded.deployment) over the session's embedded stack: S3 event notifications reach the SQS queue, the asset
+embedded.deploy.deployment) over the session's embedded stack: S3 event notifications reach the SQS queue, the asset
 watcher in the triggerer updates the dataset asset, ec2_retrain resolves the latest complete version and starts
 ec2_training, which trains that version's exact S3 folder on an emulated instance and terminates it.
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from embedded.datasets import MARKER, upload_version
-from embedded.deployment import LocalDeployment, Ports
-from embedded.stack import DATASETS_URI, TINY_DATA_URI, EmbeddedStack
+from embedded.deploy.deployment import LocalDeployment, Ports
+from embedded.deploy.stack import DATASETS_URI, TINY_DATA_URI, EmbeddedStack
+from embedded.services.datasets import MARKER, upload_version
 
 pytestmark = pytest.mark.slow
 

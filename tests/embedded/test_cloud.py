@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pwd
+import shlex
 import socket
 import stat
 import sys
@@ -16,11 +17,11 @@ import pytest
 import yaml
 
 from embedded.cloud import UBUNTU_DLAMI, EmulatedInstance, LocalCloud
+from embedded.deploy.stack import EmbeddedStack
 from embedded.process import free_port
-from embedded.stack import EmbeddedStack
-from orchestrator.hostkeys import HostKey, generate_host_key
-from orchestrator.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
-from orchestrator.userdata import UserDataSpec, cloud_config, render_user_data
+from orchestrator.cloud.hostkeys import HostKey, generate_host_key
+from orchestrator.cloud.user_data import UserDataSpec, cloud_config, render_user_data
+from orchestrator.instance.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
 from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair
 from tests.tools import require_root
 
@@ -154,9 +155,12 @@ def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(
     assert result.ok
     assert result.status_line == "ok"
 
+    # A detached job that records the SIGTERM of the OS shutdown EC2's terminate starts, before the power goes.
+    signal_file = f"{cloud.disk_root}/state/jobs/got-sigterm"
+    job = f"trap 'echo TERM > {signal_file}; exit 143' TERM; while :; do sleep 0.1; done"
     ssh = connect(target, timeout_s=10)
     try:
-        _, stdout, _ = ssh.exec_command("nohup setsid sleep 300 >/dev/null 2>&1 </dev/null & echo $!")
+        _, stdout, _ = ssh.exec_command(f"nohup setsid bash -c {shlex.quote(job)} >/dev/null 2>&1 </dev/null & echo $!")
         sleeper = int(stdout.read().decode().strip())
     finally:
         ssh.close()
@@ -169,6 +173,8 @@ def test_instance_boots_serves_pinned_ssh_and_dies_on_terminate(
     wait_until("the detached job to be killed", lambda: not pid_alive(sleeper))
     wait_until("the instance's sshd to stop listening", lambda: not listening(target.host, target.port))
     assert describe(cloud, instance_id)["State"]["Name"] == "terminated"
+    disk = cloud.instances[instance_id].disk
+    assert (disk / "state" / "jobs" / "got-sigterm").read_text() == "TERM\n", "SIGTERM first, as an OS shutdown does"
 
 
 def test_an_instance_boots_at_its_address_however_slow_run_instances_is(
@@ -204,6 +210,9 @@ def test_watchdog_deadline_powers_the_instance_off(cloud: LocalCloud, client_key
         timeout_s=20,
     )
     assert cloud.instances[instance_id].powered_off_at is not None
+    # As EC2 tells a shutdown from inside the OS apart from an API call: what the orchestrator explains to the user.
+    reason = describe(cloud, instance_id)["StateReason"]
+    assert reason["Code"] == "Client.InstanceInitiatedShutdown", reason
 
 
 def test_untagged_instances_are_ignored(
@@ -321,6 +330,10 @@ def test_only_an_instance_with_a_profile_gets_aws_credentials(stack: EmbeddedSta
     # On EC2 an instance's SDKs get credentials from its instance profile (through the metadata service), or none.
     bare = EmulatedInstance("i-0", "127.0.0.2", tmp_path, tmp_path)
     profiled = EmulatedInstance("i-1", "127.0.0.3", tmp_path, tmp_path, has_instance_profile=True)
-    assert "AWS_ACCESS_KEY_ID" not in stack.cloud._aws_env(bare)
-    assert f"AWS_ENDPOINT_URL={stack.cloud.endpoint_url}" in stack.cloud._aws_env(bare)
-    assert "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing" in stack.cloud._aws_env(profiled)
+    assert "AWS_ACCESS_KEY_ID" not in stack.cloud.cloud_init.aws_env(bare)
+    assert f"AWS_ENDPOINT_URL={stack.cloud.endpoint_url}" in stack.cloud.cloud_init.aws_env(bare)
+    role = stack.cloud.instance_role
+    assert (
+        f"AWS_ACCESS_KEY_ID={role.access_key} AWS_SECRET_ACCESS_KEY={role.secret_key}"
+        in stack.cloud.cloud_init.aws_env(profiled)
+    )

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from embedded.cloud import AMAZON_LINUX_DLAMI, UBUNTU_DLAMI, LocalCloud
-from orchestrator.hostkeys import generate_host_key
-from orchestrator.userdata import UserDataSpec, render_user_data
+from orchestrator.cloud.hostkeys import generate_host_key
+from orchestrator.cloud.user_data import UserDataSpec, render_user_data
 from tests.embedded.test_cloud import describe, listening, wait_until
 from tests.sshd_fixtures import make_ed25519_keypair
 

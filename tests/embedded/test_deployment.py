@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from embedded.deployment import (
+from embedded.deploy.deployment import (
     ADMIN_USER,
     EMBEDDED_AIRFLOW_SETTINGS,
     DeploymentError,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from embedded.github_standin import ABSENT, GitHubStandIn
+from embedded.services.github_standin import ABSENT, GitHubStandIn
 
 REPO = "local/ec2-trainer"
 
@@ -90,9 +92,66 @@ def test_unknown_ref_and_repo(standin: GitHubStandIn) -> None:
     assert get(f"{standin.url}/repos/other/repo/commits/main")[0] == 404
 
 
-def test_token_required(standin: GitHubStandIn) -> None:
-    assert get(f"{standin.url}/repos/{REPO}/commits/main", token=None)[0] == 401
-    assert get(f"{standin.url}/repos/{REPO}/commits/main", token="wrong")[0] == 401
+@pytest.mark.parametrize("path", ["", "/commits/main", "/actions/runs?head_sha=main", "/tarball/main"])
+def test_private_by_default(standin: GitHubStandIn, path: str) -> None:
+    # As GitHub hides a private repository: Not Found anonymously, Bad credentials with a wrong token.
+    assert get(f"{standin.url}/repos/{REPO}{path}", token=None)[0] == 404
+    assert get(f"{standin.url}/repos/{REPO}{path}", token="wrong")[0] == 401
+
+
+def test_public_repository_answers_anonymous_reads(repo: tuple[Path, str]) -> None:
+    with GitHubStandIn(repo[0], REPO, token="test-token", public=True) as public:
+        status, _, body = get(f"{public.url}/repos/{REPO}", token=None)
+        assert (status, body["private"]) == (200, False)
+        assert get(f"{public.url}/repos/{REPO}/commits/main", token=None)[0] == 200
+
+
+def archive_redirect(standin: GitHubStandIn, ref: str) -> str:
+    """The one-use archive URL the tarball endpoint redirects to (redirects are not followed)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    request = urllib.request.Request(f"{standin.url}/repos/{REPO}/tarball/{ref}")
+    request.add_header("Authorization", "Bearer test-token")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.build_opener(NoRedirect).open(request, timeout=5)
+    assert caught.value.code == 302
+    return str(caught.value.headers["Location"])
+
+
+def download(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_archive_urls_are_one_use(standin: GitHubStandIn) -> None:
+    location = archive_redirect(standin, "main")
+    assert location.startswith(f"{standin.url}/_codeload/")
+    assert download(location) == 200
+    assert download(location) == 404
+    assert not standin.download_auth_seen
+
+
+def test_archive_url_refuses_and_records_a_token(standin: GitHubStandIn) -> None:
+    location = archive_redirect(standin, "main")
+    assert download(location, token="test-token") == 404
+    assert standin.download_auth_seen
+    # Spent by the refused attempt: a leaked token is never rewarded with the archive.
+    assert download(location) == 404
+
+
+def test_archive_is_the_commit_under_githubs_top_folder(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    with tarfile.open(fileobj=io.BytesIO(standin.archive(repo[1]))) as archive:
+        assert archive.getnames() == [f"local-ec2-trainer-{repo[1][:7]}", f"local-ec2-trainer-{repo[1][:7]}/README"]
 
 
 def test_unscripted_sha_answers_one_green_ci(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
@@ -195,7 +254,7 @@ def test_script_answers_in_turn_then_repeats_the_last(standin: GitHubStandIn) ->
 
 
 def test_the_commit_checks_page_a_browser_opens(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
-    from orchestrator.github import commit_checks_url
+    from orchestrator.ci.github_protocol import commit_checks_url
 
     sha = repo[1]
     standin.script(sha, [[{"name": "lint", "conclusion": "failure"}], [{"name": "lint <b>"}]])
@@ -273,7 +332,7 @@ def test_runs_as_a_module(repo: tuple[Path, str], tmp_path: Path) -> None:
     with log.open("wb") as sink:
         # Port 0: the server takes a free port itself and logs it (a port picked here could be taken meanwhile).
         proc = subprocess.Popen(
-            [sys.executable, "-m", "embedded.github_standin", "--repo-dir", str(repo[0]), "--port", "0"],
+            [sys.executable, "-m", "embedded.services.github_standin", "--repo-dir", str(repo[0]), "--port", "0"],
             cwd=Path(__file__).resolve().parents[2],
             stderr=sink,
         )

@@ -1,4 +1,5 @@
-"""embedded.iam_policy: the evaluator decides as AWS's identity-policy logic does, and docs/iam.md shows the files."""
+"""embedded.services.iam_policy: the evaluator decides as AWS's identity-policy logic does, and docs/iam.md shows
+the files."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from embedded.iam_policy import DOC, POLICIES, doc_blocks, evaluate, load_policy, policy_text, render_doc
+from embedded.services.iam_policy import DOC, POLICIES, doc_blocks, evaluate, load_policy, policy_text, render_doc
 
 VALUES = {
     "REGION": "eu-west-1",
     "ACCOUNT": "123456789012",
+    "PROJECT": "ec2-trainer",
     "DEPLOYMENT": "prod",
     "BUCKET": "data",
     "PREFIX": "hurricane-damage",
@@ -27,7 +29,7 @@ def policy(*statements: dict[str, Any]) -> dict[str, Any]:
 def test_doc_shows_each_policy_file_exactly() -> None:
     doc = DOC.read_text()
     assert doc_blocks(doc) == {name: json.loads(policy_text(name)) for name in POLICIES}
-    assert render_doc(doc) == doc, "docs/iam.md is stale: run `python -m embedded.iam_policy`"
+    assert render_doc(doc) == doc, "docs/iam.md is stale: run `python -m embedded.services.iam_policy`"
     # The check can fail: a doc whose JSON lost a statement differs from the file.
     stale = doc.replace('"sqs:DeleteMessage"', '"sqs:DeleteMessageBatch"', 1)
     assert doc_blocks(stale)["airflow"] != json.loads(policy_text("airflow"))
@@ -36,7 +38,7 @@ def test_doc_shows_each_policy_file_exactly() -> None:
 def test_placeholders_are_filled_everywhere_but_in_sids() -> None:
     filled = load_policy("airflow", VALUES)
     text = str(filled)
-    for placeholder in ("REGION", "ACCOUNT", "DEPLOYMENT", "BUCKET", "QUEUE", "VPC-ID"):
+    for placeholder in ("REGION", "ACCOUNT", "PROJECT", "DEPLOYMENT", "BUCKET", "QUEUE", "VPC-ID"):
         assert placeholder not in text, placeholder
     assert "arn:aws:ec2:eu-west-1:123456789012:vpc/vpc-0abc" in text
     assert any(s["Sid"] == "ListTheDatasetPrefix" for s in filled["Statement"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from embedded.live_view import (
+from embedded.cli.live_view import (
     LogFollower,
     RunSummary,
     epoch_progress,

@@ -1,5 +1,5 @@
-"""embedded.slack_webhook and embedded.smtp_server: they answer as Slack's incoming webhooks and a submission server
-do, so a message they accept is one the real service would take."""
+"""embedded.services.slack_webhook and embedded.services.smtp_server: they answer as Slack's incoming webhooks and a
+submission server do, so a message they accept is one the real service would take."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from embedded.slack_webhook import SlackWebhookStandIn
-from embedded.smtp_server import LocalSmtpServer
+from embedded.services.slack_webhook import SlackWebhookStandIn
+from embedded.services.smtp_server import LocalSmtpServer
 
 GOOD = {"text": "fallback", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "*hi*"}}]}
 

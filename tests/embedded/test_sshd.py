@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from embedded.sshd import LoopbackSshd, SshdError, ensure_sshd_installed, render_sshd_config
-from orchestrator.ssh import SshTarget, connect
+from embedded.services.sshd import LoopbackSshd, SshdError, ensure_sshd_installed, render_sshd_config
+from orchestrator.instance.ssh import SshTarget, connect
 from tests.sshd_fixtures import SshKeyPair
 
 

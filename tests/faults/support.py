@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from embedded.cloud import EmulatedInstance
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
 from tests.fault_table import FaultTable
 from tests.leak_scan import SshTraffic
 from tests.pipeline_fixtures import ProcessListSampler, instances_of, secrets_found
@@ -155,3 +155,25 @@ def kill_job(job_dir: Path) -> int:
     group = job_group(job_dir)
     os.killpg(group, signal.SIGKILL)
     return group
+
+
+def hold_job(job_dir: Path) -> None:
+    """Stop every process of the job (SIGSTOP): it neither advances nor ends until `released_after_reattach`.
+
+    A retry that comes after the job ended reads the result from MLflow instead of re-attaching; holding the job
+    while the killed try is retried keeps it running, so the test sees the re-attach it is about."""
+    os.killpg(job_group(job_dir), signal.SIGSTOP)
+
+
+def release_after_reattach(read_log: Callable[[], str], held: OnTraining, timeout_s: float = 600) -> None:
+    """Resume a held job once the task log says a retry re-attached to it (failing after `timeout_s` otherwise);
+    resumed whatever happened, so a failure never leaves the run hanging on a stopped job."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while "Re-attached to the training job" not in read_log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no retry re-attached to the held job within {timeout_s:.0f} s")
+            time.sleep(0.5)
+    finally:
+        if held.job_dir is not None:
+            os.killpg(job_group(held.job_dir), signal.SIGCONT)

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from embedded.process import free_port
-from orchestrator.ssh import BootstrapTimeoutError, SshTarget, SshTimeoutError, wait_for_bootstrap, wait_for_ssh
+from orchestrator.instance.ssh import (
+    BootstrapTimeoutError,
+    SshTarget,
+    SshTimeoutError,
+    wait_for_bootstrap,
+    wait_for_ssh,
+)
 from tests.fault_table import FaultTable
 from tests.pipeline_fixtures import ProcessListSampler, planted_found
 from tests.sshd_fixtures import SshKeyPair

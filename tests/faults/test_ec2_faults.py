@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedded.stack import EmbeddedStack
-from orchestrator.connections import AWS_RETRIES
+from embedded.deploy.stack import EmbeddedStack
+from orchestrator.config.connections import AWS_RETRIES
 from tests.aws_fixtures import http_errors
 from tests.fault_table import FaultTable
 from tests.faults.support import output, record_run

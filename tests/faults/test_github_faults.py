@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from embedded.github_standin import ABSENT
-from embedded.stack import GITHUB_REPO, EmbeddedStack
+from embedded.deploy.stack import GITHUB_REPO, EmbeddedStack
+from embedded.services.github_standin import ABSENT
 from tests.fault_table import FaultTable
 from tests.faults.support import output, record_run
 from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
 from tests.fault_table import FaultTable
 from tests.faults.support import OnTraining, drop_ssh, kill_job, output, record_run
-from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
+from tests.pipeline_fixtures import (
+    ProcessListSampler,
+    assert_all_terminated,
+    run_dag,
+    task_states,
+    training_job_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +54,7 @@ def test_ssh_dropped_mid_training_reconnects_to_the_same_job(
     assert (fault.job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
     assert f"train | epoch {EPOCHS}/{EPOCHS}" in log, "the stream went on to the end"
     assert_all_terminated(env, dag_run, 1)
-    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the job: no scan of it"
+    assert processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
     record_run(
         fault_table,
         "SSH dropped mid-training (sshd restarted, sessions killed)",
@@ -86,8 +92,19 @@ def test_job_killed_on_the_instance_fails_the_run_and_terminates(
     assert not (fault.job_dir / "exit_code").exists(), "the killed wrapper cannot have written one"
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["train"].try_number == 1, "a lost job is final: a retry would re-attach to the same dead job"
+    # Its MLflow run does not stay RUNNING, and holds what the instance had before it was terminated.
+    from mlflow import MlflowClient
+
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY
+
+    client = MlflowClient(env.mlflow.url)
+    run_id = tis["train"].xcom_pull(task_ids="train", key=MLFLOW_RUN_ID_KEY)
+    assert client.get_run(run_id).info.status == "FAILED"
+    bundle = {a.path for a in client.list_artifacts(run_id, "postmortem")}
+    assert {"postmortem/job-output.log", "postmortem/bootstrap.log", "postmortem/kernel.log"} <= bundle, bundle
+    assert "the instance's logs are the run's 'postmortem/' artifacts" in log
     assert_all_terminated(env, dag_run, 1)
-    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the job: no scan of it"
+    assert processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
     record_run(
         fault_table,
         "training job's process group SIGKILLed",
@@ -139,7 +156,7 @@ def test_mlflow_down_for_a_while_is_retried_by_the_job(
     assert run.info.status == "FINISHED"
     assert run.data.metrics.get("test_accuracy") is not None
     assert_all_terminated(env, dag_run, 1)
-    assert processes.saw(f"mlflow run {env.git.url}"), "the sampler never saw the job: no scan of it"
+    assert processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
     record_run(
         fault_table,
         f"MLflow server down ~{fault.result:.0f} s mid-training",

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from embedded.stack import EmbeddedStack
-from orchestrator.remote_job import RemoteJob, job_dir_for
-from orchestrator.ssh import SshTarget, connect
+from embedded.deploy.stack import EmbeddedStack
+from orchestrator.instance.job_script import job_dir_for
+from orchestrator.instance.remote_job import RemoteJob
+from orchestrator.instance.ssh import SshTarget, connect
 from tests.leak_scan import COMMANDS, SshTraffic, leaks_beyond_logs, run_job_paths, ssh_leaks
 from tests.pipeline_fixtures import instances_of, run_dag, task_states
 

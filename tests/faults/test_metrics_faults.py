@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from embedded.process import free_port
-from embedded.prometheus import Pushgateway
+from embedded.services.prometheus import Pushgateway
 from orchestrator.observe.metrics import push_run_metrics
 from tests.fault_table import FaultTable
 from tests.leak_scan import planted_found

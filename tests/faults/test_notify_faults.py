@@ -11,7 +11,7 @@ import airflow.sdk  # noqa: F401 - Airflow sets up logging on import: before cap
 import pytest
 
 from embedded.process import free_port
-from embedded.slack_webhook import SlackWebhookStandIn
+from embedded.services.slack_webhook import SlackWebhookStandIn
 from orchestrator.observe.notify import send_notifications
 from tests.fault_table import FaultTable
 from tests.orchestrator.observe.test_notify import BOTH, FAILURE, SLACK_CONN, SMTP_CONN, notify_settings

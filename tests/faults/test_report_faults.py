@@ -10,10 +10,10 @@ from unittest.mock import Mock
 
 import pytest
 
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
+from orchestrator.config.settings import NotifySettings, load_settings
 from orchestrator.observe.publish import publish
 from orchestrator.observe.report import Cost
-from orchestrator.settings import NotifySettings, load_settings
 from tests.fault_table import FaultTable
 from tests.mlflow_fixtures import FaultProxy
 from tests.orchestrator.observe.test_report import REPORT
@@ -31,7 +31,7 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
     processes: ProcessListSampler,
     fault_table: FaultTable,
 ) -> None:
-    from orchestrator import connections
+    from orchestrator.config import connections
     from orchestrator.observe.pricing import instance_price
 
     made = connections.aws_client
@@ -68,11 +68,12 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
     mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
     s = load_settings()
     # Only the MLflow publisher: this report is made up, and must not reach the stack's mailbox or Prometheus.
-    s = replace(
-        s,
-        mlflow=replace(s.mlflow, tracking_uri=mlflow_proxy.url),
-        notify=NotifySettings(),
-        metrics=replace(s.metrics, pushgateway_url=""),
+    s = s.model_copy(
+        update={
+            "mlflow": s.mlflow.model_copy(update={"tracking_uri": mlflow_proxy.url}),
+            "notify": NotifySettings(),
+            "metrics": s.metrics.model_copy(update={"pushgateway_url": ""}),
+        }
     )
     cost = Cost(0.0335, 150.0, 75.0, 75.0, 0.5, on_demand.usd_per_hour, on_demand.source, "us-east-1")
     assert publish(s, replace(REPORT, cost=cost, mlflow_run_id="f" * 32)) == []  # nothing raised

@@ -8,7 +8,6 @@ The whole path on a live Airflow (watcher, ec2_retrain, one ec2_training): tests
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -18,8 +17,8 @@ from typing import Any
 import pytest
 
 from embedded.cloud import DATASET_BUCKET
-from embedded.datasets import upload_version
-from embedded.stack import TINY_DATA_URI, EmbeddedStack
+from embedded.deploy.stack import TINY_DATA_URI, EmbeddedStack
+from embedded.services.datasets import upload_version
 from tests.fault_table import FaultTable
 from tests.faults.support import output
 from tests.leak_scan import planted_found
@@ -32,9 +31,19 @@ UNREACHABLE_WATCH_S = 25.0
 
 
 @pytest.fixture
-def datasets(env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def policy_values(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The values the stand-in fills the IAM policies with for this test: its own prefix and queue, as a deployment
+    configured with them has them in its policies."""
+    values: dict[str, str] = {}
+    monkeypatch.setattr(env.cloud.gate, "policy_of", lambda name: env.cloud.policy(name, values))
+    return values
+
+
+@pytest.fixture
+def datasets(env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch, policy_values: dict[str, str]) -> str:
     """A prefix of the stack's dataset bucket of this test's own, retraining the commit under test."""
-    uri = f"s3://{DATASET_BUCKET}/test-{secrets.token_hex(4)}/"
+    policy_values["PREFIX"] = f"test-{secrets.token_hex(4)}"
+    uri = f"s3://{DATASET_BUCKET}/{policy_values['PREFIX']}/"
     monkeypatch.setenv("TRAINER__DATASETS__URI", uri)
     monkeypatch.setenv("TRAINER__RETRAIN__BRANCH", sha)
     return uri
@@ -66,6 +75,7 @@ def no_planted_secret(planted: dict[str, str], log: str) -> int:
 
 
 def test_incomplete_upload_trains_nothing(
+    env: EmbeddedStack,
     datasets: str,
     planted: dict[str, str],
     capfd: pytest.CaptureFixture[str],
@@ -73,7 +83,7 @@ def test_incomplete_upload_trains_nothing(
     fault_table: FaultTable,
 ) -> None:
     before = training_runs()
-    keys = upload_version(env_s3(), datasets, "v1", data_uri=TINY_DATA_URI, complete=False)
+    keys = upload_version(env.cloud.client("s3"), datasets, "v1", data_uri=TINY_DATA_URI, complete=False)
     dag_run = load_dag("ec2_retrain").test()
     log = output(capfd, caplog)
     states = task_states(dag_run)
@@ -102,7 +112,7 @@ def test_training_on_a_half_uploaded_version_fails_before_launch(
     caplog: pytest.LogCaptureFixture,
     fault_table: FaultTable,
 ) -> None:
-    upload_version(env_s3(), datasets, "v1", data_uri=TINY_DATA_URI, complete=False)
+    upload_version(env.cloud.client("s3"), datasets, "v1", data_uri=TINY_DATA_URI, complete=False)
     dag_run = run_dag(git_ref=sha, data_uri=f"{datasets}v1/")
     log = output(capfd, caplog)
     states = task_states(dag_run)
@@ -135,12 +145,13 @@ def test_nothing_changed_since_the_last_training_is_skipped(
 ) -> None:
     from mlflow import MlflowClient
 
+    from orchestrator.config.settings import DatasetSettings
+    from orchestrator.contracts import PROMOTION_TAG
     from orchestrator.datasets.s3 import scan
-    from orchestrator.settings import DatasetSettings
 
     # On a schedule (and on the asset): the same decision either way.
     monkeypatch.setenv("TRAINER__RETRAIN__SCHEDULE", "0 3 * * 1")
-    s3 = env_s3()
+    s3 = env.cloud.client("s3")
     upload_version(s3, datasets, "v1", data_uri=TINY_DATA_URI)
     dag = load_dag("ec2_retrain")
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
@@ -150,11 +161,13 @@ def test_nothing_changed_since_the_last_training_is_skipped(
     triggered = {rid: run for rid, run in training_runs().items() if rid.startswith(f"retrain__{sha[:12]}__")}
     run_id = f"retrain__{sha[:12]}__{version.digest[:12]}"
     assert triggered[run_id]["conf"] == {"git_ref": sha, "data_uri": f"{datasets}v1/"}
-    # That training finished: its MLflow run carries the commit and the data, as the train task tags it.
+    # That training finished and was gated: its MLflow run carries the commit and the data, as the train task tags
+    # it, and the gate's verdict, as evaluate tags it.
     client = MlflowClient(env.mlflow.url)
     experiment = client.get_experiment_by_name("hurricane-damage-embedded")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("hurricane-damage-embedded")
-    trained = client.create_run(experiment_id, tags={"mlflow.source.git.commit": sha, **version.tags()})
+    tags = {"mlflow.source.git.commit": sha, **version.tags(), PROMOTION_TAG: "not_promoted"}
+    trained = client.create_run(experiment_id, tags=tags)
     client.set_terminated(trained.info.run_id, "FINISHED")
     capfd.readouterr()
     caplog.clear()
@@ -165,10 +178,10 @@ def test_nothing_changed_since_the_last_training_is_skipped(
     assert f"nothing changed: MLflow run {trained.info.run_id} already trained commit {sha} on this data" in log
     assert [rid for rid in training_runs() if rid.startswith(f"retrain__{sha[:12]}__")] == [run_id]
     fault_table.record(
-        "scheduled retrain, nothing changed since a finished training of that commit and data",
+        "scheduled retrain, nothing changed since a finished, gated training of that commit and data",
         "skipped with the reason, no GPU time",
-        "first run triggered ec2_training; after its MLflow run FINISHED the next resolve skipped 'nothing changed: "
-        "MLflow run ... already trained commit ...'; 1 ec2_training run",
+        "first run triggered ec2_training; after its MLflow run FINISHED and gated the next resolve skipped "
+        "'nothing changed: MLflow run ... already trained commit ...'; 1 ec2_training run",
         0,
         no_planted_secret(planted, log),
     )
@@ -186,7 +199,7 @@ def test_the_poll_dag_updates_the_asset_once_per_new_version(
     from sqlalchemy import select
 
     monkeypatch.setenv("TRAINER__DATASETS__POLL_MINUTES", "1")
-    upload_version(env_s3(), datasets, "v1", data_uri=TINY_DATA_URI, as_zip=True)
+    upload_version(env.cloud.client("s3"), datasets, "v1", data_uri=TINY_DATA_URI, as_zip=True)
     dag = load_dag("ec2_dataset_poll")
     first = dag.test()
     assert task_states(first) == {"look_for_new_version": "success"}
@@ -206,33 +219,24 @@ def test_the_poll_dag_updates_the_asset_once_per_new_version(
     assert f"no new complete dataset version under {datasets} within 30 s (latest: 'v1'" in output(capfd, caplog)
 
 
-def env_s3() -> Any:
-    from orchestrator.connections import aws_client
-
-    return aws_client("s3", "aws_default", "us-east-1")
-
-
 def sqs_event(key: str) -> str:
     record = {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": DATASET_BUCKET}, "object": {"key": key}}}
     return json.dumps({"Records": [record]})
 
 
 @pytest.fixture
-def queue(env: EmbeddedStack) -> Iterator[str]:
+def queue(env: EmbeddedStack, policy_values: dict[str, str]) -> Iterator[str]:
     sqs = env.cloud.client("sqs")
-    url = str(sqs.create_queue(QueueName=f"test-{secrets.token_hex(4)}")["QueueUrl"])
+    policy_values["QUEUE"] = f"test-{secrets.token_hex(4)}"
+    url = str(sqs.create_queue(QueueName=policy_values["QUEUE"])["QueueUrl"])
     yield url
     sqs.delete_queue(QueueUrl=url)
 
 
-def test_the_watcher_fires_once_per_batch_of_markers(env: EmbeddedStack, datasets: str, queue: str) -> None:
+def queue_watcher(queue: str, datasets: str) -> Any:
     from orchestrator.datasets.triggers import DatasetQueueTrigger
 
-    _, prefix = datasets.split(f"{DATASET_BUCKET}/", 1)
-    sqs = env.cloud.client("sqs")
-    for key in (f"{prefix}v1/train_another/damage/a.jpeg", f"{prefix}v1/_SUCCESS", f"{prefix}v2/_SUCCESS"):
-        sqs.send_message(QueueUrl=queue, MessageBody=sqs_event(key))
-    trigger = DatasetQueueTrigger(
+    return DatasetQueueTrigger(
         queue_url=queue,
         datasets_uri=datasets,
         marker="_SUCCESS",
@@ -241,19 +245,116 @@ def test_the_watcher_fires_once_per_batch_of_markers(env: EmbeddedStack, dataset
         wait_s=1,
     )
 
-    async def first_event() -> Any:
+
+def first_event(trigger: Any) -> Any:
+    """The watcher's first event; resumed, it deletes what it read and goes on receiving, still alive when stopped."""
+
+    async def watch() -> Any:
         runner = trigger.run()
-        event = await asyncio.wait_for(anext(runner), 30)
-        # Resumed, it deletes what it read, then waits for more: stopped there.
-        with contextlib.suppress(TimeoutError):
+        event = await asyncio.wait_for(anext(runner), 60)
+        with pytest.raises(TimeoutError):
             await asyncio.wait_for(anext(runner), 5)
         return event
 
-    event = asyncio.run(first_event())
+    return asyncio.run(watch())
+
+
+def test_the_watcher_fires_once_per_batch_of_markers(env: EmbeddedStack, datasets: str, queue: str) -> None:
+    _, prefix = datasets.split(f"{DATASET_BUCKET}/", 1)
+    sqs = env.cloud.client("sqs")
+    for key in (f"{prefix}v1/train_another/damage/a.jpeg", f"{prefix}v1/_SUCCESS", f"{prefix}v2/_SUCCESS"):
+        sqs.send_message(QueueUrl=queue, MessageBody=sqs_event(key))
+    trigger = queue_watcher(queue, datasets)
+
+    event = first_event(trigger)
     assert event.payload == {"versions": ["v1", "v2"], "datasets_uri": datasets}
     left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
     assert (left["ApproximateNumberOfMessages"], left["ApproximateNumberOfMessagesNotVisible"]) == ("0", "0")
     assert trigger.serialize()[0] == "orchestrator.datasets.triggers.DatasetQueueTrigger"
+
+
+def test_a_poison_message_is_deleted_and_the_marker_after_it_trains(
+    env: EmbeddedStack,
+    datasets: str,
+    sha: str,
+    queue: str,
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> None:
+    _, prefix = datasets.split(f"{DATASET_BUCKET}/", 1)
+    # Data of its own (another seed): the skip compares contents, and another test in this process gated TINY's.
+    upload_version(env.cloud.client("s3"), datasets, "v1", data_uri=TINY_DATA_URI.replace("seed=0", "seed=7"))
+    sqs = env.cloud.client("sqs")
+    poison = [
+        json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": [f"{prefix}v1/_SUCCESS"]}]}),
+        "[" * 100_000 + "]" * 100_000,  # deeper than json's recursion limit
+        "{" + " " * 300_000 + "}",  # over 256 KiB
+    ]
+    for body in [*poison, sqs_event(f"{prefix}v1/_SUCCESS")]:
+        sqs.send_message(QueueUrl=queue, MessageBody=body)
+    trigger = queue_watcher(queue, datasets)
+
+    event = first_event(trigger)
+    assert event.payload == {"versions": ["v1"], "datasets_uri": datasets}
+    left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert (left["ApproximateNumberOfMessages"], left["ApproximateNumberOfMessagesNotVisible"]) == ("0", "0")
+    # The asset event schedules ec2_retrain, which starts the training (a live scheduler does the same).
+    dag_run = load_dag("ec2_retrain").test()
+    log = output(capfd, caplog)
+    assert task_states(dag_run) == {"resolve": "success", "trigger_training": "success"}, task_states(dag_run)
+    # This test's trainings: its own prefix (other tests in this process start trainings of the same commit).
+    started = [
+        run
+        for rid, run in training_runs().items()
+        if rid.startswith(f"retrain__{sha[:12]}__") and run["conf"].get("data_uri", "").startswith(datasets)
+    ]
+    assert [run["conf"] for run in started] == [{"git_ref": sha, "data_uri": f"{datasets}v1/"}]
+    unreadable = [line for line in log.splitlines() if "Deleting the unreadable message" in line]
+    assert len(unreadable) == len(poison), log
+    assert "Records[0].s3 is a list, not a dict" in log and "RecursionError" in log and "over the 262144" in log
+    fault_table.record(
+        "poison SQS messages (s3 as a list, JSON nested 100000 deep, 300 KiB) before a valid marker",
+        "each logged and deleted as unreadable; the valid marker fires, ec2_retrain starts one training",
+        f"{len(poison)} 'Deleting the unreadable message' warnings; event versions ['v1']; queue empty; "
+        "1 ec2_training run on v1",
+        0,
+        no_planted_secret(planted, log),
+    )
+
+
+def test_a_batch_the_watcher_cannot_delete_is_logged_and_watching_goes_on(
+    env: EmbeddedStack,
+    datasets: str,
+    queue: str,
+    policy_values: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def without_delete(name: str) -> dict[str, Any]:
+        policy = env.cloud.policy(name, policy_values)
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            statement["Action"] = [action for action in actions if action != "sqs:DeleteMessage"]
+        policy["Statement"] = [statement for statement in policy["Statement"] if statement["Action"]]
+        return policy
+
+    # The deployment's policy lacks sqs:DeleteMessage: the stand-in denies the delete as SQS would.
+    monkeypatch.setattr(env.cloud.gate, "policy_of", without_delete)
+    _, prefix = datasets.split(f"{DATASET_BUCKET}/", 1)
+    sqs = env.cloud.client("sqs")
+    sqs.send_message(QueueUrl=queue, MessageBody=sqs_event(f"{prefix}v1/_SUCCESS"))
+    trigger = queue_watcher(queue, datasets)
+
+    event = first_event(trigger)
+    log = output(capfd, caplog)
+    assert event.payload == {"versions": ["v1"], "datasets_uri": datasets}
+    warnings = [line for line in log.splitlines() if "Cannot delete messages from the dataset queue" in line]
+    assert len(warnings) == 1 and "AccessDenied" in warnings[0] and "sqs:DeleteMessage" in warnings[0], log
+    left = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert left["ApproximateNumberOfMessagesNotVisible"] == "1", left
 
 
 def test_an_unreachable_queue_is_waited_out(

@@ -3,7 +3,7 @@ process, a deferred training marked failed, a triggerer restarted mid-training, 
 ec2_training run it triggers) with a failing set or invalid sets.
 
 `dag.test()` runs one DAG run in one process. Here the api-server, the scheduler with the LocalExecutor, the
-dag-processor and the triggerer run as in production (embedded.airflow_local), each task in its own supervised
+dag-processor and the triggerer run as in production (embedded.deploy.airflow_local), each task in its own supervised
 process, against the session's embedded services. Its connections carry the planted secrets. A settings file
 (TRAINER_CONFIG, read when each run resolves its configuration) lets one test run with training.deferrable = false.
 """
@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 
 from benchmarks.load_benchmark import load_settings
-from embedded.airflow_local import LocalAirflow
-from embedded.load import DAG_ID, Sampler, run_batch
-from embedded.stack import EmbeddedStack
+from embedded.deploy.airflow_local import LocalAirflow
+from embedded.deploy.load import DAG_ID, Sampler, run_batch
+from embedded.deploy.stack import EmbeddedStack
 from tests.fault_table import FaultTable
-from tests.faults.support import OnTraining
-from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found
+from tests.faults.support import OnTraining, hold_job, release_after_reattach
+from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found, training_job_command
 from tests.tools import missing_tool
 
 # Never alongside tests/deploy/test_celery_deployment.py (the same group): two Airflow deployments at once would
@@ -63,7 +63,8 @@ def airflow(
         **load_settings(CAP),
         "TRAINER_CONFIG": str(settings_file),
     }
-    with LocalAirflow(tmp_path_factory.mktemp("airflow"), env) as running:
+    project = {"PROJECT": env["TRAINER__AWS__PROJECT_TAG"]}
+    with stack.cloud.policies_with(project), LocalAirflow(tmp_path_factory.mktemp("airflow"), env) as running:
         running.wait_for_dag(DAG_ID)
         yield running
 
@@ -123,7 +124,7 @@ def test_many_runs_at_once_stay_under_the_cap_apart_and_clean(
     # Deferred: a train task's process lives only to start the job and to finish it, never the whole training.
     assert 0 < worker_s < train_s, (worker_s, train_s)
     assert report.max_live_instances == CAP, "the cap was never reached: the batch did not test it"
-    assert processes.saw(f"mlflow run {stack.git.url}"), "the sampler never saw a training job"
+    assert processes.saw(training_job_command(stack)), "the sampler never saw a training job"
     leaks = scan(planted_in_airflow, stack, airflow, {r.run_id: r.instance_id for r in report.runs}, processes)
     assert leaks == {}
     fault_table.record(
@@ -159,11 +160,14 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
 ) -> None:
     """training.deferrable = false: the worker follows the job, so there is a task process to kill mid-training."""
     run_id = "killed_task__01"
-    with (
-        not_deferrable(settings_file),
-        OnTraining(stack, lambda job_dir: kill_task_process(airflow, run_id, "train")) as killer,
-    ):
+
+    def kill_train(job_dir: Path) -> int:
+        hold_job(job_dir)
+        return kill_task_process(airflow, run_id, "train")
+
+    with not_deferrable(settings_file), OnTraining(stack, kill_train) as killer:
         airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
+        release_after_reattach(lambda: airflow.task_log(DAG_ID, run_id, "train"), killer)
         state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
@@ -258,6 +262,57 @@ def test_deferred_training_cleared_kills_the_job(
         "deferred train cleared by a user (real scheduler and triggerer)",
         "the trigger's on_kill stops the remote job; the rerun re-attaches and fails on it; instance terminated",
         f"job exit code 143 (SIGTERM); train rerun failed on it; run {state}; terminate ran",
+        sum(1 for s in states if s != "terminated"),
+        0,
+    )
+
+
+def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    sha: str,
+    planted_in_airflow: dict[str, str],
+    fault_table: FaultTable,
+) -> None:
+    """A user marks the run failed while train is deferred. Airflow fails train, skips evaluate and lets the
+    teardowns run; alone it would then decide the run from its skipped leaf (success). The verdict fails it."""
+    from mlflow import MlflowClient
+
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY
+    from tests.dags.test_training_dag import notifications_of
+
+    run_id = "marked_failed_while_deferred__01"
+    with OnTraining(
+        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: airflow.mark_run(DAG_ID, run_id, "failed"))
+    ) as marker:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    job_dir: Path = marker.job_dir  # type: ignore[assignment]
+    tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
+    mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
+    mlflow_status = MlflowClient(tracking_uri=stack.mlflow.url).get_run(mlflow_run_id).info.status
+    mail, post = notifications_of(stack, run_id, planted_in_airflow)
+    print(mail, post, sep="\n")
+
+    assert state == "failed", tis
+    assert (tis["train"], tis["evaluate"]) == ("failed", "skipped")
+    assert (tis["terminate"], tis["report"], tis["verdict"]) == ("success", "success", "failed")
+    assert "the run was stopped by hand: train failed, evaluate never ran" in airflow.task_log(
+        DAG_ID, run_id, "verdict"
+    )
+    # The trigger's on_kill stopped the job (SIGTERM to its group) and ended its MLflow run KILLED.
+    assert (job_dir / "exit_code").read_text().strip() == "143"
+    assert mlflow_status == "KILLED"
+    states = instance_states(stack, [run_id])[run_id]
+    assert states == ["terminated"]
+    # The notifications tell the same story as the run.
+    assert "ec2_training FAILED at train" in mail and "stopped by hand" in mail
+    assert "stopped by hand" in post
+    fault_table.record(
+        "DAG run marked failed by a user while train is deferred (real scheduler and triggerer)",
+        "run failed (not success from its skipped leaf); job stopped; MLflow run KILLED; instance terminated; "
+        "notifications say stopped by hand",
+        f"run {state}; verdict failed; job exit 143; MLflow run {mlflow_status}; instance {states[0]}",
         sum(1 for s in states if s != "terminated"),
         0,
     )
@@ -416,7 +471,7 @@ def test_sweep_params_the_form_refuses_start_nothing(
     airflow: LocalAirflow, stack: EmbeddedStack, planted_in_airflow: dict[str, str], fault_table: FaultTable
 ) -> None:
     """A set outside a knob's bounds is refused by the API (as by the form) before any DAG run exists."""
-    from embedded.airflow_local import AirflowError
+    from embedded.deploy.airflow_local import AirflowError
 
     airflow.wait_for_dag(SWEEP_DAG_ID)
     before = len(airflow.dag_runs(SWEEP_DAG_ID))
@@ -462,4 +517,112 @@ def test_a_grid_of_too_many_sets_fails_before_the_ci_gate(
         f"ci_gate {tis['ci_gate']['state']}; 0 sets; run {state}",
         0,
         sum(planted_found(planted_in_airflow, {"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)}).values()),
+    )
+
+
+# ---- control-plane outages: the api-server or the scheduler down, the metadata database locked -------------------
+
+OUTAGE_S = 120
+
+
+def near_the_end(job_dir: Path, epochs: int, timeout_s: float = 600) -> None:
+    """Until the job logged its next-to-last epoch (or ended: early stopping can cut it short)."""
+    deadline = time.monotonic() + timeout_s
+    while f"epoch {epochs - 1}/{epochs}" not in (job_dir / "output.log").read_text(errors="replace"):
+        if (job_dir / "exit_code").exists():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the job in {job_dir} did not reach epoch {epochs - 1} within {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def gated_outcome(airflow: LocalAirflow, stack: EmbeddedStack, run_id: str) -> tuple[str, dict[str, Any], list[str]]:
+    """The run's MLflow run status and tags (train's result), and its instances' states."""
+    from mlflow import MlflowClient
+
+    mlflow_run = MlflowClient(tracking_uri=stack.mlflow.url).get_run(airflow.xcom(DAG_ID, run_id, "train"))
+    return mlflow_run.info.status, mlflow_run.data.tags, instance_states(stack, [run_id])[run_id]
+
+
+@pytest.mark.parametrize("component", ["api-server", "scheduler"])
+def test_a_control_plane_outage_at_the_end_of_training_costs_time_not_the_run(
+    component: str, airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+) -> None:
+    """The component stopped for 2 minutes as training ends (issue 19: a 60 s api-server outage spent train's
+    retries and stranded a good model): tasks wait out the execution API or back off over minutes; the run succeeds
+    and its model is gated."""
+    from orchestrator.contracts import PROMOTION_TAG
+
+    run_id = f"{component}_down__01"
+    epochs = 8
+
+    def outage(job_dir: Path) -> int:
+        near_the_end(job_dir, epochs)
+        with airflow.component_down(component) as pid:
+            time.sleep(OUTAGE_S)
+        return pid
+
+    with OnTraining(stack, outage) as fault:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": epochs})
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=1500)[run_id]
+    tis = airflow.task_instances(DAG_ID, run_id)
+    status, tags, instances = gated_outcome(airflow, stack, run_id)
+
+    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
+    assert tis["evaluate"]["state"] == "success"
+    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
+    assert instances == ["terminated"]
+    assert airflow.given_up == {}
+    fault_table.record(
+        f"{component} down {OUTAGE_S} s as training ends (real scheduler)",
+        "tasks wait or retry with back-off; the run succeeds and the model is gated; instance terminated",
+        f"{component} pid {fault.result} stopped for {OUTAGE_S} s; train try {tis['train']['try_number']}, evaluate "
+        f"try {tis['evaluate']['try_number']}; MLflow run {status}, promotion {tags[PROMOTION_TAG]}; run {state}",
+        sum(1 for s in instances if s != "terminated"),
+        0,
+    )
+
+
+def test_the_metadata_database_locked_mid_training_delays_the_run(
+    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+) -> None:
+    """An exclusive lock on the SQLite metadata database for 30 s (issue 19: 16 s ended the scheduler, triggerer and
+    dag-processor): the components wait on the busy timeout (or are started again) and the run completes."""
+    import sqlite3
+
+    from orchestrator.contracts import PROMOTION_TAG
+
+    url = airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert url.startswith("sqlite:///"), url
+    run_id = "database_locked__01"
+    lock_s = 30
+
+    def lock(job_dir: Path) -> float:
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=60, isolation_level=None)
+        try:
+            connection.execute("BEGIN EXCLUSIVE")
+            locked = time.monotonic()
+            time.sleep(lock_s)
+            return time.monotonic() - locked
+        finally:
+            connection.execute("ROLLBACK")
+            connection.close()
+
+    with OnTraining(stack, lock) as fault:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=1200)[run_id]
+    tis = airflow.task_instances(DAG_ID, run_id)
+    status, tags, instances = gated_outcome(airflow, stack, run_id)
+
+    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
+    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
+    assert instances == ["terminated"]
+    assert airflow.given_up == {}
+    fault_table.record(
+        f"SQLite metadata database exclusively locked {lock_s} s mid-training (real scheduler)",
+        "components wait on the busy timeout (a dead one is started again); the run completes; instance terminated",
+        f"locked {fault.result:.0f} s; train try {tis['train']['try_number']}; promotion {tags[PROMOTION_TAG]}; "
+        f"run {state}",
+        sum(1 for s in instances if s != "terminated"),
+        0,
     )

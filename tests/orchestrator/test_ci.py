@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.ci import (
+from orchestrator.ci.verdict import (
     KNOWN_CONCLUSIONS,
     MalformedRunError,
     WorkflowRun,
@@ -236,7 +236,7 @@ def test_parse_allowed_conclusions() -> None:
 def test_each_verdict_is_whole_message_failing_and_deciding_runs() -> None:
     """Every field of each verdict, with two workflows so the lists' separators count (mutation testing found the
     messages and the run tuples unchecked)."""
-    from orchestrator.ci import CiVerdict
+    from orchestrator.ci.verdict import CiVerdict
 
     url = "https://github.com/o/r/actions/runs/"
     lint = run(id=2, name="Lint", workflow_id=11, html_url=f"{url}2")

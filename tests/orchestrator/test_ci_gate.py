@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from embedded.github_standin import ABSENT, GitHubStandIn
+from embedded.services.github_standin import ABSENT, GitHubStandIn
 from tests.github_fixtures import make_repo
 
 REPO = "local/ec2-trainer"
@@ -187,7 +187,7 @@ def conn_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def trigger_for(standin: GitHubStandIn, sha: str, **overrides: Any) -> Any:
-    from orchestrator.ci_gate import CiGateTrigger
+    from orchestrator.ci.gate import CiGateTrigger
 
     now = time.time()
     args: dict[str, Any] = {
@@ -209,7 +209,7 @@ def test_trigger_serializes_without_secrets(standin: GitHubStandIn, shas: tuple[
 
     trigger = trigger_for(standin, shas[1]["green"], allowed_conclusions=["skipped"])
     classpath, kwargs = trigger.serialize()
-    assert classpath == "orchestrator.ci_gate.CiGateTrigger"
+    assert classpath == "orchestrator.ci.gate.CiGateTrigger"
     assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
     assert TOKEN not in json.dumps(kwargs)
 
@@ -258,7 +258,7 @@ def test_trigger_first_poll_waits_one_interval(
         polls_at_each_sleep.append((runs_polls(standin), seconds))
         await real_sleep(0)
 
-    monkeypatch.setattr("orchestrator.ci_gate.asyncio.sleep", sleep)
+    monkeypatch.setattr("orchestrator.ci.gate.asyncio.sleep", sleep)
     before = runs_polls(standin)
     (event,) = collect_events(trigger_for(standin, sha, poll_interval_s=30, deadline=time.time() + 3600))
     assert event.payload["status"] == "success"
@@ -281,7 +281,7 @@ def test_polling_an_unchanged_commit_costs_one_request_of_the_budget(
 
 
 def execute_gate(standin: GitHubStandIn, sha: str, started: datetime, **kwargs: Any) -> Any:
-    from orchestrator.ci_gate import CiGateOperator
+    from orchestrator.ci.gate import CiGateOperator
 
     operator = CiGateOperator(
         task_id="ci_gate",
@@ -330,7 +330,7 @@ def test_a_malformed_answer_fails_without_retry(
 ) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from orchestrator.ci_gate import CiGateOperator
+    from orchestrator.ci.gate import CiGateOperator
 
     standin.malformed_next(
         payload={"total_count": 1, "workflow_runs": [{"id": 1, "status": "completed"}]},
@@ -361,7 +361,7 @@ def test_an_anonymous_60_minute_wait_stays_within_githubs_60_requests_an_hour(
     by a stand-in that charges anonymous requests as GitHub does, with the gate's first two requests on top."""
     from types import SimpleNamespace
 
-    from orchestrator.github import ANONYMOUS_REQUESTS_PER_HOUR, poll_interval_s
+    from orchestrator.ci.github_protocol import ANONYMOUS_REQUESTS_PER_HOUR, poll_interval_s
 
     monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps({"conn_type": "http"}))
     clock = [1_000_000.0]
@@ -369,8 +369,8 @@ def test_an_anonymous_60_minute_wait_stays_within_githubs_60_requests_an_hour(
     async def sleep(seconds: float) -> None:
         clock[0] += seconds
 
-    monkeypatch.setattr("orchestrator.ci_gate.asyncio.sleep", sleep)
-    monkeypatch.setattr("orchestrator.ci_gate.time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr("orchestrator.ci.gate.asyncio.sleep", sleep)
+    monkeypatch.setattr("orchestrator.ci.gate.time", SimpleNamespace(time=lambda: clock[0]))
     sha = "7" * 40
     with GitHubStandIn(shas[0], REPO) as anonymous:
         anonymous.set_runs(sha, [{"name": f"CI {i}", "status": "in_progress"} for i in range(runs)])
@@ -412,3 +412,41 @@ def test_anonymous_gate_warns_once_and_defers_with_a_budget_interval(
     assert logged.count("has no GitHub token") == 1
     assert "polling every 240 s instead of 30 s" in logged
     assert "put a token (fine-grained, read-only: actions, contents) in the connection's password" in logged
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        ({"conn_type": "http"}, r"cannot be read .* anonymously .* a fine-grained token with 'contents: read'"),
+        ({"conn_type": "http", "password": "ghp_wrong"}, r"\(401\): the token .* is wrong, expired or revoked"),
+    ],
+    ids=["no-token", "wrong-token"],
+)
+def test_a_private_repository_the_connection_cannot_read_fails_the_gate_at_once(
+    airflow_db: Path,
+    standin: GitHubStandIn,
+    shas: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    conn: dict[str, str],
+    expected: str,
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("AIRFLOW_CONN_GITHUB_CI_GATE_TEST", json.dumps(conn))
+    before = runs_polls(standin)
+    # AirflowFailException: no retry, nothing launched after it; CI was not even polled.
+    with pytest.raises(AirflowFailException, match=expected) as failed:
+        execute_gate(standin, "green", datetime.now(UTC))
+    assert "ghp_wrong" not in str(failed.value)
+    assert runs_polls(standin) == before
+
+
+def test_the_gate_checks_that_the_commits_tree_can_be_downloaded(
+    airflow_db: Path, conn_env: None, standin: GitHubStandIn, shas: tuple[Path, dict[str, str]]
+) -> None:
+    sha = shas[1]["green"]
+    before = standin.request_count(f"/repos/{REPO}/tarball/{sha}")
+    assert execute_gate(standin, sha, datetime.now(UTC)) == sha
+    assert standin.request_count(f"/repos/{REPO}/tarball/{sha}") == before + 1
+    # Only the redirect was read: the archive is downloaded by train, not by the gate.
+    assert standin.served_prefix("/_codeload/") == []

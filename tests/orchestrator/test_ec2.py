@@ -9,24 +9,22 @@ from unittest.mock import Mock
 import pytest
 
 from embedded.cloud import AMAZON_LINUX_DLAMI, UBUNTU_DLAMI
-from orchestrator.connections import AWS_RETRIES
-from orchestrator.ec2 import (
+from orchestrator.cloud.ec2 import (
     CapacityError,
     InstanceCapError,
     InstanceNotReadyError,
     LaunchedInstance,
     LaunchError,
     adopt_run_instance,
-    describe_instance,
-    find_run_instances,
     instance_slot_free,
     launch_instance,
-    live_project_instances,
-    sweep_expired,
+    terminate_expired,
     terminate_run,
     wait_until_running,
 )
-from orchestrator.launch import LaunchSpec, RunIdentity, run_scope_tags
+from orchestrator.cloud.ec2_describe import describe_instance, find_run_instances, live_project_instances
+from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, run_scope_tags
+from orchestrator.config.connections import AWS_RETRIES
 from tests.aws_fixtures import StrictAws, http_errors, strict_aws, take_back_the_first
 
 PROJECT = "ec2-trainer"
@@ -354,7 +352,7 @@ def test_terminate_propagates_unexpected_errors(cloud):
         terminate_run(ec2, PROJECT, DEPLOYMENT, "d", "r", instance_ids=["i-0123456789abcdef0"])
 
 
-def test_sweeper_terminates_expired_and_spares_the_rest(cloud):
+def test_reaper_terminates_expired_and_spares_the_rest(cloud):
     ec2 = cloud.ec2
     now = int(time.time())
     grace = 3600
@@ -364,12 +362,12 @@ def test_sweeper_terminates_expired_and_spares_the_rest(cloud):
     ec2.create_tags(Resources=[garbled.instance_id], Tags=[{"Key": "ec2-trainer:expires_at", "Value": "soon"}])
     other_project = launch(ec2, make_spec(cloud, project_tag="someone-else"), identity("x", expires_in_s=-10))
 
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=grace) == [expired.instance_id]
+    assert terminate_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=grace) == [expired.instance_id]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, garbled.instance_id, other_project.instance_id])
     # Much later: the unreadable expiry is swept once past the grace period, the fresh one still is not.
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == [garbled.instance_id]
+    assert terminate_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == [garbled.instance_id]
     assert sorted(live(ec2)) == sorted([fresh.instance_id, other_project.instance_id])
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == []
+    assert terminate_expired(ec2, PROJECT, DEPLOYMENT, now + 2 * grace, untagged_grace_s=grace) == []
 
 
 def test_instance_slot_counts_the_projects_live_instances_in_ec2(cloud):
@@ -422,7 +420,7 @@ def test_the_instance_cap_counts_only_the_deployments_own_instances(cloud):
     assert ours not in str(caught.value)
 
 
-def test_the_sweeper_never_touches_another_deployments_expired_instances(cloud):
+def test_the_reaper_never_touches_another_deployments_expired_instances(cloud):
     ec2 = cloud.ec2
     now = int(time.time())
     ours = launch(ec2, make_spec(cloud), identity("r", expires_in_s=-10)).instance_id
@@ -443,9 +441,9 @@ def test_the_sweeper_never_touches_another_deployments_expired_instances(cloud):
         ],
     )["Instances"][0]["InstanceId"]
 
-    assert sweep_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=0) == [ours]
+    assert terminate_expired(ec2, PROJECT, DEPLOYMENT, now, untagged_grace_s=0) == [ours]
     assert sorted(live(ec2)) == sorted([theirs, unowned])
-    assert sweep_expired(ec2, PROJECT, OTHER, now, untagged_grace_s=0) == [theirs]
+    assert terminate_expired(ec2, PROJECT, OTHER, now, untagged_grace_s=0) == [theirs]
     assert live(ec2) == [unowned]
 
 

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from embedded.github_standin import ABSENT, GitHubStandIn
-from orchestrator import github
-from orchestrator.github import (
-    GitHubClient,
+from embedded.services.github_standin import ABSENT, GitHubStandIn
+from orchestrator.ci import github
+from orchestrator.ci.github import GitHubClient
+from orchestrator.ci.github_protocol import (
+    GitHubCredentialsError,
     GitHubError,
     GitHubRefError,
     GitHubResponseError,
+    GitHubSourceError,
     RateLimit,
     commit_checks_url,
     html_base_url,
     rate_limit_wait_s,
+    repository_url,
     validate_ref,
 )
 
@@ -213,6 +219,62 @@ def test_rate_limit_wait_rules() -> None:
     assert rate_limit_wait_s({"retry-after": "7, 7"}, now, 0, 2) == 7
 
 
+class ScriptedSession:
+    """A requests.Session stand-in giving these (status, headers) answers in turn, then the commit."""
+
+    def __init__(self, *answers: tuple[int, dict[str, str]]) -> None:
+        self.answers = list(answers)
+
+    def get(self, url: str, **_: Any) -> Any:
+        import requests
+
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        response = requests.Response()
+        response.url, response.status_code = url, status
+        response.headers.update(headers)
+        response._content = json.dumps({"sha": "a" * 40} if status == 200 else {"message": "slow down"}).encode()
+        return response
+
+
+NOW = 1_000_000.0
+
+
+def scripted_client(session: ScriptedSession, sleeps: Sleeps, **kwargs: Any) -> GitHubClient:
+    return GitHubClient(
+        "https://api.github.com",
+        "acme/cnn",
+        TOKEN,
+        session=session,  # type: ignore[arg-type]
+        sleep=sleeps,
+        clock=lambda: NOW,
+        **kwargs,
+    )
+
+
+def test_the_server_given_waits_are_slept_not_the_back_off(caplog: pytest.LogCaptureFixture) -> None:
+    sleeps = Sleeps()
+    session = ScriptedSession(
+        (403, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(NOW) + 5)}), (429, {"Retry-After": "7"})
+    )
+    client = scripted_client(session, sleeps)
+    with caplog.at_level(logging.WARNING):
+        assert client.resolve_ref("main") == "a" * 40
+    # Until the reset 5 s ahead, plus 1 s as the reset is in whole seconds; then Retry-After as given.
+    assert sleeps.calls == [6.0, 7.0]
+    assert client.requests_sent == 3
+    assert "rate limited (HTTP 429) on GET https://api.github.com/repos/acme/cnn/commits/main" in caplog.text
+    assert "retry 2/5 in 7.0 s" in caplog.text
+
+
+def test_a_reset_beyond_the_bound_fails_at_once_without_sleeping() -> None:
+    sleeps = Sleeps()
+    session = ScriptedSession((403, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(NOW) + 3600)}))
+    client = scripted_client(session, sleeps, max_wait_s=600)
+    with pytest.raises(GitHubError, match=r"rate limit hit .* \(HTTP 403; would wait 3601 s, limit 600 s\): use a"):
+        client.resolve_ref("main")
+    assert (sleeps.calls, client.requests_sent) == ([], 1)
+
+
 def test_one_cut_off_answer_is_retried(standin: GitHubStandIn) -> None:
     sleeps = Sleeps()
     standin.malformed_next()
@@ -363,7 +425,7 @@ def test_a_link_to_another_host_is_refused_with_no_request_sent_there() -> None:
 
 
 def test_230_runs_without_link_headers_are_all_read_a_failure_on_page_3_too() -> None:
-    from orchestrator.ci import evaluate_ci
+    from orchestrator.ci.verdict import evaluate_ci
 
     sha = "b" * 40
     runs = [_run(i, sha, "failure" if i == 215 else "success") for i in range(230)]
@@ -377,3 +439,97 @@ def test_230_runs_without_link_headers_are_all_read_a_failure_on_page_3_too() ->
     verdict = evaluate_ci(read, ())
     assert verdict.state == "failed"
     assert "CI 215" in verdict.message
+
+
+# --- the commit's archive ---------------------------------------------------------------------------------------
+
+
+def test_download_tarball_sends_the_token_to_the_api_only(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    sha = repo[1]
+    data = client_for(standin).download_tarball(sha)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        assert f"local-ec2-trainer-{sha[:7]}/README" in archive.getnames()
+    assert [s.status for s in standin.served(f"/repos/{REPO}/tarball/{sha}")] == [302]
+    assert [s.status for s in standin.served_prefix("/_codeload/")] == [200]
+    # The stand-in refuses an archive request that carries a token; this proves none did.
+    assert not standin.download_auth_seen
+
+
+def test_download_tarball_retries_with_a_fresh_one_use_url(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    sleeps = Sleeps()
+    standin.fail_next(1, status=502)
+    assert client_for(standin, sleeps).download_tarball(repo[1])
+    assert sleeps.calls == [0.5]
+
+
+def test_download_tarball_is_bounded(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    with pytest.raises(GitHubSourceError, match="exceeds 0 MiB: keep data and models out"):
+        client_for(standin).download_tarball(repo[1], max_bytes=10)
+
+
+def test_check_source_reads_the_redirect_only(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    client_for(standin).check_source(repo[1])
+    assert standin.served_prefix("/_codeload/") == []
+
+
+def test_private_repository_without_a_token_says_what_to_do(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    anonymous = GitHubClient(standin.url, REPO, None, sleep=Sleeps())
+    message = r"cannot be read .* anonymously .* it does not exist or is private.*'contents: read'"
+    with pytest.raises(GitHubSourceError, match=message):
+        anonymous.resolve_ref("main")
+    with pytest.raises(GitHubSourceError, match=message):
+        anonymous.check_source(repo[1])
+    with pytest.raises(GitHubSourceError, match=message):
+        anonymous.download_tarball(repo[1])
+
+
+def test_a_missing_ref_in_a_readable_repository_stays_a_ref_error(standin: GitHubStandIn) -> None:
+    with pytest.raises(GitHubRefError, match="not found in local/ec2-trainer: push it first"):
+        client_for(standin).resolve_ref("no-such-branch")
+
+
+def test_a_wrong_token_is_a_credentials_error(standin: GitHubStandIn, repo: tuple[Path, str]) -> None:
+    wrong = GitHubClient(standin.url, REPO, "ghp_wrong", sleep=Sleeps())
+    with pytest.raises(GitHubCredentialsError, match="wrong, expired or revoked") as caught:
+        wrong.check_source(repo[1])
+    assert "ghp_wrong" not in str(caught.value)
+
+
+def test_repository_url_is_the_web_page_of_the_repository() -> None:
+    assert repository_url("https://api.github.com", "acme/cnn") == "https://github.com/acme/cnn"
+    assert repository_url("https://ghe.example.com/api/v3", "acme/cnn") == "https://ghe.example.com/acme/cnn"
+
+
+class RecordingSession:
+    """A requests.Session stand-in answering as api.github.com and codeload.github.com do, recording each request."""
+
+    def __init__(self, archive: bytes) -> None:
+        self.archive = archive
+        self.calls: list[tuple[str, dict[str, str], bool]] = []
+
+    def get(self, url: str, *, headers: Any = None, allow_redirects: bool = True, **_: Any) -> Any:
+        import requests
+
+        self.calls.append((url, dict(headers or {}), allow_redirects))
+        response = requests.Response()
+        response.url, response._content_consumed = url, True
+        if url.startswith("https://api.github.com/"):
+            response.status_code, response._content = 302, b""
+            response.headers["Location"] = "https://codeload.github.com/acme/cnn/legacy.tar.gz/abc?token=ONE_USE"
+        else:
+            response.status_code, response._content = 200, self.archive
+        return response
+
+
+def test_the_token_goes_to_the_api_origin_and_never_to_the_archive_host() -> None:
+    session = RecordingSession(b"gzipped archive")
+    client = GitHubClient("https://api.github.com", "acme/cnn", TOKEN, session=session)  # type: ignore[arg-type]
+    assert client.download_tarball("a" * 40) == b"gzipped archive"
+    (api_url, api_headers, api_follows), (archive_url, archive_headers, archive_follows) = session.calls
+    assert api_url == f"https://api.github.com/repos/acme/cnn/tarball/{'a' * 40}"
+    assert api_headers["Authorization"] == f"Bearer {TOKEN}"
+    # Not followed by requests (which would decide itself what to send on): the client fetches it, bare.
+    assert not api_follows and not archive_follows
+    assert archive_url == "https://codeload.github.com/acme/cnn/legacy.tar.gz/abc?token=ONE_USE"
+    assert not any(TOKEN in value for value in archive_headers.values())
+    assert "Authorization" not in archive_headers

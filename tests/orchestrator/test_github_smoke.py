@@ -13,8 +13,8 @@ import socket
 
 import pytest
 
-from orchestrator.ci import evaluate_ci
-from orchestrator.github import DEFAULT_API_URL, GitHubClient
+from orchestrator.ci.github import DEFAULT_API_URL, GitHubClient
+from orchestrator.ci.verdict import evaluate_ci
 
 pytestmark = pytest.mark.github
 

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
-from orchestrator.hostkeys import HostKeyError, generate_host_key, public_line_from_private
+from orchestrator.cloud.hostkeys import HostKeyError, generate_host_key, public_line_from_private
 from tests.sshd_fixtures import pem_armor
 from tests.tools import require_executable
 
@@ -58,5 +58,22 @@ def test_public_line_from_rsa_pem_private_key():
 
 
 def test_unreadable_private_key_says_what_to_use():
-    with pytest.raises(HostKeyError, match="unencrypted OpenSSH or PEM private key"):
+    with pytest.raises(
+        HostKeyError, match=r"use an unencrypted OpenSSH or PEM private key in the SSH connection's private_key extra$"
+    ):
         public_line_from_private(pem_armor("bm90IGEga2V5"))
+
+
+def test_key_type_without_an_ssh_form_is_named():
+    # X25519 is a key-exchange key: cryptography reads it, but it has no OpenSSH public line.
+    pem = (
+        x25519.X25519PrivateKey.generate()
+        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        .decode()
+    )
+    with pytest.raises(
+        HostKeyError,
+        match=r"^the SSH private key type is not usable for SSH \(X25519PrivateKey\): "
+        r"use an Ed25519, RSA or ECDSA key$",
+    ):
+        public_line_from_private(pem)

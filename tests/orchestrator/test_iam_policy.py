@@ -7,6 +7,7 @@ builds is checked against the policy's conditions (IMDSv2, encrypted root volume
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tomllib
@@ -15,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from embedded.authorizer import Check, run_instances_checks, terminate_checks
-from embedded.iam_policy import evaluate, load_policy
-from orchestrator.hostkeys import generate_host_key
-from orchestrator.launch import TAG_DEPLOYMENT, TAG_PROJECT, LaunchSpec, RunIdentity, build_run_instances_request
+from embedded.services.authorizer import ACTION_OF, Check, run_instances_checks, terminate_checks
+from embedded.services.iam_policy import evaluate, load_policy
+from orchestrator.cloud.hostkeys import generate_host_key
+from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, build_run_instances_request
+from orchestrator.contracts import TAG_DEPLOYMENT, TAG_PROJECT
 
 REPO = Path(__file__).resolve().parents[2]
 # The policy's placeholder for aws.deployment, and the value the launch request below is built with.
@@ -26,11 +28,12 @@ DEPLOYMENT = "prod"
 
 
 def airflow_policy() -> dict[str, Any]:
-    """config/iam/airflow.json (docs/iam.md shows it), its DEPLOYMENT placeholder filled in as a deployment named
-    DEPLOYMENT would."""
+    """config/iam/airflow.json (docs/iam.md shows it), its DEPLOYMENT and PROJECT placeholders filled in as a
+    deployment named DEPLOYMENT with the default project tag would."""
     policy = load_policy("airflow")
     assert '"DEPLOYMENT"' in json.dumps(policy), "the policy is not scoped to a deployment"
-    return dict(json.loads(json.dumps(policy).replace('"DEPLOYMENT"', json.dumps(DEPLOYMENT))))
+    filled = json.dumps(policy).replace('"DEPLOYMENT"', json.dumps(DEPLOYMENT)).replace('"PROJECT"', '"ec2-trainer"')
+    return dict(json.loads(filled))
 
 
 def allowed_actions(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -43,12 +46,6 @@ def allowed_actions(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return by_action
 
 
-# Where the IAM action differs from the API operation's name (the service authorization reference says so).
-ACTION_OF = {
-    "s3:ListObjectsV2": "s3:ListBucket",
-    "s3:HeadObject": "s3:GetObject",
-    "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
-}
 # Methods boto3 adds to a client, and the operations they make.
 INJECTED = {"s3": {"download_file": ("HeadObject", "GetObject")}}
 # A client built by the code: `aws_client("s3", ...)`, `to_thread(aws_client, "sqs", ...)`, `boto3.client("s3")`.
@@ -117,6 +114,7 @@ def test_data_calls_are_allowed_on_the_data_prefix_only() -> None:
     values = {
         "REGION": "eu-west-1",
         "ACCOUNT": "123456789012",
+        "PROJECT": "ec2-trainer",
         "DEPLOYMENT": DEPLOYMENT,
         "BUCKET": "data",
         "PREFIX": "hurricane-damage",
@@ -158,7 +156,8 @@ def test_policy_is_least_privilege() -> None:
 
 
 def test_every_instance_or_volume_it_creates_or_tags_is_the_deployments() -> None:
-    """Another deployment's role (another DEPLOYMENT) can neither launch as this one nor tag its way into it."""
+    """Another deployment's or project's role can neither launch as this one nor tag its way into it: each statement
+    carries both conditions itself (the others would hide one missing, since a launch tags instance and volume)."""
     actions = allowed_actions(airflow_policy())
     scoped = [
         s
@@ -167,7 +166,9 @@ def test_every_instance_or_volume_it_creates_or_tags_is_the_deployments() -> Non
     ]
     assert len(scoped) == 3  # RunInstances on the instance and on its volume, CreateTags while launching
     for statement in scoped:
-        assert statement["Condition"]["StringEquals"][f"aws:RequestTag/{TAG_DEPLOYMENT}"] == DEPLOYMENT, statement
+        required = statement["Condition"]["StringEquals"]
+        assert required[f"aws:RequestTag/{TAG_DEPLOYMENT}"] == DEPLOYMENT, statement
+        assert required[f"aws:RequestTag/{TAG_PROJECT}"] == "ec2-trainer", statement
 
 
 def _resources(statement: dict[str, Any]) -> list[str]:
@@ -197,7 +198,7 @@ def launch_request() -> dict[str, Any]:
 
 
 def condition_holds(conditions: dict[str, dict[str, Any]], context: dict[str, str]) -> bool:
-    """A statement's Condition block as IAM evaluates it (embedded.iam_policy, the stand-in's evaluator)."""
+    """A statement's Condition block as IAM evaluates it (embedded.services.iam_policy, the stand-in's evaluator)."""
     statement = {"Effect": "Allow", "Action": "*", "Resource": "*", "Condition": conditions}
     return evaluate({"Statement": [statement]}, "ec2:RunInstances", "*", context) == "Allow"
 
@@ -284,6 +285,7 @@ def test_launch_request_meets_the_policy_conditions(launch_request: dict[str, An
 VALUES = {
     "REGION": "eu-west-1",
     "ACCOUNT": "123456789012",
+    "PROJECT": "ec2-trainer",
     "DEPLOYMENT": DEPLOYMENT,
     "BUCKET": "data",
     "PREFIX": "hurricane-damage",
@@ -363,6 +365,16 @@ def test_a_launch_outside_the_policy_is_denied(launch_request: dict[str, Any]) -
     assert not denied(launch_request)
     other = json.loads(json.dumps(launch_request).replace(f'"{DEPLOYMENT}"', '"staging"'))
     assert denied(other)
+    # Another project's tag on the instance alone (its volume keeps ours) is denied.
+    project = copy.deepcopy(dict(launch_request))
+    for spec in project["TagSpecifications"]:
+        if spec["ResourceType"] == "instance":
+            spec["Tags"] = [
+                {**tag, "Value": "another-project"} if tag["Key"] == "ec2-trainer:project" else tag
+                for tag in spec["Tags"]
+            ]
+    assert project != launch_request, "the request carries no instance project tag to change"
+    assert denied(project)
     assert denied({**launch_request, "MetadataOptions": {"HttpTokens": "optional"}})
     plain = json.loads(json.dumps(launch_request).replace('"Encrypted": true', '"Encrypted": false'))
     assert denied(plain)

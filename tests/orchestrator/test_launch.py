@@ -1,17 +1,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from typing import Any
 
 import pytest
 
-from orchestrator.errors import ConfigError
-from orchestrator.launch import (
+from orchestrator.cloud.launch_spec import (
     CLIENT_TOKEN_MAX,
-    TAG_DEPLOYMENT,
-    TAG_EXPIRES_AT,
-    TAG_HOST_KEY,
     TAG_VALUE_MAX,
     AmiNotFoundError,
     LaunchSpec,
@@ -26,6 +23,8 @@ from orchestrator.launch import (
     run_tags,
     tag_value,
 )
+from orchestrator.contracts import TAG_DEPLOYMENT, TAG_EXPIRES_AT, TAG_HOST_KEY
+from orchestrator.errors import ConfigError
 from tests.aws_fixtures import in_process_aws
 
 AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
@@ -156,7 +155,7 @@ def test_tag_values_are_sanitised_truncated_and_stay_distinct():
     assert tag_value("run<1>;$x").startswith("run_1___x~")
     assert tag_value("plain-run_id:1+2@x/y=z") == "plain-run_id:1+2@x/y=z"
     assert parse_expires_at("soon") is None
-    # At least 64 bits of digest: the sweeper and teardown find a run's instances by this tag alone.
+    # At least 64 bits of digest: the reaper and teardown find a run's instances by this tag alone.
     assert re.fullmatch(r"r+~[0-9a-f]{16}", tag_value(long_a))
 
 
@@ -178,19 +177,101 @@ def test_attempt_order():
     ("override", "message"),
     [
         ({"ami_id": "resolve:ssm:/x"}, "is not an AMI id"),
-        ({"instance_types": ()}, "instance_types is empty"),
+        (
+            {"instance_types": ()},
+            r"^instance_types is empty: list at least one instance type, e\.g\. \('g5\.xlarge',\)$",
+        ),
         ({"instance_types": ("g5.xlarge", "g5.xlarge")}, "lists a type twice"),
         ({"root_volume_gb": 0}, "root_volume_gb must be at least 1"),
         ({"subnet_id": ""}, "is not a subnet id"),
-        ({"security_group_ids": ()}, "security_group_ids is empty: EC2 would use the VPC's default group"),
+        (
+            {"security_group_ids": ()},
+            r"^security_group_ids is empty: EC2 would use the VPC's default group; name the groups$",
+        ),
         ({"root_device_name": "sda1"}, "is not a device name"),
-        ({"project_tag": " "}, "project_tag is empty"),
+        ({"project_tag": " "}, r"^project_tag is empty: set it, the reaper finds instances by it$"),
         ({"extra_tags": {"ec2-trainer:run_id": "x"}}, "reserved keys"),
+        ({"extra_tags": {"aws:cloudformation:stack-id": "x"}}, r"\['aws:cloudformation:stack-id'\] use reserved keys"),
+        (
+            {"extra_tags": {"Name": "mine"}},
+            r"^extra_tags \['Name'\] use reserved keys \(ec2-trainer:\*, aws:\*, Name\)",
+        ),
     ],
 )
 def test_invalid_spec_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         make_spec(**override)
+
+
+def test_the_smallest_valid_spec_values_are_accepted():
+    assert make_spec(root_volume_gb=1, extra_tags={"name": "lower-case is the user's own"}).root_volume_gb == 1
+
+
+def test_a_tag_value_of_exactly_the_limit_is_kept_as_it_is():
+    value = "r" * TAG_VALUE_MAX
+    assert tag_value(value) == value
+    assert tag_value(value + "r") != value + "r"
+
+
+def test_expiry_tags_are_utc_whatever_the_machine_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert run_tags(IDENTITY, "ec2-trainer")[TAG_EXPIRES_AT] == "2027-01-15T08:00:00Z"
+        assert parse_expires_at("2027-01-15T08:00:00Z") == 1_800_000_000
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_the_host_key_is_a_tag_of_the_launch():
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE"
+    assert run_tags(IDENTITY, "ec2-trainer", key)[TAG_HOST_KEY] == key
+    req = build_run_instances_request(make_spec(), IDENTITY, "ud", "g5.xlarge", "spot", host_public_key=key)
+    assert {t["Key"]: t["Value"] for t in req["TagSpecifications"][0]["Tags"]}[TAG_HOST_KEY] == key
+
+
+def test_the_client_token_is_the_hash_of_the_attempt_and_its_expiry():
+    # Pinned: a token computed otherwise after an upgrade would not find an in-flight run's instance.
+    fields = ("prod", "train_hurricane", IDENTITY.run_id, "g5.xlarge", "spot", "1800000000")
+    expected = hashlib.sha256("\x1f".join(fields).encode()).hexdigest()[:CLIENT_TOKEN_MAX]
+    req = build_run_instances_request(make_spec(), IDENTITY, "ud", "g5.xlarge", "spot")
+    assert req["ClientToken"] == expected
+    later = dataclasses.replace(IDENTITY, expires_at_epoch=IDENTITY.expires_at_epoch + 1)
+    assert build_run_instances_request(make_spec(), later, "ud", "g5.xlarge", "spot")["ClientToken"] != expected
+
+
+class _FailingSsm:
+    """An SSM client whose GetParameter fails with `response` (botocore's ClientError)."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.response = response
+        self.meta = type("Meta", (), {"region_name": "eu-west-1"})()
+
+    def get_parameter(self, Name: str) -> Any:
+        from botocore.exceptions import ClientError
+
+        raise ClientError(self.response, "GetParameter")
+
+
+def test_resolve_ami_says_not_found_for_an_invalid_parameter_name():
+    ssm = _FailingSsm({"Error": {"Code": "ValidationException", "Message": "bad name"}})
+    with pytest.raises(
+        AmiNotFoundError,
+        match=r"^SSM parameter /x not found in region eu-west-1: set aws\.ami_ssm_parameter to an existing Deep "
+        r"Learning AMI parameter$",
+    ):
+        resolve_ami(ssm, "/x")
+
+
+@pytest.mark.parametrize("response", [{"Error": {"Code": "AccessDeniedException"}}, {}])
+def test_resolve_ami_lets_other_errors_through_as_they_are(response):
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError):
+        resolve_ami(_FailingSsm(response), "/x")
 
 
 @pytest.fixture
@@ -217,7 +298,10 @@ def test_resolve_ami_names_the_missing_parameter(ssm):
 
 def test_resolve_ami_refuses_a_value_that_is_no_ami(ssm):
     ssm.put_parameter(Name="/project/not-an-ami", Value="hello", Type="String")
-    with pytest.raises(AmiNotFoundError, match="holds 'hello', not an AMI id"):
+    with pytest.raises(
+        AmiNotFoundError,
+        match=r"holds 'hello', not an AMI id: set aws\.ami_ssm_parameter to a parameter ending in /ami-id$",
+    ):
         resolve_ami(ssm, "/project/not-an-ami")
 
 
@@ -228,7 +312,7 @@ def test_the_default_ami_is_a_supported_pytorch_ubuntu_dlami():
     import tomllib
 
     from embedded.cloud import UBUNTU_DLAMI
-    from orchestrator.settings import DEFAULTS_FILE
+    from orchestrator.config.settings import DEFAULTS_FILE
 
     parameter = tomllib.loads(DEFAULTS_FILE.read_text())["aws"]["ami_ssm_parameter"]
     match = re.fullmatch(
@@ -237,4 +321,4 @@ def test_the_default_ami_is_a_supported_pytorch_ubuntu_dlami():
     )
     assert match, parameter
     assert (int(match[1]), int(match[2])) >= (2, 11), f"{parameter} names a PyTorch DLAMI out of support"
-    assert parameter.removeprefix("/aws/service") == UBUNTU_DLAMI.parameter.removeprefix("/ec2-trainer/embedded")
+    assert parameter == UBUNTU_DLAMI.parameter

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from orchestrator.operators import RemoteTrainingOperator
-from orchestrator.remote_job import RemoteJob, job_dir_for
-from orchestrator.ssh import SshTarget, connect
+from embedded.services.mlflow_server import MlflowServer
+from orchestrator.instance.job_script import job_dir_for
+from orchestrator.instance.remote_job import RemoteJob
+from orchestrator.instance.ssh import SshTarget, connect
+from orchestrator.instance.training_operator import RemoteTrainingOperator
 from tests.leak_scan import SshTraffic
 
 KILL_LOGGED = "Task killed: stopping the remote training job"
@@ -54,3 +57,99 @@ def test_on_kill_before_any_job_is_harmless(ssh_traffic: SshTraffic, monkeypatch
     assert connects == []
     assert ssh_traffic.commands == [] and ssh_traffic.writes == []
     assert logged == []
+
+
+class _TaskInstance:
+    def __init__(self, try_number: int) -> None:
+        self.try_number = try_number
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+    def xcom_pull(self, task_ids: str, key: str) -> Any:
+        return self.pushed.get(key)
+
+
+def test_a_retry_reads_the_result_an_earlier_try_finished_in_mlflow(mlflow_server: MlflowServer) -> None:
+    """Only a FINISHED run of this DAG run's job counts, and only on a retry (issue 19: an outage killed every try
+    that followed a job which trained to its end)."""
+    from mlflow import MlflowClient
+
+    from orchestrator.config.settings import load_settings
+    from orchestrator.contracts import JOB_KEY_TAG, MLFLOW_RUN_ID_KEY
+    from orchestrator.instance.job_script import job_key
+
+    experiment = f"retry-{uuid.uuid4().hex[:8]}"
+    env = {
+        "TRAINER__AWS__DEPLOYMENT": "test",
+        "TRAINER__MLFLOW__TRACKING_URI": mlflow_server.url,
+        "TRAINER__MLFLOW__EXPERIMENT": experiment,
+    }
+    operator = RemoteTrainingOperator(
+        task_id="train", config=load_settings(env=env).to_dict(), ready={}, git_sha="0" * 40
+    )
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment_id = client.create_experiment(experiment)
+
+    def run_of(dag_run_id: str, status: str) -> str:
+        run = client.create_run(experiment_id, tags={JOB_KEY_TAG: job_key(operator.dag_id, dag_run_id)})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return str(run.info.run_id)
+
+    def finished(try_number: int, dag_run_id: str = "manual__1") -> tuple[str | None, dict[str, Any]]:
+        ti = _TaskInstance(try_number)
+        return operator._finished_by_an_earlier_try({"ti": ti, "run_id": dag_run_id}), ti.pushed  # type: ignore[arg-type]
+
+    run_of("manual__1", "RUNNING")
+    run_of("manual__1", "FAILED")
+    other = run_of("manual__2", "FINISHED")
+    assert finished(2) == (None, {}), "a running or failed training is no result"
+    done = run_of("manual__1", "FINISHED")
+    assert finished(1) == (None, {}), "a first try trains"
+    found, pushed = finished(3)
+    assert found == done and pushed[MLFLOW_RUN_ID_KEY] == done
+    assert finished(2, "manual__2")[0] == other
+
+
+class _EndedJob:
+    """A job that ended, as _finish sees it: its log read over SSH, then its connection closed."""
+
+    def __init__(self) -> None:
+        self.log_read = False
+        self.closed = False
+
+    def read_log(self) -> str:
+        self.log_read = True
+        return "train | epoch 3/200\n"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("exit_code", [143, 137])
+def test_a_job_stopped_by_the_instances_shutdown_is_reported_as_the_instances_end(
+    exit_code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EC2's terminate and a spot reclaim shut the OS down: the job's wrapper records 143 (137 after the grace) before
+    the power goes, and train may read it first. The failure names why the instance went, not a bare exit code."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    import orchestrator.cloud.tasks as cloud_tasks
+    from orchestrator.config.settings import load_settings
+
+    gone = "instance i-1 is terminated (Server.SpotInstanceTermination): EC2 interrupted the spot instance"
+    asked: list[str] = []
+    monkeypatch.setattr(cloud_tasks, "instance_gone", lambda config, instance_id: asked.append(instance_id) or gone)
+    config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
+    operator = RemoteTrainingOperator(task_id="train", config=config, ready={"instance_id": "i-1"}, git_sha="0" * 40)
+    ended: list[bool] = []
+    monkeypatch.setattr(operator, "_end_mlflow_run", lambda: ended.append(True))
+    job = _EndedJob()
+
+    with pytest.raises(AirflowFailException, match=r"EC2 interrupted the spot instance\. It ended while training"):
+        operator._finish({"ti": _TaskInstance(1)}, job, exit_code)  # type: ignore[arg-type]
+
+    assert asked == ["i-1"] and ended == [True]
+    assert job.closed and not job.log_read

@@ -1,4 +1,4 @@
-"""orchestrator.pipeline: the run-only values ec2_sweep sets on its runs travel beside the settings, never into them."""
+"""config.resolve: the run-only values ec2_sweep sets on its runs travel beside the settings, never into them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from orchestrator.config.resolve import settings_of, sweep_child_params
+from orchestrator.config.settings import load_settings
 from orchestrator.errors import ConfigError
-from orchestrator.pipeline import settings_of, sweep_child_params
-from orchestrator.settings import load_settings
 
 DEPLOYED = {"TRAINER__AWS__DEPLOYMENT": "test"}
 PARENT = "0123456789abcdef0123456789abcdef"
@@ -67,7 +67,7 @@ def test_a_bad_configuration_fails_resolve_config_on_its_first_try(
     # AirflowFailException is what skips the task's retries: a ConfigError would be retried like a network error.
     from airflow.sdk.exceptions import AirflowFailException
 
-    from orchestrator.pipeline import resolve_config
+    from orchestrator.config.resolve import resolve_config
 
     for key, value in DEPLOYED.items():
         monkeypatch.setenv(key, value)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.postmortem import PART_MAX_BYTES, Part, assemble, bounded, bundle_parts, collect
-from orchestrator.ssh import SshTarget
+from orchestrator.instance.postmortem import PART_MAX_BYTES, Part, assemble, bounded, bundle_parts, collect
+from orchestrator.instance.ssh import SshTarget
 
 
 def test_a_part_keeps_its_end_and_says_it_was_cut() -> None:

@@ -6,15 +6,16 @@ from typing import Any
 
 import pytest
 
-from embedded.cloud import AMAZON_LINUX_DLAMI, UBUNTU_DLAMI
-from orchestrator.errors import ConfigError
-from orchestrator.preflight import (
+from embedded.cloud import ACCOUNT_ID, AMAZON_LINUX_DLAMI, UBUNTU_DLAMI
+from orchestrator.cloud.preflight import (
     ImageRoot,
+    check_architecture,
     check_instance_profile,
     check_network,
     read_image_root,
     root_volume_gb,
 )
+from orchestrator.errors import ConfigError
 from tests.aws_fixtures import PROFILE, SSH_PORT, StrictAws, strict_aws
 
 
@@ -27,12 +28,43 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_the_image_root_is_read_from_describe_images(cloud: StrictAws) -> None:
     for image in (UBUNTU_DLAMI, AMAZON_LINUX_DLAMI):
         root = read_image_root(cloud.ec2, cloud.images[image.parameter])
-        assert root == ImageRoot(image.root_device_name, image.root_snapshot_gb, image.name)
+        assert root == ImageRoot(image.root_device_name, image.root_snapshot_gb, image.name, "x86_64")
 
 
 def test_an_unknown_image_is_a_config_error(cloud: StrictAws) -> None:
     with pytest.raises(ConfigError, match=r"aws.ami_ssm_parameter: image ami-0123456789abcdef0 does not exist"):
         read_image_root(cloud.ec2, "ami-0123456789abcdef0")
+    with pytest.raises(ConfigError, match=r"aws.ami_id: image ami-0123456789abcdef0 does not exist.*ec2.ami_id"):
+        read_image_root(cloud.ec2, "ami-0123456789abcdef0", "aws.ami_id")
+
+
+def moto_image(image_id: str) -> Any:
+    from moto.ec2.models import ec2_backends
+
+    from tests.aws_fixtures import REGION
+
+    return ec2_backends[ACCOUNT_ID][REGION].amis[image_id]
+
+
+@pytest.mark.parametrize("state", ["pending", "failed", "deregistered", "disabled"])
+def test_an_image_that_is_not_available_is_refused_naming_its_state(cloud: StrictAws, state: str) -> None:
+    image_id = cloud.images[UBUNTU_DLAMI.parameter]
+    moto_image(image_id).state = state
+    with pytest.raises(ConfigError, match=rf"aws.ami_id: image {image_id} \(.*\) is {state}, not available"):
+        read_image_root(cloud.ec2, image_id, "aws.ami_id")
+
+
+def test_the_image_must_be_of_every_instance_types_architecture(cloud: StrictAws) -> None:
+    image_id = cloud.images[UBUNTU_DLAMI.parameter]
+    x86 = read_image_root(cloud.ec2, image_id, "aws.ami_id")
+    check_architecture(cloud.ec2, image_id, x86, ("g6.xlarge", "g5.xlarge"), "aws.ami_id")
+    with pytest.raises(ConfigError, match=r"aws.ami_id: image .* is x86_64, which instance types \['g5g.xlarge'\]"):
+        check_architecture(cloud.ec2, image_id, x86, ("g6.xlarge", "g5g.xlarge"), "aws.ami_id")
+    moto_image(image_id).architecture = "arm64"
+    arm = read_image_root(cloud.ec2, image_id, "aws.ami_id")
+    check_architecture(cloud.ec2, image_id, arm, ("g5g.xlarge",), "aws.ami_id")
+    with pytest.raises(ConfigError, match=r"is arm64, which instance types \['g6.xlarge'\] do not run"):
+        check_architecture(cloud.ec2, image_id, arm, ("g5g.xlarge", "g6.xlarge"), "aws.ami_id")
 
 
 def test_a_root_volume_below_the_snapshot_is_refused_naming_the_setting() -> None:

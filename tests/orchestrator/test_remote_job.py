@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import io
 import re
 import secrets
 import shlex
 import stat
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -14,19 +16,21 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.remote_job import (
+from orchestrator.instance.job_script import (
     JobPaths,
-    RemoteJob,
-    RemoteJobError,
-    RemoteJobLostError,
-    RemoteJobTimeoutError,
     build_env_file,
     build_job_script,
     build_start_command,
     job_dir_for,
     job_key,
 )
-from orchestrator.ssh import SshTarget, connect, transient_ssh_errors
+from orchestrator.instance.remote_job import (
+    RemoteJob,
+    RemoteJobError,
+    RemoteJobLostError,
+    RemoteJobTimeoutError,
+)
+from orchestrator.instance.ssh import HostKeyMismatchError, SshTarget, connect, transient_ssh_errors
 
 FIVE_LINES_EXIT_3 = ["bash", "-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; exit 3"]
 
@@ -129,6 +133,68 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+# ---- the reconnect policy, against a connect that fails -----------------------------------------------------
+
+
+class Refusing:
+    """A connect that fails with `error` and counts its calls, and an on_disconnect that records what it saw."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.connects = 0
+        self.reported: list[BaseException] = []
+
+    def connect(self) -> Any:
+        self.connects += 1
+        raise self.error
+
+
+def _refused(refusing: Refusing, **kwargs: Any) -> RemoteJob:
+    return RemoteJob(refusing.connect, job_dir_for("/state", "job"), on_disconnect=refusing.reported.append, **kwargs)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The reconnect pauses, recorded instead of slept."""
+    recorded: list[float] = []
+    monkeypatch.setattr(time, "sleep", recorded.append)
+    return recorded
+
+
+def test_a_lost_connection_is_retried_with_backoff_then_given_up(
+    sleeps: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    refusing = Refusing(ConnectionRefusedError("refused"))
+    with caplog.at_level("WARNING"), pytest.raises(RemoteJobError, match=r"after 7 attempts \(last error: Conn") as err:
+        _refused(refusing, max_reconnects=7, reconnect_backoff_s=2.0).exit_code()
+    # Doubling from the backoff, capped at 32 times it; every loss reported, the last one too.
+    assert sleeps == [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 64.0]
+    assert refusing.connects == len(refusing.reported) == 8
+    assert isinstance(err.value.__cause__, ConnectionRefusedError)
+    warnings = [r.getMessage() for r in caplog.records if "reconnecting in" in r.getMessage()]
+    assert warnings[0].endswith("failed (ConnectionRefusedError: refused); reconnecting in 2.0s (attempt 1 of 7)")
+    assert len(warnings) == 7
+
+
+def test_on_disconnect_stops_the_reconnects(sleeps: list[float]) -> None:
+    refusing = Refusing(ConnectionResetError("reset"))
+
+    def instance_gone(exc: BaseException) -> None:
+        raise RemoteJobLostError("the instance is gone")
+
+    job = RemoteJob(refusing.connect, job_dir_for("/state", "job"), on_disconnect=instance_gone)
+    with pytest.raises(RemoteJobLostError, match="the instance is gone"):
+        job.read_log()
+    assert (refusing.connects, sleeps) == (1, [])
+
+
+def test_a_host_key_mismatch_is_never_retried(sleeps: list[float]) -> None:
+    refusing = Refusing(HostKeyMismatchError("not connecting"))
+    with pytest.raises(HostKeyMismatchError):
+        _refused(refusing).stream(lambda _line: None, timeout_s=5)
+    assert (refusing.connects, refusing.reported, sleeps) == (1, [], [])
+
+
 def _job(ssh_target: SshTarget, state: Path, key: str = "job", **kwargs: Any) -> RemoteJob:
     options: dict[str, Any] = {"poll_s": 0.1, "reconnect_backoff_s": 0.05, **kwargs}
     return RemoteJob(lambda: connect(ssh_target, timeout_s=5), job_dir_for(str(state), key), **options)
@@ -189,6 +255,56 @@ def test_env_sh_workdir_and_clean_ssh_variables(ssh_target: SshTarget, remote_st
         lines: list[str] = []
         assert job.stream(lines.append, timeout_s=20) == 0
         assert lines == [f"yes {tmp_path} none"]
+    finally:
+        job.close()
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_source_tree_is_uploaded_and_unpacked_before_the_command_runs(
+    ssh_target: SshTarget, remote_state_dir: Path
+) -> None:
+    tree = _tar({"MLproject": b"name: p\n", "pkg/run.py": b"print('from the tree')\n"})
+    job = _job(ssh_target, remote_state_dir)
+    fetched: list[int] = []
+
+    def source() -> bytes:
+        fetched.append(1)
+        return tree
+
+    try:
+        # The command runs with the tree as a plain folder: its path is the job's, known before it starts.
+        command = ["bash", "-c", f"cat {job.paths.source_dir}/MLproject; python3 {job.paths.source_dir}/pkg/run.py"]
+        assert job.start_or_attach(command, source=source) is True
+        lines: list[str] = []
+        assert job.stream(lines.append, timeout_s=20) == 0
+        assert lines == ["name: p", "from the tree"]
+        assert stat.S_IMODE(Path(job.paths.source_tar).stat().st_mode) == 0o600
+        assert list(Path(job.paths.job_dir).glob("*.upload-*")) == []
+        # Attaching fetches no tree: the download happens once per job, not once per task try.
+        assert job.start_or_attach(command, source=source) is False
+        assert fetched == [1]
+    finally:
+        job.close()
+
+
+def test_a_source_tree_that_cannot_be_unpacked_fails_the_job_with_its_reason(
+    ssh_target: SshTarget, remote_state_dir: Path
+) -> None:
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(["echo", "never runs"], source=lambda: b"not a tar")
+        assert job.stream(lambda _line: None, timeout_s=20) == 1
+        log = job.read_log()
+        assert "job: cannot unpack the source tree" in log and "never runs" not in log
     finally:
         job.close()
 
@@ -259,6 +375,21 @@ def test_kill_stops_the_process_group_and_records_the_exit_code(ssh_target: SshT
         assert job.exit_code() == 143
         job.kill(grace_s=5)  # harmless again
         assert job.stream(lambda _line: None, timeout_s=5) == 143
+    finally:
+        job.close()
+
+
+def test_a_shutdown_sigterm_is_recorded_by_the_job_itself(ssh_target: SshTarget, remote_state_dir: Path) -> None:
+    """An OS shutdown (EC2 terminate) SIGTERMs every process at once, with no kill() to record the code: the wrapper
+    records 143 itself, so the job reads as stopped rather than lost."""
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(["bash", "-c", "echo started; sleep 30; echo carried-on"])
+        _wait_until(lambda: Path(job.paths.pid).exists() and "started" in job.read_log())
+        pgid = Path(job.paths.pid).read_text().strip()
+        _remote(ssh_target, f"kill -TERM -- -{pgid}")
+        assert job.stream(lambda _line: None, timeout_s=20) == 143
+        assert "carried-on" not in job.read_log()
     finally:
         job.close()
 

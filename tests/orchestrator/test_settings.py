@@ -1,25 +1,24 @@
-"""orchestrator.settings: layering (defaults < file < environment < params), coercion and every validation rule."""
+"""config.settings: layering (defaults < file < environment < params), coercion and every validation rule."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator.errors import ConfigError
-from orchestrator.run_params import MAX_INSTANCE_TYPES
-from orchestrator.settings import (
+from orchestrator.ci.github_protocol import html_base_url
+from orchestrator.config.run_params import MAX_INSTANCE_TYPES
+from orchestrator.config.settings import (
     PARAM_FIELDS,
     Settings,
-    html_base_url,
     load_settings,
     validate,
     validate_data_uri,
     validate_git_ref,
 )
+from orchestrator.errors import ConfigError
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 # aws.deployment has no default: every environment that should load names one.
@@ -27,7 +26,8 @@ DEPLOYED = {"TRAINER__AWS__DEPLOYMENT": "test"}
 
 
 def with_changes(settings: Settings, section: str, **changes: Any) -> Settings:
-    return dataclasses.replace(settings, **{section: dataclasses.replace(getattr(settings, section), **changes)})
+    """A copy with changed values and no validation (as a hand-built settings object could be): validate() checks."""
+    return settings.model_copy(update={section: getattr(settings, section).model_copy(update=changes)})
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_the_forms_spot_choice_becomes_the_boolean_setting(form: str | None, spo
 
 def test_every_param_maps_to_a_setting(defaults: Settings) -> None:
     for section, key in PARAM_FIELDS.values():
-        assert key in dataclasses.asdict(getattr(defaults, section))
+        assert key in getattr(defaults, section).model_dump()
 
 
 def test_params_override_each_field() -> None:
@@ -110,6 +110,7 @@ def test_params_override_each_field() -> None:
         "instance_types": ["p4d.24xlarge", "g6.xlarge"],
         "spot": True,
         "max_lifetime_minutes": 600,
+        "ami_id": "ami-0123456789abcdef0",
         "epochs": 3,
         "batch_size": 32,
         "learning_rate": 0.01,
@@ -120,6 +121,7 @@ def test_params_override_each_field() -> None:
     assert s.aws.instance_types == ("p4d.24xlarge", "g6.xlarge")
     assert s.aws.spot is True
     assert s.aws.max_lifetime_minutes == 600
+    assert s.aws.ami_id == "ami-0123456789abcdef0"
     assert (s.training.epochs, s.training.batch_size, s.training.learning_rate) == (3, 32, 0.01)
     assert (s.training.model, s.training.data_uri) == ("seed", "synthetic://?size=64")
 
@@ -131,7 +133,10 @@ def test_spot_false_param_overrides_a_true_setting() -> None:
 @pytest.mark.parametrize(
     ("params", "match"),
     [
-        ({"epoch": 3}, r"params: unknown key 'epoch'; did you mean 'epochs'\? the known keys are \['batch_size'"),
+        (
+            {"epoch": 3},
+            r"params: unknown key 'epoch'; did you mean 'epochs'\? the known keys are \['ami_id', 'batch_size'",
+        ),
         ({"instance_type": ["g6.xlarge"]}, r"unknown key 'instance_type'; did you mean 'instance_types'\?"),
         ({"gitref": "main"}, r"unknown key 'gitref'; did you mean 'git_ref'\?"),
         ({"epochs": 3, "zzz": None}, r"unknown key 'zzz'; the known keys are"),
@@ -294,6 +299,10 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("aws", {"region": "us-east-1; id"}, r"aws\.region"),
     ("aws", {"ami_ssm_parameter": "aws/service/x"}, r"aws\.ami_ssm_parameter"),
     ("aws", {"ami_ssm_parameter": "/aws/ x"}, r"aws\.ami_ssm_parameter"),
+    ("aws", {"ami_id": "ami-0123"}, r"aws\.ami_id: 'ami-0123' is invalid; expected an AMI id"),
+    ("aws", {"ami_id": "ami-0123456789ABCDEF0"}, r"aws\.ami_id"),
+    ("aws", {"ami_id": "ami-0123456789abcdef0\n"}, r"aws\.ami_id"),
+    ("aws", {"ami_id": "0123456789abcdef0"}, r"aws\.ami_id"),
     ("aws", {"instance_types": ()}, r"aws\.instance_types: \[\] is invalid; expected at least one"),
     ("aws", {"instance_types": ("g6.xlarge", "not a type!")}, r"aws\.instance_types\[1\]: 'not a type!' is invalid"),
     ("aws", {"instance_types": ("G6.xlarge",)}, r"aws\.instance_types\[0\]"),
@@ -343,11 +352,6 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("mlflow", {"experiment": "exp\n"}, r"mlflow\.experiment"),
     ("mlflow", {"model_name": "my model"}, r"mlflow\.model_name"),
     ("mlflow", {"metric": "acc/test"}, r"mlflow\.metric"),
-    ("training", {"repo_url": "ftp://host/repo.git"}, r"training\.repo_url: 'ftp://host/repo\.git' is invalid"),
-    ("training", {"repo_url": "https://user:tok@github.com/o/r.git"}, r"training\.repo_url: '<redacted>'"),
-    ("training", {"repo_url": "https://github.com/o/r.git\0"}, r"training\.repo_url: .* is invalid; expected a URL"),
-    ("training", {"repo_url": "https://github.com/o/r.git\n"}, r"training\.repo_url"),
-    ("training", {"repo_url": "git://host/r.git\t--upload-pack=x"}, r"training\.repo_url"),
     ("training", {"entry_point": "main; id"}, r"training\.entry_point"),
     ("training", {"epochs": 0}, r"training\.epochs: 0 is invalid"),
     ("training", {"epochs": 10_001}, r"training\.epochs"),
@@ -358,6 +362,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         r"training\.learning_rate: 0\.0 is invalid; expected a number above 0 and at most 1",
     ),
     ("training", {"learning_rate": 1.5}, r"training\.learning_rate"),
+    ("training", {"learning_rate": float("nan")}, r"training\.learning_rate: nan is invalid; expected a number above"),
+    ("training", {"learning_rate": float("inf")}, r"training\.learning_rate: inf is invalid"),
     ("training", {"model": "resnet"}, r"training\.model: 'resnet' is invalid; expected one of default, seed"),
     ("training", {"data_uri": "ftp://host/data"}, r"training\.data_uri: 'ftp://host/data' is invalid"),
     ("training", {"data_uri": "; rm -rf /"}, r"training\.data_uri: '; rm -rf /' is invalid"),
@@ -367,6 +373,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("training", {"data_uri": ""}, r"training\.data_uri: '' is invalid; expected a data location"),
     ("training", {"data_uri": " "}, r"training\.data_uri: ' ' is invalid"),
     ("training", {"data_uri": "-h"}, r"training\.data_uri: '-h' is invalid; .* not starting with '-'"),
+    # What the job's own path rule (remote/pathnames.py) would refuse on the instance, refused before launch.
+    ("training", {"data_uri": "s3://b/datasets/../"}, r"data_uri: .* without the path segment '\.\.' \(empty, "),
+    ("training", {"data_uri": "s3://b/datasets/./v1/"}, r"data_uri: .* without the path segment '\.'"),
+    ("training", {"data_uri": "s3://b/a//b/"}, r"data_uri: .* without the path segment ''"),
+    ("training", {"data_uri": "s3://b/a\\b/"}, r"data_uri: .* without the path segment 'a\\\\b'"),
+    ("training", {"data_uri": "s3://../p/"}, r"training\.data_uri: 's3://\.\./p/' is invalid; .* valid bucket name"),
     ("training", {"timeout_minutes": 0}, r"training\.timeout_minutes"),
     ("training", {"extra_params": {"bad-key": "1"}}, r"training\.extra_params: 'bad-key' is invalid"),
     ("training", {"extra_params": {"note": "two\nlines"}}, r"training\.extra_params\.note: 'two\\nlines' is invalid"),
@@ -411,9 +423,6 @@ def test_credentials_never_reach_the_message(defaults: Settings, url: str) -> No
         ("aws", {"subnet_id": "subnet-0abc", "security_group_ids": ("sg-0abc", "sg-1def")}),
         ("mlflow", {"tracking_uri": "http://127.0.0.1:5000"}),
         ("mlflow", {"ui_url": "https://mlflow.example.com/ui"}),
-        ("training", {"repo_url": "ssh://git@github.com/acme/repo.git"}),
-        ("training", {"repo_url": "git://127.0.0.1:9418/proj.git"}),
-        ("training", {"repo_url": "file:///srv/git/proj.git"}),
         ("training", {"data_uri": "/data/hurricane"}),
         ("training", {"data_uri": "file:///data/hurricane.zip"}),
         ("training", {"data_uri": "synthetic://?train_per_class=40&size=64"}),
@@ -499,17 +508,6 @@ def test_html_base_url(api_url: str, expected: str) -> None:
     assert html_base_url(api_url) == expected
 
 
-def test_training_repo_url_is_derived_from_github(defaults: Settings) -> None:
-    assert defaults.training_repo_url == "https://github.com/your-org/ec2-trainer.git"
-    ghe = with_changes(defaults, "github", api_url="https://ghe.example.com/api/v3", repo="acme/cnn")
-    assert ghe.training_repo_url == "https://ghe.example.com/acme/cnn.git"
-
-
-def test_training_repo_url_explicit_wins(defaults: Settings) -> None:
-    explicit = with_changes(defaults, "training", repo_url="git://127.0.0.1:9418/proj.git")
-    assert explicit.training_repo_url == "git://127.0.0.1:9418/proj.git"
-
-
 def test_to_dict_from_dict_round_trip_through_json() -> None:
     settings = load_settings(
         {"instance_types": ["g5.xlarge"], "spot": True},
@@ -530,7 +528,7 @@ def test_from_dict_names_missing_and_unknown_keys(defaults: Settings) -> None:
         Settings.from_dict(data)
     data = defaults.to_dict()
     data["mlflow"]["surprise"] = 1
-    with pytest.raises(ConfigError, match=r"^mlflow: unknown keys \['surprise'\]"):
+    with pytest.raises(ConfigError, match=r"^mlflow\.surprise: unknown setting; known: \['conn_id', "):
         Settings.from_dict(data)
     with pytest.raises(ConfigError, match=r"^github: expected a table of settings"):
         Settings.from_dict({**defaults.to_dict(), "github": "acme/repo"})
@@ -556,6 +554,8 @@ def test_retraining_is_off_by_default(defaults: Settings) -> None:
         ({"TRAINER__DATASETS__URI": "s3://bucket/prefix"}, r"datasets.uri: .*ending in '/'"),
         ({"TRAINER__DATASETS__URI": "https://bucket/prefix/"}, r"datasets.uri: .*s3://bucket/prefix/"),
         ({"TRAINER__DATASETS__MARKER": "done/_SUCCESS"}, r"datasets.marker: .*without '/'"),
+        ({"TRAINER__DATASETS__MARKER": ".."}, r"datasets.marker: '\.\.' is invalid; expected a file name, not empty"),
+        ({"TRAINER__DATASETS__URI": "s3://bucket/a/../"}, r"datasets.uri: .* without the path segment '\.\.'"),
         ({"TRAINER__DATASETS__POLL_MINUTES": "5"}, r"datasets.uri: .*datasets.poll_minutes watches it"),
         ({"TRAINER__DATASETS__SQS_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/q"}, r"datasets.sqs_queue_url"),
         ({"TRAINER__RETRAIN__SCHEDULE": "0 3 * * 1"}, r"datasets.uri: .*retrain.schedule"),
@@ -571,7 +571,7 @@ def test_retraining_is_off_by_default(defaults: Settings) -> None:
     ],
 )
 def test_retraining_settings_are_validated(env: dict[str, str], match: str) -> None:
-    from orchestrator.settings import load_watch_settings
+    from orchestrator.config.settings import load_watch_settings
 
     with pytest.raises(ConfigError, match=match):
         load_settings(env={**DEPLOYED, **env})
@@ -581,7 +581,7 @@ def test_retraining_settings_are_validated(env: dict[str, str], match: str) -> N
 
 
 def test_watch_settings_read_only_their_sections() -> None:
-    from orchestrator.settings import load_watch_settings
+    from orchestrator.config.settings import load_watch_settings
 
     watch = load_watch_settings(
         env={

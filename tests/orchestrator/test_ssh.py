@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from embedded.sshd import LoopbackSshd, free_port
+from embedded.services.sshd import LoopbackSshd, free_port
 from orchestrator.errors import OrchestratorError
-from orchestrator.ssh import (
+from orchestrator.instance.ssh import (
     BootstrapFailedError,
     BootstrapTimeoutError,
     HostKeyMismatchError,
@@ -95,7 +95,7 @@ def test_wait_for_ssh_waits_for_a_late_server(
 def test_wait_for_ssh_times_out_with_the_last_error(ssh_target: SshTarget, caplog: pytest.LogCaptureFixture) -> None:
     target = dataclasses.replace(ssh_target, port=free_port())
     timeout = pytest.raises(SshTimeoutError, match=r"within 1s \(\d+ attempts; last error: .*security group")
-    with caplog.at_level("INFO", logger="orchestrator.ssh"), timeout as err:
+    with caplog.at_level("INFO", logger="orchestrator.instance.ssh"), timeout as err:
         wait_for_ssh(target, timeout_s=1, poll_s=0.1)
     # Several attempts, one "not ready yet" line: the same refusal is not repeated every poll.
     attempts = int(re.search(r"\((\d+) attempts", str(err.value)).group(1))  # type: ignore[union-attr]

@@ -1,15 +1,12 @@
-"""orchestrator.training_command: the `mlflow run` argv and what MLflow's own output tells about the run."""
+"""orchestrator.instance.command: the `mlflow run` argv and what MLflow's own output tells about the run."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from orchestrator.remote_job import job_key
-from orchestrator.settings import Settings, load_settings
-from orchestrator.training_command import (
-    DAG_PARAMS,
+from orchestrator.config.run_params import DAG_PARAMS
+from orchestrator.config.settings import Settings, load_settings
+from orchestrator.instance.command import (
     TrainingCommand,
     mlflow_run_url,
     parse_mlflow_run_id,
@@ -17,6 +14,7 @@ from orchestrator.training_command import (
     tracked_run,
     training_command,
 )
+from orchestrator.instance.job_script import job_key
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 RUN_ID = "5d2c6e0b9a1f4c3e8b7a6d5c4b3a2f10"
@@ -32,18 +30,16 @@ def settings() -> Settings:
 
 def test_argv_shape() -> None:
     command = TrainingCommand(
-        repo_url="git://127.0.0.1:9418/proj.git",
-        git_sha=SHA,
+        project_dir="/var/lib/ec2-trainer/jobs/key/source",
         entry_point="main",
         experiment="hurricane-damage",
         params={"z": "1", "a": "2"},
     )
+    # No --version: the folder is the commit's tree (MLflow accepts a version only for a git URI).
     assert command.argv() == [
         "mlflow",
         "run",
-        "git://127.0.0.1:9418/proj.git",
-        "--version",
-        SHA,
+        "/var/lib/ec2-trainer/jobs/key/source",
         "--entry-point",
         "main",
         "--env-manager",
@@ -58,15 +54,14 @@ def test_argv_shape() -> None:
 
 
 def test_no_params_no_flags() -> None:
-    argv = TrainingCommand("https://github.com/o/r.git", SHA, "main", "exp").argv()
+    argv = TrainingCommand("/jobs/k/source", "main", "exp").argv()
     assert "-P" not in argv
     assert argv[-2:] == ["--experiment-name", "exp"]
 
 
 def test_params_come_from_settings_with_extra_params(settings: Settings) -> None:
-    command = training_command(settings, SHA)
-    assert command.repo_url == "https://github.com/your-org/ec2-trainer.git"
-    assert command.git_sha == SHA
+    command = training_command(settings, SHA, "/jobs/k/source")
+    assert command.project_dir == "/jobs/k/source"
     assert command.entry_point == "main"
     assert command.experiment == "hurricane-damage"
     assert dict(command.params) == {
@@ -88,34 +83,28 @@ def test_params_come_from_settings_with_extra_params(settings: Settings) -> None
 def test_extra_params_never_replace_what_the_dag_sets(settings: Settings) -> None:
     # Settings validation refuses these keys; even a Settings built around it cannot record one value and train another.
     sneaky = {name: "sneaky" for name in DAG_PARAMS}
-    forced = dataclasses.replace(settings, training=dataclasses.replace(settings.training, extra_params=sneaky))
-    params = training_command(forced, SHA).params
-    expected = training_command(settings, SHA).params
+    forced = settings.model_copy(update={"training": settings.training.model_copy(update={"extra_params": sneaky})})
+    params = training_command(forced, SHA, "/jobs/k/source").params
+    expected = training_command(settings, SHA, "/jobs/k/source").params
     assert params == {name: expected[name] for name in DAG_PARAMS}
     assert "sneaky" not in params.values()
 
 
 def test_learning_rate_keeps_full_precision(settings: Settings) -> None:
-    tiny = dataclasses.replace(settings, training=dataclasses.replace(settings.training, learning_rate=1e-7))
-    assert training_command(tiny, SHA).params["learning_rate"] == "1e-07"
-    assert float(training_command(tiny, SHA).params["learning_rate"]) == 1e-7
-
-
-def test_explicit_repo_url_is_used(settings: Settings) -> None:
-    training = dataclasses.replace(settings.training, repo_url="git://127.0.0.1:9418/proj.git")
-    command = training_command(dataclasses.replace(settings, training=training), SHA)
-    assert command.argv()[2] == "git://127.0.0.1:9418/proj.git"
+    tiny = settings.model_copy(update={"training": settings.training.model_copy(update={"learning_rate": 1e-7})})
+    assert training_command(tiny, SHA, "/jobs/k/source").params["learning_rate"] == "1e-07"
+    assert float(training_command(tiny, SHA, "/jobs/k/source").params["learning_rate"]) == 1e-7
 
 
 @pytest.mark.parametrize("value", ["a b c", "x; rm -rf /", "$(id)", 'it\'s "quoted"', "a=b=c"])
 def test_a_value_stays_one_argv_element(value: str) -> None:
-    argv = TrainingCommand("https://github.com/o/r.git", SHA, "main", "exp", {"note": value}).argv()
+    argv = TrainingCommand("/jobs/k/source", "main", "exp", {"note": value}).argv()
     assert argv[-2:] == ["-P", f"note={value}"]
     assert argv.count("-P") == 1
 
 
 def test_experiment_with_spaces_stays_one_element() -> None:
-    argv = TrainingCommand("https://github.com/o/r.git", SHA, "main", "my experiment; id").argv()
+    argv = TrainingCommand("/jobs/k/source", "main", "my experiment; id").argv()
     assert argv[argv.index("--experiment-name") + 1] == "my experiment; id"
 
 
@@ -172,9 +161,9 @@ def test_mlflow_run_url_keeps_a_path_prefix() -> None:
 
 
 def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:
-    argv = training_command(settings, SHA, RUN_ID).argv()
+    argv = training_command(settings, SHA, "/jobs/k/source", RUN_ID).argv()
     assert argv[argv.index("--run-id") + 1] == RUN_ID
-    assert "--run-id" not in training_command(settings, SHA).argv()
+    assert "--run-id" not in training_command(settings, SHA, "/jobs/k/source").argv()
 
 
 def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Settings) -> None:
@@ -193,7 +182,8 @@ def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Set
         "ec2.market": "spot",
         "ci.url": f"https://github.com/your-org/ec2-trainer/commit/{SHA}/checks",
         "mlflow.source.git.commit": SHA,
-        "mlflow.source.name": "https://github.com/your-org/ec2-trainer.git",
+        "mlflow.source.git.repoURL": "https://github.com/your-org/ec2-trainer",
+        "mlflow.source.name": "https://github.com/your-org/ec2-trainer",
         "mlflow.source.type": "PROJECT",
         "mlflow.project.entryPoint": "main",
         "ec2_trainer.settings_digest": settings_digest(settings),
@@ -204,7 +194,7 @@ def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Set
 def test_the_settings_digest_names_the_resolved_settings(settings: Settings) -> None:
     digest = settings_digest(settings)
     assert len(digest) == 64 and digest == settings_digest(Settings.from_dict(settings.to_dict()))
-    other = dataclasses.replace(settings, training=dataclasses.replace(settings.training, epochs=7))
+    other = settings.model_copy(update={"training": settings.training.model_copy(update={"epochs": 7})})
     assert settings_digest(other) != digest
 
 
@@ -217,3 +207,57 @@ def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings:
     assert nested.tags["mlflow.parentRunId"] == parent
     alone = tracked_run(settings, ready, SHA, dag_id="ec2_training", run_id="r", try_number=1)
     assert "mlflow.parentRunId" not in alone.tags
+
+
+KILLED_9 = "epoch 3\n=== training process killed by signal 9 ===\n=== Run (ID 'x') failed ===\n"
+OOM = "[  12.3] oom-kill:constraint=CONSTRAINT_NONE\n[  12.4] Out of memory: Killed process 4242 (python) total-vm:9G\n"
+
+
+@pytest.mark.parametrize(
+    ("log", "kernel", "expected"),
+    [
+        ("Traceback\nValueError\n", OOM, "exited with code 1"),
+        (
+            KILLED_9,
+            OOM,
+            "exited with code 1: the training process was killed by SIGKILL (9), out of memory? The "
+            "kernel logged: [  12.4] Out of memory: Killed process 4242 (python) total-vm:9G",
+        ),
+        (
+            KILLED_9,
+            "nothing of note",
+            "exited with code 1: the training process was killed by SIGKILL (9), out of "
+            "memory? (no OOM line in the kernel log the instance let us read)",
+        ),
+        (
+            "=== training process killed by signal 15 ===\n",
+            OOM,
+            "exited with code 1: the training process was killed by SIGTERM (15)",
+        ),
+        (
+            "=== training process killed by signal 99 ===\n",
+            "",
+            "exited with code 1: the training process was killed by signal 99 (99)",
+        ),
+    ],
+)
+def test_the_exit_names_the_signal_and_an_oom_kill(log: str, kernel: str, expected: str) -> None:
+    from orchestrator.instance.command import exit_description
+
+    assert exit_description(1, log, kernel) == expected
+
+
+@pytest.mark.parametrize(("script", "code", "marker"), [("kill -9 $$", 137, "signal 9"), ("exit 3", 3, None)])
+def test_the_job_wrapper_reports_the_signal_that_killed_the_training(script: str, code: int, marker: str) -> None:
+    import subprocess
+    from pathlib import Path
+
+    wrapper = Path(__file__).resolve().parents[2] / "remote" / "report_signal.sh"
+    done = subprocess.run(
+        ["bash", str(wrapper), "sh", "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == code
+    if marker:
+        assert done.stderr.endswith(f"\n=== training process killed by {marker} ===\n")
+    else:
+        assert "killed" not in done.stderr

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from embedded.process import free_port
-from orchestrator.hostkeys import generate_host_key
-from orchestrator.remote_job import RemoteJob, job_dir_for
-from orchestrator.ssh import SshTarget, connect
-from orchestrator.triggers import BootstrapTrigger, RemoteJobTrigger
+from embedded.services.mlflow_server import MlflowServer
+from orchestrator.cloud.hostkeys import generate_host_key
+from orchestrator.instance.job_script import job_dir_for
+from orchestrator.instance.remote_job import RemoteJob
+from orchestrator.instance.ssh import SshTarget, connect
+from orchestrator.instance.triggers import BootstrapTrigger, RemoteJobTrigger
 from tests.sshd_fixtures import SshKeyPair
 
 CONN_ID = "trigger_ssh_test"
@@ -161,10 +164,20 @@ def test_job_trigger_without_its_connection_fires_an_error(
     assert "connection 'no_such_ssh_conn' not found" in event["message"]
 
 
-def test_user_kill_stops_the_job(ssh_target: SshTarget, remote_state_dir: Path, ssh_conn: str) -> None:
+def test_user_kill_stops_the_job_and_ends_its_mlflow_run_killed(
+    ssh_target: SshTarget, remote_state_dir: Path, ssh_conn: str, mlflow_server: MlflowServer
+) -> None:
     """The task marked failed or cleared while deferred: the triggerer cancels the trigger and calls on_kill."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = client.create_experiment(f"killed-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(experiment).info.run_id
     job = started_job(ssh_target, remote_state_dir, ["sleep", "300"])
-    trigger = job_trigger(ssh_target, ssh_conn, job)
+    # No such connection: an open tracking server, as mlflow_credentials reads it.
+    trigger = job_trigger(
+        ssh_target, ssh_conn, job, mlflow_run_id=run_id, tracking_uri=mlflow_server.url, mlflow_conn_id="no_such"
+    )
 
     async def cancel_by_user() -> None:
         following = asyncio.ensure_future(anext(trigger.run()))
@@ -179,6 +192,7 @@ def test_user_kill_stops_the_job(ssh_target: SshTarget, remote_state_dir: Path, 
     assert job.exit_code() == 143  # SIGTERM reached the job's process group
     job.close()
     assert any("Task killed while deferred" in m for m in messages(logged))
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_triggerer_shutdown_leaves_the_job_running(

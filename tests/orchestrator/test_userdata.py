@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embedded.cloud import unit_exec_start
-from orchestrator.errors import ConfigError
-from orchestrator.hostkeys import generate_host_key
-from orchestrator.ssh import parse_phases
-from orchestrator.userdata import (
+from embedded.cloud.cloud_init import unit_exec_start
+from orchestrator.cloud.hostkeys import generate_host_key
+from orchestrator.cloud.user_data import (
     SSHD_PORT_DROP_IN,
     USER_DATA_MAX_BYTES,
     UserDataSpec,
     UserDataTooLargeError,
     render_user_data,
 )
+from orchestrator.errors import ConfigError
+from orchestrator.instance.ssh import parse_phases
 from tests.tools import require_executable
 
 CURRENT_USER = pwd.getpwuid(os.getuid()).pw_name
@@ -46,7 +46,7 @@ def make_spec(keys, state_dir: str = "/var/lib/ec2-trainer", **overrides) -> Use
         "state_dir": state_dir,
         "python_bin": sys.executable,
         "require_gpu": False,
-        "packages": ("git",),
+        "packages": ("tar",),
     }
     fields.update(overrides)
     return UserDataSpec(**fields)
@@ -248,7 +248,7 @@ def test_bootstrap_without_gpu_succeeds_when_gpu_optional(keys, state_dir, tmp_p
     status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=False, require_gpu=False)
     assert status == "ok", log
     assert "skipped: no GPU (require_gpu=false)" in log
-    assert "skipped: git already installed" in log
+    assert "skipped: tar already installed" in log
     assert "skipped: mlflow 3.17.2 already installed" in log
     assert re.search(r"\[python\] done in \d+s", log)
     # The training job sources env.sh: its python must be the configured interpreter.
@@ -347,7 +347,7 @@ def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys
     assert jobs.st_gid == pwd.getpwnam(CURRENT_USER).pw_gid
     for name in ("bootstrap.status", "bootstrap.log", "bootstrap.phases", "env.sh"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o644, name
-    # Each step's seconds, for the run's cost report (read with the marker by orchestrator.ssh).
+    # Each step's seconds, for the run's cost report (read with the marker by orchestrator.instance.ssh).
     assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user", "gpu", "packages", "python"}
 
 

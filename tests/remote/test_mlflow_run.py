@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedded.mlflow_server import MlflowServer
+from embedded.services.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

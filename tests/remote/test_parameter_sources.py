@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.run_params import BY_NAME, JOB_PARAMS, MODELS
+from orchestrator.config.run_params import BY_NAME, JOB_PARAMS, MODELS
 from remote import config
 from remote.errors import ParameterError
 

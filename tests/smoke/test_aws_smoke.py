@@ -2,8 +2,8 @@
 
 It runs only when asked (EC2_TRAINER_SMOKE_AWS=1, which `make smoke-aws` sets) and when AWS credentials exist; CI does
 neither. Everything else comes from the deployment's own configuration (TRAINER_CONFIG / TRAINER__* and the
-AIRFLOW_CONN_* connections, see README): this test only makes the run small and cheap, prints what it may cost
-first, and terminates whatever the run launched, whatever happened.
+AIRFLOW_CONN_* connections, see docs/production.md): this test only makes the run small and cheap, prints what it may
+cost first, and terminates whatever the run launched, whatever happened.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def run_instances(
     """This smoke run's instances: by its run tag, or (when the run never reported its id) the DAG's instances
     launched since the test began; always of this deployment only, which the per-deployment policy may terminate
     (one foreign match would make the whole TerminateInstances call fail)."""
-    from orchestrator.launch import TAG_DAG_ID, deployment_tags
+    from orchestrator.cloud.launch_spec import deployment_tags
+    from orchestrator.contracts import TAG_DAG_ID
 
     tags = {**deployment_tags(project_tag, deployment), TAG_DAG_ID: "ec2_training"}
     filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()]
@@ -109,9 +110,9 @@ def test_the_pipeline_runs_on_aws_and_terminates(airflow_db: Any, monkeypatch: p
     for name, value in SMOKE_SETTINGS.items():
         monkeypatch.setenv(f"TRAINER__{name}", value)
 
-    from orchestrator.connections import aws_client
-    from orchestrator.ec2 import terminate_instances
-    from orchestrator.settings import load_settings
+    from orchestrator.cloud.ec2 import terminate_instances
+    from orchestrator.config.connections import aws_client
+    from orchestrator.config.settings import load_settings
 
     settings = load_settings()
     if settings.mlflow.tracking_uri == "https://mlflow.example.com":

@@ -14,7 +14,8 @@ from tests.smoke.test_aws_smoke import run_instances, run_then_clean
 def test_cleanup_selects_only_this_deployments_instances(monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
 
-    from orchestrator.launch import TAG_DAG_ID, TAG_RUN_ID, deployment_tags
+    from orchestrator.cloud.launch_spec import deployment_tags
+    from orchestrator.contracts import TAG_DAG_ID, TAG_RUN_ID
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")

@@ -1,7 +1,7 @@
 """A new user's walk through the UIs, in a real browser: Playwright (PyPI) driving Debian's Chromium.
 
-The embedded default's local deployment (embedded.deployment, what `make demo` and `make ui` run) on free ports; the
-demo's watch loop runs one DAG run; then the browser logs in to Airflow with the admin password, opens that run,
+The embedded default's local deployment (embedded.deploy.deployment, what `make demo` and `make ui` run) on free ports;
+the demo's watch loop runs one DAG run; then the browser logs in to Airflow with the admin password, opens that run,
 reads the `train` task's epochs in its log, follows the task's "MLflow run" and the CI gate's "GitHub Actions" extra
 links to where they land, and submits the trigger form with its defaults, whose run must train and succeed.
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from embedded.demo import fill_in, watch
-from embedded.deployment import ADMIN_USER, DAG_ID, LocalDeployment, Ports
-from embedded.stack import EmbeddedStack
-from orchestrator.github import commit_checks_url
+from embedded.cli.demo import fill_in, watch
+from embedded.deploy.deployment import ADMIN_USER, DAG_ID, LocalDeployment, Ports
+from embedded.deploy.stack import EmbeddedStack
+from orchestrator.ci.github_protocol import commit_checks_url
 from tests.conftest import REPO
 from tests.tools import missing_tool
 

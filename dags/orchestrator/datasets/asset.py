@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from airflow.sdk import Asset
 
-    from orchestrator.settings import WatchSettings
+    from orchestrator.config.settings import WatchSettings
 
 WATCHER_NAME = "ec2_trainer_dataset_queue"
 

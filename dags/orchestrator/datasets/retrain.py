@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from orchestrator.config.settings import Settings
 from orchestrator.datasets.versions import DIGEST_TAG
-from orchestrator.settings import Settings
-from orchestrator.training_runs import TRAINING_DAG_ID, training_run_state
+from orchestrator.tracking.training_runs import TRAINING_DAG_ID, training_run_state
 
 log = logging.getLogger(__name__)
 
-COMMIT_TAG = "mlflow.source.git.commit"  # set on every training run (training_command.tracked_run)
+COMMIT_TAG = "mlflow.source.git.commit"  # set on every training run (instance.command.tracked_run)
 _HEX_RE = re.compile(r"[0-9a-f]+")
 # A training of the same commit and data that failed is tried again under a new run id, at most this many times.
 MAX_ATTEMPTS = 20
@@ -66,17 +66,17 @@ def training_run_id(git_sha: str, digest: str, state_of: Callable[[str], str | N
 
 def plan(s: Settings) -> RetrainPlan:
     """The latest complete dataset version and the retrained branch's commit; NothingToTrain when there is no
-    complete version, or when MLflow already has a finished training of that commit on that data."""
-    from orchestrator.connections import aws_client
+    complete version, or when MLflow already has a finished and gated training of that commit on that data."""
+    from orchestrator.ci.github import GitHubClient
+    from orchestrator.config.connections import aws_client
     from orchestrator.datasets.s3 import scan
     from orchestrator.datasets.versions import latest
-    from orchestrator.github import GitHubClient
 
     d = s.datasets
     if not d.uri:
         raise NothingToTrain(
             "datasets.uri is not set, so there is no dataset to retrain on: set TRAINER__DATASETS__URI "
-            "(README, 'Retrain on new data and on a schedule')"
+            "(docs/operations.md, 'Retrain on new data and on a schedule')"
         )
     complete, incomplete = scan(aws_client("s3", s.aws.conn_id, s.aws.region), d)
     version = latest(complete)
@@ -100,35 +100,42 @@ def plan(s: Settings) -> RetrainPlan:
         ref,
         sha,
     )
-    trained = finished_training(s, sha, version.digest)
+    trained = gated_training(s, sha, version.digest)
     if trained:
         raise NothingToTrain(
             f"nothing changed: MLflow run {trained} already trained commit {sha} on this data (version "
-            f"{version.name!r}, digest {version.digest}) and finished; push a commit or upload a new version to retrain"
+            f"{version.name!r}, digest {version.digest}) and was gated; push a commit or upload a new version to "
+            "retrain"
         )
     return RetrainPlan(sha, version.uri, version.name, version.digest)
 
 
-def finished_training(s: Settings, git_sha: str, digest: str) -> str | None:
-    """The id of a FINISHED MLflow run of this commit on data of this digest, if there is one."""
-    from orchestrator.connections import mlflow_credentials
-    from orchestrator.tracking import credentials_in_env, find_finished_run
+def gated_training(s: Settings, git_sha: str, digest: str) -> str | None:
+    """The id of a FINISHED MLflow run of this commit on data of this digest whose gate decided, if there is one.
+
+    A run that finished but was never gated (its DAG run failed after the training: evaluate never ran) is no
+    reason to skip: its model was neither promoted nor refused, so the pair trains again."""
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.tracking.runs import credentials_in_env, find_finished_run
 
     creds = mlflow_credentials(s.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password):
-        return find_finished_run(s.mlflow.tracking_uri, s.mlflow.experiment, {COMMIT_TAG: git_sha, DIGEST_TAG: digest})
+        return find_finished_run(
+            s.mlflow.tracking_uri, s.mlflow.experiment, {COMMIT_TAG: git_sha, DIGEST_TAG: digest}, gated=True
+        )
 
 
 def resolve(s: Settings, ti: Any) -> dict[str, Any]:
     """ec2_retrain's first step: the plan, the training's conf and its run id; skips (AirflowSkipException) with the
-    reason when there is nothing to train; fails without retry on a missing bucket, branch or commit."""
+    reason when there is nothing to train; fails without retry on a missing bucket, branch or commit, or a
+    repository the GitHub connection cannot read."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from orchestrator.datasets.versions import DatasetError
-    from orchestrator.github import GitHubRefError, GitHubResponseError
-    from orchestrator.pipeline import fail_without_retry
+    from orchestrator.ci.github_protocol import GitHubResponseError
+    from orchestrator.errors import fail_without_retry
 
-    with fail_without_retry(DatasetError, GitHubRefError, GitHubResponseError):
+    # Named here, not terminal: train retries an archive answer it cannot read.
+    with fail_without_retry(GitHubResponseError):
         try:
             found = plan(s)
             run_id = training_run_id(found.git_sha, found.digest, lambda run_id: training_run_state(ti, run_id))

@@ -17,7 +17,7 @@ from orchestrator.datasets.versions import (
 from orchestrator.errors import aws_error_code, aws_error_message
 
 if TYPE_CHECKING:
-    from orchestrator.settings import DatasetSettings
+    from orchestrator.config.settings import DatasetSettings
 
 # Answers no retry changes: the bucket or the permission is wrong.
 _TERMINAL_CODES = frozenset({"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidBucketName"})

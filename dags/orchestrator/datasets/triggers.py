@@ -10,6 +10,8 @@ from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
+from orchestrator.contracts import classpath
+
 # Bounded back-off while the queue cannot be read (network, credentials, a deleted queue): the watcher keeps trying.
 MAX_BACKOFF_S = 300.0
 
@@ -19,8 +21,9 @@ class DatasetQueueTrigger(BaseEventTrigger):
 
     Messages are deleted after the event is handed over (at least once: a triggerer that dies in between fires it
     again, and ec2_retrain starts one training per commit and data anyway). Messages about other objects are
-    deleted unused. The Amazon provider's SqsSensorTrigger (behind common-messaging's MessageQueueTrigger) would
-    need aiobotocore and fires on any message; this one filters the markers itself (docs/decisions.md).
+    deleted unused; messages that are no S3 notification (malformed, oversized) are logged and deleted too. The
+    Amazon provider's SqsSensorTrigger (behind common-messaging's MessageQueueTrigger) would need aiobotocore and
+    fires on any message; this one filters the markers itself (docs/decisions/0092-*.md).
     """
 
     def __init__(
@@ -43,7 +46,7 @@ class DatasetQueueTrigger(BaseEventTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
+            classpath(self),
             {
                 "queue_url": self.queue_url,
                 "datasets_uri": self.datasets_uri,
@@ -55,8 +58,7 @@ class DatasetQueueTrigger(BaseEventTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from orchestrator.connections import aws_client
-        from orchestrator.datasets.notifications import completed_versions
+        from orchestrator.config.connections import aws_client
 
         client: Any = None
         failures = 0
@@ -81,15 +83,49 @@ class DatasetQueueTrigger(BaseEventTrigger):
                 continue
             failures = 0
             messages = answer.get("Messages", [])
-            versions = sorted(
-                {v for m in messages for v in completed_versions(m.get("Body", ""), self.datasets_uri, self.marker)}
-            )
+            versions = sorted({version for message in messages for version in self._versions_in(message)})
             if versions:
                 self.log.info("Dataset versions completed under %s: %s", self.datasets_uri, ", ".join(versions))
                 yield TriggerEvent({"versions": versions, "datasets_uri": self.datasets_uri})
             if messages:
-                entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(messages)]
-                await asyncio.to_thread(client.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
+                await self._delete(client, messages)
+
+    async def _delete(self, client: Any, messages: list[dict[str, Any]]) -> None:
+        """Deletes a read batch. One that cannot be deleted (an outage, a missing sqs:DeleteMessage) comes back after
+        the queue's visibility timeout and fires again, which costs no training (ec2_retrain skips a trained
+        version): logged, never the end of the watcher."""
+        entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(messages)]
+        try:
+            answer = await asyncio.to_thread(client.delete_message_batch, QueueUrl=self.queue_url, Entries=entries)
+        except Exception as exc:
+            failed = [f"all {len(entries)}: {exc}"]
+        else:
+            # SQS answers 200 with per-entry failures.
+            failed = [f"{f.get('Id')}: {f.get('Code')}" for f in answer.get("Failed", [])]
+        if failed:
+            self.log.warning(
+                "Cannot delete messages from the dataset queue %s (%s): they come back after the queue's visibility "
+                "timeout and fire again; check the aws connection's sqs:DeleteMessage",
+                self.queue_url,
+                "; ".join(failed),
+            )
+
+    def _versions_in(self, message: dict[str, Any]) -> list[str]:
+        """The versions one message reports; [] (logged) for a message that is no S3 notification, so one poison
+        message can neither stop the batch's valid markers nor, redelivered, the watcher."""
+        from orchestrator.datasets.notifications import UnreadableNotification, completed_versions
+
+        try:
+            return completed_versions(message.get("Body"), self.datasets_uri, self.marker)
+        except UnreadableNotification as exc:
+            self.log.warning(
+                "Deleting the unreadable message %s from the dataset queue %s: %s. Only S3 event notifications "
+                "(or their SNS envelopes) belong in this queue",
+                message.get("MessageId"),
+                self.queue_url,
+                exc,
+            )
+            return []
 
 
 class DatasetPollTrigger(BaseTrigger):
@@ -118,7 +154,7 @@ class DatasetPollTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
+            classpath(self),
             {
                 "datasets_uri": self.datasets_uri,
                 "marker": self.marker,
@@ -131,10 +167,10 @@ class DatasetPollTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from orchestrator.connections import aws_client
+        from orchestrator.config.connections import aws_client
+        from orchestrator.config.settings import DatasetSettings
         from orchestrator.datasets.s3 import scan
         from orchestrator.datasets.versions import DatasetError, latest
-        from orchestrator.settings import DatasetSettings
 
         where = DatasetSettings(uri=self.datasets_uri, marker=self.marker)
         client = await asyncio.to_thread(aws_client, "s3", self.aws_conn_id, self.region)

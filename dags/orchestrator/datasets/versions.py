@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.pathnames import SEGMENT_RULE, unsafe_segment
 
 # MLflow run tags naming the data a training read (set by the train task, searched by ec2_retrain).
 URI_TAG = "dataset.uri"
@@ -24,12 +25,12 @@ DIGEST_TAG = "dataset.digest"
 OBJECTS_TAG = "dataset.objects"
 BYTES_TAG = "dataset.bytes"
 ZIP_ETAG_TAG = "dataset.zip_etag"
-# The MLflow artifact holding the full manifest (every key, ETag and size).
-MANIFEST_ARTIFACT = "dataset/manifest.json"
 
 
 class DatasetError(OrchestratorError):
     """The data a run asks for is missing or incomplete; the message says what to do. No retry fixes it."""
+
+    terminal = True
 
 
 class IncompleteVersionError(DatasetError):
@@ -105,13 +106,24 @@ def version_name(data_uri: str, datasets_uri: str) -> str | None:
     return name or None
 
 
+def version_folder(key: str, prefix: str) -> tuple[str, str] | None:
+    """(version name, key inside its folder) of an object key under a datasets prefix; None for a key that is not in
+    a version's folder, or whose folder name the job would refuse ('.', '..', ...: remote/pathnames.py), so such a
+    folder is never offered as a version."""
+    name, sep, rest = key[len(prefix) :].partition("/")
+    if key.startswith(prefix) and sep and rest and unsafe_segment(name) is None:
+        return name, rest
+    return None
+
+
 def complete_versions(objects: Iterable[S3Object], datasets_uri: str, marker: str) -> list[DatasetVersion]:
     """Every version under `datasets_uri` whose marker exists, from a listing of that prefix (full keys)."""
     bucket, prefix = split_s3_uri(datasets_uri)
     folders: dict[str, list[S3Object]] = {}
     for obj in objects:
-        name, sep, rest = obj.key[len(prefix) :].partition("/")
-        if obj.key.startswith(prefix) and sep and name and rest:
+        found = version_folder(obj.key, prefix)
+        if found is not None:
+            name, rest = found
             folders.setdefault(name, []).append(S3Object(rest, obj.etag, obj.size, obj.modified))
     versions = []
     for name, inside in folders.items():
@@ -126,8 +138,9 @@ def incomplete_versions(objects: Iterable[S3Object], datasets_uri: str, marker: 
     _, prefix = split_s3_uri(datasets_uri)
     seen: dict[str, bool] = {}
     for obj in objects:
-        name, sep, rest = obj.key[len(prefix) :].partition("/")
-        if obj.key.startswith(prefix) and sep and name and rest:
+        found = version_folder(obj.key, prefix)
+        if found is not None:
+            name, rest = found
             seen[name] = seen.get(name, False) or rest == marker
     return sorted(name for name, done in seen.items() if not done)
 
@@ -145,6 +158,11 @@ def version_at(data_uri: str, listed: Iterable[S3Object], *, datasets_uri: str, 
     listed = list(listed)
     name = version_name(data_uri, datasets_uri)
     completed_at = None
+    if name is not None and unsafe_segment(name) is not None:
+        raise DatasetError(
+            f"dataset version {name!r} ({data_uri}) is not a folder name the job accepts ({SEGMENT_RULE}): "
+            "rename the version's folder"
+        )
     if name is not None:
         _, prefix = split_s3_uri(datasets_uri)
         marker_key = f"{prefix}{name}/{marker}"
@@ -165,6 +183,13 @@ def version_at(data_uri: str, listed: Iterable[S3Object], *, datasets_uri: str, 
             for o in listed
             if o.key.startswith(base) and not o.key.endswith("/") and o.key != f"{base}{marker}"
         ]
+        # One such key fails the job's whole download (remote/sources.py): refuse it before an instance is paid for.
+        bad = next((o.key for o in inside if unsafe_segment(o.key) is not None), None)
+        if bad is not None:
+            raise DatasetError(
+                f"s3://{bucket}/{base}{bad} has the unsafe path segment {unsafe_segment(bad)!r} ({SEGMENT_RULE}), "
+                "which the training job refuses; rename that object or remove it from the data"
+            )
     if not inside:
         raise DatasetError(
             f"no objects at {data_uri}: check training.data_uri (s3://bucket/prefix/ of a folder in the dataset "

@@ -35,8 +35,8 @@ def early_report(context: Any, settings: Any) -> RunReport:
     """The report of a run that failed at `context`'s task before anything was launched."""
     from airflow.sdk.log import redact
 
-    from orchestrator.ci_gate import SHA_XCOM_KEY
-    from orchestrator.github import commit_checks_url
+    from orchestrator.ci.github_protocol import commit_checks_url
+    from orchestrator.contracts import SHA_XCOM_KEY
     from orchestrator.observe.gather import airflow_run_url
 
     ti, dag_run = context["ti"], context["dag_run"]
@@ -73,8 +73,8 @@ def early_report(context: Any, settings: Any) -> RunReport:
 
 def _settings_for(ti: Any) -> Any:
     """The run's settings; when resolving them is what failed, the deployment's own (defaults, file, environment)."""
-    from orchestrator.pipeline import settings_of
-    from orchestrator.settings import load_settings
+    from orchestrator.config.resolve import settings_of
+    from orchestrator.config.settings import load_settings
 
     config = ti.xcom_pull(task_ids="resolve_config")
     return settings_of(config) if config else load_settings()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from orchestrator.contracts import FAILURE_KEY
 from orchestrator.observe.report import error_line
 
 log = logging.getLogger(__name__)
-
-FAILURE_KEY = "failure"
 
 
 def record_failure(context: Any) -> None:

@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from orchestrator.ci_gate import SHA_XCOM_KEY
+from orchestrator.config.settings import Settings
+from orchestrator.contracts import FAILURE_KEY, MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY, SHA_XCOM_KEY
 from orchestrator.observe.cost import BilledInstance, run_cost, transition_time
-from orchestrator.observe.failures import FAILURE_KEY
 from orchestrator.observe.report import Cost, RunReport, error_line
-from orchestrator.operators import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY
-from orchestrator.settings import Settings
+from orchestrator.observe.verdict import decide, unfinished_run_end
+from orchestrator.tracking.runs import end_mlflow_run
+from orchestrator.tracking.training_runs import task_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     tasks = _guarded("task outcomes", lambda: task_outcomes(ti, dag_id, run_id), no_outcomes)
     order = [task.task_id for task in dag.task_group.topological_sort() if task.task_id != ti.task_id]
     failed = [task_id for task_id in order if tasks.get(task_id, ("", 0.0))[0] == "failed"]
-    broken = failed or [t for t in order if tasks.get(t, ("", 0.0))[0] == "upstream_failed"]
     failed_step = failed[0] if failed else None
     failure = (xcom(failed_step, FAILURE_KEY) or {}) if failed_step else {}
+    # The outcome the verdict teardown will give the run (every step this report follows has finished).
+    outcome = decide({t: tasks[t][0] if t in tasks else None for t in order}, teardowns_of(dag)) if tasks else None
 
     git_sha = xcom("ci_gate") or xcom("ci_gate", SHA_XCOM_KEY)
     launched = xcom("launch") or {}
@@ -67,6 +69,12 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     evaluation = xcom("evaluate") or {}
     mlflow_run_id = xcom("train") or xcom("train", MLFLOW_RUN_ID_KEY)
     run = _guarded("the MLflow run", lambda: _mlflow_run(s, mlflow_run_id), None) if mlflow_run_id else None
+    if run is not None and (
+        status := unfinished_run_end(
+            run.info.status, tasks.get("train", ("",))[0], outcome is not None and outcome.stopped
+        )
+    ):
+        _guarded("ending the MLflow run", lambda: end_mlflow_run(s, run.info.run_id, status), None)
     metrics: dict[str, float] = dict(run.data.metrics) if run else {}
     durations = {task_id: duration for task_id, (_, duration) in tasks.items()}
     training_s = _job_seconds(run) if run else durations.get("train")
@@ -78,7 +86,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
 
     links = {"airflow": airflow_run_url(dag_id, run_id)}
     if git_sha:
-        from orchestrator.github import commit_checks_url
+        from orchestrator.ci.github_protocol import commit_checks_url
 
         links["ci"] = commit_checks_url(s.github.api_url, s.github.repo, git_sha)
     if mlflow_url := xcom("train", MLFLOW_RUN_URL_KEY):
@@ -88,9 +96,12 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         dag_id=dag_id,
         run_id=run_id,
         deployment=s.aws.deployment,
-        outcome="failed" if broken else "success",
+        outcome="success" if outcome is None or outcome.ok else "failed",
         failed_step=failed_step,
-        error=failure.get("error") or ("failed (see the task log)" if failed_step else None),
+        # A run stopped by hand: that is the story, whatever the stopped step's own error says.
+        error=outcome.reason
+        if outcome and outcome.stopped
+        else failure.get("error") or (outcome.reason if outcome and not outcome.ok else None),
         git_sha=git_sha,
         instance_id=launched.get("instance_id") or (instance_ids[0] if instance_ids else None),
         instance_type=ready.get("instance_type") or launched.get("instance_type"),
@@ -136,13 +147,24 @@ def phases_of(
     return {phase: round(seconds, 1) for phase, seconds in phases.items()}
 
 
-def task_outcomes(ti: Any, dag_id: str, run_id: str) -> dict[str, tuple[str, float | None]]:
-    """{task_id: (state, seconds)} of the run's finished tasks, from Airflow's execution API. A deferred task's
-    duration spans its deferral (its start date is kept when it resumes)."""
-    return {
-        str(crumb["task_id"]): (str(getattr(crumb["state"], "value", crumb["state"])), crumb.get("duration"))
-        for crumb in ti.get_task_breadcrumbs(dag_id, run_id)
-    }
+def teardowns_of(dag: Any) -> set[str]:
+    return {task.task_id for task in dag.tasks if task.is_teardown}
+
+
+def judge_run(context: Mapping[str, Any]) -> str:
+    """The `verdict` teardown's body: fail (for good) unless every step of the run succeeded; the reason either way.
+    A failure to read the states raises as it is, so the task's retries cover a control-plane blip."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag, ti = context["dag"], context["ti"]
+    finished = task_outcomes(ti, dag.dag_id, context["run_id"])
+    verdict = decide(
+        {task.task_id: finished.get(task.task_id, (None, None))[0] for task in dag.tasks}, teardowns_of(dag)
+    )
+    if not verdict.ok:
+        raise AirflowFailException(f"The run failed: {verdict.reason}")
+    log.info("The run succeeded: %s", verdict.reason)
+    return verdict.reason
 
 
 def airflow_run_url(dag_id: str, run_id: str) -> str:
@@ -164,8 +186,8 @@ def _guarded(what: str, read: Callable[[], _T], default: _T) -> _T:
 def _mlflow_run(s: Settings, run_id: str) -> Any:
     from mlflow import MlflowClient
 
-    from orchestrator.connections import mlflow_credentials
-    from orchestrator.tracking import credentials_in_env
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.tracking.runs import credentials_in_env
 
     creds = mlflow_credentials(s.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password):
@@ -180,8 +202,8 @@ def _job_seconds(run: Any) -> float | None:
 
 def _cost(s: Settings, instance_ids: list[str], seen_at: float, training_s: float) -> Cost | None:
     """Every instance's billed time (EC2's launch to the termination request) at its price; None with none."""
-    from orchestrator.connections import aws_client
-    from orchestrator.ec2 import describe_instance
+    from orchestrator.cloud.ec2_describe import describe_instance
+    from orchestrator.config.connections import aws_client
     from orchestrator.observe.pricing import instance_price
 
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)

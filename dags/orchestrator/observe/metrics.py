@@ -1,7 +1,7 @@
 """A finished run's metrics, pushed to a Prometheus Pushgateway for Prometheus to scrape and Grafana to show.
 
 One Pushgateway group per (deployment, instance_type, market): bounded labels only, never a run id. The gateway keeps
-the LAST push of a group, so the group holds two kinds of series (docs/decisions.md, "Run metrics in Prometheus"):
+the LAST push of a group, so the group holds two kinds of series (docs/decisions/0085-* to 0088-*):
 - `ec2_trainer_last_run_*` gauges: the latest run of that group, stamped with `ec2_trainer_last_run_timestamp_seconds`.
   A push replaces the whole group (HTTP PUT): a run that stopped early leaves no phase or cost of an earlier run behind.
 - `ec2_trainer_*_total` counters: runs by outcome, cost, billed and training seconds since the group began. The
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
-    from orchestrator.connections import BasicAuth
+    from orchestrator.config.connections import BasicAuth
+    from orchestrator.config.settings import MetricsSettings, Settings
     from orchestrator.observe.report import RunReport
-    from orchestrator.settings import MetricsSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def push(m: MetricsSettings, key: Mapping[str, str], families: list[Metric], aut
 def push_run_metrics(settings: Settings, report: RunReport) -> None:
     """Push the run's series to the Pushgateway of `metrics.pushgateway_url`; off when it is empty. A gateway that
     is down, slow or refuses is logged as a warning: metrics never change a run's outcome."""
-    from orchestrator.connections import basic_auth
+    from orchestrator.config.connections import basic_auth
 
     m = settings.metrics
     if not m.enabled:

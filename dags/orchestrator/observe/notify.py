@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
+    from orchestrator.config.settings import NotifySettings, Settings
     from orchestrator.observe.report import Cost, RunReport
-    from orchestrator.settings import NotifySettings, Settings
 
 log = logging.getLogger(__name__)
 

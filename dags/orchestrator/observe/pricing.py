@@ -46,7 +46,7 @@ def instance_price(
     """The price the instance was billed at; falls back to the table, with the reason logged, on any AWS error."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from orchestrator.connections import aws_client
+    from orchestrator.config.connections import aws_client
 
     try:
         if market == "spot":

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from orchestrator.contracts import COST_METRICS, PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
 from orchestrator.observe.metrics import push_run_metrics
 from orchestrator.observe.notify import send_notifications
 from orchestrator.observe.report import error_line
+from orchestrator.tracking.runs import mlflow_call
 
 if TYPE_CHECKING:
-    from orchestrator.observe.report import RunReport
-    from orchestrator.settings import Settings
+    from orchestrator.config.settings import Settings
+    from orchestrator.observe.report import Cost, RunReport
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,9 @@ def _guarded(name: str, publisher: Callable[[Settings, RunReport], object], s: S
 
 def log_cost_to_mlflow(settings: Settings, report: RunReport) -> None:
     """The cost on the training's MLflow run, when both exist."""
-    from orchestrator.connections import mlflow_credentials
-    from orchestrator.tracking import credentials_in_env, log_cost
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.observe.publish import log_cost
+    from orchestrator.tracking.runs import credentials_in_env
 
     if report.cost is None or report.mlflow_run_id is None:
         log.info("No cost to log in MLflow: %s", "no instance" if report.cost is None else "no MLflow run")
@@ -53,3 +57,29 @@ def log_cost_to_mlflow(settings: Settings, report: RunReport) -> None:
     creds = mlflow_credentials(settings.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password):
         log_cost(settings.mlflow.tracking_uri, report.mlflow_run_id, report.cost)
+
+
+def log_cost(tracking_uri: str, run_id: str, cost: Cost) -> None:
+    """Record what the run's instance cost on its MLflow run; raises TrackingServerError if MLflow refuses."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    now_ms = int(time.time() * 1000)
+    values = (cost.usd, cost.billed_s, cost.non_training_s, cost.training_share)
+    mlflow_call(
+        f"logging the cost on run {run_id}",
+        client.log_batch,
+        run_id,
+        metrics=[Metric(name, float(value), now_ms, 0) for name, value in zip(COST_METRICS, values, strict=True)],
+        tags=[RunTag(PRICE_SOURCE_TAG, cost.price_source), RunTag(USD_PER_HOUR_TAG, f"{cost.usd_per_hour:g}")],
+    )
+    log.info(
+        "Run %s cost %.4f USD: %.0f s billed at %s USD/h (%s), %.0f%% of it training",
+        run_id,
+        cost.usd,
+        cost.billed_s,
+        f"{cost.usd_per_hour:g}",
+        cost.price_source,
+        cost.training_share * 100,
+    )

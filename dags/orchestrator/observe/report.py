@@ -1,15 +1,16 @@
 """What one DAG run did, cost and produced: the run report every publisher (MLflow, notifications, metrics) reads.
 
 Pure and standard-library only: the `report` task assembles it, `to_dict` makes it an XCom, `from_dict` reads it back.
-Field names are a contract between publishers (docs/decisions.md, "Run report"): add fields, never rename them.
+Field names are a contract between publishers (docs/decisions/0081-*.md): add fields, never rename them.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
+
+from orchestrator.redaction import scrub
 
 OUTCOMES = ("success", "failed")
 PRICE_SOURCES = ("aws-price-list", "spot-price-history", "fallback-table")
@@ -20,18 +21,6 @@ BOOTSTRAP_PHASE_PREFIX = "bootstrap."
 # EC2 bills Linux instances per second with a one-minute minimum.
 MIN_BILLED_S = 60.0
 MAX_ERROR_CHARS = 300
-
-# What could be a secret inside an error message: credentials in a URL, tokens with a known shape, webhook URLs.
-_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
-_SECRET_RES = (
-    re.compile(r"https://hooks\.slack\.com/\S+"),
-    re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
-    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
-    re.compile(
-        r"(?i)\b(password|passwd|secret|token|api[_-]?key|authorization)\b(\s*[=:]\s*)(?:bearer\s+|basic\s+)?\S+"
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -105,14 +94,6 @@ def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise KeyError(f"{cls.__name__}: missing fields {missing}")
     return {key: value for key, value in data.items() if key in names}
-
-
-def scrub(text: str) -> str:
-    """`text` with anything shaped like a credential replaced by ***: URL user info, tokens, webhook URLs."""
-    text = _URL_CREDENTIALS_RE.sub(r"\g<scheme>***@", text)
-    for pattern in _SECRET_RES:
-        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***" if m.lastindex == 2 else "***", text)
-    return text
 
 
 def error_line(error: BaseException | str | None, redact: Callable[[str], str] | None = None) -> str | None:

@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.operators.trigger_dagrun import XCOM_RUN_ID, TriggerDagRunOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from orchestrator.training_runs import TRAINING_DAG_ID, training_run_state
+from orchestrator.tracking.training_runs import (
+    TRAINING_DAG_ID,
+    TRAINING_TEARDOWNS,
+    training_run_state,
+    training_step_states,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -62,5 +67,14 @@ class SweepSetOperator(TriggerDagRunOperator):
 
 
 def child_state(ti: Any, run_id: str) -> str:
-    """The state of a set's ec2_training run, as the task instance `ti` can read it; NOT_CREATED if none exists."""
-    return training_run_state(ti, run_id) or NOT_CREATED
+    """The state of a set's ec2_training run, as the task instance `ti` can read it; NOT_CREATED if none exists.
+
+    A run that says success counts only if its steps say so too (observe.verdict): a run marked success by hand, or
+    one decided without its verdict teardown, is not a trained set."""
+    from orchestrator.observe.verdict import SUCCESS, decide
+
+    state = training_run_state(ti, run_id)
+    if state != SUCCESS:
+        return state or NOT_CREATED
+    verdict = decide(training_step_states(ti, run_id), TRAINING_TEARDOWNS)
+    return SUCCESS if verdict.ok else f"failed ({verdict.reason})"

@@ -44,10 +44,15 @@ def best_set(outcomes: Sequence[SetOutcome], *, greater_is_better: bool) -> SetO
 
 
 def verdict(outcomes: Sequence[SetOutcome]) -> tuple[bool, str]:
-    """(every set succeeded, the sentence saying how many failed and which), for the summary task and the UI."""
-    failed = [o for o in outcomes if o.state != SUCCESS]
+    """(every set succeeded, the sentence saying how many failed and which), for the summary task and the UI. A set
+    succeeded when its run did and its MLflow run (when read) is FINISHED."""
+    failed = [o for o in outcomes if o.state != SUCCESS or o.mlflow_status not in (None, "FINISHED")]
     total = len(outcomes)
     if not failed:
         return True, f"all {total} sets succeeded"
-    which = "; ".join(f"{o.label}: ec2_training run {o.dag_run_id} {o.state}" for o in failed)
+    which = "; ".join(
+        f"{o.label}: ec2_training run {o.dag_run_id} {o.state}"
+        + (f", MLflow run {o.mlflow_run_id} {o.mlflow_status}" if o.mlflow_status not in (None, "FINISHED") else "")
+        for o in failed
+    )
     return False, f"{len(failed)} of {total} sets failed: {which}"

@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.settings import Settings
-from orchestrator.training_command import DAG_ID_TAG, DAG_RUN_ID_TAG, JOB_KEY_TAG, PARENT_RUN_TAG
+from orchestrator.config.settings import Settings
+from orchestrator.contracts import DAG_ID_TAG, DAG_RUN_ID_TAG, JOB_KEY_TAG, PARENT_RUN_TAG
+from orchestrator.tracking.pages import all_pages
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,9 @@ def start_parent_run(s: Settings, git_sha: str, dag_id: str, run_id: str, sets: 
     """
     from mlflow import MlflowClient
 
-    from orchestrator.github import commit_checks_url
-    from orchestrator.remote_job import job_key
-    from orchestrator.tracking import start_training_run
-    from orchestrator.training_command import TrackedRun
+    from orchestrator.ci.github_protocol import commit_checks_url, repository_url
+    from orchestrator.instance.job_script import job_key
+    from orchestrator.tracking.runs import TrackedRun, start_training_run
 
     tracked = TrackedRun(
         name=f"{git_sha[:7]} {run_id}",
@@ -51,7 +51,8 @@ def start_parent_run(s: Settings, git_sha: str, dag_id: str, run_id: str, sets: 
             SETS_TAG: str(len(sets)),
             "ci.url": commit_checks_url(s.github.api_url, s.github.repo, git_sha),
             "mlflow.source.git.commit": git_sha,
-            "mlflow.source.name": s.training_repo_url,
+            "mlflow.source.git.repoURL": repository_url(s.github.api_url, s.github.repo),
+            "mlflow.source.name": repository_url(s.github.api_url, s.github.repo),
         },
     )
     parent = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
@@ -69,17 +70,15 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> dict[str, ChildRun]:
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     found: dict[str, ChildRun] = {}
-    token: str | None = None
-    while True:
-        page = client.search_runs(
+    children = all_pages(
+        lambda token: client.search_runs(
             [experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'", max_results=100, page_token=token
         )
-        for run in page:
-            dag_run_id = run.data.tags.get(DAG_RUN_ID_TAG, "")
-            found[dag_run_id] = ChildRun(run.info.run_id, dag_run_id, run.info.status, dict(run.data.metrics))
-        token = page.token
-        if not token:
-            return found
+    )
+    for run in children:
+        dag_run_id = run.data.tags.get(DAG_RUN_ID_TAG, "")
+        found[dag_run_id] = ChildRun(run.info.run_id, dag_run_id, run.info.status, dict(run.data.metrics))
+    return found
 
 
 def end_parent_run(tracking_uri: str, parent_run_id: str, *, ok: bool, tags: Mapping[str, str]) -> None:

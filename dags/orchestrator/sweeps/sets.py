@@ -13,8 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from orchestrator.config.run_params import BY_NAME, JOB_PARAMS, schema_violation
 from orchestrator.errors import ConfigError
-from orchestrator.run_params import BY_NAME, JOB_PARAMS, schema_violation
 
 # The knobs a set may vary: the training job's hyperparameters and data. Instance types, spot and the lifetime are
 # how a run is hosted, not what it learns: they stay the deployment's for every set.
@@ -106,9 +106,13 @@ def _expand_grid(grid: Any) -> tuple[dict[str, Any], ...]:
             raise ConfigError(
                 f"sweep: grid: {name} must be a non-empty list of values, e.g. [1, 3]; got {_short(values)}"
             )
-        axes[name] = [_checked_value(name, value, f"grid {name}[{n}]") for n, value in enumerate(values)]
-    # Counted before expanding: a long grid must not build thousands of sets to refuse them.
+        axes[name] = values
+    # Counted before the values are checked or expanded: a million-value grid is refused at once, not after a
+    # million schema checks (docs/benchmarks.md).
     _check_count(math.prod(len(values) for values in axes.values()), "grid")
+    for name, values in axes.items():
+        for n, value in enumerate(values):
+            _checked_value(name, value, f"grid {name}[{n}]")
     names = [key for key in SWEEP_KEYS if key in axes]
     return tuple(dict(zip(names, combo, strict=True)) for combo in itertools.product(*(axes[k] for k in names)))
 

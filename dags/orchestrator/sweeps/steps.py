@@ -10,10 +10,10 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from orchestrator.errors import ConfigError
-from orchestrator.pipeline import fail_without_retry, resolve_config, settings_of
-from orchestrator.run_params import BY_NAME
-from orchestrator.settings import Settings, load_settings
+from orchestrator.config.resolve import resolve_config, settings_of
+from orchestrator.config.run_params import BY_NAME
+from orchestrator.config.settings import Settings, load_settings
+from orchestrator.errors import fail_without_retry
 from orchestrator.sweeps.outcome import SetOutcome, best_set, verdict
 from orchestrator.sweeps.sets import SWEEP_KEYS, describe, expand_sets, refuse_duplicates
 
@@ -25,7 +25,7 @@ SET_RUN_ID = "{run_id}__set{number}"
 
 def resolve_sweep(params: Mapping[str, Any]) -> dict[str, Any]:
     """The deployment's config for the sweep's ref, and the validated sets; fails before anything is spent."""
-    with fail_without_retry(ConfigError):
+    with fail_without_retry():
         config = resolve_config({"git_ref": params.get("git_ref")})
         sets = expand_sets(params.get("sets"), params.get("grid"))
         # Each set as its run will resolve it: a value the settings refuse, or two sets that come to the same
@@ -101,7 +101,7 @@ def gate_best(
 ) -> dict[str, Any]:
     """Run the champion gate on the best successful set only (the sets' own evaluate only logged a verdict)."""
     from orchestrator.sweeps.parent_run import BEST_RUN_TAG
-    from orchestrator.tracking import TrackingError, evaluate_and_promote
+    from orchestrator.tracking.promotion import evaluate_and_promote
 
     s = settings_of(config)
     sets = outcomes(config, children, state_of, with_metrics=True)
@@ -121,7 +121,7 @@ def gate_best(
         log.warning("No set succeeded: nothing to gate, the champion stays")
         return {"best_set": None}
     log.info("Best: %s, MLflow run %s, %s = %s", best.label, best.mlflow_run_id, s.mlflow.metric, best.value)
-    with _mlflow_login(s), fail_without_retry(TrackingError):
+    with _mlflow_login(s), fail_without_retry():
         result = evaluate_and_promote(
             s.mlflow.tracking_uri,
             best.mlflow_run_id,
@@ -148,7 +148,7 @@ def summarize(
     if not children or not config:
         raise AirflowFailException("the sweep started no set: the task that failed before start_sweep says why")
     s = settings_of(config)
-    ok, sentence = verdict(outcomes(config, children, state_of, with_metrics=False))
+    ok, sentence = verdict(outcomes(config, children, state_of, with_metrics=True))
     if gated is None:
         ok, sentence = False, f"{sentence}; the champion gate did not finish: its log says why"
     with _mlflow_login(s):
@@ -169,8 +169,8 @@ def _job_values(s: Settings) -> dict[str, Any]:
 
 
 def _mlflow_login(s: Settings) -> Any:
-    from orchestrator.connections import mlflow_credentials
-    from orchestrator.tracking import credentials_in_env
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.tracking.runs import credentials_in_env
 
     creds = mlflow_credentials(s.mlflow.conn_id)
     return credentials_in_env(creds.username, creds.password)

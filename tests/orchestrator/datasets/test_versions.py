@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orchestrator.datasets.notifications import completed_versions
+from orchestrator.datasets.notifications import MAX_BODY_BYTES, UnreadableNotification, completed_versions
 from orchestrator.datasets.versions import (
     DatasetError,
     IncompleteVersionError,
@@ -131,9 +131,73 @@ def test_notifications_name_the_versions_whose_marker_was_written() -> None:
         s3_event("data/_SUCCESS"),  # a marker beside the versions
         s3_event("data/v1/_SUCCESS", name="ObjectRemoved:Delete"),
         json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "bkt"}),
-        "not json",
-        "[1, 2]",
+        json.dumps({"Records": []}),
+        s3_event("data/../_SUCCESS"),  # a folder name the job refuses is no version
+        s3_event("data/./_SUCCESS"),
+        s3_event("data//_SUCCESS"),
     ],
 )
 def test_other_messages_name_no_version(body: str) -> None:
     assert completed_versions(body, ROOT, "_SUCCESS") == []
+
+
+def _record(**s3: object) -> str:
+    return json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": s3}]})
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("not json", r"^body is not JSON \(JSONDecodeError: "),
+        ("[" * 100_000 + "]" * 100_000, r"^body is not JSON \(RecursionError: "),
+        ('{"Records": [' * 10_000 + "]}" * 10_000, r"^body is not JSON \(RecursionError: "),
+        (" " * MAX_BODY_BYTES + "{}", rf"^body is {MAX_BODY_BYTES + 2} bytes, over the {MAX_BODY_BYTES}"),
+        (None, r"^body is a NoneType, not JSON text$"),
+        ("[1, 2]", r"^the body is a JSON list, not an object$"),
+        ('"text"', r"^the body is a JSON str, not an object$"),
+        ("{}", r"^body\.Records is missing, not a list$"),
+        ('{"Records": {"a": 1}}', r"^body\.Records is a dict, not a list$"),
+        ('{"Records": ["x"]}', r"^Records\[0\] is a str, not an object$"),
+        ('{"Records": [{"s3": {}}]}', r"^Records\[0\]\.eventName is missing, not a str$"),
+        ('{"Records": [{"eventName": 7}]}', r"^Records\[0\]\.eventName is a int, not a str$"),
+        (json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": []}]}), r"^Records\[0\]\.s3 is a list,"),
+        (_record(bucket=[], object={"key": "k"}), r"^Records\[0\]\.s3\.bucket is a list, not a dict$"),
+        (_record(bucket={"name": 1}, object={"key": "k"}), r"^Records\[0\]\.s3\.bucket\.name is a int, not a str$"),
+        (_record(bucket={"name": "bkt"}), r"^Records\[0\]\.s3\.object is missing, not a dict$"),
+        (_record(bucket={"name": "bkt"}, object={"key": None}), r"^Records\[0\]\.s3\.object\.key is missing,"),
+        (_record(bucket={"name": "bkt"}, object={"key": ["k"]}), r"^Records\[0\]\.s3\.object\.key is a list,"),
+        (json.dumps({"Type": "Notification", "Message": {"Records": []}}), r"^the SNS envelope's Message is a dict"),
+        (json.dumps({"Type": "Notification", "Message": "{"}), r"^the SNS envelope's Message is not JSON"),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_malformed_messages_are_unreadable_whatever_their_shape(body: object, reason: str) -> None:
+    with pytest.raises(UnreadableNotification, match=reason):
+        completed_versions(body, ROOT, "_SUCCESS")
+
+
+def test_a_marker_beside_a_malformed_record_fails_the_whole_message() -> None:
+    good = {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "bkt"}, "object": {"key": "data/v1/_SUCCESS"}}}
+    with pytest.raises(UnreadableNotification, match=r"^Records\[1\]\.s3 is a list"):
+        completed_versions(json.dumps({"Records": [good, {"eventName": "x", "s3": []}]}), ROOT, "_SUCCESS")
+
+
+def test_folders_the_job_would_refuse_are_no_versions() -> None:
+    listing = [obj("data/../_SUCCESS"), obj("data/../x.jpeg"), obj("data/./_SUCCESS"), obj("data//_SUCCESS")]
+    assert complete_versions([*LISTING, *listing], ROOT, "_SUCCESS") == complete_versions(LISTING, ROOT, "_SUCCESS")
+    assert incomplete_versions([*LISTING, obj("data/../x.jpeg")], ROOT, "_SUCCESS") == ["v3"]
+
+
+def test_data_the_job_would_refuse_is_refused_before_launch() -> None:
+    with pytest.raises(DatasetError, match=r"^dataset version '\.\.' \(s3://bkt/data/\.\./\) is not a folder name"):
+        version_at(
+            "s3://bkt/data/../", [obj("data/../_SUCCESS"), obj("data/../a")], datasets_uri=ROOT, marker="_SUCCESS"
+        )
+    hostile = [*LISTING, obj("data/v1/train_another//b.jpeg"), obj("data/v1/x/../y.jpeg")]
+    with pytest.raises(
+        DatasetError,
+        match=r"^s3://bkt/data/v1/train_another//b\.jpeg has the unsafe path segment '' \(empty, .*which the training",
+    ):
+        version_at("s3://bkt/data/v1/", hostile, datasets_uri=ROOT, marker="_SUCCESS")
+    with pytest.raises(DatasetError, match=r"^s3://bkt/data/v1/x/\.\./y\.jpeg has the unsafe path segment '\.\.'"):
+        version_at("s3://bkt/data/v1/", [*LISTING, obj("data/v1/x/../y.jpeg")], datasets_uri="", marker="_SUCCESS")

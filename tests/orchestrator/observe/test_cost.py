@@ -51,3 +51,37 @@ def test_run_cost_sums_every_instance_and_bounds_training() -> None:
     assert (cost.training_s, cost.non_training_s, cost.training_share) == (660.0, 0.0, 1.0)
     assert cost.price_source == "spot-price-history"
     assert run_cost([], 10.0, "us-east-1") is None
+
+
+def test_the_reason_time_is_utc_whatever_the_machine_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert transition_time("User initiated (2026-11-26 20:01:02 GMT)") == 1795723262.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_run_cost_rounds_each_figure_to_its_own_precision() -> None:
+    # Figures chosen so that one digit more or fewer in any rounding changes the Cost.
+    instance = BilledInstance("i-1", 0.0, 90.0, Price(1.23456789, "fallback-table", "prices.toml"))
+    cost = run_cost([instance], 30.34, "us-east-1")
+    assert cost is not None
+    assert cost.to_dict() == {
+        "usd": 0.030864,
+        "billed_s": 90.0,
+        "training_s": 30.3,
+        "non_training_s": 59.7,
+        "training_share": 0.3371,
+        "usd_per_hour": 1.234568,
+        "price_source": "fallback-table",
+        "region": "us-east-1",
+    }
+
+
+def test_a_run_that_never_trained_has_no_training_seconds() -> None:
+    cost = run_cost([BilledInstance("i-1", 0.0, 90.0, TABLE)], 0.0, "us-east-1")
+    assert cost is not None and (cost.training_s, cost.non_training_s, cost.training_share) == (0.0, 90.0, 0.0)

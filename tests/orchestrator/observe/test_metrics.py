@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from embedded.prometheus import Prometheus, Pushgateway, basic_auth_header
+from embedded.services.prometheus import Prometheus, Pushgateway, basic_auth_header
+from orchestrator.config.settings import load_settings, validate
 from orchestrator.errors import ConfigError
 from orchestrator.observe.metrics import (
     MAX_SERIES_PER_LABEL,
@@ -24,7 +25,6 @@ from orchestrator.observe.metrics import (
     push_run_metrics,
     run_metric_families,
 )
-from orchestrator.settings import load_settings, validate
 from tests.conftest import REPO
 from tests.monitoring_fixtures import (
     GATEWAY_LOGIN,
@@ -73,7 +73,7 @@ def test_metrics_are_off_by_default() -> None:
 def test_bad_metrics_settings_name_the_field(changes: dict[str, Any], match: str) -> None:
     s = metrics_settings()
     with pytest.raises(ConfigError, match=match) as caught:
-        validate(dataclasses.replace(s, metrics=dataclasses.replace(s.metrics, **changes)))
+        validate(s.model_copy(update={"metrics": s.metrics.model_copy(update=changes)}))
     assert "hunter2" not in str(caught.value)
 
 

@@ -14,12 +14,12 @@ import airflow.sdk  # noqa: F401 - Airflow sets up logging on import: before cap
 import pytest
 
 from embedded.process import free_port
-from embedded.slack_webhook import SlackWebhookStandIn, verdict
-from embedded.smtp_server import LocalSmtpServer, TlsFiles
+from embedded.services.slack_webhook import SlackWebhookStandIn, verdict
+from embedded.services.smtp_server import LocalSmtpServer, TlsFiles
+from orchestrator.config.settings import Settings, load_settings
 from orchestrator.errors import ConfigError
 from orchestrator.observe.notify import compose_email, compose_slack, send_notifications
 from orchestrator.observe.report import RunReport
-from orchestrator.settings import Settings, load_settings
 from tests.orchestrator.observe.test_report import REPORT
 
 SMTP_CONN = "notify_smtp"

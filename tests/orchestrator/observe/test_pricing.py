@@ -11,7 +11,7 @@ from unittest.mock import Mock
 
 import pytest
 
-from embedded.stack import EmbeddedStack
+from embedded.deploy.stack import EmbeddedStack
 from orchestrator.observe.pricing import (
     FALLBACK_FILE,
     PRICE_LOOKUP_ATTEMPTS,
@@ -58,7 +58,7 @@ def test_on_demand_price_list_parsing() -> None:
 
 
 def test_on_demand_price_asks_for_one_linux_product(stack: EmbeddedStack) -> None:
-    pricing = stack.cloud.client("pricing")
+    pricing = stack.cloud.client("pricing", stack.cloud.airflow)
     asked: list[dict[str, Any]] = []
 
     def ask(params: dict[str, Any], **kwargs: Any) -> None:
@@ -93,7 +93,7 @@ def test_on_demand_price_asks_for_one_linux_product(stack: EmbeddedStack) -> Non
 def test_moto_serves_no_price_list_so_the_table_prices_the_embedded_default(
     env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from orchestrator import connections
+    from orchestrator.config import connections
 
     made = connections.aws_client
     sent: list[str] = []
@@ -115,7 +115,7 @@ def test_moto_serves_no_price_list_so_the_table_prices_the_embedded_default(
 def test_access_denied_falls_back_with_the_reason(
     env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from orchestrator import connections
+    from orchestrator.config import connections
 
     made = connections.aws_client
 
@@ -136,12 +136,12 @@ def test_access_denied_falls_back_with_the_reason(
 
 def test_spot_price_of_the_instance_zone_from_the_moto_server(env: EmbeddedStack) -> None:
     # moto answers every zone (ignoring the zone filter) with a fixed price; only the instance's zone counts.
-    price = spot_price(env.cloud.client("ec2"), "g6.xlarge", f"{env.cloud.region}b", time.time())
+    price = spot_price(env.cloud.client("ec2", env.cloud.airflow), "g6.xlarge", f"{env.cloud.region}b", time.time())
     assert price.source == "spot-price-history"
     assert price.usd_per_hour == pytest.approx(0.00001)
     assert f"{env.cloud.region}b" in price.detail
     with pytest.raises(PriceNotFoundError, match=r"no spot price for g6.xlarge in mars-1a"):
-        spot_price(env.cloud.client("ec2"), "g6.xlarge", "mars-1a", time.time())
+        spot_price(env.cloud.client("ec2", env.cloud.airflow), "g6.xlarge", "mars-1a", time.time())
     # Through instance_price: a spot price that cannot be found falls back to the on-demand table.
     fallback = instance_price("aws_default", env.cloud.region, "g6.xlarge", "spot", "mars-1a", time.time())
     assert (fallback.source, fallback.usd_per_hour) == ("fallback-table", 0.8048)

@@ -7,17 +7,19 @@ from dataclasses import replace
 
 import pytest
 
-from embedded.mlflow_server import MlflowServer
+from embedded.services.mlflow_server import MlflowServer
+from orchestrator.config.settings import Settings, load_settings
+from orchestrator.contracts import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
 from orchestrator.observe.publish import publish
-from orchestrator.settings import Settings, load_settings
-from orchestrator.tracking import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
 from tests.mlflow_fixtures import FaultProxy
 from tests.orchestrator.observe.test_report import REPORT
 
 
 def _settings(tracking_uri: str) -> Settings:
     s = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"})
-    return replace(s, mlflow=replace(s.mlflow, tracking_uri=tracking_uri, conn_id="no_such_connection"))
+    return s.model_copy(
+        update={"mlflow": s.mlflow.model_copy(update={"tracking_uri": tracking_uri, "conn_id": "no_such_connection"})}
+    )
 
 
 def _new_run(tracking_uri: str) -> str:

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from orchestrator.observe.report import MAX_ERROR_CHARS, Cost, RunReport, error_line, scrub
+from orchestrator.observe.report import MAX_ERROR_CHARS, Cost, RunReport, error_line
+from orchestrator.redaction import scrub
 
 COST = Cost(
     usd=0.1606,

@@ -38,3 +38,11 @@ def test_the_verdict_counts_and_names_the_failed_sets() -> None:
     assert verdict([outcome(1), outcome(2)]) == (True, "all 2 sets succeeded")
     ok, sentence = verdict([SetOutcome(1, {}, "r1", "not created"), outcome(2, state="failed")])
     assert sentence.startswith("2 of 2 sets failed: set 1 (the configured values): ec2_training run r1 not created; ")
+
+
+def test_a_set_whose_mlflow_run_did_not_finish_failed_whatever_its_dag_run_says() -> None:
+    ok, sentence = verdict([outcome(1), outcome(2, status="KILLED"), SetOutcome(3, {}, "r3", "success")])
+    assert not ok
+    assert sentence == (
+        "1 of 3 sets failed: set 2 (learning_rate=0.002): ec2_training run run__set2 success, MLflow run m2 KILLED"
+    )

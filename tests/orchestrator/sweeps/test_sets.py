@@ -56,6 +56,11 @@ def test_the_sweepable_knobs_are_the_jobs() -> None:
         (None, {"epochs": [1, 2, 3, 4, 5], "batch_size": [8, 16, 32, 64]}, r"grid gives 20 sets; expected 2 to 16"),
         (None, {"epochs": [1]}, r"grid gives 1 sets"),
         (None, {"epochs": [2, 2]}, r"sets 1 and 2 train the same values"),
+        # NaN passes every bound of a JSON schema; the job refuses it on the instance: refused here first.
+        ([{}, {"learning_rate": float("nan")}], None, r"set 2: learning_rate = NaN is invalid; expected a number"),
+        ([{}, {"learning_rate": float("inf")}], None, r"set 2: learning_rate = Infinity is invalid"),
+        (None, {"learning_rate": [0.1, float("nan")]}, r"grid learning_rate\[1\]: learning_rate = NaN is invalid"),
+        (None, {"learning_rate": [float("-inf"), 0.1]}, r"grid learning_rate\[0\]: learning_rate = -Infinity"),
     ],
     ids=lambda v: str(v)[:30],
 )
@@ -69,6 +74,12 @@ def test_a_huge_grid_is_refused_before_it_is_expanded() -> None:
     with pytest.raises(ConfigError, match=r"grid gives 1000000 sets"):
         expand_sets(None, {"epochs": values, "batch_size": values})
     assert MAX_SETS == 16
+
+
+def test_a_huge_grid_is_counted_before_its_values_are_checked() -> None:
+    # Every value is invalid: checked first, the message would name epochs[0] (after a million schema checks).
+    with pytest.raises(ConfigError, match=r"^sweep: grid gives 1000000 sets; expected 2 to 16"):
+        expand_sets(None, {"epochs": [0] * 1_000_000})
 
 
 def test_duplicates_compare_values_not_spellings() -> None:

@@ -1,0 +1,37 @@
+"""Backstop: terminate every instance of this deployment that outlived its expires_at tag.
+
+"This deployment" is the `ec2-trainer:deployment` tag (setting aws.deployment): another Airflow deployment's
+instances in the same AWS account are its own reaper's business, expired or not.
+
+The training DAG's teardown terminates its instance; this catches what a crashed scheduler, a deleted DAG run or a
+killed worker left behind. (The instance's own watchdog powers it off at the same deadline even if Airflow is gone.)
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task
+
+
+@dag(
+    dag_id="ec2_reaper",
+    schedule=timedelta(minutes=5),
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["ec2", "cleanup"],
+    doc_md=__doc__,
+)
+def ec2_reaper() -> None:
+    @task(retries=3, retry_delay=timedelta(seconds=30))
+    def reap_expired_instances() -> list[str]:
+        from orchestrator.cloud.tasks import reap_expired
+
+        return reap_expired()
+
+    reap_expired_instances()
+
+
+ec2_reaper()

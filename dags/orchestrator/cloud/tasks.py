@@ -1,0 +1,275 @@
+"""The cloud steps of the training DAG (plan_launch, launch, wait_running, terminate) and the expired-instance reaper:
+plain functions over the run's settings, called by thin Airflow tasks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.config.resolve import settings_of
+from orchestrator.config.settings import Settings, load_settings
+from orchestrator.datasets.training_data import training_data
+from orchestrator.errors import ConfigError, fail_without_retry
+
+if TYPE_CHECKING:
+    from orchestrator.cloud.ec2 import LaunchedInstance
+
+log = logging.getLogger(__name__)
+
+# How long terminate waits to see its instances terminated (EC2 takes seconds to a few minutes): only for the log.
+TERMINATE_WAIT_S = 300
+
+
+def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> dict[str, Any]:
+    """Check everything a launch needs before anything is created: the instance types exist here, the AMI (aws.ami_id
+    when a run repeats an image, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its
+    root volume), the subnet, a security group admitting SSH, and the instance profile."""
+    from orchestrator.cloud.ec2_describe import unoffered_instance_types
+    from orchestrator.cloud.launch_spec import resolve_ami
+    from orchestrator.cloud.preflight import (
+        check_architecture,
+        check_instance_profile,
+        check_network,
+        read_image_root,
+        root_volume_gb,
+    )
+    from orchestrator.config.connections import aws_client
+
+    s = settings_of(config)
+    # Fails here, before anything is launched, on missing or half-uploaded data; train reads it again as the job
+    # starts (the identity the run records is the data's then).
+    training_data(s)
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    with fail_without_retry():
+        unoffered = unoffered_instance_types(ec2, s.aws.instance_types)
+        if unoffered:
+            raise ConfigError(
+                f"aws.instance_types: {unoffered} not offered in {s.aws.region}: check the spelling "
+                "(e.g. g6.xlarge) or choose types this region has"
+            )
+        source = "aws.ami_id" if s.aws.ami_id else "aws.ami_ssm_parameter"
+        ami_id = s.aws.ami_id or resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
+        root = read_image_root(ec2, ami_id, source)
+        check_architecture(ec2, ami_id, root, s.aws.instance_types, source)
+        volume_gb = root_volume_gb(s.aws.root_volume_gb, root)
+        network = check_network(ec2, s.aws.subnet_id, s.aws.security_group_ids, s.instance.ssh_port)
+        if s.aws.instance_profile:
+            check_instance_profile(aws_client("iam", s.aws.conn_id, s.aws.region), s.aws.instance_profile)
+    log.info(
+        "AMI %s (from %s), root %s of %s GB (snapshot %s GB); subnet %s in %s (maps public IPs: %s)",
+        ami_id,
+        "aws.ami_id" if s.aws.ami_id else s.aws.ami_ssm_parameter,
+        root.device_name,
+        volume_gb,
+        root.snapshot_gb,
+        network.subnet_id,
+        network.vpc_id,
+        network.maps_public_ip,
+    )
+    return {
+        "ami_id": ami_id,
+        "ami_name": root.name,
+        "root_device_name": root.device_name,
+        "root_volume_gb": volume_gb,
+        "git_sha": git_sha,
+        "dag_id": dag_id,
+        "run_id": run_id,
+    }
+
+
+def launch(config: Mapping[str, Any], plan: Mapping[str, Any], waited_s: float) -> dict[str, Any] | None:
+    """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key; None while
+    the deployment is at aws.max_instances (look again later: nothing sleeps here).
+
+    `waited_s` is how long this run has waited for a slot so far; past aws.instance_wait_minutes at the cap it fails.
+    A new instance's deadline counts from when it is launched. It is returned running: an instance EC2 takes back
+    before it runs (capacity, spot) is replaced on the next option.
+    """
+    from orchestrator.cloud.ec2 import adopt_run_instance, instance_slot_free
+    from orchestrator.config.connections import aws_client
+
+    s = settings_of(config)
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    launched = adopt_run_instance(
+        ec2, s.aws.project_tag, s.aws.deployment, plan["dag_id"], plan["run_id"], plan["git_sha"]
+    )
+    if launched is None:
+        # The cap held too long (InstanceCapError) fails now: a retry would wait the whole time again.
+        with fail_without_retry():
+            free = instance_slot_free(
+                ec2,
+                s.aws.project_tag,
+                s.aws.deployment,
+                s.aws.max_instances,
+                waited_s=waited_s,
+                timeout_s=s.aws.instance_wait_minutes * 60,
+            )
+            if not free:
+                return None
+            launched = _launch_new(s, plan, ec2)
+    else:
+        log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
+    return {
+        "instance_id": launched.instance_id,
+        "instance_type": launched.instance_type,
+        "market": launched.market,
+        "reused": launched.reused,
+        "host_public_key": launched.host_public_key,
+    }
+
+
+def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInstance:
+    from orchestrator.cloud.ec2 import launch_instance
+    from orchestrator.cloud.hostkeys import generate_host_key, public_line_from_private
+    from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity
+    from orchestrator.cloud.user_data import UserDataSpec, render_user_data
+    from orchestrator.config.connections import ssh_private_key
+
+    expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
+    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], expires_at, s.aws.deployment)
+    host_key = generate_host_key()
+    user_data = render_user_data(
+        UserDataSpec(
+            host_key=host_key,
+            authorized_public_key=public_line_from_private(ssh_private_key(s.instance.ssh_conn_id)),
+            ssh_user=s.instance.ssh_user,
+            ssh_port=s.instance.ssh_port,
+            deadline_epoch=identity.expires_at_epoch,
+            state_dir=s.instance.state_dir,
+            python_bin=s.instance.python_bin,
+            require_gpu=s.instance.require_gpu,
+        )
+    )
+    spec = LaunchSpec(
+        ami_id=plan["ami_id"],
+        instance_types=s.aws.instance_types,
+        spot=s.aws.spot,
+        spot_fallback_to_on_demand=s.aws.spot_fallback_to_on_demand,
+        subnet_id=s.aws.subnet_id,
+        security_group_ids=s.aws.security_group_ids,
+        public_ip=s.instance.address == "public_ip",
+        instance_profile=s.aws.instance_profile or None,
+        root_volume_gb=plan["root_volume_gb"],
+        root_device_name=plan["root_device_name"],
+        kms_key_id=s.aws.kms_key_id or None,
+        project_tag=s.aws.project_tag,
+    )
+    launched = launch_instance(
+        ec2,
+        spec,
+        identity,
+        user_data,
+        host_public_key=host_key.public_line,
+        # Relaunches after capacity was lost count against the same bound, and never past the run's deadline.
+        running_timeout_s=min(s.aws.launch_timeout_minutes * 60, expires_at - time.time()),
+        poll_s=s.instance.poll_seconds,
+    )
+    log.info(
+        "Instance %s (%s, %s) for commit %s; host key %s; it must be gone by %s",
+        launched.instance_id,
+        launched.instance_type,
+        launched.market,
+        identity.git_sha,
+        host_key.fingerprint_sha256,
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
+    )
+    return launched
+
+
+def instance_gone(config: Mapping[str, Any], instance_id: str) -> str | None:
+    """Why the run's instance can no longer answer (its state and EC2's reason, explained), or None while it may:
+    asked when SSH fails, so an instance ended while nobody watched is reported as ended, not as an SSH error."""
+    from orchestrator.cloud.ec2_describe import describe_instance, instance_gone_message
+    from orchestrator.config.connections import aws_client
+
+    s = settings_of(config)
+    return instance_gone_message(
+        instance_id, describe_instance(aws_client("ec2", s.aws.conn_id, s.aws.region), instance_id)
+    )
+
+
+def wait_running(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[str, Any]:
+    """The instance runs and has its address (launch returns it running, so this is one look, bounded anyway).
+
+    The ready wait's deadline (aws.launch_timeout_minutes + instance.ready_timeout_minutes) counts from the
+    instance's launch time as EC2 records it, so a retried wait_ready keeps the first try's bound.
+    """
+    from orchestrator.cloud.ec2 import InstanceNotReadyError, wait_until_running
+    from orchestrator.cloud.ec2_describe import describe_instance
+    from orchestrator.config.connections import aws_client
+
+    s = settings_of(config)
+    started = time.time()
+    # Named here, not terminal: launch retries an instance that was lost or slow to run (InstanceLostError too).
+    with fail_without_retry(InstanceNotReadyError):
+        ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+        known = describe_instance(ec2, launched["instance_id"])
+        launched_at = known.launch_time.timestamp() if known is not None and known.launch_time else started
+        deadline = launched_at + (s.aws.launch_timeout_minutes + s.instance.ready_timeout_minutes) * 60
+        info = wait_until_running(
+            ec2,
+            launched["instance_id"],
+            timeout_s=max(1.0, min(s.aws.launch_timeout_minutes * 60, deadline - started)),
+            poll_s=s.instance.poll_seconds,
+        )
+        address = info.public_ip if s.instance.address == "public_ip" else info.private_ip
+        if not address:
+            raise InstanceNotReadyError(
+                f"{info.instance_id} has no {s.instance.address.replace('_', ' ')}: use a subnet that assigns "
+                "public IPs, or set instance.address = private_ip when Airflow runs inside the VPC"
+            )
+    running_s = time.time() - started
+    log.info("%s is running (%s) at %s after %.1f s", info.instance_id, info.instance_type, address, running_s)
+    return {
+        "instance_id": info.instance_id,
+        "instance_type": info.instance_type,
+        "market": launched["market"],
+        "address": address,
+        "started_at": started,
+        "deadline": deadline,
+        "seconds_to_running": round(running_s, 1),
+    }
+
+
+def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids: list[str]) -> dict[str, str]:
+    """Terminate the run's instances by id and by tag; harmless to repeat; returns each one's final state."""
+    from botocore.exceptions import WaiterError
+
+    from orchestrator.cloud.ec2 import terminate_run, waiter_config
+    from orchestrator.cloud.ec2_describe import describe_instance
+    from orchestrator.config.connections import aws_client
+
+    s = settings_of(config)
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    asked = terminate_run(ec2, s.aws.project_tag, s.aws.deployment, dag_id, run_id, instance_ids=tuple(instance_ids))
+    if asked:
+        # Terminating a running instance passes through shutting-down; wait (bounded) so the log shows the end state.
+        try:
+            ec2.get_waiter("instance_terminated").wait(
+                InstanceIds=asked, WaiterConfig=waiter_config(TERMINATE_WAIT_S, s.instance.poll_seconds)
+            )
+        except WaiterError as exc:
+            log.warning("Not every instance is terminated yet after %s s: %s", TERMINATE_WAIT_S, exc)
+    states: dict[str, str] = {}
+    for instance_id in asked:
+        info = describe_instance(ec2, instance_id)
+        states[instance_id] = info.state if info else "terminated"
+        log.info("Instance %s: %s", instance_id, states[instance_id])
+    if not asked:
+        log.info("No instance of run %s to terminate", run_id)
+    return states
+
+
+def reap_expired(config: Mapping[str, Any] | None = None) -> list[str]:
+    """Terminate every instance of this deployment (aws.deployment) that outlived its expires_at tag."""
+    from orchestrator.cloud.ec2 import terminate_expired
+    from orchestrator.config.connections import aws_client
+
+    s = settings_of(config) if config else load_settings()
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    reaped = terminate_expired(ec2, s.aws.project_tag, s.aws.deployment, time.time())
+    for instance_id in reaped:
+        log.warning("Terminated %s: past its expires_at deadline (its DAG run did not clean it up)", instance_id)
+    return reaped

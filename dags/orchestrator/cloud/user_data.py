@@ -1,0 +1,235 @@
+"""The instance's cloud-init user-data: pinned host key, authorized key, max-lifetime watchdog and bootstrap.
+
+The `#cloud-config` document is built as a dict and dumped with `yaml.safe_dump` (so every value is YAML-quoted
+by the library); the two shell scripts are files under `userdata/` whose `@@{name}` placeholders are filled with
+`shlex.quote`d values. Only the keys the embedded default's instance emulator also interprets are used:
+`ssh_keys`, `ssh_authorized_keys`, `bootcmd`, `write_files` and argv-list `runcmd` (plus cloud-init-only hardening
+keys).
+
+What runs when (cloud-init's own order, every step as root):
+- init stage: `bootcmd` (every boot, before `write_files`): queues, with `systemd-run --no-block`, one transient job
+  that systemd starts only once cloud-init's init stage is over (its default dependencies order it after
+  sysinit.target, which cloud-init.service precedes), by when `write_files` has written the files;
+- init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's systemd
+  unit and, for a port other than 22, an sshd drop-in with `Port N`; then sshd starts (after cloud-init.service);
+- the queued job: `systemctl enable --now` the watchdog unit (so it also runs after a reboot, and whatever the later
+  stages do) and, for a port other than 22, restarts sshd's socket or service (Ubuntu 24.04's socket activation
+  reads `Port` only on a daemon-reload);
+- final stage: `runcmd` runs the bootstrap, which makes the folders the SSH login user writes its own.
+
+The user-data is readable through IMDS on the instance and by anyone allowed ec2:DescribeInstanceAttribute:
+it holds the per-run host private key (worthless once the instance is gone) and nothing else secret.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.cloud.hostkeys import HostKey
+from orchestrator.errors import ConfigError
+
+# The project's userdata/ folder, beside dags/.
+TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "userdata"
+
+# EC2 limit on user-data, counted before base64 encoding.
+USER_DATA_MAX_BYTES = 16 * 1024
+
+WATCHDOG_UNIT = "ec2-trainer-watchdog.service"
+SYSTEMD_UNIT_DIR = "/etc/systemd/system"
+# Read by Ubuntu's sshd_config (`Include /etc/ssh/sshd_config.d/*.conf`); cloud images ship 60-cloudimg-settings.conf.
+SSHD_PORT_DROP_IN = "/etc/ssh/sshd_config.d/50-ec2-trainer-port.conf"
+SSH_DEFAULT_PORT = 22
+
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*$")
+_MLFLOW_PIN_RE = re.compile(r"^mlflow==([0-9][0-9A-Za-z.+!-]*)$")
+_PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( [^\n]*)?$")
+
+
+class UserDataTooLargeError(ConfigError):
+    """The rendered user-data exceeds EC2's 16 KB limit."""
+
+
+@dataclass(frozen=True)
+class UserDataSpec:
+    """Everything the instance needs to boot into a ready training host."""
+
+    host_key: HostKey
+    authorized_public_key: str
+    # Must be the AMI's default user (cloud-init installs the authorized key for that user).
+    ssh_user: str
+    # Absolute epoch seconds by which the instance must be gone; the watchdog powers it off then.
+    deadline_epoch: int
+    state_dir: str = "/var/lib/ec2-trainer"
+    # The interpreter that has torch (the PyTorch Deep Learning AMI's).
+    python_bin: str = "/opt/pytorch/bin/python"
+    mlflow_requirement: str = "mlflow==3.17.2"
+    require_gpu: bool = True
+    # Debian package names, each also the name of the command that shows it is installed.
+    # tar unpacks the commit's tree that train uploads (the instance fetches no code itself: no git needed).
+    packages: tuple[str, ...] = ("tar",)
+    # The port sshd listens on; another than 22 is set with an sshd drop-in and a restart early in the boot.
+    ssh_port: int = SSH_DEFAULT_PORT
+
+
+class _ShellTemplate(string.Template):
+    # `$` is bash's own; `@@{name}` cannot clash with it.
+    delimiter = "@@"
+
+
+def _validate(spec: UserDataSpec) -> None:
+    if not _PUBLIC_KEY_RE.fullmatch(spec.authorized_public_key.strip()):
+        raise ConfigError(
+            "authorized_public_key is not an OpenSSH public key line ('ssh-ed25519 AAAA...'): "
+            "derive it with orchestrator.cloud.hostkeys.public_line_from_private"
+        )
+    if not _USER_RE.fullmatch(spec.ssh_user):
+        raise ConfigError(f"ssh_user {spec.ssh_user!r} is not a valid Linux user name: use e.g. 'ubuntu'")
+    if not spec.state_dir.startswith("/") or "\n" in spec.state_dir:
+        raise ConfigError(f"state_dir {spec.state_dir!r} must be an absolute path on one line")
+    if not spec.python_bin or "\n" in spec.python_bin:
+        raise ConfigError("python_bin must be an interpreter path on one line, e.g. /opt/pytorch/bin/python")
+    if not _MLFLOW_PIN_RE.match(spec.mlflow_requirement):
+        raise ConfigError(
+            f"mlflow_requirement {spec.mlflow_requirement!r} must pin one version, e.g. mlflow==3.17.2: the bootstrap "
+            "compares it with the installed version"
+        )
+    if not 1 <= spec.ssh_port <= 65535:
+        raise ConfigError(f"ssh_port must be a TCP port (1-65535), got {spec.ssh_port}")
+    if spec.deadline_epoch <= 0:
+        raise ConfigError(f"deadline_epoch must be a positive epoch time in seconds, got {spec.deadline_epoch}")
+    bad = [p for p in spec.packages if not _PACKAGE_RE.fullmatch(p)]
+    if bad:
+        raise ConfigError(f"packages {bad!r} are not valid Debian package names: use names like 'git'")
+
+
+def render_script(name: str, spec: UserDataSpec) -> str:
+    """One of the shell scripts under userdata/ with the spec's values filled in, shell-quoted."""
+    values = {
+        "state_dir": shlex.quote(spec.state_dir),
+        "python_bin": shlex.quote(spec.python_bin),
+        "mlflow_requirement": shlex.quote(spec.mlflow_requirement),
+        "mlflow_version": shlex.quote(_mlflow_version(spec)),
+        "require_gpu": "true" if spec.require_gpu else "false",
+        "ssh_user": shlex.quote(spec.ssh_user),
+        "packages": " ".join(shlex.quote(p) for p in spec.packages),
+        "deadline_epoch": str(int(spec.deadline_epoch)),
+    }
+    template = _ShellTemplate((TEMPLATE_DIR / name).read_text(encoding="utf-8"))
+    return template.substitute(values)
+
+
+def _mlflow_version(spec: UserDataSpec) -> str:
+    match = _MLFLOW_PIN_RE.match(spec.mlflow_requirement)
+    if match is None:
+        raise ConfigError(f"mlflow_requirement {spec.mlflow_requirement!r} must pin one version, e.g. mlflow==3.17.2")
+    return match.group(1)
+
+
+def _systemd_quote(word: str) -> str:
+    """One word of a unit's ExecStart: double-quoted, with systemd's own `$` and `%` expansions escaped."""
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def watchdog_unit(script: str) -> str:
+    """The watchdog's systemd unit: enabled, so it runs on every boot whatever cloud-init's later stages do."""
+    return (
+        "[Unit]\n"
+        "Description=ec2-trainer max-lifetime watchdog: powers the instance off at its deadline\n"
+        "\n"
+        "[Service]\n"
+        f"ExecStart=/bin/bash {_systemd_quote(script)}\n"
+        "Restart=always\n"
+        "RestartSec=10\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def _early_boot_command(spec: UserDataSpec) -> list[str]:
+    """bootcmd's one entry: a transient systemd job that runs once cloud-init's init stage (write_files) is over.
+
+    `--no-block` is required: bootcmd runs inside cloud-init.service, which the job is ordered after."""
+    # The reload loads the unit written after boot and re-runs ssh.socket's generator, which reads Port (Ubuntu 24.04).
+    steps = ["systemctl daemon-reload", f"systemctl enable --now {WATCHDOG_UNIT}"]
+    if spec.ssh_port != SSH_DEFAULT_PORT:
+        steps.append("systemctl try-restart ssh.socket ssh.service")
+    return [
+        "systemd-run",
+        "--no-block",
+        "--unit=ec2-trainer-early-boot",
+        "--description=ec2-trainer: start the watchdog unit and apply the sshd port",
+        "sh",
+        "-c",
+        "; ".join(steps),
+    ]
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Writes multi-line strings as `|` blocks so the scripts stay readable in the user-data."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_LiteralDumper.add_representer(str, _represent_str)
+
+
+def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
+    """The `#cloud-config` document as a dict (validated spec)."""
+    _validate(spec)
+    bin_dir = f"{spec.state_dir.rstrip('/')}/bin"
+    watchdog = f"{bin_dir}/watchdog.sh"
+    bootstrap = f"{bin_dir}/bootstrap.sh"
+    files: list[dict[str, str]] = [
+        {"path": bootstrap, "content": render_script("bootstrap.sh", spec), "permissions": "0755"},
+        {"path": watchdog, "content": render_script("watchdog.sh", spec), "permissions": "0755"},
+        {
+            "path": f"{spec.state_dir.rstrip('/')}/deadline",
+            "content": f"{int(spec.deadline_epoch)}\n",
+            "permissions": "0644",
+        },
+        {"path": f"{SYSTEMD_UNIT_DIR}/{WATCHDOG_UNIT}", "content": watchdog_unit(watchdog), "permissions": "0644"},
+    ]
+    if spec.ssh_port != SSH_DEFAULT_PORT:
+        files.append({"path": SSHD_PORT_DROP_IN, "content": f"Port {spec.ssh_port}\n", "permissions": "0644"})
+    return {
+        # The instance presents exactly the pinned host key: no other type is generated, old ones are deleted.
+        "ssh_keys": {
+            "ed25519_private": spec.host_key.private_openssh,
+            "ed25519_public": spec.host_key.public_line,
+        },
+        "ssh_deletekeys": True,
+        "ssh_genkeytypes": ["ed25519"],
+        "ssh_authorized_keys": [spec.authorized_public_key.strip()],
+        "disable_root": True,
+        "ssh_pwauth": False,
+        # The watchdog is a systemd unit started from the init stage: it runs even when runcmd never does.
+        "bootcmd": [_early_boot_command(spec)],
+        "write_files": files,
+        "runcmd": [["bash", bootstrap]],
+    }
+
+
+def render_user_data(spec: UserDataSpec) -> str:
+    """The user-data to pass as RunInstances' UserData (plain text; boto3 base64-encodes it)."""
+    body = yaml.dump(cloud_config(spec), Dumper=_LiteralDumper, sort_keys=False, width=1000)
+    text = "#cloud-config\n" + body
+    size = len(text.encode("utf-8"))
+    if size > USER_DATA_MAX_BYTES:
+        raise UserDataTooLargeError(
+            f"rendered user-data is {size} bytes, over EC2's {USER_DATA_MAX_BYTES}-byte limit: "
+            "shorten the scripts under userdata/ or fetch large parts from S3 at boot"
+        )
+    return text

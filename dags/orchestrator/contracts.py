@@ -1,0 +1,75 @@
+"""What crosses task and package boundaries: XCom keys, MLflow tag and artifact names, EC2 tag names.
+
+A name one package writes and another reads lives here, so neither imports the other for it; names used inside one
+package only (the sweep's parent-run tags, a dataset version's tags) stay with it.
+"""
+
+from __future__ import annotations
+
+
+def classpath(trigger: object) -> str:
+    """A trigger's classpath as the metadata DB stores it, derived from its class so a move can never leave it stale
+    (the old path keeps working through an import shim for one release)."""
+    return f"{type(trigger).__module__}.{type(trigger).__qualname__}"
+
+
+# XCom keys (besides each task's return value): the commit the CI gate resolved, the training's MLflow run and its
+# URL (read by the report), a failed task's failure (observe.failures), and wait_ready's view of the running instance
+# (address, when the wait began, its deadline), kept for its resumption.
+SHA_XCOM_KEY = "ci_gate_sha"
+MLFLOW_RUN_ID_KEY = "mlflow_run_id"
+MLFLOW_RUN_URL_KEY = "mlflow_run_url"
+FAILURE_KEY = "failure"
+RUNNING_KEY = "running"
+
+# MLflow run tags and artifacts.
+DAG_ID_TAG = "airflow.dag_id"
+DAG_RUN_ID_TAG = "airflow.run_id"
+
+# The remote job's key (job_script.job_key: letters, digits, '._-'): a retry finds the run its first try created by
+# this tag. A run id may hold characters (quotes) that MLflow's search filter cannot carry; the key never does.
+JOB_KEY_TAG = "ec2_trainer.job_key"
+
+# MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
+PARENT_RUN_TAG = "mlflow.parentRunId"
+SETTINGS_DIGEST_TAG = "ec2_trainer.settings_digest"
+
+# Model version tag: until when (epoch seconds) the version contends for the alias; compared across workers' clocks.
+CONTENDER_TAG = "ec2_trainer.contends_until"
+# Model version tag: when (epoch seconds) the gate moved the champion alias onto the version: its own record, so a
+# retry trusts "already holds the alias" only when the gate, not a hand in the UI, put it there.
+ALIAS_MOVED_TAG = "ec2_trainer.alias_moved_at"
+
+# MLflow 3 opens an experiment on its GenAI view (traces, prompts) unless this tag says it holds model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+# Run tags of the gate's outcome. A sweep's run (promote=False) records its verdict as LEFT_TO_SWEEP: the sweep
+# gates its best run only, which then gets "promoted" or "not_promoted".
+PROMOTION_TAG = "ec2_trainer.promotion"
+PROMOTION_REASON_TAG = "ec2_trainer.promotion_reason"
+LEFT_TO_SWEEP = "left_to_sweep"
+
+# Names of the cost on the training's MLflow run: metrics (comparable across runs) and tags (overwritten on a retry,
+# where params would refuse a second value).
+COST_METRICS = ("cost_usd", "billed_seconds", "non_training_seconds", "training_share")
+PRICE_SOURCE_TAG = "ec2_trainer.price_source"
+USD_PER_HOUR_TAG = "ec2_trainer.usd_per_hour"
+
+# The MLflow artifact holding the full manifest (every key, ETag and size).
+MANIFEST_ARTIFACT = "dataset/manifest.json"
+
+# EC2 tags: identity by tag, every lookup and terminate filters on them.
+TAG_PREFIX = "ec2-trainer:"
+TAG_PROJECT = TAG_PREFIX + "project"
+
+# Which Airflow deployment owns the instance: two deployments in one account never count, reap, terminate or adopt
+# each other's instances, because every lookup filters on it (aws.deployment).
+TAG_DEPLOYMENT = TAG_PREFIX + "deployment"
+TAG_DAG_ID = TAG_PREFIX + "dag_id"
+TAG_RUN_ID = TAG_PREFIX + "run_id"
+TAG_GIT_SHA = TAG_PREFIX + "git_sha"
+TAG_EXPIRES_AT = TAG_PREFIX + "expires_at"
+
+# The instance's pinned SSH host key (public half, no secret): a retried launch that adopts the instance reads it here.
+TAG_HOST_KEY = TAG_PREFIX + "host_key"

@@ -1,0 +1,34 @@
+"""The training data a run reads: identified (and checked complete) before anything is launched."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from orchestrator.errors import fail_without_retry
+
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
+    from orchestrator.datasets.versions import DatasetVersion
+log = logging.getLogger(__name__)
+
+
+def training_data(s: Settings) -> DatasetVersion | None:
+    """The exact data an s3:// training.data_uri holds now (None for other schemes): it must exist and, when it is
+    a version under datasets.uri, be complete (its marker written). Fails without retry otherwise."""
+    from orchestrator.config.connections import aws_client
+    from orchestrator.datasets.s3 import identify
+
+    if not s.training.data_uri.startswith("s3://"):
+        return None
+    with fail_without_retry():
+        version = identify(aws_client("s3", s.aws.conn_id, s.aws.region), s.training.data_uri, s.datasets)
+    log.info(
+        "Data %s: %s%d objects, %d bytes, digest %s",
+        version.uri,
+        f"version {version.name!r}, " if version.name else "",
+        len(version.objects),
+        sum(o.size for o in version.objects),
+        version.digest,
+    )
+    return version

@@ -1,0 +1,112 @@
+"""The DAG's wait_ready step on the instance, and the MLflow run link of the train step (instance.training_operator).
+
+The launch, which waits too, is cloud.operators. The ready wait does not sleep in a worker for long: it defers to
+the triggerer (instance.triggers) unless training.deferrable is false.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowFailException
+
+from orchestrator.contracts import MLFLOW_RUN_URL_KEY, RUNNING_KEY
+from orchestrator.errors import fail_without_retry
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.sdk.types import TaskInstanceKey
+
+
+class MlflowRunLink(BaseOperatorLink):
+    """The 'MLflow run' button on the task: the run this training produced."""
+
+    name = "MLflow run"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return str(XCom.get_value(key=MLFLOW_RUN_URL_KEY, ti_key=ti_key) or "")
+
+
+class InstanceReadyOperator(BaseOperator):
+    """Wait, bounded, until the instance runs, answers SSH with its pinned host key and its bootstrap succeeded.
+
+    The EC2 check runs here; the SSH and bootstrap wait (up to instance.ready_timeout_minutes, the bootstrap log
+    streamed into the task log as `bootstrap | ...`) runs in the triggerer, or here when training.deferrable is false.
+    """
+
+    template_fields: Sequence[str] = ("config", "launched")
+    ui_color = "#e3f2fd"
+
+    def __init__(self, *, config: Any, launched: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.launched = launched
+
+    @fail_without_retry()
+    def execute(self, context: Context) -> dict[str, Any]:
+        from orchestrator.cloud.tasks import wait_running
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.ready import wait_ready_in_worker
+        from orchestrator.instance.triggers import BootstrapTrigger
+
+        s = settings_of(self.config)
+        running = wait_running(self.config, self.launched)
+        if not s.training.deferrable:
+            try:
+                return wait_ready_in_worker(self.config, self.launched, running)
+            except AirflowFailException as exc:
+                raise AirflowFailException(self._failure(running, str(exc))) from None
+        # For execute_complete, on whichever worker resumes the task.
+        context["ti"].xcom_push(key=RUNNING_KEY, value=running)
+        self.defer(
+            trigger=BootstrapTrigger(
+                ssh_conn_id=s.instance.ssh_conn_id,
+                host=running["address"],
+                port=s.instance.ssh_port,
+                user=s.instance.ssh_user,
+                host_public_key=self.launched["host_public_key"],
+                state_dir=s.instance.state_dir,
+                poll_s=s.instance.poll_seconds,
+                started_at=running["started_at"],
+                deadline=running["deadline"],
+            ),
+            method_name="execute_complete",
+        )
+
+    def _failure(self, running: dict[str, Any] | None, message: str) -> str:
+        """The failure's message: the instance's end and why when it is gone (its SSH errors say nothing true),
+        else `message` and, before the teardown terminates it, the instance's logs into this task log (no MLflow
+        run exists yet). No logs when it answered with another host key: nothing is sent to that host."""
+        from orchestrator.cloud.tasks import instance_gone
+        from orchestrator.instance.postmortem import for_run, log_to_task_log
+
+        gone = instance_gone(self.config, self.launched["instance_id"])
+        if gone:
+            return f"{gone}. It ended before it was ready; trigger the run again."
+        if not running or "does not match the pinned key" in message:
+            return message
+        bundle = for_run(self.config, running["address"], self.launched["host_public_key"])
+        log_to_task_log(bundle, self.log)
+        return message + (" The instance's logs are above, prefixed 'postmortem |'." if bundle else "")
+
+    @fail_without_retry()
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        from orchestrator.instance.ready import ready_result
+
+        running = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
+        if event.get("status") != "ready":
+            message = str(event.get("message") or f"unexpected event: {event!r}")
+            # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
+            raise AirflowFailException(self._failure(running, message))
+        return ready_result(
+            self.config,
+            self.launched,
+            running,
+            float(event["seconds_to_ssh"]),
+            float(event["seconds_to_ready"]),
+            event.get("bootstrap_phases_s") or {},
+        )

@@ -1,0 +1,413 @@
+"""The DAG's train step: RemoteTrainingOperator runs the training command on the instance as a remote job.
+
+It defers to the triggerer (instance.triggers.RemoteJobTrigger) unless training.deferrable is false, and owns the
+remote job's lifetime: start or re-attach, follow, kill on cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from orchestrator.contracts import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY
+from orchestrator.errors import fail_without_retry
+from orchestrator.instance.operators import MlflowRunLink
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from orchestrator.config.settings import Settings
+    from orchestrator.instance.remote_job import RemoteJob
+
+
+class RemoteTrainingOperator(BaseOperator):
+    """Run `mlflow run <repo> --version <sha>` on the instance over SSH, as a detached job.
+
+    The job is keyed by the DAG run, so a retried task re-attaches to the job already running (or finished) on the
+    instance instead of starting another; its log is streamed into the task log from the start; its exit code decides
+    the task state; killing the task kills the remote job. MLflow credentials reach the job through a 0600 file that
+    the job reads and deletes: never the command line, never this log, never the trigger's kwargs.
+
+    With training.deferrable (the default) the worker only starts or re-attaches, then defers to RemoteJobTrigger
+    (which streams the log and, if the deferred task is marked failed or cleared, kills the job);
+    `execute_complete` finishes on any worker. Otherwise the worker follows the job itself until it exits.
+    """
+
+    template_fields: Sequence[str] = ("config", "ready", "git_sha")
+    operator_extra_links = (MlflowRunLink(),)
+    ui_color = "#fff3e0"
+
+    def __init__(self, *, config: Any, ready: Any, git_sha: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.ready = ready
+        self.git_sha = git_sha
+        self._job: RemoteJob | None = None
+
+    def _remote_job(self, context: Context) -> RemoteJob:
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.job_script import job_dir_for, job_key
+        from orchestrator.instance.ready import ssh_target
+        from orchestrator.instance.remote_job import RemoteJob
+        from orchestrator.instance.ssh import connect
+
+        s = settings_of(self.config)
+        target = ssh_target(self.config, self.ready["address"], self.ready["host_public_key"])
+        key = job_key(self.dag_id, context["run_id"])
+        return RemoteJob(
+            lambda: connect(target, timeout_s=30),
+            job_dir_for(s.instance.state_dir, key),
+            poll_s=min(s.instance.poll_seconds, 2.0),
+            on_disconnect=lambda exc: self._fail_if_instance_gone(),
+        )
+
+    def _fail_if_instance_gone(self) -> None:
+        """A lost connection may mean a lost instance (spot interruption, its watchdog, someone in the console): ask
+        EC2 at once and fail naming why it went, with the MLflow run ended FAILED (no bundle: nothing to read)."""
+        from orchestrator.cloud.tasks import instance_gone
+
+        gone = instance_gone(self.config, self.ready["instance_id"])
+        if gone:
+            self._end_mlflow_run()
+            raise AirflowFailException(
+                f"{gone}. It ended while training, so the run cannot finish; trigger it again (on-demand capacity "
+                "avoids spot interruptions)."
+            )
+
+    def _end_mlflow_run(self) -> str | None:
+        """The MLflow run this task created, marked FAILED if its job left it RUNNING; None before one exists."""
+        from airflow.sdk import get_current_context
+
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.tracking.runs import end_mlflow_run
+
+        run_id = get_current_context()["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
+        if run_id:
+            end_mlflow_run(settings_of(self.config), run_id, "FAILED")
+        return str(run_id) if run_id else None
+
+    @fail_without_retry()
+    def execute(self, context: Context) -> str:
+        from orchestrator.config.connections import mlflow_credentials
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.datasets.training_data import training_data
+        from orchestrator.instance.command import tracked_run, training_command
+        from orchestrator.instance.remote_job import RemoteJobError
+        from orchestrator.instance.ssh import transient_ssh_errors
+        from orchestrator.tracking.runs import credentials_in_env, log_dataset_manifest, start_training_run
+
+        if finished := self._finished_by_an_earlier_try(context):
+            self.log.info("MLflow run %s of this DAG run finished in an earlier try: reading its result", finished)
+            return finished
+        s = settings_of(self.config)
+        # Read again as the job starts: the run records the data as it is when it is downloaded.
+        dataset = training_data(s)
+        # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
+        context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
+        creds = mlflow_credentials(s.mlflow.conn_id)
+        # The MLflow run is created here, named and tagged after this DAG run; the job trains into it (--run-id).
+        tracked = tracked_run(
+            s,
+            self.ready,
+            self.git_sha,
+            dag_id=self.dag_id,
+            run_id=context["run_id"],
+            try_number=context["ti"].try_number,
+            dataset_tags=dataset.tags() if dataset else None,
+            parent_run_id=self.config.get("mlflow_parent_run_id", ""),
+            # The image the instance runs, as plan_launch resolved it (the DAG's setup).
+            image=context["ti"].xcom_pull(task_ids="plan_launch"),
+        )
+        with credentials_in_env(creds.username, creds.password):
+            created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+            if dataset:
+                log_dataset_manifest(s.mlflow.tracking_uri, created_run_id, dataset.manifest())
+            # Published before training: the task's link opens the run while it trains, and the finishing step
+            # (maybe on another worker, after a deferral) finds the run here.
+            self._publish_run(context, created_run_id)
+        env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
+        job = self._job = self._remote_job(context)
+        command = training_command(s, self.git_sha, job.paths.source_dir, created_run_id)
+        try:
+            started = job.start_or_attach(
+                command.argv(),
+                env=env,
+                env_sh=f"{s.instance.state_dir}/env.sh",
+                source=lambda: self._source_tree(s),
+            )
+        except BaseException as exc:
+            job.close()
+            if isinstance(exc, transient_ssh_errors()):
+                # An instance ended while nobody watched refuses SSH: report it as ended, not as the SSH error.
+                self._fail_if_instance_gone()
+            raise
+        self.log.info(
+            "%s training job in %s on %s: %s",
+            "Started" if started else "Re-attached to the",
+            job.paths.job_dir,
+            self.ready["instance_id"],
+            " ".join(command.argv()),
+        )
+        timeout_s = s.training.timeout_minutes * 60
+        if s.training.deferrable:
+            job.close()
+            self._job = None
+            self._defer_following(context, timeout_s=timeout_s, deadline=time.time() + timeout_s)
+        try:
+            exit_code = job.stream(lambda line: self.log.info("train | %s", line), timeout_s=timeout_s)
+        except RemoteJobError as exc:
+            job.close()
+            self._fail_for(exc)
+        return self._finish(context, job, exit_code)
+
+    def _source_tree(self, s: Settings) -> bytes:
+        """The commit's tree, downloaded here with the GitHub connection's token and checked: the instance gets the
+        files, never a credential. A repository or archive that cannot be used fails now, with no retry."""
+        from orchestrator.ci.github import GitHubClient
+        from orchestrator.ci.github_protocol import GitHubCredentialsError, GitHubSourceError
+        from orchestrator.instance.source_tree import SourceTreeError, repack
+
+        client = GitHubClient.from_connection(s.github.conn_id, s.github.api_url, s.github.repo)
+        try:
+            tree = repack(client.download_tarball(self.git_sha))
+        except (GitHubSourceError, GitHubCredentialsError, SourceTreeError) as exc:
+            raise AirflowFailException(f"cannot ship the source of commit {self.git_sha}: {exc}") from None
+        self.log.info(
+            "Source tree of %s from %s: %d files, %d bytes", self.git_sha, s.github.repo, tree.files, tree.size
+        )
+        return tree.tar
+
+    def _finished_by_an_earlier_try(self, context: Context) -> str | None:
+        """On a retry, the MLflow run an earlier try's job trained to its end for this DAG run (FINISHED: `mlflow run`
+        ends it so only when the training succeeded), published as this try's result.
+
+        An outage of the control plane can kill every try that follows the job, however it ended; the result is in
+        MLflow whatever became of the instance since (its watchdog may have ended it), so a retry reads it there
+        rather than failing or training again."""
+        from orchestrator.config.connections import mlflow_credentials
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.contracts import JOB_KEY_TAG
+        from orchestrator.instance.job_script import job_key
+        from orchestrator.tracking.runs import credentials_in_env, find_finished_run
+
+        if context["ti"].try_number < 2:
+            return None
+        s = settings_of(self.config)
+        creds = mlflow_credentials(s.mlflow.conn_id)
+        with credentials_in_env(creds.username, creds.password):
+            key = job_key(self.dag_id, context["run_id"])
+            run_id = find_finished_run(s.mlflow.tracking_uri, s.mlflow.experiment, {JOB_KEY_TAG: key})
+            if run_id:
+                self._publish_run(context, run_id)
+        return run_id
+
+    def _defer_following(
+        self, context: Context, *, timeout_s: float, deadline: float, offset: int = 0, failures: int = 0
+    ) -> NoReturn:
+        """Hand the wait to the triggerer: no worker slot is held while the job trains."""
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.job_script import job_dir_for, job_key
+        from orchestrator.instance.remote_job import reconnect_delay_s
+        from orchestrator.instance.triggers import RemoteJobTrigger
+
+        s = settings_of(self.config)
+        paths = job_dir_for(s.instance.state_dir, job_key(self.dag_id, context["run_id"]))
+        # A dropped connection is retried with backoff, as RemoteJob does in a worker.
+        delay = reconnect_delay_s(failures) if failures else 0.0
+        self.log.info("Following the job from the triggerer (log byte %d, %.0f s left)", offset, deadline - time.time())
+        self.defer(
+            trigger=RemoteJobTrigger(
+                ssh_conn_id=s.instance.ssh_conn_id,
+                host=self.ready["address"],
+                port=s.instance.ssh_port,
+                user=s.instance.ssh_user,
+                host_public_key=self.ready["host_public_key"],
+                job_dir=paths.job_dir,
+                poll_s=min(s.instance.poll_seconds, 2.0),
+                deadline=deadline,
+                timeout_s=timeout_s,
+                from_offset=offset,
+                failures=failures,
+                not_before=time.time() + delay,
+                # What its on_kill needs to end the MLflow run KILLED when the task is stopped while deferred.
+                mlflow_run_id=context["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY) or "",
+                tracking_uri=s.mlflow.tracking_uri,
+                mlflow_conn_id=s.mlflow.conn_id,
+            ),
+            method_name="execute_complete",
+        )
+
+    @fail_without_retry()
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
+        """The trigger's event, on whichever worker picks it up: finish as the streaming path does."""
+        from orchestrator.instance.remote_job import (
+            MAX_RECONNECTS,
+            RemoteJobError,
+            RemoteJobLostError,
+            RemoteJobTimeoutError,
+            reconnect_delay_s,
+        )
+
+        status = event.get("status")
+        message = str(event.get("message", ""))
+        if status == "disconnected":
+            failures = int(event["failures"])
+            # As in a worker: a lost connection may mean a lost instance; ask EC2 at once, then follow again.
+            self._fail_if_instance_gone()
+            if failures > MAX_RECONNECTS:
+                self._fail_for(
+                    RemoteJobError(
+                        f"Lost SSH to the instance of the training job and could not reconnect after {MAX_RECONNECTS} "
+                        f"attempts (last error: {message}). The job may still be running: a retry re-attaches."
+                    )
+                )
+            self.log.warning(
+                "SSH to the training job failed (%s); reconnecting in %.1fs (attempt %d of %d)",
+                message,
+                reconnect_delay_s(failures),
+                failures,
+                MAX_RECONNECTS,
+            )
+            self._defer_following(
+                context,
+                timeout_s=float(event["timeout_s"]),
+                deadline=float(event["deadline"]),
+                offset=int(event.get("offset", 0)),
+                failures=failures,
+            )
+        if status == "lost":
+            self._fail_for(RemoteJobLostError(message))
+        if status == "timeout":
+            self._fail_for(RemoteJobTimeoutError(message))
+        if status != "exited":
+            self._fail_for(RemoteJobError(message or f"unexpected event from the job's trigger: {event!r}"))
+        job = self._job = self._remote_job(context)
+        return self._finish(context, job, int(event["exit_code"]))
+
+    def _fail_for(self, exc: Exception) -> NoReturn:
+        """A job that could not be followed to its end: say whether the instance itself went away, and whether a
+        retry can help. A job lost or timed out on a live instance gets the post-mortem bundle first."""
+        from airflow.sdk import get_current_context
+
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.job_script import job_dir_for, job_key
+        from orchestrator.instance.remote_job import RemoteJobLostError, RemoteJobTimeoutError
+
+        # A job that vanished without an exit code often means the instance itself went away: say which.
+        self._fail_if_instance_gone()
+        if not isinstance(exc, (RemoteJobLostError, RemoteJobTimeoutError)):
+            raise exc
+        paths = job_dir_for(
+            settings_of(self.config).instance.state_dir, job_key(self.dag_id, get_current_context()["run_id"])
+        )
+        if isinstance(exc, RemoteJobLostError):
+            # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
+            where = self._postmortem(self._end_mlflow_run(), paths.log)
+            raise AirflowFailException(
+                f"{exc}{where}. A task retry cannot restart it: trigger a new DAG run."
+            ) from None
+        # Timed out: the job still runs (a retry re-attaches to it), so its MLflow run stays open.
+        run_id = get_current_context()["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
+        raise RemoteJobTimeoutError(f"{exc}{self._postmortem(run_id, paths.log)}") from None
+
+    def _publish_run(self, context: Context, run_id: str) -> None:
+        """The MLflow run's id and UI address as XComs (the latter is the task's 'MLflow run' link)."""
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.command import mlflow_run_url
+        from orchestrator.tracking.runs import experiment_id_of
+
+        s = settings_of(self.config)
+        url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
+        context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
+        context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
+        self.log.info("MLflow run %s: %s", run_id, url)
+
+    def _finish(self, context: Context, job: RemoteJob, exit_code: int) -> str:
+        """The job ended with `exit_code`: check it trained into this run's MLflow run, then succeed or fail."""
+        from orchestrator.config.connections import mlflow_credentials
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.command import exit_description, parse_mlflow_run_id
+        from orchestrator.instance.job_script import EXIT_SIGKILL, EXIT_SIGTERM
+        from orchestrator.instance.remote_job import RemoteJobError
+        from orchestrator.tracking.runs import credentials_in_env, end_mlflow_run
+
+        s = settings_of(self.config)
+        created_run_id = context["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
+        try:
+            if exit_code in (EXIT_SIGTERM, EXIT_SIGKILL):
+                # An OS shutdown (EC2 terminate, spot reclaim) stops the job before the instance goes: name that.
+                self._fail_if_instance_gone()
+            log_text = job.read_log()
+        except RemoteJobError as exc:
+            self._fail_for(exc)
+        finally:
+            job.close()
+        run_id = parse_mlflow_run_id(log_text)
+        if exit_code != 0:
+            # `mlflow run` ends the run it trained into; if it failed before reaching it (a failed checkout), say so.
+            if created_run_id:
+                end_mlflow_run(s, created_run_id, "FAILED")
+            bundle = self._bundle(job.paths.log)
+            # The job ran to its end: a retry would only re-attach to the same finished job.
+            raise AirflowFailException(
+                f"training {exit_description(exit_code, log_text, bundle.get('kernel.log', ''))} on "
+                f"{self.ready['instance_id']}"
+                + (f" (MLflow run {run_id})" if run_id else " before MLflow created a run")
+                + ": the lines above, prefixed 'train |', show why"
+                + self._attach(run_id or created_run_id, bundle)
+            )
+        if not run_id:
+            raise AirflowException("training succeeded but its log names no MLflow run: was it run by `mlflow run`?")
+        if run_id != created_run_id:
+            # The job's own log is the truth (a retry that did not find the first try's run created another).
+            self.log.warning("The job trained into MLflow run %s, not %s: linking to that run", run_id, created_run_id)
+            creds = mlflow_credentials(s.mlflow.conn_id)
+            with credentials_in_env(creds.username, creds.password):
+                self._publish_run(context, run_id)
+        self.log.info(
+            "Post-mortem bundle of the success (small)%s", self._postmortem(run_id, job.paths.log, small=True)
+        )
+        return run_id
+
+    def _postmortem(self, mlflow_run_id: str | None, job_log: str, *, small: bool = False) -> str:
+        """Before the teardown terminates it: the instance's logs as the MLflow run's `postmortem/` artifacts (or
+        into this task log without a run); what the failure message adds to say where they are. `small`: a
+        success's few parts."""
+        return self._attach(mlflow_run_id, self._bundle(job_log, small=small))
+
+    def _bundle(self, job_log: str, *, small: bool = False) -> dict[str, str]:
+        from orchestrator.instance.postmortem import for_run
+
+        return for_run(self.config, self.ready["address"], self.ready["host_public_key"], job_log, small=small)
+
+    def _attach(self, mlflow_run_id: str | None, bundle: dict[str, str]) -> str:
+        from orchestrator.config.connections import mlflow_credentials
+        from orchestrator.config.resolve import settings_of
+        from orchestrator.instance.postmortem import ARTIFACT_DIR, attach_to_run, log_to_task_log
+        from orchestrator.tracking.runs import credentials_in_env
+
+        if not bundle:
+            return ""
+        if mlflow_run_id:
+            s = settings_of(self.config)
+            try:
+                creds = mlflow_credentials(s.mlflow.conn_id)
+                with credentials_in_env(creds.username, creds.password):
+                    attach_to_run(s.mlflow.tracking_uri, mlflow_run_id, bundle)
+                return f"; the instance's logs are the run's '{ARTIFACT_DIR}/' artifacts"
+            except Exception as exc:
+                self.log.warning("Could not attach the post-mortem bundle to MLflow run %s: %s", mlflow_run_id, exc)
+        log_to_task_log(bundle, self.log)
+        return "; the instance's logs are in this task log, prefixed 'postmortem |'"
+
+    def on_kill(self) -> None:
+        """The task was killed (marked failed, timed out, cancelled): the remote job must not run on unattended."""
+        if self._job is not None:
+            self.log.warning("Task killed: stopping the remote training job in %s", self._job.paths.job_dir)
+            with contextlib.suppress(Exception):
+                self._job.kill()

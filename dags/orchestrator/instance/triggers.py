@@ -1,0 +1,356 @@
+"""The triggers of the training DAG's long waits over SSH: the instance's bootstrap, and the training job.
+
+They run in the triggerer, so no worker slot sleeps while an instance boots or a model trains. Each poll is a short
+blocking paramiko call run in a thread (`asyncio.to_thread`), the connection kept from one poll to the next; the event
+loop only sleeps between polls. The serialized kwargs (stored in the metadata database) hold the SSH connection's id,
+the address and the pinned *public* host key: the private key is read from the Airflow connection here, in the
+triggerer, and never leaves it.
+
+A trigger logs through `self.log`, which the triggerer writes next to the task's own log file (the UI shows both),
+so `train | ...` and `bootstrap | ...` lines keep appearing in the task log while it is deferred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from orchestrator.contracts import classpath
+from orchestrator.errors import OrchestratorError
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from orchestrator.instance.remote_job import RemoteJob
+    from orchestrator.instance.ssh import SshTarget
+
+# Bounds of one SSH login from the triggerer: a dead address must not stall a poll for minutes.
+CONNECT_TIMEOUT_S = 30.0
+# How long on_kill gives the job to stop after SIGTERM before SIGKILL; the triggerer allows on_kill 30 s in all.
+KILL_GRACE_S = 10.0
+
+
+class _SshTrigger(BaseTrigger):
+    """What both triggers share: where to log in, with which connection's key, and the pinned host key."""
+
+    def __init__(self, *, ssh_conn_id: str, host: str, port: int, user: str, host_public_key: str) -> None:
+        super().__init__()
+        self.ssh_conn_id = ssh_conn_id
+        self.host = host
+        self.port = port
+        self.user = user
+        self.host_public_key = host_public_key
+
+    def _ssh_kwargs(self) -> dict[str, Any]:
+        return {
+            "ssh_conn_id": self.ssh_conn_id,
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "host_public_key": self.host_public_key,
+        }
+
+    async def _target(self) -> SshTarget:
+        from orchestrator.config.connections import assh_private_key
+        from orchestrator.instance.ssh import SshTarget
+
+        return SshTarget(
+            self.host, self.port, self.user, self.host_public_key, await assh_private_key(self.ssh_conn_id)
+        )
+
+
+class BootstrapTrigger(_SshTrigger):
+    """Wait until the instance answers SSH with the pinned host key and its bootstrap wrote `ok`; stream its log.
+
+    Fires one event: `ready` (with the seconds to SSH and to ready, counted from `started_at`), `failed` (the
+    bootstrap's error marker or a host key mismatch: a retry cannot help) or `timeout` at `deadline` (epoch seconds).
+    """
+
+    def __init__(
+        self,
+        *,
+        ssh_conn_id: str,
+        host: str,
+        port: int,
+        user: str,
+        host_public_key: str,
+        state_dir: str,
+        poll_s: float,
+        started_at: float,
+        deadline: float,
+    ) -> None:
+        super().__init__(ssh_conn_id=ssh_conn_id, host=host, port=port, user=user, host_public_key=host_public_key)
+        self.state_dir = state_dir
+        self.poll_s = poll_s
+        self.started_at = started_at
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            classpath(self),
+            {
+                **self._ssh_kwargs(),
+                "state_dir": self.state_dir,
+                "poll_s": self.poll_s,
+                "started_at": self.started_at,
+                "deadline": self.deadline,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from orchestrator.instance.ssh import BootstrapWatch, HostKeyMismatchError, ssh_timeout_message
+
+        try:
+            target = await self._target()
+        except OrchestratorError as exc:
+            yield TriggerEvent({"status": "failed", "message": str(exc)})
+            return
+        watch = BootstrapWatch(self.state_dir)
+        login = _Login(target)
+        try:
+            while True:
+                late = time.time() + self.poll_s > self.deadline
+                try:
+                    status, tail = await self._look(login, watch, late)
+                except HostKeyMismatchError as exc:
+                    yield TriggerEvent({"status": "failed", "message": str(exc)})
+                    return
+                finally:
+                    for line in watch.take_lines():
+                        self.log.info("bootstrap | %s", line)
+                if status:
+                    yield self._outcome(target, status, tail, login.answered_at, watch.phases_s)
+                    return
+                if late:
+                    budget_s = self.deadline - self.started_at
+                    message = (
+                        watch.timeout_message(target, budget_s, tail)
+                        if login.answered_at is not None
+                        else ssh_timeout_message(target, budget_s, login.attempts, login.last_error)
+                    )
+                    yield TriggerEvent({"status": "timeout", "message": message})
+                    return
+                await asyncio.sleep(self.poll_s)
+        finally:
+            login.close()
+
+    async def _look(self, login: _Login, watch: Any, late: bool) -> tuple[str, str]:
+        """One poll: log in if needed, then read the marker and new log lines. A refused or dropped connection is
+        logged (when its error changes, or every so often) and read as "not yet"."""
+        from orchestrator.instance.ssh import PROGRESS_LOG_EVERY_S, connect, transient_ssh_errors
+
+        try:
+            if login.client is None:
+                login.attempts += 1
+                timeout_s = min(CONNECT_TIMEOUT_S, max(self.deadline - time.time(), 1.0))
+                login.client = await asyncio.to_thread(connect, login.target, timeout_s=timeout_s)
+                if login.answered_at is None:
+                    login.answered_at = time.time()
+                    self.log.info(
+                        "SSH answers on %s with the pinned host key after %.1f s",
+                        login.target,
+                        login.answered_at - self.started_at,
+                    )
+            result: tuple[str, str] = await asyncio.to_thread(watch.poll, login.client, with_tail=late)
+            return result
+        except transient_ssh_errors() as exc:
+            login.last_error = f"{type(exc).__name__}: {exc}"
+            # A booting instance refuses for minutes: say so when it changes or every so often, not every poll.
+            if login.last_error != login.logged_error or time.time() - login.logged_at >= PROGRESS_LOG_EVERY_S:
+                self.log.info(
+                    "SSH to %s not ready yet (attempt %d): %s", login.target, login.attempts, login.last_error
+                )
+                login.logged_error, login.logged_at = login.last_error, time.time()
+            login.close()
+            return "", "(log not readable: the last poll lost its SSH connection)"
+
+    def _outcome(
+        self, target: SshTarget, status: str, tail: str, answered_at: float | None, phases_s: dict[str, float]
+    ) -> TriggerEvent:
+        from orchestrator.instance.ssh import BootstrapFailedError, bootstrap_outcome
+
+        now = time.time()
+        try:
+            result = bootstrap_outcome(target, status, tail, now - self.started_at, phases_s)
+        except BootstrapFailedError as exc:
+            return TriggerEvent({"status": "failed", "message": str(exc)})
+        return TriggerEvent(
+            {
+                "status": "ready",
+                "status_line": result.status_line,
+                "seconds_to_ssh": round((answered_at or now) - self.started_at, 1),
+                "seconds_to_ready": round(now - self.started_at, 1),
+                "bootstrap_phases_s": result.phases_s,
+            }
+        )
+
+
+class _Login:
+    """The bootstrap trigger's connection between polls, and what its log says about the attempts so far."""
+
+    def __init__(self, target: SshTarget) -> None:
+        self.target = target
+        self.client: paramiko.SSHClient | None = None
+        self.answered_at: float | None = None
+        self.attempts = 0
+        self.last_error = "no attempt made"
+        self.logged_error = ""
+        self.logged_at = 0.0
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+
+class RemoteJobTrigger(_SshTrigger):
+    """Follow a started remote job: log its new lines as `train | ...`, fire once it has an exit code.
+
+    Events (each with `offset`, where a follower resumes without repeating a line): `exited` (with `exit_code`),
+    `lost` (no process and no exit code), `timeout` at `deadline` (the job keeps running), `disconnected` (the
+    connection dropped: the operator asks EC2 whether the instance is still there before following again, after
+    `failures` drops in a row), `error` (anything else, e.g. an unreadable connection).
+
+    The task being marked failed, cleared or marked success while deferred kills the job and ends its MLflow run
+    KILLED (`on_kill`, called by the triggerer only on such a user action); a triggerer restart does not: the
+    trigger resumes in a triggerer. The MLflow credentials are read from `mlflow_conn_id` here, never serialized.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssh_conn_id: str,
+        host: str,
+        port: int,
+        user: str,
+        host_public_key: str,
+        job_dir: str,
+        poll_s: float,
+        deadline: float,
+        timeout_s: float,
+        from_offset: int = 0,
+        failures: int = 0,
+        not_before: float = 0.0,
+        mlflow_run_id: str = "",
+        tracking_uri: str = "",
+        mlflow_conn_id: str = "",
+    ) -> None:
+        super().__init__(ssh_conn_id=ssh_conn_id, host=host, port=port, user=user, host_public_key=host_public_key)
+        self.mlflow_run_id = mlflow_run_id
+        self.tracking_uri = tracking_uri
+        self.mlflow_conn_id = mlflow_conn_id
+        self.job_dir = job_dir
+        self.poll_s = poll_s
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.from_offset = from_offset
+        self.failures = failures
+        self.not_before = not_before
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            classpath(self),
+            {
+                **self._ssh_kwargs(),
+                "job_dir": self.job_dir,
+                "poll_s": self.poll_s,
+                "deadline": self.deadline,
+                "timeout_s": self.timeout_s,
+                "from_offset": self.from_offset,
+                "failures": self.failures,
+                "not_before": self.not_before,
+                "mlflow_run_id": self.mlflow_run_id,
+                "tracking_uri": self.tracking_uri,
+                "mlflow_conn_id": self.mlflow_conn_id,
+            },
+        )
+
+    async def _job(self) -> RemoteJob:
+        from orchestrator.instance.job_script import JobPaths
+        from orchestrator.instance.remote_job import RemoteJob
+        from orchestrator.instance.ssh import connect
+
+        target = await self._target()
+        return RemoteJob(lambda: connect(target, timeout_s=CONNECT_TIMEOUT_S), JobPaths(self.job_dir))
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from orchestrator.instance.remote_job import RemoteJobError, RemoteJobLostError, timeout_message
+        from orchestrator.instance.ssh import transient_ssh_errors
+
+        try:
+            job = await self._job()
+        except OrchestratorError as exc:
+            yield TriggerEvent({"status": "error", "message": str(exc), "offset": self.from_offset})
+            return
+        cursor = job.cursor(self.from_offset)
+        try:
+            # After a dropped connection the operator asks for a pause before the next login (backoff).
+            await asyncio.sleep(max(0.0, self.not_before - time.time()))
+            while True:
+                event: dict[str, Any] | None = None
+                try:
+                    exit_code = await asyncio.to_thread(job.poll, cursor)
+                    if exit_code is not None:
+                        event = {"status": "exited", "exit_code": exit_code}
+                except RemoteJobLostError as exc:
+                    event = {"status": "lost", "message": str(exc)}
+                except RemoteJobError as exc:
+                    event = {"status": "error", "message": str(exc)}
+                except transient_ssh_errors() as exc:
+                    event = {
+                        "status": "disconnected",
+                        "message": f"{type(exc).__name__}: {exc}",
+                        "failures": self.failures + 1,
+                    }
+                finally:
+                    for line in cursor.take_lines():
+                        self.log.info("train | %s", line)
+                if event is None and time.time() + self.poll_s > self.deadline:
+                    event = {"status": "timeout", "message": timeout_message(job.paths, self.timeout_s, cursor.offset)}
+                if event is not None:
+                    # The deadline travels on: following again after a drop must not restart the training's bound.
+                    yield TriggerEvent(
+                        {
+                            **event,
+                            "offset": cursor.resume_offset,
+                            "deadline": self.deadline,
+                            "timeout_s": self.timeout_s,
+                        }
+                    )
+                    return
+                await asyncio.sleep(self.poll_s)
+        finally:
+            await asyncio.to_thread(job.close)
+
+    async def on_kill(self) -> None:
+        """The task was marked failed, cleared or marked success while deferred: stop the job, as the operator's
+        on_kill does while it runs in a worker, then end its MLflow run KILLED (the job, killed, cannot). A
+        connection of its own: a poll may still hold the other."""
+        self.log.warning("Task killed while deferred: stopping the remote training job in %s", self.job_dir)
+        try:
+            job = await self._job()
+            try:
+                await asyncio.to_thread(job.kill, KILL_GRACE_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(job.close)
+        finally:
+            if self.mlflow_run_id:
+                await self._end_mlflow_run("KILLED")
+
+    async def _end_mlflow_run(self, status: str) -> None:
+        from orchestrator.config.connections import amlflow_credentials
+        from orchestrator.tracking.runs import credentials_in_env, end_run_if_running
+
+        creds = await amlflow_credentials(self.mlflow_conn_id)
+
+        def end() -> None:
+            with credentials_in_env(creds.username, creds.password):
+                end_run_if_running(self.tracking_uri, self.mlflow_run_id, status)
+
+        await asyncio.to_thread(end)

@@ -1,0 +1,195 @@
+"""A training's MLflow run: created before the job (found again by a retry), its dataset manifest, found once
+finished, ended when its job could not; and the error handling every MLflow call here shares."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.contracts import (
+    EXPERIMENT_KIND_TAG,
+    JOB_KEY_TAG,
+    LEFT_TO_SWEEP,
+    MANIFEST_ARTIFACT,
+    MODEL_TRAINING_KIND,
+    PROMOTION_TAG,
+)
+from orchestrator.errors import OrchestratorError
+
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(OrchestratorError):
+    """The run or the champion cannot be compared as they are (missing, unfinished, no metric): no retry helps."""
+
+    terminal = True
+
+
+class TrackingServerError(OrchestratorError):
+    """MLflow answered with something other than "does not exist" (auth, server error): fail and retry."""
+
+
+@contextlib.contextmanager
+def credentials_in_env(username: str | None, password: str | None) -> Iterator[None]:
+    """MLflow's client reads credentials from the environment only; set them for the block, then restore."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        if username:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = username
+        if password:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def server_error(exc: Any, doing: str) -> TrackingServerError:
+    return TrackingServerError(
+        f"MLflow failed while {doing} ({exc.error_code}): {exc.message}; check the MLflow connection's "
+        "credentials and the server's health. Nothing is promoted on doubt: the step fails and retries"
+    )
+
+
+def mlflow_call(doing: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`method(*args, **kwargs)`, with any MLflow error turned into a TrackingServerError (the step retries)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return method(*args, **kwargs)
+    except MlflowException as exc:
+        raise server_error(exc, doing) from exc
+
+
+def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) -> str:
+    """The id of the MLflow run this DAG run trains into: created once, found again by its job key on a later try.
+
+    The experiment is created, or marked, as a model-training one. Tags are (re)written each time, so the try
+    number is the latest try's.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        experiment_id = mlflow_call(
+            f"creating experiment {experiment!r}",
+            client.create_experiment,
+            experiment,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
+    else:
+        experiment_id = found.experiment_id
+        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            mlflow_call(
+                f"tagging experiment {experiment!r}",
+                client.set_experiment_tag,
+                experiment_id,
+                EXPERIMENT_KIND_TAG,
+                MODEL_TRAINING_KIND,
+            )
+    query = f"tags.`{JOB_KEY_TAG}` = '{tracked.job_key}'"
+    earlier = mlflow_call(
+        "searching the DAG run's MLflow run", client.search_runs, [experiment_id], query, max_results=1
+    )
+    if earlier:
+        run_id = str(earlier[0].info.run_id)
+        for key, value in tracked.tags.items():
+            mlflow_call(f"tagging run {run_id}", client.set_tag, run_id, key, value)
+        log.info("MLflow run %s (%s), created by an earlier try of this DAG run", run_id, tracked.name)
+        return run_id
+    run = mlflow_call(
+        f"creating a run in {experiment!r}",
+        client.create_run,
+        experiment_id,
+        tags=dict(tracked.tags),
+        run_name=tracked.name,
+    )
+    log.info("MLflow run %s (%s) created in experiment %s", run.info.run_id, tracked.name, experiment_id)
+    return str(run.info.run_id)
+
+
+def log_dataset_manifest(tracking_uri: str, run_id: str, manifest: dict[str, Any]) -> None:
+    """Every key, ETag and size of the run's data, as an artifact: with it the training can be reproduced."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mlflow_call(f"logging the dataset manifest of run {run_id}", client.log_dict, run_id, manifest, MANIFEST_ARTIFACT)
+
+
+def find_finished_run(
+    tracking_uri: str, experiment: str, tags: Mapping[str, str], *, gated: bool = False
+) -> str | None:
+    """The id of a FINISHED run of `experiment` carrying every one of `tags` (plain values: hex, names), if any;
+    with `gated`, only one whose gate decided (promoted or not; a sweep's set left to the sweep was not gated)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        return None
+    clauses = [*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'FINISHED'"]
+    if gated:
+        # MLflow matches `!=` only on runs that have the tag.
+        clauses.append(f"tags.`{PROMOTION_TAG}` != '{LEFT_TO_SWEEP}'")
+    query = " and ".join(clauses)
+    runs = mlflow_call("searching finished runs", client.search_runs, [found.experiment_id], query, max_results=1)
+    return str(runs[0].info.run_id) if runs else None
+
+
+def end_run_if_running(tracking_uri: str, run_id: str, status: str) -> None:
+    """End a run its job left RUNNING as `status` (FAILED, KILLED), so the experiment does not list it as running for
+    ever.
+
+    Best effort: the caller fails for the training's own reason, which an MLflow outage must not hide.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+            log.info("Ended MLflow run %s as %s: its job did not", run_id, status)
+    except MlflowException as exc:
+        log.warning("Could not end MLflow run %s as %s (%s): %s", run_id, status, exc.error_code, exc.message)
+
+
+def experiment_id_of(tracking_uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id)
+
+
+def end_mlflow_run(s: Settings, run_id: str, status: str) -> None:
+    """End the MLflow run `run_id` as `status` (FAILED, KILLED) if its job left it RUNNING, with the MLflow
+    connection's credentials. Best effort, as `end_run_if_running`."""
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.tracking.runs import credentials_in_env, end_run_if_running
+
+    creds = mlflow_credentials(s.mlflow.conn_id)
+    with credentials_in_env(creds.username, creds.password):
+        end_run_if_running(s.mlflow.tracking_uri, run_id, status)
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """The MLflow run a DAG run trains into: its name and tags (never a secret), created before the job starts."""
+
+    name: str
+    tags: Mapping[str, str]
+
+    @property
+    def job_key(self) -> str:
+        """Identifies it: one MLflow run per DAG run (as one remote job), whatever the number of task tries."""
+        return self.tags[JOB_KEY_TAG]

@@ -1,0 +1,90 @@
+"""moto patched where the code depends on EC2's own behaviour; each `install_*` returns the function that undoes it."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def install_strict_ec2() -> Callable[[], None]:
+    """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
+
+    RunInstances: EC2 refuses an unknown image (InvalidAMIID.NotFound) and a root override smaller than the image's
+    root snapshot (InvalidBlockDeviceMapping); a mapping that misses the image's root device leaves the root as the
+    image has it (moto would leave no root at all). TerminateInstances on a terminated instance changes nothing
+    (moto deletes its network interface again and fails with InvalidNetworkInterfaceID.NotFound)."""
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.instances import Instance, InstanceBackend
+
+    original = InstanceBackend.run_instances
+    original_terminate = Instance.terminate
+
+    def terminate(instance: Any) -> Any:
+        if instance.state == "terminated":
+            return copy.copy(instance._state)
+        return original_terminate(instance)
+
+    def run_instances(backend: Any, image_id: str, *args: Any, **kwargs: Any) -> Any:
+        mappings = kwargs.get("block_device_mappings")
+        # EC2 refuses an image it does not know (InvalidAMIID.NotFound); moto would launch it.
+        (image,) = backend.describe_images(ami_ids=[image_id])
+        if mappings:
+            (root,) = image.block_device_mappings
+            snapshot_gb = int(root["Ebs"]["VolumeSize"])
+            overrides = [m for m in mappings if m.get("DeviceName") == image.root_device_name]
+            for mapping in overrides:
+                size = (mapping.get("Ebs") or {}).get("VolumeSize")
+                if size is not None and int(size) < snapshot_gb:
+                    raise EC2ClientError(
+                        "InvalidBlockDeviceMapping",
+                        f"Volume of size {size}GB is smaller than snapshot '{root['Ebs']['SnapshotId']}', "
+                        f"expect size >= {snapshot_gb}GB",
+                    )
+            if not overrides:
+                ebs = {"VolumeSize": snapshot_gb, "VolumeType": "gp3", "DeleteOnTermination": True, "Encrypted": False}
+                kwargs["block_device_mappings"] = [{"DeviceName": image.root_device_name, "Ebs": ebs}, *mappings]
+        return original(backend, image_id, *args, **kwargs)
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
+    Instance.terminate = terminate  # type: ignore[method-assign,assignment]
+
+    def uninstall() -> None:
+        InstanceBackend.run_instances = original  # type: ignore[method-assign]
+        Instance.terminate = original_terminate  # type: ignore[method-assign]
+
+    return uninstall
+
+
+def install_address_plan(tag_key: str, addresses: Iterator[str], planned: dict[str, str]) -> Callable[[], None]:
+    """Gives each instance tagged `tag_key` (only the instances the cloud emulates) its loopback "public IP" inside
+    RunInstances, as EC2 does: an instance is never seen running without its address (assigning it later, on the
+    emulator's tick, raced a fast describe).
+
+    moto lists an instance before its RunInstances has returned, so the emulator boots only instances entered in
+    `planned` (instance id -> address), here, after their address is set (booting one earlier put its sshd on moto's
+    own address)."""
+    from moto.ec2.models.instances import InstanceBackend
+
+    original = InstanceBackend.run_instances
+    lock = threading.Lock()  # RunInstances may be served by several threads
+
+    def run_instances(backend: Any, *args: Any, **kwargs: Any) -> Any:
+        reservation = original(backend, *args, **kwargs)
+        with lock:
+            for instance in reservation.instances:
+                if any(t["key"] == tag_key for t in instance.get_tags()):
+                    planned[instance.id] = address = next(addresses)
+                    # Reachable only through a public IP, and only when EC2 gave it one (the subnet maps public
+                    # IPs, or the request asked for one): sshd still listens, at an address nobody is told.
+                    if instance.nics[0].public_ip:
+                        instance.nics[0].public_ip = address
+        return reservation
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
+
+    def uninstall() -> None:
+        InstanceBackend.run_instances = original  # type: ignore[method-assign]
+
+    return uninstall

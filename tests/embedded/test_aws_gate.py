@@ -1,0 +1,252 @@
+"""The embedded cloud enforces the documented policies (config/iam/*.json) on every request, as AWS would: each
+statement is needed by a representative request from its identity, a request outside a condition is denied, and the
+denial has the service's own error code.
+
+A new statement (or a new action in one) fails here until REQUESTS holds a representative request for its action.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from embedded.cloud import DATASET_BUCKET, DATASET_PREFIX, UBUNTU_DLAMI, LocalCloud
+from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
+from embedded.services.aws_gate import Identity
+from embedded.services.iam_policy import POLICIES, policy_text
+from orchestrator.contracts import TAG_DEPLOYMENT, TAG_PROJECT
+
+# The code each service denies with (botocore's parsed error code).
+DENIAL = {
+    "ec2": "UnauthorizedOperation",
+    "s3": "AccessDenied",
+    "sqs": "AccessDenied",
+    "iam": "AccessDenied",
+    "ssm": "AccessDeniedException",
+    "pricing": "AccessDeniedException",
+}
+NO_RETRIES = Config(retries={"total_max_attempts": 1})
+
+
+@dataclass
+class Aws:
+    """Clients of the stand-in as one identity, and what a representative request needs."""
+
+    cloud: LocalCloud
+    identity: Identity
+    instance_id: str  # a running instance of this deployment
+
+    def client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.session.Session().client(
+            service,
+            endpoint_url=self.cloud.endpoint_url,
+            region_name=self.cloud.region,
+            aws_access_key_id=self.identity.access_key,
+            aws_secret_access_key=self.identity.secret_key,
+            config=NO_RETRIES,
+        )
+
+    def launch(self, **overrides: Any) -> Any:
+        """The launch the code makes (a spot one, so every RunInstances statement is used), as a dry run."""
+        tags = [{"Key": TAG_PROJECT, "Value": "ec2-trainer"}, {"Key": TAG_DEPLOYMENT, "Value": DEPLOYMENT}]
+        network = self.cloud.network
+        assert network is not None
+        request = {
+            "ImageId": self.cloud.images[UBUNTU_DLAMI.parameter],
+            "InstanceType": "g6.xlarge",
+            "MinCount": 1,
+            "MaxCount": 1,
+            "MetadataOptions": {"HttpTokens": "required"},
+            "IamInstanceProfile": {"Name": self.cloud.instance_profile},
+            "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 100, "Encrypted": True}}],
+            "NetworkInterfaces": [
+                {"DeviceIndex": 0, "SubnetId": network.subnet_id, "Groups": [network.security_group_id]}
+            ],
+            "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
+            "InstanceMarketOptions": {"MarketType": "spot"},
+            **overrides,
+        }
+        return self.client("ec2").run_instances(DryRun=True, **request)
+
+
+# One request per IAM action the policies allow, made as the code makes it.
+REQUESTS: dict[str, Callable[[Aws], Any]] = {
+    "ssm:GetParameter": lambda aws: aws.client("ssm").get_parameter(Name=UBUNTU_DLAMI.parameter),
+    "ec2:DescribeInstances": lambda aws: aws.client("ec2").describe_instances(),
+    "ec2:DescribeInstanceTypeOfferings": lambda aws: aws.client("ec2").describe_instance_type_offerings(),
+    "ec2:DescribeInstanceTypes": lambda aws: aws.client("ec2").describe_instance_types(InstanceTypes=["t3.micro"]),
+    "ec2:DescribeImages": lambda aws: aws.client("ec2").describe_images(ImageIds=list(aws.cloud.images.values())),
+    "ec2:DescribeSubnets": lambda aws: aws.client("ec2").describe_subnets(),
+    "ec2:DescribeSecurityGroups": lambda aws: aws.client("ec2").describe_security_groups(),
+    "ec2:DescribeSpotPriceHistory": lambda aws: aws.client("ec2").describe_spot_price_history(),
+    "pricing:GetProducts": lambda aws: aws.client("pricing").get_products(ServiceCode="AmazonEC2", MaxResults=1),
+    "iam:GetInstanceProfile": lambda aws: aws.client("iam").get_instance_profile(
+        InstanceProfileName=aws.cloud.instance_profile
+    ),
+    "ec2:RunInstances": Aws.launch,
+    "ec2:CreateTags": Aws.launch,
+    "iam:PassRole": Aws.launch,
+    "ec2:TerminateInstances": lambda aws: aws.client("ec2").terminate_instances(
+        InstanceIds=[aws.instance_id], DryRun=True
+    ),
+    "s3:ListBucket": lambda aws: aws.client("s3").list_objects_v2(Bucket=DATASET_BUCKET, Prefix=DATASET_PREFIX),
+    "s3:GetObject": lambda aws: aws.client("s3").get_object(Bucket=DATASET_BUCKET, Key=f"{DATASET_PREFIX}v1/probe"),
+    "sqs:ReceiveMessage": lambda aws: aws.client("sqs").receive_message(
+        QueueUrl=aws.cloud.dataset_queue_url, WaitTimeSeconds=0
+    ),
+    "sqs:DeleteMessage": lambda aws: aws.client("sqs").delete_message(
+        QueueUrl=aws.cloud.dataset_queue_url, ReceiptHandle="no-such-receipt"
+    ),
+}
+
+
+def statements() -> list[tuple[str, str, list[str]]]:
+    found = []
+    for name in POLICIES:
+        for statement in json.loads(policy_text(name))["Statement"]:
+            actions = statement["Action"]
+            found.append((name, statement["Sid"], actions if isinstance(actions, list) else [actions]))
+    return found
+
+
+def error_code(call: Callable[[], Any]) -> str | None:
+    """The error code the stand-in answered with; None when it succeeded."""
+    try:
+        call()
+    except ClientError as exc:
+        return str(exc.response["Error"]["Code"])
+    return None
+
+
+def identity_of(cloud: LocalCloud, policy: str) -> Identity:
+    return {"airflow": cloud.airflow, "instance": cloud.instance_role}[policy]
+
+
+@pytest.fixture(scope="module")
+def instance(stack: EmbeddedStack) -> Iterator[tuple[str, str]]:
+    """Two instances, one of this deployment and one of another (launched by the admin, without user-data: the
+    emulator boots nothing on them)."""
+    ec2 = stack.cloud.client("ec2")
+
+    def launch(deployment: str) -> str:
+        tags = [{"Key": TAG_PROJECT, "Value": "ec2-trainer"}, {"Key": TAG_DEPLOYMENT, "Value": deployment}]
+        reservation = ec2.run_instances(
+            ImageId=stack.cloud.images[UBUNTU_DLAMI.parameter],
+            InstanceType="g6.xlarge",
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )
+        return str(reservation["Instances"][0]["InstanceId"])
+
+    ours, theirs = launch(DEPLOYMENT), launch("other")
+    yield ours, theirs
+    ec2.terminate_instances(InstanceIds=[ours, theirs])
+
+
+def as_identity(stack: EmbeddedStack, instance: tuple[str, str], policy: str) -> Aws:
+    return Aws(stack.cloud, identity_of(stack.cloud, policy), instance[0])
+
+
+@pytest.mark.parametrize(("policy", "sid", "actions"), statements(), ids=[f"{p}:{s}" for p, s, _ in statements()])
+def test_each_statement_is_enforced(
+    stack: EmbeddedStack,
+    instance: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    sid: str,
+    actions: list[str],
+) -> None:
+    """The policy allows the representative request of each of the statement's actions; without the statement, the
+    stand-in denies it with the service's error code."""
+    aws = as_identity(stack, instance, policy)
+    missing = [a for a in actions if a not in REQUESTS]
+    assert not missing, f"add a representative request for {missing} (config/iam/{policy}.json, {sid}) to REQUESTS"
+    for action in actions:
+        code = error_code(lambda: REQUESTS[action](aws))  # noqa: B023 - called at once
+        assert code not in DENIAL.values(), f"{policy} policy denies its own {action}: {code}"
+    full = stack.cloud.policy
+
+    def without(name: str) -> dict[str, Any]:
+        document = full(name)
+        if name == policy:
+            document["Statement"] = [s for s in document["Statement"] if s.get("Sid") != sid]
+        return document
+
+    monkeypatch.setattr(stack.cloud.gate, "policy_of", without)
+    for action in actions:
+        code = error_code(lambda: REQUESTS[action](aws))  # noqa: B023 - called at once
+        # EC2 authorizes iam:PassRole and ec2:CreateTags inside RunInstances, and denies them as EC2 does.
+        service = "ec2" if REQUESTS[action] is Aws.launch else action.split(":")[0]
+        assert code == DENIAL[service], f"without {sid}, {action} answered {code}"
+
+
+def test_a_request_outside_a_condition_is_denied(stack: EmbeddedStack, instance: tuple[str, str]) -> None:
+    cloud = stack.cloud
+    airflow, on_instance = as_identity(stack, instance, "airflow"), as_identity(stack, instance, "instance")
+    assert error_code(airflow.launch) == "DryRunOperation"
+    # Another deployment's tags, IMDSv1, a type outside the GPU families, an unencrypted root volume.
+    other_tags = [{"Key": TAG_PROJECT, "Value": "ec2-trainer"}, {"Key": TAG_DEPLOYMENT, "Value": "other"}]
+    for overrides in (
+        {"TagSpecifications": [{"ResourceType": k, "Tags": other_tags} for k in ("instance", "volume")]},
+        {"MetadataOptions": {"HttpTokens": "optional"}},
+        {"InstanceType": "p5.48xlarge"},
+        {"BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 100, "Encrypted": False}}]},
+        {"IamInstanceProfile": {"Name": "admin"}},
+    ):
+        assert error_code(lambda: airflow.launch(**overrides)) == "UnauthorizedOperation", overrides  # noqa: B023
+    # A subnet of another VPC.
+    ec2 = cloud.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.78.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.78.1.0/24")["Subnet"]["SubnetId"]
+    assert cloud.network is not None
+    interface = {"DeviceIndex": 0, "SubnetId": subnet, "Groups": [cloud.network.security_group_id]}
+    assert error_code(lambda: airflow.launch(NetworkInterfaces=[interface])) == "UnauthorizedOperation"
+    # Another deployment's instance.
+    other = instance[1]
+    terminate = airflow.client("ec2").terminate_instances
+    assert error_code(lambda: terminate(InstanceIds=[other], DryRun=True)) == "UnauthorizedOperation"
+    assert error_code(lambda: terminate(InstanceIds=[instance[0], other], DryRun=True)) == "UnauthorizedOperation"
+    # Outside the dataset prefix, and the whole bucket.
+    for aws in (airflow, on_instance):
+        s3 = aws.client("s3")
+        for prefix in ("other/", "hurricane-damage-old/"):
+            assert error_code(lambda: s3.list_objects_v2(Bucket=DATASET_BUCKET, Prefix=prefix)) == "AccessDenied"  # noqa: B023
+        assert error_code(lambda: s3.list_objects_v2(Bucket=DATASET_BUCKET)) == "AccessDenied"  # noqa: B023
+    s3 = on_instance.client("s3")
+    assert error_code(lambda: s3.get_object(Bucket=DATASET_BUCKET, Key="other/a.jpg")) == "AccessDenied"
+    ssm = airflow.client("ssm")
+    assert error_code(lambda: ssm.get_parameter(Name="/aws/service/other")) == "AccessDeniedException"
+
+
+def test_each_identity_has_its_own_policy_and_the_gate_fails_closed(
+    stack: EmbeddedStack, instance: tuple[str, str]
+) -> None:
+    cloud = stack.cloud
+    airflow, on_instance = as_identity(stack, instance, "airflow"), as_identity(stack, instance, "instance")
+    # The instance's role launches nothing, reads no parameter, no queue.
+    assert error_code(on_instance.launch) == "UnauthorizedOperation"
+    assert error_code(lambda: REQUESTS["ssm:GetParameter"](on_instance)) == "AccessDeniedException"
+    assert error_code(lambda: REQUESTS["sqs:ReceiveMessage"](on_instance)) == "AccessDenied"
+    # Airflow reads no data object (the instance does).
+    assert error_code(lambda: REQUESTS["s3:GetObject"](airflow)) == "AccessDenied"
+    # Requests the gate derives no resources for are denied, not waved through.
+    stop = airflow.client("ec2").stop_instances
+    assert error_code(lambda: stop(InstanceIds=[instance[0]], DryRun=True)) == "UnauthorizedOperation"
+    put = airflow.client("s3").put_object
+    assert error_code(lambda: put(Bucket=DATASET_BUCKET, Key=f"{DATASET_PREFIX}x", Body=b"")) == "AccessDenied"
+    # A key the cloud does not know is refused; the admin is not checked.
+    unknown = Aws(cloud, Identity.new("stranger", "airflow"), instance[0])
+    assert error_code(lambda: REQUESTS["ec2:DescribeInstances"](unknown)) == "AuthFailure"
+    admin = Aws(cloud, cloud.admin, instance[0])
+    assert error_code(lambda: admin.client("ec2").stop_instances(InstanceIds=[instance[0]], DryRun=True)) == (
+        "DryRunOperation"
+    )
