@@ -1,4 +1,4 @@
-"""orchestrator.tracking: the promotion rule (pure) and evaluate_and_promote against a real MLflow server."""
+"""orchestrator.tracking.promotion: the promotion rule (pure) and evaluate_and_promote against a real MLflow server."""
 
 from __future__ import annotations
 
@@ -13,21 +13,18 @@ from typing import Any
 
 import pytest
 
-from embedded.mlflow_server import MlflowServer
-from orchestrator.remote_job import job_key
-from orchestrator.tracking import (
-    CHAMPION_ALIAS,
-    CONTENDER_TAG,
-    EvaluationResult,
+from embedded.services.mlflow_server import MlflowServer
+from orchestrator.contracts import ALIAS_MOVED_TAG, CONTENDER_TAG
+from orchestrator.instance.job_script import job_key
+from orchestrator.tracking.promotion import CHAMPION_ALIAS, EvaluationResult, decide_promotion, evaluate_and_promote
+from orchestrator.tracking.runs import (
+    TrackedRun,
     TrackingError,
     TrackingServerError,
     credentials_in_env,
-    decide_promotion,
-    evaluate_and_promote,
-    fail_run_if_running,
+    end_run_if_running,
     start_training_run,
 )
-from orchestrator.training_command import TrackedRun
 from tests.mlflow_fixtures import FaultProxy
 
 METRIC = "test_accuracy"
@@ -189,7 +186,9 @@ def test_the_registered_version_says_where_it_comes_from_and_why(tracking_uri: s
     assert version.description == f"Trained by MLflow run {run_id} from commit {sha} (Airflow run manual__1). " + (
         f"Gate: {reason}."
     )
-    assert {k: v for k, v in version.tags.items() if k != CONTENDER_TAG} == {
+    # The gate's own bookkeeping tags carry timestamps; the rest says where the version comes from.
+    assert float(version.tags[ALIAS_MOVED_TAG]) > 0
+    assert {k: v for k, v in version.tags.items() if k not in (CONTENDER_TAG, ALIAS_MOVED_TAG)} == {
         "run_id": run_id,
         "git_commit": sha,
         "gate_reason": reason,
@@ -418,6 +417,8 @@ def test_a_failed_alias_move_retries_onto_the_same_version(
 def test_a_retry_after_the_alias_moved_reports_the_promotion(
     tracking_uri: str, model_name: str, mlflow_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mlflow import MlflowClient
+
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     run_id = finished_run({METRIC: 0.95})
     mlflow_proxy.fault = lambda method, path: (500, "Internal Server Error") if path.endswith("/runs/set-tag") else None
@@ -431,7 +432,29 @@ def test_a_retry_after_the_alias_moved_reports_the_promotion(
         "1",
         "0.9500 already holds the alias: an earlier try promoted it",
     )
+    assert float(MlflowClient(tracking_uri=tracking_uri).get_model_version(model_name, "1").tags[ALIAS_MOVED_TAG]) > 0
     assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "promoted"
+
+
+def test_an_alias_moved_by_hand_onto_the_run_is_not_counted_as_a_promotion(tracking_uri: str, model_name: str) -> None:
+    """'Already holds the alias' is trusted only with the gate's own record of moving it (issue 19)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    run_id = finished_run({METRIC: 0.95})
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(f"runs:/{run_id}/model", model_name).version
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)  # by hand, as in the UI
+
+    result = evaluate(tracking_uri, run_id, model_name)
+
+    assert (result.promoted, result.reason) == (
+        False,
+        "0.9500 holds the alias, but the gate never moved it there (by hand?): not counted as a promotion",
+    )
+    assert tags_of(tracking_uri, run_id)["ec2_trainer.promotion"] == "not_promoted"
+    assert ALIAS_MOVED_TAG not in client.get_model_version(model_name, version).tags
 
 
 def _stale_alias_reads(answer: tuple[int, str]) -> Any:
@@ -535,7 +558,7 @@ def test_concurrent_evaluations_leave_the_best_model_champion(tracking_uri: str,
 
 
 def _step_config(tracking_uri: str, model_name: str) -> dict[str, Any]:
-    from orchestrator.settings import load_settings
+    from orchestrator.config.settings import load_settings
 
     config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
     config["mlflow"] |= {"tracking_uri": tracking_uri, "model_name": model_name, "conn_id": "no_such_connection"}
@@ -547,27 +570,28 @@ def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared
 ) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from orchestrator import pipeline
+    from orchestrator.tracking import promotion
 
     unscored = finished_run({"val_accuracy": 0.99}, with_model=False)
     with pytest.raises(AirflowFailException, match=r"has no metric 'test_accuracy'"):
-        pipeline.evaluate(_step_config(tracking_uri, model_name), unscored)
+        promotion.evaluate(_step_config(tracking_uri, model_name), unscored)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow_proxy.fault = lambda method, path: (401, UNAUTHENTICATED) if "/runs/get" in path else None
     with pytest.raises(TrackingServerError, match=r"reading run .* \(UNAUTHENTICATED\)"):  # the task's retries apply
-        pipeline.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
+        promotion.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
 
 
-def test_a_run_its_job_left_running_is_marked_failed(tracking_uri: str) -> None:
+@pytest.mark.parametrize("status", ["FAILED", "KILLED"])
+def test_a_run_its_job_left_running_is_ended_as_told(tracking_uri: str, status: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"left-{uuid.uuid4().hex[:8]}"
     left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
-    fail_run_if_running(tracking_uri, left)
-    assert client.get_run(left).info.status == "FAILED"
+    end_run_if_running(tracking_uri, left, status)
+    assert client.get_run(left).info.status == status
     finished = finished_run({METRIC: 0.5}, with_model=False)
-    fail_run_if_running(tracking_uri, finished)
+    end_run_if_running(tracking_uri, finished, status)
     assert client.get_run(finished).info.status == "FINISHED"
 
 
@@ -579,6 +603,6 @@ def test_marking_a_left_run_failed_never_hides_the_training_failure(
     left = start_training_run(tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1))
     # 403: MLflow's client does not retry it (a 5xx would be retried with backoff for minutes).
     mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
-    fail_run_if_running(mlflow_proxy.url, left)  # no exception: the caller reports the training's own failure
-    assert f"Could not mark MLflow run {left} as failed" in caplog.text
+    end_run_if_running(mlflow_proxy.url, left, "FAILED")  # no exception: the caller reports the training's own failure
+    assert f"Could not end MLflow run {left} as FAILED" in caplog.text
     assert MlflowClient(tracking_uri=tracking_uri).get_run(left).info.status == "RUNNING"
