@@ -97,6 +97,14 @@ def test_the_services_are_the_tested_deployments(config: dict[str, Any]) -> None
     assert services["postgres"]["image"] == "postgres:15" and services["redis"]["image"] == "redis:7"
 
 
+def test_every_long_running_service_is_started_again_when_it_dies(config: dict[str, Any]) -> None:
+    """A dead scheduler or triggerer with nobody to start it leaves a live instance to its watchdog (issue 19):
+    every service but the one-shot init job restarts always; the init job must not loop on a bad .env."""
+    policies = {name: svc.get("restart") for name, svc in config["services"].items()}
+    assert policies.pop("airflow-init") == "no"
+    assert policies == dict.fromkeys(policies, "always")
+
+
 def test_airflow_runs_with_the_deployment_settings_on_postgres_and_redis(config: dict[str, Any]) -> None:
     settings = deployment_settings()
     password = REQUIRED["POSTGRES_PASSWORD"]
