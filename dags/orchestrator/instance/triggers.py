@@ -24,8 +24,6 @@ from orchestrator.contracts import classpath
 from orchestrator.errors import OrchestratorError
 
 if TYPE_CHECKING:
-    import paramiko
-
     from orchestrator.instance.remote_job import RemoteJob
     from orchestrator.instance.ssh import SshTarget
 
@@ -103,109 +101,44 @@ class BootstrapTrigger(_SshTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from orchestrator.instance.ssh import BootstrapWatch, HostKeyMismatchError, ssh_timeout_message
+        from orchestrator.instance.ssh import (
+            BootstrapTimeoutError,
+            SshTimeoutError,
+            bootstrap_marker,
+            ssh_answers,
+        )
 
         try:
             target = await self._target()
+            # The same two waits as a worker's wait_ready, one login kept from the first to the second.
+            window = {"started_at": self.started_at, "deadline": self.deadline, "poll_s": self.poll_s}
+            client = await ssh_answers(target, **window, connect_timeout_s=CONNECT_TIMEOUT_S, log=self.log)
+            answered_at = time.time()
+            result = await bootstrap_marker(
+                target,
+                self.state_dir,
+                **window,
+                on_log=lambda line: self.log.info("bootstrap | %s", line),
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                client=client,
+                log=self.log,
+            )
+        except (SshTimeoutError, BootstrapTimeoutError) as exc:
+            yield TriggerEvent({"status": "timeout", "message": str(exc)})
+            return
         except OrchestratorError as exc:
+            # The bootstrap's error marker, another host key, an unreadable connection: a retry cannot help.
             yield TriggerEvent({"status": "failed", "message": str(exc)})
             return
-        watch = BootstrapWatch(self.state_dir)
-        login = _Login(target)
-        try:
-            while True:
-                late = time.time() + self.poll_s > self.deadline
-                try:
-                    status, tail = await self._look(login, watch, late)
-                except HostKeyMismatchError as exc:
-                    yield TriggerEvent({"status": "failed", "message": str(exc)})
-                    return
-                finally:
-                    for line in watch.take_lines():
-                        self.log.info("bootstrap | %s", line)
-                if status:
-                    yield self._outcome(target, status, tail, login.answered_at, watch.phases_s)
-                    return
-                if late:
-                    budget_s = self.deadline - self.started_at
-                    message = (
-                        watch.timeout_message(target, budget_s, tail)
-                        if login.answered_at is not None
-                        else ssh_timeout_message(target, budget_s, login.attempts, login.last_error)
-                    )
-                    yield TriggerEvent({"status": "timeout", "message": message})
-                    return
-                await asyncio.sleep(self.poll_s)
-        finally:
-            login.close()
-
-    async def _look(self, login: _Login, watch: Any, late: bool) -> tuple[str, str]:
-        """One poll: log in if needed, then read the marker and new log lines. A refused or dropped connection is
-        logged (when its error changes, or every so often) and read as "not yet"."""
-        from orchestrator.instance.ssh import PROGRESS_LOG_EVERY_S, connect, transient_ssh_errors
-
-        try:
-            if login.client is None:
-                login.attempts += 1
-                timeout_s = min(CONNECT_TIMEOUT_S, max(self.deadline - time.time(), 1.0))
-                login.client = await asyncio.to_thread(connect, login.target, timeout_s=timeout_s)
-                if login.answered_at is None:
-                    login.answered_at = time.time()
-                    self.log.info(
-                        "SSH answers on %s with the pinned host key after %.1f s",
-                        login.target,
-                        login.answered_at - self.started_at,
-                    )
-            result: tuple[str, str] = await asyncio.to_thread(watch.poll, login.client, with_tail=late)
-            return result
-        except transient_ssh_errors() as exc:
-            login.last_error = f"{type(exc).__name__}: {exc}"
-            # A booting instance refuses for minutes: say so when it changes or every so often, not every poll.
-            if login.last_error != login.logged_error or time.time() - login.logged_at >= PROGRESS_LOG_EVERY_S:
-                self.log.info(
-                    "SSH to %s not ready yet (attempt %d): %s", login.target, login.attempts, login.last_error
-                )
-                login.logged_error, login.logged_at = login.last_error, time.time()
-            login.close()
-            return "", "(log not readable: the last poll lost its SSH connection)"
-
-    def _outcome(
-        self, target: SshTarget, status: str, tail: str, answered_at: float | None, phases_s: dict[str, float]
-    ) -> TriggerEvent:
-        from orchestrator.instance.ssh import BootstrapFailedError, bootstrap_outcome
-
-        now = time.time()
-        try:
-            result = bootstrap_outcome(target, status, tail, now - self.started_at, phases_s)
-        except BootstrapFailedError as exc:
-            return TriggerEvent({"status": "failed", "message": str(exc)})
-        return TriggerEvent(
+        yield TriggerEvent(
             {
                 "status": "ready",
                 "status_line": result.status_line,
-                "seconds_to_ssh": round((answered_at or now) - self.started_at, 1),
-                "seconds_to_ready": round(now - self.started_at, 1),
+                "seconds_to_ssh": round(answered_at - self.started_at, 1),
+                "seconds_to_ready": round(result.elapsed_s, 1),
                 "bootstrap_phases_s": result.phases_s,
             }
         )
-
-
-class _Login:
-    """The bootstrap trigger's connection between polls, and what its log says about the attempts so far."""
-
-    def __init__(self, target: SshTarget) -> None:
-        self.target = target
-        self.client: paramiko.SSHClient | None = None
-        self.answered_at: float | None = None
-        self.attempts = 0
-        self.last_error = "no attempt made"
-        self.logged_error = ""
-        self.logged_at = 0.0
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        self.client = None
 
 
 class RemoteJobTrigger(_SshTrigger):
