@@ -209,10 +209,12 @@ class RemoteJobTrigger(_SshTrigger):
         from orchestrator.instance.ssh import connect
 
         target = await self._target()
-        return RemoteJob(lambda: connect(target, timeout_s=CONNECT_TIMEOUT_S), JobPaths(self.job_dir))
+        return RemoteJob(
+            lambda: connect(target, timeout_s=CONNECT_TIMEOUT_S), JobPaths(self.job_dir), poll_s=self.poll_s
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from orchestrator.instance.remote_job import RemoteJobError, RemoteJobLostError, timeout_message
+        from orchestrator.instance.remote_job import RemoteJobError, RemoteJobLostError, RemoteJobTimeoutError
         from orchestrator.instance.ssh import transient_ssh_errors
 
         try:
@@ -221,44 +223,33 @@ class RemoteJobTrigger(_SshTrigger):
             yield TriggerEvent({"status": "error", "message": str(exc), "offset": self.from_offset})
             return
         cursor = job.cursor(self.from_offset)
+        event: dict[str, Any]
         try:
             # After a dropped connection the operator asks for a pause before the next login (backoff).
             await asyncio.sleep(max(0.0, self.not_before - time.time()))
-            while True:
-                event: dict[str, Any] | None = None
-                try:
-                    exit_code = await asyncio.to_thread(job.poll, cursor)
-                    if exit_code is not None:
-                        event = {"status": "exited", "exit_code": exit_code}
-                except RemoteJobLostError as exc:
-                    event = {"status": "lost", "message": str(exc)}
-                except RemoteJobError as exc:
-                    event = {"status": "error", "message": str(exc)}
-                except transient_ssh_errors() as exc:
-                    event = {
-                        "status": "disconnected",
-                        "message": f"{type(exc).__name__}: {exc}",
-                        "failures": self.failures + 1,
-                    }
-                finally:
-                    for line in cursor.take_lines():
-                        self.log.info("train | %s", line)
-                if event is None and time.time() + self.poll_s > self.deadline:
-                    event = {"status": "timeout", "message": timeout_message(job.paths, self.timeout_s, cursor.offset)}
-                if event is not None:
-                    # The deadline travels on: following again after a drop must not restart the training's bound.
-                    yield TriggerEvent(
-                        {
-                            **event,
-                            "offset": cursor.resume_offset,
-                            "deadline": self.deadline,
-                            "timeout_s": self.timeout_s,
-                        }
-                    )
-                    return
-                await asyncio.sleep(self.poll_s)
+            # The worker's wait (RemoteJob.stream) without its reconnects: a drop goes back to the operator.
+            exit_code = await job.follow(
+                cursor,
+                lambda line: self.log.info("train | %s", line),
+                deadline=self.deadline,
+                timeout_s=self.timeout_s,
+                reconnect=False,
+            )
+            event = {"status": "exited", "exit_code": exit_code}
+        except RemoteJobTimeoutError as exc:
+            event = {"status": "timeout", "message": str(exc)}
+        except RemoteJobLostError as exc:
+            event = {"status": "lost", "message": str(exc)}
+        except RemoteJobError as exc:
+            event = {"status": "error", "message": str(exc)}
+        except transient_ssh_errors() as exc:
+            event = {"status": "disconnected", "message": f"{type(exc).__name__}: {exc}", "failures": self.failures + 1}
         finally:
             await asyncio.to_thread(job.close)
+        # The deadline travels on: following again after a drop must not restart the training's bound.
+        yield TriggerEvent(
+            {**event, "offset": cursor.resume_offset, "deadline": self.deadline, "timeout_s": self.timeout_s}
+        )
 
     async def on_kill(self) -> None:
         """The task was marked failed, cleared or marked success while deferred: stop the job, as the operator's
