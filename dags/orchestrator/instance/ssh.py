@@ -195,7 +195,7 @@ def connect(target: SshTarget, *, timeout_s: float = 30.0) -> paramiko.SSHClient
 
 
 def wait_for_ssh(target: SshTarget, *, timeout_s: float, poll_s: float = 5.0, connect_timeout_s: float = 10.0) -> None:
-    """Retry logging in until it works or `timeout_s` passes; a host key mismatch fails at once: ssh_answers, here."""
+    """ssh_answers in a worker: log in until it works or `timeout_s` passes; a host key mismatch fails at once."""
     now = time.time()
     answered = ssh_answers(
         target, started_at=now, deadline=now + timeout_s, poll_s=poll_s, connect_timeout_s=connect_timeout_s
@@ -377,7 +377,7 @@ def wait_for_bootstrap(
     on_log: Callable[[str], None] | None = None,
     connect_timeout_s: float = 30.0,
 ) -> BootstrapResult:
-    """bootstrap_marker, here: `<state_dir>/bootstrap.status` says `ok` (returned) or `error: ...` (raised)."""
+    """bootstrap_marker in a worker: `<state_dir>/bootstrap.status` says `ok` (returned) or `error: ...` (raised)."""
     now = time.time()
     waited = bootstrap_marker(
         target,

@@ -1,10 +1,10 @@
 """The triggers of the training DAG's long waits over SSH: the instance's bootstrap, and the training job.
 
-They run in the triggerer, so no worker slot sleeps while an instance boots or a model trains. Each poll is a short
-blocking paramiko call run in a thread (`asyncio.to_thread`), the connection kept from one poll to the next; the event
-loop only sleeps between polls. The serialized kwargs (stored in the metadata database) hold the SSH connection's id,
-the address and the pinned *public* host key: the private key is read from the Airflow connection here, in the
-triggerer, and never leaves it.
+They run in the triggerer, so no worker slot sleeps while an instance boots or a model trains. They await the waits a
+worker runs (instance.ssh's `ssh_answers` and `bootstrap_marker`, `RemoteJob.follow`: each poll a short paramiko call
+in a thread, the connection kept from one poll to the next) and turn the outcome into an event. The serialized
+kwargs (stored in the metadata database) hold the SSH connection's id, the address and the pinned *public* host key:
+the private key is read from the Airflow connection here, in the triggerer, and never leaves it.
 
 A trigger logs through `self.log`, which the triggerer writes next to the task's own log file (the UI shows both),
 so `train | ...` and `bootstrap | ...` lines keep appearing in the task log while it is deferred.
@@ -102,7 +102,9 @@ class BootstrapTrigger(_SshTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from orchestrator.instance.ssh import (
+            BootstrapFailedError,
             BootstrapTimeoutError,
+            HostKeyMismatchError,
             SshTimeoutError,
             bootstrap_marker,
             ssh_answers,
@@ -110,6 +112,10 @@ class BootstrapTrigger(_SshTrigger):
 
         try:
             target = await self._target()
+        except OrchestratorError as exc:
+            yield TriggerEvent({"status": "failed", "message": str(exc)})
+            return
+        try:
             # The same two waits as a worker's wait_ready, one login kept from the first to the second.
             window = {"started_at": self.started_at, "deadline": self.deadline, "poll_s": self.poll_s}
             client = await ssh_answers(target, **window, connect_timeout_s=CONNECT_TIMEOUT_S, log=self.log)
@@ -126,8 +132,8 @@ class BootstrapTrigger(_SshTrigger):
         except (SshTimeoutError, BootstrapTimeoutError) as exc:
             yield TriggerEvent({"status": "timeout", "message": str(exc)})
             return
-        except OrchestratorError as exc:
-            # The bootstrap's error marker, another host key, an unreadable connection: a retry cannot help.
+        except (HostKeyMismatchError, BootstrapFailedError) as exc:
+            # The bootstrap's error marker or another host key: a retry cannot help.
             yield TriggerEvent({"status": "failed", "message": str(exc)})
             return
         yield TriggerEvent(
