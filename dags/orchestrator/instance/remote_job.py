@@ -9,13 +9,15 @@ re-attaches to the running job instead of starting a second training.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import secrets
 import shlex
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import tenacity
 
@@ -198,7 +200,7 @@ class RemoteJob:
     def poll(self, cursor: JobCursor) -> int | None:
         """One look: new log lines go to `cursor` (take them with `take_lines`); the exit code once there is one.
 
-        Blocking and short (a few SFTP reads, now and then a process check): a trigger runs it in a thread. Raises
+        Blocking and short (a few SFTP reads, now and then a process check): `follow` runs it in a thread. Raises
         RemoteJobLostError when the job's processes stayed gone past `lost_grace_s` with no exit code, and the
         transient SSH errors of `transient_ssh_errors()` (the caller reconnects; the cursor keeps its place).
         """
@@ -218,7 +220,8 @@ class RemoteJob:
         return None
 
     def stream(self, on_line: Callable[[str], None], *, from_offset: int = 0, timeout_s: float | None = None) -> int:
-        """Pass each log line to `on_line` as it appears and return the job's exit code once it has one.
+        """Pass each log line to `on_line` as it appears and return the job's exit code once it has one: `follow`,
+        in this worker, reconnecting after a dropped connection.
 
         The log is followed by byte offset, so after a dropped connection it resumes where it stopped while the
         job keeps running. Start at offset 0 after a re-attach (a task retry) to replay the whole output into the
@@ -226,25 +229,47 @@ class RemoteJob:
         exit code, RemoteJobTimeoutError at `timeout_s` (the job keeps running), RemoteJobError when the
         connection cannot be re-established.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        cursor = self.cursor(from_offset)
+        deadline = math.inf if timeout_s is None else time.time() + timeout_s
+        followed = self.follow(self.cursor(from_offset), on_line, deadline=deadline, timeout_s=timeout_s or 0)
+        return asyncio.run(followed)
 
-        def poll_and_hand_on() -> int | None:
+    async def follow(
+        self,
+        cursor: JobCursor,
+        on_line: Callable[[str], None],
+        *,
+        deadline: float,
+        timeout_s: float,
+        reconnect: bool = True,
+    ) -> int:
+        """The wait on a job, of both paths (`stream` and RemoteJobTrigger): poll until the job has an exit code,
+        each poll in a thread and each pause an asyncio sleep, so a triggerer's event loop never blocks.
+
+        RemoteJobTimeoutError once `deadline` (epoch seconds) would pass, its message naming `timeout_s`. Without
+        `reconnect` a dropped connection raises its transient error: the trigger hands it to the operator, which
+        asks EC2 about the instance before following again.
+        """
+
+        async def poll_and_hand_on() -> int | None:
             try:
-                return self.poll(cursor)
+                return await asyncio.to_thread(self._dropping_on_loss, lambda: self.poll(cursor))
             finally:
-                # Lines read before a failure are handed on too: the cursor has moved past them.
+                # Lines read before a failure are handed on too, from the event loop's thread (a trigger logs there).
                 for line in cursor.take_lines():
                     on_line(line)
 
         while True:
-            # Each poll has the whole reconnect budget: a connection that came back resets the count.
-            exit_code = self._reconnecting(poll_and_hand_on)
+            exit_code: int | None
+            if reconnect:
+                # Each poll has the whole reconnect budget: a connection that came back resets the count.
+                exit_code = await tenacity.AsyncRetrying(**self._reconnect_policy())(poll_and_hand_on)
+            else:
+                exit_code = await poll_and_hand_on()
             if exit_code is not None:
                 return exit_code
-            if deadline is not None and time.monotonic() + self._poll_s > deadline:
-                raise RemoteJobTimeoutError(timeout_message(self.paths, timeout_s or 0, cursor.offset))
-            time.sleep(self._poll_s)
+            if time.time() + self._poll_s > deadline:
+                raise RemoteJobTimeoutError(timeout_message(self.paths, timeout_s, cursor.offset))
+            await asyncio.sleep(self._poll_s)
 
     def read_log(self) -> str:
         """The job's whole log so far (e.g. to find the MLflow run id)."""
@@ -288,16 +313,19 @@ class RemoteJob:
         )
 
     def _reconnecting(self, attempt: Callable[[], _T]) -> _T:
-        """`attempt()`, tried again on a new connection after a lost one: at most `max_reconnects` times,
-        `reconnect_delay_s` apart (the delays the deferred path counts across its triggers too)."""
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(transient_ssh_errors()),
-            stop=tenacity.stop_after_attempt(self._max_reconnects + 1),
-            wait=lambda state: reconnect_delay_s(state.attempt_number, self._reconnect_backoff_s),
-            before_sleep=self._log_reconnect,
-            retry_error_callback=self._give_up,
-        )
-        return retrying(self._dropping_on_loss, attempt)
+        """`attempt()`, tried again on a new connection after a lost one (`_reconnect_policy`)."""
+        return tenacity.Retrying(**self._reconnect_policy())(self._dropping_on_loss, attempt)
+
+    def _reconnect_policy(self) -> dict[str, Any]:
+        """At most `max_reconnects` reconnects, `reconnect_delay_s` apart (the delays the deferred path counts across
+        its triggers too): one policy for a worker's blocking calls and its `follow`."""
+        return {
+            "retry": tenacity.retry_if_exception_type(transient_ssh_errors()),
+            "stop": tenacity.stop_after_attempt(self._max_reconnects + 1),
+            "wait": lambda state: reconnect_delay_s(state.attempt_number, self._reconnect_backoff_s),
+            "before_sleep": self._log_reconnect,
+            "retry_error_callback": self._give_up,
+        }
 
     def _dropping_on_loss(self, attempt: Callable[[], _T]) -> _T:
         try:

@@ -7,6 +7,7 @@ generated for this instance and given to it in user-data), and anything else mus
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -14,7 +15,7 @@ import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import tenacity
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds between SSH keepalives: keeps NAT/firewall state alive during long, quiet log polls.
 KEEPALIVE_S = 15
-# How often wait_for_ssh repeats an unchanged "not ready yet" line.
+# How often the SSH wait repeats an unchanged "not ready yet" line.
 PROGRESS_LOG_EVERY_S = 30.0
 BOOTSTRAP_STATUS = "bootstrap.status"
 BOOTSTRAP_LOG = "bootstrap.log"
@@ -37,6 +38,13 @@ LOG_TAIL_LINES = 40
 # Only the end of a log is read for a tail, so a huge log costs one bounded read.
 TAIL_READ_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 1024 * 1024
+
+
+class WaitLog(Protocol):
+    """What the waits log through: this module's logger in a worker, a trigger's `self.log` in the triggerer."""
+
+    def info(self, event: str, /, *args: Any) -> Any: ...
+    def warning(self, event: str, /, *args: Any) -> Any: ...
 
 
 class HostKeyMismatchError(OrchestratorError):
@@ -186,20 +194,29 @@ def connect(target: SshTarget, *, timeout_s: float = 30.0) -> paramiko.SSHClient
     return client
 
 
-def wait_for_ssh(
+def wait_for_ssh(target: SshTarget, *, timeout_s: float, poll_s: float = 5.0, connect_timeout_s: float = 10.0) -> None:
+    """ssh_answers in a worker: log in until it works or `timeout_s` passes; a host key mismatch fails at once."""
+    now = time.time()
+    answered = ssh_answers(
+        target, started_at=now, deadline=now + timeout_s, poll_s=poll_s, connect_timeout_s=connect_timeout_s
+    )
+    asyncio.run(answered).close()
+
+
+async def ssh_answers(
     target: SshTarget,
     *,
-    timeout_s: float,
-    poll_s: float = 5.0,
-    connect_timeout_s: float = 10.0,
-) -> None:
-    """Retry logging in until it works or `timeout_s` passes; a host key mismatch fails at once.
-
-    Authentication failures are retried too: while cloud-init is still writing the authorized key, a booting instance
-    may answer before it accepts our key.
+    started_at: float,
+    deadline: float,
+    poll_s: float,
+    connect_timeout_s: float,
+    log: WaitLog = logger,
+) -> paramiko.SSHClient:
+    """The SSH wait of both paths, wait_for_ssh's and BootstrapTrigger's: log in until it works, returning the client;
+    SshTimeoutError at `deadline` (epoch seconds; the message counts from `started_at`), a host key mismatch at once.
+    Logins run in a thread, pauses are asyncio sleeps: a triggerer's event loop never blocks. Authentication failures
+    are retried too: while cloud-init is still writing the authorized key, a booting instance may refuse our key.
     """
-    started = time.monotonic()
-    deadline = started + timeout_s
     logged_error, logged_at = "", -PROGRESS_LOG_EVERY_S
 
     def log_refusal(state: tenacity.RetryCallState) -> None:
@@ -207,25 +224,33 @@ def wait_for_ssh(
         error = describe(failed_with(state))
         # A booting instance refuses for minutes: say so when it changes or every so often, not every poll.
         if error != logged_error or time.monotonic() - logged_at >= PROGRESS_LOG_EVERY_S:
-            logger.info("SSH to %s not ready yet (attempt %d): %s", target, state.attempt_number, error)
+            log.info("SSH to %s not ready yet (attempt %d): %s", target, state.attempt_number, error)
             logged_error, logged_at = error, time.monotonic()
 
     def time_out(state: tenacity.RetryCallState) -> NoReturn:
-        message = ssh_timeout_message(target, timeout_s, state.attempt_number, describe(failed_with(state)))
-        raise SshTimeoutError(message)
+        budget_s = deadline - started_at
+        raise SshTimeoutError(ssh_timeout_message(target, budget_s, state.attempt_number, describe(failed_with(state))))
 
-    login = tenacity.Retrying(
+    async def log_in() -> paramiko.SSHClient:
+        return await asyncio.to_thread(connect, target, timeout_s=_bounded(connect_timeout_s, deadline))
+
+    login = tenacity.AsyncRetrying(
         # HostKeyMismatchError is not among them: it fails the first attempt.
         retry=tenacity.retry_if_exception_type(transient_ssh_errors()),
         # Gives up rather than sleep past the deadline.
-        stop=tenacity.stop_before_delay(timeout_s),
+        stop=tenacity.stop_before_delay(max(deadline - time.time(), 0.0)),
         wait=tenacity.wait_fixed(poll_s),
         after=log_refusal,
         retry_error_callback=time_out,
     )
-    client = login(lambda: connect(target, timeout_s=min(connect_timeout_s, max(deadline - time.monotonic(), 1.0))))
-    client.close()
-    logger.info("SSH to %s answered with the pinned host key after %.1fs", target, time.monotonic() - started)
+    client: paramiko.SSHClient = await login(log_in)
+    log.info("SSH to %s answered with the pinned host key after %.1fs", target, time.time() - started_at)
+    return client
+
+
+def _bounded(connect_timeout_s: float, deadline: float) -> float:
+    """One login's timeout: never past the wait's deadline, yet at least a second."""
+    return min(connect_timeout_s, max(deadline - time.time(), 1.0))
 
 
 def failed_with(state: tenacity.RetryCallState) -> BaseException:
@@ -302,7 +327,7 @@ def read_tail(sftp: paramiko.SFTPClient, path: str, lines: int = LOG_TAIL_LINES)
 
 class BootstrapWatch:
     """One look at a time at `<state_dir>/bootstrap.status` and the new lines of `<state_dir>/bootstrap.log`:
-    what wait_for_bootstrap loops over in a worker, and what the ready trigger polls from the triggerer."""
+    what bootstrap_marker polls, in a worker or the triggerer."""
 
     def __init__(self, state_dir: str) -> None:
         self.status_path = posixpath.join(state_dir, BOOTSTRAP_STATUS)
@@ -352,39 +377,57 @@ def wait_for_bootstrap(
     on_log: Callable[[str], None] | None = None,
     connect_timeout_s: float = 30.0,
 ) -> BootstrapResult:
-    """Poll `<state_dir>/bootstrap.status` until it says `ok` (returned) or `error: <step>: <message>` (raised).
+    """bootstrap_marker in a worker: `<state_dir>/bootstrap.status` says `ok` (returned) or `error: ...` (raised)."""
+    now = time.time()
+    waited = bootstrap_marker(
+        target,
+        state_dir,
+        started_at=now,
+        deadline=now + timeout_s,
+        poll_s=poll_s,
+        on_log=on_log or (lambda _line: None),
+        connect_timeout_s=connect_timeout_s,
+    )
+    return asyncio.run(waited)
 
-    New lines of `<state_dir>/bootstrap.log` go to `on_log` as they appear. Dropped connections are re-opened
-    within the same deadline. Raises BootstrapFailedError or BootstrapTimeoutError, both with the log's tail.
-    """
+
+async def bootstrap_marker(
+    target: SshTarget,
+    state_dir: str,
+    *,
+    started_at: float,
+    deadline: float,
+    poll_s: float,
+    on_log: Callable[[str], None],
+    connect_timeout_s: float,
+    client: paramiko.SSHClient | None = None,
+    log: WaitLog = logger,
+) -> BootstrapResult:
+    """The bootstrap wait of both paths, wait_for_bootstrap's and BootstrapTrigger's: poll the marker over `client`
+    (or a new login, also after a drop), the log's new lines to `on_log`, until it is final or `deadline` (epoch
+    seconds) passes: BootstrapFailedError, BootstrapTimeoutError (with the log's tail); polls run in a thread."""
     watch = BootstrapWatch(state_dir)
-    started = time.monotonic()
-    deadline = started + timeout_s
-    client: paramiko.SSHClient | None = None
     try:
         while True:
-            late = time.monotonic() + poll_s > deadline
+            late = time.time() + poll_s > deadline
             try:
                 if client is None:
-                    client = connect(target, timeout_s=connect_timeout_s)
-                status, tail = watch.poll(client, with_tail=late)
-            except HostKeyMismatchError:
-                raise
+                    client = await asyncio.to_thread(connect, target, timeout_s=_bounded(connect_timeout_s, deadline))
+                status, tail = await asyncio.to_thread(watch.poll, client, with_tail=late)
             except transient_ssh_errors() as exc:
-                logger.warning("Lost SSH to %s while waiting for bootstrap (%s); reconnecting", target, exc)
+                log.warning("Lost SSH to %s while waiting for bootstrap (%s); reconnecting", target, exc)
                 if client is not None:
                     client.close()
                 client = None
                 status, tail = "", "(log not readable: the last poll lost its SSH connection)"
             finally:
                 for line in watch.take_lines():
-                    if on_log is not None:
-                        on_log(line)
+                    on_log(line)
             if status:
-                return bootstrap_outcome(target, status, tail, time.monotonic() - started, watch.phases_s)
+                return bootstrap_outcome(target, status, tail, time.time() - started_at, watch.phases_s)
             if late:
-                raise BootstrapTimeoutError(watch.timeout_message(target, timeout_s, tail))
-            time.sleep(poll_s)
+                raise BootstrapTimeoutError(watch.timeout_message(target, deadline - started_at, tail))
+            await asyncio.sleep(poll_s)
     finally:
         if client is not None:
             client.close()

@@ -1,10 +1,10 @@
 """The triggers of the training DAG's long waits over SSH: the instance's bootstrap, and the training job.
 
-They run in the triggerer, so no worker slot sleeps while an instance boots or a model trains. Each poll is a short
-blocking paramiko call run in a thread (`asyncio.to_thread`), the connection kept from one poll to the next; the event
-loop only sleeps between polls. The serialized kwargs (stored in the metadata database) hold the SSH connection's id,
-the address and the pinned *public* host key: the private key is read from the Airflow connection here, in the
-triggerer, and never leaves it.
+They run in the triggerer, so no worker slot sleeps while an instance boots or a model trains. They await the waits a
+worker runs (instance.ssh's `ssh_answers` and `bootstrap_marker`, `RemoteJob.follow`: each poll a short paramiko call
+in a thread, the connection kept from one poll to the next) and turn the outcome into an event. The serialized
+kwargs (stored in the metadata database) hold the SSH connection's id, the address and the pinned *public* host key:
+the private key is read from the Airflow connection here, in the triggerer, and never leaves it.
 
 A trigger logs through `self.log`, which the triggerer writes next to the task's own log file (the UI shows both),
 so `train | ...` and `bootstrap | ...` lines keep appearing in the task log while it is deferred.
@@ -24,8 +24,6 @@ from orchestrator.contracts import classpath
 from orchestrator.errors import OrchestratorError
 
 if TYPE_CHECKING:
-    import paramiko
-
     from orchestrator.instance.remote_job import RemoteJob
     from orchestrator.instance.ssh import SshTarget
 
@@ -103,109 +101,50 @@ class BootstrapTrigger(_SshTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from orchestrator.instance.ssh import BootstrapWatch, HostKeyMismatchError, ssh_timeout_message
+        from orchestrator.instance.ssh import (
+            BootstrapFailedError,
+            BootstrapTimeoutError,
+            HostKeyMismatchError,
+            SshTimeoutError,
+            bootstrap_marker,
+            ssh_answers,
+        )
 
         try:
             target = await self._target()
         except OrchestratorError as exc:
             yield TriggerEvent({"status": "failed", "message": str(exc)})
             return
-        watch = BootstrapWatch(self.state_dir)
-        login = _Login(target)
         try:
-            while True:
-                late = time.time() + self.poll_s > self.deadline
-                try:
-                    status, tail = await self._look(login, watch, late)
-                except HostKeyMismatchError as exc:
-                    yield TriggerEvent({"status": "failed", "message": str(exc)})
-                    return
-                finally:
-                    for line in watch.take_lines():
-                        self.log.info("bootstrap | %s", line)
-                if status:
-                    yield self._outcome(target, status, tail, login.answered_at, watch.phases_s)
-                    return
-                if late:
-                    budget_s = self.deadline - self.started_at
-                    message = (
-                        watch.timeout_message(target, budget_s, tail)
-                        if login.answered_at is not None
-                        else ssh_timeout_message(target, budget_s, login.attempts, login.last_error)
-                    )
-                    yield TriggerEvent({"status": "timeout", "message": message})
-                    return
-                await asyncio.sleep(self.poll_s)
-        finally:
-            login.close()
-
-    async def _look(self, login: _Login, watch: Any, late: bool) -> tuple[str, str]:
-        """One poll: log in if needed, then read the marker and new log lines. A refused or dropped connection is
-        logged (when its error changes, or every so often) and read as "not yet"."""
-        from orchestrator.instance.ssh import PROGRESS_LOG_EVERY_S, connect, transient_ssh_errors
-
-        try:
-            if login.client is None:
-                login.attempts += 1
-                timeout_s = min(CONNECT_TIMEOUT_S, max(self.deadline - time.time(), 1.0))
-                login.client = await asyncio.to_thread(connect, login.target, timeout_s=timeout_s)
-                if login.answered_at is None:
-                    login.answered_at = time.time()
-                    self.log.info(
-                        "SSH answers on %s with the pinned host key after %.1f s",
-                        login.target,
-                        login.answered_at - self.started_at,
-                    )
-            result: tuple[str, str] = await asyncio.to_thread(watch.poll, login.client, with_tail=late)
-            return result
-        except transient_ssh_errors() as exc:
-            login.last_error = f"{type(exc).__name__}: {exc}"
-            # A booting instance refuses for minutes: say so when it changes or every so often, not every poll.
-            if login.last_error != login.logged_error or time.time() - login.logged_at >= PROGRESS_LOG_EVERY_S:
-                self.log.info(
-                    "SSH to %s not ready yet (attempt %d): %s", login.target, login.attempts, login.last_error
-                )
-                login.logged_error, login.logged_at = login.last_error, time.time()
-            login.close()
-            return "", "(log not readable: the last poll lost its SSH connection)"
-
-    def _outcome(
-        self, target: SshTarget, status: str, tail: str, answered_at: float | None, phases_s: dict[str, float]
-    ) -> TriggerEvent:
-        from orchestrator.instance.ssh import BootstrapFailedError, bootstrap_outcome
-
-        now = time.time()
-        try:
-            result = bootstrap_outcome(target, status, tail, now - self.started_at, phases_s)
-        except BootstrapFailedError as exc:
-            return TriggerEvent({"status": "failed", "message": str(exc)})
-        return TriggerEvent(
+            # The same two waits as a worker's wait_ready, one login kept from the first to the second.
+            window = {"started_at": self.started_at, "deadline": self.deadline, "poll_s": self.poll_s}
+            client = await ssh_answers(target, **window, connect_timeout_s=CONNECT_TIMEOUT_S, log=self.log)
+            answered_at = time.time()
+            result = await bootstrap_marker(
+                target,
+                self.state_dir,
+                **window,
+                on_log=lambda line: self.log.info("bootstrap | %s", line),
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                client=client,
+                log=self.log,
+            )
+        except (SshTimeoutError, BootstrapTimeoutError) as exc:
+            yield TriggerEvent({"status": "timeout", "message": str(exc)})
+            return
+        except (HostKeyMismatchError, BootstrapFailedError) as exc:
+            # The bootstrap's error marker or another host key: a retry cannot help.
+            yield TriggerEvent({"status": "failed", "message": str(exc)})
+            return
+        yield TriggerEvent(
             {
                 "status": "ready",
                 "status_line": result.status_line,
-                "seconds_to_ssh": round((answered_at or now) - self.started_at, 1),
-                "seconds_to_ready": round(now - self.started_at, 1),
+                "seconds_to_ssh": round(answered_at - self.started_at, 1),
+                "seconds_to_ready": round(result.elapsed_s, 1),
                 "bootstrap_phases_s": result.phases_s,
             }
         )
-
-
-class _Login:
-    """The bootstrap trigger's connection between polls, and what its log says about the attempts so far."""
-
-    def __init__(self, target: SshTarget) -> None:
-        self.target = target
-        self.client: paramiko.SSHClient | None = None
-        self.answered_at: float | None = None
-        self.attempts = 0
-        self.last_error = "no attempt made"
-        self.logged_error = ""
-        self.logged_at = 0.0
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        self.client = None
 
 
 class RemoteJobTrigger(_SshTrigger):
@@ -276,10 +215,12 @@ class RemoteJobTrigger(_SshTrigger):
         from orchestrator.instance.ssh import connect
 
         target = await self._target()
-        return RemoteJob(lambda: connect(target, timeout_s=CONNECT_TIMEOUT_S), JobPaths(self.job_dir))
+        return RemoteJob(
+            lambda: connect(target, timeout_s=CONNECT_TIMEOUT_S), JobPaths(self.job_dir), poll_s=self.poll_s
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from orchestrator.instance.remote_job import RemoteJobError, RemoteJobLostError, timeout_message
+        from orchestrator.instance.remote_job import RemoteJobError, RemoteJobLostError, RemoteJobTimeoutError
         from orchestrator.instance.ssh import transient_ssh_errors
 
         try:
@@ -288,44 +229,33 @@ class RemoteJobTrigger(_SshTrigger):
             yield TriggerEvent({"status": "error", "message": str(exc), "offset": self.from_offset})
             return
         cursor = job.cursor(self.from_offset)
+        event: dict[str, Any]
         try:
             # After a dropped connection the operator asks for a pause before the next login (backoff).
             await asyncio.sleep(max(0.0, self.not_before - time.time()))
-            while True:
-                event: dict[str, Any] | None = None
-                try:
-                    exit_code = await asyncio.to_thread(job.poll, cursor)
-                    if exit_code is not None:
-                        event = {"status": "exited", "exit_code": exit_code}
-                except RemoteJobLostError as exc:
-                    event = {"status": "lost", "message": str(exc)}
-                except RemoteJobError as exc:
-                    event = {"status": "error", "message": str(exc)}
-                except transient_ssh_errors() as exc:
-                    event = {
-                        "status": "disconnected",
-                        "message": f"{type(exc).__name__}: {exc}",
-                        "failures": self.failures + 1,
-                    }
-                finally:
-                    for line in cursor.take_lines():
-                        self.log.info("train | %s", line)
-                if event is None and time.time() + self.poll_s > self.deadline:
-                    event = {"status": "timeout", "message": timeout_message(job.paths, self.timeout_s, cursor.offset)}
-                if event is not None:
-                    # The deadline travels on: following again after a drop must not restart the training's bound.
-                    yield TriggerEvent(
-                        {
-                            **event,
-                            "offset": cursor.resume_offset,
-                            "deadline": self.deadline,
-                            "timeout_s": self.timeout_s,
-                        }
-                    )
-                    return
-                await asyncio.sleep(self.poll_s)
+            # The worker's wait (RemoteJob.stream) without its reconnects: a drop goes back to the operator.
+            exit_code = await job.follow(
+                cursor,
+                lambda line: self.log.info("train | %s", line),
+                deadline=self.deadline,
+                timeout_s=self.timeout_s,
+                reconnect=False,
+            )
+            event = {"status": "exited", "exit_code": exit_code}
+        except RemoteJobTimeoutError as exc:
+            event = {"status": "timeout", "message": str(exc)}
+        except RemoteJobLostError as exc:
+            event = {"status": "lost", "message": str(exc)}
+        except RemoteJobError as exc:
+            event = {"status": "error", "message": str(exc)}
+        except transient_ssh_errors() as exc:
+            event = {"status": "disconnected", "message": f"{type(exc).__name__}: {exc}", "failures": self.failures + 1}
         finally:
             await asyncio.to_thread(job.close)
+        # The deadline travels on: following again after a drop must not restart the training's bound.
+        yield TriggerEvent(
+            {**event, "offset": cursor.resume_offset, "deadline": self.deadline, "timeout_s": self.timeout_s}
+        )
 
     async def on_kill(self) -> None:
         """The task was marked failed, cleared or marked success while deferred: stop the job, as the operator's
