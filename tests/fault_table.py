@@ -2,12 +2,14 @@
 
 A row travels in its test's teardown report (as a user property), so the table is whole when the tests run in
 pytest-xdist workers (`make test` runs two). Set FAULT_TABLE_FILE to also write the table to a file (a CI artifact).
-Registered for the whole test tree through `pytest_plugins` in tests/conftest.py.
+Registered for the whole test tree through `pytest_plugins` in tests/conftest.py: the `fault_table` fixture serves
+tests/faults and the Celery deployment's batch (tests/deploy/test_celery_deployment.py).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Generator, Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 TABLE_FILE_ENV = "FAULT_TABLE_FILE"
 TITLE = "Fault-injection suite"
 ROW_PROPERTY = "fault_table_row"
+_CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,29 @@ class FaultTable:
         if self.row is None:
             raise RuntimeError("no row recorded")
         return ROW_PROPERTY, astuple(self.row)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture
+def fault_table(request: pytest.FixtureRequest) -> Iterator[FaultTable]:
+    table = FaultTable()
+    yield table
+    report = request.node.stash.get(_CALL_REPORT, None)
+    if report is None or not report.passed:
+        return
+    if table.row is None:
+        pytest.fail(f"{request.node.name} passed but recorded no row in the fault table")
+    # The teardown report carries it to the process that prints the table.
+    request.node.user_properties.append(table.as_property())
 
 
 def render_table(rows: list[FaultRow]) -> str:

@@ -84,6 +84,12 @@ def planted_connections(stack: EmbeddedStack) -> tuple[dict[str, str], dict[str,
 
 
 @pytest.fixture
+def planted_in_airflow(stack: EmbeddedStack) -> dict[str, str]:
+    """The secrets planted_connections plants, for a deployment whose environment carries its connections."""
+    return planted_connections(stack)[0]
+
+
+@pytest.fixture
 def planted(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Known secret values set in every connection the run uses; none may show up anywhere readable."""
     secrets, connections = planted_connections(env)
@@ -207,6 +213,13 @@ class ProcessListSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@pytest.fixture
+def processes() -> Iterator[ProcessListSampler]:
+    """Every command line seen on this machine while the test runs: the leak scans read it for planted secrets."""
+    with ProcessListSampler() as sampler:
+        yield sampler
 
 
 def secrets_found(

@@ -2,8 +2,9 @@
 scheduler, dag-processor, triggerer and api-server, MLflow on PostgreSQL with its artifacts in S3 (the moto server).
 
 It is docker-compose.yaml's deployment (tests/deploy/test_compose.py checks that they match), run on the machine's
-own PostgreSQL and Redis: the test makes and drops its own databases and claims its own Redis database number. It
-runs a batch of DAG runs at once, then kills a whole worker (its process tree) while `train` runs on it.
+own PostgreSQL and Redis: the test makes and drops its own databases and claims its own Redis database number. Its
+connections carry the planted secrets. It runs the suite's load batch, 8 DAG runs at once under aws.max_instances = 3
+(a row of the fault table), then kills a whole worker (its process tree) while `train` runs on it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from embedded.deploy.production import (
 )
 from embedded.deploy.stack import EmbeddedStack
 from tests.conftest import REPO
-from tests.faults.support import OnTraining, hold_job, release_after_reattach
+from tests.fault_table import FaultTable
+from tests.faults.support import OnTraining, hold_job, release_after_reattach, scan
+from tests.pipeline_fixtures import ProcessListSampler, planted_connections, training_job_command
 from tests.tools import missing_tool
 
 # Never alongside tests/faults/test_scheduler_faults.py (the same group): two Airflow deployments at once would
@@ -41,7 +44,8 @@ from tests.tools import missing_tool
 # The runs' own waits (up to 900 s) fail first, with the runs' states: pytest's default 600 s must not cut them short.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment"), pytest.mark.timeout(1800)]
 
-RUNS = 3
+RUNS = 8
+CAP = 3
 # docker-compose.yaml runs as many (tests/deploy/test_compose.py).
 WORKERS = 2
 MLFLOW_BUCKET = "mlflow"
@@ -85,8 +89,9 @@ def deployment(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -
     ):
         env = {
             **stack.environment(),
+            **planted_connections(stack)[1],
             "TRAINER__MLFLOW__TRACKING_URI": mlflow.url,
-            **load_settings(RUNS),
+            **load_settings(CAP),
             **celery_environment(airflow_db.url(), broker.url),
             **FAST_DETECTION,
         }
@@ -117,23 +122,34 @@ def test_settings_come_from_the_one_list() -> None:
         celery_environment("postgresql://u@h/db", "redis://h:6379/1")
 
 
-def test_concurrent_runs_on_two_workers_share_nothing(deployment: Deployment, sha: str) -> None:
+def test_many_runs_at_once_on_two_workers_stay_under_the_cap_apart_and_clean(
+    deployment: Deployment,
+    sha: str,
+    planted_in_airflow: dict[str, str],
+    processes: ProcessListSampler,
+    fault_table: FaultTable,
+) -> None:
     stack, airflow = deployment.stack, deployment.airflow
     report = run_batch(
         stack,
         airflow,
         runs=RUNS,
-        cap=RUNS,
-        project_tag=load_settings(RUNS)["TRAINER__AWS__PROJECT_TAG"],
+        cap=CAP,
+        project_tag=load_settings(CAP)["TRAINER__AWS__PROJECT_TAG"],
         conf={"git_ref": sha},
         timeout_s=900,
         prefix="celery",
     )
     print(report.render())
+    worker_s, train_s = report.train_slot_seconds()
+
     assert report.problems() == []
     # Deferred, train holds a worker only to start the job and to finish: measured, and less than its duration.
-    worker_s, train_s = report.train_slot_seconds()
     assert 0 < worker_s < train_s, (worker_s, train_s)
+    assert report.max_live_instances == CAP, "the cap was never reached: the batch did not test it"
+    assert processes.saw(training_job_command(stack)), "the sampler never saw a training job"
+    leaks = scan(planted_in_airflow, stack, airflow, {r.run_id: r.instance_id for r in report.runs}, processes)
+    assert leaks == {}
     tis = [ti for run in report.runs for ti in airflow.task_instances(DAG_ID, run.run_id).values()]
     hosts = {ti["hostname"] for ti in tis if ti["hostname"]}
     assert hosts == set(airflow.workers), f"tasks ran on {hosts}, not on both workers"
@@ -146,6 +162,16 @@ def test_concurrent_runs_on_two_workers_share_nothing(deployment: Deployment, sh
         for obj in page.get("Contents", [])
     ]
     assert all(any(f"/{run_id}/artifacts/" in key for key in keys) for run_id in mlflow_runs), keys[:20]
+    fault_table.record(
+        f"{RUNS} DAG runs at once, aws.max_instances={CAP}, Celery deployment, {WORKERS} workers",
+        f"all succeed; at most {CAP} instances live; each run its own instance, key, job; none left; tasks on every "
+        "worker; MLflow runs in PostgreSQL, artifacts in S3",
+        f"{dict(report.states)}; max {report.max_live_instances} live; no sharing; tasks on {len(hosts)} workers; "
+        f"{len(mlflow_runs)} MLflow runs; wall {report.wall_s:.0f} s, peak {report.peak_pss_mb:.0f} MB PSS; "
+        f"train held worker slots {worker_s:.0f} s of {train_s:.0f} s",
+        len(report.instances_left),
+        sum(leaks.values()),
+    )
 
 
 def test_worker_killed_mid_training_the_retry_reattaches_on_the_other(deployment: Deployment, sha: str) -> None:

@@ -1,7 +1,11 @@
-"""Helpers of the fault-injection suite: where secrets could leak, what a run left running, faults timed to a job."""
+"""Helpers of the fault-injection suite: where secrets could leak, what a run left running, faults timed to a job.
+
+The Airflow-deployment modules (tests/faults/test_scheduler_faults.py, tests/deploy/test_celery_deployment.py) share
+`scan`, the leak scan of runs whose tasks ran in the deployment's own processes."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -12,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from embedded.cloud import EmulatedInstance
+from embedded.deploy.airflow_local import LocalAirflow
+from embedded.deploy.load import DAG_ID
 from embedded.deploy.stack import EmbeddedStack
 from tests.fault_table import FaultTable
-from tests.leak_scan import SshTraffic
+from tests.leak_scan import SshTraffic, planted_found
 from tests.pipeline_fixtures import ProcessListSampler, instances_of, secrets_found
 
 # Long enough for a cold `mlflow run` to reach its first epoch on a busy 2-core machine.
@@ -47,6 +53,26 @@ def record_run(
     assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found: {found}"
     assert left == 0, f"{left} instance(s) of the run are not terminated"
     table.record(scenario, expected, observed, left, leaks)
+
+
+def scan(
+    planted: Mapping[str, str],
+    stack: EmbeddedStack,
+    airflow: LocalAirflow,
+    runs: dict[str, str],
+    processes: ProcessListSampler,
+) -> dict[str, int]:
+    """Planted secrets in the runs' task logs, XComs, rendered fields, instances' user-data, and the process list.
+
+    `runs` maps each DAG run id to its instance id."""
+    ec2 = stack.cloud.client("ec2")
+    places = {"process list": processes.text()}
+    for run_id, instance_id in runs.items():
+        places[f"{run_id} task logs"] = airflow.task_log(DAG_ID, run_id)
+        places[f"{run_id} XComs and rendered fields"] = airflow.stored_outputs(DAG_ID, run_id)
+        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        places[f"{run_id} user-data"] = base64.b64decode(attr["UserData"]["Value"]).decode()
+    return planted_found(planted, places)
 
 
 def output(capfd: Any, caplog: Any) -> str:

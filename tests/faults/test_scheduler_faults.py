@@ -1,6 +1,7 @@
-"""Faults that need Airflow's real scheduler and triggerer: many runs at once under the instance cap, a killed task
-process, a deferred training marked failed, a triggerer restarted mid-training, and a sweep (ec2_sweep: each set an
-ec2_training run it triggers) with a failing set or invalid sets.
+"""Faults that need Airflow's real scheduler and triggerer: a killed task process, a deferred training cleared or
+marked failed, a triggerer restarted mid-training, a control-plane outage, and a sweep (ec2_sweep: each set an
+ec2_training run it triggers) with a failing set or invalid sets. Many runs at once under the instance cap run on the
+Celery deployment (tests/deploy/test_celery_deployment.py): one deployment started for the batch and its checks.
 
 `dag.test()` runs one DAG run in one process. Here the api-server, the scheduler with the LocalExecutor, the
 dag-processor and the triggerer run as in production (embedded.deploy.airflow_local), each task in its own supervised
@@ -10,7 +11,6 @@ process, against the session's embedded services. Its connections carry the plan
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -25,20 +25,19 @@ import pytest
 
 from benchmarks.load_benchmark import load_settings
 from embedded.deploy.airflow_local import LocalAirflow
-from embedded.deploy.load import DAG_ID, Sampler, run_batch
+from embedded.deploy.load import DAG_ID, Sampler
 from embedded.deploy.stack import EmbeddedStack
 from tests.fault_table import FaultTable
-from tests.faults.support import OnTraining, hold_job, release_after_reattach
-from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found, training_job_command
+from tests.faults.support import OnTraining, hold_job, release_after_reattach, scan
+from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found
 from tests.tools import missing_tool
 
 # Never alongside tests/deploy/test_celery_deployment.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.
 # Each test waits for its runs with its own bound (up to 900 s, failing with the runs' states): pytest's default 600 s
-# must not cut that wait short on a loaded machine (a 3-worker run once took the 8-run batch past it).
+# must not cut that wait short on a loaded machine (a 3-worker run once took the 8-run batch, then here, past it).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow-deployment"), pytest.mark.timeout(1800)]
 
-RUNS = 8
 CAP = 3
 SWEEP_DAG_ID = "ec2_sweep"
 
@@ -77,64 +76,6 @@ def not_deferrable(settings_file: Path) -> Iterator[None]:
         yield
     finally:
         settings_file.write_text("")
-
-
-@pytest.fixture
-def planted_in_airflow(stack: EmbeddedStack) -> dict[str, str]:
-    return planted_connections(stack)[0]
-
-
-def scan(
-    planted: dict[str, str], stack: EmbeddedStack, airflow: LocalAirflow, runs: dict[str, str], processes: Any
-) -> dict[str, int]:
-    """Planted secrets in the runs' task logs, XComs, rendered fields, instances' user-data, and the process list.
-
-    `runs` maps each DAG run id to its instance id."""
-    ec2 = stack.cloud.client("ec2")
-    places = {"process list": processes.text()}
-    for run_id, instance_id in runs.items():
-        places[f"{run_id} task logs"] = airflow.task_log(DAG_ID, run_id)
-        places[f"{run_id} XComs and rendered fields"] = airflow.stored_outputs(DAG_ID, run_id)
-        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        places[f"{run_id} user-data"] = base64.b64decode(attr["UserData"]["Value"]).decode()
-    return planted_found(planted, places)
-
-
-def test_many_runs_at_once_stay_under_the_cap_apart_and_clean(
-    airflow: LocalAirflow,
-    stack: EmbeddedStack,
-    sha: str,
-    planted_in_airflow: dict[str, str],
-    processes: ProcessListSampler,
-    fault_table: FaultTable,
-) -> None:
-    report = run_batch(
-        stack,
-        airflow,
-        runs=RUNS,
-        cap=CAP,
-        project_tag=load_settings(CAP)["TRAINER__AWS__PROJECT_TAG"],
-        conf={"git_ref": sha},
-        timeout_s=900,
-    )
-    print(report.render())
-    worker_s, train_s = report.train_slot_seconds()
-
-    assert report.problems() == []
-    # Deferred: a train task's process lives only to start the job and to finish it, never the whole training.
-    assert 0 < worker_s < train_s, (worker_s, train_s)
-    assert report.max_live_instances == CAP, "the cap was never reached: the batch did not test it"
-    assert processes.saw(training_job_command(stack)), "the sampler never saw a training job"
-    leaks = scan(planted_in_airflow, stack, airflow, {r.run_id: r.instance_id for r in report.runs}, processes)
-    assert leaks == {}
-    fault_table.record(
-        f"{RUNS} DAG runs at once, aws.max_instances={CAP}, real scheduler",
-        f"all succeed; at most {CAP} instances live; each run its own instance, key, job; none left",
-        f"{dict(report.states)}; max {report.max_live_instances} live; no sharing; wall {report.wall_s:.0f} s, "
-        f"peak {report.peak_pss_mb:.0f} MB PSS; train held worker slots {worker_s:.0f} s of {train_s:.0f} s",
-        len(report.instances_left),
-        sum(leaks.values()),
-    )
 
 
 def kill_task_process(airflow: LocalAirflow, run_id: str, task_id: str) -> int:
