@@ -288,6 +288,68 @@ def test_triggerer_restart_mid_training_does_not_kill_the_job(
     )
 
 
+def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_reported_as_gone(
+    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+) -> None:
+    """Issue 19: an instance ended by its watchdog while the orchestrator was down was reported as an SSH error and its
+    MLflow run stayed RUNNING. Here the triggerer following the deferred train is down while the instance runs the
+    watchdog's `shutdown -P now`; once it is back, train says the instance is gone, and why."""
+    from mlflow import MlflowClient
+
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY
+
+    run_id = "watchdog_while_down__01"
+
+    def power_off_while_the_triggerer_is_down() -> str:
+        (instance_id,) = (i["InstanceId"] for i in described(stack, run_id))
+        with airflow.component_down("triggerer"):
+            # What the watchdog's `shutdown -P now` does on the instance: its stand-in asks for the power-off.
+            stack.cloud.instances[instance_id].poweroff_request.write_text("-P now\n")
+            deadline = time.monotonic() + 120
+            while [i["State"]["Name"] for i in described(stack, run_id)] != ["terminated"]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{instance_id} did not power itself off within 120 s")
+                time.sleep(0.5)
+        return instance_id
+
+    with OnTraining(
+        stack, lambda job_dir: when_deferred(airflow, run_id, power_off_while_the_triggerer_is_down)
+    ) as fault:
+        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
+    train_log = airflow.task_log(DAG_ID, run_id, "train")
+    mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
+    mlflow_status = MlflowClient(tracking_uri=stack.mlflow.url).get_run(mlflow_run_id).info.status
+    states = instance_states(stack, [run_id])[run_id]
+
+    assert state == "failed", tis
+    assert (tis["train"], tis["terminate"]) == ("failed", "success")
+    # The task's error names the instance's end and its cause; the SSH error is only the trigger's hand-off.
+    errors = "\n".join(line for line in train_log.splitlines() if '"level":"error"' in line)
+    assert f"{fault.result} is terminated (Client.InstanceInitiatedShutdown" in errors, train_log[-3000:]
+    assert "its max-lifetime watchdog (aws.max_lifetime_minutes) ran out" in errors
+    assert "NoValidConnectionsError" not in errors
+    assert mlflow_status in ("FAILED", "KILLED"), "the MLflow run must not stay RUNNING"
+    assert states == ["terminated"]
+    fault_table.record(
+        "instance powers itself off (its watchdog) while the triggerer is down (real scheduler)",
+        "train reports the instance gone and why, not an SSH error; MLflow run ended; run failed",
+        f"train failed: 'terminated (Client.InstanceInitiatedShutdown)', watchdog named; MLflow run {mlflow_status}; "
+        f"run {state}",
+        sum(1 for s in states if s != "terminated"),
+        0,
+    )
+
+
+def described(stack: EmbeddedStack, run_id: str) -> list[dict[str, Any]]:
+    """The run's instances as DescribeInstances gives them."""
+    found = stack.cloud.client("ec2").describe_instances(
+        Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [run_id]}]
+    )["Reservations"]
+    return [i for r in found for i in r["Instances"]]
+
+
 # ---- sweeps: ec2_sweep triggers one ec2_training run per set ------------------------------------------------------
 
 
