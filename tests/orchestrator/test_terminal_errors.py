@@ -23,6 +23,7 @@ from orchestrator.ci.github_protocol import (
     GitHubSourceError,
 )
 from orchestrator.cloud.ec2 import InstanceCapError, InstanceLostError, InstanceNotReadyError
+from orchestrator.contracts_steps import StepResultError
 from orchestrator.datasets.versions import DatasetError, IncompleteVersionError
 from orchestrator.errors import ConfigError, OrchestratorError, fail_without_retry
 from orchestrator.instance.ssh import (
@@ -46,6 +47,7 @@ TERMINAL: tuple[type[OrchestratorError], ...] = (
     GitHubRefError,
     GitHubCredentialsError,
     GitHubSourceError,
+    StepResultError,
 )
 # Terminal at some steps only: another step retries them, so the steps that do not name them.
 NAMED_WHERE_TERMINAL: tuple[type[OrchestratorError], ...] = (
