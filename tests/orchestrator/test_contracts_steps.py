@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from orchestrator.contracts_steps import (
     Evaluation,
@@ -84,3 +85,51 @@ def test_whole_numbers_read_as_numbers_and_unknown_keys_are_ignored() -> None:
     running = RunningInstance.from_xcom(RUNNING | {"started_at": 1764151200, "added_later": "x"})
     assert running.started_at == 1764151200.0 and isinstance(running.started_at, float)
     assert "added_later" not in running.to_xcom()
+
+
+class _Ti:
+    def xcom_pull(self, **_: Any) -> None:
+        return None
+
+    def get_first_reschedule_date(self, context: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize("step", ["launch", "wait_ready", "wait_ready_complete", "train", "train_complete"])
+def test_a_malformed_upstream_xcom_fails_the_consumer_on_its_first_try(step: str) -> None:
+    """No retry rewrites the upstream's XCom: the consumer fails at once, saying which step to run again."""
+    from orchestrator.cloud.operators import InstanceLaunchSensor
+    from orchestrator.config.settings import load_settings
+    from orchestrator.instance.operators import InstanceReadyOperator
+    from orchestrator.instance.training_operator import RemoteTrainingOperator
+
+    config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
+    context: Any = {"ti": _Ti()}
+    no_key = {k: v for k, v in LAUNCHED.items() if k != "host_public_key"}
+    no_address = {k: v for k, v in READY.items() if k != "address"}
+    calls = {
+        "launch": lambda: InstanceLaunchSensor(task_id="launch", config=config, plan=PLAN | {"ami_id": 1}).poke(
+            context
+        ),
+        "wait_ready": lambda: InstanceReadyOperator(task_id="wait_ready", config=config, launched=no_key).execute(
+            context
+        ),
+        "wait_ready_complete": lambda: InstanceReadyOperator(
+            task_id="wait_ready", config=config, launched=no_key
+        ).execute_complete(context, {"status": "ready"}),
+        "train": lambda: RemoteTrainingOperator(task_id="train", config=config, ready=no_address, git_sha="0").execute(
+            context
+        ),
+        "train_complete": lambda: RemoteTrainingOperator(
+            task_id="train", config=config, ready=no_address, git_sha="0"
+        ).execute_complete(context, {"status": "exited", "exit_code": 0}),
+    }
+    named = {
+        "launch": r"plan_launch's XCom \(the launch plan\): 'ami_id' is 1",
+        "wait_ready": r"launch's XCom \(the launched instance\) has no key 'host_public_key'",
+        "wait_ready_complete": r"launch's XCom \(the launched instance\) has no key 'host_public_key'",
+        "train": r"wait_ready's XCom \(the ready instance\) has no key 'address'",
+        "train_complete": r"wait_ready's XCom \(the ready instance\) has no key 'address'",
+    }
+    with pytest.raises(AirflowFailException, match=f"^{named[step]}"):
+        calls[step]()
