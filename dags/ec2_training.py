@@ -70,7 +70,7 @@ with DAG(
     def evaluate(config: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
         from orchestrator.tracking.promotion import evaluate as gate
 
-        return gate(config, mlflow_run_id)
+        return gate(config, mlflow_run_id).to_xcom()
 
     @teardown
     @task(retries=5, retry_delay=timedelta(seconds=15))
