@@ -64,13 +64,13 @@ with DAG(
         from orchestrator.cloud.tasks import plan_launch as plan
 
         ctx = get_current_context()
-        return plan(config, git_sha, ctx["dag"].dag_id, ctx["run_id"])
+        return plan(config, git_sha, ctx["dag"].dag_id, ctx["run_id"]).to_xcom()
 
     @task(**OUTAGE_RETRIES)
     def evaluate(config: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
         from orchestrator.tracking.promotion import evaluate as gate
 
-        return gate(config, mlflow_run_id)
+        return gate(config, mlflow_run_id).to_xcom()
 
     @teardown
     @task(retries=5, retry_delay=timedelta(seconds=15))
@@ -79,11 +79,12 @@ with DAG(
         import time
 
         from orchestrator.cloud.tasks import terminate as terminate_run
+        from orchestrator.contracts_steps import LaunchedInstance
         from orchestrator.observe.gather import TERMINATED_AT_KEY
 
         ctx = get_current_context()
-        launched = ctx["ti"].xcom_pull(task_ids="launch")
-        instance_ids = [launched["instance_id"]] if launched else []
+        launched = ctx["ti"].xcom_pull(task_ids=LaunchedInstance.STEP)
+        instance_ids = [LaunchedInstance.from_xcom(launched).instance_id] if launched else []
         states = terminate_run(config, ctx["dag"].dag_id, ctx["run_id"], instance_ids)
         # The end of billing when EC2 does not say when termination was asked.
         ctx["ti"].xcom_push(key=TERMINATED_AT_KEY, value=time.time())

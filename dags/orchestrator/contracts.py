@@ -1,7 +1,8 @@
 """What crosses task and package boundaries: XCom keys, MLflow tag and artifact names, EC2 tag names.
 
 A name one package writes and another reads lives here, so neither imports the other for it; names used inside one
-package only (the sweep's parent-run tags, a dataset version's tags) stay with it.
+package only (the sweep's parent-run tags, a dataset version's tags) stay with it. The steps' results themselves,
+typed, are contracts_steps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ def classpath(trigger: object) -> str:
 
 # XCom keys (besides each task's return value): the commit the CI gate resolved, the training's MLflow run and its
 # URL (read by the report), a failed task's failure (observe.failures), and wait_ready's view of the running instance
-# (address, when the wait began, its deadline), kept for its resumption.
+# (contracts_steps.RunningInstance: address, when the wait began, its deadline), kept for its resumption.
 SHA_XCOM_KEY = "ci_gate_sha"
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 MLFLOW_RUN_URL_KEY = "mlflow_run_url"

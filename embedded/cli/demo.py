@@ -99,6 +99,7 @@ def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
     from mlflow import MlflowClient
 
     from embedded.deploy.airflow_local import AirflowError
+    from orchestrator.contracts_steps import Evaluation, LaunchedInstance
 
     airflow, stack, run_id = deployment.airflow, deployment.stack, summary.dag_run_id
 
@@ -109,8 +110,9 @@ def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
             return None
 
     summary.git_sha = xcom("ci_gate")
-    launched = xcom("launch") or {}
-    summary.instance_id, summary.instance_type = launched.get("instance_id"), launched.get("instance_type")
+    if launched := xcom(LaunchedInstance.STEP):
+        instance = LaunchedInstance.from_xcom(launched)
+        summary.instance_id, summary.instance_type = instance.instance_id, instance.instance_type
     ec2 = stack.cloud.client("ec2")
     tagged = ec2.describe_instances(Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [run_id]}])
     for reservation in tagged["Reservations"]:
@@ -118,7 +120,8 @@ def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
             summary.instance_states[inst["InstanceId"]] = inst["State"]["Name"]
     summary.mlflow_run_id = xcom("train")
     summary.mlflow_run_url = xcom("train", "mlflow_run_url")
-    summary.evaluation = xcom("evaluate")
+    evaluation = xcom(Evaluation.STEP)
+    summary.evaluation = Evaluation.from_xcom(evaluation) if evaluation else None
     report = xcom("report") or {}
     summary.cost, summary.phases = report.get("cost"), report.get("phases_s") or {}
     if summary.mlflow_run_id:

@@ -12,7 +12,11 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Only a type here: `python -m embedded.cli.demo` puts dags/ on the path after importing this module.
+    from orchestrator.contracts_steps import Evaluation
 
 # An epoch report of the training job (remote/progress.py), wherever the task log prefixes it ("train | ...").
 _EPOCH_RE = re.compile(r"(?:^|\| )(epoch \d+/\d+ .*)$")
@@ -83,7 +87,7 @@ class RunSummary:
     mlflow_run_id: str | None = None
     mlflow_run_url: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    evaluation: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
     bootstrap_skipped: list[str] = field(default_factory=list)
     # Where the run's notifications landed: "e-mail" / "Slack" -> what arrived and where it is kept.
     notifications: dict[str, str] = field(default_factory=dict)
@@ -115,8 +119,8 @@ def render(summary: RunSummary, *, urls: Mapping[str, str], login: tuple[str, st
         "metrics      " + (", ".join(f"{k}={v}" for k, v in s.metrics.items()) or "-"),
     ]
     if s.evaluation:
-        verdict = "promoted to champion" if s.evaluation.get("promoted") else "not promoted"
-        lines.append(f"model gate   {verdict}: {s.evaluation.get('reason', '')}")
+        verdict = "promoted to champion" if s.evaluation.promoted else "not promoted"
+        lines.append(f"model gate   {verdict}: {s.evaluation.reason}")
     if s.cost:
         c = s.cost
         lines.append(

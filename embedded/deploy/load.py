@@ -198,6 +198,7 @@ def run_batch(
     prefix: str = "load",
 ) -> LoadReport:
     """Trigger `runs` DAG runs at once, wait for all, and gather what each one did."""
+    from orchestrator.contracts_steps import LaunchedInstance
     from orchestrator.instance.job_script import job_key
 
     airflow.wait_for_dag(DAG_ID)
@@ -213,8 +214,9 @@ def run_batch(
 
     for run_id in run_ids:
         tis = airflow.task_instances(DAG_ID, run_id)
-        launched = _xcom_or_none(airflow, run_id, "launch") or {}
-        instance_id = launched.get("instance_id", "")
+        xcom = _xcom_or_none(airflow, run_id, LaunchedInstance.STEP)
+        launched = LaunchedInstance.from_xcom(xcom) if xcom else None
+        instance_id = launched.instance_id if launched else ""
         booted = stack.cloud.instances.get(instance_id)
         jobs_dir = stack.cloud.host_path(booted, stack.state_dir / "jobs") if booted else None
         report.runs.append(
@@ -224,7 +226,7 @@ def run_batch(
                 task_states={task: str(ti["state"]) for task, ti in tis.items()},
                 task_seconds={task: float(ti["duration"] or 0.0) for task, ti in tis.items()},
                 instance_id=instance_id,
-                host_key=launched.get("host_public_key", ""),
+                host_key=launched.host_public_key if launched else "",
                 mlflow_run_id=_xcom_or_none(airflow, run_id, "train") or "",
                 own_job=job_key(DAG_ID, run_id),
                 jobs_on_instance=tuple(sorted(p.name for p in jobs_dir.glob("*"))) if jobs_dir else (),

@@ -14,6 +14,8 @@ from embedded.cli.live_view import (
     render,
     state_changes,
 )
+from orchestrator.contracts_steps import Evaluation
+from tests.step_results import EVALUATION
 
 EPOCH = "epoch 2/3 train_loss=0.6716 train_acc=0.504 val_loss=0.6175 val_acc=0.533 67 img/s 3.8s eta 0:00:08"
 
@@ -82,7 +84,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
         instance_states={"i-1": "terminated"},
         mlflow_run_id="abc",
         mlflow_run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc",
-        evaluation={"promoted": True, "reason": "0.93 passes the threshold"},
+        evaluation=Evaluation.from_xcom(EVALUATION | {"reason": "0.93 passes the threshold"}),
         startup_s=21.0,
         run_s=32.5,
         train_s=20.0,

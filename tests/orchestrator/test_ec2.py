@@ -13,7 +13,6 @@ from orchestrator.cloud.ec2 import (
     CapacityError,
     InstanceCapError,
     InstanceNotReadyError,
-    LaunchedInstance,
     LaunchError,
     adopt_run_instance,
     instance_slot_free,
@@ -25,6 +24,7 @@ from orchestrator.cloud.ec2 import (
 from orchestrator.cloud.ec2_describe import describe_instance, find_run_instances, live_project_instances
 from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, run_scope_tags
 from orchestrator.config.connections import AWS_RETRIES
+from orchestrator.contracts_steps import LaunchedInstance
 from tests.aws_fixtures import StrictAws, http_errors, strict_aws, take_back_the_first
 
 PROJECT = "ec2-trainer"

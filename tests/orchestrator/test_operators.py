@@ -11,11 +11,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from embedded.services.mlflow_server import MlflowServer
+from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.instance.job_script import job_dir_for
 from orchestrator.instance.remote_job import RemoteJob
 from orchestrator.instance.ssh import SshTarget, connect
 from orchestrator.instance.training_operator import RemoteTrainingOperator
 from tests.leak_scan import SshTraffic
+from tests.step_results import READY
 
 KILL_LOGGED = "Task killed: stopping the remote training job"
 
@@ -143,7 +145,8 @@ def test_a_job_stopped_by_the_instances_shutdown_is_reported_as_the_instances_en
     asked: list[str] = []
     monkeypatch.setattr(cloud_tasks, "instance_gone", lambda config, instance_id: asked.append(instance_id) or gone)
     config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
-    operator = RemoteTrainingOperator(task_id="train", config=config, ready={"instance_id": "i-1"}, git_sha="0" * 40)
+    operator = RemoteTrainingOperator(task_id="train", config=config, ready=READY, git_sha="0" * 40)
+    operator._ready = ReadyInstance.from_xcom(READY | {"instance_id": "i-1"})  # as execute() reads it
     ended: list[bool] = []
     monkeypatch.setattr(operator, "_end_mlflow_run", lambda: ended.append(True))
     job = _EndedJob()

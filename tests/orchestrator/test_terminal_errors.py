@@ -23,6 +23,7 @@ from orchestrator.ci.github_protocol import (
     GitHubSourceError,
 )
 from orchestrator.cloud.ec2 import InstanceCapError, InstanceLostError, InstanceNotReadyError
+from orchestrator.contracts_steps import LaunchedInstance, LaunchPlan, RunningInstance, StepResultError
 from orchestrator.datasets.versions import DatasetError, IncompleteVersionError
 from orchestrator.errors import ConfigError, OrchestratorError, fail_without_retry
 from orchestrator.instance.ssh import (
@@ -32,6 +33,7 @@ from orchestrator.instance.ssh import (
     SshTimeoutError,
 )
 from orchestrator.tracking.runs import TrackingError, TrackingServerError
+from tests.step_results import LAUNCHED, PLAN, READY, RUNNING
 
 # Every project error no step retries, subclasses included (ConfigError's: AmiNotFoundError, UserDataTooLargeError).
 TERMINAL: tuple[type[OrchestratorError], ...] = (
@@ -46,6 +48,7 @@ TERMINAL: tuple[type[OrchestratorError], ...] = (
     GitHubRefError,
     GitHubCredentialsError,
     GitHubSourceError,
+    StepResultError,
 )
 # Terminal at some steps only: another step retries them, so the steps that do not name them.
 NAMED_WHERE_TERMINAL: tuple[type[OrchestratorError], ...] = (
@@ -130,18 +133,16 @@ def test_a_config_error_fails_each_operator_on_its_first_try(monkeypatch: pytest
     config = spoilt_settings(monkeypatch)
     context: Any = {"ti": Ti()}
     calls = {
-        "ready": lambda: InstanceReadyOperator(task_id="r", config=config, launched={}).execute(context),
-        "ready_complete": lambda: InstanceReadyOperator(
-            task_id="r", config=config, launched={"instance_id": "i-1"}
-        ).execute_complete(
+        "ready": lambda: InstanceReadyOperator(task_id="r", config=config, launched=LAUNCHED).execute(context),
+        "ready_complete": lambda: InstanceReadyOperator(task_id="r", config=config, launched=LAUNCHED).execute_complete(
             context,
             {"status": "failed", "message": "x"},
         ),
-        "train": lambda: RemoteTrainingOperator(task_id="t", config=config, ready={}, git_sha="x").execute(context),
+        "train": lambda: RemoteTrainingOperator(task_id="t", config=config, ready=READY, git_sha="x").execute(context),
         "train_complete": lambda: RemoteTrainingOperator(
-            task_id="t", config=config, ready={"instance_id": "i-1"}, git_sha="x"
+            task_id="t", config=config, ready=READY, git_sha="x"
         ).execute_complete(context, {"status": "disconnected", "failures": 1}),
-        "launch_sensor": lambda: InstanceLaunchSensor(task_id="l", config=config, plan={}).poke(context),
+        "launch_sensor": lambda: InstanceLaunchSensor(task_id="l", config=config, plan=PLAN).poke(context),
     }
     with pytest.raises(AirflowFailException, match=r"aws\.region: 'nowhere' is invalid"):
         calls[step]()
@@ -205,12 +206,12 @@ def each_step(monkeypatch: pytest.MonkeyPatch, error: Exception) -> dict[str, Ca
     monkeypatch.setattr(ssh, "wait_for_ssh", raiser(error))
     monkeypatch.setattr(promotion, "evaluate_and_promote", raiser(error))
     monkeypatch.setattr(s3, "identify", raiser(error))
-    plan = {"dag_id": "d", "run_id": "r", "git_sha": "0" * 40}
-    running = {"address": "h", "started_at": 0.0, "deadline": 1.0}
+    launched = LaunchedInstance.from_xcom(LAUNCHED)
+    running = RunningInstance.from_xcom(RUNNING | {"started_at": 0.0, "deadline": 1.0})
     return {
-        "launch": lambda: tasks.launch({}, plan, waited_s=0.0),
-        "wait_running": lambda: tasks.wait_running({}, {"instance_id": "i-1"}),
-        "wait_ready_in_worker": lambda: ready.wait_ready_in_worker({}, {"host_public_key": "k"}, running),
+        "launch": lambda: tasks.launch({}, LaunchPlan.from_xcom(PLAN), waited_s=0.0),
+        "wait_running": lambda: tasks.wait_running({}, launched),
+        "wait_ready_in_worker": lambda: ready.wait_ready_in_worker({}, launched, running),
         "evaluate": lambda: promotion.evaluate({}, "run"),
         "training_data": lambda: training_data.training_data(SETTINGS),  # type: ignore[arg-type]
     }

@@ -15,8 +15,9 @@ import pytest
 
 from embedded.services.mlflow_server import MlflowServer
 from orchestrator.contracts import ALIAS_MOVED_TAG, CONTENDER_TAG
+from orchestrator.contracts_steps import Evaluation
 from orchestrator.instance.job_script import job_key
-from orchestrator.tracking.promotion import CHAMPION_ALIAS, EvaluationResult, decide_promotion, evaluate_and_promote
+from orchestrator.tracking.promotion import CHAMPION_ALIAS, decide_promotion, evaluate_and_promote
 from orchestrator.tracking.runs import (
     TrackedRun,
     TrackingError,
@@ -131,7 +132,7 @@ def finished_run(metrics: dict[str, float], *, with_model: bool = True) -> str:
     return str(run.info.run_id)
 
 
-def evaluate(tracking_uri: str, run_id: str, model_name: str, **overrides: Any) -> EvaluationResult:
+def evaluate(tracking_uri: str, run_id: str, model_name: str, **overrides: Any) -> Evaluation:
     kwargs: dict[str, Any] = {"metric": METRIC, "threshold": 0.9, "greater_is_better": True} | overrides
     return evaluate_and_promote(tracking_uri, run_id, model_name=model_name, **kwargs)
 
@@ -155,7 +156,7 @@ def test_champion_lifecycle(tracking_uri: str, model_name: str) -> None:
     assert (result.promoted, result.model_version, result.champion_value, result.value) == (True, "1", None, 0.92)
     assert champion(tracking_uri, model_name) == ("1", first)
     assert tags_of(tracking_uri, first)["ec2_trainer.promotion"] == "promoted"
-    assert result.to_dict()["run_id"] == first
+    assert Evaluation.from_xcom(result.to_xcom()) == result and result.to_xcom()["run_id"] == first
 
     worse = finished_run({METRIC: 0.91})
     result = evaluate(tracking_uri, worse, model_name)
@@ -525,7 +526,7 @@ def test_a_tie_with_the_champion_does_not_displace_it(tracking_uri: str, model_n
 # ---- concurrent evaluations
 
 
-def _race(barrier: threading.Barrier, uri: str, run_id: str, model_name: str) -> EvaluationResult:
+def _race(barrier: threading.Barrier, uri: str, run_id: str, model_name: str) -> Evaluation:
     barrier.wait(timeout=60)  # start together: the proxy's random delays then choose the interleaving
     return evaluate(uri, run_id, model_name)
 

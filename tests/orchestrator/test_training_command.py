@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.config.run_params import DAG_PARAMS
 from orchestrator.config.settings import Settings, load_settings
+from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.instance.command import (
     TrainingCommand,
     mlflow_run_url,
@@ -15,6 +16,7 @@ from orchestrator.instance.command import (
     training_command,
 )
 from orchestrator.instance.job_script import job_key
+from tests.step_results import READY
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 RUN_ID = "5d2c6e0b9a1f4c3e8b7a6d5c4b3a2f10"
@@ -167,7 +169,7 @@ def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:
 
 
 def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Settings) -> None:
-    ready = {"instance_id": "i-0abc", "instance_type": "g6.xlarge", "market": "spot", "address": "10.0.0.1"}
+    ready = ReadyInstance.from_xcom(READY)
     tracked = tracked_run(
         settings, ready, SHA, dag_id="ec2_training", run_id="manual__2026-11-26T10:00:00", try_number=2
     )
@@ -199,7 +201,7 @@ def test_the_settings_digest_names_the_resolved_settings(settings: Settings) -> 
 
 
 def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings: Settings) -> None:
-    ready = {"instance_id": "i-0abc", "instance_type": "g6.xlarge", "market": "spot"}
+    ready = ReadyInstance.from_xcom(READY)
     parent = "f" * 32
     nested = tracked_run(
         settings, ready, SHA, dag_id="ec2_training", run_id="r__set1", try_number=1, parent_run_id=parent

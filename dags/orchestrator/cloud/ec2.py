@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -33,7 +32,6 @@ from orchestrator.cloud.ec2_describe import (
 )
 from orchestrator.cloud.launch_spec import (
     LaunchSpec,
-    Market,
     RunIdentity,
     adoption_tags,
     build_run_instances_request,
@@ -42,6 +40,7 @@ from orchestrator.cloud.launch_spec import (
     run_scope_tags,
 )
 from orchestrator.contracts import TAG_EXPIRES_AT, TAG_HOST_KEY, TAG_RUN_ID
+from orchestrator.contracts_steps import LaunchedInstance
 from orchestrator.errors import OrchestratorError, aws_error_code, aws_error_message
 
 log = logging.getLogger(__name__)
@@ -99,17 +98,6 @@ class InstanceLostError(InstanceNotReadyError):
     def __init__(self, message: str, reason_code: str) -> None:
         super().__init__(message)
         self.reason_code = reason_code
-
-
-@dataclass(frozen=True)
-class LaunchedInstance:
-    instance_id: str
-    instance_type: str
-    market: Market
-    # True when an earlier try's live instance was found and adopted instead of launching another.
-    reused: bool
-    # The SSH host key the instance was launched with (from its tag when adopted), to pin on connect.
-    host_public_key: str = ""
 
 
 class InstanceCapError(OrchestratorError):

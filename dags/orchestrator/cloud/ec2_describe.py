@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrator.cloud.launch_spec import Market, deployment_tags
+from orchestrator.cloud.launch_spec import deployment_tags
+from orchestrator.contracts_steps import Market
 from orchestrator.errors import aws_error_code
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped")

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from orchestrator.contracts import (
     TAG_DAG_ID,
@@ -22,10 +22,8 @@ from orchestrator.contracts import (
     TAG_PROJECT,
     TAG_RUN_ID,
 )
+from orchestrator.contracts_steps import Market
 from orchestrator.errors import ConfigError
-
-Market = Literal["spot", "on-demand"]
-
 
 # EC2 limits: tag values up to 256 characters, ClientToken up to 64 ASCII characters.
 TAG_VALUE_MAX = 256

@@ -1,20 +1,19 @@
 """The cloud steps of the training DAG (plan_launch, launch, wait_running, terminate) and the expired-instance reaper:
-plain functions over the run's settings, called by thin Airflow tasks."""
+plain functions over the run's settings, called by thin Airflow tasks, which turn their typed results into XComs
+(orchestrator.contracts_steps)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.config.resolve import settings_of
 from orchestrator.config.settings import Settings, load_settings
+from orchestrator.contracts_steps import LaunchedInstance, LaunchPlan, RunningInstance
 from orchestrator.datasets.training_data import training_data
 from orchestrator.errors import ConfigError, fail_without_retry
-
-if TYPE_CHECKING:
-    from orchestrator.cloud.ec2 import LaunchedInstance
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 TERMINATE_WAIT_S = 300
 
 
-def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> dict[str, Any]:
+def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> LaunchPlan:
     """Check everything a launch needs before anything is created: the instance types exist here, the AMI (aws.ami_id
     when a run repeats an image, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its
     root volume), the subnet, a security group admitting SSH, and the instance profile."""
@@ -68,18 +67,18 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
         network.vpc_id,
         network.maps_public_ip,
     )
-    return {
-        "ami_id": ami_id,
-        "ami_name": root.name,
-        "root_device_name": root.device_name,
-        "root_volume_gb": volume_gb,
-        "git_sha": git_sha,
-        "dag_id": dag_id,
-        "run_id": run_id,
-    }
+    return LaunchPlan(
+        ami_id=ami_id,
+        ami_name=root.name,
+        root_device_name=root.device_name,
+        root_volume_gb=volume_gb,
+        git_sha=git_sha,
+        dag_id=dag_id,
+        run_id=run_id,
+    )
 
 
-def launch(config: Mapping[str, Any], plan: Mapping[str, Any], waited_s: float) -> dict[str, Any] | None:
+def launch(config: Mapping[str, Any], plan: LaunchPlan, waited_s: float) -> LaunchedInstance | None:
     """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key; None while
     the deployment is at aws.max_instances (look again later: nothing sleeps here).
 
@@ -92,9 +91,7 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any], waited_s: float) 
 
     s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
-    launched = adopt_run_instance(
-        ec2, s.aws.project_tag, s.aws.deployment, plan["dag_id"], plan["run_id"], plan["git_sha"]
-    )
+    launched = adopt_run_instance(ec2, s.aws.project_tag, s.aws.deployment, plan.dag_id, plan.run_id, plan.git_sha)
     if launched is None:
         # The cap held too long (InstanceCapError) fails now: a retry would wait the whole time again.
         with fail_without_retry():
@@ -111,16 +108,10 @@ def launch(config: Mapping[str, Any], plan: Mapping[str, Any], waited_s: float) 
             launched = _launch_new(s, plan, ec2)
     else:
         log.info("Reusing %s, launched by an earlier try of this run", launched.instance_id)
-    return {
-        "instance_id": launched.instance_id,
-        "instance_type": launched.instance_type,
-        "market": launched.market,
-        "reused": launched.reused,
-        "host_public_key": launched.host_public_key,
-    }
+    return launched
 
 
-def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInstance:
+def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
     from orchestrator.cloud.ec2 import launch_instance
     from orchestrator.cloud.hostkeys import generate_host_key, public_line_from_private
     from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity
@@ -128,7 +119,7 @@ def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInsta
     from orchestrator.config.connections import ssh_private_key
 
     expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
-    identity = RunIdentity(plan["dag_id"], plan["run_id"], plan["git_sha"], expires_at, s.aws.deployment)
+    identity = RunIdentity(plan.dag_id, plan.run_id, plan.git_sha, expires_at, s.aws.deployment)
     host_key = generate_host_key()
     user_data = render_user_data(
         UserDataSpec(
@@ -143,7 +134,7 @@ def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInsta
         )
     )
     spec = LaunchSpec(
-        ami_id=plan["ami_id"],
+        ami_id=plan.ami_id,
         instance_types=s.aws.instance_types,
         spot=s.aws.spot,
         spot_fallback_to_on_demand=s.aws.spot_fallback_to_on_demand,
@@ -151,8 +142,8 @@ def _launch_new(s: Settings, plan: Mapping[str, Any], ec2: Any) -> LaunchedInsta
         security_group_ids=s.aws.security_group_ids,
         public_ip=s.instance.address == "public_ip",
         instance_profile=s.aws.instance_profile or None,
-        root_volume_gb=plan["root_volume_gb"],
-        root_device_name=plan["root_device_name"],
+        root_volume_gb=plan.root_volume_gb,
+        root_device_name=plan.root_device_name,
         kms_key_id=s.aws.kms_key_id or None,
         project_tag=s.aws.project_tag,
     )
@@ -190,7 +181,7 @@ def instance_gone(config: Mapping[str, Any], instance_id: str) -> str | None:
     )
 
 
-def wait_running(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict[str, Any]:
+def wait_running(config: Mapping[str, Any], launched: LaunchedInstance) -> RunningInstance:
     """The instance runs and has its address (launch returns it running, so this is one look, bounded anyway).
 
     The ready wait's deadline (aws.launch_timeout_minutes + instance.ready_timeout_minutes) counts from the
@@ -205,12 +196,12 @@ def wait_running(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict
     # Named here, not terminal: launch retries an instance that was lost or slow to run (InstanceLostError too).
     with fail_without_retry(InstanceNotReadyError):
         ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
-        known = describe_instance(ec2, launched["instance_id"])
+        known = describe_instance(ec2, launched.instance_id)
         launched_at = known.launch_time.timestamp() if known is not None and known.launch_time else started
         deadline = launched_at + (s.aws.launch_timeout_minutes + s.instance.ready_timeout_minutes) * 60
         info = wait_until_running(
             ec2,
-            launched["instance_id"],
+            launched.instance_id,
             timeout_s=max(1.0, min(s.aws.launch_timeout_minutes * 60, deadline - started)),
             poll_s=s.instance.poll_seconds,
         )
@@ -222,15 +213,15 @@ def wait_running(config: Mapping[str, Any], launched: Mapping[str, Any]) -> dict
             )
     running_s = time.time() - started
     log.info("%s is running (%s) at %s after %.1f s", info.instance_id, info.instance_type, address, running_s)
-    return {
-        "instance_id": info.instance_id,
-        "instance_type": info.instance_type,
-        "market": launched["market"],
-        "address": address,
-        "started_at": started,
-        "deadline": deadline,
-        "seconds_to_running": round(running_s, 1),
-    }
+    return RunningInstance(
+        instance_id=info.instance_id,
+        instance_type=info.instance_type,
+        market=launched.market,
+        address=address,
+        started_at=started,
+        deadline=deadline,
+        seconds_to_running=round(running_s, 1),
+    )
 
 
 def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids: list[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from orchestrator.tracking.runs import TrackedRun
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import Settings
+    from orchestrator.contracts_steps import LaunchPlan, ReadyInstance
 
 # MLflow prints these lines on stderr (merged into the job log) when it creates and ends the run.
 _RUN_STARTED_RE = re.compile(r"=== Running command .* in run with ID '([0-9a-f]{32})' ===")
@@ -37,7 +38,7 @@ def settings_digest(settings: Settings) -> str:
 
 def tracked_run(
     settings: Settings,
-    ready: Mapping[str, str],
+    ready: ReadyInstance,
     git_sha: str,
     *,
     dag_id: str,
@@ -45,7 +46,7 @@ def tracked_run(
     try_number: int,
     dataset_tags: Mapping[str, str] | None = None,
     parent_run_id: str = "",
-    image: Mapping[str, str] | None = None,
+    image: LaunchPlan | None = None,
 ) -> TrackedRun:
     """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
 
@@ -59,7 +60,7 @@ def tracked_run(
     from orchestrator.instance.job_script import job_key
 
     parent = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
-    ami = {"ec2.ami_id": image["ami_id"], "ec2.ami_name": image.get("ami_name") or "unknown"} if image else {}
+    ami = {"ec2.ami_id": image.ami_id, "ec2.ami_name": image.ami_name or "unknown"} if image else {}
     return TrackedRun(
         # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
         name=f"{git_sha[:7]} {run_id}",
@@ -68,9 +69,9 @@ def tracked_run(
             DAG_RUN_ID_TAG: run_id,
             JOB_KEY_TAG: job_key(dag_id, run_id),
             "airflow.try_number": str(try_number),
-            "ec2.instance_id": ready["instance_id"],
-            "ec2.instance_type": ready["instance_type"],
-            "ec2.market": ready["market"],
+            "ec2.instance_id": ready.instance_id,
+            "ec2.instance_type": ready.instance_type,
+            "ec2.market": ready.market,
             "ci.url": commit_checks_url(settings.github.api_url, settings.github.repo, git_sha),
             "mlflow.source.git.commit": git_sha,
             "mlflow.source.git.repoURL": repository_url(settings.github.api_url, settings.github.repo),

@@ -13,6 +13,7 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException
 
 from orchestrator.contracts import MLFLOW_RUN_URL_KEY, RUNNING_KEY
+from orchestrator.contracts_steps import LaunchedInstance, RunningInstance
 from orchestrator.errors import fail_without_retry
 
 if TYPE_CHECKING:
@@ -54,42 +55,43 @@ class InstanceReadyOperator(BaseOperator):
         from orchestrator.instance.triggers import BootstrapTrigger
 
         s = settings_of(self.config)
-        running = wait_running(self.config, self.launched)
+        launched = LaunchedInstance.from_xcom(self.launched)
+        running = wait_running(self.config, launched)
         if not s.training.deferrable:
             try:
-                return wait_ready_in_worker(self.config, self.launched, running)
+                return wait_ready_in_worker(self.config, launched, running).to_xcom()
             except AirflowFailException as exc:
-                raise AirflowFailException(self._failure(running, str(exc))) from None
+                raise AirflowFailException(self._failure(launched, running, str(exc))) from None
         # For execute_complete, on whichever worker resumes the task.
-        context["ti"].xcom_push(key=RUNNING_KEY, value=running)
+        context["ti"].xcom_push(key=RUNNING_KEY, value=running.to_xcom())
         self.defer(
             trigger=BootstrapTrigger(
                 ssh_conn_id=s.instance.ssh_conn_id,
-                host=running["address"],
+                host=running.address,
                 port=s.instance.ssh_port,
                 user=s.instance.ssh_user,
-                host_public_key=self.launched["host_public_key"],
+                host_public_key=launched.host_public_key,
                 state_dir=s.instance.state_dir,
                 poll_s=s.instance.poll_seconds,
-                started_at=running["started_at"],
-                deadline=running["deadline"],
+                started_at=running.started_at,
+                deadline=running.deadline,
             ),
             method_name="execute_complete",
         )
 
-    def _failure(self, running: dict[str, Any] | None, message: str) -> str:
+    def _failure(self, launched: LaunchedInstance, running: RunningInstance | None, message: str) -> str:
         """The failure's message: the instance's end and why when it is gone (its SSH errors say nothing true),
         else `message` and, before the teardown terminates it, the instance's logs into this task log (no MLflow
         run exists yet). No logs when it answered with another host key: nothing is sent to that host."""
         from orchestrator.cloud.tasks import instance_gone
         from orchestrator.instance.postmortem import for_run, log_to_task_log
 
-        gone = instance_gone(self.config, self.launched["instance_id"])
+        gone = instance_gone(self.config, launched.instance_id)
         if gone:
             return f"{gone}. It ended before it was ready; trigger the run again."
         if not running or "does not match the pinned key" in message:
             return message
-        bundle = for_run(self.config, running["address"], self.launched["host_public_key"])
+        bundle = for_run(self.config, running.address, launched.host_public_key)
         log_to_task_log(bundle, self.log)
         return message + (" The instance's logs are above, prefixed 'postmortem |'." if bundle else "")
 
@@ -97,16 +99,18 @@ class InstanceReadyOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from orchestrator.instance.ready import ready_result
 
-        running = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
+        launched = LaunchedInstance.from_xcom(self.launched)
+        pushed = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
         if event.get("status") != "ready":
             message = str(event.get("message") or f"unexpected event: {event!r}")
             # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
-            raise AirflowFailException(self._failure(running, message))
+            running = RunningInstance.from_xcom(pushed) if pushed else None
+            raise AirflowFailException(self._failure(launched, running, message))
         return ready_result(
             self.config,
-            self.launched,
-            running,
+            launched,
+            RunningInstance.from_xcom(pushed),
             float(event["seconds_to_ssh"]),
             float(event["seconds_to_ready"]),
             event.get("bootstrap_phases_s") or {},
-        )
+        ).to_xcom()

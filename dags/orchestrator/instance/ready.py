@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.config.resolve import settings_of
+from orchestrator.contracts_steps import LaunchedInstance, ReadyInstance, RunningInstance
 from orchestrator.errors import fail_without_retry
 
 log = logging.getLogger(__name__)
@@ -29,39 +30,39 @@ def ssh_target(config: Mapping[str, Any], address: str, host_public_key: str) ->
 
 def ready_result(
     config: Mapping[str, Any],
-    launched: Mapping[str, Any],
-    running: Mapping[str, Any],
+    launched: LaunchedInstance,
+    running: RunningInstance,
     ssh_s: float,
     ready_s: float,
     bootstrap_phases_s: Mapping[str, float],
-) -> dict[str, Any]:
-    """wait_ready's XCom: where train logs in (address and pinned host key) and how long each stage took (the
+) -> ReadyInstance:
+    """wait_ready's result: where train logs in (address and pinned host key) and how long each stage took (the
     bootstrap's own steps as the instance timed them)."""
     log.info("Bootstrap finished after %.1f s in all (SSH answered after %.1f s)", ready_s, ssh_s)
-    return {
-        "instance_id": running["instance_id"],
-        "instance_type": running["instance_type"],
-        "market": running["market"],
-        "address": running["address"],
-        "port": settings_of(config).instance.ssh_port,
-        "host_public_key": launched["host_public_key"],
-        "seconds_to_running": running["seconds_to_running"],
-        "seconds_to_ssh": round(ssh_s, 1),
-        "seconds_to_ready": round(ready_s, 1),
-        "bootstrap_phases_s": dict(bootstrap_phases_s),
-    }
+    return ReadyInstance(
+        instance_id=running.instance_id,
+        instance_type=running.instance_type,
+        market=running.market,
+        address=running.address,
+        port=settings_of(config).instance.ssh_port,
+        host_public_key=launched.host_public_key,
+        seconds_to_running=running.seconds_to_running,
+        seconds_to_ssh=round(ssh_s, 1),
+        seconds_to_ready=round(ready_s, 1),
+        bootstrap_phases_s=dict(bootstrap_phases_s),
+    )
 
 
 def wait_ready_in_worker(
-    config: Mapping[str, Any], launched: Mapping[str, Any], running: Mapping[str, Any]
-) -> dict[str, Any]:
+    config: Mapping[str, Any], launched: LaunchedInstance, running: RunningInstance
+) -> ReadyInstance:
     """Bounded, in this worker (training.deferrable = false): SSH answers with the pinned host key, and the
     bootstrap succeeded. The deferrable path does the same in the triggerer (instance.triggers)."""
     from orchestrator.instance.ssh import HostKeyMismatchError, wait_for_bootstrap, wait_for_ssh
 
     s = settings_of(config)
-    started, deadline = float(running["started_at"]), float(running["deadline"])
-    target = ssh_target(config, running["address"], launched["host_public_key"])
+    started, deadline = running.started_at, running.deadline
+    target = ssh_target(config, running.address, launched.host_public_key)
     # A late or failed SSH or bootstrap is terminal; another host key is named here, not terminal: train retries it.
     with fail_without_retry(HostKeyMismatchError):
         wait_for_ssh(target, timeout_s=max(1.0, deadline - time.time()), poll_s=s.instance.poll_seconds)

@@ -15,6 +15,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from orchestrator.contracts import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY
+from orchestrator.contracts_steps import LaunchPlan, ReadyInstance
 from orchestrator.errors import fail_without_retry
 from orchestrator.instance.operators import MlflowRunLink
 
@@ -41,6 +42,8 @@ class RemoteTrainingOperator(BaseOperator):
     template_fields: Sequence[str] = ("config", "ready", "git_sha")
     operator_extra_links = (MlflowRunLink(),)
     ui_color = "#fff3e0"
+    # wait_ready's result, read from the rendered `ready` as execute and execute_complete begin.
+    _ready: ReadyInstance
 
     def __init__(self, *, config: Any, ready: Any, git_sha: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -57,7 +60,7 @@ class RemoteTrainingOperator(BaseOperator):
         from orchestrator.instance.ssh import connect
 
         s = settings_of(self.config)
-        target = ssh_target(self.config, self.ready["address"], self.ready["host_public_key"])
+        target = ssh_target(self.config, self._ready.address, self._ready.host_public_key)
         key = job_key(self.dag_id, context["run_id"])
         return RemoteJob(
             lambda: connect(target, timeout_s=30),
@@ -71,7 +74,7 @@ class RemoteTrainingOperator(BaseOperator):
         EC2 at once and fail naming why it went, with the MLflow run ended FAILED (no bundle: nothing to read)."""
         from orchestrator.cloud.tasks import instance_gone
 
-        gone = instance_gone(self.config, self.ready["instance_id"])
+        gone = instance_gone(self.config, self._ready.instance_id)
         if gone:
             self._end_mlflow_run()
             raise AirflowFailException(
@@ -101,6 +104,7 @@ class RemoteTrainingOperator(BaseOperator):
         from orchestrator.instance.ssh import transient_ssh_errors
         from orchestrator.tracking.runs import credentials_in_env, log_dataset_manifest, start_training_run
 
+        self._ready = ReadyInstance.from_xcom(self.ready)
         if finished := self._finished_by_an_earlier_try(context):
             self.log.info("MLflow run %s of this DAG run finished in an earlier try: reading its result", finished)
             return finished
@@ -113,7 +117,7 @@ class RemoteTrainingOperator(BaseOperator):
         # The MLflow run is created here, named and tagged after this DAG run; the job trains into it (--run-id).
         tracked = tracked_run(
             s,
-            self.ready,
+            self._ready,
             self.git_sha,
             dag_id=self.dag_id,
             run_id=context["run_id"],
@@ -121,7 +125,7 @@ class RemoteTrainingOperator(BaseOperator):
             dataset_tags=dataset.tags() if dataset else None,
             parent_run_id=self.config.get("mlflow_parent_run_id", ""),
             # The image the instance runs, as plan_launch resolved it (the DAG's setup).
-            image=context["ti"].xcom_pull(task_ids="plan_launch"),
+            image=LaunchPlan.from_xcom(context["ti"].xcom_pull(task_ids=LaunchPlan.STEP)),
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
@@ -150,7 +154,7 @@ class RemoteTrainingOperator(BaseOperator):
             "%s training job in %s on %s: %s",
             "Started" if started else "Re-attached to the",
             job.paths.job_dir,
-            self.ready["instance_id"],
+            self._ready.instance_id,
             " ".join(command.argv()),
         )
         timeout_s = s.training.timeout_minutes * 60
@@ -223,10 +227,10 @@ class RemoteTrainingOperator(BaseOperator):
         self.defer(
             trigger=RemoteJobTrigger(
                 ssh_conn_id=s.instance.ssh_conn_id,
-                host=self.ready["address"],
+                host=self._ready.address,
                 port=s.instance.ssh_port,
                 user=s.instance.ssh_user,
-                host_public_key=self.ready["host_public_key"],
+                host_public_key=self._ready.host_public_key,
                 job_dir=paths.job_dir,
                 poll_s=min(s.instance.poll_seconds, 2.0),
                 deadline=deadline,
@@ -253,6 +257,7 @@ class RemoteTrainingOperator(BaseOperator):
             reconnect_delay_s,
         )
 
+        self._ready = ReadyInstance.from_xcom(self.ready)
         status = event.get("status")
         message = str(event.get("message", ""))
         if status == "disconnected":
@@ -356,7 +361,7 @@ class RemoteTrainingOperator(BaseOperator):
             # The job ran to its end: a retry would only re-attach to the same finished job.
             raise AirflowFailException(
                 f"training {exit_description(exit_code, log_text, bundle.get('kernel.log', ''))} on "
-                f"{self.ready['instance_id']}"
+                f"{self._ready.instance_id}"
                 + (f" (MLflow run {run_id})" if run_id else " before MLflow created a run")
                 + ": the lines above, prefixed 'train |', show why"
                 + self._attach(run_id or created_run_id, bundle)
@@ -383,7 +388,7 @@ class RemoteTrainingOperator(BaseOperator):
     def _bundle(self, job_log: str, *, small: bool = False) -> dict[str, str]:
         from orchestrator.instance.postmortem import for_run
 
-        return for_run(self.config, self.ready["address"], self.ready["host_public_key"], job_log, small=small)
+        return for_run(self.config, self._ready.address, self._ready.host_public_key, job_log, small=small)
 
     def _attach(self, mlflow_run_id: str | None, bundle: dict[str, str]) -> str:
         from orchestrator.config.connections import mlflow_credentials

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from orchestrator.config.settings import Settings
 from orchestrator.contracts import FAILURE_KEY, MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY, SHA_XCOM_KEY
+from orchestrator.contracts_steps import Evaluation, LaunchedInstance, ReadyInstance
 from orchestrator.observe.cost import BilledInstance, run_cost, transition_time
 from orchestrator.observe.report import Cost, RunReport, error_line
 from orchestrator.observe.verdict import decide, unfinished_run_end
@@ -54,6 +55,11 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     def xcom(task_id: str, key: str = "return_value") -> Any:
         return ti.xcom_pull(task_ids=task_id, key=key)
 
+    def result(read: Callable[[object], _T], task_id: str) -> _T | None:
+        """A step's typed result; None when it left none, or one this report cannot read (logged)."""
+        value = xcom(task_id)
+        return _guarded(f"{task_id}'s result", lambda: read(value), None) if value else None
+
     no_outcomes: dict[str, tuple[str, float | None]] = {}
     tasks = _guarded("task outcomes", lambda: task_outcomes(ti, dag_id, run_id), no_outcomes)
     order = [task.task_id for task in dag.task_group.topological_sort() if task.task_id != ti.task_id]
@@ -64,9 +70,9 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     outcome = decide({t: tasks[t][0] if t in tasks else None for t in order}, teardowns_of(dag)) if tasks else None
 
     git_sha = xcom("ci_gate") or xcom("ci_gate", SHA_XCOM_KEY)
-    launched = xcom("launch") or {}
-    ready = xcom("wait_ready") or {}
-    evaluation = xcom("evaluate") or {}
+    launched = result(LaunchedInstance.from_xcom, LaunchedInstance.STEP)
+    ready = result(ReadyInstance.from_xcom, ReadyInstance.STEP)
+    evaluation = result(Evaluation.from_xcom, Evaluation.STEP)
     mlflow_run_id = xcom("train") or xcom("train", MLFLOW_RUN_ID_KEY)
     run = _guarded("the MLflow run", lambda: _mlflow_run(s, mlflow_run_id), None) if mlflow_run_id else None
     if run is not None and (
@@ -80,7 +86,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     training_s = _job_seconds(run) if run else durations.get("train")
     phases = phases_of(durations, ready, training_s)
 
-    instance_ids = list(xcom("terminate") or {}) or ([launched["instance_id"]] if launched.get("instance_id") else [])
+    instance_ids = list(xcom("terminate") or {}) or ([launched.instance_id] if launched else [])
     seen_at = xcom("terminate", TERMINATED_AT_KEY) or time.time()
     cost = _guarded("the cost", lambda: _cost(s, instance_ids, float(seen_at), training_s or 0.0), None)
 
@@ -103,14 +109,14 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         if outcome and outcome.stopped
         else failure.get("error") or (outcome.reason if outcome and not outcome.ok else None),
         git_sha=git_sha,
-        instance_id=launched.get("instance_id") or (instance_ids[0] if instance_ids else None),
-        instance_type=ready.get("instance_type") or launched.get("instance_type"),
-        market=ready.get("market") or launched.get("market"),
+        instance_id=launched.instance_id if launched else instance_ids[0] if instance_ids else None,
+        instance_type=ready.instance_type if ready else launched.instance_type if launched else None,
+        market=ready.market if ready else launched.market if launched else None,
         links=links,
         metric_name=s.mlflow.metric,
-        metric_value=evaluation.get("value", metrics.get(s.mlflow.metric)),
-        promoted=evaluation.get("promoted"),
-        promotion_reason=evaluation.get("reason"),
+        metric_value=evaluation.value if evaluation else metrics.get(s.mlflow.metric),
+        promoted=evaluation.promoted if evaluation else None,
+        promotion_reason=evaluation.reason if evaluation else None,
         duration_s=round(time.time() - started, 1),
         phases_s=phases,
         images_per_s=metrics.get("train_images_per_s"),
@@ -121,7 +127,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
 
 
 def phases_of(
-    durations: Mapping[str, float | None], ready: Mapping[str, Any], training_s: float | None
+    durations: Mapping[str, float | None], ready: ReadyInstance | None, training_s: float | None
 ) -> dict[str, float]:
     """Seconds per phase, from the steps' durations and what wait_ready and the job measured; a phase the run
     never reached is absent.
@@ -134,11 +140,10 @@ def phases_of(
         if durations.get(task_id) is not None:
             phases[phase] = float(durations[task_id] or 0.0)
     if ready:
-        running_s = float(ready.get("seconds_to_running") or 0.0)
-        phases["launch"] = phases.get("launch", 0.0) + running_s
-        phases["boot"] = max(0.0, float(ready.get("seconds_to_ssh") or 0.0) - running_s)
-        for step, seconds in (ready.get("bootstrap_phases_s") or {}).items():
-            phases[f"bootstrap.{step}"] = float(seconds)
+        phases["launch"] = phases.get("launch", 0.0) + ready.seconds_to_running
+        phases["boot"] = max(0.0, ready.seconds_to_ssh - ready.seconds_to_running)
+        for step, seconds in ready.bootstrap_phases_s.items():
+            phases[f"bootstrap.{step}"] = seconds
     if training_s is not None:
         phases["training"] = float(training_s)
     for phase, task_id in (("evaluation", "evaluate"), ("teardown", "terminate")):

@@ -131,7 +131,7 @@ def gate_best(
             greater_is_better=s.mlflow.greater_is_better,
         )
         _tag(s, parent_run_of(children), {BEST_RUN_TAG: best.mlflow_run_id})
-    return {"best_set": best.number, "best_run_id": best.mlflow_run_id, "evaluation": result.to_dict()}
+    return {"best_set": best.number, "best_run_id": best.mlflow_run_id, "evaluation": result.to_xcom()}
 
 
 def summarize(

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.config.resolve import settings_of
@@ -27,6 +27,7 @@ from orchestrator.contracts import (
     PROMOTION_REASON_TAG,
     PROMOTION_TAG,
 )
+from orchestrator.contracts_steps import Evaluation
 from orchestrator.errors import fail_without_retry
 from orchestrator.tracking.pages import all_pages
 from orchestrator.tracking.runs import TrackingError, TrackingServerError, mlflow_call, server_error
@@ -61,20 +62,6 @@ class PromotionDecision:
     reason: str
 
 
-@dataclass(frozen=True)
-class EvaluationResult:
-    run_id: str
-    metric: str
-    value: float
-    champion_value: float | None
-    promoted: bool
-    reason: str
-    model_version: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def decide_promotion(
     value: float, threshold: float, champion_value: float | None, *, greater_is_better: bool
 ) -> PromotionDecision:
@@ -105,7 +92,7 @@ def evaluate_and_promote(
     greater_is_better: bool,
     model_artifact: str = "model",
     promote: bool = True,
-) -> EvaluationResult:
+) -> Evaluation:
     """Gate the run's model on `metric`; register it and move the champion alias only when it wins.
 
     `promote` False (a sweep's run): the verdict is computed and logged, nothing is registered or moved.
@@ -171,7 +158,7 @@ def evaluate_and_promote(
     outcome = "promoted" if promoted else "not_promoted" if promote else LEFT_TO_SWEEP
     mlflow_call(f"tagging run {run_id}", client.set_tag, run_id, PROMOTION_TAG, outcome)
     mlflow_call(f"tagging run {run_id}", client.set_tag, run_id, PROMOTION_REASON_TAG, reason)
-    return EvaluationResult(run_id, metric, value, champion_value, promoted, reason, version)
+    return Evaluation(run_id, metric, value, champion_value, promoted, reason, version)
 
 
 @dataclass(frozen=True)
@@ -412,7 +399,7 @@ def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
                 os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
-def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
+def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> Evaluation:
     """Gate the run's model; a run or champion that cannot be compared fails at once, any other MLflow error retries.
 
     A sweep's run (promote false) only logs the verdict: the sweep gates its best run (orchestrator.sweeps)."""
@@ -423,7 +410,7 @@ def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
     s = settings_of(config)
     creds = mlflow_credentials(s.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password), fail_without_retry():
-        result = evaluate_and_promote(
+        return evaluate_and_promote(
             s.mlflow.tracking_uri,
             mlflow_run_id,
             model_name=s.mlflow.model_name,
@@ -432,4 +419,3 @@ def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> dict[str, Any]:
             greater_is_better=s.mlflow.greater_is_better,
             promote=config.get("promote", True),
         )
-    return result.to_dict()

@@ -3,14 +3,11 @@ the report against real runs is checked end to end in tests/dags/test_training_d
 
 from __future__ import annotations
 
+from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.observe.gather import airflow_run_url, phases_of
+from tests.step_results import READY as READY_XCOM
 
-READY = {
-    "seconds_to_running": 2.0,
-    "seconds_to_ssh": 32.5,
-    "seconds_to_ready": 95.0,
-    "bootstrap_phases_s": {"user": 0.0, "gpu": 1.0, "packages": 20.0, "python": 40.0},
-}
+READY = ReadyInstance.from_xcom(READY_XCOM)
 
 
 def test_every_phase_of_a_finished_run() -> None:
@@ -30,7 +27,7 @@ def test_every_phase_of_a_finished_run() -> None:
 
 
 def test_phases_the_run_never_reached_are_absent() -> None:
-    assert phases_of({"ci_gate": 5.0, "launch": 9.0, "terminate": 1.0}, {}, None) == {
+    assert phases_of({"ci_gate": 5.0, "launch": 9.0, "terminate": 1.0}, None, None) == {
         "ci_wait": 5.0,
         "launch": 9.0,
         "teardown": 1.0,
