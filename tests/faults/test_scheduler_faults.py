@@ -301,12 +301,12 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
     run_id = "watchdog_while_down__01"
 
     def power_off_while_the_triggerer_is_down() -> str:
-        (instance_id,) = (i["InstanceId"] for i in described(stack, run_id))
+        instance_id: str = airflow.xcom(DAG_ID, run_id, "launch")["instance_id"]
         with airflow.component_down("triggerer"):
             # What the watchdog's `shutdown -P now` does on the instance: its stand-in asks for the power-off.
             stack.cloud.instances[instance_id].poweroff_request.write_text("-P now\n")
             deadline = time.monotonic() + 120
-            while [i["State"]["Name"] for i in described(stack, run_id)] != ["terminated"]:
+            while instance_states(stack, [run_id])[run_id] != ["terminated"]:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{instance_id} did not power itself off within 120 s")
                 time.sleep(0.5)
@@ -340,14 +340,6 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
         sum(1 for s in states if s != "terminated"),
         0,
     )
-
-
-def described(stack: EmbeddedStack, run_id: str) -> list[dict[str, Any]]:
-    """The run's instances as DescribeInstances gives them."""
-    found = stack.cloud.client("ec2").describe_instances(
-        Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [run_id]}]
-    )["Reservations"]
-    return [i for r in found for i in r["Instances"]]
 
 
 # ---- sweeps: ec2_sweep triggers one ec2_training run per set ------------------------------------------------------
