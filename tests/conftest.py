@@ -46,10 +46,10 @@ def dags_folder() -> Path:
 
 
 pytest_plugins = [
-    "tests.sshd_fixtures",
-    "tests.mlflow_fixtures",
-    "tests.pipeline_fixtures",
-    "tests.github_fixtures",
-    "tests.fault_table",
-    "tests.monitoring_fixtures",
+    "tests.support.sshd",
+    "tests.support.mlflow_servers",
+    "tests.support.pipeline",
+    "tests.support.github_api",
+    "tests.support.fault_table",
+    "tests.support.monitoring",
 ]

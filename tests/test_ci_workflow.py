@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.tools import require_executable
+from tests.support.tools import require_executable
 
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 

@@ -11,9 +11,9 @@ import pytest
 
 from embedded.cloud import AMAZON_LINUX_DLAMI
 from embedded.deploy.stack import EmbeddedStack
-from tests.aws_fixtures import take_back_the_first
-from tests.faults.support import output
-from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+from tests.support.aws_cloud import take_back_the_first
+from tests.support.faults import output
+from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 

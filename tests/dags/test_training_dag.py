@@ -21,11 +21,18 @@ import pytest
 from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.observe.report import RunReport
 from tests.conftest import REPO
-from tests.faults.support import output
-from tests.leak_scan import SshTraffic, disk_places, env_upload_pattern, mlflow_places, planted_found, run_job_paths
-from tests.monitoring_fixtures import assert_run_in_prometheus
 from tests.orchestrator.observe.test_notify import mail_text
-from tests.pipeline_fixtures import (
+from tests.support.faults import output
+from tests.support.leak_scan import (
+    SshTraffic,
+    disk_places,
+    env_upload_pattern,
+    mlflow_places,
+    planted_found,
+    run_job_paths,
+)
+from tests.support.monitoring import assert_run_in_prometheus
+from tests.support.pipeline import (
     ProcessListSampler,
     assert_all_terminated,
     run_dag,

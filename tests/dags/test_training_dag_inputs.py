@@ -17,7 +17,7 @@ import pytest
 
 from embedded.deploy.stack import EmbeddedStack
 from tests.conftest import REPO
-from tests.pipeline_fixtures import assert_all_terminated, run_dag, task_states
+from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 

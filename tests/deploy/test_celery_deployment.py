@@ -34,10 +34,10 @@ from embedded.deploy.production import (
 )
 from embedded.deploy.stack import EmbeddedStack
 from tests.conftest import REPO
-from tests.fault_table import FaultTable
-from tests.faults.support import OnTraining, hold_job, release_after_reattach, scan
-from tests.pipeline_fixtures import ProcessListSampler, planted_connections, training_job_command
-from tests.tools import missing_tool
+from tests.support.fault_table import FaultTable
+from tests.support.faults import OnTraining, hold_job, release_after_reattach, scan
+from tests.support.pipeline import ProcessListSampler, planted_connections, training_job_command
+from tests.support.tools import missing_tool
 
 # Never alongside tests/faults/test_scheduler_faults.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.

@@ -24,7 +24,7 @@ from embedded.deploy.production import deployment_settings
 from embedded.services.prometheus import PROMETHEUS_CONFIG
 from tests.conftest import REPO
 from tests.deploy.test_celery_deployment import WORKERS
-from tests.tools import missing_tool
+from tests.support.tools import missing_tool
 
 REQUIRED = {
     "POSTGRES_PASSWORD": "a-password",

@@ -22,8 +22,8 @@ from embedded.process import free_port
 from orchestrator.cloud.hostkeys import HostKey, generate_host_key
 from orchestrator.cloud.user_data import UserDataSpec, cloud_config, render_user_data
 from orchestrator.instance.ssh import HostKeyMismatchError, SshTarget, connect, wait_for_bootstrap
-from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair
-from tests.tools import require_root
+from tests.support.sshd import SshKeyPair, make_ed25519_keypair
+from tests.support.tools import require_root
 
 PROJECT_TAG = {"Key": "ec2-trainer:project", "Value": "ec2-trainer"}
 # Generous: a boot imports torch, which takes many seconds on a loaded 2-core machine.

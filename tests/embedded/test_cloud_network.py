@@ -13,7 +13,7 @@ from embedded.cloud import AMAZON_LINUX_DLAMI, UBUNTU_DLAMI, LocalCloud
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.cloud.user_data import UserDataSpec, render_user_data
 from tests.embedded.test_cloud import describe, listening, wait_until
-from tests.sshd_fixtures import make_ed25519_keypair
+from tests.support.sshd import make_ed25519_keypair
 
 TAGS = [{"ResourceType": "instance", "Tags": [{"Key": "ec2-trainer:project", "Value": "ec2-trainer"}]}]
 

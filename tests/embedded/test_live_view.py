@@ -15,7 +15,7 @@ from embedded.cli.live_view import (
     state_changes,
 )
 from orchestrator.contracts_steps import Evaluation
-from tests.step_results import EVALUATION
+from tests.support.step_results import EVALUATION
 
 EPOCH = "epoch 2/3 train_loss=0.6716 train_acc=0.504 val_loss=0.6175 val_acc=0.533 67 img/s 3.8s eta 0:00:08"
 

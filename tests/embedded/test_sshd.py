@@ -8,7 +8,7 @@ import pytest
 
 from embedded.services.sshd import LoopbackSshd, SshdError, ensure_sshd_installed, render_sshd_config
 from orchestrator.instance.ssh import SshTarget, connect
-from tests.sshd_fixtures import SshKeyPair
+from tests.support.sshd import SshKeyPair
 
 
 def test_config_allows_public_keys_only(tmp_path: Path) -> None:

@@ -1,12 +1,12 @@
 """Fixtures of the fault-injection suite: the SSH traffic recorder. The process-list sampler (`processes`) and the
-fault table's `fault_table` are the whole tree's (tests/pipeline_fixtures.py, tests/fault_table.py): the Celery
+fault table's `fault_table` are the whole tree's (tests/support/pipeline.py, tests/support/fault_table.py): the Celery
 deployment's batch uses them too."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.leak_scan import SshTraffic
+from tests.support.leak_scan import SshTraffic
 
 
 @pytest.fixture(autouse=True)

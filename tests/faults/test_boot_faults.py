@@ -17,9 +17,9 @@ from orchestrator.instance.ssh import (
     wait_for_bootstrap,
     wait_for_ssh,
 )
-from tests.fault_table import FaultTable
-from tests.pipeline_fixtures import ProcessListSampler, planted_found
-from tests.sshd_fixtures import SshKeyPair
+from tests.support.fault_table import FaultTable
+from tests.support.pipeline import ProcessListSampler, planted_found
+from tests.support.sshd import SshKeyPair
 
 pytestmark = pytest.mark.slow
 

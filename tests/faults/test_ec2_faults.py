@@ -7,10 +7,10 @@ import pytest
 
 from embedded.deploy.stack import EmbeddedStack
 from orchestrator.config.connections import AWS_RETRIES
-from tests.aws_fixtures import http_errors
-from tests.fault_table import FaultTable
-from tests.faults.support import output, record_run
-from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
+from tests.support.aws_cloud import http_errors
+from tests.support.fault_table import FaultTable
+from tests.support.faults import output, record_run
+from tests.support.pipeline import ProcessListSampler, assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 

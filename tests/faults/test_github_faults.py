@@ -18,9 +18,9 @@ import pytest
 
 from embedded.deploy.stack import GITHUB_REPO, EmbeddedStack
 from embedded.services.github_standin import ABSENT
-from tests.fault_table import FaultTable
-from tests.faults.support import output, record_run
-from tests.pipeline_fixtures import ProcessListSampler, assert_all_terminated, run_dag, task_states
+from tests.support.fault_table import FaultTable
+from tests.support.faults import output, record_run
+from tests.support.pipeline import ProcessListSampler, assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 

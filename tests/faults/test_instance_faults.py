@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack
-from tests.fault_table import FaultTable
-from tests.faults.support import OnTraining, drop_ssh, kill_job, output, record_run
-from tests.pipeline_fixtures import (
+from tests.support.fault_table import FaultTable
+from tests.support.faults import OnTraining, drop_ssh, kill_job, output, record_run
+from tests.support.pipeline import (
     ProcessListSampler,
     assert_all_terminated,
     run_dag,

@@ -13,8 +13,8 @@ from embedded.deploy.stack import EmbeddedStack
 from orchestrator.instance.job_script import job_dir_for
 from orchestrator.instance.remote_job import RemoteJob
 from orchestrator.instance.ssh import SshTarget, connect
-from tests.leak_scan import COMMANDS, SshTraffic, leaks_beyond_logs, run_job_paths, ssh_leaks
-from tests.pipeline_fixtures import instances_of, run_dag, task_states
+from tests.support.leak_scan import COMMANDS, SshTraffic, leaks_beyond_logs, run_job_paths, ssh_leaks
+from tests.support.pipeline import instances_of, run_dag, task_states
 
 
 def test_ssh_scan_reports_a_secret_in_a_command_or_a_write_outside_the_env_file(

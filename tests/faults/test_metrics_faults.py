@@ -15,9 +15,9 @@ import pytest
 from embedded.process import free_port
 from embedded.services.prometheus import Pushgateway
 from orchestrator.observe.metrics import push_run_metrics
-from tests.fault_table import FaultTable
-from tests.leak_scan import planted_found
-from tests.monitoring_fixtures import GATEWAY_LOGIN, metrics_settings, success_report, use_connection
+from tests.support.fault_table import FaultTable
+from tests.support.leak_scan import planted_found
+from tests.support.monitoring import GATEWAY_LOGIN, metrics_settings, success_report, use_connection
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import pytest
 from embedded.process import free_port
 from embedded.services.slack_webhook import SlackWebhookStandIn
 from orchestrator.observe.notify import send_notifications
-from tests.fault_table import FaultTable
 from tests.orchestrator.observe.test_notify import BOTH, FAILURE, SLACK_CONN, SMTP_CONN, notify_settings
-from tests.pipeline_fixtures import ProcessListSampler, planted_found
+from tests.support.fault_table import FaultTable
+from tests.support.pipeline import ProcessListSampler, planted_found
 
 
 def test_failing_notifiers_are_warnings_that_leak_nothing(

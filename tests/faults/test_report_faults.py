@@ -14,10 +14,10 @@ from embedded.deploy.stack import EmbeddedStack
 from orchestrator.config.settings import NotifySettings, load_settings
 from orchestrator.observe.publish import publish
 from orchestrator.observe.report import Cost
-from tests.fault_table import FaultTable
-from tests.mlflow_fixtures import FaultProxy
 from tests.orchestrator.observe.test_report import REPORT
-from tests.pipeline_fixtures import ProcessListSampler, planted_found
+from tests.support.fault_table import FaultTable
+from tests.support.mlflow_servers import FaultProxy
+from tests.support.pipeline import ProcessListSampler, planted_found
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ import pytest
 from embedded.cloud import DATASET_BUCKET
 from embedded.deploy.stack import TINY_DATA_URI, EmbeddedStack
 from embedded.services.datasets import upload_version
-from tests.fault_table import FaultTable
-from tests.faults.support import output
-from tests.leak_scan import planted_found
-from tests.pipeline_fixtures import run_dag, task_states
+from tests.support.fault_table import FaultTable
+from tests.support.faults import output
+from tests.support.leak_scan import planted_found
+from tests.support.pipeline import run_dag, task_states
 
 pytestmark = pytest.mark.slow
 

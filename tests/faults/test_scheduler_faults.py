@@ -27,10 +27,10 @@ from benchmarks.load_benchmark import load_settings
 from embedded.deploy.airflow_local import LocalAirflow
 from embedded.deploy.load import DAG_ID, Sampler
 from embedded.deploy.stack import EmbeddedStack
-from tests.fault_table import FaultTable
-from tests.faults.support import OnTraining, hold_job, release_after_reattach, scan
-from tests.pipeline_fixtures import ProcessListSampler, planted_connections, planted_found
-from tests.tools import missing_tool
+from tests.support.fault_table import FaultTable
+from tests.support.faults import OnTraining, hold_job, release_after_reattach, scan
+from tests.support.pipeline import ProcessListSampler, planted_connections, planted_found
+from tests.support.tools import missing_tool
 
 # Never alongside tests/deploy/test_celery_deployment.py (the same group): two Airflow deployments at once would
 # overload a 2-core machine. `make test` runs pytest with --dist loadgroup.

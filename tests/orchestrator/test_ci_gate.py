@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from embedded.services.github_standin import ABSENT, GitHubStandIn
-from tests.github_fixtures import make_repo
+from tests.support.github_api import make_repo
 
 REPO = "local/ec2-trainer"
 TOKEN = "ghs_ci_gate_test_token_456"

@@ -18,7 +18,7 @@ from orchestrator.contracts_steps import (
     RunningInstance,
     StepResultError,
 )
-from tests.step_results import EVALUATION, LAUNCHED, PLAN, READY, RUNNING
+from tests.support.step_results import EVALUATION, LAUNCHED, PLAN, READY, RUNNING
 
 TODAY: list[tuple[Any, dict[str, Any]]] = [
     (LaunchPlan, PLAN),

@@ -25,7 +25,7 @@ from orchestrator.cloud.ec2_describe import describe_instance, find_run_instance
 from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, run_scope_tags
 from orchestrator.config.connections import AWS_RETRIES
 from orchestrator.contracts_steps import LaunchedInstance
-from tests.aws_fixtures import StrictAws, http_errors, strict_aws, take_back_the_first
+from tests.support.aws_cloud import StrictAws, http_errors, strict_aws, take_back_the_first
 
 PROJECT = "ec2-trainer"
 DEPLOYMENT = "prod"

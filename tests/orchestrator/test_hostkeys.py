@@ -8,8 +8,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
 from orchestrator.cloud.hostkeys import HostKeyError, generate_host_key, public_line_from_private
-from tests.sshd_fixtures import pem_armor
-from tests.tools import require_executable
+from tests.support.sshd import pem_armor
+from tests.support.tools import require_executable
 
 
 def test_generated_key_loads_in_paramiko_and_matches_its_public_line_and_fingerprint():

@@ -25,7 +25,7 @@ from orchestrator.cloud.launch_spec import (
 )
 from orchestrator.contracts import TAG_DEPLOYMENT, TAG_EXPIRES_AT, TAG_HOST_KEY
 from orchestrator.errors import ConfigError
-from tests.aws_fixtures import in_process_aws
+from tests.support.aws_cloud import in_process_aws
 
 AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 IDENTITY = RunIdentity(

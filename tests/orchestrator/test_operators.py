@@ -16,8 +16,8 @@ from orchestrator.instance.job_script import job_dir_for
 from orchestrator.instance.remote_job import RemoteJob
 from orchestrator.instance.ssh import SshTarget, connect
 from orchestrator.instance.training_operator import RemoteTrainingOperator
-from tests.leak_scan import SshTraffic
-from tests.step_results import READY
+from tests.support.leak_scan import SshTraffic
+from tests.support.step_results import READY
 
 KILL_LOGGED = "Task killed: stopping the remote training job"
 

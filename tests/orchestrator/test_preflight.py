@@ -16,7 +16,7 @@ from orchestrator.cloud.preflight import (
     root_volume_gb,
 )
 from orchestrator.errors import ConfigError
-from tests.aws_fixtures import PROFILE, SSH_PORT, StrictAws, strict_aws
+from tests.support.aws_cloud import PROFILE, SSH_PORT, StrictAws, strict_aws
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_an_unknown_image_is_a_config_error(cloud: StrictAws) -> None:
 def moto_image(image_id: str) -> Any:
     from moto.ec2.models import ec2_backends
 
-    from tests.aws_fixtures import REGION
+    from tests.support.aws_cloud import REGION
 
     return ec2_backends[ACCOUNT_ID][REGION].amis[image_id]
 

@@ -24,7 +24,7 @@ from orchestrator.instance.ssh import (
     wait_for_bootstrap,
     wait_for_ssh,
 )
-from tests.sshd_fixtures import SshKeyPair, make_ed25519_keypair, pem_armor
+from tests.support.sshd import SshKeyPair, make_ed25519_keypair, pem_armor
 
 
 def test_target_repr_hides_the_private_key(ssh_target: SshTarget) -> None:

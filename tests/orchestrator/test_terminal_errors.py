@@ -33,7 +33,7 @@ from orchestrator.instance.ssh import (
     SshTimeoutError,
 )
 from orchestrator.tracking.runs import TrackingError, TrackingServerError
-from tests.step_results import LAUNCHED, PLAN, READY, RUNNING
+from tests.support.step_results import LAUNCHED, PLAN, READY, RUNNING
 
 # Every project error no step retries, subclasses included (ConfigError's: AmiNotFoundError, UserDataTooLargeError).
 TERMINAL: tuple[type[OrchestratorError], ...] = (

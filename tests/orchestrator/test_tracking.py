@@ -26,7 +26,7 @@ from orchestrator.tracking.runs import (
     end_run_if_running,
     start_training_run,
 )
-from tests.mlflow_fixtures import FaultProxy
+from tests.support.mlflow_servers import FaultProxy
 
 METRIC = "test_accuracy"
 

@@ -16,7 +16,7 @@ from orchestrator.instance.command import (
     training_command,
 )
 from orchestrator.instance.job_script import job_key
-from tests.step_results import READY
+from tests.support.step_results import READY
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 RUN_ID = "5d2c6e0b9a1f4c3e8b7a6d5c4b3a2f10"

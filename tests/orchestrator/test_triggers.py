@@ -22,7 +22,7 @@ from orchestrator.instance.job_script import job_dir_for
 from orchestrator.instance.remote_job import RemoteJob
 from orchestrator.instance.ssh import SshTarget, connect
 from orchestrator.instance.triggers import BootstrapTrigger, RemoteJobTrigger
-from tests.sshd_fixtures import SshKeyPair
+from tests.support.sshd import SshKeyPair
 
 CONN_ID = "trigger_ssh_test"
 FIVE_LINES_EXIT_3 = ["bash", "-c", "for i in 1 2 3 4 5; do echo line $i; done; exit 3"]

@@ -26,7 +26,7 @@ from orchestrator.cloud.user_data import (
 )
 from orchestrator.errors import ConfigError
 from orchestrator.instance.ssh import parse_phases
-from tests.tools import require_executable
+from tests.support.tools import require_executable
 
 CURRENT_USER = pwd.getpwuid(os.getuid()).pw_name
 

@@ -188,7 +188,7 @@ def s3(monkeypatch):
     """A moto S3 with an empty bucket named "data"; yields its client."""
     import boto3
 
-    from tests.aws_fixtures import in_process_aws
+    from tests.support.aws_cloud import in_process_aws
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.pipeline_fixtures import run_dag
+from tests.support.pipeline import run_dag
 
 pytestmark = pytest.mark.aws
 

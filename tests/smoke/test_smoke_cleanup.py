@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.aws_fixtures import in_process_aws
 from tests.smoke.test_aws_smoke import run_instances, run_then_clean
+from tests.support.aws_cloud import in_process_aws
 
 
 def test_cleanup_selects_only_this_deployments_instances(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from embedded.deploy.deployment import ADMIN_USER, DAG_ID, LocalDeployment, Port
 from embedded.deploy.stack import EmbeddedStack
 from orchestrator.ci.github_protocol import commit_checks_url
 from tests.conftest import REPO
-from tests.tools import missing_tool
+from tests.support.tools import missing_tool
 
 pytestmark = pytest.mark.slow
 

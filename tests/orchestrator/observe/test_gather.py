@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.observe.gather import airflow_run_url, phases_of
-from tests.step_results import READY as READY_XCOM
+from tests.support.step_results import READY as READY_XCOM
 
 READY = ReadyInstance.from_xcom(READY_XCOM)
 

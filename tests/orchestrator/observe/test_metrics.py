@@ -26,7 +26,7 @@ from orchestrator.observe.metrics import (
     run_metric_families,
 )
 from tests.conftest import REPO
-from tests.monitoring_fixtures import (
+from tests.support.monitoring import (
     GATEWAY_LOGIN,
     INSTANCE_ID,
     RUN_ID,

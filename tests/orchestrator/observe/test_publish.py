@@ -11,8 +11,8 @@ from embedded.services.mlflow_server import MlflowServer
 from orchestrator.config.settings import Settings, load_settings
 from orchestrator.contracts import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
 from orchestrator.observe.publish import publish
-from tests.mlflow_fixtures import FaultProxy
 from tests.orchestrator.observe.test_report import REPORT
+from tests.support.mlflow_servers import FaultProxy
 
 
 def _settings(tracking_uri: str) -> Settings:

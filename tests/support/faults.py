@@ -19,9 +19,9 @@ from embedded.cloud import EmulatedInstance
 from embedded.deploy.airflow_local import LocalAirflow
 from embedded.deploy.load import DAG_ID
 from embedded.deploy.stack import EmbeddedStack
-from tests.fault_table import FaultTable
-from tests.leak_scan import SshTraffic, planted_found
-from tests.pipeline_fixtures import ProcessListSampler, instances_of, secrets_found
+from tests.support.fault_table import FaultTable
+from tests.support.leak_scan import SshTraffic, planted_found
+from tests.support.pipeline import ProcessListSampler, instances_of, secrets_found
 
 # Long enough for a cold `mlflow run` to reach its first epoch on a busy 2-core machine.
 JOB_WAIT_S = 240.0

@@ -18,7 +18,7 @@ import pytest
 
 from embedded.deploy.stack import EmbeddedStack, TrainingKnobs
 from tests.conftest import REPO
-from tests.leak_scan import SshTraffic, leaks_beyond_logs, planted_found
+from tests.support.leak_scan import SshTraffic, leaks_beyond_logs, planted_found
 
 
 @pytest.fixture(scope="session")
@@ -233,8 +233,8 @@ def secrets_found(
     """Where the planted values occur, as planted_found counts them; empty when nowhere.
 
     Scanned: the task log, XComs, rendered fields, every instance's user-data, the process list sampled during the
-    run (the stand-in instance's processes included), and what tests/leak_scan.py reads: every command and SFTP write
-    sent over SSH, the instances' disks after the run, and the MLflow run's params, tags and artifacts.
+    run (the stand-in instance's processes included), and what tests/support/leak_scan.py reads: every command
+    and SFTP write sent over SSH, the instances' disks after the run, and the MLflow run's params, tags and artifacts.
     """
     ec2 = stack.cloud.client("ec2")
     instances = instances_of(stack, dag_run)

@@ -1,0 +1,1 @@
+"""Shared test support: fixtures (loaded as pytest plugins by tests/conftest.py), fakes and scanners."""
