@@ -410,11 +410,8 @@ def test_a_sweep_of_three_sets_with_one_failing(
     assert child_states == dict(zip(children, ["success", "failed", "success"], strict=True)), child_states
     failed_log = airflow.task_log(DAG_ID, children[1], "train")
     assert "data path /no/such/sweep-data does not exist" in failed_log and "training exited with code" in failed_log
-    # The failure did not stop the others: they trained at the same time as it, and on to their end.
-    failed_train = airflow.task_instances(DAG_ID, children[1])["train"]
-    for child in (children[0], children[2]):
-        train = airflow.task_instances(DAG_ID, child)["train"]
-        assert train["start_date"] < failed_train["end_date"] and train["end_date"] > failed_train["start_date"]
+    # The failure did not stop the others: the three instances were live at once and the others succeeded. (Not
+    # their train spans' overlap: the failed job ends as it starts, before or after theirs begin.)
     assert sampler.max_live == CAP, "the three sets never ran at once"
     # Every set's own instance, terminated.
     assert instance_states(stack, children) == {child: ["terminated"] for child in children}

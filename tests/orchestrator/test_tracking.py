@@ -607,3 +607,31 @@ def test_marking_a_left_run_failed_never_hides_the_training_failure(
     end_run_if_running(mlflow_proxy.url, left, "FAILED")  # no exception: the caller reports the training's own failure
     assert f"Could not end MLflow run {left} as FAILED" in caplog.text
     assert MlflowClient(tracking_uri=tracking_uri).get_run(left).info.status == "RUNNING"
+
+
+class _TagRaceClient:
+    """A registry whose tag write loses a race (MLflow's insert-or-update failing on the unique key, as a concurrent
+    evaluation's write makes it) and whose version holds `tags` when read after it."""
+
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.tags = tags
+
+    def set_model_version_tag(self, *args: Any) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+        raise MlflowException("UNIQUE constraint failed: model_version_tags.key", error_code=BAD_REQUEST)
+
+    def get_model_version(self, name: str, version: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(tags=self.tags)
+
+
+def test_a_concurrent_evaluation_recording_the_same_move_is_not_a_failure() -> None:
+    from orchestrator.tracking.promotion import _record_the_move
+
+    _record_the_move(_TagRaceClient({ALIAS_MOVED_TAG: "1796582751"}), "cnn", "3")
+    # No record after the failed write: the failure is real, and the step retries.
+    with pytest.raises(TrackingServerError, match="tagging cnn version 3 \\(BAD_REQUEST\\)"):
+        _record_the_move(_TagRaceClient({}), "cnn", "3")

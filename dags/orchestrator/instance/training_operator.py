@@ -7,6 +7,7 @@ remote job's lifetime: start or re-attach, follow, kill on cancel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -52,14 +53,20 @@ class RemoteTrainingOperator(BaseOperator):
         self.git_sha = git_sha
         self._job: RemoteJob | None = None
 
-    def _remote_job(self, context: Context) -> RemoteJob:
+    @functools.cached_property
+    def _settings(self) -> Settings:
+        """This task's settings, built once from its rendered config (the run's resolved configuration)."""
         from orchestrator.config.resolve import settings_of
+
+        return settings_of(self.config)
+
+    def _remote_job(self, context: Context) -> RemoteJob:
         from orchestrator.instance.job_script import job_dir_for, job_key
         from orchestrator.instance.ready import ssh_target
         from orchestrator.instance.remote_job import RemoteJob
         from orchestrator.instance.ssh import connect
 
-        s = settings_of(self.config)
+        s = self._settings
         target = ssh_target(self.config, self._ready.address, self._ready.host_public_key)
         key = job_key(self.dag_id, context["run_id"])
         return RemoteJob(
@@ -86,18 +93,16 @@ class RemoteTrainingOperator(BaseOperator):
         """The MLflow run this task created, marked FAILED if its job left it RUNNING; None before one exists."""
         from airflow.sdk import get_current_context
 
-        from orchestrator.config.resolve import settings_of
         from orchestrator.tracking.runs import end_mlflow_run
 
         run_id = get_current_context()["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
         if run_id:
-            end_mlflow_run(settings_of(self.config), run_id, "FAILED")
+            end_mlflow_run(self._settings, run_id, "FAILED")
         return str(run_id) if run_id else None
 
     @fail_without_retry()
     def execute(self, context: Context) -> str:
         from orchestrator.config.connections import mlflow_credentials
-        from orchestrator.config.resolve import settings_of
         from orchestrator.datasets.training_data import training_data
         from orchestrator.instance.command import tracked_run, training_command
         from orchestrator.instance.remote_job import RemoteJobError
@@ -108,7 +113,7 @@ class RemoteTrainingOperator(BaseOperator):
         if finished := self._finished_by_an_earlier_try(context):
             self.log.info("MLflow run %s of this DAG run finished in an earlier try: reading its result", finished)
             return finished
-        s = settings_of(self.config)
+        s = self._settings
         # Read again as the job starts: the run records the data as it is when it is downloaded.
         dataset = training_data(s)
         # Until MLflow names its run, the task's link is empty rather than missing (a missing one logs an error).
@@ -194,14 +199,13 @@ class RemoteTrainingOperator(BaseOperator):
         MLflow whatever became of the instance since (its watchdog may have ended it), so a retry reads it there
         rather than failing or training again."""
         from orchestrator.config.connections import mlflow_credentials
-        from orchestrator.config.resolve import settings_of
         from orchestrator.contracts import JOB_KEY_TAG
         from orchestrator.instance.job_script import job_key
         from orchestrator.tracking.runs import credentials_in_env, find_finished_run
 
         if context["ti"].try_number < 2:
             return None
-        s = settings_of(self.config)
+        s = self._settings
         creds = mlflow_credentials(s.mlflow.conn_id)
         with credentials_in_env(creds.username, creds.password):
             key = job_key(self.dag_id, context["run_id"])
@@ -214,12 +218,11 @@ class RemoteTrainingOperator(BaseOperator):
         self, context: Context, *, timeout_s: float, deadline: float, offset: int = 0, failures: int = 0
     ) -> NoReturn:
         """Hand the wait to the triggerer: no worker slot is held while the job trains."""
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.job_script import job_dir_for, job_key
         from orchestrator.instance.remote_job import reconnect_delay_s
         from orchestrator.instance.triggers import RemoteJobTrigger
 
-        s = settings_of(self.config)
+        s = self._settings
         paths = job_dir_for(s.instance.state_dir, job_key(self.dag_id, context["run_id"]))
         # A dropped connection is retried with backoff, as RemoteJob does in a worker.
         delay = reconnect_delay_s(failures) if failures else 0.0
@@ -299,7 +302,6 @@ class RemoteTrainingOperator(BaseOperator):
         retry can help. A job lost or timed out on a live instance gets the post-mortem bundle first."""
         from airflow.sdk import get_current_context
 
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.job_script import job_dir_for, job_key
         from orchestrator.instance.remote_job import RemoteJobLostError, RemoteJobTimeoutError
 
@@ -307,9 +309,7 @@ class RemoteTrainingOperator(BaseOperator):
         self._fail_if_instance_gone()
         if not isinstance(exc, (RemoteJobLostError, RemoteJobTimeoutError)):
             raise exc
-        paths = job_dir_for(
-            settings_of(self.config).instance.state_dir, job_key(self.dag_id, get_current_context()["run_id"])
-        )
+        paths = job_dir_for(self._settings.instance.state_dir, job_key(self.dag_id, get_current_context()["run_id"]))
         if isinstance(exc, RemoteJobLostError):
             # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
             where = self._postmortem(self._end_mlflow_run(), paths.log)
@@ -322,11 +322,10 @@ class RemoteTrainingOperator(BaseOperator):
 
     def _publish_run(self, context: Context, run_id: str) -> None:
         """The MLflow run's id and UI address as XComs (the latter is the task's 'MLflow run' link)."""
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.command import mlflow_run_url
         from orchestrator.tracking.runs import experiment_id_of
 
-        s = settings_of(self.config)
+        s = self._settings
         url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
         context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
         context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
@@ -335,13 +334,12 @@ class RemoteTrainingOperator(BaseOperator):
     def _finish(self, context: Context, job: RemoteJob, exit_code: int) -> str:
         """The job ended with `exit_code`: check it trained into this run's MLflow run, then succeed or fail."""
         from orchestrator.config.connections import mlflow_credentials
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.command import exit_description, parse_mlflow_run_id
         from orchestrator.instance.job_script import EXIT_SIGKILL, EXIT_SIGTERM
         from orchestrator.instance.remote_job import RemoteJobError
         from orchestrator.tracking.runs import credentials_in_env, end_mlflow_run
 
-        s = settings_of(self.config)
+        s = self._settings
         created_run_id = context["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
         try:
             if exit_code in (EXIT_SIGTERM, EXIT_SIGKILL):
@@ -392,14 +390,13 @@ class RemoteTrainingOperator(BaseOperator):
 
     def _attach(self, mlflow_run_id: str | None, bundle: dict[str, str]) -> str:
         from orchestrator.config.connections import mlflow_credentials
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.postmortem import ARTIFACT_DIR, attach_to_run, log_to_task_log
         from orchestrator.tracking.runs import credentials_in_env
 
         if not bundle:
             return ""
         if mlflow_run_id:
-            s = settings_of(self.config)
+            s = self._settings
             try:
                 creds = mlflow_credentials(s.mlflow.conn_id)
                 with credentials_in_env(creds.username, creds.password):

@@ -256,6 +256,19 @@ def _moved_by_the_gate(client: Any, model_name: str, version: str) -> bool:
     return ALIAS_MOVED_TAG in (found.tags or {})
 
 
+def _record_the_move(client: Any, model_name: str, version: str) -> None:
+    """The gate's record on `version`, written before the alias moves there. Concurrent evaluations settling the same
+    champion write it at once, and MLflow's insert-or-update then fails one of them on the tag's unique key: the
+    other's record serves, so that failure is one only when no record is there."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_model_version_tag(model_name, version, ALIAS_MOVED_TAG, f"{time.time():.0f}")
+    except MlflowException as exc:
+        if not _moved_by_the_gate(client, model_name, version):
+            raise server_error(exc, f"tagging {model_name} version {version}") from exc
+
+
 def _beats(a: float, b: float, greater_is_better: bool) -> bool:
     """Strictly better: a tie never displaces."""
     return a > b if greater_is_better else a < b
@@ -358,14 +371,7 @@ def _settle_champion(client: Any, model_name: str, metric: str, *, greater_is_be
                 "server is slow or overloaded; the step retries, and its version stays a contender meanwhile"
             )
         # The record first: a retry after the move trusts the alias only with it.
-        mlflow_call(
-            f"tagging {model_name} version {best.version}",
-            client.set_model_version_tag,
-            model_name,
-            best.version,
-            ALIAS_MOVED_TAG,
-            f"{time.time():.0f}",
-        )
+        _record_the_move(client, model_name, best.version)
         mlflow_call(
             f"moving alias {CHAMPION_ALIAS!r} of {model_name}",
             client.set_registered_model_alias,
