@@ -8,8 +8,8 @@ upgrade reads what its upstream wrote before it, so a field is never renamed or 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, get_args
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal, Self, get_args, get_type_hints
 
 from orchestrator.errors import OrchestratorError
 
@@ -43,6 +43,20 @@ class _Reader:
         if not isinstance(found, types) or (isinstance(found, bool) and bool not in types):
             raise StepResultError(f"{self.where}: {key!r} is {found!r}, not {expected}: {_CLEAR_UPSTREAM}")
         return found
+
+    def as_type(self, key: str, annotation: object) -> Any:
+        """`key`'s value, read as a field annotated `annotation` is."""
+        readers: dict[object, Any] = {
+            str: self.text,
+            str | None: self.text_or_none,
+            int: self.integer,
+            float: self.number,
+            float | None: self.number_or_none,
+            bool: self.flag,
+            Market: self.market,
+            dict[str, float]: self.numbers,
+        }
+        return readers[annotation](key)
 
     def text(self, key: str) -> str:
         return str(self._get(key, (str,), "a string"))
@@ -80,8 +94,25 @@ class _Reader:
         return {k: float(v) for k, v in found.items()}
 
 
+class _StepResult:
+    """to_xcom / from_xcom for a frozen dataclass of step results: the fields are the XCom's keys, and each value is
+    read with the check its field's type calls for (every field required, as the producers always write it)."""
+
+    STEP: ClassVar[str]
+    WHAT: ClassVar[str]
+
+    def to_xcom(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_xcom(cls, value: object) -> Self:
+        read = _Reader(cls.STEP, cls.WHAT, value)
+        hints = get_type_hints(cls)
+        return cls(**{f.name: read.as_type(f.name, hints[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class LaunchPlan:
+class LaunchPlan(_StepResult):
     """plan_launch's result: the image the instance boots (checked before anything is launched) and the run's
     identity, which every launch try tags its instance with."""
 
@@ -96,25 +127,11 @@ class LaunchPlan:
     dag_id: str
     run_id: str
 
-    def to_xcom(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_xcom(cls, value: object) -> LaunchPlan:
-        read = _Reader(cls.STEP, "the launch plan", value)
-        return cls(
-            ami_id=read.text("ami_id"),
-            ami_name=read.text("ami_name"),
-            root_device_name=read.text("root_device_name"),
-            root_volume_gb=read.integer("root_volume_gb"),
-            git_sha=read.text("git_sha"),
-            dag_id=read.text("dag_id"),
-            run_id=read.text("run_id"),
-        )
+    WHAT: ClassVar[str] = "the launch plan"
 
 
 @dataclass(frozen=True)
-class LaunchedInstance:
+class LaunchedInstance(_StepResult):
     """launch's result: the run's instance, running, and the host key it was launched with."""
 
     STEP: ClassVar[str] = "launch"
@@ -127,23 +144,11 @@ class LaunchedInstance:
     # The SSH host key the instance was launched with (from its tag when adopted), to pin on connect.
     host_public_key: str = ""
 
-    def to_xcom(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_xcom(cls, value: object) -> LaunchedInstance:
-        read = _Reader(cls.STEP, "the launched instance", value)
-        return cls(
-            instance_id=read.text("instance_id"),
-            instance_type=read.text("instance_type"),
-            market=read.market("market"),
-            reused=read.flag("reused"),
-            host_public_key=read.text("host_public_key"),
-        )
+    WHAT: ClassVar[str] = "the launched instance"
 
 
 @dataclass(frozen=True)
-class RunningInstance:
+class RunningInstance(_StepResult):
     """wait_ready's view of the running instance (contracts.RUNNING_KEY), kept for its resumption after a deferral:
     where it answers, and the ready wait's bounds (epoch seconds; the deadline counts from EC2's launch time)."""
 
@@ -157,25 +162,11 @@ class RunningInstance:
     deadline: float
     seconds_to_running: float
 
-    def to_xcom(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_xcom(cls, value: object) -> RunningInstance:
-        read = _Reader(cls.STEP, "the running instance", value)
-        return cls(
-            instance_id=read.text("instance_id"),
-            instance_type=read.text("instance_type"),
-            market=read.market("market"),
-            address=read.text("address"),
-            started_at=read.number("started_at"),
-            deadline=read.number("deadline"),
-            seconds_to_running=read.number("seconds_to_running"),
-        )
+    WHAT: ClassVar[str] = "the running instance"
 
 
 @dataclass(frozen=True)
-class ReadyInstance:
+class ReadyInstance(_StepResult):
     """wait_ready's result: where train logs in (address, port and pinned host key) and how long each stage took
     (the bootstrap's own steps as the instance timed them)."""
 
@@ -192,28 +183,11 @@ class ReadyInstance:
     seconds_to_ready: float
     bootstrap_phases_s: dict[str, float]
 
-    def to_xcom(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_xcom(cls, value: object) -> ReadyInstance:
-        read = _Reader(cls.STEP, "the ready instance", value)
-        return cls(
-            instance_id=read.text("instance_id"),
-            instance_type=read.text("instance_type"),
-            market=read.market("market"),
-            address=read.text("address"),
-            port=read.integer("port"),
-            host_public_key=read.text("host_public_key"),
-            seconds_to_running=read.number("seconds_to_running"),
-            seconds_to_ssh=read.number("seconds_to_ssh"),
-            seconds_to_ready=read.number("seconds_to_ready"),
-            bootstrap_phases_s=read.numbers("bootstrap_phases_s"),
-        )
+    WHAT: ClassVar[str] = "the ready instance"
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(_StepResult):
     """The champion gate's verdict on a run (evaluate's result; a sweep's gate_best_set nests it as "evaluation")."""
 
     STEP: ClassVar[str] = "evaluate"
@@ -228,18 +202,4 @@ class Evaluation:
     # The registered version; None when the run was not registered (it lost, or a sweep's run left it to the sweep).
     model_version: str | None
 
-    def to_xcom(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_xcom(cls, value: object) -> Evaluation:
-        read = _Reader(cls.STEP, "the evaluation", value)
-        return cls(
-            run_id=read.text("run_id"),
-            metric=read.text("metric"),
-            value=read.number("value"),
-            champion_value=read.number_or_none("champion_value"),
-            promoted=read.flag("promoted"),
-            reason=read.text("reason"),
-            model_version=read.text_or_none("model_version"),
-        )
+    WHAT: ClassVar[str] = "the evaluation"
