@@ -83,8 +83,8 @@ if DATASET is not None and WATCH.datasets.poll_minutes:
             asset=DATASET,
             datasets_uri=WATCH.datasets.uri,
             marker=WATCH.datasets.marker,
-            aws_conn_id=WATCH.aws_conn_id,
-            region=WATCH.aws_region,
+            aws_conn_id=WATCH.aws.conn_id,
+            region=WATCH.aws.region,
             window_s=window_s,
             every_s=every_s,
         )

@@ -596,4 +596,4 @@ def test_watch_settings_read_only_their_sections() -> None:
         15,
         "0 3 * * 1",
     )
-    assert (watch.aws_conn_id, watch.aws_region) == ("aws_default", "eu-west-1")
+    assert (watch.aws.conn_id, watch.aws.region) == ("aws_default", "eu-west-1")

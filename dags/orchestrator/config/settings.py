@@ -290,14 +290,6 @@ class WatchSettings(_Layered):
         _retrain_has_data(self.retrain, self.datasets)
         return self
 
-    @property
-    def aws_conn_id(self) -> str:
-        return self.aws.conn_id
-
-    @property
-    def aws_region(self) -> str:
-        return self.aws.region
-
 
 # The per-run knobs of the DAG's trigger form (orchestrator/run_params.py), and the setting each one overrides.
 PARAM_FIELDS: dict[str, tuple[str, str]] = {

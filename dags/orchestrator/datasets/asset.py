@@ -28,8 +28,8 @@ def dataset_asset(watch: WatchSettings) -> Asset | None:
             queue_url=d.sqs_queue_url,
             datasets_uri=d.uri,
             marker=d.marker,
-            aws_conn_id=watch.aws_conn_id,
-            region=watch.aws_region,
+            aws_conn_id=watch.aws.conn_id,
+            region=watch.aws.region,
         )
         watchers.append(AssetWatcher(name=WATCHER_NAME, trigger=trigger))
     # Named by its URI (Airflow's default): Airflow deactivates an asset whose name another URI already holds, so a
