@@ -28,8 +28,9 @@ def ec2_reaper() -> None:
     @task(retries=3, retry_delay=timedelta(seconds=30))
     def reap_expired_instances() -> list[str]:
         from orchestrator.cloud.tasks import reap_expired
+        from orchestrator.config.settings import load_settings
 
-        return reap_expired()
+        return reap_expired(load_settings())
 
     reap_expired_instances()
 

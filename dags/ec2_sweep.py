@@ -86,10 +86,11 @@ with DAG(
 
     @task(retries=2, retry_delay=timedelta(seconds=20))
     def start_sweep(resolved: dict[str, Any], git_sha: str) -> list[dict[str, Any]]:
+        from orchestrator.config.resolve import settings_of
         from orchestrator.sweeps.steps import start_sweep as start
 
         ctx = get_current_context()
-        return start(resolved["config"], resolved["sets"], git_sha, ctx["dag"].dag_id, ctx["run_id"])
+        return start(settings_of(resolved["config"]), resolved["sets"], git_sha, ctx["dag"].dag_id, ctx["run_id"])
 
     # Both run once every set has ended, however it ended; they read upstream results themselves, since an
     # upstream that failed before the sets started left nothing to pass.
@@ -97,6 +98,7 @@ with DAG(
     def gate_best_set() -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from orchestrator.config.resolve import settings_of
         from orchestrator.sweeps.operators import child_state
         from orchestrator.sweeps.steps import gate_best
 
@@ -105,17 +107,18 @@ with DAG(
         if not children:
             raise AirflowSkipException("the sweep started no set: nothing to gate")
         resolved = ti.xcom_pull(task_ids="resolve_sweep")
-        return gate_best(resolved["config"], children, lambda run_id: child_state(ti, run_id))
+        return gate_best(settings_of(resolved["config"]), children, lambda run_id: child_state(ti, run_id))
 
     @task(trigger_rule="all_done", retries=2, retry_delay=timedelta(seconds=20))
     def summary() -> str:
+        from orchestrator.config.resolve import settings_of
         from orchestrator.sweeps.operators import child_state
         from orchestrator.sweeps.steps import summarize
 
         ti = get_current_context()["ti"]
-        resolved = ti.xcom_pull(task_ids="resolve_sweep") or {}
+        config = (ti.xcom_pull(task_ids="resolve_sweep") or {}).get("config")
         return summarize(
-            resolved.get("config"),
+            settings_of(config) if config else None,
             ti.xcom_pull(task_ids="start_sweep"),
             ti.xcom_pull(task_ids="gate_best_set"),
             lambda run_id: child_state(ti, run_id),

@@ -62,15 +62,17 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=20))
     def plan_launch(config: dict[str, Any], git_sha: str) -> dict[str, Any]:
         from orchestrator.cloud.tasks import plan_launch as plan
+        from orchestrator.config.resolve import settings_of
 
         ctx = get_current_context()
-        return plan(config, git_sha, ctx["dag"].dag_id, ctx["run_id"]).to_xcom()
+        return plan(settings_of(config), git_sha, ctx["dag"].dag_id, ctx["run_id"]).to_xcom()
 
     @task(**OUTAGE_RETRIES)
     def evaluate(config: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
+        from orchestrator.config.resolve import settings_of
         from orchestrator.tracking.promotion import evaluate as gate
 
-        return gate(config, mlflow_run_id).to_xcom()
+        return gate(settings_of(config), mlflow_run_id, promote=config.get("promote", True)).to_xcom()
 
     @teardown
     @task(retries=5, retry_delay=timedelta(seconds=15))
@@ -79,13 +81,14 @@ with DAG(
         import time
 
         from orchestrator.cloud.tasks import terminate as terminate_run
+        from orchestrator.config.resolve import settings_of
         from orchestrator.contracts_steps import LaunchedInstance
         from orchestrator.observe.gather import TERMINATED_AT_KEY
 
         ctx = get_current_context()
         launched = ctx["ti"].xcom_pull(task_ids=LaunchedInstance.STEP)
         instance_ids = [LaunchedInstance.from_xcom(launched).instance_id] if launched else []
-        states = terminate_run(config, ctx["dag"].dag_id, ctx["run_id"], instance_ids)
+        states = terminate_run(settings_of(config), ctx["dag"].dag_id, ctx["run_id"], instance_ids)
         # The end of billing when EC2 does not say when termination was asked.
         ctx["ti"].xcom_push(key=TERMINATED_AT_KEY, value=time.time())
         return states

@@ -143,7 +143,7 @@ def test_a_job_stopped_by_the_instances_shutdown_is_reported_as_the_instances_en
 
     gone = "instance i-1 is terminated (Server.SpotInstanceTermination): EC2 interrupted the spot instance"
     asked: list[str] = []
-    monkeypatch.setattr(cloud_tasks, "instance_gone", lambda config, instance_id: asked.append(instance_id) or gone)
+    monkeypatch.setattr(cloud_tasks, "instance_gone", lambda s, instance_id: asked.append(instance_id) or gone)
     config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
     operator = RemoteTrainingOperator(task_id="train", config=config, ready=READY, git_sha="0" * 40)
     operator._ready = ReadyInstance.from_xcom(READY | {"instance_id": "i-1"})  # as execute() reads it

@@ -100,17 +100,14 @@ def test_any_other_error_is_left_to_the_retries_unless_the_block_names_it(error:
 
 
 def spoilt_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Every step reads its settings first: make that read fail as a bad setting or a missing connection does."""
-    from orchestrator.cloud import tasks
+    """Every operator builds its settings first: make that fail as a bad setting or a missing connection does."""
     from orchestrator.config import resolve
-    from orchestrator.instance import ready
 
     def settings_of(config: Any) -> Any:
         raise ConfigError("aws.region: 'nowhere' is invalid")
 
-    # Each step module holds its own reference to settings_of (the operators import it at call time from resolve).
-    for module in (resolve, tasks, ready):
-        monkeypatch.setattr(module, "settings_of", settings_of)
+    # The operators import settings_of from resolve at call time and pass the settings down to the steps.
+    monkeypatch.setattr(resolve, "settings_of", settings_of)
     return {}
 
 
@@ -192,9 +189,6 @@ def each_step(monkeypatch: pytest.MonkeyPatch, error: Exception) -> dict[str, Ca
     def no_credentials(*_: Any) -> Iterator[None]:
         yield
 
-    monkeypatch.setattr(tasks, "settings_of", lambda config: SETTINGS)
-    monkeypatch.setattr(ready, "settings_of", lambda config: SETTINGS)
-    monkeypatch.setattr(promotion, "settings_of", lambda config: SETTINGS)
     monkeypatch.setattr(connections, "aws_client", lambda *_: object())
     monkeypatch.setattr(connections, "mlflow_credentials", lambda *_: SimpleNamespace(username="", password=""))
     monkeypatch.setattr(runs, "credentials_in_env", no_credentials)
@@ -208,12 +202,13 @@ def each_step(monkeypatch: pytest.MonkeyPatch, error: Exception) -> dict[str, Ca
     monkeypatch.setattr(s3, "identify", raiser(error))
     launched = LaunchedInstance.from_xcom(LAUNCHED)
     running = RunningInstance.from_xcom(RUNNING | {"started_at": 0.0, "deadline": 1.0})
+    s: Any = SETTINGS
     return {
-        "launch": lambda: tasks.launch({}, LaunchPlan.from_xcom(PLAN), waited_s=0.0),
-        "wait_running": lambda: tasks.wait_running({}, launched),
-        "wait_ready_in_worker": lambda: ready.wait_ready_in_worker({}, launched, running),
-        "evaluate": lambda: promotion.evaluate({}, "run"),
-        "training_data": lambda: training_data.training_data(SETTINGS),  # type: ignore[arg-type]
+        "launch": lambda: tasks.launch(s, LaunchPlan.from_xcom(PLAN), waited_s=0.0),
+        "wait_running": lambda: tasks.wait_running(s, launched),
+        "wait_ready_in_worker": lambda: ready.wait_ready_in_worker(s, launched, running),
+        "evaluate": lambda: promotion.evaluate(s, "run", promote=True),
+        "training_data": lambda: training_data.training_data(s),
     }
 
 

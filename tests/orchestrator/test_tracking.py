@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from embedded.services.mlflow_server import MlflowServer
+from orchestrator.config.settings import Settings
 from orchestrator.contracts import ALIAS_MOVED_TAG, CONTENDER_TAG
 from orchestrator.contracts_steps import Evaluation
 from orchestrator.instance.job_script import job_key
@@ -558,12 +559,13 @@ def test_concurrent_evaluations_leave_the_best_model_champion(tracking_uri: str,
 # ---- the evaluate step: which errors retry
 
 
-def _step_config(tracking_uri: str, model_name: str) -> dict[str, Any]:
+def _step_settings(tracking_uri: str, model_name: str) -> Settings:
+    from orchestrator.config.resolve import settings_of
     from orchestrator.config.settings import load_settings
 
     config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
     config["mlflow"] |= {"tracking_uri": tracking_uri, "model_name": model_name, "conn_id": "no_such_connection"}
-    return config
+    return settings_of(config)
 
 
 def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared(
@@ -575,11 +577,11 @@ def test_the_evaluate_step_fails_without_retry_only_when_nothing_can_be_compared
 
     unscored = finished_run({"val_accuracy": 0.99}, with_model=False)
     with pytest.raises(AirflowFailException, match=r"has no metric 'test_accuracy'"):
-        promotion.evaluate(_step_config(tracking_uri, model_name), unscored)
+        promotion.evaluate(_step_settings(tracking_uri, model_name), unscored, promote=True)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow_proxy.fault = lambda method, path: (401, UNAUTHENTICATED) if "/runs/get" in path else None
     with pytest.raises(TrackingServerError, match=r"reading run .* \(UNAUTHENTICATED\)"):  # the task's retries apply
-        promotion.evaluate(_step_config(mlflow_proxy.url, model_name), unscored)
+        promotion.evaluate(_step_settings(mlflow_proxy.url, model_name), unscored, promote=True)
 
 
 @pytest.mark.parametrize("status", ["FAILED", "KILLED"])

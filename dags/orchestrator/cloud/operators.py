@@ -48,9 +48,11 @@ class InstanceLaunchSensor(BaseSensorOperator):
     @fail_without_retry()
     def poke(self, context: Context) -> PokeReturnValue:
         from orchestrator.cloud.tasks import launch
+        from orchestrator.config.resolve import settings_of
         from orchestrator.contracts_steps import LaunchPlan
 
         first_look = context["ti"].get_first_reschedule_date(context)
         waited_s = time.time() - first_look.timestamp() if first_look is not None else 0.0
-        launched = launch(self.config, LaunchPlan.from_xcom(self.plan), waited_s=waited_s)
+        plan = LaunchPlan.from_xcom(self.plan)
+        launched = launch(settings_of(self.config), plan, waited_s=waited_s)
         return PokeReturnValue(is_done=launched is not None, xcom_value=launched.to_xcom() if launched else None)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.config.resolve import settings_of
-from orchestrator.config.settings import Settings, load_settings
+from orchestrator.config.settings import Settings
 from orchestrator.contracts_steps import LaunchedInstance, LaunchPlan, RunningInstance
 from orchestrator.datasets.training_data import training_data
 from orchestrator.errors import ConfigError, fail_without_retry
@@ -21,7 +19,7 @@ log = logging.getLogger(__name__)
 TERMINATE_WAIT_S = 300
 
 
-def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: str) -> LaunchPlan:
+def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPlan:
     """Check everything a launch needs before anything is created: the instance types exist here, the AMI (aws.ami_id
     when a run repeats an image, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its
     root volume), the subnet, a security group admitting SSH, and the instance profile."""
@@ -36,7 +34,6 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     )
     from orchestrator.config.connections import aws_client
 
-    s = settings_of(config)
     # Fails here, before anything is launched, on missing or half-uploaded data; train reads it again as the job
     # starts (the identity the run records is the data's then).
     training_data(s)
@@ -78,7 +75,7 @@ def plan_launch(config: Mapping[str, Any], git_sha: str, dag_id: str, run_id: st
     )
 
 
-def launch(config: Mapping[str, Any], plan: LaunchPlan, waited_s: float) -> LaunchedInstance | None:
+def launch(s: Settings, plan: LaunchPlan, waited_s: float) -> LaunchedInstance | None:
     """Start the run's instance (or adopt the one a previous try started) with a fresh pinned host key; None while
     the deployment is at aws.max_instances (look again later: nothing sleeps here).
 
@@ -89,7 +86,6 @@ def launch(config: Mapping[str, Any], plan: LaunchPlan, waited_s: float) -> Laun
     from orchestrator.cloud.ec2 import adopt_run_instance, instance_slot_free
     from orchestrator.config.connections import aws_client
 
-    s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     launched = adopt_run_instance(ec2, s.aws.project_tag, s.aws.deployment, plan.dag_id, plan.run_id, plan.git_sha)
     if launched is None:
@@ -169,19 +165,18 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
     return launched
 
 
-def instance_gone(config: Mapping[str, Any], instance_id: str) -> str | None:
+def instance_gone(s: Settings, instance_id: str) -> str | None:
     """Why the run's instance can no longer answer (its state and EC2's reason, explained), or None while it may:
     asked when SSH fails, so an instance ended while nobody watched is reported as ended, not as an SSH error."""
     from orchestrator.cloud.ec2_describe import describe_instance, instance_gone_message
     from orchestrator.config.connections import aws_client
 
-    s = settings_of(config)
     return instance_gone_message(
         instance_id, describe_instance(aws_client("ec2", s.aws.conn_id, s.aws.region), instance_id)
     )
 
 
-def wait_running(config: Mapping[str, Any], launched: LaunchedInstance) -> RunningInstance:
+def wait_running(s: Settings, launched: LaunchedInstance) -> RunningInstance:
     """The instance runs and has its address (launch returns it running, so this is one look, bounded anyway).
 
     The ready wait's deadline (aws.launch_timeout_minutes + instance.ready_timeout_minutes) counts from the
@@ -191,7 +186,6 @@ def wait_running(config: Mapping[str, Any], launched: LaunchedInstance) -> Runni
     from orchestrator.cloud.ec2_describe import describe_instance
     from orchestrator.config.connections import aws_client
 
-    s = settings_of(config)
     started = time.time()
     # Named here, not terminal: launch retries an instance that was lost or slow to run (InstanceLostError too).
     with fail_without_retry(InstanceNotReadyError):
@@ -224,7 +218,7 @@ def wait_running(config: Mapping[str, Any], launched: LaunchedInstance) -> Runni
     )
 
 
-def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids: list[str]) -> dict[str, str]:
+def terminate(s: Settings, dag_id: str, run_id: str, instance_ids: list[str]) -> dict[str, str]:
     """Terminate the run's instances by id and by tag; harmless to repeat; returns each one's final state."""
     from botocore.exceptions import WaiterError
 
@@ -232,7 +226,6 @@ def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids:
     from orchestrator.cloud.ec2_describe import describe_instance
     from orchestrator.config.connections import aws_client
 
-    s = settings_of(config)
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     asked = terminate_run(ec2, s.aws.project_tag, s.aws.deployment, dag_id, run_id, instance_ids=tuple(instance_ids))
     if asked:
@@ -253,12 +246,11 @@ def terminate(config: Mapping[str, Any], dag_id: str, run_id: str, instance_ids:
     return states
 
 
-def reap_expired(config: Mapping[str, Any] | None = None) -> list[str]:
+def reap_expired(s: Settings) -> list[str]:
     """Terminate every instance of this deployment (aws.deployment) that outlived its expires_at tag."""
     from orchestrator.cloud.ec2 import terminate_expired
     from orchestrator.config.connections import aws_client
 
-    s = settings_of(config) if config else load_settings()
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
     reaped = terminate_expired(ec2, s.aws.project_tag, s.aws.deployment, time.time())
     for instance_id in reaped:

@@ -6,6 +6,7 @@ the triggerer (instance.triggers) unless training.deferrable is false.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from orchestrator.errors import fail_without_retry
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.sdk.types import TaskInstanceKey
+
+    from orchestrator.config.settings import Settings
 
 
 class MlflowRunLink(BaseOperatorLink):
@@ -47,19 +50,25 @@ class InstanceReadyOperator(BaseOperator):
         self.config = config
         self.launched = launched
 
+    @functools.cached_property
+    def _settings(self) -> Settings:
+        """This task's settings, built once from its rendered config (the run's resolved configuration)."""
+        from orchestrator.config.resolve import settings_of
+
+        return settings_of(self.config)
+
     @fail_without_retry()
     def execute(self, context: Context) -> dict[str, Any]:
         from orchestrator.cloud.tasks import wait_running
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.ready import wait_ready_in_worker
         from orchestrator.instance.triggers import BootstrapTrigger
 
-        s = settings_of(self.config)
+        s = self._settings
         launched = LaunchedInstance.from_xcom(self.launched)
-        running = wait_running(self.config, launched)
+        running = wait_running(s, launched)
         if not s.training.deferrable:
             try:
-                return wait_ready_in_worker(self.config, launched, running).to_xcom()
+                return wait_ready_in_worker(s, launched, running).to_xcom()
             except AirflowFailException as exc:
                 raise AirflowFailException(self._failure(launched, running, str(exc))) from None
         # For execute_complete, on whichever worker resumes the task.
@@ -86,12 +95,12 @@ class InstanceReadyOperator(BaseOperator):
         from orchestrator.cloud.tasks import instance_gone
         from orchestrator.instance.postmortem import for_run, log_to_task_log
 
-        gone = instance_gone(self.config, launched.instance_id)
+        gone = instance_gone(self._settings, launched.instance_id)
         if gone:
             return f"{gone}. It ended before it was ready; trigger the run again."
         if not running or "does not match the pinned key" in message:
             return message
-        bundle = for_run(self.config, running.address, launched.host_public_key)
+        bundle = for_run(self._settings, running.address, launched.host_public_key)
         log_to_task_log(bundle, self.log)
         return message + (" The instance's logs are above, prefixed 'postmortem |'." if bundle else "")
 
@@ -106,10 +115,11 @@ class InstanceReadyOperator(BaseOperator):
             # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
             running = RunningInstance.from_xcom(pushed) if pushed else None
             raise AirflowFailException(self._failure(launched, running, message))
+        running = RunningInstance.from_xcom(pushed)
         return ready_result(
-            self.config,
+            self._settings,
             launched,
-            RunningInstance.from_xcom(pushed),
+            running,
             float(event["seconds_to_ssh"]),
             float(event["seconds_to_ready"]),
             event.get("bootstrap_phases_s") or {},

@@ -22,6 +22,7 @@ from orchestrator.redaction import scrub
 if TYPE_CHECKING:
     import paramiko
 
+    from orchestrator.config.settings import Settings
     from orchestrator.instance.ssh import SshTarget
 
 log = logging.getLogger(__name__)
@@ -164,16 +165,15 @@ def airflow_redact(text: str) -> str:
 
 
 def for_run(
-    config: Mapping[str, Any], address: str, host_public_key: str, job_log: str | None = None, *, small: bool = False
+    s: Settings, address: str, host_public_key: str, job_log: str | None = None, *, small: bool = False
 ) -> dict[str, str]:
     """The bundle of this run's instance (the job's log among it when a job ran; `small`: a success's few parts,
     tighter bounds); empty, logged, on any error."""
     try:
-        from orchestrator.config.resolve import settings_of
         from orchestrator.instance.ready import ssh_target
 
-        target = ssh_target(config, address, host_public_key)
-        parts = bundle_parts(settings_of(config).instance.state_dir, job_log)
+        target = ssh_target(s, address, host_public_key)
+        parts = bundle_parts(s.instance.state_dir, job_log)
         if small:
             parts = tuple(p for p in parts if p.name in SMALL_PARTS)
             return collect(

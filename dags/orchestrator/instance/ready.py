@@ -5,20 +5,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.config.resolve import settings_of
 from orchestrator.contracts_steps import LaunchedInstance, ReadyInstance, RunningInstance
 from orchestrator.errors import fail_without_retry
+
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def ssh_target(config: Mapping[str, Any], address: str, host_public_key: str) -> Any:
+def ssh_target(s: Settings, address: str, host_public_key: str) -> Any:
     from orchestrator.config.connections import ssh_private_key
     from orchestrator.instance.ssh import SshTarget
 
-    s = settings_of(config)
     return SshTarget(
         host=address,
         port=s.instance.ssh_port,
@@ -29,7 +30,7 @@ def ssh_target(config: Mapping[str, Any], address: str, host_public_key: str) ->
 
 
 def ready_result(
-    config: Mapping[str, Any],
+    s: Settings,
     launched: LaunchedInstance,
     running: RunningInstance,
     ssh_s: float,
@@ -44,7 +45,7 @@ def ready_result(
         instance_type=running.instance_type,
         market=running.market,
         address=running.address,
-        port=settings_of(config).instance.ssh_port,
+        port=s.instance.ssh_port,
         host_public_key=launched.host_public_key,
         seconds_to_running=running.seconds_to_running,
         seconds_to_ssh=round(ssh_s, 1),
@@ -53,16 +54,13 @@ def ready_result(
     )
 
 
-def wait_ready_in_worker(
-    config: Mapping[str, Any], launched: LaunchedInstance, running: RunningInstance
-) -> ReadyInstance:
+def wait_ready_in_worker(s: Settings, launched: LaunchedInstance, running: RunningInstance) -> ReadyInstance:
     """Bounded, in this worker (training.deferrable = false): SSH answers with the pinned host key, and the
     bootstrap succeeded. The deferrable path does the same in the triggerer (instance.triggers)."""
     from orchestrator.instance.ssh import HostKeyMismatchError, wait_for_bootstrap, wait_for_ssh
 
-    s = settings_of(config)
     started, deadline = running.started_at, running.deadline
-    target = ssh_target(config, running.address, launched.host_public_key)
+    target = ssh_target(s, running.address, launched.host_public_key)
     # A late or failed SSH or bootstrap is terminal; another host key is named here, not terminal: train retries it.
     with fail_without_retry(HostKeyMismatchError):
         wait_for_ssh(target, timeout_s=max(1.0, deadline - time.time()), poll_s=s.instance.poll_seconds)
@@ -75,4 +73,4 @@ def wait_ready_in_worker(
             poll_s=s.instance.poll_seconds,
             on_log=lambda line: log.info("bootstrap | %s", line),
         )
-    return ready_result(config, launched, running, ssh_s, time.time() - started, bootstrap.phases_s)
+    return ready_result(s, launched, running, ssh_s, time.time() - started, bootstrap.phases_s)

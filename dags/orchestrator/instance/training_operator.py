@@ -67,7 +67,7 @@ class RemoteTrainingOperator(BaseOperator):
         from orchestrator.instance.ssh import connect
 
         s = self._settings
-        target = ssh_target(self.config, self._ready.address, self._ready.host_public_key)
+        target = ssh_target(s, self._ready.address, self._ready.host_public_key)
         key = job_key(self.dag_id, context["run_id"])
         return RemoteJob(
             lambda: connect(target, timeout_s=30),
@@ -81,7 +81,7 @@ class RemoteTrainingOperator(BaseOperator):
         EC2 at once and fail naming why it went, with the MLflow run ended FAILED (no bundle: nothing to read)."""
         from orchestrator.cloud.tasks import instance_gone
 
-        gone = instance_gone(self.config, self._ready.instance_id)
+        gone = instance_gone(self._settings, self._ready.instance_id)
         if gone:
             self._end_mlflow_run()
             raise AirflowFailException(
@@ -386,7 +386,7 @@ class RemoteTrainingOperator(BaseOperator):
     def _bundle(self, job_log: str, *, small: bool = False) -> dict[str, str]:
         from orchestrator.instance.postmortem import for_run
 
-        return for_run(self.config, self._ready.address, self._ready.host_public_key, job_log, small=small)
+        return for_run(self._settings, self._ready.address, self._ready.host_public_key, job_log, small=small)
 
     def _attach(self, mlflow_run_id: str | None, bundle: dict[str, str]) -> str:
         from orchestrator.config.connections import mlflow_credentials

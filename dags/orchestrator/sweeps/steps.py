@@ -1,4 +1,4 @@
-"""The body of each step of the sweep DAG: plain functions over the sweep's config, called by thin Airflow tasks.
+"""The body of each step of the sweep DAG: plain functions over the sweep's settings, called by thin Airflow tasks.
 
 Every set runs as a whole ec2_training DAG run (CI gate, launch pool and instance cap, its own instance, host key and
 job, teardown), nested in MLflow under the sweep's parent run and told not to promote; the sweep gates its best set.
@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from orchestrator.config.resolve import resolve_config, settings_of
+from orchestrator.config.resolve import resolve_config
 from orchestrator.config.run_params import BY_NAME
 from orchestrator.config.settings import Settings, load_settings
 from orchestrator.errors import fail_without_retry
@@ -37,13 +37,12 @@ def resolve_sweep(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def start_sweep(
-    config: Mapping[str, Any], sets: Sequence[Mapping[str, Any]], git_sha: str, dag_id: str, run_id: str
+    s: Settings, sets: Sequence[Mapping[str, Any]], git_sha: str, dag_id: str, run_id: str
 ) -> list[dict[str, Any]]:
     """Create the parent MLflow run, then one trigger per set: its ec2_training run id, conf (which names the
     parent run) and note."""
     from orchestrator.sweeps.parent_run import start_parent_run
 
-    s = settings_of(config)
     with _mlflow_login(s):
         parent = start_parent_run(s, git_sha, dag_id, run_id, sets)
     log.info("MLflow run %s is the sweep's parent; %d sets of commit %s", parent, len(sets), git_sha)
@@ -63,7 +62,7 @@ def parent_run_of(children: Sequence[Mapping[str, Any]]) -> str:
 
 
 def outcomes(
-    config: Mapping[str, Any],
+    s: Settings,
     children: Sequence[Mapping[str, Any]],
     state_of: Callable[[str], str],
     *,
@@ -72,7 +71,6 @@ def outcomes(
     """Each set's DAG run state, and (with_metrics) its MLflow run and gating metric."""
     from orchestrator.sweeps.parent_run import child_runs
 
-    s = settings_of(config)
     runs = {}
     if with_metrics:
         with _mlflow_login(s):
@@ -96,15 +94,12 @@ def outcomes(
     return found
 
 
-def gate_best(
-    config: Mapping[str, Any], children: Sequence[Mapping[str, Any]], state_of: Callable[[str], str]
-) -> dict[str, Any]:
+def gate_best(s: Settings, children: Sequence[Mapping[str, Any]], state_of: Callable[[str], str]) -> dict[str, Any]:
     """Run the champion gate on the best successful set only (the sets' own evaluate only logged a verdict)."""
     from orchestrator.sweeps.parent_run import BEST_RUN_TAG
     from orchestrator.tracking.promotion import evaluate_and_promote
 
-    s = settings_of(config)
-    sets = outcomes(config, children, state_of, with_metrics=True)
+    sets = outcomes(s, children, state_of, with_metrics=True)
     for outcome in sets:
         log.info(
             "%s: ec2_training run %s %s; MLflow run %s %s, %s = %s",
@@ -135,20 +130,20 @@ def gate_best(
 
 
 def summarize(
-    config: Mapping[str, Any] | None,
+    s: Settings | None,
     children: Sequence[Mapping[str, Any]] | None,
     gated: Mapping[str, Any] | None,
     state_of: Callable[[str], str],
 ) -> str:
-    """End the parent run with the sweep's verdict; fail, saying how many sets failed and which, unless all passed."""
+    """End the parent run with the sweep's verdict; fail, saying how many sets failed and which, unless all passed.
+    `s` and `children` are None when the step that gives them failed."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from orchestrator.sweeps.parent_run import VERDICT_TAG, end_parent_run
 
-    if not children or not config:
+    if not children or s is None:
         raise AirflowFailException("the sweep started no set: the task that failed before start_sweep says why")
-    s = settings_of(config)
-    ok, sentence = verdict(outcomes(config, children, state_of, with_metrics=True))
+    ok, sentence = verdict(outcomes(s, children, state_of, with_metrics=True))
     if gated is None:
         ok, sentence = False, f"{sentence}; the champion gate did not finish: its log says why"
     with _mlflow_login(s):

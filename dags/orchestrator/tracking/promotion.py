@@ -14,11 +14,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.config.resolve import settings_of
 from orchestrator.contracts import (
     ALIAS_MOVED_TAG,
     CONTENDER_TAG,
@@ -31,6 +30,9 @@ from orchestrator.contracts_steps import Evaluation
 from orchestrator.errors import fail_without_retry
 from orchestrator.tracking.pages import all_pages
 from orchestrator.tracking.runs import TrackingError, TrackingServerError, mlflow_call, server_error
+
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +407,7 @@ def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
                 os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
-def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> Evaluation:
+def evaluate(s: Settings, mlflow_run_id: str, *, promote: bool) -> Evaluation:
     """Gate the run's model; a run or champion that cannot be compared fails at once, any other MLflow error retries.
 
     A sweep's run (promote false) only logs the verdict: the sweep gates its best run (orchestrator.sweeps)."""
@@ -413,7 +415,6 @@ def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> Evaluation:
     from orchestrator.tracking.promotion import evaluate_and_promote
     from orchestrator.tracking.runs import credentials_in_env
 
-    s = settings_of(config)
     creds = mlflow_credentials(s.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password), fail_without_retry():
         return evaluate_and_promote(
@@ -423,5 +424,5 @@ def evaluate(config: Mapping[str, Any], mlflow_run_id: str) -> Evaluation:
             metric=s.mlflow.metric,
             threshold=s.mlflow.threshold,
             greater_is_better=s.mlflow.greater_is_better,
-            promote=config.get("promote", True),
+            promote=promote,
         )
