@@ -22,7 +22,7 @@ from embedded.services.datasets import upload_version
 from tests.support.fault_table import FaultTable
 from tests.support.faults import output
 from tests.support.leak_scan import planted_found
-from tests.support.pipeline import run_dag, task_states
+from tests.support.pipeline import run_dag, task_states, with_quick_retries
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def load_dag(dag_id: str) -> Any:
 
     bag = DagBag(dag_folder=os.path.join(os.environ["AIRFLOW__CORE__DAGS_FOLDER"], "ec2_retrain.py"))
     assert not bag.import_errors, bag.import_errors
-    return bag.get_dag(dag_id)
+    return with_quick_retries(bag.get_dag(dag_id))
 
 
 def training_runs() -> dict[str, dict[str, Any]]:

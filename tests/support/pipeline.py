@@ -11,6 +11,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
+from datetime import timedelta
 from secrets import token_hex
 from typing import Any
 
@@ -106,6 +107,20 @@ def ssh_traffic(monkeypatch: pytest.MonkeyPatch) -> SshTraffic:
     return traffic
 
 
+# `dag.test()` waits out each retry delay for real. These tests check which tries happen and what each does, not
+# Airflow's timing (the DAGs' delays are checked in tests/dags/test_dag_integrity.py): a second keeps every try.
+TEST_RETRY_DELAY = timedelta(seconds=1)
+
+
+def with_quick_retries(dag: Any) -> Any:
+    """`dag` with each task's retry delay (and its back-off's cap) cut to TEST_RETRY_DELAY; the tries stay."""
+    for task in dag.tasks:
+        task.retry_delay = TEST_RETRY_DELAY
+        if task.max_retry_delay:
+            task.max_retry_delay = TEST_RETRY_DELAY
+    return dag
+
+
 def run_dag(**conf: Any) -> Any:
     """One run of the training DAG in this process with `dag.test()`; its DagRun's state says whether it failed."""
     import os
@@ -115,7 +130,7 @@ def run_dag(**conf: Any) -> Any:
     bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     if "ec2_training" not in bag.dags:
         raise RuntimeError(f"DAG ec2_training did not load: {bag.import_errors}")
-    return bag.dags["ec2_training"].test(run_conf=conf)
+    return with_quick_retries(bag.dags["ec2_training"]).test(run_conf=conf)
 
 
 def task_states(dag_run: Any) -> dict[str, str]:
