@@ -167,20 +167,39 @@ def clear_task(airflow: LocalAirflow, run_id: str, task_id: str) -> None:
         pass
 
 
+CLEARED, MARKED_FAILED = "cleared_while_deferred__01", "marked_failed_while_deferred__01"
+
+
+@pytest.fixture(scope="module")
+def stopped_by_users(airflow: LocalAirflow, stack: EmbeddedStack, sha: str) -> dict[str, tuple[str, Path]]:
+    """Two runs at once, each stopped by a user once its train is deferred: one's train cleared, the other run
+    marked failed. Each fault acts on its own run's job; the two share the wait. Final state and job directory, by
+    run id."""
+    actions: dict[str, Callable[[], Any]] = {
+        CLEARED: lambda: clear_task(airflow, CLEARED, "train"),
+        MARKED_FAILED: lambda: airflow.mark_run(DAG_ID, MARKED_FAILED, "failed"),
+    }
+
+    def on_deferred(run_id: str) -> Callable[[Path], Any]:
+        return lambda job_dir: when_deferred(airflow, run_id, actions[run_id])
+
+    with contextlib.ExitStack() as faults:
+        hooks = {run_id: faults.enter_context(OnTraining(stack, on_deferred(run_id), run_id)) for run_id in actions}
+        for run_id in actions:
+            airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
+        states = airflow.wait_for_runs(DAG_ID, list(actions), timeout_s=600)
+    return {run_id: (states[run_id], hook.job_dir) for run_id, hook in hooks.items()}
+
+
 def test_deferred_training_cleared_kills_the_job(
-    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+    stopped_by_users: dict[str, tuple[str, Path]], airflow: LocalAirflow, stack: EmbeddedStack, fault_table: FaultTable
 ) -> None:
     """A user clears train while it is deferred: the triggerer calls the trigger's on_kill, which stops the job.
 
     (Clearing rather than marking failed keeps the order fixed: the instance stays up while the cleared task runs
     again, where a failed train would race its kill against the teardown's terminate.)"""
-    run_id = "cleared_while_deferred__01"
-    with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: clear_task(airflow, run_id, "train"))
-    ) as clearer:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
-    job_dir: Path = clearer.job_dir  # type: ignore[assignment]
+    run_id = CLEARED
+    state, job_dir = stopped_by_users[run_id]
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
 
@@ -209,9 +228,9 @@ def test_deferred_training_cleared_kills_the_job(
 
 
 def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
+    stopped_by_users: dict[str, tuple[str, Path]],
     airflow: LocalAirflow,
     stack: EmbeddedStack,
-    sha: str,
     planted_in_airflow: dict[str, str],
     fault_table: FaultTable,
 ) -> None:
@@ -222,13 +241,8 @@ def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
     from orchestrator.contracts import MLFLOW_RUN_ID_KEY
     from tests.dags.test_training_dag import notifications_of
 
-    run_id = "marked_failed_while_deferred__01"
-    with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: airflow.mark_run(DAG_ID, run_id, "failed"))
-    ) as marker:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
-    job_dir: Path = marker.job_dir  # type: ignore[assignment]
+    run_id = MARKED_FAILED
+    state, job_dir = stopped_by_users[run_id]
     tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
     mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
     mlflow_status = MlflowClient(tracking_uri=stack.mlflow.url).get_run(mlflow_run_id).info.status

@@ -83,12 +83,16 @@ def output(capfd: Any, caplog: Any) -> str:
 
 
 class OnTraining:
-    """Runs `action(job_dir)` once, in a thread, as soon as a job started after this object logs its first epoch."""
+    """Runs `action(job_dir)` once, in a thread, as soon as a job started after this object logs its first epoch:
+    any job, or with `run_id` only that training run's (several runs at once each get their own fault)."""
 
-    def __init__(self, stack: EmbeddedStack, action: Callable[[Path], Any]) -> None:
+    def __init__(self, stack: EmbeddedStack, action: Callable[[Path], Any], run_id: str | None = None) -> None:
+        from orchestrator.instance.job_script import job_key
+
         self._stack = stack
         self._before = set(stack.job_dirs())
         self._action = action
+        self._only = job_key(DAG_ID, run_id) if run_id else None
         self.job_dir: Path | None = None
         self.result: Any = None
         self.error: BaseException | None = None
@@ -98,7 +102,9 @@ class OnTraining:
         deadline = time.monotonic() + JOB_WAIT_S
         while time.monotonic() < deadline:
             for log in (job / "output.log" for job in self._stack.job_dirs()):
-                if log.parent not in self._before and log.exists() and "epoch" in log.read_text(errors="replace"):
+                if log.parent in self._before or self._only not in (None, log.parent.name):
+                    continue
+                if log.exists() and "epoch" in log.read_text(errors="replace"):
                     self.job_dir = log.parent
                     try:
                         self.result = self._action(log.parent)
