@@ -18,6 +18,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,29 +92,20 @@ def kill_task_process(airflow: LocalAirflow, run_id: str, task_id: str) -> int:
 
 
 def test_task_process_killed_mid_training_the_retry_reattaches(
+    stopped_mid_training: StoppedRuns,
     airflow: LocalAirflow,
     stack: EmbeddedStack,
-    sha: str,
-    settings_file: Path,
     planted_in_airflow: dict[str, str],
-    processes: ProcessListSampler,
     fault_table: FaultTable,
 ) -> None:
     """training.deferrable = false: the worker follows the job, so there is a task process to kill mid-training."""
-    run_id = "killed_task__01"
-
-    def kill_train(job_dir: Path) -> int:
-        hold_job(job_dir)
-        return kill_task_process(airflow, run_id, "train")
-
-    with not_deferrable(settings_file), OnTraining(stack, kill_train) as killer:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
-        release_after_reattach(lambda: airflow.task_log(DAG_ID, run_id, "train"), killer)
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    run_id = KILLED
+    killer = stopped_mid_training.runs[run_id]
+    state = killer.state
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
     launched = airflow.xcom(DAG_ID, run_id, "launch")
-    job_dir: Path = killer.job_dir  # type: ignore[assignment]
+    job_dir = killer.job_dir
 
     assert state == "success", {task: ti["state"] for task, ti in tis.items()}
     assert tis["train"]["try_number"] == 2, "the kill must cost exactly one retry"
@@ -128,7 +120,7 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
     )["Reservations"]
     states = [i["State"]["Name"] for r in run_instances for i in r["Instances"]]
     assert states == ["terminated"]
-    leaks = scan(planted_in_airflow, stack, airflow, {run_id: launched["instance_id"]}, processes)
+    leaks = scan(planted_in_airflow, stack, airflow, {run_id: launched["instance_id"]}, stopped_mid_training.processes)
     assert leaks == {}
     fault_table.record(
         "Airflow task process SIGKILLed mid-training (real scheduler)",
@@ -142,12 +134,15 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
 # ---- a deferred training: marked failed by a user, or its triggerer restarted ----------------------------------
 
 
-def when_deferred(airflow: LocalAirflow, run_id: str, action: Callable[[], Any], timeout_s: float = 120) -> Any:
-    """Run `action` once the run's train task is deferred (its job trains, followed from the triggerer)."""
+def when_task(
+    airflow: LocalAirflow, run_id: str, task_id: str, state: str, action: Callable[[], Any], timeout_s: float = 120
+) -> Any:
+    """Run `action` once the run's task is in `state` (train "deferred": its job trains, followed from the
+    triggerer)."""
     deadline = time.monotonic() + timeout_s
-    while airflow.task_instances(DAG_ID, run_id)["train"]["state"] != "deferred":
+    while airflow.task_instances(DAG_ID, run_id).get(task_id, {}).get("state") != state:
         if time.monotonic() > deadline:
-            raise AssertionError(f"train of {run_id} did not defer within {timeout_s:.0f}s")
+            raise AssertionError(f"{task_id} of {run_id} was not {state} within {timeout_s:.0f}s")
         time.sleep(0.5)
     return action()
 
@@ -167,39 +162,66 @@ def clear_task(airflow: LocalAirflow, run_id: str, task_id: str) -> None:
         pass
 
 
+KILLED = "killed_task__01"
 CLEARED, MARKED_FAILED = "cleared_while_deferred__01", "marked_failed_while_deferred__01"
 
 
+@dataclass(frozen=True)
+class Stopped:
+    state: str
+    job_dir: Path
+    result: Any
+
+
+@dataclass(frozen=True)
+class StoppedRuns:
+    runs: dict[str, Stopped]
+    processes: ProcessListSampler
+
+
 @pytest.fixture(scope="module")
-def stopped_by_users(airflow: LocalAirflow, stack: EmbeddedStack, sha: str) -> dict[str, tuple[str, Path]]:
-    """Two runs at once, each stopped by a user once its train is deferred: one's train cleared, the other run
-    marked failed. Each fault acts on its own run's job; the two share the wait. Final state and job directory, by
-    run id."""
-    actions: dict[str, Callable[[], Any]] = {
+def stopped_mid_training(airflow: LocalAirflow, stack: EmbeddedStack, sha: str, settings_file: Path) -> StoppedRuns:
+    """Three runs at once, each stopped mid-training its own way, each fault on its own run's job; they share the
+    waits. KILLED streams its training in the worker (training.deferrable = false, read by its resolve_config), and
+    its task process is SIGKILLed while its job is held; CLEARED has train cleared by a user while deferred;
+    MARKED_FAILED is marked failed by a user while deferred. The process list is sampled throughout."""
+    deferred: dict[str, Callable[[], Any]] = {
         CLEARED: lambda: clear_task(airflow, CLEARED, "train"),
         MARKED_FAILED: lambda: airflow.mark_run(DAG_ID, MARKED_FAILED, "failed"),
     }
 
-    def on_deferred(run_id: str) -> Callable[[Path], Any]:
-        return lambda job_dir: when_deferred(airflow, run_id, actions[run_id])
+    def kill_train(job_dir: Path) -> int:
+        hold_job(job_dir)
+        return kill_task_process(airflow, KILLED, "train")
 
-    with contextlib.ExitStack() as faults:
-        hooks = {run_id: faults.enter_context(OnTraining(stack, on_deferred(run_id), run_id)) for run_id in actions}
-        for run_id in actions:
+    def on_deferred(run_id: str) -> Callable[[Path], Any]:
+        return lambda job_dir: when_task(airflow, run_id, "train", "deferred", deferred[run_id])
+
+    with ProcessListSampler() as processes, contextlib.ExitStack() as faults:
+        hooks = {KILLED: faults.enter_context(OnTraining(stack, kill_train, KILLED))}
+        with not_deferrable(settings_file):
+            airflow.trigger(DAG_ID, KILLED, {"git_ref": sha, "epochs": 8})
+            when_task(airflow, KILLED, "resolve_config", "success", lambda: None)
+        for run_id in deferred:
+            hooks[run_id] = faults.enter_context(OnTraining(stack, on_deferred(run_id), run_id))
             airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        states = airflow.wait_for_runs(DAG_ID, list(actions), timeout_s=600)
-    return {run_id: (states[run_id], hook.job_dir) for run_id, hook in hooks.items()}
+        release_after_reattach(lambda: airflow.task_log(DAG_ID, KILLED, "train"), hooks[KILLED])
+        states = airflow.wait_for_runs(DAG_ID, list(hooks), timeout_s=900)
+    return StoppedRuns(
+        {run_id: Stopped(states[run_id], hook.job_dir, hook.result) for run_id, hook in hooks.items()},  # type: ignore[arg-type]
+        processes,
+    )
 
 
 def test_deferred_training_cleared_kills_the_job(
-    stopped_by_users: dict[str, tuple[str, Path]], airflow: LocalAirflow, stack: EmbeddedStack, fault_table: FaultTable
+    stopped_mid_training: StoppedRuns, airflow: LocalAirflow, stack: EmbeddedStack, fault_table: FaultTable
 ) -> None:
     """A user clears train while it is deferred: the triggerer calls the trigger's on_kill, which stops the job.
 
     (Clearing rather than marking failed keeps the order fixed: the instance stays up while the cleared task runs
     again, where a failed train would race its kill against the teardown's terminate.)"""
     run_id = CLEARED
-    state, job_dir = stopped_by_users[run_id]
+    state, job_dir = stopped_mid_training.runs[run_id].state, stopped_mid_training.runs[run_id].job_dir
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
 
@@ -228,7 +250,7 @@ def test_deferred_training_cleared_kills_the_job(
 
 
 def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
-    stopped_by_users: dict[str, tuple[str, Path]],
+    stopped_mid_training: StoppedRuns,
     airflow: LocalAirflow,
     stack: EmbeddedStack,
     planted_in_airflow: dict[str, str],
@@ -242,7 +264,7 @@ def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
     from tests.dags.test_training_dag import notifications_of
 
     run_id = MARKED_FAILED
-    state, job_dir = stopped_by_users[run_id]
+    state, job_dir = stopped_mid_training.runs[run_id].state, stopped_mid_training.runs[run_id].job_dir
     tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
     mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
     mlflow_status = MlflowClient(tracking_uri=stack.mlflow.url).get_run(mlflow_run_id).info.status
@@ -279,7 +301,8 @@ def test_triggerer_restart_mid_training_does_not_kill_the_job(
     run_id = "triggerer_restart__01"
     # The new triggerer stays the deployment's own: the module's later tests defer to it.
     with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: airflow.restart_component("triggerer"))
+        stack,
+        lambda job_dir: when_task(airflow, run_id, "train", "deferred", lambda: airflow.restart_component("triggerer")),
     ) as restart:
         airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 30})
         state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
@@ -327,7 +350,7 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
         return instance_id
 
     with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, power_off_while_the_triggerer_is_down)
+        stack, lambda job_dir: when_task(airflow, run_id, "train", "deferred", power_off_while_the_triggerer_is_down)
     ) as fault:
         airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
         state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
