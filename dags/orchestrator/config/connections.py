@@ -133,7 +133,8 @@ class AwsClients:
         self.region = region
         self._hook = AwsBaseHook(aws_conn_id=conn_id, region_name=region)
 
-    def client(self, service: str, *, total_attempts: int | None = None) -> Any:
+    def client(self, service: str, *, region: str | None = None, total_attempts: int | None = None) -> Any:
+        """The `service` client, in the step's region unless `region` says otherwise."""
         from botocore.config import Config
 
         hook = self._hook
@@ -141,7 +142,9 @@ class AwsClients:
         hook.client_type = service
         # merge: what the connection sets explicitly wins; a copy, since botocore rewrites the dict it is given.
         retries = dict(AWS_RETRIES, **({"total_max_attempts": total_attempts} if total_attempts else {}))
-        return hook.get_client_type(region_name=self.region, config=Config(retries=retries).merge(hook.config))
+        return hook.get_client_type(
+            region_name=region or self.region, config=Config(retries=retries).merge(hook.config)
+        )
 
 
 def aws_client(service: str, conn_id: str, region: str, total_attempts: int | None = None) -> Any:
