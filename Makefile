@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 GITHUB_PORT ?= 8070
-PORT_ARGS = --airflow-port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT) --github-port $(GITHUB_PORT)
+PROMETHEUS_PORT ?= 9090
+PORT_ARGS = --airflow-port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT) --github-port $(GITHUB_PORT) \
+	--prometheus-port $(PROMETHEUS_PORT)
 
 .PHONY: demo test lint unit ui up clean install system-deps smoke-aws
 .PHONY: smoke-github test-deploy mutation config-reference

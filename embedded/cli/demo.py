@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=REPO / ".state", help="where the deployment keeps its data")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--git-ref", default="", help="branch or full sha to train (default: the checkout's branch)")
-    parser.add_argument("--airflow-port", type=int, default=Ports.airflow)
-    parser.add_argument("--mlflow-port", type=int, default=Ports.mlflow)
-    parser.add_argument("--github-port", type=int, default=Ports.github)
+    Ports.add_arguments(parser)
     parser.add_argument("--timeout", type=float, default=900, help="seconds the DAG run may take")
     args = parser.parse_args(argv)
 
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     log_to_file(state_root / "demo.log")
     if uncommitted_changes():
         print("Note: uncommitted changes are not trained: the instance checks out the committed HEAD only.")
-    ports = Ports(airflow=args.airflow_port, mlflow=args.mlflow_port, github=args.github_port)
+    ports = Ports.from_arguments(args)
     print(f"Starting the embedded services and Airflow (state in {state_root}) ...", flush=True)
     started = time.monotonic()
     with LocalDeployment(state_root, ports=ports, knobs=TrainingKnobs(epochs=args.epochs)) as deployment:

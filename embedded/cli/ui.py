@@ -30,16 +30,14 @@ def banner(urls: dict[str, str], login: tuple[str, str], state_root: Path) -> st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", type=Path, default=REPO / ".state", help="where the deployment keeps its data")
-    parser.add_argument("--airflow-port", type=int, default=Ports.airflow)
-    parser.add_argument("--mlflow-port", type=int, default=Ports.mlflow)
-    parser.add_argument("--github-port", type=int, default=Ports.github)
+    Ports.add_arguments(parser)
     args = parser.parse_args(argv)
 
     state_root: Path = args.state_dir.resolve()
     log_to_file(state_root / "ui.log")
     # SIGTERM (a supervisor, `kill`) stops it as cleanly as Ctrl-C: both leave the with-block below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    ports = Ports(airflow=args.airflow_port, mlflow=args.mlflow_port, github=args.github_port)
+    ports = Ports.from_arguments(args)
     print(f"Starting the embedded services and Airflow (state in {state_root}) ...", flush=True)
     try:
         with LocalDeployment(state_root, ports=ports) as deployment:

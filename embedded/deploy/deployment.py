@@ -11,6 +11,7 @@ defaults (made for a busy shared scheduler) would add seconds between every two 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import secrets
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -59,17 +60,28 @@ class Ports:
     airflow: int = 8080
     mlflow: int = 5000
     github: int = 8070
+    prometheus: int = 9090
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(airflow=free_port(), mlflow=free_port(), github=free_port())
+        return cls(airflow=free_port(), mlflow=free_port(), github=free_port(), prometheus=free_port())
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """`--<name>-port` for each port, defaulting to the stable one: `make demo` and `make ui` take the same."""
+        for port in fields(cls):
+            parser.add_argument(f"--{port.name}-port", type=int, default=port.default)
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Ports:
+        return cls(**{port.name: getattr(args, f"{port.name}_port") for port in fields(cls)})
 
     def check_free(self, *, services: bool = True) -> None:
         """Fail before starting anything when a port is taken (another `make ui`, or an unrelated server); only
         Airflow's when `services` is False (they already run)."""
         ports = [("AIRFLOW_PORT", self.airflow)]
         if services:
-            ports += [("MLFLOW_PORT", self.mlflow), ("GITHUB_PORT", self.github)]
+            ports += [("MLFLOW_PORT", self.mlflow), ("GITHUB_PORT", self.github), ("PROMETHEUS_PORT", self.prometheus)]
         for name, port in ports:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 # As the servers bind: connections of a previous run lingering in TIME_WAIT do not hold the port.
@@ -155,6 +167,7 @@ class LocalDeployment(Managed):
             knobs=knobs,
             mlflow_port=ports.mlflow,
             github_port=ports.github,
+            prometheus_port=ports.prometheus,
         )
         self.parallelism = parallelism
         self._airflow: LocalAirflow | None = None

@@ -84,8 +84,9 @@ def _client_key() -> tuple[str, str]:
 
 
 class EmbeddedStack(Managed):
-    """`mlflow_port` and `github_port` fix the two services a browser opens (links must outlive a restart); None
-    picks free ports, as the tests do. One stack per process: moto keeps one state per process (LocalCloud)."""
+    """`mlflow_port`, `github_port` and `prometheus_port` fix the services a browser opens (links and the URLs
+    printed must outlive a restart); None picks free ports, as the tests do. One stack per process: moto keeps one
+    state per process (LocalCloud)."""
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class EmbeddedStack(Managed):
         knobs: TrainingKnobs | None = None,
         mlflow_port: int | None = None,
         github_port: int | None = None,
+        prometheus_port: int | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.repo_dir = repo_dir.resolve()
@@ -122,7 +124,7 @@ class EmbeddedStack(Managed):
         self.github = GitHubStandIn(self.repo_dir, repo=GITHUB_REPO, token=self.github_token, port=github_port or 0)
         self.github_url = ""
         self.pushgateway = Pushgateway(self.workdir / "pushgateway")
-        self.prometheus = Prometheus(self.workdir / "prometheus", [self.pushgateway.address])
+        self.prometheus = Prometheus(self.workdir / "prometheus", [self.pushgateway.address], port=prometheus_port)
         notifications = self.workdir / "notifications"
         self.smtp = LocalSmtpServer(notifications)
         self.slack = SlackWebhookStandIn(notifications / "slack")

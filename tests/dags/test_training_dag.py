@@ -31,7 +31,7 @@ from tests.support.leak_scan import (
     planted_found,
     run_job_paths,
 )
-from tests.support.monitoring import assert_run_in_prometheus
+from tests.support.monitoring import assert_run_in_prometheus, runs_without_an_instance
 from tests.support.pipeline import (
     ProcessListSampler,
     assert_all_terminated,
@@ -231,6 +231,7 @@ def assert_reported_success(
 
 
 def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) -> None:
+    failed_before = runs_without_an_instance(env.pushgateway.url, DEPLOYMENT).get("failed", 0.0)
     env.github.set_runs(sha, [{"name": "CI", "status": "completed", "conclusion": "failure"}])
     try:
         dag_run = run_dag(git_ref=sha)
@@ -247,6 +248,8 @@ def test_red_ci_fails_before_anything_is_launched(env: EmbeddedStack, sha: str) 
     mail, post = notifications_of(env, dag_run.run_id, {})
     assert "ec2_training FAILED at ci_gate" in mail and "Cost:        none (no instance was launched)" in mail
     assert f"CI run: {env.github_url}/local/ec2-trainer/commit/{sha}/checks" in mail and "|CI run>" in post
+    # And counts it in the run metrics, in the group of runs that got no instance.
+    assert runs_without_an_instance(env.pushgateway.url, DEPLOYMENT)["failed"] == failed_before + 1
 
 
 def test_unknown_branch_fails_at_the_gate(env: EmbeddedStack) -> None:

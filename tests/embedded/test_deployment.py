@@ -5,7 +5,11 @@ The deployment itself (services plus a real Airflow) is exercised by tests/ui/te
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import re
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -15,7 +19,9 @@ import pytest
 from embedded.deploy.deployment import (
     ADMIN_USER,
     EMBEDDED_AIRFLOW_SETTINGS,
+    REPO,
     DeploymentError,
+    LocalDeployment,
     Ports,
     admin_password,
     airflow_environment,
@@ -67,3 +73,35 @@ def test_a_taken_port_is_refused_with_the_variable_to_change() -> None:
         with pytest.raises(DeploymentError, match=rf"port {port} on 127\.0\.0\.1 is taken.*MLFLOW_PORT={port + 1}"):
             Ports(airflow=free.airflow, mlflow=port, github=free.github).check_free()
     Ports.free().check_free()
+
+
+def test_demo_and_ui_serve_every_ui_on_the_same_stable_ports(tmp_path: Path) -> None:
+    """The Makefile gives both commands every port, Prometheus's too: a URL the demo prints still opens under
+    `make ui` (before, Prometheus took a free port at each start)."""
+    makefile = (REPO / "Makefile").read_text()
+    defaults = dict(re.findall(r"^([A-Z]+_PORT) \?= (\d+)$", makefile, re.MULTILINE))
+    port_args = re.search(r"^PORT_ARGS = ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert port_args is not None
+    argv = re.sub(r"\$\((\w+)\)", lambda var: defaults[var[1]], port_args[1].replace("\\\n", " ")).split()
+    parser = argparse.ArgumentParser()
+    Ports.add_arguments(parser)
+    assert Ports.from_arguments(parser.parse_args(argv)) == Ports()
+    assert {f"{port.name.upper()}_PORT" for port in dataclasses.fields(Ports)} == set(defaults)
+    assert re.search(r"^demo:.*\n.*embedded\.cli\.demo .*\$\(PORT_ARGS\)$", makefile, re.MULTILINE)
+    assert re.search(r"^ui up:.*\n.*embedded\.cli\.ui .*\$\(PORT_ARGS\)$", makefile, re.MULTILINE)
+
+    port = Ports.free().prometheus
+    deployment = LocalDeployment(tmp_path, ports=dataclasses.replace(Ports.free(), prometheus=port))
+    try:
+        assert deployment.stack.prometheus.url == f"http://127.0.0.1:{port}"
+    finally:
+        shutil.rmtree(deployment.stack.instance_area)
+
+
+def test_a_taken_prometheus_port_is_refused_too() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DeploymentError, match=rf"port {port} .* is taken.*PROMETHEUS_PORT={port + 1}"):
+            dataclasses.replace(Ports.free(), prometheus=port).check_free()

@@ -34,13 +34,13 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
     from orchestrator.config import connections
     from orchestrator.observe.pricing import instance_price
 
-    made = connections.aws_client
+    made = connections.AwsClients.client
     denied = {"Code": "AccessDeniedException", "Message": "User is not authorized to perform: pricing:GetProducts"}
     throttled = {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}
     requests: list[str] = []
 
-    def refusing(service: str, conn_id: str, region: str, **kwargs: Any) -> Any:
-        client = made(service, conn_id, region, **kwargs)
+    def refusing(self: connections.AwsClients, service: str, **kwargs: Any) -> Any:
+        client = made(self, service, **kwargs)
 
         def answer(error: dict[str, str], status: int) -> Any:
             def handler(model: Any, **kwargs: Any) -> Any:
@@ -53,9 +53,10 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
         client.meta.events.register("before-call.ec2.DescribeSpotPriceHistory", answer(throttled, 503))
         return client
 
-    monkeypatch.setattr(connections, "aws_client", refusing)
-    on_demand = instance_price("aws_default", "us-east-1", "g6.xlarge", "on-demand", None, time.time())
-    spot = instance_price("aws_default", "us-east-1", "g5.xlarge", "spot", "us-east-1a", time.time())
+    monkeypatch.setattr(connections.AwsClients, "client", refusing)
+    aws = connections.AwsClients("aws_default", "us-east-1")
+    on_demand = instance_price(aws, "us-east-1", "g6.xlarge", "on-demand", None, time.time())
+    spot = instance_price(aws, "us-east-1", "g5.xlarge", "spot", "us-east-1a", time.time())
     assert (on_demand.source, on_demand.usd_per_hour) == ("fallback-table", 0.8048)
     assert "AccessDeniedException: User is not authorized" in on_demand.detail
     assert (spot.source, spot.usd_per_hour) == ("fallback-table", 1.006)

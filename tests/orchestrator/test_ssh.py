@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -121,6 +122,20 @@ def test_bootstrap_ok_streams_the_log(ssh_target: SshTarget, remote_state_dir: P
     assert result.log_tail == "step 1\nstep 2"
     assert result.elapsed_s >= 0.4
     assert result.phases_s == {"user": 0.0, "gpu": 2.0, "packages": 31.0}
+
+
+def test_the_polls_sftp_sessions_leave_no_info_lines_in_the_log(
+    ssh_target: SshTarget, remote_state_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each poll opens an SFTP session, which paramiko announced at INFO twice: wait_ready's log held 16 such
+    "[chan N] Opened sftp connection" / "sftp session closed" lines."""
+    (remote_state_dir / "bootstrap.log").write_text("step 1\n")
+    timer = _write_later(remote_state_dir / "bootstrap.status", "ok\n", 0.5)
+    with caplog.at_level(logging.INFO):
+        wait_for_bootstrap(ssh_target, str(remote_state_dir), timeout_s=10, poll_s=0.1)
+    timer.join()
+    assert [r.getMessage() for r in caplog.records if "[chan" in r.getMessage()] == []
+    assert logging.getLogger("paramiko.transport.sftp").isEnabledFor(logging.WARNING)
 
 
 def test_bootstrap_phases_written_by_the_instance_are_not_trusted() -> None:

@@ -190,6 +190,7 @@ def each_step(monkeypatch: pytest.MonkeyPatch, error: Exception) -> dict[str, Ca
         yield
 
     monkeypatch.setattr(connections, "aws_client", lambda *_: object())
+    monkeypatch.setattr(connections, "AwsClients", lambda *_: SimpleNamespace(client=lambda *_: object()))
     monkeypatch.setattr(connections, "mlflow_credentials", lambda *_: SimpleNamespace(username="", password=""))
     monkeypatch.setattr(runs, "credentials_in_env", no_credentials)
     monkeypatch.setattr(ec2, "adopt_run_instance", lambda *_: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -171,6 +172,24 @@ def test_champion_lifecycle(tracking_uri: str, model_name: str) -> None:
     result = evaluate(tracking_uri, better, model_name)
     assert (result.promoted, result.model_version, result.champion_value) == (True, "2", 0.92)
     assert champion(tracking_uri, model_name) == ("2", better)
+
+
+def test_mlflow_s_registration_messages_are_info_records_not_stderr(
+    tracking_uri: str, model_name: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Airflow task log marks every stderr line as an ERROR: MLflow's success messages, which it prints there,
+    showed in evaluate's log as red errors. They are INFO records now, and nothing of MLflow's reaches stderr."""
+    run_id = finished_run({METRIC: 0.95})
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        evaluate(tracking_uri, run_id, model_name)
+    assert "model" not in capsys.readouterr().err
+    levels = {record.getMessage(): record.levelno for record in caplog.records}
+    assert levels[f"MLflow: Successfully registered model '{model_name}'."] == logging.INFO
+    assert levels[f"MLflow: Created version '1' of model '{model_name}'."] == logging.INFO
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # MLflow's loggers' records reach the log's handlers at their level (it waits for the version at INFO).
+    assert any(r.name.startswith("mlflow.") and r.levelno == logging.INFO for r in caplog.records)
 
 
 def test_the_registered_version_says_where_it_comes_from_and_why(tracking_uri: str, model_name: str) -> None:

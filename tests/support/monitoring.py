@@ -15,7 +15,7 @@ import pytest
 
 from embedded.services.prometheus import Prometheus, Pushgateway
 from orchestrator.config.settings import Settings, load_settings
-from orchestrator.observe.metrics import PREFIX, grouping_key
+from orchestrator.observe.metrics import NONE, PREFIX, grouping_key, totals_of
 from orchestrator.observe.report import Cost, RunReport
 
 RUN_ID = "manual__2026-11-26T20:00:00+00:00"
@@ -129,6 +129,12 @@ def use_connection(monkeypatch: pytest.MonkeyPatch, password: str) -> None:
 def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
         return json.load(resp)
+
+
+def runs_without_an_instance(gateway_url: str, deployment: str, job: str = "ec2_trainer") -> dict[str, float]:
+    """The runs by outcome the gateway counts in the deployment's group of runs that got no instance."""
+    key = {"deployment": deployment, "instance_type": NONE, "market": NONE}
+    return dict(totals_of(get_json(f"{gateway_url}/api/v1/metrics"), job, key).runs)
 
 
 def query(prom: Prometheus, expr: str) -> list[dict[str, Any]]:

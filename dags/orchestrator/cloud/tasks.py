@@ -32,12 +32,13 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
         read_image_root,
         root_volume_gb,
     )
-    from orchestrator.config.connections import aws_client
+    from orchestrator.config.connections import AwsClients
 
+    aws = AwsClients(s.aws.conn_id, s.aws.region)
     # Fails here, before anything is launched, on missing or half-uploaded data; train reads it again as the job
     # starts (the identity the run records is the data's then).
-    training_data(s)
-    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    training_data(s, aws)
+    ec2 = aws.client("ec2")
     with fail_without_retry():
         unoffered = unoffered_instance_types(ec2, s.aws.instance_types)
         if unoffered:
@@ -46,13 +47,13 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
                 "(e.g. g6.xlarge) or choose types this region has"
             )
         source = "aws.ami_id" if s.aws.ami_id else "aws.ami_ssm_parameter"
-        ami_id = s.aws.ami_id or resolve_ami(aws_client("ssm", s.aws.conn_id, s.aws.region), s.aws.ami_ssm_parameter)
+        ami_id = s.aws.ami_id or resolve_ami(aws.client("ssm"), s.aws.ami_ssm_parameter)
         root = read_image_root(ec2, ami_id, source)
         check_architecture(ec2, ami_id, root, s.aws.instance_types, source)
         volume_gb = root_volume_gb(s.aws.root_volume_gb, root)
         network = check_network(ec2, s.aws.subnet_id, s.aws.security_group_ids, s.instance.ssh_port)
         if s.aws.instance_profile:
-            check_instance_profile(aws_client("iam", s.aws.conn_id, s.aws.region), s.aws.instance_profile)
+            check_instance_profile(aws.client("iam"), s.aws.instance_profile)
     log.info(
         "AMI %s (from %s), root %s of %s GB (snapshot %s GB); subnet %s in %s (maps public IPs: %s)",
         ami_id,

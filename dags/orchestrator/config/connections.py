@@ -120,14 +120,33 @@ async def amlflow_credentials(conn_id: str) -> MlflowCredentials:
 AWS_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 
 
-def aws_client(service: str, conn_id: str, region: str, total_attempts: int | None = None) -> Any:
-    """A boto3 client from the Amazon provider's hook: credentials, role, endpoint_url and botocore config come from
-    the connection; retries are AWS_RETRIES (with `total_attempts` HTTP attempts per call, when given) unless its
+class AwsClients:
+    """boto3 clients of one connection for one step, all from one Amazon provider hook: the connection is read and
+    its credentials resolved once (the provider logs where it found them, once per hook: a step that built a hook per
+    service logged that line once per client). Credentials, role, endpoint_url and botocore config come from the
+    connection; retries are AWS_RETRIES (with `total_attempts` HTTP attempts per call, when given) unless its
     config_kwargs say otherwise."""
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-    from botocore.config import Config
 
-    hook = AwsBaseHook(aws_conn_id=conn_id, region_name=region, client_type=service)
-    # merge: what the connection sets explicitly wins; a copy, since botocore rewrites the dict it is given.
-    retries = dict(AWS_RETRIES, **({"total_max_attempts": total_attempts} if total_attempts else {}))
-    return hook.get_client_type(region_name=region, config=Config(retries=retries).merge(hook.config))
+    def __init__(self, conn_id: str, region: str) -> None:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        self.region = region
+        self._hook = AwsBaseHook(aws_conn_id=conn_id, region_name=region)
+
+    def client(self, service: str, *, region: str | None = None, total_attempts: int | None = None) -> Any:
+        """The `service` client, in the step's region unless `region` says otherwise."""
+        from botocore.config import Config
+
+        hook = self._hook
+        # The hook builds clients of its client_type (endpoint, user agent, verify): one hook, so one type at a time.
+        hook.client_type = service
+        # merge: what the connection sets explicitly wins; a copy, since botocore rewrites the dict it is given.
+        retries = dict(AWS_RETRIES, **({"total_max_attempts": total_attempts} if total_attempts else {}))
+        return hook.get_client_type(
+            region_name=region or self.region, config=Config(retries=retries).merge(hook.config)
+        )
+
+
+def aws_client(service: str, conn_id: str, region: str, total_attempts: int | None = None) -> Any:
+    """One client of `conn_id` (AwsClients' for a step that calls a single service)."""
+    return AwsClients(conn_id, region).client(service, total_attempts=total_attempts)

@@ -38,6 +38,10 @@ LOG_TAIL_LINES = 40
 # Only the end of a log is read for a tail, so a huge log costs one bounded read.
 TAIL_READ_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 1024 * 1024
+# paramiko logs each SFTP session's start and end at INFO ("[chan 0] Opened sftp connection (server version 3)",
+# "[chan 0] sftp session closed."): every poll of a wait opens one, and the wait's task log was full of them. Its
+# warnings and errors still show.
+SFTP_LOGGER = "paramiko.transport.sftp"
 
 
 class WaitLog(Protocol):
@@ -159,6 +163,7 @@ def connect(target: SshTarget, *, timeout_s: float = 30.0) -> paramiko.SSHClient
     """
     import paramiko
 
+    logging.getLogger(SFTP_LOGGER).setLevel(logging.WARNING)
     expected = parse_public_key(target.host_public_key)
     client = paramiko.SSHClient()
     # Only the pinned key is known; RejectPolicy refuses any host without it.

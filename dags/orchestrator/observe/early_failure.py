@@ -1,9 +1,11 @@
 """A failure no run report will announce: a step that fails before the launch's setup has succeeded.
 
-The `report` teardown sends the run's notifications, but a teardown runs only once its setup (`plan_launch`)
-succeeded: a red CI, a bad configuration or a failed preflight leave no report. `announce_early_failure`, an
-on_failure_callback of every task (the DAG's default_args), sends those runs' failure notice from the failing task
-itself, with what is known that early (no instance, no cost); for any later step it does nothing, the report will.
+The `report` teardown sends the run's notifications and pushes its metrics, but a teardown runs only once its
+setup (`plan_launch`) succeeded: a red CI, a bad configuration or a failed preflight leave no report.
+`announce_early_failure`, an on_failure_callback of every task (the DAG's default_args), sends those runs' failure
+notice and pushes their metrics (a failed run in the Pushgateway's `none` group: no instance type, no market) from the
+failing task itself, with what is known that early (no instance, no cost); for any later step it does nothing, the
+report will.
 """
 
 from __future__ import annotations
@@ -81,13 +83,20 @@ def _settings_for(ti: Any) -> Any:
 
 
 def announce_early_failure(context: Any) -> None:
-    """on_failure_callback: the failure notice of a run that will have no report. Never raises."""
+    """on_failure_callback: the failure notice and the metrics of a run that will have no report. Never raises."""
+    from orchestrator.observe.metrics import push_run_metrics
     from orchestrator.observe.notify import send_notifications
 
     try:
         if report_will_run(context["dag"], context["ti"].task_id):
             return
         settings = _settings_for(context["ti"])
-        send_notifications(settings, early_report(context, settings))
+        report = early_report(context, settings)
     except Exception as exc:
-        log.warning("No failure notification for this run (the run's outcome is unchanged): %s", error_line(exc))
+        log.warning(
+            "No failure notification or run metrics for this run (the run's outcome is unchanged): %s", error_line(exc)
+        )
+        return
+    # Each logs its own failure and never raises: a notifier that is down does not keep the run out of the metrics.
+    send_notifications(settings, report)
+    push_run_metrics(settings, report)

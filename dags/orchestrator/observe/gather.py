@@ -208,10 +208,11 @@ def _job_seconds(run: Any) -> float | None:
 def _cost(s: Settings, instance_ids: list[str], seen_at: float, training_s: float) -> Cost | None:
     """Every instance's billed time (EC2's launch to the termination request) at its price; None with none."""
     from orchestrator.cloud.ec2_describe import describe_instance
-    from orchestrator.config.connections import aws_client
+    from orchestrator.config.connections import AwsClients
     from orchestrator.observe.pricing import instance_price
 
-    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    aws = AwsClients(s.aws.conn_id, s.aws.region)
+    ec2 = aws.client("ec2")
     billed: list[BilledInstance] = []
     for instance_id in instance_ids:
         info = describe_instance(ec2, instance_id)
@@ -224,9 +225,7 @@ def _cost(s: Settings, instance_ids: list[str], seen_at: float, training_s: floa
                 log.warning("Run report: %s is still %s; its cost counts until now", instance_id, info.state)
             ended_at = seen_at if info.state in _OFF_STATES else time.time()
         launched_at = info.launch_time.timestamp()
-        price = instance_price(
-            s.aws.conn_id, s.aws.region, info.instance_type, info.market, info.availability_zone, launched_at
-        )
+        price = instance_price(aws, s.aws.region, info.instance_type, info.market, info.availability_zone, launched_at)
         log.info(
             "%s (%s, %s): billed from %s for %.0f s at %s USD/h (%s)",
             instance_id,

@@ -10,10 +10,13 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import OrchestratorError, aws_error_code, aws_error_message
 from orchestrator.observe.cost import Price
+
+if TYPE_CHECKING:
+    from orchestrator.config.connections import AwsClients
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +44,16 @@ class PriceNotFoundError(OrchestratorError):
 
 
 def instance_price(
-    conn_id: str, region: str, instance_type: str, market: str, availability_zone: str | None, launched_at: float
+    aws: AwsClients, region: str, instance_type: str, market: str, availability_zone: str | None, launched_at: float
 ) -> Price:
     """The price the instance was billed at; falls back to the table, with the reason logged, on any AWS error."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from orchestrator.config.connections import aws_client
-
     try:
         if market == "spot":
-            ec2 = aws_client("ec2", conn_id, region, total_attempts=PRICE_LOOKUP_ATTEMPTS)
+            ec2 = aws.client("ec2", region=region, total_attempts=PRICE_LOOKUP_ATTEMPTS)
             return spot_price(ec2, instance_type, availability_zone, launched_at)
-        pricing = aws_client("pricing", conn_id, PRICING_API_REGION, total_attempts=PRICE_LOOKUP_ATTEMPTS)
+        pricing = aws.client("pricing", region=PRICING_API_REGION, total_attempts=PRICE_LOOKUP_ATTEMPTS)
         return on_demand_price(pricing, instance_type, region)
     except (ClientError, BotoCoreError, PriceNotFoundError) as exc:
         api = "DescribeSpotPriceHistory" if market == "spot" else "the AWS Price List API (pricing:GetProducts)"

@@ -29,7 +29,13 @@ from orchestrator.contracts import (
 from orchestrator.contracts_steps import Evaluation
 from orchestrator.errors import fail_without_retry
 from orchestrator.tracking.pages import all_pages
-from orchestrator.tracking.runs import TrackingError, TrackingServerError, mlflow_call, server_error
+from orchestrator.tracking.runs import (
+    TrackingError,
+    TrackingServerError,
+    mlflow_call,
+    mlflow_output_logged,
+    server_error,
+)
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import Settings
@@ -295,7 +301,7 @@ def _register_contender(client: Any, tracking_uri: str, run_id: str, model_name:
             until,
         )
         return version
-    with _global_tracking_uri(tracking_uri):
+    with _global_tracking_uri(tracking_uri), mlflow_output_logged():
         import mlflow
 
         registered = mlflow_call(

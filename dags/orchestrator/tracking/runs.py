@@ -4,6 +4,7 @@ finished, ended when its job could not; and the error handling every MLflow call
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -59,6 +60,27 @@ def server_error(exc: Any, doing: str) -> TrackingServerError:
         f"MLflow failed while {doing} ({exc.error_code}): {exc.message}; check the MLflow connection's "
         "credentials and the server's health. Nothing is promoted on doubt: the step fails and retries"
     )
+
+
+@contextlib.contextmanager
+def mlflow_output_logged() -> Iterator[None]:
+    """For the block, what MLflow writes to stderr goes to the log at its level: an Airflow task log marks every
+    stderr line as an ERROR, and MLflow's fluent API writes its progress there, both printed ("Successfully
+    registered model 'cnn'.") and through the stderr handler of its loggers. Its loggers hand their records to the
+    process's handlers instead (the task log's), and what it prints is logged at INFO. stderr is the process's:
+    one block at a time (the callers hold the lock of MLflow's process-wide tracking URI)."""
+    mlflow_logger = logging.getLogger("mlflow")
+    handlers, propagate = mlflow_logger.handlers, mlflow_logger.propagate
+    printed = io.StringIO()
+    mlflow_logger.handlers, mlflow_logger.propagate = [], True
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        mlflow_logger.handlers, mlflow_logger.propagate = handlers, propagate
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.info("MLflow: %s", line.strip())
 
 
 def mlflow_call(doing: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

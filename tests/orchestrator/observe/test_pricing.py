@@ -12,6 +12,7 @@ from unittest.mock import Mock
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack
+from orchestrator.config.connections import AwsClients
 from orchestrator.observe.pricing import (
     FALLBACK_FILE,
     PRICE_LOOKUP_ATTEMPTS,
@@ -91,45 +92,49 @@ def test_on_demand_price_asks_for_one_linux_product(stack: EmbeddedStack) -> Non
 
 
 def test_moto_serves_no_price_list_so_the_table_prices_the_embedded_default(
-    env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    env: EmbeddedStack,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from orchestrator.config import connections
-
-    made = connections.aws_client
+    made = AwsClients.client
     sent: list[str] = []
 
-    def counting(service: str, conn_id: str, region: str, **kwargs: Any) -> Any:
-        client = made(service, conn_id, region, **kwargs)
+    def counting(self: AwsClients, service: str, **kwargs: Any) -> Any:
+        client = made(self, service, **kwargs)
         client.meta.events.register("before-send.pricing.GetProducts", lambda **kw: sent.append("GetProducts"))
         return client
 
-    monkeypatch.setattr(connections, "aws_client", counting)
-    price = instance_price("aws_default", env.cloud.region, "g6.xlarge", "on-demand", None, time.time())
+    monkeypatch.setattr(AwsClients, "client", counting)
+    aws = AwsClients("aws_default", env.cloud.region)
+    price = instance_price(aws, env.cloud.region, "g6.xlarge", "on-demand", None, time.time())
     assert (price.usd_per_hour, price.source) == (0.8048, "fallback-table")
     assert "the AWS Price List API (pricing:GetProducts)" in price.detail
     assert "No price for g6.xlarge (on-demand)" in caplog.text
     # An endpoint that keeps failing gets one retry, not botocore's whole back-off, before the table answers.
     assert sent == ["GetProducts"] * PRICE_LOOKUP_ATTEMPTS
+    # Quietly: moto, in this process as in the demo's, printed a hint for its developers at each attempt.
+    assert "Unable to find appropriate backend" not in capsys.readouterr().out
 
 
 def test_access_denied_falls_back_with_the_reason(
     env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from orchestrator.config import connections
-
-    made = connections.aws_client
+    made = AwsClients.client
 
     denied = {"Code": "AccessDeniedException", "Message": "not authorized to perform pricing:GetProducts"}
 
-    def denying(service: str, conn_id: str, region: str, **kwargs: Any) -> Any:
-        client = made(service, conn_id, region, **kwargs)
+    def denying(self: AwsClients, service: str, **kwargs: Any) -> Any:
+        client = made(self, service, **kwargs)
         client.meta.events.register(
             "before-call.pricing.GetProducts", lambda **kwargs: (Mock(status_code=400), {"Error": denied})
         )
         return client
 
-    monkeypatch.setattr(connections, "aws_client", denying)
-    price = instance_price("aws_default", "us-east-1", "g5.xlarge", "on-demand", None, time.time())
+    monkeypatch.setattr(AwsClients, "client", denying)
+    price = instance_price(
+        AwsClients("aws_default", "us-east-1"), "us-east-1", "g5.xlarge", "on-demand", None, time.time()
+    )
     assert (price.usd_per_hour, price.source) == (1.006, "fallback-table")
     assert "AccessDeniedException: not authorized to perform pricing:GetProducts" in price.detail
 
@@ -143,8 +148,22 @@ def test_spot_price_of_the_instance_zone_from_the_moto_server(env: EmbeddedStack
     with pytest.raises(PriceNotFoundError, match=r"no spot price for g6.xlarge in mars-1a"):
         spot_price(env.cloud.client("ec2", env.cloud.airflow), "g6.xlarge", "mars-1a", time.time())
     # Through instance_price: a spot price that cannot be found falls back to the on-demand table.
-    fallback = instance_price("aws_default", env.cloud.region, "g6.xlarge", "spot", "mars-1a", time.time())
+    aws = AwsClients("aws_default", env.cloud.region)
+    fallback = instance_price(aws, env.cloud.region, "g6.xlarge", "spot", "mars-1a", time.time())
     assert (fallback.source, fallback.usd_per_hour) == ("fallback-table", 0.8048)
+
+
+def test_the_reports_lookups_read_the_connection_once(env: EmbeddedStack, capsys: pytest.CaptureFixture[str]) -> None:
+    """The report's cost takes an EC2 client and a price per instance, all from its one AwsClients: the provider's
+    "credentials retrieved" line, said once per hook, showed twice in the report's log with a hook per client."""
+    capsys.readouterr()
+    aws = AwsClients("aws_default", env.cloud.region)
+    aws.client("ec2")
+    instance_price(aws, env.cloud.region, "g6.xlarge", "spot", f"{env.cloud.region}b", time.time())
+    instance_price(aws, env.cloud.region, "g6.xlarge", "on-demand", None, time.time())
+    # Airflow's own loggers (structlog) write to stdout outside a task.
+    out = capsys.readouterr().out
+    assert out.count("credentials retrieved from login and password") == 1, out
 
 
 def test_fallback_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
