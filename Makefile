@@ -18,7 +18,7 @@ PROMETHEUS_PORT ?= 9090
 PORT_ARGS = --airflow-port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT) --github-port $(GITHUB_PORT) \
 	--prometheus-port $(PROMETHEUS_PORT)
 
-.PHONY: demo test lint unit ui up clean install system-deps smoke-aws
+.PHONY: demo test lint unit ui up upload-dataset clean install system-deps smoke-aws
 .PHONY: smoke-github test-deploy mutation config-reference
 
 # requirements-deploy.lock: the production deployment's set (Celery, PostgreSQL drivers, Redis), which tests/deploy runs.
@@ -41,6 +41,12 @@ demo: install system-deps
 ## The same deployment, kept up until Ctrl-C: Airflow, MLflow and the GitHub stand-in UIs (URLs and login printed last).
 ui up: install system-deps
 	PYTHONUNBUFFERED=1 $(BIN)/python -m embedded.cli.ui --state-dir $(STATE) $(PORT_ARGS)
+
+## Upload a dataset version to the running `make ui`'s S3 (next free v<N>, synthetic data) and say what happens next:
+## ec2_retrain, once unpaused, trains it. DATASET_VERSION=v7 names it; DATA_URI=synthetic://?... picks its data.
+upload-dataset: install
+	$(BIN)/python -m embedded.cli.upload_dataset --state-dir $(STATE) \
+		$(if $(DATASET_VERSION),--version '$(DATASET_VERSION)') $(if $(DATA_URI),--data-uri '$(DATA_URI)')
 
 ## Lint, type-check and run every test (what CI runs).
 test: install

@@ -14,15 +14,18 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
+from orchestrator.dag_docs import dag_doc
+
 
 @dag(
     dag_id="ec2_reaper",
+    description="Backstop every 5 minutes: terminates this deployment's instances past their expires_at tag",
     schedule=timedelta(minutes=5),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     tags=["ec2", "cleanup"],
-    doc_md=__doc__,
+    doc_md=dag_doc("ec2_reaper"),
 )
 def ec2_reaper() -> None:
     @task(retries=3, retry_delay=timedelta(seconds=30))

@@ -17,6 +17,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_current_context, task
 
 from orchestrator.config.settings import load_watch_settings
+from orchestrator.dag_docs import dag_doc
 from orchestrator.datasets.asset import dataset_asset, poll_window
 from orchestrator.datasets.operators import DatasetPollOperator
 from orchestrator.tracking.training_runs import TRAINING_DAG_ID
@@ -42,7 +43,7 @@ with DAG(
     # A burst of dataset events queues behind one run; each run trains the latest version anyway.
     max_active_runs=1,
     tags=["training", "retrain"],
-    doc_md=__doc__,
+    doc_md=dag_doc("ec2_retrain"),
 ):
 
     @task(retries=2, retry_delay=timedelta(seconds=30), multiple_outputs=True)
@@ -76,7 +77,7 @@ if DATASET is not None and WATCH.datasets.poll_minutes:
         catchup=False,
         max_active_runs=1,
         tags=["retrain"],
-        doc_md=__doc__,
+        doc_md=dag_doc("ec2_dataset_poll"),
     ):
         DatasetPollOperator(
             task_id="look_for_new_version",

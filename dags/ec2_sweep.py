@@ -17,6 +17,7 @@ from airflow.sdk import DAG, Param, get_current_context, task
 
 from orchestrator.ci.gate import CiGateOperator
 from orchestrator.config.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.dag_docs import dag_doc
 from orchestrator.retries import OUTAGE_RETRIES
 from orchestrator.sweeps.operators import SweepSetOperator
 from orchestrator.sweeps.sets import EXAMPLE_GRID, EXAMPLE_SETS, MAX_SETS, MIN_SETS
@@ -31,6 +32,32 @@ SET_SCHEMA = {
     "properties": {name: dict(BY_NAME[name].schema) for name in JOB_PARAMS},
 }
 
+PARAMS = {
+    "git_ref": Param(None, **BY_NAME["git_ref"].form_kwargs()),
+    "sets": Param(
+        None,
+        type=["null", "array"],
+        items=SET_SCHEMA,
+        minItems=MIN_SETS,
+        maxItems=MAX_SETS,
+        title="Sets",
+        description=f"The hyperparameter sets, {MIN_SETS} to {MAX_SETS}, each a table of the job's knobs "
+        f"({', '.join(JOB_PARAMS)}) with the bounds of ec2_training's form, e.g. {EXAMPLE_SETS}; a knob a set "
+        "leaves out has its configured value. Empty: use the grid.",
+        section=SWEEP_SECTION,
+    ),
+    "grid": Param(
+        None,
+        type=["null", "object"],
+        additionalProperties=False,
+        properties={name: {"type": "array", "minItems": 1, "items": dict(BY_NAME[name].schema)} for name in JOB_PARAMS},
+        title="Grid",
+        description=f"Instead of sets: each knob's values, every combination trained ({MIN_SETS} to {MAX_SETS} "
+        f"in all), e.g. {EXAMPLE_GRID} (6 sets). Empty: use the sets.",
+        section=SWEEP_SECTION,
+    ),
+}
+
 with DAG(
     dag_id="ec2_sweep",
     description="A hyperparameter sweep: one ec2_training run per set, one parent MLflow run, the best set gated",
@@ -41,34 +68,9 @@ with DAG(
     max_active_runs=4,
     default_args={"retries": 0},
     tags=["training", "ec2", "mlflow", "sweep"],
-    doc_md=__doc__,
-    params={
-        "git_ref": Param(None, **BY_NAME["git_ref"].form_kwargs()),
-        "sets": Param(
-            None,
-            type=["null", "array"],
-            items=SET_SCHEMA,
-            minItems=MIN_SETS,
-            maxItems=MAX_SETS,
-            title="Sets",
-            description=f"The hyperparameter sets, {MIN_SETS} to {MAX_SETS}, each a table of the job's knobs "
-            f"({', '.join(JOB_PARAMS)}) with the bounds of ec2_training's form, e.g. {EXAMPLE_SETS}; a knob a set "
-            "leaves out has its configured value. Empty: use the grid.",
-            section=SWEEP_SECTION,
-        ),
-        "grid": Param(
-            None,
-            type=["null", "object"],
-            additionalProperties=False,
-            properties={
-                name: {"type": "array", "minItems": 1, "items": dict(BY_NAME[name].schema)} for name in JOB_PARAMS
-            },
-            title="Grid",
-            description=f"Instead of sets: each knob's values, every combination trained ({MIN_SETS} to {MAX_SETS} "
-            f"in all), e.g. {EXAMPLE_GRID} (6 sets). Empty: use the sets.",
-            section=SWEEP_SECTION,
-        ),
-    },
+    # What a person sees in the UI's Docs panel (dags/docs/ec2_sweep.md), its Params listed from PARAMS.
+    doc_md=dag_doc("ec2_sweep", PARAMS),
+    params=PARAMS,
 ) as dag:
 
     @task(retries=2, retry_delay=timedelta(seconds=10))

@@ -15,6 +15,7 @@ from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 from orchestrator.ci.gate import CiGateOperator
 from orchestrator.cloud.operators import InstanceLaunchSensor
 from orchestrator.config.run_params import RUN_PARAMS
+from orchestrator.dag_docs import dag_doc
 from orchestrator.instance.operators import InstanceReadyOperator
 from orchestrator.instance.training_operator import RemoteTrainingOperator
 from orchestrator.observe.early_failure import announce_early_failure
@@ -27,6 +28,8 @@ CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
 # One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
 # follows are atomic across runs. A launch at the cap is rescheduled: it holds the slot only while it looks.
 LAUNCH_POOL = "ec2_trainer_launch"
+# One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
+PARAMS = {param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS}
 
 with DAG(
     dag_id="ec2_training",
@@ -40,9 +43,9 @@ with DAG(
     # fails before plan_launch succeeded (no report will run) sends the run's failure notice itself.
     default_args={"retries": 0, "on_failure_callback": [record_failure, announce_early_failure]},
     tags=["training", "ec2", "mlflow"],
-    doc_md=__doc__,
-    # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
-    params={param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS},
+    # What a person sees in the UI's Docs panel (dags/docs/ec2_training.md), its Params listed from PARAMS.
+    doc_md=dag_doc("ec2_training", PARAMS),
+    params=PARAMS,
 ) as dag:
     # Every step a worker's death can interrupt is safe to repeat (docs/decisions/0007-*.md).
     @task(retries=2, retry_delay=timedelta(seconds=10))

@@ -107,6 +107,9 @@ class LocalAirflow(Managed):
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
+            # Links to the UI (notifications, run reports, Airflow's own log links) on the host it is served from:
+            # Airflow's fallback, localhost, is another origin than 127.0.0.1, where the login does not carry over.
+            "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__API__WORKERS": "1",
             # The triggerer imports the CI gate's trigger by its class path, as in production; Airflow imports
             # SQLITE_CONNECT_ARGS and the workers' hostname callable from this package.

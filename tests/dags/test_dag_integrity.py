@@ -201,6 +201,35 @@ def test_sweep_params_check_each_knob_with_the_training_forms_schema(dagbag: Any
         copy.deepcopy(params.get_param("grid")).resolve({"epoch": [1, 2]})
 
 
+@pytest.fixture(scope="module")
+def every_dag(dagbag: Any, airflow_db: Any) -> dict[str, Any]:
+    """Every DAG a deployment may show: the folder's, plus ec2_dataset_poll, parsed only with datasets.poll_minutes."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRAINER__DATASETS__URI", "s3://bkt/versions/")
+        env.setenv("TRAINER__DATASETS__POLL_MINUTES", "10")
+        retrain = DagBag(dag_folder=str(DAGS_DIR / "ec2_retrain.py"))
+    assert not retrain.import_errors, retrain.import_errors
+    return {**dagbag.dags, **retrain.dags}
+
+
+def test_every_dag_explains_itself_to_a_user(every_dag: dict[str, Any]) -> None:
+    """The DAG list's card and the Docs panel: what it does, each of its params, where the results land."""
+    assert "ec2_dataset_poll" in every_dag
+    for dag_id, dag in every_dag.items():
+        assert dag.description and len(dag.description) > 30, dag_id
+        doc = dag.doc_md or ""
+        for heading in ("# ", "## Parameters", "## Where the results land"):
+            assert f"\n{heading}" in f"\n{doc}", f"{dag_id}'s doc has no {heading!r}"
+        assert "<!--" not in doc, f"{dag_id}'s doc kept a placeholder"
+        for name in dag.params:
+            param = dag.params.get_param(name)
+            assert f"(`{name}`): {param.description}" in doc, f"{dag_id}'s doc does not name its param {name}"
+        if not dag.params:
+            assert "## Parameters\n\nNone" in doc, f"{dag_id}'s doc does not say it takes no parameters"
+
+
 @pytest.mark.parametrize("dag_file", DAG_FILES)
 def test_dag_file_parses_cheaply_without_heavy_modules(dag_file: str) -> None:
     result = subprocess.run(

@@ -101,3 +101,14 @@ def test_the_deployments_execution_api_retries_and_sqlite_busy_timeout(tmp_path:
     assert airflow_local.SQLITE_CONNECT_ARGS["timeout"] >= 60
     postgres = LocalAirflow(tmp_path, {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://db/x"}).env
     assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in postgres, "psycopg2 takes no `timeout`"
+
+
+def test_links_to_the_ui_use_the_host_it_is_served_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Notifications and run reports link to Airflow under [api] base_url: 127.0.0.1, where the UI is served and
+    logged in to, never Airflow's fallback localhost (another origin, so the browser's login does not carry over)."""
+    from orchestrator.observe.gather import airflow_run_url
+
+    env = LocalAirflow(tmp_path, {}, port=8080).env
+    assert env["AIRFLOW__API__BASE_URL"] == "http://127.0.0.1:8080"
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", env["AIRFLOW__API__BASE_URL"])
+    assert airflow_run_url("ec2_training", "demo__1") == "http://127.0.0.1:8080/dags/ec2_training/runs/demo__1"

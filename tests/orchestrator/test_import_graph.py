@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dags" / "orchestrator"
 
 # Lowest first; a package may import its own modules and anything in a lower layer, never a peer or a higher one.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"errors", "retries", "pathnames", "redaction"}),
+    frozenset({"errors", "retries", "pathnames", "redaction", "dag_docs"}),
     # What crosses task and package boundaries; the step results raise the project's own error when malformed.
     frozenset({"contracts", "contracts_steps"}),
     frozenset({"ci"}),

@@ -1,4 +1,5 @@
-"""What a finished sweep's sets came to: which set is the best to gate, and the sweep's one-line verdict. Pure."""
+"""What a finished sweep's sets came to: which set is the best to gate, the sweep's one-line verdict, and the
+summary a person reads in the `summary` task (best set, its metric, the gate's verdict, the parent run). Pure."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.contracts_steps import Evaluation
 from orchestrator.sweeps.sets import describe
 
 SUCCESS = "success"
@@ -56,3 +58,32 @@ def verdict(outcomes: Sequence[SetOutcome]) -> tuple[bool, str]:
         for o in failed
     )
     return False, f"{len(failed)} of {total} sets failed: {which}"
+
+
+def summary(
+    outcomes: Sequence[SetOutcome],
+    gated: Mapping[str, Any] | None,
+    *,
+    metric: str,
+    greater_is_better: bool,
+    parent_url: str,
+) -> tuple[bool, str]:
+    """(the sweep succeeded, what it came to): the verdict, then the best set and its `metric`, the champion gate's
+    decision (gate_best_set's result; None when that task did not finish) and the parent MLflow run's page."""
+    ok, sentence = verdict(outcomes)
+    parts = [sentence]
+    best = best_set(outcomes, greater_is_better=greater_is_better)
+    parts.append(
+        f"best: {best.label}, {metric} = {best.value:.4f}" if best and best.value is not None else "best: none"
+    )
+    if gated is None:
+        ok = False
+        parts.append("the champion gate did not finish: its log says why")
+    elif gated.get("evaluation"):
+        evaluation = Evaluation.from_xcom(gated["evaluation"])
+        decision = f"promoted as version {evaluation.model_version}" if evaluation.promoted else "not promoted"
+        parts.append(f"champion gate: {decision} ({evaluation.reason})")
+    else:
+        parts.append("champion gate: no set to gate, the champion stays")
+    parts.append(f"parent MLflow run: {parent_url}")
+    return ok, "; ".join(parts)

@@ -14,7 +14,7 @@ from orchestrator.config.resolve import resolve_config
 from orchestrator.config.run_params import BY_NAME
 from orchestrator.config.settings import Settings, load_settings
 from orchestrator.errors import fail_without_retry
-from orchestrator.sweeps.outcome import SetOutcome, best_set, verdict
+from orchestrator.sweeps.outcome import SetOutcome, best_set, summary
 from orchestrator.sweeps.sets import SWEEP_KEYS, describe, expand_sets, refuse_duplicates
 
 log = logging.getLogger(__name__)
@@ -135,19 +135,25 @@ def summarize(
     gated: Mapping[str, Any] | None,
     state_of: Callable[[str], str],
 ) -> str:
-    """End the parent run with the sweep's verdict; fail, saying how many sets failed and which, unless all passed.
+    """End the parent run with the sweep's summary (outcome.summary: the verdict, the best set and its metric, the
+    gate's decision, the parent run's page); fail with it, saying how many sets failed and which, unless all passed.
     `s` and `children` are None when the step that gives them failed."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from orchestrator.instance.command import mlflow_run_url
     from orchestrator.sweeps.parent_run import VERDICT_TAG, end_parent_run
+    from orchestrator.tracking.runs import experiment_id_of
 
     if not children or s is None:
         raise AirflowFailException("the sweep started no set: the task that failed before start_sweep says why")
-    ok, sentence = verdict(outcomes(s, children, state_of, with_metrics=True))
-    if gated is None:
-        ok, sentence = False, f"{sentence}; the champion gate did not finish: its log says why"
+    parent = parent_run_of(children)
+    sets = outcomes(s, children, state_of, with_metrics=True)
     with _mlflow_login(s):
-        end_parent_run(s.mlflow.tracking_uri, parent_run_of(children), ok=ok, tags={VERDICT_TAG: sentence})
+        page = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, parent), parent)
+        ok, sentence = summary(
+            sets, gated, metric=s.mlflow.metric, greater_is_better=s.mlflow.greater_is_better, parent_url=page
+        )
+        end_parent_run(s.mlflow.tracking_uri, parent, ok=ok, tags={VERDICT_TAG: sentence})
     if not ok:
         raise AirflowFailException(sentence)
     log.info("Sweep: %s", sentence)
