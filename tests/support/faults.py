@@ -58,6 +58,22 @@ def record_run(
     table.record(scenario, expected, observed, left, leaks)
 
 
+def record_nothing_launched(
+    table: FaultTable,
+    scenario: str,
+    expected: str,
+    observed: str,
+    *,
+    planted: Mapping[str, str],
+    places: Mapping[str, str],
+) -> None:
+    """Record the row of a fault that launched no instance, once no planted secret shows in `places` (name -> text)."""
+    found = planted_found(planted, places)
+    leaks = sum(found.values())
+    assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found: {found}"
+    table.record(scenario, expected, observed, 0, leaks)
+
+
 @dataclass(frozen=True)
 class DagRunFaults:
     """What a fault test of a training DAG run in this process (`dag.test()`) reads and records: the output the run
