@@ -28,7 +28,7 @@ from embedded.deploy.airflow_local import LocalAirflow
 from embedded.deploy.load import DAG_ID, Sampler
 from embedded.deploy.stack import EmbeddedStack
 from tests.support.fault_table import FaultTable
-from tests.support.faults import OnTraining, hold_job, release_after_reattach, scan
+from tests.support.faults import OnTraining, hold_job, record_nothing_launched, release_after_reattach, scan
 from tests.support.pipeline import ProcessListSampler, planted_connections, planted_found
 from tests.support.tools import missing_tool
 
@@ -142,14 +142,37 @@ def test_task_process_killed_mid_training_the_retry_reattaches(
 # ---- a deferred training: marked failed by a user, or its triggerer restarted ----------------------------------
 
 
-def when_deferred(airflow: LocalAirflow, run_id: str, action: Callable[[], Any], timeout_s: float = 120) -> Any:
-    """Run `action` once the run's train task is deferred (its job trains, followed from the triggerer)."""
-    deadline = time.monotonic() + timeout_s
-    while airflow.task_instances(DAG_ID, run_id)["train"]["state"] != "deferred":
-        if time.monotonic() > deadline:
-            raise AssertionError(f"train of {run_id} did not defer within {timeout_s:.0f}s")
-        time.sleep(0.5)
-    return action()
+def when_deferred(
+    airflow: LocalAirflow, run_id: str, action: Callable[[], Any], timeout_s: float = 120
+) -> Callable[[Path], Any]:
+    """A fault for OnTraining: `action`, run once the run's train task is deferred (its job trains, followed from the
+    triggerer); the fault's result is what `action` returns."""
+
+    def fault(job_dir: Path) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while airflow.task_instances(DAG_ID, run_id)["train"]["state"] != "deferred":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"train of {run_id} did not defer within {timeout_s:.0f}s")
+            time.sleep(0.5)
+        return action()
+
+    return fault
+
+
+def triggered_with_fault(
+    fault: Callable[[Path], Any],
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    run_id: str,
+    conf: dict[str, Any],
+    timeout_s: float = 600,
+) -> tuple[OnTraining, str]:
+    """Trigger a training run, inject `fault` as soon as its job logs an epoch and wait for the run to end: the injected
+    fault (its job_dir and result), and the run's state."""
+    with OnTraining(stack, fault) as injected:
+        airflow.trigger(DAG_ID, run_id, conf)
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=timeout_s)[run_id]
+    return injected, state
 
 
 def clear_task(airflow: LocalAirflow, run_id: str, task_id: str) -> None:
@@ -175,11 +198,13 @@ def test_deferred_training_cleared_kills_the_job(
     (Clearing rather than marking failed keeps the order fixed: the instance stays up while the cleared task runs
     again, where a failed train would race its kill against the teardown's terminate.)"""
     run_id = "cleared_while_deferred__01"
-    with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: clear_task(airflow, run_id, "train"))
-    ) as clearer:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    clearer, state = triggered_with_fault(
+        when_deferred(airflow, run_id, lambda: clear_task(airflow, run_id, "train")),
+        airflow,
+        stack,
+        run_id,
+        {"git_ref": sha, "epochs": 200},
+    )
     job_dir: Path = clearer.job_dir  # type: ignore[assignment]
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
@@ -223,11 +248,13 @@ def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
     from tests.dags.test_training_dag import notifications_of
 
     run_id = "marked_failed_while_deferred__01"
-    with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: airflow.mark_run(DAG_ID, run_id, "failed"))
-    ) as marker:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    marker, state = triggered_with_fault(
+        when_deferred(airflow, run_id, lambda: airflow.mark_run(DAG_ID, run_id, "failed")),
+        airflow,
+        stack,
+        run_id,
+        {"git_ref": sha, "epochs": 200},
+    )
     job_dir: Path = marker.job_dir  # type: ignore[assignment]
     tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
     mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
@@ -264,11 +291,14 @@ def test_triggerer_restart_mid_training_does_not_kill_the_job(
 ) -> None:
     run_id = "triggerer_restart__01"
     # The new triggerer stays the deployment's own: the module's later tests defer to it.
-    with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, lambda: airflow.restart_component("triggerer"))
-    ) as restart:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 30})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
+    restart, state = triggered_with_fault(
+        when_deferred(airflow, run_id, lambda: airflow.restart_component("triggerer")),
+        airflow,
+        stack,
+        run_id,
+        {"git_ref": sha, "epochs": 30},
+        timeout_s=900,
+    )
     job_dir: Path = restart.job_dir  # type: ignore[assignment]
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
@@ -312,11 +342,13 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
                 time.sleep(0.5)
         return instance_id
 
-    with OnTraining(
-        stack, lambda job_dir: when_deferred(airflow, run_id, power_off_while_the_triggerer_is_down)
-    ) as fault:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    fault, state = triggered_with_fault(
+        when_deferred(airflow, run_id, power_off_while_the_triggerer_is_down),
+        airflow,
+        stack,
+        run_id,
+        {"git_ref": sha, "epochs": 200},
+    )
     tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
     train_log = airflow.task_log(DAG_ID, run_id, "train")
     mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
@@ -476,12 +508,13 @@ def test_sweep_params_the_form_refuses_start_nothing(
         "sweep_invalid__01__set1": [],
         "sweep_invalid__01__set2": [],
     }
-    fault_table.record(
+    record_nothing_launched(
+        fault_table,
         "sweep set with epochs=0 (REST trigger)",
         "refused by the API as the form refuses it, naming the param; no DAG run, nothing launched",
         "HTTP 400 'Invalid input for param sets: 0 is less than the minimum of 1'; no run created",
-        0,
-        sum(planted_found(planted_in_airflow, {"API answer": str(refused.value)}).values()),
+        planted=planted_in_airflow,
+        places={"API answer": str(refused.value)},
     )
 
 
@@ -502,13 +535,14 @@ def test_a_grid_of_too_many_sets_fails_before_the_ci_gate(
     assert tis["ci_gate"]["state"] == "upstream_failed" and tis["start_sweep"]["state"] == "upstream_failed"
     children = [run["dag_run_id"] for run in airflow.dag_runs(DAG_ID) if run["dag_run_id"].startswith(run_id)]
     assert children == []
-    fault_table.record(
+    record_nothing_launched(
+        fault_table,
         "sweep grid of 5 x 4 = 20 sets (over the 16 allowed)",
         "resolve_sweep fails at once, saying what to do; no CI wait, no parent run, no set, nothing launched",
         f"resolve_sweep failed, try 1: 'grid gives 20 sets; expected 2 to 16: split it into several sweeps'; "
         f"ci_gate {tis['ci_gate']['state']}; 0 sets; run {state}",
-        0,
-        sum(planted_found(planted_in_airflow, {"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)}).values()),
+        planted=planted_in_airflow,
+        places={"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)},
     )
 
 
@@ -528,12 +562,27 @@ def near_the_end(job_dir: Path, epochs: int, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
-def gated_outcome(airflow: LocalAirflow, stack: EmbeddedStack, run_id: str) -> tuple[str, dict[str, Any], list[str]]:
-    """The run's MLflow run status and tags (train's result), and its instances' states."""
+def succeeded_and_gated(
+    airflow: LocalAirflow, stack: EmbeddedStack, run_id: str, state: str
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Check that a run ended in `state` succeeded all the same: its model gated (evaluate succeeded, train's MLflow
+    run FINISHED with a promotion verdict), its instance terminated, no component given up. Returns the run's task
+    instances, and its MLflow run's status and tags."""
     from mlflow import MlflowClient
 
+    from orchestrator.contracts import PROMOTION_TAG
+
+    tis = airflow.task_instances(DAG_ID, run_id)
     mlflow_run = MlflowClient(tracking_uri=stack.mlflow.url).get_run(airflow.xcom(DAG_ID, run_id, "train"))
-    return mlflow_run.info.status, mlflow_run.data.tags, instance_states(stack, [run_id])[run_id]
+    status, tags = mlflow_run.info.status, mlflow_run.data.tags
+    instances = instance_states(stack, [run_id])[run_id]
+
+    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
+    assert tis["evaluate"]["state"] == "success"
+    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
+    assert instances == ["terminated"]
+    assert airflow.given_up == {}
+    return tis, status, tags
 
 
 @pytest.mark.parametrize("component", ["api-server", "scheduler"])
@@ -554,23 +603,14 @@ def test_a_control_plane_outage_at_the_end_of_training_costs_time_not_the_run(
             time.sleep(OUTAGE_S)
         return pid
 
-    with OnTraining(stack, outage) as fault:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": epochs})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=1500)[run_id]
-    tis = airflow.task_instances(DAG_ID, run_id)
-    status, tags, instances = gated_outcome(airflow, stack, run_id)
-
-    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
-    assert tis["evaluate"]["state"] == "success"
-    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
-    assert instances == ["terminated"]
-    assert airflow.given_up == {}
+    fault, state = triggered_with_fault(outage, airflow, stack, run_id, {"git_ref": sha, "epochs": epochs}, 1500)
+    tis, status, tags = succeeded_and_gated(airflow, stack, run_id, state)
     fault_table.record(
         f"{component} down {OUTAGE_S} s as training ends (real scheduler)",
         "tasks wait or retry with back-off; the run succeeds and the model is gated; instance terminated",
         f"{component} pid {fault.result} stopped for {OUTAGE_S} s; train try {tis['train']['try_number']}, evaluate "
         f"try {tis['evaluate']['try_number']}; MLflow run {status}, promotion {tags[PROMOTION_TAG]}; run {state}",
-        sum(1 for s in instances if s != "terminated"),
+        0,
         0,
     )
 
@@ -600,21 +640,13 @@ def test_the_metadata_database_locked_mid_training_delays_the_run(
             connection.execute("ROLLBACK")
             connection.close()
 
-    with OnTraining(stack, lock) as fault:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=1200)[run_id]
-    tis = airflow.task_instances(DAG_ID, run_id)
-    status, tags, instances = gated_outcome(airflow, stack, run_id)
-
-    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
-    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
-    assert instances == ["terminated"]
-    assert airflow.given_up == {}
+    fault, state = triggered_with_fault(lock, airflow, stack, run_id, {"git_ref": sha, "epochs": 8}, 1200)
+    tis, _, tags = succeeded_and_gated(airflow, stack, run_id, state)
     fault_table.record(
         f"SQLite metadata database exclusively locked {lock_s} s mid-training (real scheduler)",
         "components wait on the busy timeout (a dead one is started again); the run completes; instance terminated",
         f"locked {fault.result:.0f} s; train try {tis['train']['try_number']}; promotion {tags[PROMOTION_TAG]}; "
         f"run {state}",
-        sum(1 for s in instances if s != "terminated"),
+        0,
         0,
     )
