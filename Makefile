@@ -66,7 +66,7 @@ test-deploy: install system-deps
 
 ## Read-only smoke test against the real GitHub API (free; anonymous or GITHUB_TOKEN; skips without a network).
 smoke-github: install
-	EC2_TRAINER_SMOKE=github $(BIN)/pytest -q -p no:cacheprovider -rs -m github tests/orchestrator/test_github_smoke.py
+	EC2_TRAINER_SMOKE=github $(BIN)/pytest -q -p no:cacheprovider -rs -m github tests/orchestrator/ci/test_github_smoke.py
 
 ## Opt-in, real AWS and real money (cents): the pipeline on one small CPU instance; see docs/production.md, "Smoke test on AWS".
 smoke-aws: install
@@ -78,7 +78,7 @@ mutation: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check mutmut==3.8.1 2>&1 | grep -v '^WARNING: Location' || true
 	.ci/mutation.sh $(MODULES)
 
-## docs/configuration.md from the settings model (tests/orchestrator/test_settings_reference.py fails when it is stale).
+## docs/configuration.md from the settings model (tests/orchestrator/config/test_settings_reference.py fails when it is stale).
 config-reference: install
 	PYTHONPATH=dags $(BIN)/python -m orchestrator.config.settings_reference > docs/configuration.md
 

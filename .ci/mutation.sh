@@ -9,13 +9,13 @@ PY="$ROOT/.venv/bin/python"
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut missing: $PY -m pip install mutmut==3.8.1" >&2; exit 1; }
 PAIRS=("$@")
 [ ${#PAIRS[@]} -gt 0 ] || PAIRS=(
-  orchestrator/ci/verdict.py:tests/orchestrator/test_ci.py
-  orchestrator/cloud/hostkeys.py:tests/orchestrator/test_hostkeys.py
-  orchestrator/cloud/launch_spec.py:tests/orchestrator/test_launch.py
-  orchestrator/config/run_params.py:tests/orchestrator/test_run_params.py,tests/orchestrator/test_settings.py
+  orchestrator/ci/verdict.py:tests/orchestrator/ci/test_verdict.py
+  orchestrator/cloud/hostkeys.py:tests/orchestrator/cloud/test_hostkeys.py
+  orchestrator/cloud/launch_spec.py:tests/orchestrator/cloud/test_launch_spec.py
+  orchestrator/config/run_params.py:tests/orchestrator/config/test_run_params.py,tests/orchestrator/config/test_settings.py
   orchestrator/observe/cost.py:tests/orchestrator/observe/test_cost.py
   orchestrator/sweeps/sets.py:tests/orchestrator/sweeps/test_sets.py
-  orchestrator/instance/source_tree.py:tests/orchestrator/test_source_tree.py
+  orchestrator/instance/source_tree.py:tests/orchestrator/instance/test_source_tree.py
 )
 for pair in "${PAIRS[@]}"; do
   module=${pair%%:*} tests=${pair#*:}

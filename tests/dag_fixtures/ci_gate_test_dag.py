@@ -1,6 +1,6 @@
 """Test DAG for the CI gate: the API URL comes from an Airflow Variable and the token from a connection.
 
-tests/orchestrator/test_ci_gate.py starts a GitHub stand-in and sets AIRFLOW_VAR_CI_GATE_TEST_API_URL and
+tests/orchestrator/ci/test_gate.py starts a GitHub stand-in and sets AIRFLOW_VAR_CI_GATE_TEST_API_URL and
 AIRFLOW_CONN_GITHUB_CI_GATE_TEST before running this DAG with dag.test().
 """
 

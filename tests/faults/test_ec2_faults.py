@@ -3,36 +3,47 @@ inside each call, a bounded number of HTTP attempts, and nothing retries around 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack
 from orchestrator.config.connections import AWS_RETRIES
 from tests.support.aws_cloud import http_errors
-from tests.support.fault_table import FaultTable
-from tests.support.faults import output, record_run
-from tests.support.pipeline import ProcessListSampler, assert_all_terminated, run_dag, task_states
+from tests.support.faults import DagRunFaults
+from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
+
+
+def run_with_http_errors(
+    monkeypatch: pytest.MonkeyPatch, dag_faults: DagRunFaults, *errors: tuple[str, str, int, int | None], **conf: Any
+) -> tuple[list[list[int]], Any, str]:
+    """A training DAG run while each (action, code, status, failures) of `errors` fails as `http_errors` makes it:
+    the statuses each action's requests got, the run, its log. The errors are undone when the run ends: the checks
+    after it describe instances themselves (and the SSH recorder stays installed)."""
+    with monkeypatch.context() as patched:
+        sent = [http_errors(patched, *error) for error in errors]
+        dag_run = run_dag(**conf)
+        log = dag_faults.log()
+    return sent, dag_run, log
 
 
 def test_throttling_and_a_failed_terminate_are_retried_inside_botocore(
     env: EmbeddedStack,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
     # The first requests of each API fail; the emulator itself never calls these three, so every one is the pipeline's.
-    # Only for the run: the checks below describe instances themselves (and the SSH recorder stays installed).
-    with monkeypatch.context() as faults:
-        run = http_errors(faults, "RunInstances", "RequestLimitExceeded", 503, failures=2)
-        describe = http_errors(faults, "DescribeInstances", "RequestLimitExceeded", 503, failures=2)
-        terminate = http_errors(faults, "TerminateInstances", "InternalError", 500, failures=1)
-        dag_run = run_dag(git_ref=sha)
-        log = output(capfd, caplog)
+    (run, describe, terminate), dag_run, log = run_with_http_errors(
+        monkeypatch,
+        dag_faults,
+        ("RunInstances", "RequestLimitExceeded", 503, 2),
+        ("DescribeInstances", "RequestLimitExceeded", 503, 2),
+        ("TerminateInstances", "InternalError", 500, 1),
+        git_ref=sha,
+    )
 
     states = task_states(dag_run)
     assert dag_run.state == "success", states
@@ -45,34 +56,25 @@ def test_throttling_and_a_failed_terminate_are_retried_inside_botocore(
     (instance_id,) = assert_all_terminated(env, dag_run, 1)
     assert f"launched instance {instance_id}" in log
     assert f"Instance {instance_id}: terminated" in log
-    record_run(
-        fault_table,
+    dag_faults.record(
+        dag_run,
+        log,
         "EC2 RunInstances x2 + DescribeInstances x2 throttled (503), TerminateInstances x1 InternalError (500)",
         "retried inside botocore; 1 instance, terminated; run succeeds",
         f"HTTP requests run={run} terminate={terminate[:2]}; describe {len(describe)}; launch and terminate try 1; "
         "run success",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )
 
 
 def test_throttling_that_never_ends_is_bounded_and_launches_nothing(
     env: EmbeddedStack,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
-    with monkeypatch.context() as faults:
-        run = http_errors(faults, "RunInstances", "RequestLimitExceeded", 503)
-        dag_run = run_dag(git_ref=sha)
-        log = output(capfd, caplog)
+    (run,), dag_run, log = run_with_http_errors(
+        monkeypatch, dag_faults, ("RunInstances", "RequestLimitExceeded", 503, None), git_ref=sha
+    )
 
     states = task_states(dag_run)
     assert dag_run.state == "failed"
@@ -82,15 +84,11 @@ def test_throttling_that_never_ends_is_bounded_and_launches_nothing(
     assert len(run) == tries * AWS_RETRIES["total_max_attempts"] == 3 * 5
     assert "RequestLimitExceeded: injected RequestLimitExceeded" in log, "the failure keeps EC2's reason"
     assert_all_terminated(env, dag_run, 0)
-    record_run(
-        fault_table,
+    dag_faults.record(
+        dag_run,
+        log,
         "EC2 RunInstances throttled (503) on every request",
         "bounded: launch fails after its tries x the client's attempts; nothing launched",
         f"{len(run)} HTTP requests = {tries} launch tries x {AWS_RETRIES['total_max_attempts']} attempts; "
         "error names RequestLimitExceeded; 0 instances; run failed",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )

@@ -18,9 +18,8 @@ import pytest
 
 from embedded.deploy.stack import GITHUB_REPO, EmbeddedStack
 from embedded.services.github_standin import ABSENT
-from tests.support.fault_table import FaultTable
-from tests.support.faults import output, record_run
-from tests.support.pipeline import ProcessListSampler, assert_all_terminated, run_dag, task_states
+from tests.support.faults import DagRunFaults
+from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +42,15 @@ def gate(env: EmbeddedStack, dags_folder: Path, monkeypatch: pytest.MonkeyPatch)
     return bag.get_dag("ci_gate_test")
 
 
+def run_gate(gate: Any, dag_faults: DagRunFaults, state: str, **conf: Any) -> tuple[Any, str]:
+    """One run of the gate's test DAG, ending in `state` as its only task does, with nothing launched; and its log."""
+    dag_run = gate.test(run_conf=conf)
+    log = dag_faults.log()
+    assert (dag_run.state, task_states(dag_run)) == (state, {"ci_gate": state})
+    assert_all_terminated(dag_faults.stack, dag_run, 0)
+    return dag_run, log
+
+
 @pytest.fixture
 def scripted(env: EmbeddedStack, sha: str) -> Any:
     """The stand-in's runs for HEAD, restored to one green run afterwards (other tests train HEAD)."""
@@ -53,11 +61,7 @@ def scripted(env: EmbeddedStack, sha: str) -> Any:
 def test_5xx_burst_and_rate_limit_are_waited_out(
     env: EmbeddedStack,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
     commits = f"/repos/{GITHUB_REPO}/commits/{sha}"
     before = env.github.request_count(commits)
@@ -74,7 +78,7 @@ def test_5xx_burst_and_rate_limit_are_waited_out(
     limiter.start()
     dag_run = run_dag(git_ref=sha)
     limiter.join(timeout=5)
-    log = output(capfd, caplog)
+    log = dag_faults.log()
 
     states = task_states(dag_run)
     assert dag_run.state == "success", states
@@ -87,16 +91,12 @@ def test_5xx_burst_and_rate_limit_are_waited_out(
     assert len(waits) == 1, f"the rate limit was not logged once: {waits}"
     assert 1.0 <= float(waits[0]) <= 5.0, f"waited {waits[0]} s for a reset ~2 s away"
     assert_all_terminated(env, dag_run, 1)
-    record_run(
-        fault_table,
+    dag_faults.record(
+        dag_run,
+        log,
         "GitHub 502 x3 then rate limit (DAG)",
         "gate retries, waits for the reset, run succeeds",
         f"3 retries (2+4+8 s back-off), waited {float(waits[0]):.1f} s for the reset; ci_gate try 1; run success",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )
 
 
@@ -104,85 +104,55 @@ def test_malformed_answer_fails_the_gate_clearly_without_retry(
     env: EmbeddedStack,
     gate: Any,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
     runs_path = f"/repos/{GITHUB_REPO}/actions/runs"
     # A run without the workflow_id GitHub always sends: something else answers at api_url.
     env.github.malformed_next(payload={"total_count": 1, "workflow_runs": [{"id": 1}]}, path=runs_path)
     before = env.github.request_count(runs_path)
-    dag_run = gate.test(run_conf={"git_ref": sha})
-    log = output(capfd, caplog)
+    dag_run, log = run_gate(gate, dag_faults, "failed", git_ref=sha)
 
-    assert dag_run.state == "failed"
-    assert task_states(dag_run) == {"ci_gate": "failed"}
     assert "GitHub answered a workflow run this gate cannot read" in log
     assert "'workflow_id' is missing" in log
     assert "check that api_url points at the GitHub REST API" in log
     assert env.github.request_count(runs_path) - before == 1, "the same answer was asked for again"
     assert "AirflowFailException" in log, "a malformed answer must fail without the task's retries"
-    assert_all_terminated(env, dag_run, 0)
-    record_run(
-        fault_table,
+    dag_faults.record(
+        dag_run,
+        log,
         "GitHub answers a run without workflow_id (gate DAG)",
         "clear error, gate fails without retry, nothing launched",
         "ci_gate failed at once: 'workflow run this gate cannot read ... check api_url'; 1 request; 0 instances",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )
 
 
 def test_commit_without_workflow_runs_fails_after_the_no_runs_timeout(
-    env: EmbeddedStack,
     gate: Any,
     sha: str,
     scripted: Any,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
     scripted.set_runs(sha, [])
     started = time.monotonic()
-    dag_run = gate.test(run_conf={"git_ref": sha, "no_runs_timeout_s": 2})
+    dag_run, log = run_gate(gate, dag_faults, "failed", git_ref=sha, no_runs_timeout_s=2)
     elapsed = time.monotonic() - started
-    log = output(capfd, caplog)
 
-    assert dag_run.state == "failed"
-    assert task_states(dag_run) == {"ci_gate": "failed"}
     assert "no GitHub Actions workflow run appeared for this commit" in log
     assert elapsed < 30, f"the 2 s no-runs timeout took {elapsed:.0f} s"
-    assert_all_terminated(env, dag_run, 0)
-    record_run(
-        fault_table,
+    dag_faults.record(
+        dag_run,
+        log,
         "commit with no workflow runs (gate DAG, 2 s)",
         "fails 'no workflow run', nothing launched",
         f"ci_gate failed after {elapsed:.0f} s: 'no ... workflow run appeared'",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )
 
 
 def test_green_rerun_of_an_older_run_decides_over_a_newer_red_run(
-    env: EmbeddedStack,
     gate: Any,
     sha: str,
     scripted: Any,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
     scripted.set_runs(
         sha,
@@ -201,24 +171,17 @@ def test_green_rerun_of_an_older_run_decides_over_a_newer_red_run(
             {"id": 4244, "workflow_id": 8, "name": ABSENT, "path": ".github/workflows/lint.yml"},
         ],
     )
-    dag_run = gate.test(run_conf={"git_ref": sha})
-    log = output(capfd, caplog)
+    dag_run, log = run_gate(gate, dag_faults, "success", git_ref=sha)
 
-    assert dag_run.state == "success", task_states(dag_run)
     assert dag_run.get_task_instance("ci_gate").xcom_pull(task_ids="ci_gate") == sha
     assert "CI gate passed: all 2 workflow(s) passed" in log
     assert "workflow 'CI' (attempt 2): completed/success" in log
     assert "workflow 'lint.yml' (attempt 1): completed/success" in log
     assert "completed/failure" not in log, "the older attempt's newer sibling must not decide"
-    assert_all_terminated(env, dag_run, 0)
-    record_run(
-        fault_table,
+    dag_faults.record(
+        dag_run,
+        log,
         "re-run of an older run passed after a newer run failed; an unnamed run (gate DAG)",
         "the latest attempt decides: gate passes",
         "ci_gate success on run 4242 attempt 2; run 4243 (red, created later) ignored; unnamed run read",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )

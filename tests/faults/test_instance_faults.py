@@ -6,15 +6,15 @@ Each fault is injected from a thread as soon as the run's job logs its first epo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack
-from tests.support.fault_table import FaultTable
-from tests.support.faults import OnTraining, drop_ssh, kill_job, output, record_run
+from tests.support.faults import DagRunFaults, OnTraining, drop_ssh, kill_job
 from tests.support.pipeline import (
-    ProcessListSampler,
     assert_all_terminated,
     run_dag,
     task_states,
@@ -28,19 +28,30 @@ EPOCHS = 30
 MLFLOW_DOWN_S = 10.0
 
 
+def run_with_fault(dag_faults: DagRunFaults, fault: Callable[[Path], Any], **conf: Any) -> tuple[OnTraining, Any, str]:
+    """A training DAG run with `fault` injected as soon as its job logs its first epoch: the fault, the run, its log."""
+    with OnTraining(dag_faults.stack, fault) as injected:
+        dag_run = run_dag(**conf)
+    return injected, dag_run, dag_faults.log()
+
+
+def record_trained(
+    dag_faults: DagRunFaults, dag_run: Any, log: str, scenario: str, expected: str, observed: str
+) -> None:
+    """The run's row, once its one instance is terminated and the process-list scan saw its job."""
+    assert_all_terminated(dag_faults.stack, dag_run, 1)
+    assert dag_faults.processes.saw(training_job_command(dag_faults.stack)), (
+        "the sampler never saw the job: no scan of it"
+    )
+    dag_faults.record(dag_run, log, scenario, expected, observed)
+
+
 def test_ssh_dropped_mid_training_reconnects_to_the_same_job(
     env: EmbeddedStack,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
-    with OnTraining(env, lambda job_dir: drop_ssh(env, job_dir)) as fault:
-        dag_run = run_dag(git_ref=sha, epochs=EPOCHS)
-    log = output(capfd, caplog)
-
+    fault, dag_run, log = run_with_fault(dag_faults, lambda job_dir: drop_ssh(env, job_dir), git_ref=sha, epochs=EPOCHS)
     states = task_states(dag_run)
     assert dag_run.state == "success", states
     assert set(states.values()) == {"success"}
@@ -53,34 +64,22 @@ def test_ssh_dropped_mid_training_reconnects_to_the_same_job(
     assert (fault.job_dir / "exit_code").read_text().strip() == "0"
     assert (fault.job_dir / "output.log").read_text().count("=== Running command") == 1, "one job, started once"
     assert f"train | epoch {EPOCHS}/{EPOCHS}" in log, "the stream went on to the end"
-    assert_all_terminated(env, dag_run, 1)
-    assert processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
-    record_run(
-        fault_table,
+    record_trained(
+        dag_faults,
+        dag_run,
+        log,
         "SSH dropped mid-training (sshd restarted, sessions killed)",
         "train reconnects, streams to the end; one job; run succeeds",
         f"{fault.result} session processes killed; reconnect logged; 1 job, exit 0; train try 1; run success",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )
 
 
 def test_job_killed_on_the_instance_fails_the_run_and_terminates(
     env: EmbeddedStack,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
-    with OnTraining(env, kill_job) as fault:
-        dag_run = run_dag(git_ref=sha, epochs=EPOCHS * 10)
-    log = output(capfd, caplog)
-
+    fault, dag_run, log = run_with_fault(dag_faults, kill_job, git_ref=sha, epochs=EPOCHS * 10)
     states = task_states(dag_run)
     assert dag_run.state == "failed"
     assert states["train"] == "failed"
@@ -103,30 +102,21 @@ def test_job_killed_on_the_instance_fails_the_run_and_terminates(
     bundle = {a.path for a in client.list_artifacts(run_id, "postmortem")}
     assert {"postmortem/job-output.log", "postmortem/bootstrap.log", "postmortem/kernel.log"} <= bundle, bundle
     assert "the instance's logs are the run's 'postmortem/' artifacts" in log
-    assert_all_terminated(env, dag_run, 1)
-    assert processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
-    record_run(
-        fault_table,
+    record_trained(
+        dag_faults,
+        dag_run,
+        log,
         "training job's process group SIGKILLed",
         "train fails clearly, run fails, instance terminated",
         "train failed at once, no retry: 'no running process and no exit code ... trigger a new DAG run'; "
         "terminate ran; run failed",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )
 
 
 def test_mlflow_down_for_a_while_is_retried_by_the_job(
     env: EmbeddedStack,
     sha: str,
-    planted: dict[str, str],
-    processes: ProcessListSampler,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    dag_faults: DagRunFaults,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -139,10 +129,7 @@ def test_mlflow_down_for_a_while_is_retried_by_the_job(
             env.mlflow.start()  # same port: the job's tracking URI stays valid
         return time.monotonic() - stopped
 
-    with OnTraining(env, outage) as fault:
-        dag_run = run_dag(git_ref=sha, epochs=EPOCHS)
-    log = output(capfd, caplog)
-
+    fault, dag_run, log = run_with_fault(dag_faults, outage, git_ref=sha, epochs=EPOCHS)
     states = task_states(dag_run)
     assert dag_run.state == "success", states
     assert set(states.values()) == {"success"}
@@ -155,16 +142,11 @@ def test_mlflow_down_for_a_while_is_retried_by_the_job(
     run = MlflowClient(env.mlflow.url).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics.get("test_accuracy") is not None
-    assert_all_terminated(env, dag_run, 1)
-    assert processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
-    record_run(
-        fault_table,
+    record_trained(
+        dag_faults,
+        dag_run,
+        log,
         f"MLflow server down ~{fault.result:.0f} s mid-training",
         "the job's MLflow client retries; run succeeds",
         f"{retried} client retries in the job log; MLflow run FINISHED with metrics; run success",
-        stack=env,
-        dag_run=dag_run,
-        planted=planted,
-        log=log,
-        processes=processes,
     )

@@ -15,7 +15,8 @@ from embedded.services.slack_webhook import SlackWebhookStandIn
 from orchestrator.observe.notify import send_notifications
 from tests.orchestrator.observe.test_notify import BOTH, FAILURE, SLACK_CONN, SMTP_CONN, notify_settings
 from tests.support.fault_table import FaultTable
-from tests.support.pipeline import ProcessListSampler, planted_found
+from tests.support.faults import record_nothing_launched
+from tests.support.pipeline import ProcessListSampler
 
 
 def test_failing_notifiers_are_warnings_that_leak_nothing(
@@ -55,13 +56,11 @@ def test_failing_notifiers_are_warnings_that_leak_nothing(
     assert len(warnings) == 2, warnings
     assert "Status Code: 500" in warnings[0] and "ConnectionRefusedError" in warnings[1]
     out = capsys.readouterr()
-    found = planted_found(planted, {"log": caplog.text, "output": out.out + out.err, "process list": processes.text()})
-    leaks = sum(found.values())
-    assert leaks == 0, found
-    fault_table.record(
+    record_nothing_launched(
+        fault_table,
         "unit: Slack webhook answers 500, SMTP server down (send_notifications)",
         "a warning per channel; returns normally with no channel sent; no secret shown",
         f"2 warnings ('Status Code: 500 ... rollup_error', 'ConnectionRefusedError') in {elapsed:.1f} s; sent []",
-        0,
-        leaks,
+        planted=planted,
+        places={"log": caplog.text, "output": out.out + out.err, "process list": processes.text()},
     )

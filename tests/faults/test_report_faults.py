@@ -16,8 +16,9 @@ from orchestrator.observe.publish import publish
 from orchestrator.observe.report import Cost
 from tests.orchestrator.observe.test_report import REPORT
 from tests.support.fault_table import FaultTable
+from tests.support.faults import record_nothing_launched
 from tests.support.mlflow_servers import FaultProxy
-from tests.support.pipeline import ProcessListSampler, planted_found
+from tests.support.pipeline import ProcessListSampler
 
 pytestmark = pytest.mark.slow
 
@@ -80,13 +81,12 @@ def test_prices_denied_and_mlflow_refusing_the_cost(
     assert publish(s, replace(REPORT, cost=cost, mlflow_run_id="f" * 32)) == []  # nothing raised
     assert "Run report not published to mlflow: TrackingServerError" in caplog.text
 
-    leaks = sum(planted_found(planted, {"log": caplog.text, "process list": processes.text()}).values())
-    assert leaks == 0
-    fault_table.record(
+    record_nothing_launched(
+        fault_table,
         "unit: report: Price List API AccessDenied, spot history throttled, MLflow 403 on the cost",
         "prices from config/prices.toml naming why; cost not logged, a warning; nothing raised",
         f"fallback-table {on_demand.usd_per_hour} and {spot.usd_per_hour} USD/h, each naming the AWS error code; "
         "MLflow 403 logged as a warning; publish returned []",
-        0,
-        leaks,
+        planted=planted,
+        places={"log": caplog.text, "process list": processes.text()},
     )

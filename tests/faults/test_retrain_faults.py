@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,8 +21,7 @@ from embedded.cloud import DATASET_BUCKET
 from embedded.deploy.stack import TINY_DATA_URI, EmbeddedStack
 from embedded.services.datasets import upload_version
 from tests.support.fault_table import FaultTable
-from tests.support.faults import output
-from tests.support.leak_scan import planted_found
+from tests.support.faults import output, record_nothing_launched
 from tests.support.pipeline import run_dag, task_states, with_quick_retries
 
 pytestmark = pytest.mark.slow
@@ -68,24 +68,48 @@ def training_runs() -> dict[str, dict[str, Any]]:
         return {run.run_id: {"conf": dict(run.conf or {}), "state": str(run.state)} for run in runs}
 
 
-def no_planted_secret(planted: dict[str, str], log: str) -> int:
-    found = planted_found(planted, {"log": log})
-    assert not found, found
-    return 0
+@dataclass(frozen=True)
+class RetrainFaults:
+    """What a retrain fault test reads and records: the output logged, and the test's row once no planted secret shows
+    in the log it passes (nothing is launched by these faults)."""
+
+    planted: dict[str, str]
+    capfd: pytest.CaptureFixture[str]
+    caplog: pytest.LogCaptureFixture
+    table: FaultTable
+
+    def log(self) -> str:
+        return output(self.capfd, self.caplog)
+
+    def clear(self) -> None:
+        """Forget what was logged so far: the next `log()` holds only what comes after."""
+        self.capfd.readouterr()
+        self.caplog.clear()
+
+    def record(self, log: str, scenario: str, expected: str, observed: str) -> None:
+        record_nothing_launched(self.table, scenario, expected, observed, planted=self.planted, places={"log": log})
+
+
+@pytest.fixture
+def retrain_faults(
+    planted: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    fault_table: FaultTable,
+) -> RetrainFaults:
+    """The planted secrets (in the connections), the captured output and the test's fault-table row."""
+    return RetrainFaults(planted, capfd, caplog, fault_table)
 
 
 def test_incomplete_upload_trains_nothing(
     env: EmbeddedStack,
     datasets: str,
-    planted: dict[str, str],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    retrain_faults: RetrainFaults,
 ) -> None:
     before = training_runs()
     keys = upload_version(env.cloud.client("s3"), datasets, "v1", data_uri=TINY_DATA_URI, complete=False)
     dag_run = load_dag("ec2_retrain").test()
-    log = output(capfd, caplog)
+    log = retrain_faults.log()
     states = task_states(dag_run)
     assert str(dag_run.state) == "success" and states == {"resolve": "skipped", "trigger_training": "skipped"}
     reason = (
@@ -93,13 +117,12 @@ def test_incomplete_upload_trains_nothing(
     )
     assert f"{reason}; without their marker (still uploading?): v1" in log
     assert training_runs() == before
-    fault_table.record(
+    retrain_faults.record(
+        log,
         "dataset version uploaded without its marker (ec2_retrain)",
         "skipped with the reason, no training started",
         f"{len(keys)} objects, no _SUCCESS: resolve skipped 'no complete dataset version ... still uploading?: v1'; "
         "0 ec2_training runs",
-        0,
-        no_planted_secret(planted, log),
     )
 
 
@@ -107,14 +130,11 @@ def test_training_on_a_half_uploaded_version_fails_before_launch(
     env: EmbeddedStack,
     datasets: str,
     sha: str,
-    planted: dict[str, str],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    retrain_faults: RetrainFaults,
 ) -> None:
     upload_version(env.cloud.client("s3"), datasets, "v1", data_uri=TINY_DATA_URI, complete=False)
     dag_run = run_dag(git_ref=sha, data_uri=f"{datasets}v1/")
-    log = output(capfd, caplog)
+    log = retrain_faults.log()
     states = task_states(dag_run)
     assert str(dag_run.state) == "failed" and states["plan_launch"] == "failed", states
     assert states["launch"] != "success"
@@ -123,13 +143,12 @@ def test_training_on_a_half_uploaded_version_fails_before_launch(
         Filters=[{"Name": "tag:ec2-trainer:run_id", "Values": [dag_run.run_id]}]
     )["Reservations"]
     assert instances == []
-    fault_table.record(
+    retrain_faults.record(
+        log,
         "ec2_training given a version without its marker",
         "plan_launch fails without retry, saying to wait for the marker; nothing launched",
         "plan_launch failed try 1: 'dataset version 'v1' ... is incomplete: its marker ... is missing. Wait'; "
         "0 instances",
-        0,
-        no_planted_secret(planted, log),
     )
 
 
@@ -137,11 +156,8 @@ def test_nothing_changed_since_the_last_training_is_skipped(
     env: EmbeddedStack,
     datasets: str,
     sha: str,
-    planted: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    retrain_faults: RetrainFaults,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -169,21 +185,19 @@ def test_nothing_changed_since_the_last_training_is_skipped(
     tags = {"mlflow.source.git.commit": sha, **version.tags(), PROMOTION_TAG: "not_promoted"}
     trained = client.create_run(experiment_id, tags=tags)
     client.set_terminated(trained.info.run_id, "FINISHED")
-    capfd.readouterr()
-    caplog.clear()
+    retrain_faults.clear()
     again = dag.test()
-    log = output(capfd, caplog)
+    log = retrain_faults.log()
     assert str(again.state) == "success"
     assert task_states(again) == {"resolve": "skipped", "trigger_training": "skipped"}
     assert f"nothing changed: MLflow run {trained.info.run_id} already trained commit {sha} on this data" in log
     assert [rid for rid in training_runs() if rid.startswith(f"retrain__{sha[:12]}__")] == [run_id]
-    fault_table.record(
+    retrain_faults.record(
+        log,
         "scheduled retrain, nothing changed since a finished, gated training of that commit and data",
         "skipped with the reason, no GPU time",
         "first run triggered ec2_training; after its MLflow run FINISHED and gated the next resolve skipped "
         "'nothing changed: MLflow run ... already trained commit ...'; 1 ec2_training run",
-        0,
-        no_planted_secret(planted, log),
     )
 
 
@@ -278,10 +292,7 @@ def test_a_poison_message_is_deleted_and_the_marker_after_it_trains(
     datasets: str,
     sha: str,
     queue: str,
-    planted: dict[str, str],
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    retrain_faults: RetrainFaults,
 ) -> None:
     _, prefix = datasets.split(f"{DATASET_BUCKET}/", 1)
     # Data of its own (another seed): the skip compares contents, and another test in this process gated TINY's.
@@ -302,7 +313,7 @@ def test_a_poison_message_is_deleted_and_the_marker_after_it_trains(
     assert (left["ApproximateNumberOfMessages"], left["ApproximateNumberOfMessagesNotVisible"]) == ("0", "0")
     # The asset event schedules ec2_retrain, which starts the training (a live scheduler does the same).
     dag_run = load_dag("ec2_retrain").test()
-    log = output(capfd, caplog)
+    log = retrain_faults.log()
     assert task_states(dag_run) == {"resolve": "success", "trigger_training": "success"}, task_states(dag_run)
     # This test's trainings: its own prefix (other tests in this process start trainings of the same commit).
     started = [
@@ -314,13 +325,12 @@ def test_a_poison_message_is_deleted_and_the_marker_after_it_trains(
     unreadable = [line for line in log.splitlines() if "Deleting the unreadable message" in line]
     assert len(unreadable) == len(poison), log
     assert "Records[0].s3 is a list, not a dict" in log and "RecursionError" in log and "over the 262144" in log
-    fault_table.record(
+    retrain_faults.record(
+        log,
         "poison SQS messages (s3 as a list, JSON nested 100000 deep, 300 KiB) before a valid marker",
         "each logged and deleted as unreadable; the valid marker fires, ec2_retrain starts one training",
         f"{len(poison)} 'Deleting the unreadable message' warnings; event versions ['v1']; queue empty; "
         "1 ec2_training run on v1",
-        0,
-        no_planted_secret(planted, log),
     )
 
 
@@ -360,11 +370,8 @@ def test_a_batch_the_watcher_cannot_delete_is_logged_and_watching_goes_on(
 def test_an_unreachable_queue_is_waited_out(
     env: EmbeddedStack,
     datasets: str,
-    planted: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    fault_table: FaultTable,
+    retrain_faults: RetrainFaults,
 ) -> None:
     from embedded.process import free_port
     from orchestrator.datasets.triggers import DatasetQueueTrigger
@@ -394,16 +401,15 @@ def test_an_unreachable_queue_is_waited_out(
         return events
 
     events = asyncio.run(watch())
-    log = output(capfd, caplog)
+    log = retrain_faults.log()
     warnings = [line for line in log.splitlines() if "Cannot read the dataset queue" in line]
     assert events == [] and len(warnings) >= 2, log
     assert "check datasets.sqs_queue_url and the aws connection's sqs:ReceiveMessage. Next try in 2 s" in warnings[0]
     assert "Next try in 4 s" in warnings[1]
-    fault_table.record(
+    retrain_faults.record(
+        log,
         "SQS queue unreachable (the asset watcher)",
         "the watcher logs why and retries with back-off; no event, no training",
         f"{len(warnings)} warning(s) in {UNREACHABLE_WATCH_S:.0f} s: 'Cannot read the dataset queue ... Next try in "
         "2 s', then 4 s; 0 events",
-        0,
-        no_planted_secret(planted, log),
     )

@@ -29,7 +29,7 @@ from embedded.deploy.airflow_local import LocalAirflow
 from embedded.deploy.load import DAG_ID, Sampler
 from embedded.deploy.stack import EmbeddedStack
 from tests.support.fault_table import FaultTable
-from tests.support.faults import OnTraining, hold_job, release_after_reattach, scan
+from tests.support.faults import OnTraining, hold_job, record_nothing_launched, release_after_reattach, scan
 from tests.support.pipeline import ProcessListSampler, planted_connections, planted_found
 from tests.support.tools import missing_tool
 
@@ -147,6 +147,30 @@ def when_task(
     return action()
 
 
+def when_deferred(
+    airflow: LocalAirflow, run_id: str, action: Callable[[], Any], timeout_s: float = 120
+) -> Callable[[Path], Any]:
+    """A fault for OnTraining: `action`, run once the run's train task is deferred (its job trains, followed from the
+    triggerer); the fault's result is what `action` returns."""
+    return lambda job_dir: when_task(airflow, run_id, "train", "deferred", action, timeout_s)
+
+
+def triggered_with_fault(
+    fault: Callable[[Path], Any],
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    run_id: str,
+    conf: dict[str, Any],
+    timeout_s: float = 600,
+) -> tuple[OnTraining, str]:
+    """Trigger a training run, inject `fault` as soon as its job logs an epoch and wait for the run to end: the injected
+    fault (its job_dir and result), and the run's state."""
+    with OnTraining(stack, fault) as injected:
+        airflow.trigger(DAG_ID, run_id, conf)
+        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=timeout_s)[run_id]
+    return injected, state
+
+
 def clear_task(airflow: LocalAirflow, run_id: str, task_id: str) -> None:
     """What a user's "Clear" on the task in the UI sends (the REST API, with a token of its own)."""
     with urllib.request.urlopen(f"{airflow.url}/auth/token", timeout=30) as response:
@@ -194,16 +218,13 @@ def stopped_mid_training(airflow: LocalAirflow, stack: EmbeddedStack, sha: str, 
         hold_job(job_dir)
         return kill_task_process(airflow, KILLED, "train")
 
-    def on_deferred(run_id: str) -> Callable[[Path], Any]:
-        return lambda job_dir: when_task(airflow, run_id, "train", "deferred", deferred[run_id])
-
     with ProcessListSampler() as processes, contextlib.ExitStack() as faults:
         hooks = {KILLED: faults.enter_context(OnTraining(stack, kill_train, KILLED))}
         with not_deferrable(settings_file):
             airflow.trigger(DAG_ID, KILLED, {"git_ref": sha, "epochs": 8})
             when_task(airflow, KILLED, "resolve_config", "success", lambda: None)
-        for run_id in deferred:
-            hooks[run_id] = faults.enter_context(OnTraining(stack, on_deferred(run_id), run_id))
+        for run_id, action in deferred.items():
+            hooks[run_id] = faults.enter_context(OnTraining(stack, when_deferred(airflow, run_id, action), run_id))
             airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
         release_after_reattach(lambda: airflow.task_log(DAG_ID, KILLED, "train"), hooks[KILLED])
         states = airflow.wait_for_runs(DAG_ID, list(hooks), timeout_s=900)
@@ -300,12 +321,14 @@ def test_triggerer_restart_mid_training_does_not_kill_the_job(
 ) -> None:
     run_id = "triggerer_restart__01"
     # The new triggerer stays the deployment's own: the module's later tests defer to it.
-    with OnTraining(
+    restart, state = triggered_with_fault(
+        when_deferred(airflow, run_id, lambda: airflow.restart_component("triggerer")),
+        airflow,
         stack,
-        lambda job_dir: when_task(airflow, run_id, "train", "deferred", lambda: airflow.restart_component("triggerer")),
-    ) as restart:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 30})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
+        run_id,
+        {"git_ref": sha, "epochs": 30},
+        timeout_s=900,
+    )
     job_dir: Path = restart.job_dir  # type: ignore[assignment]
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
@@ -349,11 +372,13 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
                 time.sleep(0.5)
         return instance_id
 
-    with OnTraining(
-        stack, lambda job_dir: when_task(airflow, run_id, "train", "deferred", power_off_while_the_triggerer_is_down)
-    ) as fault:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 200})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=600)[run_id]
+    fault, state = triggered_with_fault(
+        when_deferred(airflow, run_id, power_off_while_the_triggerer_is_down),
+        airflow,
+        stack,
+        run_id,
+        {"git_ref": sha, "epochs": 200},
+    )
     tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
     train_log = airflow.task_log(DAG_ID, run_id, "train")
     mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
@@ -513,12 +538,13 @@ def test_sweep_params_the_form_refuses_start_nothing(
         "sweep_invalid__01__set1": [],
         "sweep_invalid__01__set2": [],
     }
-    fault_table.record(
+    record_nothing_launched(
+        fault_table,
         "sweep set with epochs=0 (REST trigger)",
         "refused by the API as the form refuses it, naming the param; no DAG run, nothing launched",
         "HTTP 400 'Invalid input for param sets: 0 is less than the minimum of 1'; no run created",
-        0,
-        sum(planted_found(planted_in_airflow, {"API answer": str(refused.value)}).values()),
+        planted=planted_in_airflow,
+        places={"API answer": str(refused.value)},
     )
 
 
@@ -539,13 +565,14 @@ def test_a_grid_of_too_many_sets_fails_before_the_ci_gate(
     assert tis["ci_gate"]["state"] == "upstream_failed" and tis["start_sweep"]["state"] == "upstream_failed"
     children = [run["dag_run_id"] for run in airflow.dag_runs(DAG_ID) if run["dag_run_id"].startswith(run_id)]
     assert children == []
-    fault_table.record(
+    record_nothing_launched(
+        fault_table,
         "sweep grid of 5 x 4 = 20 sets (over the 16 allowed)",
         "resolve_sweep fails at once, saying what to do; no CI wait, no parent run, no set, nothing launched",
         f"resolve_sweep failed, try 1: 'grid gives 20 sets; expected 2 to 16: split it into several sweeps'; "
         f"ci_gate {tis['ci_gate']['state']}; 0 sets; run {state}",
-        0,
-        sum(planted_found(planted_in_airflow, {"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)}).values()),
+        planted=planted_in_airflow,
+        places={"sweep task logs": airflow.task_log(SWEEP_DAG_ID, run_id)},
     )
 
 
@@ -565,12 +592,27 @@ def near_the_end(job_dir: Path, epochs: int, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
-def gated_outcome(airflow: LocalAirflow, stack: EmbeddedStack, run_id: str) -> tuple[str, dict[str, Any], list[str]]:
-    """The run's MLflow run status and tags (train's result), and its instances' states."""
+def succeeded_and_gated(
+    airflow: LocalAirflow, stack: EmbeddedStack, run_id: str, state: str
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Check that a run ended in `state` succeeded all the same: its model gated (evaluate succeeded, train's MLflow
+    run FINISHED with a promotion verdict), its instance terminated, no component given up. Returns the run's task
+    instances, and its MLflow run's status and tags."""
     from mlflow import MlflowClient
 
+    from orchestrator.contracts import PROMOTION_TAG
+
+    tis = airflow.task_instances(DAG_ID, run_id)
     mlflow_run = MlflowClient(tracking_uri=stack.mlflow.url).get_run(airflow.xcom(DAG_ID, run_id, "train"))
-    return mlflow_run.info.status, mlflow_run.data.tags, instance_states(stack, [run_id])[run_id]
+    status, tags = mlflow_run.info.status, mlflow_run.data.tags
+    instances = instance_states(stack, [run_id])[run_id]
+
+    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
+    assert tis["evaluate"]["state"] == "success"
+    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
+    assert instances == ["terminated"]
+    assert airflow.given_up == {}
+    return tis, status, tags
 
 
 @pytest.mark.parametrize("component", ["api-server", "scheduler"])
@@ -591,23 +633,14 @@ def test_a_control_plane_outage_at_the_end_of_training_costs_time_not_the_run(
             time.sleep(OUTAGE_S)
         return pid
 
-    with OnTraining(stack, outage) as fault:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": epochs})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=1500)[run_id]
-    tis = airflow.task_instances(DAG_ID, run_id)
-    status, tags, instances = gated_outcome(airflow, stack, run_id)
-
-    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
-    assert tis["evaluate"]["state"] == "success"
-    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
-    assert instances == ["terminated"]
-    assert airflow.given_up == {}
+    fault, state = triggered_with_fault(outage, airflow, stack, run_id, {"git_ref": sha, "epochs": epochs}, 1500)
+    tis, status, tags = succeeded_and_gated(airflow, stack, run_id, state)
     fault_table.record(
         f"{component} down {OUTAGE_S} s as training ends (real scheduler)",
         "tasks wait or retry with back-off; the run succeeds and the model is gated; instance terminated",
         f"{component} pid {fault.result} stopped for {OUTAGE_S} s; train try {tis['train']['try_number']}, evaluate "
         f"try {tis['evaluate']['try_number']}; MLflow run {status}, promotion {tags[PROMOTION_TAG]}; run {state}",
-        sum(1 for s in instances if s != "terminated"),
+        0,
         0,
     )
 
@@ -637,21 +670,13 @@ def test_the_metadata_database_locked_mid_training_delays_the_run(
             connection.execute("ROLLBACK")
             connection.close()
 
-    with OnTraining(stack, lock) as fault:
-        airflow.trigger(DAG_ID, run_id, {"git_ref": sha, "epochs": 8})
-        state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=1200)[run_id]
-    tis = airflow.task_instances(DAG_ID, run_id)
-    status, tags, instances = gated_outcome(airflow, stack, run_id)
-
-    assert state == "success", {task: (ti["state"], ti["try_number"]) for task, ti in tis.items()}
-    assert status == "FINISHED" and tags[PROMOTION_TAG] in ("promoted", "not_promoted"), tags
-    assert instances == ["terminated"]
-    assert airflow.given_up == {}
+    fault, state = triggered_with_fault(lock, airflow, stack, run_id, {"git_ref": sha, "epochs": 8}, 1200)
+    tis, _, tags = succeeded_and_gated(airflow, stack, run_id, state)
     fault_table.record(
         f"SQLite metadata database exclusively locked {lock_s} s mid-training (real scheduler)",
         "components wait on the busy timeout (a dead one is started again); the run completes; instance terminated",
         f"locked {fault.result:.0f} s; train try {tis['train']['try_number']}; promotion {tags[PROMOTION_TAG]}; "
         f"run {state}",
-        sum(1 for s in instances if s != "terminated"),
+        0,
         0,
     )

@@ -12,8 +12,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from embedded.cloud import EmulatedInstance
 from embedded.deploy.airflow_local import LocalAirflow
@@ -53,6 +56,52 @@ def record_run(
     assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found: {found}"
     assert left == 0, f"{left} instance(s) of the run are not terminated"
     table.record(scenario, expected, observed, left, leaks)
+
+
+def record_nothing_launched(
+    table: FaultTable,
+    scenario: str,
+    expected: str,
+    observed: str,
+    *,
+    planted: Mapping[str, str],
+    places: Mapping[str, str],
+) -> None:
+    """Record the row of a fault that launched no instance, once no planted secret shows in `places` (name -> text)."""
+    found = planted_found(planted, places)
+    leaks = sum(found.values())
+    assert leaks == 0, f"{leaks} occurrence(s) of planted secrets found: {found}"
+    table.record(scenario, expected, observed, 0, leaks)
+
+
+@dataclass(frozen=True)
+class DagRunFaults:
+    """What a fault test of a training DAG run in this process (`dag.test()`) reads and records: the output the run
+    logged, and the run's row once it leaked no planted secret and left no instance running (`record_run`)."""
+
+    stack: EmbeddedStack
+    planted: dict[str, str]
+    processes: ProcessListSampler
+    table: FaultTable
+    capfd: pytest.CaptureFixture[str]
+    caplog: pytest.LogCaptureFixture
+
+    def log(self) -> str:
+        """What the run logged: `output`."""
+        return output(self.capfd, self.caplog)
+
+    def record(self, dag_run: Any, log: str, scenario: str, expected: str, observed: str) -> None:
+        record_run(
+            self.table,
+            scenario,
+            expected,
+            observed,
+            stack=self.stack,
+            dag_run=dag_run,
+            planted=self.planted,
+            log=log,
+            processes=self.processes,
+        )
 
 
 def scan(

@@ -1,7 +1,7 @@
 """docs/configuration.md, generated from the settings model (orchestrator/config/settings.py) and config/defaults.toml.
 
 `make config-reference` (`python -m orchestrator.config.settings_reference > docs/configuration.md`) writes it;
-tests/orchestrator/test_settings_reference.py fails when the committed file is not current.
+tests/orchestrator/config/test_settings_reference.py fails when the committed file is not current.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def test_the_job_wrapper_reports_the_signal_that_killed_the_training(script: str
     import subprocess
     from pathlib import Path
 
-    wrapper = Path(__file__).resolve().parents[2] / "remote" / "report_signal.sh"
+    wrapper = Path(__file__).resolve().parents[3] / "remote" / "report_signal.sh"
     done = subprocess.run(
         ["bash", str(wrapper), "sh", "-c", script], capture_output=True, text=True, timeout=60, check=False
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from orchestrator.config.settings import ENV_PREFIX, Settings
 from orchestrator.config.settings_reference import COMMAND, reference
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 
 def test_the_configuration_reference_is_current() -> None:
