@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from embedded.deploy.preload import LOCAL_SETTINGS, LOCAL_SETTINGS_SOURCE
 from embedded.deploy.production import deployment_settings
 from embedded.process import Managed, free_port, start_logged, stop_process, wait_for_http
 
@@ -145,7 +146,8 @@ class LocalAirflow(Managed):
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config").mkdir(parents=True, exist_ok=True)
+        (self.home / "config" / LOCAL_SETTINGS).write_text(LOCAL_SETTINGS_SOURCE)
         self._cli("db", "migrate")
         self._cli("pools", "import", str(REPO / "config" / "pools.json"))
         for name in SUPERVISED:
