@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -41,8 +40,6 @@ def test_an_unknown_image_is_a_config_error(cloud: StrictAws) -> None:
 
 def moto_image(image_id: str) -> Any:
     from moto.ec2.models import ec2_backends
-
-    from tests.support.aws_cloud import REGION
 
     return ec2_backends[ACCOUNT_ID][REGION].amis[image_id]
 
@@ -138,32 +135,3 @@ def test_the_instance_profile_must_exist(cloud: StrictAws) -> None:
     check_instance_profile(cloud.iam, f"arn:aws:iam::123456789012:instance-profile/{PROFILE}")
     with pytest.raises(ConfigError, match=r"aws.instance_profile: instance profile 'nope' does not exist"):
         check_instance_profile(cloud.iam, "nope")
-
-
-def test_plan_launch_reads_its_connection_once_for_every_service(
-    cloud: StrictAws, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The Amazon provider logs where it found the credentials once per hook: plan_launch built one per service
-    (EC2, SSM, IAM), and its log said "credentials retrieved from login and password" three times."""
-    from orchestrator.cloud.tasks import plan_launch
-    from orchestrator.config.settings import load_settings
-
-    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": REGION}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
-    settings = load_settings(
-        env={
-            "TRAINER__AWS__DEPLOYMENT": "preflight-test",
-            "TRAINER__AWS__REGION": REGION,
-            "TRAINER__AWS__SUBNET_ID": cloud.network.subnet_id,
-            "TRAINER__AWS__SECURITY_GROUP_IDS": cloud.network.security_group_id,
-            "TRAINER__AWS__INSTANCE_PROFILE": PROFILE,
-            "TRAINER__INSTANCE__SSH_PORT": str(SSH_PORT),
-            "TRAINER__TRAINING__DATA_URI": "synthetic://",
-        }
-    )
-    capsys.readouterr()
-    plan = plan_launch(settings, "a" * 40, "ec2_training", "manual__preflight")
-    assert plan.ami_id == cloud.images[settings.aws.ami_ssm_parameter]
-    # Airflow's own loggers (structlog) write to stdout outside a task.
-    out = capsys.readouterr().out
-    assert out.count("credentials retrieved from login and password") == 1, out
