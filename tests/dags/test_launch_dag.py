@@ -36,20 +36,6 @@ def root_volumes_at_launch(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, tu
     return seen
 
 
-def test_the_root_volume_is_the_images_own_device(
-    env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An Amazon Linux image's root is /dev/xvda: mapping /dev/sda1 would add a volume and leave the root as the
-    image has it (unencrypted, the snapshot's size)."""
-    monkeypatch.setenv("TRAINER__AWS__AMI_SSM_PARAMETER", AMAZON_LINUX_DLAMI.parameter)
-    volumes = root_volumes_at_launch(monkeypatch)
-    dag_run = run_dag(git_ref=sha)
-
-    assert dag_run.state == "success", task_states(dag_run)
-    assert volumes == [{"/dev/xvda": (100, True)}]
-    assert_all_terminated(env, dag_run, 1)
-
-
 def failed_in_plan_launch(env: EmbeddedStack, dag_run: Any, log: str, message: str) -> None:
     states = task_states(dag_run)
     assert dag_run.state == "failed"
@@ -88,33 +74,49 @@ def test_a_security_group_without_ssh_fails_before_launch(
     failed_in_plan_launch(env, dag_run, capfd.readouterr().out, "has an inbound rule for TCP")
 
 
-def test_capacity_taken_back_while_pending_relaunches_on_the_next_type(
+def no_capacity_for(instance_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RunInstances for `instance_type` fails with InsufficientInstanceCapacity, as EC2 answers it."""
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models import EC2Backend
+
+    original = EC2Backend.run_instances
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("instance_type") == instance_type:
+            raise EC2ClientError("InsufficientInstanceCapacity", f"not enough {instance_type} capacity")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EC2Backend, "run_instances", run_instances)
+
+
+def test_a_run_launches_the_image_it_names_on_the_first_type_with_capacity(
     env: EmbeddedStack,
     sha: str,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    launched = take_back_the_first("g6.xlarge", monkeypatch)
-    dag_run = run_dag(git_ref=sha, instance_types=["g6.xlarge", "g5.xlarge"])
+    """The launch decisions of one whole run, each checked step by step in tests/orchestrator/cloud: the image a run
+    names (an earlier run's: the configured parameter holds the Ubuntu image) with that image's own root device (an
+    Amazon Linux image's root is /dev/xvda: mapping /dev/sda1 would add a volume and leave the root as the image has
+    it, unencrypted, the snapshot's size); no capacity for the first type at RunInstances; the second taken back
+    while pending; the third runs and trains."""
+    image = env.cloud.images[AMAZON_LINUX_DLAMI.parameter]
+    no_capacity_for("g6.xlarge", monkeypatch)
+    volumes = root_volumes_at_launch(monkeypatch)  # read before the take-back below deletes the first's
+    launched = take_back_the_first("g5.xlarge", monkeypatch)
+    dag_run = run_dag(git_ref=sha, ami_id=image, instance_types=["g6.xlarge", "g5.xlarge", "g4dn.xlarge"])
 
     assert dag_run.state == "success", task_states(dag_run)
-    assert launched == ["g6.xlarge", "g5.xlarge"]
+    assert launched == ["g5.xlarge", "g4dn.xlarge"]
+    assert volumes == [{"/dev/xvda": (100, True)}] * 2
     instances = assert_all_terminated(env, dag_run, 2)
-    assert sorted(i["InstanceType"] for i in instances.values()) == ["g5.xlarge", "g6.xlarge"]
+    assert sorted(i["InstanceType"] for i in instances.values()) == ["g4dn.xlarge", "g5.xlarge"]
+    assert {i["ImageId"] for i in instances.values()} == {image}
     assert "went terminated before running: Server.InsufficientInstanceCapacity" in output(capfd, caplog)
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
-    assert tis["launch"].try_number == 1 and tis["launch"].xcom_pull(task_ids="launch")["instance_type"] == "g5.xlarge"
-
-
-def test_a_run_repeated_with_ami_id_launches_that_image(env: EmbeddedStack, sha: str) -> None:
-    """The configured parameter holds the Ubuntu image; a run naming an earlier run's image gets that one."""
-    image = env.cloud.images[AMAZON_LINUX_DLAMI.parameter]
-    dag_run = run_dag(git_ref=sha, ami_id=image)
-
-    assert dag_run.state == "success", task_states(dag_run)
-    (instance,) = assert_all_terminated(env, dag_run, 1).values()
-    assert instance["ImageId"] == image
+    assert tis["launch"].try_number == 1
+    assert tis["launch"].xcom_pull(task_ids="launch")["instance_type"] == "g4dn.xlarge"
 
 
 @contextmanager

@@ -319,25 +319,6 @@ def test_unknown_instance_type_is_refused_before_launch(
     assert_all_terminated(env, dag_run, 0)
 
 
-def test_no_capacity_on_first_type_falls_back(env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from moto.ec2.exceptions import EC2ClientError
-    from moto.ec2.models import EC2Backend
-
-    original = EC2Backend.run_instances
-
-    def no_g6(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("instance_type") == "g6.xlarge":
-            raise EC2ClientError("InsufficientInstanceCapacity", "not enough g6.xlarge capacity")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(EC2Backend, "run_instances", no_g6)
-    dag_run = run_dag(git_ref=sha, instance_types=["g6.xlarge", "g5.xlarge"])
-
-    assert dag_run.state == "success", task_states(dag_run)
-    (instance,) = assert_all_terminated(env, dag_run, 1).values()
-    assert instance["InstanceType"] == "g5.xlarge"
-
-
 def test_no_capacity_anywhere_fails_cleanly(env: EmbeddedStack, sha: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models import EC2Backend
