@@ -26,6 +26,10 @@ DATA_URI_SCHEMES = ("s3", "file", "synthetic")
 MAX_DATA_URI = 1024
 # The form's section of the knobs that ec2_sweep sets on each of its runs (a person triggering one run leaves them).
 SWEEP_SECTION = "Sweep (set by ec2_sweep)"
+# Airflow's number field hands a schema's own `minimum`/`maximum` to its NumberInput, which clamps an out-of-range
+# entry on blur without a word (docs/decisions/0112): inside `allOf` the form does not see them, so the value stays
+# as typed and the trigger is refused, jsonschema checking the same bounds.
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 @dataclass(frozen=True)
@@ -53,16 +57,18 @@ class RunParam:
         """The Param's schema: nullable, since empty means the configured value, and shown as Airflow's form can.
 
         Airflow 3's form renders a boolean as a switch that cannot go back to empty, so a boolean is offered as a
-        drop-down of the texts "true"/"false" (settings read them as booleans) plus "configured".
+        drop-down of the texts "true"/"false" (settings read them as booleans) plus "configured". A number's bounds
+        sit in `allOf`, out of the form's sight, so that it refuses instead of clamping.
         """
         schema = dict(self.schema)
         kind = schema.pop("type")
+        bounds = {key: schema.pop(key) for key in _BOUNDS if key in schema}
         if kind == "boolean":
             schema = {"enum": [None, "true", "false"]}
             kind = "string"
         elif "enum" in schema:
             schema["enum"] = [None, *schema["enum"]]
-        return {"type": ["null", kind], **schema}
+        return {"type": ["null", kind], **schema, **({"allOf": [bounds]} if bounds else {})}
 
     def form_kwargs(self) -> dict[str, Any]:
         """Everything but the default (None, i.e. configured) that an Airflow `Param` takes."""
@@ -248,9 +254,3 @@ def schema_violation(value: Any, schema: Mapping[str, Any]) -> tuple[str, Any] |
     for error in Draft202012Validator(schema).iter_errors(value):
         return "".join(f"[{step}]" for step in error.absolute_path), error.instance
     return None
-
-
-# The -P params the DAG sets: the trigger form's job knobs (from their settings) and the commit the CI gate resolved.
-# training.extra_params may add others, never replace these (settings refuses them): a run's recorded params must
-# say what it really trained.
-DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))
