@@ -17,6 +17,7 @@ from airflow.sdk import DAG, Param, get_current_context, task
 
 from orchestrator.ci.gate import CiGateOperator
 from orchestrator.config.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.config.trigger_form import form_params
 from orchestrator.dag_docs import dag_doc
 from orchestrator.retries import OUTAGE_RETRIES
 from orchestrator.sweeps.operators import SweepSetOperator
@@ -33,7 +34,7 @@ SET_SCHEMA = {
 }
 
 PARAMS = {
-    "git_ref": Param(None, **BY_NAME["git_ref"].form_kwargs()),
+    "git_ref": Param(None, **form_params()["git_ref"]),
     "sets": Param(
         None,
         type=["null", "array"],

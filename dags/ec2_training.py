@@ -14,7 +14,7 @@ from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci.gate import CiGateOperator
 from orchestrator.cloud.operators import InstanceLaunchSensor
-from orchestrator.config.run_params import RUN_PARAMS
+from orchestrator.config.trigger_form import form_params
 from orchestrator.dag_docs import dag_doc
 from orchestrator.instance.operators import InstanceReadyOperator
 from orchestrator.instance.training_operator import RemoteTrainingOperator
@@ -28,8 +28,9 @@ CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
 # One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
 # follows are atomic across runs. A launch at the cap is rescheduled: it holds the slot only while it looks.
 LAUNCH_POOL = "ec2_trainer_launch"
-# One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
-PARAMS = {param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS}
+# One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value, which
+# each description shows as the settings are now.
+PARAMS = {name: Param(None, **kwargs) for name, kwargs in form_params().items()}
 
 with DAG(
     dag_id="ec2_training",

@@ -263,13 +263,35 @@ def test_every_param_explains_itself_and_can_go_back_to_configured(training_dag:
         assert schema["title"] and schema["section"], name
         # What it is, its range and what empty means, e.g. "... from 1 to 10000. Empty: the configured value (...)."
         # (or, for what ec2_sweep sets, what a run of its own does).
-        assert re.search(r"Empty: (the configured value \(|none, |true, )", str(param.description)), name
+        assert re.search(r"Empty: (the configured value[ ,]|none, |true, )", str(param.description)), name
         assert len(str(param.description)) > 60, name
         # Airflow's form marks a field required unless its type admits null, and clears a field back to null.
         assert "null" in schema["type"], name
         if "enum" in schema:
             assert schema["enum"][0] is None, name
             assert schema["values_display"][None].startswith(("configured", "true, evaluate decides")), name
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({"TRAINER__AWS__DEPLOYMENT": "test", "TRAINER__TRAINING__EPOCHS": "12"}, "the configured value, 12 ("),
+        (
+            {"TRAINER__AWS__DEPLOYMENT": "test", "TRAINER__TRAINING__EPOCHS": "0"},
+            "not shown: the settings did not load",
+        ),
+    ],
+)
+def test_the_form_shows_the_configured_values_as_parsed(airflow_db: Any, env: dict[str, str], shown: str) -> None:
+    """Read when the DAG file is parsed; settings that do not load leave the DAG importable, saying so."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        parsed = DagBag(dag_folder=str(DAGS_DIR / "ec2_training.py"))
+    assert parsed.import_errors == {}
+    assert shown in str(parsed.dags["ec2_training"].params.get_param("epochs").description)
 
 
 def test_the_api_server_checks_a_trigger_as_the_form_shows_it(training_dag: Any) -> None:

@@ -50,7 +50,7 @@ def test_a_boolean_knob_is_a_drop_down_of_texts_naming_the_setting_it_stands_for
 
 def test_a_knob_without_a_setting_says_what_empty_means() -> None:
     promote = BY_NAME["promote"]
-    assert promote.empty_text == "true, evaluate decides"
+    assert promote.empty_text() == "true, evaluate decides"
     assert promote.values_display() == {
         None: "true, evaluate decides",
         "true": "true: evaluate decides",
