@@ -74,7 +74,8 @@ class RunParam:
         elif "enum" in schema:
             schema["enum"] = [None, *schema["enum"]]
         if choices and kind == "array":
-            schema["items"] = {**schema["items"], "enum": list(choices)}
+            # Only the choices' own refusal, which names them (the settings held each choice to the item's pattern).
+            schema["items"] = {"type": schema["items"]["type"], "enum": list(choices)}
             schema["examples"] = list(choices)
         return {"type": ["null", kind], **schema, **({"allOf": [bounds]} if bounds else {})}
 
