@@ -17,12 +17,14 @@ from airflow.sdk import DAG, Param, get_current_context, task
 
 from orchestrator.ci.gate import CiGateOperator
 from orchestrator.config.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.config.trigger_form import form_params
 from orchestrator.dag_docs import dag_doc
 from orchestrator.retries import OUTAGE_RETRIES
 from orchestrator.sweeps.operators import SweepSetOperator
 from orchestrator.sweeps.sets import EXAMPLE_GRID, EXAMPLE_SETS, MAX_SETS, MIN_SETS
 
-# As in ec2_training: only the CI gate reads the configuration through templates; the rest travels as XComArgs.
+# As in ec2_training, no task takes resolve_sweep's XComArg (it would draw an edge from it to each in the graph): the
+# CI gate reads the configuration through templates, the other tasks pull resolve_sweep's value themselves.
 CONFIG = "ti.xcom_pull(task_ids='resolve_sweep')['config']"
 SWEEP_SECTION = "Sweep"
 # Each key's own schema (run_params.py), so the form and the API refuse what a single run would refuse.
@@ -33,7 +35,7 @@ SET_SCHEMA = {
 }
 
 PARAMS = {
-    "git_ref": Param(None, **BY_NAME["git_ref"].form_kwargs()),
+    "git_ref": Param(None, **form_params()["git_ref"]),
     "sets": Param(
         None,
         type=["null", "array"],
@@ -87,11 +89,12 @@ with DAG(
     )
 
     @task(retries=2, retry_delay=timedelta(seconds=20))
-    def start_sweep(resolved: dict[str, Any], git_sha: str) -> list[dict[str, Any]]:
+    def start_sweep(git_sha: str) -> list[dict[str, Any]]:
         from orchestrator.config.resolve import settings_of
         from orchestrator.sweeps.steps import start_sweep as start
 
         ctx = get_current_context()
+        resolved = ctx["ti"].xcom_pull(task_ids="resolve_sweep")
         return start(settings_of(resolved["config"]), resolved["sets"], git_sha, ctx["dag"].dag_id, ctx["run_id"])
 
     # Both run once every set has ended, however it ended; they read upstream results themselves, since an
@@ -126,9 +129,8 @@ with DAG(
             lambda run_id: child_state(ti, run_id),
         )
 
-    resolved = resolve_sweep()
-    resolved >> ci_gate
-    children = start_sweep(resolved, ci_gate.output)
+    resolve_sweep() >> ci_gate
+    children = start_sweep(ci_gate.output)
     sets = SweepSetOperator.partial(
         task_id="train_set",
         map_index_template="{{ task.note }}",

@@ -14,7 +14,7 @@ from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci.gate import CiGateOperator
 from orchestrator.cloud.operators import InstanceLaunchSensor
-from orchestrator.config.run_params import RUN_PARAMS
+from orchestrator.config.trigger_form import form_params
 from orchestrator.dag_docs import dag_doc
 from orchestrator.instance.operators import InstanceReadyOperator
 from orchestrator.instance.training_operator import RemoteTrainingOperator
@@ -22,14 +22,18 @@ from orchestrator.observe.early_failure import announce_early_failure
 from orchestrator.observe.failures import record_failure
 from orchestrator.retries import OUTAGE_RETRIES
 
-# Only the CI gate reads the configuration through templates (CiGateOperator.from_run_config says why); every other
-# task receives XComArgs (values, never re-parsed).
+# The tasks after resolve_config read the run's configuration through templates, not XComArgs: an XComArg draws a
+# graph edge from resolve_config to each task that takes it, hiding the pipeline's order. The CI gate renders its
+# fields as text (CiGateOperator.from_run_config says why); every other task gets the config as JSON text, which
+# settings_of and run_config read back with its types.
 CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
+RUN_CONFIG = "{{ " + CONFIG + " | tojson }}"
 # One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
 # follows are atomic across runs. A launch at the cap is rescheduled: it holds the slot only while it looks.
 LAUNCH_POOL = "ec2_trainer_launch"
-# One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value.
-PARAMS = {param.name: Param(None, **param.form_kwargs()) for param in RUN_PARAMS}
+# One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value, which
+# each description shows as the settings are now.
+PARAMS = {name: Param(None, **kwargs) for name, kwargs in form_params().items()}
 
 with DAG(
     dag_id="ec2_training",
@@ -63,7 +67,7 @@ with DAG(
 
     @setup
     @task(retries=2, retry_delay=timedelta(seconds=20))
-    def plan_launch(config: dict[str, Any], git_sha: str) -> dict[str, Any]:
+    def plan_launch(config: str, git_sha: str) -> dict[str, Any]:
         from orchestrator.cloud.tasks import plan_launch as plan
         from orchestrator.config.resolve import settings_of
 
@@ -71,15 +75,16 @@ with DAG(
         return plan(settings_of(config), git_sha, ctx["dag"].dag_id, ctx["run_id"]).to_xcom()
 
     @task(**OUTAGE_RETRIES)
-    def evaluate(config: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
-        from orchestrator.config.resolve import settings_of
+    def evaluate(config: str, mlflow_run_id: str) -> dict[str, Any]:
+        from orchestrator.config.resolve import run_config, settings_of
         from orchestrator.tracking.promotion import evaluate as gate
 
-        return gate(settings_of(config), mlflow_run_id, promote=config.get("promote", True)).to_xcom()
+        promote = run_config(config).get("promote", True)
+        return gate(settings_of(config), mlflow_run_id, promote=promote).to_xcom()
 
     @teardown
     @task(retries=5, retry_delay=timedelta(seconds=15))
-    def terminate(config: dict[str, Any]) -> dict[str, str]:
+    def terminate(config: str) -> dict[str, str]:
         """Runs whatever happened once plan_launch succeeded; finds the run's instances by tag too."""
         import time
 
@@ -98,7 +103,7 @@ with DAG(
 
     @teardown
     @task(retries=1, retry_delay=timedelta(seconds=15))
-    def report(config: dict[str, Any]) -> dict[str, Any] | None:
+    def report(config: str) -> dict[str, Any] | None:
         """After terminate and evaluate, whatever happened: the run's outcome, phases and cost, logged in MLflow and
         published (orchestrator.observe.publish); ends an MLflow run the job left running. Never fails; the verdict
         after it decides the run's state."""
@@ -117,12 +122,11 @@ with DAG(
 
         return judge_run(get_current_context())
 
-    config = resolve_config()
-    config >> ci_gate
-    planned = plan_launch(config, ci_gate.output)
+    resolve_config() >> ci_gate
+    planned = plan_launch(RUN_CONFIG, ci_gate.output)
     launch = InstanceLaunchSensor(
         task_id="launch",
-        config=config,
+        config=RUN_CONFIG,
         plan=planned,
         pool=LAUNCH_POOL,
         retries=2,
@@ -130,21 +134,22 @@ with DAG(
     )
     ready = InstanceReadyOperator(
         task_id="wait_ready",
-        config=config,
+        config=RUN_CONFIG,
         launched=launch.output,
         retries=2,
         retry_delay=timedelta(seconds=10),
     )
     train = RemoteTrainingOperator(
         task_id="train",
-        config=config,
+        config=RUN_CONFIG,
         ready=ready.output,
-        git_sha=ci_gate.output,
+        # Text as the gate returned it (a sha may be all digits); a template, so no edge skips the chain.
+        git_sha="{{ ti.xcom_pull(task_ids='ci_gate') }}",
         # Each retry re-attaches to the same job, or reads its result once it finished.
         **OUTAGE_RETRIES,
     )
     # The instance goes as soon as the training's result is in MLflow: evaluate needs only MLflow, not the GPU.
-    terminated = terminate(config).as_teardown(setups=planned)
+    terminated = terminate(RUN_CONFIG).as_teardown(setups=planned)
     train >> terminated
-    evaluated = evaluate(config, train.output)
-    [terminated, evaluated] >> report(config).as_teardown(setups=planned) >> verdict()
+    evaluated = evaluate(RUN_CONFIG, train.output)
+    [terminated, evaluated] >> report(RUN_CONFIG).as_teardown(setups=planned) >> verdict()

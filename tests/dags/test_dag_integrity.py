@@ -90,7 +90,7 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert [t.task_id for t in tasks["terminate"].upstream_list if t.is_setup] == ["plan_launch"]
     # The report comes after terminate and evaluate, whatever happened; as a teardown it never decides the run.
     assert tasks["report"].is_teardown and not tasks["report"].on_failure_fail_dagrun
-    assert tasks["report"].upstream_task_ids == {"resolve_config", "plan_launch", "terminate", "evaluate"}
+    assert tasks["report"].upstream_task_ids == {"plan_launch", "terminate", "evaluate"}
     # The verdict is the last task and the one teardown that decides the run, from every step's state.
     verdict = tasks["verdict"]
     assert verdict.is_teardown and verdict.on_failure_fail_dagrun
@@ -169,7 +169,8 @@ def test_sweep_dag_gates_ci_once_then_maps_one_training_run_per_set(dagbag: Any)
     assert set(tasks) == {"resolve_sweep", "ci_gate", "start_sweep", "train_set", "gate_best_set", "summary"}
     assert tasks["ci_gate"].upstream_task_ids == {"resolve_sweep"}
     # Nothing is created (parent MLflow run, any set's run) before the commit's CI passed.
-    assert "ci_gate" in tasks["start_sweep"].upstream_task_ids
+    # The graph draws the sweep's order: start_sweep pulls resolve_sweep's value instead of taking its XComArg.
+    assert tasks["start_sweep"].upstream_task_ids == {"ci_gate"}
     assert tasks["train_set"].upstream_task_ids == {"start_sweep"}
     assert tasks["gate_best_set"].upstream_task_ids == {"train_set"}
     assert tasks["summary"].upstream_task_ids == {"gate_best_set"}
@@ -263,13 +264,35 @@ def test_every_param_explains_itself_and_can_go_back_to_configured(training_dag:
         assert schema["title"] and schema["section"], name
         # What it is, its range and what empty means, e.g. "... from 1 to 10000. Empty: the configured value (...)."
         # (or, for what ec2_sweep sets, what a run of its own does).
-        assert re.search(r"Empty: (the configured value \(|none, |true, )", str(param.description)), name
+        assert re.search(r"Empty: (the configured value[ ,]|none, |true, )", str(param.description)), name
         assert len(str(param.description)) > 60, name
         # Airflow's form marks a field required unless its type admits null, and clears a field back to null.
         assert "null" in schema["type"], name
         if "enum" in schema:
             assert schema["enum"][0] is None, name
             assert schema["values_display"][None].startswith(("configured", "true, evaluate decides")), name
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({"TRAINER__AWS__DEPLOYMENT": "test", "TRAINER__TRAINING__EPOCHS": "12"}, "the configured value, 12 ("),
+        (
+            {"TRAINER__AWS__DEPLOYMENT": "test", "TRAINER__TRAINING__EPOCHS": "0"},
+            "not shown: the settings did not load",
+        ),
+    ],
+)
+def test_the_form_shows_the_configured_values_as_parsed(airflow_db: Any, env: dict[str, str], shown: str) -> None:
+    """Read when the DAG file is parsed; settings that do not load leave the DAG importable, saying so."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        parsed = DagBag(dag_folder=str(DAGS_DIR / "ec2_training.py"))
+    assert parsed.import_errors == {}
+    assert shown in str(parsed.dags["ec2_training"].params.get_param("epochs").description)
 
 
 def test_the_api_server_checks_a_trigger_as_the_form_shows_it(training_dag: Any) -> None:
@@ -407,8 +430,35 @@ def test_the_ci_gate_receives_the_ref_as_text(training_dag: Any, ref: str) -> No
 
 
 def test_train_receives_the_upstream_values_unchanged(training_dag: Any) -> None:
+    from orchestrator.config.resolve import run_config
+
     sha = "1234567890" * 4  # all digits: native rendering would make it an int
-    config = {"git_ref": "2024", "training": {"extra_params": {"note": "1.0"}}}
+    config = {"git_ref": "2024", "training": {"extra_params": {"note": "1.0", "tag": "<a & 'b'>"}}}
     ready = {"instance_id": "i-0123", "address": "127.0.0.1", "host_public_key": "ssh-ed25519 AAAA"}
     train = _rendered(training_dag.get_task("train"), {"resolve_config": config, "wait_ready": ready, "ci_gate": sha})
-    assert (train.config, train.ready, train.git_sha) == (config, ready, sha)
+    assert (run_config(train.config), train.ready, train.git_sha) == (config, ready, sha)
+
+
+def test_the_graph_draws_the_pipelines_order_not_an_edge_from_resolve_config_to_every_task(training_dag: Any) -> None:
+    """Each task still gets the run's config (a template renders resolve_config's value), with no edge for it."""
+    from orchestrator.config.resolve import run_config
+
+    upstream = {t.task_id: t.upstream_task_ids for t in training_dag.tasks}
+    assert upstream == {
+        "resolve_config": set(),
+        "ci_gate": {"resolve_config"},
+        "plan_launch": {"ci_gate"},
+        "launch": {"plan_launch"},
+        "wait_ready": {"launch"},
+        "train": {"wait_ready"},
+        "terminate": {"plan_launch", "train"},
+        "evaluate": {"train"},
+        "report": {"plan_launch", "terminate", "evaluate"},
+        "verdict": {"report"},
+    }
+    config = {"git_ref": "main", "promote": False, "aws": {"instance_types": ["g6.xlarge"]}}
+    xcoms = {"resolve_config": config, "ci_gate": "0" * 40, "plan_launch": {}, "launch": {}, "wait_ready": {}}
+    for task_id in ("launch", "wait_ready", "train"):
+        assert run_config(_rendered(training_dag.get_task(task_id), xcoms).config) == config, task_id
+    for task_id in ("plan_launch", "evaluate", "terminate", "report"):
+        assert run_config(_rendered(training_dag.get_task(task_id), xcoms | {"train": "r"}).op_args[0]) == config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -56,5 +57,11 @@ def sweep_child_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"mlflow_parent_run_id": values["mlflow_parent_run_id"] or "", "promote": values["promote"] != "false"}
 
 
-def settings_of(config: Mapping[str, Any]) -> Settings:
-    return Settings.from_dict({k: v for k, v in config.items() if k not in RUN_ONLY_KEYS})
+def run_config(config: Mapping[str, Any] | str) -> dict[str, Any]:
+    """The run's resolved config: resolve_config's XCom value, or the JSON text the DAG's templates render from it
+    (a template, unlike an XComArg, draws no graph edge from resolve_config to every task)."""
+    return json.loads(config) if isinstance(config, str) else dict(config)
+
+
+def settings_of(config: Mapping[str, Any] | str) -> Settings:
+    return Settings.from_dict({k: v for k, v in run_config(config).items() if k not in RUN_ONLY_KEYS})

@@ -11,7 +11,7 @@ Pure data, importing the standard library only (jsonschema lazily): the DAG file
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,10 @@ DATA_URI_SCHEMES = ("s3", "file", "synthetic")
 MAX_DATA_URI = 1024
 # The form's section of the knobs that ec2_sweep sets on each of its runs (a person triggering one run leaves them).
 SWEEP_SECTION = "Sweep (set by ec2_sweep)"
+# Airflow's number field hands a schema's own `minimum`/`maximum` to its NumberInput, which clamps an out-of-range
+# entry on blur without a word (docs/decisions/0112): inside `allOf` the form does not see them, so the value stays
+# as typed and the trigger is refused, jsonschema checking the same bounds.
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 @dataclass(frozen=True)
@@ -44,43 +48,57 @@ class RunParam:
     choices_display: Mapping[str, str] = field(default_factory=dict)
     # What an empty field means, for a knob that stands for no setting; by default the setting's configured value.
     empty: str = ""
+    otherwise: str = ""  # what an empty setting means in turn, after the setting's name
 
-    @property
-    def empty_text(self) -> str:
-        return self.empty or f"the configured value ({self.setting})"
+    def empty_text(self, configured: str = "") -> str:
+        """What an empty field stands for; `configured`: the setting's value as text, where it is known."""
+        if self.empty:
+            return self.empty
+        value = f", {configured}" if configured else ""
+        return f"the configured value{value} ({self.setting}){self.otherwise}"
 
-    def form_schema(self) -> dict[str, Any]:
+    def form_schema(self, choices: Sequence[str] = ()) -> dict[str, Any]:
         """The Param's schema: nullable, since empty means the configured value, and shown as Airflow's form can.
 
         Airflow 3's form renders a boolean as a switch that cannot go back to empty, so a boolean is offered as a
-        drop-down of the texts "true"/"false" (settings read them as booleans) plus "configured".
+        drop-down of the texts "true"/"false" (settings read them as booleans) plus "configured". A number's bounds
+        sit in `allOf`, out of the form's sight, so that it refuses instead of clamping. `choices`, the items a
+        deployment allows for a list: offered as the form's options (a multi-select) and required of each item.
         """
         schema = dict(self.schema)
         kind = schema.pop("type")
+        bounds = {key: schema.pop(key) for key in _BOUNDS if key in schema}
         if kind == "boolean":
             schema = {"enum": [None, "true", "false"]}
             kind = "string"
         elif "enum" in schema:
             schema["enum"] = [None, *schema["enum"]]
-        return {"type": ["null", kind], **schema}
+        if choices and kind == "array":
+            # Only the choices' own refusal, which names them (the settings held each choice to the item's pattern).
+            schema["items"] = {"type": schema["items"]["type"], "enum": list(choices)}
+            schema["examples"] = list(choices)
+        return {"type": ["null", kind], **schema, **({"allOf": [bounds]} if bounds else {})}
 
-    def form_kwargs(self) -> dict[str, Any]:
-        """Everything but the default (None, i.e. configured) that an Airflow `Param` takes."""
-        kwargs: dict[str, Any] = {"title": self.title, "description": self.form_description(), "section": self.section}
-        display = self.values_display()
+    def form_kwargs(self, configured: str = "", note: str = "", choices: Sequence[str] = ()) -> dict[str, Any]:
+        """Everything but the default (None, i.e. configured) that an Airflow `Param` takes; `note` ends the
+        description of a knob that stands for a setting (why its configured value is not shown)."""
+        description = self.form_description(configured, note if self.setting and not self.empty else "")
+        kwargs: dict[str, Any] = {"title": self.title, "description": description, "section": self.section}
+        display = self.values_display(configured)
         if display:
             kwargs["values_display"] = display
-        return {**kwargs, **self.form_schema()}
+        return {**kwargs, **self.form_schema(choices)}
 
-    def form_description(self) -> str:
+    def form_description(self, configured: str = "", note: str = "") -> str:
         range_text = self.range_text[0].upper() + self.range_text[1:]
-        return f"{self.description} {range_text}. Empty: {self.empty_text}."
+        return " ".join(filter(None, (f"{self.description} {range_text}. Empty: {self.empty_text(configured)}.", note)))
 
-    def values_display(self) -> dict[Any, str] | None:
-        """Labels of a drop-down's choices, the empty one naming the setting it stands for."""
+    def values_display(self, configured: str = "") -> dict[Any, str] | None:
+        """Labels of a drop-down's choices, the empty one naming the setting it stands for (and its value)."""
         if not self.choices_display:
             return None
-        return {None: f"configured ({self.setting})" if not self.empty else self.empty, **self.choices_display}
+        value = f", {configured}" if configured else ""
+        return {None: self.empty or f"configured{value} ({self.setting})", **self.choices_display}
 
 
 RUN_PARAMS: tuple[RunParam, ...] = (
@@ -188,7 +206,7 @@ RUN_PARAMS: tuple[RunParam, ...] = (
         setting="aws.ami_id",
         section="Instance",
         range_text="an AMI id: ami- and 8 or 17 hex digits",
-        empty="the configured value (aws.ami_id), else the newest image of aws.ami_ssm_parameter",
+        otherwise=", else the newest image of aws.ami_ssm_parameter",
     ),
     RunParam(
         name="max_lifetime_minutes",
@@ -248,9 +266,3 @@ def schema_violation(value: Any, schema: Mapping[str, Any]) -> tuple[str, Any] |
     for error in Draft202012Validator(schema).iter_errors(value):
         return "".join(f"[{step}]" for step in error.absolute_path), error.instance
     return None
-
-
-# The -P params the DAG sets: the trigger form's job knobs (from their settings) and the commit the CI gate resolved.
-# training.extra_params may add others, never replace these (settings refuses them): a run's recorded params must
-# say what it really trained.
-DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))

@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import NoDecode
 
 from orchestrator.ci.github_protocol import GitHubError, validate_ref, validate_repo
-from orchestrator.config.run_params import BY_NAME, DAG_PARAMS, DATA_URI_SCHEMES, MAX_DATA_URI
+from orchestrator.config.run_params import BY_NAME, DAG_PARAMS, DATA_URI_SCHEMES, INSTANCE_TYPE_PATTERN, MAX_DATA_URI
 from orchestrator.errors import ConfigError
 from orchestrator.pathnames import BUCKET_NAME, SEGMENT_RULE, unsafe_segment
 
@@ -201,6 +201,7 @@ Number = Annotated[float, BeforeValidator(_number)]
 Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_list)]
 InstanceTypes = Annotated[Names, AfterValidator(_some)]
 SecurityGroups = _items(r"sg-.*")
+InstanceTypeNames = _items(INSTANCE_TYPE_PATTERN)
 Emails = _items(EMAIL)
 Url = Annotated[str, _url(optional=False), _valid("an http(s) URL without credentials")]
 OptionalUrl = Annotated[str, _url(optional=True), _valid("empty, or an http(s) URL without credentials")]

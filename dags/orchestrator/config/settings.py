@@ -74,6 +74,11 @@ class AwsSettings(_Section):
     )
     ami_id: str = run_param("ami_id", "An exact image; empty: the newest image of ami_ssm_parameter.")
     instance_types: t.InstanceTypes = run_param("instance_types", "Tried in this order when capacity runs out.")
+    allowed_instance_types: t.InstanceTypeNames = setting(
+        "The types a run may ask for (the form offers them); empty: any.",
+        "EC2 type names such as g6.xlarge",
+        default=(),
+    )
     spot: t.Flag = run_param("spot", "Ask for spot capacity first.")
     spot_fallback_to_on_demand: t.Flag = setting("With spot, fall back to on-demand when no spot capacity.")
     subnet_id: str = setting("Required: launches refuse an empty one.", "empty or subnet-...", "|subnet-.*")
@@ -92,6 +97,15 @@ class AwsSettings(_Section):
         _DEPLOYMENT,
         r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
     )
+
+    @model_validator(mode="after")
+    def _allowed_types(self) -> AwsSettings:
+        # Refused here, by the run's first task, not by plan_launch after the CI gate's wait.
+        allowed = self.allowed_instance_types
+        for index, name in enumerate(self.instance_types):
+            expected = f"one of the types this deployment allows, {', '.join(allowed)} (aws.allowed_instance_types)"
+            check(not allowed or name in allowed, name, expected, f"instance_types[{index}]")
+        return self
 
 
 class InstanceSettings(_Section):

@@ -103,6 +103,7 @@ class RemoteTrainingOperator(BaseOperator):
     @fail_without_retry()
     def execute(self, context: Context) -> str:
         from orchestrator.config.connections import mlflow_credentials
+        from orchestrator.config.resolve import run_config
         from orchestrator.datasets.training_data import training_data
         from orchestrator.instance.command import tracked_run, training_command
         from orchestrator.instance.remote_job import RemoteJobError
@@ -128,7 +129,7 @@ class RemoteTrainingOperator(BaseOperator):
             run_id=context["run_id"],
             try_number=context["ti"].try_number,
             dataset_tags=dataset.tags() if dataset else None,
-            parent_run_id=self.config.get("mlflow_parent_run_id", ""),
+            parent_run_id=run_config(self.config).get("mlflow_parent_run_id", ""),
             # The image the instance runs, as plan_launch resolved it (the DAG's setup).
             image=LaunchPlan.from_xcom(context["ti"].xcom_pull(task_ids=LaunchPlan.STEP)),
         )

@@ -16,9 +16,29 @@ def test_a_number_knob_is_a_nullable_form_field_with_its_range_and_empty_meaning
         "Empty: the configured value (training.epochs).",
         "section": "Training",
         "type": ["null", "integer"],
-        "minimum": 1,
-        "maximum": 10_000,
+        "allOf": [{"minimum": 1, "maximum": 10_000}],
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "refusal"),
+    [
+        ("epochs", 0, "0 is less than the minimum of 1"),
+        ("learning_rate", 100, "100 is greater than the maximum of 1"),
+        ("learning_rate", 0, "less than or equal to"),
+    ],
+)
+def test_an_out_of_range_number_is_refused_not_clamped(name: str, value: float, refusal: str) -> None:
+    """Airflow's number field clamps to the schema's own minimum/maximum on blur, silently: the form must not see
+    them (docs/decisions/0112), while Param validation (the trigger's, on the api-server) still refuses the value."""
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    schema = BY_NAME[name].form_schema()
+    assert not {"minimum", "maximum"} & set(schema), schema
+    with pytest.raises(ParamValidationError, match=refusal):
+        Param(None, **schema).resolve(value)
+    assert Param(None, **schema).resolve(None) is None
 
 
 def test_a_boolean_knob_is_a_drop_down_of_texts_naming_the_setting_it_stands_for() -> None:
@@ -30,7 +50,7 @@ def test_a_boolean_knob_is_a_drop_down_of_texts_naming_the_setting_it_stands_for
 
 def test_a_knob_without_a_setting_says_what_empty_means() -> None:
     promote = BY_NAME["promote"]
-    assert promote.empty_text == "true, evaluate decides"
+    assert promote.empty_text() == "true, evaluate decides"
     assert promote.values_display() == {
         None: "true, evaluate decides",
         "true": "true: evaluate decides",
