@@ -316,20 +316,53 @@ def test_deferred_training_marked_failed_ends_the_run_failed_and_killed(
     )
 
 
+RESTARTED, POWERED_OFF = "triggerer_restart__01", "watchdog_while_down__01"
+
+
+@dataclass(frozen=True)
+class TriggererOutage:
+    states: dict[str, str]
+    job_dirs: dict[str, Path]
+    triggerer_pid: int
+    powered_off: str
+
+
+@pytest.fixture(scope="module")
+def triggerer_outage(airflow: LocalAirflow, stack: EmbeddedStack, sha: str) -> TriggererOutage:
+    """Two runs deferred on train when the triggerer goes down (SIGTERM to it, as a deployment's restart does); while
+    it is down, POWERED_OFF's instance powers itself off, as its watchdog's `shutdown -P now` does; then another
+    triggerer starts, and stays the deployment's own (the module's later tests defer to it). RESTARTED's job goes on
+    throughout. One outage serves both scenarios."""
+    with contextlib.ExitStack() as faults:
+        hooks = {
+            run_id: faults.enter_context(OnTraining(stack, when_deferred(airflow, run_id, lambda: True), run_id))
+            for run_id in (RESTARTED, POWERED_OFF)
+        }
+        airflow.trigger(DAG_ID, RESTARTED, {"git_ref": sha, "epochs": 30})
+        airflow.trigger(DAG_ID, POWERED_OFF, {"git_ref": sha, "epochs": 200})
+        deadline = time.monotonic() + 600
+        while not all(hook.result or hook.error for hook in hooks.values()):
+            assert time.monotonic() < deadline, "the two runs' train did not both defer within 600 s"
+            time.sleep(0.5)
+        if failed := [hook.error for hook in hooks.values() if hook.error]:
+            raise failed[0]
+        instance_id: str = airflow.xcom(DAG_ID, POWERED_OFF, "launch")["instance_id"]
+        with airflow.component_down("triggerer", log_name="triggerer-restarted") as pid:
+            stack.cloud.instances[instance_id].poweroff_request.write_text("-P now\n")
+            deadline = time.monotonic() + 120
+            while instance_states(stack, [POWERED_OFF])[POWERED_OFF] != ["terminated"]:
+                assert time.monotonic() < deadline, f"{instance_id} did not power itself off within 120 s"
+                time.sleep(0.5)
+        states = airflow.wait_for_runs(DAG_ID, list(hooks), timeout_s=900)
+    job_dirs = {run_id: hook.job_dir for run_id, hook in hooks.items()}
+    return TriggererOutage(states, job_dirs, pid, instance_id)  # type: ignore[arg-type]
+
+
 def test_triggerer_restart_mid_training_does_not_kill_the_job(
-    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+    triggerer_outage: TriggererOutage, airflow: LocalAirflow, fault_table: FaultTable
 ) -> None:
-    run_id = "triggerer_restart__01"
-    # The new triggerer stays the deployment's own: the module's later tests defer to it.
-    restart, state = triggered_with_fault(
-        when_deferred(airflow, run_id, lambda: airflow.restart_component("triggerer")),
-        airflow,
-        stack,
-        run_id,
-        {"git_ref": sha, "epochs": 30},
-        timeout_s=900,
-    )
-    job_dir: Path = restart.job_dir  # type: ignore[assignment]
+    run_id = RESTARTED
+    state, job_dir = triggerer_outage.states[run_id], triggerer_outage.job_dirs[run_id]
     tis = airflow.task_instances(DAG_ID, run_id)
     train_log = airflow.task_log(DAG_ID, run_id, "train")
 
@@ -342,14 +375,14 @@ def test_triggerer_restart_mid_training_does_not_kill_the_job(
     fault_table.record(
         "triggerer restarted (SIGTERM) while train is deferred (real scheduler)",
         "the trigger resumes in the new triggerer; the job is not killed; run succeeds",
-        f"job exit 0, started once; train try 1; run {state}; triggerer pid {restart.result} replaced",
+        f"job exit 0, started once; train try 1; run {state}; triggerer pid {triggerer_outage.triggerer_pid} replaced",
         0,
         0,
     )
 
 
 def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_reported_as_gone(
-    airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+    triggerer_outage: TriggererOutage, airflow: LocalAirflow, stack: EmbeddedStack, fault_table: FaultTable
 ) -> None:
     """Issue 19: an instance ended by its watchdog while the orchestrator was down was reported as an SSH error and its
     MLflow run stayed RUNNING. Here the triggerer following the deferred train is down while the instance runs the
@@ -358,27 +391,8 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
 
     from orchestrator.contracts import MLFLOW_RUN_ID_KEY
 
-    run_id = "watchdog_while_down__01"
-
-    def power_off_while_the_triggerer_is_down() -> str:
-        instance_id: str = airflow.xcom(DAG_ID, run_id, "launch")["instance_id"]
-        with airflow.component_down("triggerer"):
-            # What the watchdog's `shutdown -P now` does on the instance: its stand-in asks for the power-off.
-            stack.cloud.instances[instance_id].poweroff_request.write_text("-P now\n")
-            deadline = time.monotonic() + 120
-            while instance_states(stack, [run_id])[run_id] != ["terminated"]:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{instance_id} did not power itself off within 120 s")
-                time.sleep(0.5)
-        return instance_id
-
-    fault, state = triggered_with_fault(
-        when_deferred(airflow, run_id, power_off_while_the_triggerer_is_down),
-        airflow,
-        stack,
-        run_id,
-        {"git_ref": sha, "epochs": 200},
-    )
+    run_id = POWERED_OFF
+    state = triggerer_outage.states[run_id]
     tis = {task: ti["state"] for task, ti in airflow.task_instances(DAG_ID, run_id).items()}
     train_log = airflow.task_log(DAG_ID, run_id, "train")
     mlflow_run_id = airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY)
@@ -389,7 +403,9 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
     assert (tis["train"], tis["terminate"]) == ("failed", "success")
     # The task's error names the instance's end and its cause; the SSH error is only the trigger's hand-off.
     errors = "\n".join(line for line in train_log.splitlines() if '"level":"error"' in line)
-    assert f"{fault.result} is terminated (Client.InstanceInitiatedShutdown" in errors, train_log[-3000:]
+    assert f"{triggerer_outage.powered_off} is terminated (Client.InstanceInitiatedShutdown" in errors, train_log[
+        -3000:
+    ]
     assert "its max-lifetime watchdog (aws.max_lifetime_minutes) ran out" in errors
     assert "NoValidConnectionsError" not in errors
     assert mlflow_status in ("FAILED", "KILLED"), "the MLflow run must not stay RUNNING"
