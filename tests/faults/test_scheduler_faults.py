@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +30,14 @@ from embedded.deploy.airflow_local import LocalAirflow
 from embedded.deploy.load import DAG_ID, Sampler
 from embedded.deploy.stack import EmbeddedStack
 from tests.support.fault_table import FaultTable
-from tests.support.faults import OnTraining, hold_job, record_nothing_launched, release_after_reattach, scan
+from tests.support.faults import (
+    OnTraining,
+    hold_job,
+    job_group,
+    record_nothing_launched,
+    release_after_reattach,
+    scan,
+)
 from tests.support.pipeline import ProcessListSampler, planted_connections, planted_found
 from tests.support.tools import missing_tool
 
@@ -631,26 +639,64 @@ def succeeded_and_gated(
     return tis, status, tags
 
 
+OUTAGE_EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def control_plane_outages(airflow: LocalAirflow, stack: EmbeddedStack, sha: str) -> dict[str, tuple[OnTraining, str]]:
+    """Two runs at once, each meeting one outage as its training ends: the api-server's, then the scheduler's. The
+    second run's job is held (SIGSTOP) near its end until the first outage is over, so the outages never overlap and
+    each run's training ends inside its own. Returns, per component, the fault injected (its result: the stopped
+    component's PID) and its run's state."""
+    first_over = threading.Event()
+
+    def api_server_down(job_dir: Path) -> int:
+        near_the_end(job_dir, OUTAGE_EPOCHS)
+        try:
+            with airflow.component_down("api-server") as pid:
+                time.sleep(OUTAGE_S)
+        finally:
+            first_over.set()
+        return pid
+
+    def scheduler_down(job_dir: Path) -> int:
+        near_the_end(job_dir, OUTAGE_EPOCHS)
+        hold_job(job_dir)
+        try:
+            first_over.wait(timeout=900)
+        finally:
+            os.killpg(job_group(job_dir), signal.SIGCONT)
+        with airflow.component_down("scheduler") as pid:
+            time.sleep(OUTAGE_S)
+        return pid
+
+    faults = {"api-server": api_server_down, "scheduler": scheduler_down}
+    with contextlib.ExitStack() as injecting:
+        hooks = {
+            component: injecting.enter_context(OnTraining(stack, fault, f"{component}_down__01"))
+            for component, fault in faults.items()
+        }
+        for component in faults:
+            airflow.trigger(DAG_ID, f"{component}_down__01", {"git_ref": sha, "epochs": OUTAGE_EPOCHS})
+        states = airflow.wait_for_runs(DAG_ID, [f"{component}_down__01" for component in faults], timeout_s=1500)
+    return {component: (hook, states[f"{component}_down__01"]) for component, hook in hooks.items()}
+
+
 @pytest.mark.parametrize("component", ["api-server", "scheduler"])
 def test_a_control_plane_outage_at_the_end_of_training_costs_time_not_the_run(
-    component: str, airflow: LocalAirflow, stack: EmbeddedStack, sha: str, fault_table: FaultTable
+    component: str,
+    control_plane_outages: dict[str, tuple[OnTraining, str]],
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    fault_table: FaultTable,
 ) -> None:
     """The component stopped for 2 minutes as training ends (issue 19: a 60 s api-server outage spent train's
     retries and stranded a good model): tasks wait out the execution API or back off over minutes; the run succeeds
     and its model is gated."""
     from orchestrator.contracts import PROMOTION_TAG
 
-    run_id = f"{component}_down__01"
-    epochs = 8
-
-    def outage(job_dir: Path) -> int:
-        near_the_end(job_dir, epochs)
-        with airflow.component_down(component) as pid:
-            time.sleep(OUTAGE_S)
-        return pid
-
-    fault, state = triggered_with_fault(outage, airflow, stack, run_id, {"git_ref": sha, "epochs": epochs}, 1500)
-    tis, status, tags = succeeded_and_gated(airflow, stack, run_id, state)
+    fault, state = control_plane_outages[component]
+    tis, status, tags = succeeded_and_gated(airflow, stack, f"{component}_down__01", state)
     fault_table.record(
         f"{component} down {OUTAGE_S} s as training ends (real scheduler)",
         "tasks wait or retry with back-off; the run succeeds and the model is gated; instance terminated",
