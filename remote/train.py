@@ -46,7 +46,7 @@ def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
 
 
 def _mark_model_training(experiment_id: str) -> None:
-    """MLflow 3 opens an experiment on its GenAI view unless tagged as model training. The orchestrator tags the
+    """MLflow's kind of the experiment ("Machine learning" in its UI's kind selector). The orchestrator tags the
     experiments it creates; this covers the job run on its own (`mlflow run .`) too."""
     import mlflow
 

@@ -167,7 +167,3 @@ def exit_description(exit_code: int, log_text: str, kernel_log: str = "") -> str
         if named
         else ", out of memory? (no OOM line in the kernel log the instance let us read)"
     )
-
-
-def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -134,7 +134,9 @@ class RemoteTrainingOperator(BaseOperator):
             image=LaunchPlan.from_xcom(context["ti"].xcom_pull(task_ids=LaunchPlan.STEP)),
         )
         with credentials_in_env(creds.username, creds.password):
-            created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+            created_run_id = start_training_run(
+                s.mlflow.tracking_uri, s.mlflow.experiment, tracked, gate_metric=s.mlflow.metric
+            )
             if dataset:
                 log_dataset_manifest(s.mlflow.tracking_uri, created_run_id, dataset.manifest())
             # Published before training: the task's link opens the run while it trains, and the finishing step
@@ -323,11 +325,11 @@ class RemoteTrainingOperator(BaseOperator):
 
     def _publish_run(self, context: Context, run_id: str) -> None:
         """The MLflow run's id and UI address as XComs (the latter is the task's 'MLflow run' link)."""
-        from orchestrator.instance.command import mlflow_run_url
         from orchestrator.tracking.runs import experiment_id_of
+        from orchestrator.tracking.views import run_url
 
         s = self._settings
-        url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
+        url = run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
         context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
         context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
         self.log.info("MLflow run %s: %s", run_id, url)

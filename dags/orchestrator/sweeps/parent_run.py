@@ -55,7 +55,7 @@ def start_parent_run(s: Settings, git_sha: str, dag_id: str, run_id: str, sets: 
             "mlflow.source.name": repository_url(s.github.api_url, s.github.repo),
         },
     )
-    parent = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+    parent = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked, gate_metric=s.mlflow.metric)
     client = MlflowClient(tracking_uri=s.mlflow.tracking_uri)
     # The same values on a retry: MLflow accepts a param logged again unchanged.
     for number, values in enumerate(sets, start=1):

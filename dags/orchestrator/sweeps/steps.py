@@ -140,16 +140,16 @@ def summarize(
     `s` and `children` are None when the step that gives them failed."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from orchestrator.instance.command import mlflow_run_url
     from orchestrator.sweeps.parent_run import VERDICT_TAG, end_parent_run
     from orchestrator.tracking.runs import experiment_id_of
+    from orchestrator.tracking.views import run_url
 
     if not children or s is None:
         raise AirflowFailException("the sweep started no set: the task that failed before start_sweep says why")
     parent = parent_run_of(children)
     sets = outcomes(s, children, state_of, with_metrics=True)
     with _mlflow_login(s):
-        page = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, parent), parent)
+        page = run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, parent), parent)
         ok, sentence = summary(
             sets, gated, metric=s.mlflow.metric, greater_is_better=s.mlflow.greater_is_better, parent_url=page
         )

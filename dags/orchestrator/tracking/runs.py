@@ -93,33 +93,16 @@ def mlflow_call(doing: str, method: Callable[..., Any], *args: Any, **kwargs: An
         raise server_error(exc, doing) from exc
 
 
-def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) -> str:
+def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun, *, gate_metric: str) -> str:
     """The id of the MLflow run this DAG run trains into: created once, found again by its job key on a later try.
 
-    The experiment is created, or marked, as a model-training one. Tags are (re)written each time, so the try
-    number is the latest try's.
+    The experiment is created, or marked, as a model-training one whose runs table shows `gate_metric`
+    (training_experiment). Tags are (re)written each time, so the try number is the latest try's.
     """
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
-    if found is None:
-        experiment_id = mlflow_call(
-            f"creating experiment {experiment!r}",
-            client.create_experiment,
-            experiment,
-            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-        )
-    else:
-        experiment_id = found.experiment_id
-        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
-            mlflow_call(
-                f"tagging experiment {experiment!r}",
-                client.set_experiment_tag,
-                experiment_id,
-                EXPERIMENT_KIND_TAG,
-                MODEL_TRAINING_KIND,
-            )
+    experiment_id = training_experiment(client, experiment, gate_metric)
     query = f"tags.`{JOB_KEY_TAG}` = '{tracked.job_key}'"
     earlier = mlflow_call(
         "searching the DAG run's MLflow run", client.search_runs, [experiment_id], query, max_results=1
@@ -139,6 +122,27 @@ def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) 
     )
     log.info("MLflow run %s (%s) created in experiment %s", run.info.run_id, tracked.name, experiment_id)
     return str(run.info.run_id)
+
+
+def training_experiment(client: Any, experiment: str, gate_metric: str) -> str:
+    """The experiment's id, created if missing, its tags written where they differ: the model-training kind (MLflow's
+    experiment-kind selector reads it) and the runs table's saved view (tracking.views)."""
+    from orchestrator.tracking.views import RUNS_VIEW_TAG, runs_view_tag_value
+
+    found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        experiment_id = mlflow_call(f"creating experiment {experiment!r}", client.create_experiment, experiment)
+        found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment, experiment_id)
+    wanted = {
+        EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+        RUNS_VIEW_TAG: runs_view_tag_value(gate_metric, int(found.creation_time or 0)),
+    }
+    for key, value in wanted.items():
+        if found.tags.get(key) != value:
+            mlflow_call(
+                f"tagging experiment {experiment!r}", client.set_experiment_tag, found.experiment_id, key, value
+            )
+    return str(found.experiment_id)
 
 
 def log_dataset_manifest(tracking_uri: str, run_id: str, manifest: dict[str, Any]) -> None:

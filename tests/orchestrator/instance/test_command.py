@@ -9,7 +9,6 @@ from orchestrator.config.settings import Settings, load_settings
 from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.instance.command import (
     TrainingCommand,
-    mlflow_run_url,
     parse_mlflow_run_id,
     settings_digest,
     tracked_run,
@@ -150,16 +149,6 @@ def test_running_line_wins_over_a_later_end_line() -> None:
 )
 def test_parse_mlflow_run_id_none(log_text: str) -> None:
     assert parse_mlflow_run_id(log_text) is None
-
-
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "http://127.0.0.1:5000/"])
-def test_mlflow_run_url(uri: str) -> None:
-    assert mlflow_run_url(uri, "3", RUN_ID) == f"http://127.0.0.1:5000/#/experiments/3/runs/{RUN_ID}"
-
-
-def test_mlflow_run_url_keeps_a_path_prefix() -> None:
-    url = mlflow_run_url("https://mlflow.example.com/tracking", "7", RUN_ID)
-    assert url == f"https://mlflow.example.com/tracking/#/experiments/7/runs/{RUN_ID}"
 
 
 def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:

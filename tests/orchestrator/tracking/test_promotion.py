@@ -227,7 +227,7 @@ def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri:
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"training-{uuid.uuid4().hex[:8]}"
-    first = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    first = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1), gate_metric=METRIC)
     created = client.get_experiment_by_name(experiment)
     assert created.tags["mlflow.experimentKind"] == "custom_model_development"
     run = client.get_run(first)
@@ -238,12 +238,12 @@ def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri:
     )
 
     # A retry of the task finds the run its first try created, and records its own try number.
-    assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2)) == first
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2), gate_metric=METRIC) == first
     assert client.get_run(first).data.tags["airflow.try_number"] == "2"
     # A deployment's allowed_run_id_pattern may let a quote through: the search never sees the run id itself.
-    quoted = start_training_run(tracking_uri, experiment, _tracked("manual__it's", 1))
+    quoted = start_training_run(tracking_uri, experiment, _tracked("manual__it's", 1), gate_metric=METRIC)
     assert quoted != first
-    assert start_training_run(tracking_uri, experiment, _tracked("manual__it's", 2)) == quoted
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__it's", 2), gate_metric=METRIC) == quoted
     assert len(client.search_runs([created.experiment_id])) == 2
 
 
@@ -253,7 +253,7 @@ def test_an_existing_experiment_is_marked_as_model_training(tracking_uri: str) -
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"genai-{uuid.uuid4().hex[:8]}"
     experiment_id = client.create_experiment(experiment)
-    start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    start_training_run(tracking_uri, experiment, _tracked("manual__1", 1), gate_metric=METRIC)
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -609,7 +609,7 @@ def test_a_run_its_job_left_running_is_ended_as_told(tracking_uri: str, status: 
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"left-{uuid.uuid4().hex[:8]}"
-    left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1), gate_metric=METRIC)
     end_run_if_running(tracking_uri, left, status)
     assert client.get_run(left).info.status == status
     finished = finished_run({METRIC: 0.5}, with_model=False)
@@ -622,7 +622,9 @@ def test_marking_a_left_run_failed_never_hides_the_training_failure(
 ) -> None:
     from mlflow import MlflowClient
 
-    left = start_training_run(tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1))
+    left = start_training_run(
+        tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1), gate_metric=METRIC
+    )
     # 403: MLflow's client does not retry it (a 5xx would be retried with backoff for minutes).
     mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
     end_run_if_running(mlflow_proxy.url, left, "FAILED")  # no exception: the caller reports the training's own failure
