@@ -23,6 +23,11 @@ MLFLOW_RUN_URL_KEY = "mlflow_run_url"
 FAILURE_KEY = "failure"
 RUNNING_KEY = "running"
 
+# ec2_training run ids made by the DAGs that start it: a sweep's set (its number, from 1), a retraining on new data.
+# The run's MLflow name says which (tracking.runs.training_run_lead).
+SET_RUN_ID = "{run_id}__set{number}"
+RETRAIN_RUN_PREFIX = "retrain__"
+
 # MLflow run tags and artifacts.
 DAG_ID_TAG = "airflow.dag_id"
 DAG_RUN_ID_TAG = "airflow.run_id"

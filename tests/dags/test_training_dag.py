@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import threading
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -76,8 +77,8 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.git.commit"] == sha
     assert run.data.tags["mlflow.source.git.repoURL"] == f"{env.github_url}/local/ec2-trainer"
-    # Named and tagged after the DAG run, in an experiment MLflow's UI opens as model training.
-    assert run.info.run_name == f"{sha[:7]} {dag_run.run_id}"
+    # Named after when and how the DAG run was triggered, tagged with it, in an experiment for model training.
+    assert run.info.run_name == f"{dag_run.run_after.astimezone(UTC):%H:%M} manual · {sha[:7]}"
     assert run.data.tags["airflow.run_id"] == dag_run.run_id
     assert (run.data.tags["airflow.dag_id"], run.data.tags["airflow.try_number"]) == ("ec2_training", "1")
     assert run.data.tags["ec2.instance_id"] == instance["InstanceId"]

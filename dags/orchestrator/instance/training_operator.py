@@ -125,6 +125,7 @@ class RemoteTrainingOperator(BaseOperator):
             s,
             self._ready,
             self.git_sha,
+            lead=self._run_lead(context),
             dag_id=self.dag_id,
             run_id=context["run_id"],
             try_number=context["ti"].try_number,
@@ -322,6 +323,18 @@ class RemoteTrainingOperator(BaseOperator):
         # Timed out: the job still runs (a retry re-attaches to it), so its MLflow run stays open.
         run_id = get_current_context()["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
         raise RemoteJobTimeoutError(f"{exc}{self._postmortem(run_id, paths.log)}") from None
+
+    @staticmethod
+    def _run_lead(context: Context) -> str:
+        """How the MLflow run's name begins: a sweep's set and the values it sets (its Params left empty are the
+        configured ones), or when and how this DAG run was triggered."""
+        from orchestrator.config.run_params import JOB_PARAMS
+        from orchestrator.tracking.runs import training_run_lead
+
+        dag_run, params = context["dag_run"], context["params"]
+        swept = {name: params[name] for name in JOB_PARAMS if params.get(name) not in (None, "")}
+        run_type = str(getattr(dag_run.run_type, "value", dag_run.run_type))
+        return training_run_lead(context["run_id"], run_type, dag_run.run_after, swept)
 
     def _publish_run(self, context: Context, run_id: str) -> None:
         """The MLflow run's id and UI address as XComs (the latter is the task's 'MLflow run' link)."""

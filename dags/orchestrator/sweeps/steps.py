@@ -13,14 +13,12 @@ from typing import Any
 from orchestrator.config.resolve import resolve_config
 from orchestrator.config.run_params import BY_NAME
 from orchestrator.config.settings import Settings, load_settings
+from orchestrator.contracts import SET_RUN_ID
 from orchestrator.errors import fail_without_retry
 from orchestrator.sweeps.outcome import SetOutcome, best_set, summary
 from orchestrator.sweeps.sets import SWEEP_KEYS, describe, expand_sets, refuse_duplicates
 
 log = logging.getLogger(__name__)
-
-# How a child run's id is made from the sweep's: fixed per set, so a retried trigger finds the run it created.
-SET_RUN_ID = "{run_id}__set{number}"
 
 
 def resolve_sweep(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,6 +46,7 @@ def start_sweep(
     log.info("MLflow run %s is the sweep's parent; %d sets of commit %s", parent, len(sets), git_sha)
     return [
         {
+            # Fixed per set, so a retried trigger finds the run it created.
             "trigger_run_id": SET_RUN_ID.format(run_id=run_id, number=number),
             # The sha, not the ref: every set trains the commit this sweep's CI gate passed.
             "conf": {**values, "git_ref": git_sha, "mlflow_parent_run_id": parent, "promote": "false"},

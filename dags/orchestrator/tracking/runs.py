@@ -7,8 +7,10 @@ import contextlib
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.contracts import (
@@ -18,6 +20,8 @@ from orchestrator.contracts import (
     MANIFEST_ARTIFACT,
     MODEL_TRAINING_KIND,
     PROMOTION_TAG,
+    RETRAIN_RUN_PREFIX,
+    SET_RUN_ID,
 )
 from orchestrator.errors import OrchestratorError
 
@@ -219,3 +223,34 @@ class TrackedRun:
     def job_key(self) -> str:
         """Identifies it: one MLflow run per DAG run (as one remote job), whatever the number of task tries."""
         return self.tags[JOB_KEY_TAG]
+
+
+# A set's number in its run id (contracts.SET_RUN_ID).
+_SET_NUMBER_RE = re.compile(re.escape(SET_RUN_ID.split("{number}")[0].replace("{run_id}", "")) + r"(\d+)\Z")
+# How ec2_training's run was started, by Airflow's run type. A manual run is the form's, the REST API's or the CLI's:
+# the task's view of its DAG run does not say which.
+_HOW_TRIGGERED = {"manual": "manual", "scheduled": "scheduled", "asset_triggered": "new data", "backfill": "backfill"}
+# Short spellings of the knobs a set's name shows: MLflow's runs table shows about its first 20 characters.
+_SHORT_KNOBS = {"learning_rate": "lr", "batch_size": "batch", "data_uri": "data"}
+_MAX_VALUE_CHARS = 12
+
+
+def run_name(lead: str, git_sha: str) -> str:
+    """What tells the run apart first, the short commit last: `set 1 lr=0.001 · a0ca4de`."""
+    return f"{lead} · {git_sha[:7]}"
+
+
+def training_run_lead(run_id: str, run_type: str, triggered_at: datetime, swept: Mapping[str, Any]) -> str:
+    """A sweep's set: `set 1 lr=0.001`, its number and the values it sets (`swept`); any other ec2_training run:
+    `12:30 manual`, when it was triggered (UTC) and how. `run_type` is Airflow's ("manual", "scheduled", ...)."""
+    found = _SET_NUMBER_RE.search(run_id)
+    if found:
+        return " ".join([f"set {found.group(1)}", *(f"{_SHORT_KNOBS.get(k, k)}={_short(v)}" for k, v in swept.items())])
+    how = "retrain" if run_id.startswith(RETRAIN_RUN_PREFIX) else _HOW_TRIGGERED.get(run_type, run_type)
+    return f"{triggered_at.astimezone(UTC):%H:%M} {how}"
+
+
+def _short(value: Any) -> str:
+    """A URI's last part (`s3://bucket/versions/v3/` -> `v3`), cut to a few characters."""
+    text = str(value).rstrip("/").rsplit("/", 1)[-1]
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 1] + "…"

@@ -160,9 +160,15 @@ def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:
 def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Settings) -> None:
     ready = ReadyInstance.from_xcom(READY)
     tracked = tracked_run(
-        settings, ready, SHA, dag_id="ec2_training", run_id="manual__2026-11-26T10:00:00", try_number=2
+        settings,
+        ready,
+        SHA,
+        lead="10:00 manual",
+        dag_id="ec2_training",
+        run_id="manual__2026-11-26T10:00:00",
+        try_number=2,
     )
-    assert tracked.name == "0123456 manual__2026-11-26T10:00:00"
+    assert tracked.name == "10:00 manual · 0123456"
     assert tracked.tags == {
         "airflow.dag_id": "ec2_training",
         "airflow.run_id": "manual__2026-11-26T10:00:00",
@@ -193,10 +199,10 @@ def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings:
     ready = ReadyInstance.from_xcom(READY)
     parent = "f" * 32
     nested = tracked_run(
-        settings, ready, SHA, dag_id="ec2_training", run_id="r__set1", try_number=1, parent_run_id=parent
+        settings, ready, SHA, lead="set 1", dag_id="ec2_training", run_id="r__set1", try_number=1, parent_run_id=parent
     )
     assert nested.tags["mlflow.parentRunId"] == parent
-    alone = tracked_run(settings, ready, SHA, dag_id="ec2_training", run_id="r", try_number=1)
+    alone = tracked_run(settings, ready, SHA, lead="10:00 manual", dag_id="ec2_training", run_id="r", try_number=1)
     assert "mlflow.parentRunId" not in alone.tags
 
 
