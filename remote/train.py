@@ -102,6 +102,7 @@ def _load_data(config: TrainConfig, device: torch.device) -> tuple[dict[str, dat
         for name, files in dataset.scan(root, config.max_images).items()
     }
     decode_s = time.perf_counter() - started
+    mlflow.set_tag("cache_dir", str(cache_dir))  # the instance's own path, where the data was read from
     total_images = sum(split.labels.numel() for split in loaded.values())
     # What the job was given, per split, as params under one prefix: one group in the run's parameter table.
     # As metrics they were ~26 single-value charts, and MLflow's UI puts a prefixed section before the
