@@ -22,7 +22,7 @@ from remote import dataset, engine, environment, reports, sources
 from remote.config import TrainConfig, as_params, parse_config
 from remote.errors import TrainingError
 from remote.layout import TEST_PREFIXES, TRAIN_SPLIT, VALIDATION_SPLIT
-from remote.metrics import BinaryMetrics, binary_metrics
+from remote.metrics import BinaryMetrics, binary_metrics, epoch_metrics
 from remote.models import Probability, build_model
 from remote.progress import epoch_line
 
@@ -182,17 +182,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         def on_epoch(result: engine.EpochResult) -> None:
             sys.stdout.write(epoch_line(result, config.epochs, time.perf_counter() - fit_started) + "\n")
             sys.stdout.flush()
-            mlflow.log_metrics(
-                {
-                    "train_loss": result.train_loss,
-                    "train_accuracy": result.train_accuracy,
-                    "val_loss": result.val_loss,
-                    "val_accuracy": result.val_accuracy,
-                    "epoch_time_s": result.seconds,
-                    "throughput_images_per_s": result.images_per_s,
-                },
-                step=result.epoch,
-            )
+            mlflow.log_metrics(epoch_metrics(result), step=result.epoch)
 
         fitted = engine.fit(
             model,
