@@ -40,7 +40,8 @@ JOB_KEY_TAG = "ec2_trainer.job_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SETTINGS_DIGEST_TAG = "ec2_trainer.settings_digest"
 
-# Model version tag: until when (epoch seconds) the version contends for the alias; compared across workers' clocks.
+# Model version tag: until when the version contends for the alias, ISO 8601 UTC (epoch seconds before: still read,
+# tracking.promotion.contends_until); compared across workers' clocks.
 CONTENDER_TAG = "ec2_trainer.contends_until"
 # Model version tag: when (epoch seconds) the gate moved the champion alias onto the version: its own record, so a
 # retry trusts "already holds the alias" only when the gate, not a hand in the UI, put it there.

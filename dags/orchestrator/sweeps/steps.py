@@ -123,6 +123,7 @@ def gate_best(s: Settings, children: Sequence[Mapping[str, Any]], state_of: Call
             metric=s.mlflow.metric,
             threshold=s.mlflow.threshold,
             greater_is_better=s.mlflow.greater_is_better,
+            ui_base_url=s.mlflow.ui_base_url,
         )
         _tag(s, parent_run_of(children), {BEST_RUN_TAG: best.mlflow_run_id})
     return {"best_set": best.number, "best_run_id": best.mlflow_run_id, "evaluation": result.to_xcom()}
