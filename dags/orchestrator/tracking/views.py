@@ -5,7 +5,7 @@ MLflow 3.17's UI ignores `mlflow.experimentKind` when it picks an experiment's f
 "workflow type" (the `workflowType` query parameter, else the browser's stored choice, GenAI by default), so every
 link says `machine_learning`. Its runs table opens a saved view named by `viewStateShareKey`, read from the
 experiment's tag `mlflow.sharedViewState.<key>`: the experiment link names the view this module defines
-(docs/decisions/0112-*.md).
+(docs/decisions/0114-*.md).
 """
 
 from __future__ import annotations
