@@ -166,9 +166,14 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
     return config
 
 
+# Knobs naming a path of the machine the job ran on: recorded as tags (remote.train), since as params MLflow's
+# compare view charts them beside the hyperparameters.
+INSTANCE_PATHS = frozenset({"cache_dir"})
+
+
 def as_params(config: TrainConfig) -> dict[str, str]:
-    """The config as MLflow params, spelled as on the command line."""
-    params = {name: str(getattr(config, name)) for name in PARAMETERS}
+    """The config as MLflow params, spelled as on the command line; the instance's paths left out."""
+    params = {name: str(getattr(config, name)) for name in PARAMETERS if name not in INSTANCE_PATHS}
     params["conv_filters"] = ",".join(str(width) for width in config.conv_filters)
     params["augment"] = str(config.augment).lower()
     return params

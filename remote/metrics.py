@@ -5,6 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from remote.engine import EpochResult
+
+# MLflow 3.17's run page charts each "<section>/" prefix as its own section, sections in name order, then the
+# unprefixed "Model metrics": per-epoch figures under prefixes come first, the learning curves before the speed,
+# and the run's single values (the test scores, the gate's metric among them) stay unprefixed, after them.
+LEARNING_SECTION = "learning/"
+SPEED_SECTION = "speed/"
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,18 @@ class BinaryMetrics:
         values = asdict(self)
         values.pop("confusion")
         return {f"{prefix}{name}": float(value) for name, value in values.items()}
+
+
+def epoch_metrics(result: EpochResult) -> dict[str, float]:
+    """One epoch's figures as MLflow metric names, logged at the epoch's step."""
+    return {
+        f"{LEARNING_SECTION}train_loss": result.train_loss,
+        f"{LEARNING_SECTION}train_accuracy": result.train_accuracy,
+        f"{LEARNING_SECTION}val_loss": result.val_loss,
+        f"{LEARNING_SECTION}val_accuracy": result.val_accuracy,
+        f"{SPEED_SECTION}epoch_time_s": result.seconds,
+        f"{SPEED_SECTION}throughput_images_per_s": result.images_per_s,
+    }
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:

@@ -22,7 +22,7 @@ from remote import dataset, engine, environment, reports, sources
 from remote.config import TrainConfig, as_params, parse_config
 from remote.errors import TrainingError
 from remote.layout import TEST_PREFIXES, TRAIN_SPLIT, VALIDATION_SPLIT
-from remote.metrics import BinaryMetrics, binary_metrics
+from remote.metrics import BinaryMetrics, binary_metrics, epoch_metrics
 from remote.models import Probability, build_model
 from remote.progress import epoch_line
 
@@ -46,7 +46,7 @@ def _log_params(config: TrainConfig, extra: dict[str, str]) -> None:
 
 
 def _mark_model_training(experiment_id: str) -> None:
-    """MLflow 3 opens an experiment on its GenAI view unless tagged as model training. The orchestrator tags the
+    """MLflow's kind of the experiment ("Machine learning" in its UI's kind selector). The orchestrator tags the
     experiments it creates; this covers the job run on its own (`mlflow run .`) too."""
     import mlflow
 
@@ -102,6 +102,7 @@ def _load_data(config: TrainConfig, device: torch.device) -> tuple[dict[str, dat
         for name, files in dataset.scan(root, config.max_images).items()
     }
     decode_s = time.perf_counter() - started
+    mlflow.set_tag("cache_dir", str(cache_dir))  # the instance's own path, where the data was read from
     total_images = sum(split.labels.numel() for split in loaded.values())
     # What the job was given, per split, as params under one prefix: one group in the run's parameter table.
     # As metrics they were ~26 single-value charts, and MLflow's UI puts a prefixed section before the
@@ -181,17 +182,7 @@ def run(config: TrainConfig) -> dict[str, float]:
         def on_epoch(result: engine.EpochResult) -> None:
             sys.stdout.write(epoch_line(result, config.epochs, time.perf_counter() - fit_started) + "\n")
             sys.stdout.flush()
-            mlflow.log_metrics(
-                {
-                    "train_loss": result.train_loss,
-                    "train_accuracy": result.train_accuracy,
-                    "val_loss": result.val_loss,
-                    "val_accuracy": result.val_accuracy,
-                    "epoch_time_s": result.seconds,
-                    "throughput_images_per_s": result.images_per_s,
-                },
-                step=result.epoch,
-            )
+            mlflow.log_metrics(epoch_metrics(result), step=result.epoch)
 
         fitted = engine.fit(
             model,

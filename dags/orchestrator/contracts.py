@@ -23,6 +23,11 @@ MLFLOW_RUN_URL_KEY = "mlflow_run_url"
 FAILURE_KEY = "failure"
 RUNNING_KEY = "running"
 
+# ec2_training run ids made by the DAGs that start it: a sweep's set (its number, from 1), a retraining on new data.
+# The run's MLflow name says which (tracking.runs.training_run_lead).
+SET_RUN_ID = "{run_id}__set{number}"
+RETRAIN_RUN_PREFIX = "retrain__"
+
 # MLflow run tags and artifacts.
 DAG_ID_TAG = "airflow.dag_id"
 DAG_RUN_ID_TAG = "airflow.run_id"
@@ -35,7 +40,8 @@ JOB_KEY_TAG = "ec2_trainer.job_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SETTINGS_DIGEST_TAG = "ec2_trainer.settings_digest"
 
-# Model version tag: until when (epoch seconds) the version contends for the alias; compared across workers' clocks.
+# Model version tag: until when the version contends for the alias, ISO 8601 UTC (epoch seconds before: still read,
+# tracking.promotion.contends_until); compared across workers' clocks.
 CONTENDER_TAG = "ec2_trainer.contends_until"
 # Model version tag: when (epoch seconds) the gate moved the champion alias onto the version: its own record, so a
 # retry trusts "already holds the alias" only when the gate, not a hand in the UI, put it there.

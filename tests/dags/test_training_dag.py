@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import threading
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +21,7 @@ import pytest
 
 from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.observe.report import RunReport
+from orchestrator.tracking.views import experiment_url
 from tests.conftest import REPO
 from tests.orchestrator.observe.test_notify import mail_text
 from tests.support.faults import output
@@ -75,8 +77,8 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.git.commit"] == sha
     assert run.data.tags["mlflow.source.git.repoURL"] == f"{env.github_url}/local/ec2-trainer"
-    # Named and tagged after the DAG run, in an experiment MLflow's UI opens as model training.
-    assert run.info.run_name == f"{sha[:7]} {dag_run.run_id}"
+    # Named after when and how the DAG run was triggered, tagged with it, in an experiment for model training.
+    assert run.info.run_name == f"{dag_run.run_after.astimezone(UTC):%H:%M} manual · {sha[:7]}"
     assert run.data.tags["airflow.run_id"] == dag_run.run_id
     assert (run.data.tags["airflow.dag_id"], run.data.tags["airflow.try_number"]) == ("ec2_training", "1")
     assert run.data.tags["ec2.instance_id"] == instance["InstanceId"]
@@ -109,7 +111,7 @@ def test_happy_path_trains_tracks_terminates_and_leaks_no_secret(
     checks_link = tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink")
     assert checks_link == f"{env.github_url}/local/ec2-trainer/commit/{sha}/checks"
     run_link = tis["train"].xcom_pull(task_ids="train", key="_link_MlflowRunLink")
-    assert run_link == f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert run_link == f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     assert "train | epoch 1/1" in task_log  # the job's output was streamed into the task log
     assert_reported_success(tis["report"].xcom_pull(task_ids="report"), env, sha, instance, run, tis)
     # The report step pushed the run's series to the stack's Pushgateway; its Prometheus scraped them.
@@ -199,6 +201,8 @@ def assert_reported_success(
         "airflow": f"http://localhost:8080/dags/ec2_training/runs/{quote(report.run_id)}",
         "ci": tis["ci_gate"].xcom_pull(task_ids="ci_gate", key="_link_GitHubActionsLink"),
         "mlflow": tis["train"].xcom_pull(task_ids="train", key="mlflow_run_url"),
+        # The experiment's runs table, on the same UI address as the run's link.
+        "mlflow_runs": experiment_url(report.links["mlflow"].split("/#/")[0], run.info.experiment_id),
     }
     assert (report.metric_name, report.metric_value) == ("test_accuracy", run.data.metrics["test_accuracy"])
     assert report.promoted is True and report.promotion_reason

@@ -38,3 +38,11 @@ def test_invalid_values_are_rejected_with_the_fix(argv, message):
 def test_data_uri_is_required():
     with pytest.raises(ParameterError, match="data_uri is required"):
         parse_config([])
+
+
+def test_the_instances_paths_are_no_params():
+    """A per-instance path logged as a param was charted by MLflow's compare view; the job tags it instead."""
+    config = parse_config(["--data_uri", "synthetic://", "--cache_dir", "/scratch/cache"])
+    params = as_params(config)
+    assert "cache_dir" not in params
+    assert {"data_uri", "epochs", "learning_rate", "git_sha"} <= set(params)

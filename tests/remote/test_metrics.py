@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from remote.metrics import binary_metrics, roc_auc
+from remote.engine import EpochResult
+from remote.metrics import binary_metrics, epoch_metrics, roc_auc
 
 
 def test_hand_worked_example():
@@ -35,3 +36,24 @@ def test_no_positive_prediction_gives_zero_not_division_error():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="equal length"):
         binary_metrics([1], [0.1, 0.2])
+
+
+def _run_page_order(names: list[str]) -> list[str]:
+    """The charts' order on MLflow 3.17's run page (getBaseChartAndSectionConfigs): a section per prefix before the
+    last "/", sections by name, the unprefixed "Model metrics" last; charts by name within a section."""
+
+    def section(name: str) -> str:
+        return name.rpartition("/")[0]
+
+    return sorted(names, key=lambda name: (section(name) == "", section(name), name))
+
+
+def test_the_learning_curves_come_first_on_the_run_page():
+    epoch = epoch_metrics(EpochResult(2, 0.5, 0.75, 0.4, 0.8, 1.5, 600.0))
+    assert epoch["learning/val_loss"] == 0.4 and epoch["speed/throughput_images_per_s"] == 600.0
+    single_values = [*binary_metrics([1, 0], [0.9, 0.1]).scalars("test_"), "best_epoch", "decode_time_s"]
+    order = _run_page_order([*single_values, *epoch])
+    assert order[:4] == [f"learning/{name}" for name in ("train_accuracy", "train_loss", "val_accuracy", "val_loss")]
+    assert order[4:6] == ["speed/epoch_time_s", "speed/throughput_images_per_s"]
+    # The single values (the gate's test_accuracy among them) stay unprefixed: bar charts, after the curves.
+    assert set(order[6:]) == set(single_values) and "test_accuracy" in single_values

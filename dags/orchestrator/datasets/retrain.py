@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from orchestrator.config.settings import Settings
+from orchestrator.contracts import RETRAIN_RUN_PREFIX
 from orchestrator.datasets.versions import DIGEST_TAG
 from orchestrator.tracking.training_runs import TRAINING_DAG_ID, training_run_state
 
@@ -46,7 +47,7 @@ class RetrainPlan:
 def base_run_id(git_sha: str, digest: str) -> str:
     if not (_HEX_RE.fullmatch(git_sha) and _HEX_RE.fullmatch(digest)):
         raise ValueError("a commit sha and a dataset digest in hexadecimal")
-    return f"retrain__{git_sha[:12]}__{digest[:12]}"
+    return f"{RETRAIN_RUN_PREFIX}{git_sha[:12]}__{digest[:12]}"
 
 
 def training_run_id(git_sha: str, digest: str, state_of: Callable[[str], str | None]) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from orchestrator.ci.github_protocol import commit_checks_url, repository_url
 from orchestrator.config.run_params import BY_NAME, JOB_PARAMS
 from orchestrator.contracts import DAG_ID_TAG, DAG_RUN_ID_TAG, JOB_KEY_TAG, PARENT_RUN_TAG, SETTINGS_DIGEST_TAG
-from orchestrator.tracking.runs import TrackedRun
+from orchestrator.tracking.runs import TrackedRun, run_name
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import Settings
@@ -41,6 +41,7 @@ def tracked_run(
     ready: ReadyInstance,
     git_sha: str,
     *,
+    lead: str,
     dag_id: str,
     run_id: str,
     try_number: int,
@@ -50,6 +51,7 @@ def tracked_run(
 ) -> TrackedRun:
     """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
 
+    `lead` begins its name, what tells it apart (tracking.runs.training_run_lead); the short commit ends it.
     `ready` is wait_ready's result (instance id, type and market). The `mlflow.source.*` tags are MLflow's own, so
     its UI shows the commit and the repository as for a run `mlflow run` had created itself from git (the instance
     runs a shipped copy of the tree, which carries no git metadata of its own). `dataset_tags`: the
@@ -62,8 +64,7 @@ def tracked_run(
     parent = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
     ami = {"ec2.ami_id": image.ami_id, "ec2.ami_name": image.ami_name or "unknown"} if image else {}
     return TrackedRun(
-        # The short sha first: runs of one commit sort together in the run list; the DAG run id keeps names unique.
-        name=f"{git_sha[:7]} {run_id}",
+        name=run_name(lead, git_sha),
         tags={
             DAG_ID_TAG: dag_id,
             DAG_RUN_ID_TAG: run_id,
@@ -167,7 +168,3 @@ def exit_description(exit_code: int, log_text: str, kernel_log: str = "") -> str
         if named
         else ", out of memory? (no OOM line in the kernel log the instance let us read)"
     )
-
-
-def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -125,6 +125,7 @@ class RemoteTrainingOperator(BaseOperator):
             s,
             self._ready,
             self.git_sha,
+            lead=self._run_lead(context),
             dag_id=self.dag_id,
             run_id=context["run_id"],
             try_number=context["ti"].try_number,
@@ -134,7 +135,9 @@ class RemoteTrainingOperator(BaseOperator):
             image=LaunchPlan.from_xcom(context["ti"].xcom_pull(task_ids=LaunchPlan.STEP)),
         )
         with credentials_in_env(creds.username, creds.password):
-            created_run_id = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+            created_run_id = start_training_run(
+                s.mlflow.tracking_uri, s.mlflow.experiment, tracked, gate_metric=s.mlflow.metric
+            )
             if dataset:
                 log_dataset_manifest(s.mlflow.tracking_uri, created_run_id, dataset.manifest())
             # Published before training: the task's link opens the run while it trains, and the finishing step
@@ -321,13 +324,25 @@ class RemoteTrainingOperator(BaseOperator):
         run_id = get_current_context()["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
         raise RemoteJobTimeoutError(f"{exc}{self._postmortem(run_id, paths.log)}") from None
 
+    @staticmethod
+    def _run_lead(context: Context) -> str:
+        """How the MLflow run's name begins: a sweep's set and the values it sets (its Params left empty are the
+        configured ones), or when and how this DAG run was triggered."""
+        from orchestrator.config.run_params import JOB_PARAMS
+        from orchestrator.tracking.runs import training_run_lead
+
+        dag_run, params = context["dag_run"], context["params"]
+        swept = {name: params[name] for name in JOB_PARAMS if params.get(name) not in (None, "")}
+        run_type = str(getattr(dag_run.run_type, "value", dag_run.run_type))
+        return training_run_lead(context["run_id"], run_type, dag_run.run_after, swept)
+
     def _publish_run(self, context: Context, run_id: str) -> None:
         """The MLflow run's id and UI address as XComs (the latter is the task's 'MLflow run' link)."""
-        from orchestrator.instance.command import mlflow_run_url
         from orchestrator.tracking.runs import experiment_id_of
+        from orchestrator.tracking.views import run_url
 
         s = self._settings
-        url = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
+        url = run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, run_id), run_id)
         context["ti"].xcom_push(key=MLFLOW_RUN_ID_KEY, value=run_id)
         context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=url)
         self.log.info("MLflow run %s: %s", run_id, url)

@@ -97,6 +97,10 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         links["ci"] = commit_checks_url(s.github.api_url, s.github.repo, git_sha)
     if mlflow_url := xcom("train", MLFLOW_RUN_URL_KEY):
         links["mlflow"] = mlflow_url
+    if run is not None:
+        from orchestrator.tracking.views import experiment_url
+
+        links["mlflow_runs"] = experiment_url(s.mlflow.ui_base_url, run.info.experiment_id)
     started = dag_run.start_date.timestamp() if dag_run.start_date else time.time()
     return RunReport(
         dag_id=dag_id,

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 SLACK = "slack"
 EMAIL = "email"
 # Labels of the report's links, in the order people open them.
-_LINK_LABELS = {"airflow": "Airflow run", "ci": "CI run", "mlflow": "MLflow run"}
+_LINK_LABELS = {"airflow": "Airflow run", "ci": "CI run", "mlflow": "MLflow run", "mlflow_runs": "MLflow runs"}
 _MAX_ERROR = 300
 _SLACK_HEADER_MAX = 150
 _SLACK_FIELD_MAX = 2000

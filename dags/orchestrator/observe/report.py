@@ -14,7 +14,7 @@ from orchestrator.redaction import scrub
 
 OUTCOMES = ("success", "failed")
 PRICE_SOURCES = ("aws-price-list", "spot-price-history", "fallback-table")
-LINK_KEYS = ("airflow", "ci", "mlflow")
+LINK_KEYS = ("airflow", "ci", "mlflow", "mlflow_runs")
 # The fixed phase names; bootstrap phases are "bootstrap.<name>" (the names userdata/bootstrap.sh records).
 PHASES = ("ci_wait", "launch", "boot", "training", "evaluation", "teardown")
 BOOTSTRAP_PHASE_PREFIX = "bootstrap."

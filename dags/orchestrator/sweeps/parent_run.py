@@ -40,10 +40,10 @@ def start_parent_run(s: Settings, git_sha: str, dag_id: str, run_id: str, sets: 
 
     from orchestrator.ci.github_protocol import commit_checks_url, repository_url
     from orchestrator.instance.job_script import job_key
-    from orchestrator.tracking.runs import TrackedRun, start_training_run
+    from orchestrator.tracking.runs import TrackedRun, run_name, start_training_run
 
     tracked = TrackedRun(
-        name=f"{git_sha[:7]} {run_id}",
+        name=run_name(f"sweep {len(sets)} sets", git_sha),
         tags={
             DAG_ID_TAG: dag_id,
             DAG_RUN_ID_TAG: run_id,
@@ -55,7 +55,7 @@ def start_parent_run(s: Settings, git_sha: str, dag_id: str, run_id: str, sets: 
             "mlflow.source.name": repository_url(s.github.api_url, s.github.repo),
         },
     )
-    parent = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked)
+    parent = start_training_run(s.mlflow.tracking_uri, s.mlflow.experiment, tracked, gate_metric=s.mlflow.metric)
     client = MlflowClient(tracking_uri=s.mlflow.tracking_uri)
     # The same values on a retry: MLflow accepts a param logged again unchanged.
     for number, values in enumerate(sets, start=1):

@@ -13,14 +13,12 @@ from typing import Any
 from orchestrator.config.resolve import resolve_config
 from orchestrator.config.run_params import BY_NAME
 from orchestrator.config.settings import Settings, load_settings
+from orchestrator.contracts import SET_RUN_ID
 from orchestrator.errors import fail_without_retry
 from orchestrator.sweeps.outcome import SetOutcome, best_set, summary
 from orchestrator.sweeps.sets import SWEEP_KEYS, describe, expand_sets, refuse_duplicates
 
 log = logging.getLogger(__name__)
-
-# How a child run's id is made from the sweep's: fixed per set, so a retried trigger finds the run it created.
-SET_RUN_ID = "{run_id}__set{number}"
 
 
 def resolve_sweep(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,6 +46,7 @@ def start_sweep(
     log.info("MLflow run %s is the sweep's parent; %d sets of commit %s", parent, len(sets), git_sha)
     return [
         {
+            # Fixed per set, so a retried trigger finds the run it created.
             "trigger_run_id": SET_RUN_ID.format(run_id=run_id, number=number),
             # The sha, not the ref: every set trains the commit this sweep's CI gate passed.
             "conf": {**values, "git_ref": git_sha, "mlflow_parent_run_id": parent, "promote": "false"},
@@ -124,6 +123,7 @@ def gate_best(s: Settings, children: Sequence[Mapping[str, Any]], state_of: Call
             metric=s.mlflow.metric,
             threshold=s.mlflow.threshold,
             greater_is_better=s.mlflow.greater_is_better,
+            ui_base_url=s.mlflow.ui_base_url,
         )
         _tag(s, parent_run_of(children), {BEST_RUN_TAG: best.mlflow_run_id})
     return {"best_set": best.number, "best_run_id": best.mlflow_run_id, "evaluation": result.to_xcom()}
@@ -140,16 +140,16 @@ def summarize(
     `s` and `children` are None when the step that gives them failed."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from orchestrator.instance.command import mlflow_run_url
     from orchestrator.sweeps.parent_run import VERDICT_TAG, end_parent_run
     from orchestrator.tracking.runs import experiment_id_of
+    from orchestrator.tracking.views import run_url
 
     if not children or s is None:
         raise AirflowFailException("the sweep started no set: the task that failed before start_sweep says why")
     parent = parent_run_of(children)
     sets = outcomes(s, children, state_of, with_metrics=True)
     with _mlflow_login(s):
-        page = mlflow_run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, parent), parent)
+        page = run_url(s.mlflow.ui_base_url, experiment_id_of(s.mlflow.tracking_uri, parent), parent)
         ok, sentence = summary(
             sets, gated, metric=s.mlflow.metric, greater_is_better=s.mlflow.greater_is_better, parent_url=page
         )

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.contracts import (
@@ -36,6 +37,7 @@ from orchestrator.tracking.runs import (
     mlflow_output_logged,
     server_error,
 )
+from orchestrator.tracking.views import experiment_url
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import Settings
@@ -98,10 +100,14 @@ def evaluate_and_promote(
     metric: str,
     threshold: float,
     greater_is_better: bool,
+    ui_base_url: str,
     model_artifact: str = "model",
     promote: bool = True,
 ) -> Evaluation:
     """Gate the run's model on `metric`; register it and move the champion alias only when it wins.
+
+    The registered model's description says what it is, how a version becomes champion and where the training
+    runs are (their runs table, under `ui_base_url`).
 
     `promote` False (a sweep's run): the verdict is computed and logged, nothing is registered or moved.
     Raises TrackingError when the run or the champion cannot be compared, TrackingServerError on any other
@@ -147,6 +153,20 @@ def evaluate_and_promote(
     elif decision.promote:
         started = time.monotonic()
         version = _register_contender(client, tracking_uri, run_id, model_name, model_artifact)
+        experiment = mlflow_call(
+            f"reading experiment {run.info.experiment_id}", client.get_experiment, run.info.experiment_id
+        )
+        _describe_model(
+            client,
+            model_name,
+            model_description(
+                metric,
+                threshold,
+                greater_is_better=greater_is_better,
+                experiment=experiment.name,
+                runs_url=experiment_url(ui_base_url, experiment.experiment_id),
+            ),
+        )
         holder = _settle_champion(client, model_name, metric, greater_is_better=greater_is_better, started=started)
         promoted = holder.version == version
         if not promoted:
@@ -282,9 +302,50 @@ def _beats(a: float, b: float, greater_is_better: bool) -> bool:
     return a > b if greater_is_better else a < b
 
 
+def contender_lease_until(now: float) -> str:
+    """CONTENDER_TAG's value: when a lease taken at `now` (epoch seconds) runs out, ISO 8601 UTC to the second."""
+    return datetime.fromtimestamp(now + CONTEST_LEASE_S, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def contends_until(value: str | None) -> float:
+    """CONTENDER_TAG's value as epoch seconds: the ISO form, or the epoch number written before it (registries keep
+    it); 0.0 (no lease) when absent or unreadable."""
+    if not value:
+        return 0.0
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        log.warning("%s %r is neither a date-time nor epoch seconds: not counted as a lease", CONTENDER_TAG, value)
+        return 0.0
+
+
+def model_description(metric: str, threshold: float, *, greater_is_better: bool, experiment: str, runs_url: str) -> str:
+    """The registered model's description: what it is, how a version becomes champion, where its runs are."""
+    better = "higher" if greater_is_better else "lower"
+    return (
+        "Hurricane-damage classifier: a PyTorch CNN labelling 128x128 satellite images `damage` or `no_damage`, "
+        "trained on ephemeral EC2 instances by the ec2_training Airflow DAG (ec2-trainer). A run whose model passes "
+        f"the gate is registered as a version; the `{CHAMPION_ALIAS}` alias moves to it only when its `{metric}` "
+        f"reaches {threshold:g} ({better} is better) and beats the current champion's (a tie keeps the champion). "
+        f"Each version's description names its run, commit and the gate's reason. Training runs: MLflow experiment "
+        f"`{experiment}`, {runs_url}"
+    )
+
+
+def _describe_model(client: Any, model_name: str, description: str) -> None:
+    """Write the registered model's description where it differs (settings change the gate)."""
+    found = mlflow_call(f"reading {model_name}", client.get_registered_model, model_name)
+    if found.description != description:
+        mlflow_call(f"describing {model_name}", client.update_registered_model, model_name, description=description)
+
+
 def _register_contender(client: Any, tracking_uri: str, run_id: str, model_name: str, model_artifact: str) -> str:
     """The run's model version, registered (or found, on a retry) and tagged as a contender for the lease."""
-    until = f"{time.time() + CONTEST_LEASE_S:.0f}"
+    until = contender_lease_until(time.time())
     earlier = mlflow_call(
         f"searching {model_name} for run {run_id}",
         client.search_model_versions,
@@ -349,7 +410,7 @@ def _live_contenders(client: Any, model_name: str, metric: str) -> list[_Scored]
     """The versions whose contender lease has not run out, oldest first, with their scores."""
     now = time.time()
     found = _versions(client, model_name)
-    live = sorted(int(version.version) for version in found if float(version.tags.get(CONTENDER_TAG) or 0) > now)
+    live = sorted(int(version.version) for version in found if contends_until(version.tags.get(CONTENDER_TAG)) > now)
     return [_scored(client, model_name, str(version), metric) for version in live]
 
 
@@ -430,5 +491,6 @@ def evaluate(s: Settings, mlflow_run_id: str, *, promote: bool) -> Evaluation:
             metric=s.mlflow.metric,
             threshold=s.mlflow.threshold,
             greater_is_better=s.mlflow.greater_is_better,
+            ui_base_url=s.mlflow.ui_base_url,
             promote=promote,
         )

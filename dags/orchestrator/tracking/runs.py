@@ -7,8 +7,10 @@ import contextlib
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.contracts import (
@@ -18,6 +20,8 @@ from orchestrator.contracts import (
     MANIFEST_ARTIFACT,
     MODEL_TRAINING_KIND,
     PROMOTION_TAG,
+    RETRAIN_RUN_PREFIX,
+    SET_RUN_ID,
 )
 from orchestrator.errors import OrchestratorError
 
@@ -93,33 +97,16 @@ def mlflow_call(doing: str, method: Callable[..., Any], *args: Any, **kwargs: An
         raise server_error(exc, doing) from exc
 
 
-def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) -> str:
+def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun, *, gate_metric: str) -> str:
     """The id of the MLflow run this DAG run trains into: created once, found again by its job key on a later try.
 
-    The experiment is created, or marked, as a model-training one. Tags are (re)written each time, so the try
-    number is the latest try's.
+    The experiment is created, or marked, as a model-training one whose runs table shows `gate_metric`
+    (training_experiment). Tags are (re)written each time, so the try number is the latest try's.
     """
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
-    if found is None:
-        experiment_id = mlflow_call(
-            f"creating experiment {experiment!r}",
-            client.create_experiment,
-            experiment,
-            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-        )
-    else:
-        experiment_id = found.experiment_id
-        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
-            mlflow_call(
-                f"tagging experiment {experiment!r}",
-                client.set_experiment_tag,
-                experiment_id,
-                EXPERIMENT_KIND_TAG,
-                MODEL_TRAINING_KIND,
-            )
+    experiment_id = training_experiment(client, experiment, gate_metric)
     query = f"tags.`{JOB_KEY_TAG}` = '{tracked.job_key}'"
     earlier = mlflow_call(
         "searching the DAG run's MLflow run", client.search_runs, [experiment_id], query, max_results=1
@@ -139,6 +126,27 @@ def start_training_run(tracking_uri: str, experiment: str, tracked: TrackedRun) 
     )
     log.info("MLflow run %s (%s) created in experiment %s", run.info.run_id, tracked.name, experiment_id)
     return str(run.info.run_id)
+
+
+def training_experiment(client: Any, experiment: str, gate_metric: str) -> str:
+    """The experiment's id, created if missing, its tags written where they differ: the model-training kind (MLflow's
+    experiment-kind selector reads it) and the runs table's saved view (tracking.views)."""
+    from orchestrator.tracking.views import RUNS_VIEW_TAG, runs_view_tag_value
+
+    found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment_by_name, experiment)
+    if found is None:
+        experiment_id = mlflow_call(f"creating experiment {experiment!r}", client.create_experiment, experiment)
+        found = mlflow_call(f"reading experiment {experiment!r}", client.get_experiment, experiment_id)
+    wanted = {
+        EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+        RUNS_VIEW_TAG: runs_view_tag_value(gate_metric, int(found.creation_time or 0)),
+    }
+    for key, value in wanted.items():
+        if found.tags.get(key) != value:
+            mlflow_call(
+                f"tagging experiment {experiment!r}", client.set_experiment_tag, found.experiment_id, key, value
+            )
+    return str(found.experiment_id)
 
 
 def log_dataset_manifest(tracking_uri: str, run_id: str, manifest: dict[str, Any]) -> None:
@@ -215,3 +223,34 @@ class TrackedRun:
     def job_key(self) -> str:
         """Identifies it: one MLflow run per DAG run (as one remote job), whatever the number of task tries."""
         return self.tags[JOB_KEY_TAG]
+
+
+# A set's number in its run id (contracts.SET_RUN_ID).
+_SET_NUMBER_RE = re.compile(re.escape(SET_RUN_ID.split("{number}")[0].replace("{run_id}", "")) + r"(\d+)\Z")
+# How ec2_training's run was started, by Airflow's run type. A manual run is the form's, the REST API's or the CLI's:
+# the task's view of its DAG run does not say which.
+_HOW_TRIGGERED = {"manual": "manual", "scheduled": "scheduled", "asset_triggered": "new data", "backfill": "backfill"}
+# Short spellings of the knobs a set's name shows: MLflow's runs table shows about its first 20 characters.
+_SHORT_KNOBS = {"learning_rate": "lr", "batch_size": "batch", "data_uri": "data"}
+_MAX_VALUE_CHARS = 12
+
+
+def run_name(lead: str, git_sha: str) -> str:
+    """What tells the run apart first, the short commit last: `set 1 lr=0.001 · a0ca4de`."""
+    return f"{lead} · {git_sha[:7]}"
+
+
+def training_run_lead(run_id: str, run_type: str, triggered_at: datetime, swept: Mapping[str, Any]) -> str:
+    """A sweep's set: `set 1 lr=0.001`, its number and the values it sets (`swept`); any other ec2_training run:
+    `12:30 manual`, when it was triggered (UTC) and how. `run_type` is Airflow's ("manual", "scheduled", ...)."""
+    found = _SET_NUMBER_RE.search(run_id)
+    if found:
+        return " ".join([f"set {found.group(1)}", *(f"{_SHORT_KNOBS.get(k, k)}={_short(v)}" for k, v in swept.items())])
+    how = "retrain" if run_id.startswith(RETRAIN_RUN_PREFIX) else _HOW_TRIGGERED.get(run_type, run_type)
+    return f"{triggered_at.astimezone(UTC):%H:%M} {how}"
+
+
+def _short(value: Any) -> str:
+    """A URI's last part (`s3://bucket/versions/v3/` -> `v3`), cut to a few characters."""
+    text = str(value).rstrip("/").rsplit("/", 1)[-1]
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 1] + "…"

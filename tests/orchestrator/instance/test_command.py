@@ -9,7 +9,6 @@ from orchestrator.config.settings import Settings, load_settings
 from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.instance.command import (
     TrainingCommand,
-    mlflow_run_url,
     parse_mlflow_run_id,
     settings_digest,
     tracked_run,
@@ -152,16 +151,6 @@ def test_parse_mlflow_run_id_none(log_text: str) -> None:
     assert parse_mlflow_run_id(log_text) is None
 
 
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "http://127.0.0.1:5000/"])
-def test_mlflow_run_url(uri: str) -> None:
-    assert mlflow_run_url(uri, "3", RUN_ID) == f"http://127.0.0.1:5000/#/experiments/3/runs/{RUN_ID}"
-
-
-def test_mlflow_run_url_keeps_a_path_prefix() -> None:
-    url = mlflow_run_url("https://mlflow.example.com/tracking", "7", RUN_ID)
-    assert url == f"https://mlflow.example.com/tracking/#/experiments/7/runs/{RUN_ID}"
-
-
 def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:
     argv = training_command(settings, SHA, "/jobs/k/source", RUN_ID).argv()
     assert argv[argv.index("--run-id") + 1] == RUN_ID
@@ -171,9 +160,15 @@ def test_the_job_trains_into_the_run_created_for_it(settings: Settings) -> None:
 def test_the_tracked_run_leads_back_to_airflow_the_instance_and_ci(settings: Settings) -> None:
     ready = ReadyInstance.from_xcom(READY)
     tracked = tracked_run(
-        settings, ready, SHA, dag_id="ec2_training", run_id="manual__2026-11-26T10:00:00", try_number=2
+        settings,
+        ready,
+        SHA,
+        lead="10:00 manual",
+        dag_id="ec2_training",
+        run_id="manual__2026-11-26T10:00:00",
+        try_number=2,
     )
-    assert tracked.name == "0123456 manual__2026-11-26T10:00:00"
+    assert tracked.name == "10:00 manual · 0123456"
     assert tracked.tags == {
         "airflow.dag_id": "ec2_training",
         "airflow.run_id": "manual__2026-11-26T10:00:00",
@@ -204,10 +199,10 @@ def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings:
     ready = ReadyInstance.from_xcom(READY)
     parent = "f" * 32
     nested = tracked_run(
-        settings, ready, SHA, dag_id="ec2_training", run_id="r__set1", try_number=1, parent_run_id=parent
+        settings, ready, SHA, lead="set 1", dag_id="ec2_training", run_id="r__set1", try_number=1, parent_run_id=parent
     )
     assert nested.tags["mlflow.parentRunId"] == parent
-    alone = tracked_run(settings, ready, SHA, dag_id="ec2_training", run_id="r", try_number=1)
+    alone = tracked_run(settings, ready, SHA, lead="10:00 manual", dag_id="ec2_training", run_id="r", try_number=1)
     assert "mlflow.parentRunId" not in alone.tags
 
 

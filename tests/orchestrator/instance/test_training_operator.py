@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from airflow.sdk.api.datamodels._generated import DagRunType
 from structlog.testing import capture_logs
 
 from embedded.services.mlflow_server import MlflowServer
@@ -156,3 +159,14 @@ def test_a_job_stopped_by_the_instances_shutdown_is_reported_as_the_instances_en
 
     assert asked == ["i-1"] and ended == [True]
     assert job.closed and not job.log_read
+
+
+def test_the_mlflow_run_name_leads_with_the_dag_runs_trigger_or_its_sets_values() -> None:
+    """What train reads of its DAG run for the name: the run type and time, and the job knobs the run's Params set
+    (a set's; those left empty train the configured values)."""
+    dag_run = SimpleNamespace(run_type=DagRunType.MANUAL, run_after=datetime(2026, 11, 26, 12, 30, tzinfo=UTC))
+    empty = {"data_uri": None, "model": None, "epochs": None, "batch_size": None, "learning_rate": None}
+    form: Any = {"dag_run": dag_run, "run_id": "manual__2026-11-26T12:30:00+00:00", "params": empty}
+    assert RemoteTrainingOperator._run_lead(form) == "12:30 manual"
+    a_set: Any = {"dag_run": dag_run, "run_id": "sweep__1__set2", "params": empty | {"learning_rate": 0.003}}
+    assert RemoteTrainingOperator._run_lead(a_set) == "set 2 lr=0.003"

@@ -30,6 +30,7 @@ LINKS = {
     "airflow": "http://127.0.0.1:8080/dags/ec2_training/runs/manual__1",
     "ci": "https://github.com/org/repo/commit/" + "a" * 40 + "/checks",
     "mlflow": "http://127.0.0.1:5000/#/experiments/1/runs/" + "r" * 32,
+    "mlflow_runs": "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
 }
 SUCCESS = replace(REPORT, links=LINKS)
 FAILURE = replace(
@@ -124,7 +125,12 @@ def test_the_success_message_says_metric_promotion_duration_cost_and_links() -> 
         "a" * 40,
         *(
             f"{label}: {LINKS[key]}"
-            for key, label in (("airflow", "Airflow run"), ("ci", "CI run"), ("mlflow", "MLflow run"))
+            for key, label in (
+                ("airflow", "Airflow run"),
+                ("ci", "CI run"),
+                ("mlflow", "MLflow run"),
+                ("mlflow_runs", "MLflow runs"),
+            )
         ),
     ):
         assert needle in mail.body

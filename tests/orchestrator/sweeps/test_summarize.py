@@ -38,7 +38,7 @@ def test_the_summary_ends_the_parent_run_and_links_to_it(mlflow_server: MlflowSe
             "TRAINER__MLFLOW__EXPERIMENT": experiment,
         }
     )
-    page = f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{parent}"
+    page = f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{parent}?workflowType=machine_learning"
 
     states = {"sweep__1__set1": "success", "sweep__1__set2": "failed"}
     with pytest.raises(AirflowFailException) as failed:

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,16 @@ from orchestrator.config.settings import Settings
 from orchestrator.contracts import ALIAS_MOVED_TAG, CONTENDER_TAG
 from orchestrator.contracts_steps import Evaluation
 from orchestrator.instance.job_script import job_key
-from orchestrator.tracking.promotion import CHAMPION_ALIAS, decide_promotion, evaluate_and_promote
+from orchestrator.tracking.promotion import (
+    CHAMPION_ALIAS,
+    CONTEST_LEASE_S,
+    _live_contenders,
+    contender_lease_until,
+    contends_until,
+    decide_promotion,
+    evaluate_and_promote,
+    model_description,
+)
 from orchestrator.tracking.runs import (
     TrackedRun,
     TrackingError,
@@ -59,6 +69,29 @@ def test_decide_promotion(
     decision = decide_promotion(value, threshold, champion, greater_is_better=greater)
     assert decision.promote is promote
     assert re.search(reason, decision.reason), decision.reason
+
+
+# ---- the contender lease's tag
+
+
+def test_the_lease_is_written_as_an_iso_utc_date_time() -> None:
+    assert contender_lease_until(0.0) == "1970-01-01T00:30:00Z"
+    assert contends_until(contender_lease_until(1_700_000_000.4)) == 1_700_000_000 + CONTEST_LEASE_S
+
+
+@pytest.mark.parametrize(
+    ("tag", "until"),
+    [
+        ("1700001800", 1_700_001_800.0),  # the epoch form registries written before hold
+        ("2023-11-14T22:43:20Z", 1_700_001_800.0),
+        ("2023-11-14T23:43:20+01:00", 1_700_001_800.0),
+        (None, 0.0),
+        ("", 0.0),
+        ("soon", 0.0),  # unreadable: no lease rather than a lease for ever
+    ],
+)
+def test_a_lease_reads_in_either_form(tag: str | None, until: float) -> None:
+    assert contends_until(tag) == until
 
 
 # ---- credentials for the MLflow client
@@ -135,7 +168,13 @@ def finished_run(metrics: dict[str, float], *, with_model: bool = True) -> str:
 
 
 def evaluate(tracking_uri: str, run_id: str, model_name: str, **overrides: Any) -> Evaluation:
-    kwargs: dict[str, Any] = {"metric": METRIC, "threshold": 0.9, "greater_is_better": True} | overrides
+    kwargs: dict[str, Any] = {
+        "metric": METRIC,
+        "threshold": 0.9,
+        "greater_is_better": True,
+        "ui_base_url": tracking_uri,
+    }
+    kwargs |= overrides
     return evaluate_and_promote(tracking_uri, run_id, model_name=model_name, **kwargs)
 
 
@@ -217,6 +256,47 @@ def test_the_registered_version_says_where_it_comes_from_and_why(tracking_uri: s
     }
 
 
+def test_the_registered_model_says_what_it_is_how_it_is_promoted_and_where_its_runs_are(
+    tracking_uri: str, model_name: str
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = finished_run({METRIC: 0.95})
+    evaluate(tracking_uri, run_id, model_name, ui_base_url="https://mlflow.example.com")
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    description = client.get_registered_model(model_name).description
+    runs = f"https://mlflow.example.com/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert description == model_description(
+        METRIC,
+        0.9,
+        greater_is_better=True,
+        experiment=experiment.name,
+        runs_url=runs + "&viewStateShareKey=ec2-trainer",
+    )
+    assert "`champion` alias moves to it only when its `test_accuracy` reaches 0.9 (higher is better)" in description
+    assert f"Training runs: MLflow experiment `{experiment.name}`, {runs}" in description
+
+    # The gate configured otherwise: the next registration rewrites it.
+    better = finished_run({METRIC: 0.97})
+    evaluate(tracking_uri, better, model_name, threshold=0.96, ui_base_url="https://mlflow.example.com")
+    assert "reaches 0.96 (higher is better)" in client.get_registered_model(model_name).description
+
+
+def test_leases_in_both_forms_count_until_they_run_out(tracking_uri: str, model_name: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.create_registered_model(model_name)
+    now = time.time()
+    leases = [f"{now + 600:.0f}", f"{now - 600:.0f}", contender_lease_until(now), contender_lease_until(now - 3600)]
+    for lease in leases:
+        run_id = finished_run({METRIC: 0.9})
+        version = client.create_model_version(model_name, f"runs:/{run_id}/model", run_id=run_id)
+        client.set_model_version_tag(model_name, version.version, CONTENDER_TAG, lease)
+    assert [scored.version for scored in _live_contenders(client, model_name, METRIC)] == ["1", "3"]
+
+
 def _tracked(run_id: str, try_number: int) -> TrackedRun:
     tags = {"airflow.dag_id": "ec2_training", "airflow.run_id": run_id, "airflow.try_number": str(try_number)}
     return TrackedRun(name=f"0123456 {run_id}", tags=tags | {"ec2_trainer.job_key": job_key("ec2_training", run_id)})
@@ -227,7 +307,7 @@ def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri:
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"training-{uuid.uuid4().hex[:8]}"
-    first = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    first = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1), gate_metric=METRIC)
     created = client.get_experiment_by_name(experiment)
     assert created.tags["mlflow.experimentKind"] == "custom_model_development"
     run = client.get_run(first)
@@ -238,12 +318,12 @@ def test_one_mlflow_run_per_dag_run_in_a_model_training_experiment(tracking_uri:
     )
 
     # A retry of the task finds the run its first try created, and records its own try number.
-    assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2)) == first
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__1", 2), gate_metric=METRIC) == first
     assert client.get_run(first).data.tags["airflow.try_number"] == "2"
     # A deployment's allowed_run_id_pattern may let a quote through: the search never sees the run id itself.
-    quoted = start_training_run(tracking_uri, experiment, _tracked("manual__it's", 1))
+    quoted = start_training_run(tracking_uri, experiment, _tracked("manual__it's", 1), gate_metric=METRIC)
     assert quoted != first
-    assert start_training_run(tracking_uri, experiment, _tracked("manual__it's", 2)) == quoted
+    assert start_training_run(tracking_uri, experiment, _tracked("manual__it's", 2), gate_metric=METRIC) == quoted
     assert len(client.search_runs([created.experiment_id])) == 2
 
 
@@ -253,7 +333,7 @@ def test_an_existing_experiment_is_marked_as_model_training(tracking_uri: str) -
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"genai-{uuid.uuid4().hex[:8]}"
     experiment_id = client.create_experiment(experiment)
-    start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    start_training_run(tracking_uri, experiment, _tracked("manual__1", 1), gate_metric=METRIC)
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -427,7 +507,8 @@ def test_a_failed_alias_move_retries_onto_the_same_version(
         evaluate(mlflow_proxy.url, run_id, model_name)
     client = MlflowClient(tracking_uri=tracking_uri)
     assert client.get_registered_model(model_name).aliases == {}
-    assert float(client.get_model_version(model_name, "1").tags[CONTENDER_TAG]) > 0
+    lease = client.get_model_version(model_name, "1").tags[CONTENDER_TAG]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lease) and contends_until(lease) > time.time()
     mlflow_proxy.fault = None
     result = evaluate(mlflow_proxy.url, run_id, model_name)  # the task's retry
     assert (result.promoted, result.model_version) == (True, "1")
@@ -609,7 +690,7 @@ def test_a_run_its_job_left_running_is_ended_as_told(tracking_uri: str, status: 
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = f"left-{uuid.uuid4().hex[:8]}"
-    left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1))
+    left = start_training_run(tracking_uri, experiment, _tracked("manual__1", 1), gate_metric=METRIC)
     end_run_if_running(tracking_uri, left, status)
     assert client.get_run(left).info.status == status
     finished = finished_run({METRIC: 0.5}, with_model=False)
@@ -622,7 +703,9 @@ def test_marking_a_left_run_failed_never_hides_the_training_failure(
 ) -> None:
     from mlflow import MlflowClient
 
-    left = start_training_run(tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1))
+    left = start_training_run(
+        tracking_uri, f"down-{uuid.uuid4().hex[:8]}", _tracked("manual__1", 1), gate_metric=METRIC
+    )
     # 403: MLflow's client does not retry it (a 5xx would be retried with backoff for minutes).
     mlflow_proxy.fault = lambda method, path: (403, "Permission denied") if "/runs/" in path else None
     end_run_if_running(mlflow_proxy.url, left, "FAILED")  # no exception: the caller reports the training's own failure
