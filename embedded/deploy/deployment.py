@@ -44,6 +44,8 @@ EMBEDDED_AIRFLOW_SETTINGS = {
     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
     # The UI's grid and task states refresh this often (default 3 s).
     "AIRFLOW__API__AUTO_REFRESH_INTERVAL": "1",
+    # Task logs and DAG code wrapped by default, as in docker-compose.yaml: an error's sentence is long, never cut.
+    "AIRFLOW__API__DEFAULT_WRAP": "true",
     # FACTS.md: MLflow's telemetry thread can raise in a task; nothing here should phone out anyway.
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }

@@ -42,6 +42,8 @@ AMI_PARAMETER = UBUNTU_DLAMI.parameter
 # The embedded default's aws.deployment (a required setting). The emulator boots every instance with the project tag
 # key, whichever deployment's: like a hypervisor, it does not care who launched it.
 DEPLOYMENT = "embedded"
+# config/defaults.toml's aws.instance_types, which the embedded deployment allows and no other.
+EMBEDDED_INSTANCE_TYPES = ("g6.xlarge", "g5.xlarge", "g4dn.xlarge")
 # Where dataset versions land (embedded.services.datasets uploads them); ec2_retrain trains the latest complete one.
 DATASETS_URI = f"s3://{DATASET_BUCKET}/{DATASET_PREFIX}"
 # Small enough to train on a laptop's CPU in well under a minute, with a learnable signal.
@@ -232,6 +234,8 @@ class EmbeddedStack(Managed):
             "AWS__SECURITY_GROUP_IDS": network.security_group_id,
             "AWS__MAX_LIFETIME_MINUTES": "60",
             "AWS__LAUNCH_TIMEOUT_MINUTES": "2",
+            # The types the defaults try: the trigger form offers these and refuses others before anything runs.
+            "AWS__ALLOWED_INSTANCE_TYPES": ",".join(EMBEDDED_INSTANCE_TYPES),
             # The emulated AMI's default user (unprivileged; root only where the stack is not run as root).
             "INSTANCE__SSH_USER": self.cloud.login_user,
             "INSTANCE__SSH_PORT": str(self.ssh_port),

@@ -160,6 +160,7 @@ SETTINGS = SimpleNamespace(
     mlflow=SimpleNamespace(
         conn_id="mlflow",
         tracking_uri="http://mlflow",
+        ui_base_url="http://mlflow",
         model_name="m",
         metric="acc",
         threshold=0.0,

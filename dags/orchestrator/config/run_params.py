@@ -173,8 +173,8 @@ RUN_PARAMS: tuple[RunParam, ...] = (
     RunParam(
         name="instance_types",
         title="EC2 instance types",
-        description="GPU instance types to try, one per line, in order of preference (the next is tried when "
-        "EC2 has no capacity for one).",
+        description="GPU instance types to try, in order of preference (the next is tried when EC2 has no "
+        "capacity for one): one per line, or picked from the list where the deployment allows only some.",
         schema={
             "type": "array",
             "maxItems": MAX_INSTANCE_TYPES,
