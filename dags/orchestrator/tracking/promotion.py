@@ -368,11 +368,23 @@ def _register_contender(client: Any, tracking_uri: str, run_id: str, model_name:
         registered = mlflow_call(
             f"registering run {run_id} as {model_name}",
             mlflow.register_model,
-            f"runs:/{run_id}/{model_artifact}",
+            _model_source(client, run_id, model_artifact),
             model_name,
             tags={CONTENDER_TAG: until},
         )
     return str(registered.version)
+
+
+def _model_source(client: Any, run_id: str, model_artifact: str) -> str:
+    """The model's URI to register. MLflow 3 keeps a logged model apart from its run's artifacts: registering
+    runs:/<run>/model warns (a WARNING line in evaluate's log on every success) and falls back to models:/<id>, so
+    that is asked for; runs:/ stays for a run logged before MLflow 3."""
+    run = mlflow_call(f"reading run {run_id}", client.get_run, run_id)
+    for output in getattr(run.outputs, "model_outputs", None) or ():
+        logged = mlflow_call(f"reading model {output.model_id}", client.get_logged_model, output.model_id)
+        if logged.name == model_artifact:
+            return f"models:/{output.model_id}"
+    return f"runs:/{run_id}/{model_artifact}"
 
 
 def _describe_version(client: Any, model_name: str, version: str, run: Any, reason: str) -> None:
