@@ -44,8 +44,6 @@ EMBEDDED_AIRFLOW_SETTINGS = {
     "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
     # The UI's grid and task states refresh this often (default 3 s).
     "AIRFLOW__API__AUTO_REFRESH_INTERVAL": "1",
-    # Task logs and DAG code wrapped by default, as in docker-compose.yaml: an error's sentence is long, never cut.
-    "AIRFLOW__API__DEFAULT_WRAP": "true",
     # FACTS.md: MLflow's telemetry thread can raise in a task; nothing here should phone out anyway.
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
@@ -123,6 +121,8 @@ def airflow_environment(stack_env: dict[str, str], home: Path, branch: str) -> d
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / PASSWORDS_FILE),
         "TRAINER__GITHUB__BRANCH": branch,
+        # Task logs wrapped by default, as docker-compose.yaml has them: an error's sentence is long, never cut.
+        "AIRFLOW__API__DEFAULT_WRAP": "true",
     }
 
 
