@@ -89,24 +89,29 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     assert doc["disable_root"] is True
     files = {f["path"]: f for f in doc["write_files"]}
     unit = "/etc/systemd/system/ec2-trainer-watchdog.service"
+    watcher_unit = "/etc/systemd/system/ec2-trainer-spot-watcher.service"
     assert set(files) == {
         "/var/lib/ec2-trainer/bin/bootstrap.sh",
         "/var/lib/ec2-trainer/bin/watchdog.sh",
+        "/var/lib/ec2-trainer/bin/spot_watcher.sh",
         "/var/lib/ec2-trainer/deadline",
         unit,
+        watcher_unit,
     }
-    assert files["/var/lib/ec2-trainer/bin/bootstrap.sh"]["permissions"] == "0755"
-    assert files["/var/lib/ec2-trainer/bin/watchdog.sh"]["permissions"] == "0755"
+    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh"):
+        assert files[f"/var/lib/ec2-trainer/bin/{script}"]["permissions"] == "0755"
     assert files["/var/lib/ec2-trainer/deadline"]["content"].strip() == str(spec.deadline_epoch)
     # The watchdog is not left to runcmd (the last stage, never reached when an earlier one fails): an enabled unit.
     assert doc["runcmd"] == [["bash", "/var/lib/ec2-trainer/bin/bootstrap.sh"]]
     assert unit_exec_start(files[unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/watchdog.sh"]
     assert "WantedBy=multi-user.target" in files[unit]["content"].splitlines()
+    assert unit_exec_start(files[watcher_unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/spot_watcher.sh"]
+    assert "WantedBy=multi-user.target" in files[watcher_unit]["content"].splitlines()
     ((*run, shell, flag, script),) = doc["bootcmd"]
     # bootcmd runs before write_files, inside cloud-init.service: the enabling is queued for after it, never awaited.
     assert run[0] == "systemd-run" and "--no-block" in run
     assert (shell, flag) == ("sh", "-c")
-    assert "systemctl enable --now ec2-trainer-watchdog.service" in script
+    assert "systemctl enable --now ec2-trainer-watchdog.service ec2-trainer-spot-watcher.service" in script
     # Port 22: no drop-in and no sshd restart.
     assert "ssh" not in script
     assert len(render_user_data(spec).encode()) < USER_DATA_MAX_BYTES
@@ -123,11 +128,14 @@ def test_a_non_default_ssh_port_is_applied_early(keys):
     assert steps.index("systemctl daemon-reload") < steps.index("systemctl try-restart ssh.socket ssh.service")
 
 
-def test_the_watchdog_unit_quotes_its_script_path_for_systemd(keys):
+def test_the_units_quote_their_script_paths_for_systemd(keys):
     state = "/var/lib/odd dir's $HOME 100%"
     doc = load(render_user_data(make_spec(keys, state)))
-    (unit,) = (f["content"] for f in doc["write_files"] if f["path"].endswith(".service"))
-    assert unit_exec_start(unit) == ["/bin/bash", f"{state}/bin/watchdog.sh"]
+    units = [f["content"] for f in doc["write_files"] if f["path"].endswith(".service")]
+    assert [unit_exec_start(unit) for unit in units] == [
+        ["/bin/bash", f"{state}/bin/watchdog.sh"],
+        ["/bin/bash", f"{state}/bin/spot_watcher.sh"],
+    ]
 
 
 @pytest.mark.parametrize("ssh_port", [22, 2222])
@@ -146,7 +154,7 @@ def test_scripts_pass_shellcheck(keys, state_dir):
     require_executable("shellcheck", "apt-get install -y shellcheck")
     files = install(render_user_data(make_spec(keys, str(state_dir))))
     result = subprocess.run(
-        ["shellcheck", str(files["bootstrap.sh"]), str(files["watchdog.sh"])],
+        ["shellcheck", str(files["bootstrap.sh"]), str(files["watchdog.sh"]), str(files["spot_watcher.sh"])],
         capture_output=True,
         text=True,
         check=False,
@@ -168,7 +176,10 @@ def test_no_secret_besides_the_host_private_key(keys):
         "\n    ".join(host.private_openssh.strip().splitlines()), ""
     )
     assert "PRIVATE" not in without_host_key
-    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret|password|token", without_host_key, re.IGNORECASE)
+    # The spot watcher fetches IMDSv2 session tokens at run time: only its words for them may name a token.
+    imds_words = r"X-aws-ec2-metadata-token(-ttl-seconds)?|\b(fetch_)?token(_expires)?\b|TOKEN_(TTL|MARGIN)_S"
+    scanned = re.sub(imds_words, "", without_host_key)
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret|password|token", scanned, re.IGNORECASE)
 
 
 def test_oversized_user_data_is_refused(keys):
