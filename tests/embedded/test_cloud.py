@@ -82,7 +82,9 @@ def launch(
     deadline_in_s: int = 3600,
     tags: list[dict[str, str]] | None = None,
     user_data: str | None = None,
+    spot: bool = False,
 ) -> str:
+    """Launches a g6.xlarge with user-data (the spec's, unless given), on-demand or as a one-time spot request."""
     spec = user_data_spec(cloud, host_key, client_key, ssh_port, deadline_in_s)
     assert cloud.network is not None
     response = cloud.client("ec2").run_instances(
@@ -101,6 +103,7 @@ def launch(
         UserData=user_data if user_data is not None else render_user_data(spec),
         InstanceInitiatedShutdownBehavior="terminate",
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags if tags is not None else [PROJECT_TAG]}],
+        **({"InstanceMarketOptions": {"MarketType": "spot"}} if spot else {}),
     )
     return str(response["Instances"][0]["InstanceId"])
 

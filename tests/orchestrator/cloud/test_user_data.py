@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from embedded.cloud.cloud_init import unit_exec_start
+from embedded.cloud.imds import InstanceMetadataService
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.cloud.user_data import (
     SSHD_PORT_DROP_IN,
@@ -356,6 +358,16 @@ def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys
     jobs = (state_dir / "jobs").stat()
     assert (pwd.getpwuid(jobs.st_uid).pw_name, stat.S_IMODE(jobs.st_mode)) == (CURRENT_USER, 0o750)
     assert jobs.st_gid == pwd.getpwnam(CURRENT_USER).pw_gid
+    # The spot watcher's checkpoint requests land in a folder of the user's, so the job can remove them.
+    signals = (state_dir / "signals").stat()
+    assert (pwd.getpwuid(signals.st_uid).pw_name, stat.S_IMODE(signals.st_mode)) == (CURRENT_USER, 0o750)
+    told = subprocess.run(
+        ["bash", "-c", f'. "{state_dir}/env.sh" && echo "$EC2_TRAINER_CHECKPOINT_REQUEST"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert told == f"{state_dir}/signals/checkpoint-request"
     for name in ("bootstrap.status", "bootstrap.log", "bootstrap.phases", "env.sh"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o644, name
     # Each step's seconds, for the run's cost report (read with the marker by orchestrator.instance.ssh).
@@ -373,3 +385,45 @@ def test_spec_is_frozen(keys):
     with pytest.raises(AttributeError, match="cannot assign"):
         spec.ssh_user = "x"  # type: ignore[misc]
     assert replace(spec, ssh_user="ubuntu").ssh_user == "ubuntu"
+
+
+def test_spot_watcher_passes_each_new_notice_on_atomically(keys, state_dir, tmp_path):
+    """As the unit runs it: polls IMDSv2 (at AWS's variable's address) every 5 s; nothing before a notice, then the
+    notice's JSON in the job's checkpoint request and the orchestrator's marker; the interruption after a rebalance
+    recommendation is passed on again."""
+    imds = InstanceMetadataService("i-0123456789abcdef0")
+    files = install(render_user_data(make_spec(keys, str(state_dir))))
+    request, marker = state_dir / "signals" / "checkpoint-request", state_dir / "spot-notice"
+    request.parent.mkdir()  # the bootstrap's
+    env = {**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.endpoint}
+    proc = subprocess.Popen(["bash", str(files["spot_watcher.sh"])], env=env)
+    try:
+        time.sleep(6)  # more than one poll
+        assert not request.exists() and not marker.exists()
+
+        imds.post_rebalance_recommendation()
+        rebalance = wait_for_json(request, "noticeTime")
+        assert json.loads(marker.read_text()) == rebalance
+        request.unlink()  # the job, once it has checkpointed
+
+        imds.post_interruption_notice("terminate", time.time() + 120)
+        notice = wait_for_json(request, "action")
+        assert notice["action"] == "terminate" and notice["time"].endswith("Z")
+        assert json.loads(marker.read_text()) == notice
+        assert stat.S_IMODE(request.stat().st_mode) == 0o644
+    finally:
+        proc.kill()
+        proc.wait()
+        imds.stop()
+    log = (state_dir / "spot-watcher.log").read_text()
+    assert "notice passed on" in log and "no metadata token" not in log
+    assert not list(state_dir.glob(".spot-watcher.*")), "no temporary file is left behind"
+
+
+def wait_for_json(path: Path, key: str, timeout_s: float = 12.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and key in (found := json.loads(path.read_text())):
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {key} in {path} after {timeout_s:.0f}s")
