@@ -14,6 +14,8 @@ MLFLOW_VERSION=@@{mlflow_version}
 REQUIRE_GPU=@@{require_gpu}
 SSH_USER=@@{ssh_user}
 PACKAGES=(@@{packages})
+# Where the spot watcher asks the job for a checkpoint; its folder is the login user's, so the job can remove it.
+CHECKPOINT_REQUEST=@@{checkpoint_request}
 # DLAMI boots hold the apt/dpkg locks for minutes (unattended upgrades): wait, but not forever.
 APT_WAIT_S=900
 APT_RETRY_S=10
@@ -102,6 +104,7 @@ log "ssh user $SSH_USER exists"
 # The training job runs as the login user and creates its job folders here (train's `mkdir -p jobs/<key>`).
 install -d -o "$SSH_USER" -g "$(id -gn "$SSH_USER")" -m 0750 "$STATE_DIR/jobs"
 log "$STATE_DIR/jobs belongs to $SSH_USER"
+install -d -o "$SSH_USER" -g "$(id -gn "$SSH_USER")" -m 0750 "$(dirname "$CHECKPOINT_REQUEST")"
 end
 
 begin gpu
@@ -185,11 +188,13 @@ log "$versions"
 if [[ "$versions" == *"torchvision missing"* ]]; then
   log "warning: torchvision is not importable by $PY: the job decodes JPEGs on the CPU instead of the GPU (nvjpeg); use a PyTorch Deep Learning AMI or install torchvision matching torch"
 fi
-# The training job sources env.sh so that `python` and `mlflow` are this interpreter's.
+# The training job sources env.sh so that `python` and `mlflow` are this interpreter's, and to find where a
+# checkpoint is asked for.
 py_bin_dir="$(dirname "$(command -v "$PY")")"
 tmp="$(mktemp "$STATE_DIR/.env.sh.XXXXXX")"
 # shellcheck disable=SC2016 # $PATH must expand when env.sh is sourced, not now.
 printf 'export PATH=%q:"$PATH"\n' "$py_bin_dir" >"$tmp"
+printf 'export EC2_TRAINER_CHECKPOINT_REQUEST=%q\n' "$CHECKPOINT_REQUEST" >>"$tmp"
 chmod 0644 "$tmp"
 mv -f "$tmp" "$STATE_DIR/env.sh"
 log "wrote $STATE_DIR/env.sh (PATH starts with $py_bin_dir)"

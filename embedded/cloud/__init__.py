@@ -2,7 +2,8 @@
 instance on loopback (hypervisor), applying its user-data as cloud-init would (cloud_init).
 
 The account's standing resources are in seed, the moto patches that make it behave as EC2 in strict_moto, this
-machine's side of the instances (login user, mount namespaces, power-off) in host; the systemd and shutdown stand-ins
+machine's side of the instances (login user, mount namespaces, power-off) in host, each instance's metadata service
+in imds and a spot interruption as FIS sends one in interruption; the systemd and shutdown stand-ins
 the instances run are the shell scripts in bin/. Importers use the names below.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from embedded.cloud.hypervisor import LocalCloud, running_cloud
 from embedded.cloud.instance import EmulatedInstance
+from embedded.cloud.interruption import send_spot_interruption
 from embedded.cloud.seed import (
     ACCOUNT_ID,
     AMAZON_LINUX_DLAMI,
@@ -27,4 +29,5 @@ __all__ = [
     "EmulatedInstance",
     "LocalCloud",
     "running_cloud",
+    "send_spot_interruption",
 ]

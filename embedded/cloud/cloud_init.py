@@ -37,6 +37,7 @@ INSTANCE_ETC_DIRS = ("/etc/systemd/system", "/etc/ssh/sshd_config.d")
 WRITE_FILES_KEYS = frozenset({"path", "content", "permissions"})
 # The instance's shutdown, systemd-run and systemctl: shell scripts, copied into each instance's bin/.
 STANDINS = Path(__file__).with_name("bin")
+METADATA_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 
 
 class CloudInit:
@@ -75,6 +76,7 @@ class CloudInit:
             "PATH": f"{inst.root / 'bin'}:{SYSTEM_PATH}",
             INSTANCE_MARKER_ENV: inst.instance_id,
             "EC2_TRAINER_BOOT_STAGE": stage,
+            **metadata_env(inst),
         }
 
     def _install_standins(self, inst: EmulatedInstance) -> None:
@@ -131,6 +133,7 @@ class CloudInit:
         its region and, only when it was launched with an instance profile, the profile's credentials (from the
         metadata service on EC2); as sshd SetEnv words."""
         env = f"AWS_ENDPOINT_URL={self.cloud.endpoint_url} AWS_DEFAULT_REGION={self.cloud.region}"
+        env += "".join(f" {name}={value}" for name, value in metadata_env(inst).items())
         if inst.has_instance_profile:
             role = self.cloud.instance_role
             env += f" AWS_ACCESS_KEY_ID={role.access_key} AWS_SECRET_ACCESS_KEY={role.secret_key}"
@@ -186,6 +189,12 @@ class CloudInit:
         make_parents(target.parent)
         target.write_text(str(entry.get("content", "")))
         target.chmod(int(str(entry.get("permissions", "0644")), 8))
+
+
+def metadata_env(inst: EmulatedInstance) -> dict[str, str]:
+    """Where the instance's processes find its metadata service: AWS's own variable (botocore and the watcher read it);
+    on EC2 it is unset and they use 169.254.169.254."""
+    return {METADATA_ENDPOINT_ENV: inst.imds.endpoint} if inst.imds is not None else {}
 
 
 def sshd_port(drop_in_dir: Path) -> int:

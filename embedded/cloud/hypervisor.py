@@ -6,6 +6,8 @@ emulator plays the hypervisor for the instances it launches (cloud-init is embed
   when EC2 would give it a public IP at all (the subnet maps public IPs, or the request asks for one);
 - it boots the instance: cloud-init as root, SSH configured as on Ubuntu: logins only as the AMI's unprivileged
   default user (LOGIN_USER, made once with useradd), whose home is the instance's own, never as root;
+- it serves each instance its own metadata service (IMDSv2, embedded.cloud.imds) on a loopback port, which the
+  instance's processes are told of by AWS_EC2_METADATA_SERVICE_ENDPOINT (never 169.254.169.254, this machine's);
 - a `shutdown` run on the instance powers it off, honouring InstanceInitiatedShutdownBehavior (terminate or stop);
 - when the instance is stopped or terminated, every process of the instance (sshd, sessions, detached jobs, watchdog)
   is killed, as powering off a VM would;
@@ -46,6 +48,7 @@ from embedded.cloud.host import (
     shut_down_marked_processes,
     start_mount_namespace,
 )
+from embedded.cloud.imds import InstanceMetadataService
 from embedded.cloud.instance import EmulatedInstance
 from embedded.cloud.seed import (
     ACCOUNT_ID,
@@ -354,6 +357,7 @@ class LocalCloud:
                 self.disk_root.mkdir(parents=True, exist_ok=True)
         disk.chmod(0o755)
         inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
+        inst.imds = InstanceMetadataService(moto_inst.id)
         self.instances[moto_inst.id] = inst
         inst.security_groups = list(moto_inst.nics[0].group_set)
         inst.has_instance_profile = bool(moto_inst.iam_instance_profile)
@@ -440,4 +444,6 @@ class LocalCloud:
         if inst.namespace is not None:
             inst.namespace.kill()
             inst.namespace.wait(timeout=10)
+        if inst.imds is not None:
+            inst.imds.stop()
         log.info("Powered off %s (%d processes ended)", inst.instance_id, killed)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedded.cloud.imds import InstanceMetadataService
 from embedded.services.sshd import LoopbackSshd
 
 
@@ -21,6 +22,8 @@ class EmulatedInstance:
     # The process holding the instance's private mount namespace; None on a shared disk.
     namespace: subprocess.Popen[bytes] | None = None
     sshd: LoopbackSshd | None = None
+    # Its metadata service (started at boot, stopped at power-off).
+    imds: InstanceMetadataService | None = None
     # The systemd units started on the instance (their ExecStart process), by unit name.
     units: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from embedded.cloud.service_quotas import install_service_quotas
+
 
 def install_strict_ec2() -> Callable[[], None]:
     """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
@@ -14,7 +16,8 @@ def install_strict_ec2() -> Callable[[], None]:
     RunInstances: EC2 refuses an unknown image (InvalidAMIID.NotFound) and a root override smaller than the image's
     root snapshot (InvalidBlockDeviceMapping); a mapping that misses the image's root device leaves the root as the
     image has it (moto would leave no root at all). TerminateInstances on a terminated instance changes nothing
-    (moto deletes its network interface again and fails with InvalidNetworkInterfaceID.NotFound)."""
+    (moto deletes its network interface again and fails with InvalidNetworkInterfaceID.NotFound). Service Quotas
+    answers EC2's G and VT instance quotas (embedded.cloud.service_quotas)."""
     from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models.instances import Instance, InstanceBackend
 
@@ -49,10 +52,12 @@ def install_strict_ec2() -> Callable[[], None]:
 
     InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
     Instance.terminate = terminate  # type: ignore[method-assign,assignment]
+    uninstall_quotas = install_service_quotas()
 
     def uninstall() -> None:
         InstanceBackend.run_instances = original  # type: ignore[method-assign]
         Instance.terminate = original_terminate  # type: ignore[method-assign]
+        uninstall_quotas()
 
     return uninstall
 

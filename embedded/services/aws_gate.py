@@ -62,7 +62,7 @@ class NotFound(Exception):
 
 @dataclass(frozen=True)
 class Request:
-    service: str  # the signing name: ec2, s3, ssm, sqs, iam, pricing
+    service: str  # the signing name: ec2, s3, ssm, sqs, iam, pricing, servicequotas
     region: str
     operation: str  # the API operation (S3: the IAM action's name, derived from the REST call)
     params: dict[str, Any]
@@ -136,6 +136,9 @@ class AwsGate:
             return None
         if r.service == "pricing":  # the Price List API has no resources
             return [(action, "*", {})]
+        if r.service == "servicequotas" and r.operation == "GetServiceQuota":
+            code = f"{p.get('ServiceCode', '')}/{p.get('QuotaCode', '')}"
+            return [(action, f"arn:aws:servicequotas:{r.region}:{account}:{code}", {})]
         if r.service == "ssm" and r.operation in ("GetParameter", "GetParameters"):
             # Public parameters (/aws/service/...) are AWS's, with no account in their ARN.
             return [

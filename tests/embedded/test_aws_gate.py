@@ -30,6 +30,7 @@ DENIAL = {
     "iam": "AccessDenied",
     "ssm": "AccessDeniedException",
     "pricing": "AccessDeniedException",
+    "servicequotas": "AccessDeniedException",
 }
 NO_RETRIES = Config(retries={"total_max_attempts": 1})
 
@@ -88,6 +89,9 @@ REQUESTS: dict[str, Callable[[Aws], Any]] = {
     "ec2:DescribeSecurityGroups": lambda aws: aws.client("ec2").describe_security_groups(),
     "ec2:DescribeSpotPriceHistory": lambda aws: aws.client("ec2").describe_spot_price_history(),
     "pricing:GetProducts": lambda aws: aws.client("pricing").get_products(ServiceCode="AmazonEC2", MaxResults=1),
+    "servicequotas:GetServiceQuota": lambda aws: aws.client("service-quotas").get_service_quota(
+        ServiceCode="ec2", QuotaCode="L-DB2E81BA"
+    ),
     "iam:GetInstanceProfile": lambda aws: aws.client("iam").get_instance_profile(
         InstanceProfileName=aws.cloud.instance_profile
     ),

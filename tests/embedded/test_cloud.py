@@ -82,7 +82,9 @@ def launch(
     deadline_in_s: int = 3600,
     tags: list[dict[str, str]] | None = None,
     user_data: str | None = None,
+    spot: bool = False,
 ) -> str:
+    """Launches a g6.xlarge with user-data (the spec's, unless given), on-demand or as a one-time spot request."""
     spec = user_data_spec(cloud, host_key, client_key, ssh_port, deadline_in_s)
     assert cloud.network is not None
     response = cloud.client("ec2").run_instances(
@@ -101,6 +103,7 @@ def launch(
         UserData=user_data if user_data is not None else render_user_data(spec),
         InstanceInitiatedShutdownBehavior="terminate",
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags if tags is not None else [PROJECT_TAG]}],
+        **({"InstanceMarketOptions": {"MarketType": "spot"}} if spot else {}),
     )
     return str(response["Instances"][0]["InstanceId"])
 
@@ -257,7 +260,7 @@ def test_watchdog_powers_the_instance_off_even_when_runcmd_fails(
     )
     inst = cloud.instances[instance_id]
     assert inst.runcmd_exit_codes == [1]
-    assert list(inst.units) == ["ec2-trainer-watchdog.service"]
+    assert list(inst.units) == ["ec2-trainer-watchdog.service", "ec2-trainer-spot-watcher.service"]
     watchdog_log = cloud.host_path(inst, cloud.disk_root / "state" / "watchdog.log")
     assert "reached: powering off" in watchdog_log.read_text()
     assert watchdog_log.stat().st_uid == 0, "systemd runs the watchdog as root"

@@ -1,7 +1,8 @@
-"""The instance's cloud-init user-data: pinned host key, authorized key, max-lifetime watchdog and bootstrap.
+"""The instance's cloud-init user-data: pinned host key, authorized key, max-lifetime watchdog, spot watcher and
+bootstrap.
 
 The `#cloud-config` document is built as a dict and dumped with `yaml.safe_dump` (so every value is YAML-quoted
-by the library); the two shell scripts are files under `userdata/` whose `@@{name}` placeholders are filled with
+by the library); the shell scripts are files under `userdata/` whose `@@{name}` placeholders are filled with
 `shlex.quote`d values. Only the keys the embedded default's instance emulator also interprets are used:
 `ssh_keys`, `ssh_authorized_keys`, `bootcmd`, `write_files` and argv-list `runcmd` (plus cloud-init-only hardening
 keys).
@@ -10,12 +11,17 @@ What runs when (cloud-init's own order, every step as root):
 - init stage: `bootcmd` (every boot, before `write_files`): queues, with `systemd-run --no-block`, one transient job
   that systemd starts only once cloud-init's init stage is over (its default dependencies order it after
   sysinit.target, which cloud-init.service precedes), by when `write_files` has written the files;
-- init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's systemd
-  unit and, for a port other than 22, an sshd drop-in with `Port N`; then sshd starts (after cloud-init.service);
-- the queued job: `systemctl enable --now` the watchdog unit (so it also runs after a reboot, and whatever the later
+- init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's and the
+  spot watcher's systemd units and, for a port other than 22, an sshd drop-in with `Port N`; then sshd starts
+  (after cloud-init.service);
+- the queued job: `systemctl enable --now` both units (so they also run after a reboot, and whatever the later
   stages do) and, for a port other than 22, restarts sshd's socket or service (Ubuntu 24.04's socket activation
   reads `Port` only on a daemon-reload);
 - final stage: `runcmd` runs the bootstrap, which makes the folders the SSH login user writes its own.
+
+The spot watcher polls the instance's metadata for a spot interruption notice or a rebalance recommendation and
+writes it to CHECKPOINT_REQUEST (the job finds it through EC2_TRAINER_CHECKPOINT_REQUEST, from env.sh) and to
+SPOT_NOTICE, which stays for the orchestrator to read over SSH.
 
 The user-data is readable through IMDS on the instance and by anyone allowed ec2:DescribeInstanceAttribute:
 it holds the per-run host private key (worthless once the instance is gone) and nothing else secret.
@@ -42,6 +48,11 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "userdata"
 USER_DATA_MAX_BYTES = 16 * 1024
 
 WATCHDOG_UNIT = "ec2-trainer-watchdog.service"
+SPOT_WATCHER_UNIT = "ec2-trainer-spot-watcher.service"
+# Under the state folder. The request lies in a folder the login user owns, so the job can remove it once it has
+# checkpointed (the state folder itself is root's); the notice stays, root's and readable.
+CHECKPOINT_REQUEST = "signals/checkpoint-request"
+SPOT_NOTICE = "spot-notice"
 SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 # Read by Ubuntu's sshd_config (`Include /etc/ssh/sshd_config.d/*.conf`); cloud images ship 60-cloudimg-settings.conf.
 SSHD_PORT_DROP_IN = "/etc/ssh/sshd_config.d/50-ec2-trainer-port.conf"
@@ -50,6 +61,9 @@ SSH_DEFAULT_PORT = 22
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*$")
 _MLFLOW_PIN_RE = re.compile(r"^mlflow==([0-9][0-9A-Za-z.+!-]*)$")
+# A whole-line comment of the scripts: they ship without them (EC2's 16 KB user-data limit), the readers' copy stays
+# under userdata/. The shebang and shellcheck's directives are kept (the tests shellcheck the scripts as shipped).
+_COMMENT_LINE_RE = re.compile(r"^[ \t]*#(?!!|\s*shellcheck ).*\n", re.MULTILINE)
 _PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( [^\n]*)?$")
 
 
@@ -121,9 +135,16 @@ def render_script(name: str, spec: UserDataSpec) -> str:
         "ssh_user": shlex.quote(spec.ssh_user),
         "packages": " ".join(shlex.quote(p) for p in spec.packages),
         "deadline_epoch": str(int(spec.deadline_epoch)),
+        "checkpoint_request": shlex.quote(state_path(spec, CHECKPOINT_REQUEST)),
+        "spot_notice": shlex.quote(state_path(spec, SPOT_NOTICE)),
     }
     template = _ShellTemplate((TEMPLATE_DIR / name).read_text(encoding="utf-8"))
-    return template.substitute(values)
+    return _COMMENT_LINE_RE.sub("", template.substitute(values))
+
+
+def state_path(spec: UserDataSpec, name: str) -> str:
+    """A path under the instance's state folder."""
+    return f"{spec.state_dir.rstrip('/')}/{name}"
 
 
 def _mlflow_version(spec: UserDataSpec) -> str:
@@ -139,11 +160,12 @@ def _systemd_quote(word: str) -> str:
     return f'"{escaped}"'
 
 
-def watchdog_unit(script: str) -> str:
-    """The watchdog's systemd unit: enabled, so it runs on every boot whatever cloud-init's later stages do."""
+def service_unit(description: str, script: str) -> str:
+    """The systemd unit of one of the scripts (the watchdog, the spot watcher): enabled, so it runs on every boot
+    whatever cloud-init's later stages do, and restarted if it ever exits."""
     return (
         "[Unit]\n"
-        "Description=ec2-trainer max-lifetime watchdog: powers the instance off at its deadline\n"
+        f"Description={description}\n"
         "\n"
         "[Service]\n"
         f"ExecStart=/bin/bash {_systemd_quote(script)}\n"
@@ -160,14 +182,14 @@ def _early_boot_command(spec: UserDataSpec) -> list[str]:
 
     `--no-block` is required: bootcmd runs inside cloud-init.service, which the job is ordered after."""
     # The reload loads the unit written after boot and re-runs ssh.socket's generator, which reads Port (Ubuntu 24.04).
-    steps = ["systemctl daemon-reload", f"systemctl enable --now {WATCHDOG_UNIT}"]
+    steps = ["systemctl daemon-reload", f"systemctl enable --now {WATCHDOG_UNIT} {SPOT_WATCHER_UNIT}"]
     if spec.ssh_port != SSH_DEFAULT_PORT:
         steps.append("systemctl try-restart ssh.socket ssh.service")
     return [
         "systemd-run",
         "--no-block",
         "--unit=ec2-trainer-early-boot",
-        "--description=ec2-trainer: start the watchdog unit and apply the sshd port",
+        "--description=ec2-trainer: start the watchdog and spot watcher units and apply the sshd port",
         "sh",
         "-c",
         "; ".join(steps),
@@ -191,16 +213,29 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
     _validate(spec)
     bin_dir = f"{spec.state_dir.rstrip('/')}/bin"
     watchdog = f"{bin_dir}/watchdog.sh"
+    spot_watcher = f"{bin_dir}/spot_watcher.sh"
     bootstrap = f"{bin_dir}/bootstrap.sh"
     files: list[dict[str, str]] = [
         {"path": bootstrap, "content": render_script("bootstrap.sh", spec), "permissions": "0755"},
         {"path": watchdog, "content": render_script("watchdog.sh", spec), "permissions": "0755"},
+        {"path": spot_watcher, "content": render_script("spot_watcher.sh", spec), "permissions": "0755"},
         {
             "path": f"{spec.state_dir.rstrip('/')}/deadline",
             "content": f"{int(spec.deadline_epoch)}\n",
             "permissions": "0644",
         },
-        {"path": f"{SYSTEMD_UNIT_DIR}/{WATCHDOG_UNIT}", "content": watchdog_unit(watchdog), "permissions": "0644"},
+        {
+            "path": f"{SYSTEMD_UNIT_DIR}/{WATCHDOG_UNIT}",
+            "content": service_unit(
+                "ec2-trainer max-lifetime watchdog: powers the instance off at its deadline", watchdog
+            ),
+            "permissions": "0644",
+        },
+        {
+            "path": f"{SYSTEMD_UNIT_DIR}/{SPOT_WATCHER_UNIT}",
+            "content": service_unit("ec2-trainer spot watcher: passes an interruption notice on", spot_watcher),
+            "permissions": "0644",
+        },
     ]
     if spec.ssh_port != SSH_DEFAULT_PORT:
         files.append({"path": SSHD_PORT_DROP_IN, "content": f"Port {spec.ssh_port}\n", "permissions": "0644"})
@@ -215,7 +250,8 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
         "ssh_authorized_keys": [spec.authorized_public_key.strip()],
         "disable_root": True,
         "ssh_pwauth": False,
-        # The watchdog is a systemd unit started from the init stage: it runs even when runcmd never does.
+        # The watchdog and the watcher are systemd units started from the init stage: they run even when runcmd never
+        # does.
         "bootcmd": [_early_boot_command(spec)],
         "write_files": files,
         "runcmd": [["bash", bootstrap]],

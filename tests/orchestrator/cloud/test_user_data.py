@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from embedded.cloud.cloud_init import unit_exec_start
+from embedded.cloud.imds import InstanceMetadataService
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.cloud.user_data import (
     SSHD_PORT_DROP_IN,
@@ -89,24 +91,29 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     assert doc["disable_root"] is True
     files = {f["path"]: f for f in doc["write_files"]}
     unit = "/etc/systemd/system/ec2-trainer-watchdog.service"
+    watcher_unit = "/etc/systemd/system/ec2-trainer-spot-watcher.service"
     assert set(files) == {
         "/var/lib/ec2-trainer/bin/bootstrap.sh",
         "/var/lib/ec2-trainer/bin/watchdog.sh",
+        "/var/lib/ec2-trainer/bin/spot_watcher.sh",
         "/var/lib/ec2-trainer/deadline",
         unit,
+        watcher_unit,
     }
-    assert files["/var/lib/ec2-trainer/bin/bootstrap.sh"]["permissions"] == "0755"
-    assert files["/var/lib/ec2-trainer/bin/watchdog.sh"]["permissions"] == "0755"
+    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh"):
+        assert files[f"/var/lib/ec2-trainer/bin/{script}"]["permissions"] == "0755"
     assert files["/var/lib/ec2-trainer/deadline"]["content"].strip() == str(spec.deadline_epoch)
     # The watchdog is not left to runcmd (the last stage, never reached when an earlier one fails): an enabled unit.
     assert doc["runcmd"] == [["bash", "/var/lib/ec2-trainer/bin/bootstrap.sh"]]
     assert unit_exec_start(files[unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/watchdog.sh"]
     assert "WantedBy=multi-user.target" in files[unit]["content"].splitlines()
+    assert unit_exec_start(files[watcher_unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/spot_watcher.sh"]
+    assert "WantedBy=multi-user.target" in files[watcher_unit]["content"].splitlines()
     ((*run, shell, flag, script),) = doc["bootcmd"]
     # bootcmd runs before write_files, inside cloud-init.service: the enabling is queued for after it, never awaited.
     assert run[0] == "systemd-run" and "--no-block" in run
     assert (shell, flag) == ("sh", "-c")
-    assert "systemctl enable --now ec2-trainer-watchdog.service" in script
+    assert "systemctl enable --now ec2-trainer-watchdog.service ec2-trainer-spot-watcher.service" in script
     # Port 22: no drop-in and no sshd restart.
     assert "ssh" not in script
     assert len(render_user_data(spec).encode()) < USER_DATA_MAX_BYTES
@@ -123,11 +130,14 @@ def test_a_non_default_ssh_port_is_applied_early(keys):
     assert steps.index("systemctl daemon-reload") < steps.index("systemctl try-restart ssh.socket ssh.service")
 
 
-def test_the_watchdog_unit_quotes_its_script_path_for_systemd(keys):
+def test_the_units_quote_their_script_paths_for_systemd(keys):
     state = "/var/lib/odd dir's $HOME 100%"
     doc = load(render_user_data(make_spec(keys, state)))
-    (unit,) = (f["content"] for f in doc["write_files"] if f["path"].endswith(".service"))
-    assert unit_exec_start(unit) == ["/bin/bash", f"{state}/bin/watchdog.sh"]
+    units = [f["content"] for f in doc["write_files"] if f["path"].endswith(".service")]
+    assert [unit_exec_start(unit) for unit in units] == [
+        ["/bin/bash", f"{state}/bin/watchdog.sh"],
+        ["/bin/bash", f"{state}/bin/spot_watcher.sh"],
+    ]
 
 
 @pytest.mark.parametrize("ssh_port", [22, 2222])
@@ -146,7 +156,7 @@ def test_scripts_pass_shellcheck(keys, state_dir):
     require_executable("shellcheck", "apt-get install -y shellcheck")
     files = install(render_user_data(make_spec(keys, str(state_dir))))
     result = subprocess.run(
-        ["shellcheck", str(files["bootstrap.sh"]), str(files["watchdog.sh"])],
+        ["shellcheck", str(files["bootstrap.sh"]), str(files["watchdog.sh"]), str(files["spot_watcher.sh"])],
         capture_output=True,
         text=True,
         check=False,
@@ -168,7 +178,10 @@ def test_no_secret_besides_the_host_private_key(keys):
         "\n    ".join(host.private_openssh.strip().splitlines()), ""
     )
     assert "PRIVATE" not in without_host_key
-    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret|password|token", without_host_key, re.IGNORECASE)
+    # The spot watcher fetches IMDSv2 session tokens at run time: only its words for them may name a token.
+    imds_words = r"X-aws-ec2-metadata-token(-ttl-seconds)?|\b(fetch_)?token(_expires)?\b|TOKEN_(TTL|MARGIN)_S"
+    scanned = re.sub(imds_words, "", without_host_key)
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret|password|token", scanned, re.IGNORECASE)
 
 
 def test_oversized_user_data_is_refused(keys):
@@ -345,6 +358,16 @@ def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys
     jobs = (state_dir / "jobs").stat()
     assert (pwd.getpwuid(jobs.st_uid).pw_name, stat.S_IMODE(jobs.st_mode)) == (CURRENT_USER, 0o750)
     assert jobs.st_gid == pwd.getpwnam(CURRENT_USER).pw_gid
+    # The spot watcher's checkpoint requests land in a folder of the user's, so the job can remove them.
+    signals = (state_dir / "signals").stat()
+    assert (pwd.getpwuid(signals.st_uid).pw_name, stat.S_IMODE(signals.st_mode)) == (CURRENT_USER, 0o750)
+    told = subprocess.run(
+        ["bash", "-c", f'. "{state_dir}/env.sh" && echo "$EC2_TRAINER_CHECKPOINT_REQUEST"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert told == f"{state_dir}/signals/checkpoint-request"
     for name in ("bootstrap.status", "bootstrap.log", "bootstrap.phases", "env.sh"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o644, name
     # Each step's seconds, for the run's cost report (read with the marker by orchestrator.instance.ssh).
@@ -362,3 +385,45 @@ def test_spec_is_frozen(keys):
     with pytest.raises(AttributeError, match="cannot assign"):
         spec.ssh_user = "x"  # type: ignore[misc]
     assert replace(spec, ssh_user="ubuntu").ssh_user == "ubuntu"
+
+
+def test_spot_watcher_passes_each_new_notice_on_atomically(keys, state_dir, tmp_path):
+    """As the unit runs it: polls IMDSv2 (at AWS's variable's address) every 5 s; nothing before a notice, then the
+    notice's JSON in the job's checkpoint request and the orchestrator's marker; the interruption after a rebalance
+    recommendation is passed on again."""
+    imds = InstanceMetadataService("i-0123456789abcdef0")
+    files = install(render_user_data(make_spec(keys, str(state_dir))))
+    request, marker = state_dir / "signals" / "checkpoint-request", state_dir / "spot-notice"
+    request.parent.mkdir()  # the bootstrap's
+    env = {**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.endpoint}
+    proc = subprocess.Popen(["bash", str(files["spot_watcher.sh"])], env=env)
+    try:
+        time.sleep(6)  # more than one poll
+        assert not request.exists() and not marker.exists()
+
+        imds.post_rebalance_recommendation()
+        rebalance = wait_for_json(request, "noticeTime")
+        assert json.loads(marker.read_text()) == rebalance
+        request.unlink()  # the job, once it has checkpointed
+
+        imds.post_interruption_notice("terminate", time.time() + 120)
+        notice = wait_for_json(request, "action")
+        assert notice["action"] == "terminate" and notice["time"].endswith("Z")
+        assert json.loads(marker.read_text()) == notice
+        assert stat.S_IMODE(request.stat().st_mode) == 0o644
+    finally:
+        proc.kill()
+        proc.wait()
+        imds.stop()
+    log = (state_dir / "spot-watcher.log").read_text()
+    assert "notice passed on" in log and "no metadata token" not in log
+    assert not list(state_dir.glob(".spot-watcher.*")), "no temporary file is left behind"
+
+
+def wait_for_json(path: Path, key: str, timeout_s: float = 12.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and key in (found := json.loads(path.read_text())):
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {key} in {path} after {timeout_s:.0f}s")
