@@ -60,8 +60,14 @@ STAND_IN_IMAGES = (UBUNTU_DLAMI, AMAZON_LINUX_DLAMI)
 @dataclass(frozen=True)
 class StandInNetwork:
     vpc_id: str
-    subnet_id: str
+    # One per availability zone (a, b), as a user lists them in aws.subnet_ids.
+    subnet_ids: tuple[str, ...]
     security_group_id: str
+
+    @property
+    def subnet_id(self) -> str:
+        """The first zone's subnet."""
+        return self.subnet_ids[0]
 
 
 def register_images(region: str, images: tuple[StandInImage, ...] = STAND_IN_IMAGES) -> dict[str, str]:
@@ -140,12 +146,15 @@ def create_dataset_bucket(s3: Any, sqs: Any) -> str:
 
 
 def create_network(ec2: Any, region: str, ssh_port: int) -> StandInNetwork:
-    """A VPC of the project's own, as a user would make it: a subnet that does not map public IPs (the default
-    outside the default VPC) and a security group admitting SSH from Airflow only."""
+    """A VPC of the project's own, as a user would make it: a subnet in each of two zones, neither mapping public IPs
+    (the default outside the default VPC), and a security group admitting SSH from Airflow only."""
     vpc_id = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
-    subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock="10.77.1.0/24", AvailabilityZone=f"{region}a")["Subnet"][
-        "SubnetId"
-    ]
+    subnet_ids = tuple(
+        ec2.create_subnet(VpcId=vpc_id, CidrBlock=f"10.77.{n}.0/24", AvailabilityZone=f"{region}{zone}")["Subnet"][
+            "SubnetId"
+        ]
+        for n, zone in ((1, "a"), (2, "b"))
+    )
     group_id = ec2.create_security_group(
         GroupName="ec2-trainer-instance", Description="SSH from Airflow", VpcId=vpc_id
     )["GroupId"]
@@ -160,7 +169,7 @@ def create_network(ec2: Any, region: str, ssh_port: int) -> StandInNetwork:
             }
         ],
     )
-    return StandInNetwork(vpc_id, subnet_id, group_id)
+    return StandInNetwork(vpc_id, subnet_ids, group_id)
 
 
 def admits_ssh(groups: Any, port: int, source: ipaddress.IPv4Address | ipaddress.IPv6Address = AIRFLOW_ADDRESS) -> bool:

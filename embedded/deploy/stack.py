@@ -230,7 +230,7 @@ class EmbeddedStack(Managed):
             "AWS__AMI_SSM_PARAMETER": AMI_PARAMETER,
             "AWS__INSTANCE_PROFILE": self.cloud.instance_profile,
             "AWS__DEPLOYMENT": DEPLOYMENT,
-            "AWS__SUBNET_ID": network.subnet_id,
+            "AWS__SUBNET_IDS": ",".join(network.subnet_ids),
             "AWS__SECURITY_GROUP_IDS": network.security_group_id,
             "AWS__MAX_LIFETIME_MINUTES": "60",
             "AWS__LAUNCH_TIMEOUT_MINUTES": "2",

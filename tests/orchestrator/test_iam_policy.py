@@ -19,7 +19,7 @@ import pytest
 from embedded.services.authorizer import ACTION_OF, Check, run_instances_checks, terminate_checks
 from embedded.services.iam_policy import evaluate, load_policy
 from orchestrator.cloud.hostkeys import generate_host_key
-from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, build_run_instances_request
+from orchestrator.cloud.launch_spec import LaunchAttempt, LaunchSpec, RunIdentity, build_run_instances_request
 from orchestrator.contracts import TAG_DEPLOYMENT, TAG_PROJECT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,7 +183,7 @@ def launch_request() -> dict[str, Any]:
         instance_types=("g6.xlarge",),
         spot=False,
         spot_fallback_to_on_demand=True,
-        subnet_id="subnet-0123456789abcdef0",
+        subnet_ids=("subnet-0123456789abcdef0",),
         security_group_ids=("sg-0123456789abcdef0",),
         public_ip=True,
         instance_profile="ec2-trainer-instance",
@@ -193,7 +193,11 @@ def launch_request() -> dict[str, Any]:
     )
     identity = RunIdentity("ec2_training", "manual__1", "a" * 40, 2_000_000_000, DEPLOYMENT)
     return build_run_instances_request(
-        spec, identity, "#cloud-config\n", "g6.xlarge", "on-demand", host_public_key=generate_host_key().public_line
+        spec,
+        identity,
+        "#cloud-config\n",
+        LaunchAttempt("g6.xlarge", "on-demand", "subnet-0123456789abcdef0"),
+        host_public_key=generate_host_key().public_line,
     )
 
 

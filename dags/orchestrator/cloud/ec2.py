@@ -31,6 +31,7 @@ from orchestrator.cloud.ec2_describe import (
     market_of,
 )
 from orchestrator.cloud.launch_spec import (
+    LaunchAttempt,
     LaunchSpec,
     RunIdentity,
     adoption_tags,
@@ -81,9 +82,9 @@ class LaunchError(OrchestratorError):
 
 
 class CapacityError(LaunchError):
-    """Every (instance type, market) attempt failed for lack of capacity or quota."""
+    """Every launch attempt (type, market, zone) failed for lack of capacity or quota."""
 
-    def __init__(self, message: str, tried: tuple[tuple[str, str, str], ...]) -> None:
+    def __init__(self, message: str, tried: tuple[tuple[LaunchAttempt, str], ...]) -> None:
         super().__init__(message)
         self.tried = tried
 
@@ -138,6 +139,7 @@ def adopt_run_instance(
         market_of(chosen),
         reused=True,
         host_public_key=instance_tags(chosen).get(TAG_HOST_KEY, ""),
+        subnet_id=chosen.get("SubnetId", ""),
     )
 
 
@@ -189,9 +191,9 @@ def launch_instance(
     running_timeout_s: float,
     poll_s: float,
 ) -> LaunchedInstance:
-    """A running instance for the run, from the first (type, market) attempt with capacity.
+    """A running instance for the run, from the first attempt (type, market, zone) with capacity.
 
-    Moves to the next (type, market) on CAPACITY_ERROR_CODES, and when EC2 takes a pending instance back before it
+    Moves to the next attempt on CAPACITY_ERROR_CODES, and when EC2 takes a pending instance back before it
     runs (CAPACITY_LOST_REASONS); any other error raises at once, terminating what was launched. Every attempt
     together gets running_timeout_s. Callers adopt an earlier try's instance first (adopt_run_instance): the run's
     tags, not the ClientToken, make a retry idempotent.
@@ -199,25 +201,23 @@ def launch_instance(
     from botocore.exceptions import ClientError
 
     deadline = time.monotonic() + running_timeout_s
-    tried: list[tuple[str, str, str]] = []
-    for instance_type, market in launch_attempts(spec):
+    tried: list[tuple[LaunchAttempt, str]] = []
+    for attempt in launch_attempts(spec):
         if time.monotonic() >= deadline:
-            tried.append((instance_type, market, f"not tried: {running_timeout_s:.0f} s spent"))
+            tried.append((attempt, f"not tried: {running_timeout_s:.0f} s spent"))
             continue
-        request = build_run_instances_request(
-            spec, identity, user_data, instance_type, market, host_public_key=host_public_key
-        )
-        log.info("launching %s (%s) for run %s of %s", instance_type, market, identity.run_id, identity.dag_id)
+        request = build_run_instances_request(spec, identity, user_data, attempt, host_public_key=host_public_key)
+        log.info("launching %s for run %s of %s", attempt, identity.run_id, identity.dag_id)
         try:
             response = ec2.run_instances(**request)
         except ClientError as exc:
             code, message = aws_error_code(exc), aws_error_message(exc)
             if code in CAPACITY_ERROR_CODES:
-                log.warning("no %s %s capacity: %s: %s; trying the next option", market, instance_type, code, message)
-                tried.append((instance_type, market, code))
+                log.warning("no capacity for %s: %s: %s; trying the next option", attempt, code, message)
+                tried.append((attempt, code))
                 continue
             raise LaunchError(
-                f"RunInstances for {instance_type} ({market}) failed: {code}: {message}. "
+                f"RunInstances for {attempt} failed: {code}: {message}. "
                 "Check the AMI, subnet, security groups, instance profile and the IAM permissions in docs/iam.md"
             ) from exc
         instance_id = response["Instances"][0]["InstanceId"]
@@ -229,7 +229,7 @@ def launch_instance(
                     f"RunInstances returned instance {instance_id} already {state} (same ClientToken as an earlier "
                     "try): compute a new expires_at for this try so the launch gets a fresh token"
                 )
-            log.info("launched instance %s (%s, %s) for run %s", instance_id, instance_type, market, identity.run_id)
+            log.info("launched instance %s, %s, for run %s", instance_id, attempt, identity.run_id)
             try:
                 wait_until_running(ec2, instance_id, max(0.0, deadline - time.monotonic()), poll_s)
             except InstanceLostError as lost:
@@ -237,15 +237,25 @@ def launch_instance(
                     raise
                 log.warning("%s; trying the next option", lost)
                 terminate_instances(ec2, [instance_id])  # gone already; asking again is harmless
-                tried.append((instance_type, market, lost.reason_code))
+                tried.append((attempt, lost.reason_code))
                 continue
         except BaseException:
             terminate_instances(ec2, [instance_id])
             raise
-        return LaunchedInstance(instance_id, instance_type, market, reused=False, host_public_key=host_public_key)
+        return LaunchedInstance(
+            instance_id,
+            attempt.instance_type,
+            attempt.market,
+            reused=False,
+            host_public_key=host_public_key,
+            subnet_id=attempt.subnet_id,
+        )
 
-    summary = "; ".join(f"{t} ({m}): {c}" for t, m, c in tried)
-    hint = "add other instance types to aws.instance_types, use a subnet in another availability zone or another region"
+    summary = "; ".join(f"{attempt}: {code}" for attempt, code in tried)
+    hint = (
+        "add other instance types to aws.instance_types, subnets in other availability zones to aws.subnet_ids, "
+        "or use another region"
+    )
     if spec.spot and not spec.spot_fallback_to_on_demand:
         hint += ", allow the on-demand fallback"
     raise CapacityError(

@@ -49,7 +49,8 @@ class LaunchSpec:
     instance_types: tuple[str, ...]
     spot: bool
     spot_fallback_to_on_demand: bool
-    subnet_id: str
+    # One per availability zone, in order: a zone without capacity moves the launch to the next.
+    subnet_ids: tuple[str, ...]
     # Never empty: EC2 would put the instance in the VPC's default group.
     security_group_ids: tuple[str, ...]
     # Ask EC2 for a public IP whatever the subnet's default (when Airflow connects to the public address).
@@ -70,8 +71,11 @@ class LaunchSpec:
             raise ConfigError("instance_types is empty: list at least one instance type, e.g. ('g5.xlarge',)")
         if len(set(self.instance_types)) != len(self.instance_types):
             raise ConfigError(f"instance_types {self.instance_types!r} lists a type twice: remove the duplicate")
-        if not self.subnet_id.startswith("subnet-"):
-            raise ConfigError(f"subnet_id {self.subnet_id!r} is not a subnet id (subnet-...)")
+        if not self.subnet_ids:
+            raise ConfigError("subnet_ids is empty: list at least one subnet (subnet-...)")
+        not_subnets = [s for s in self.subnet_ids if not s.startswith("subnet-")]
+        if not_subnets:
+            raise ConfigError(f"subnet_ids {not_subnets!r} are not subnet ids (subnet-...)")
         if not self.security_group_ids:
             raise ConfigError("security_group_ids is empty: EC2 would use the VPC's default group; name the groups")
         if not self.root_device_name.startswith("/dev/"):
@@ -156,39 +160,63 @@ def run_tags(identity: RunIdentity, project_tag: str, host_public_key: str = "")
     return tags
 
 
-def client_token(identity: RunIdentity, instance_type: str, market: Market) -> str:
-    """RunInstances idempotency token: one per (run, type, market, expiry).
+def client_token(identity: RunIdentity, attempt: LaunchAttempt) -> str:
+    """RunInstances idempotency token: one per (run, type, market, subnet, expiry).
 
     It makes botocore's own retries of one call safe. expires_at is part of it because a launch task computes
     it once per try: a later try must not be handed back an instance an earlier try left terminated.
     """
     # The deployment too: tokens are per account, and two deployments can have the same run id.
     key = "\x1f".join(
-        (identity.deployment, identity.dag_id, identity.run_id, instance_type, market, str(identity.expires_at_epoch))
+        (
+            identity.deployment,
+            identity.dag_id,
+            identity.run_id,
+            attempt.instance_type,
+            attempt.market,
+            attempt.subnet_id,
+            str(identity.expires_at_epoch),
+        )
     )
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:CLIENT_TOKEN_MAX]
 
 
-def launch_attempts(spec: LaunchSpec) -> list[tuple[str, Market]]:
-    """(instance_type, market) pairs to try, in order.
+@dataclass(frozen=True)
+class LaunchAttempt:
+    """One RunInstances to try: a type, a market and the subnet (so the availability zone) it launches in."""
+
+    instance_type: str
+    market: Market
+    subnet_id: str
+
+    def __str__(self) -> str:
+        return f"{self.instance_type} ({self.market}) in {self.subnet_id}"
+
+
+def launch_attempts(spec: LaunchSpec) -> list[LaunchAttempt]:
+    """The launches to try, in order.
 
     Spot first for every type, then on-demand for every type when falling back is allowed: any spot capacity
     is preferred to on-demand capacity, because spot costs a fraction of on-demand for the same training run.
+    Each (type, market) is tried in every zone before the next: capacity differs by zone far more than the
+    price of one type does, and the first type is the one the user prefers.
     """
-    if not spec.spot:
-        return [(t, "on-demand") for t in spec.instance_types]
-    attempts: list[tuple[str, Market]] = [(t, "spot") for t in spec.instance_types]
-    if spec.spot_fallback_to_on_demand:
-        attempts += [(t, "on-demand") for t in spec.instance_types]
-    return attempts
+    markets: list[Market] = ["on-demand"]
+    if spec.spot:
+        markets = ["spot", "on-demand"] if spec.spot_fallback_to_on_demand else ["spot"]
+    return [
+        LaunchAttempt(instance_type, market, subnet_id)
+        for market in markets
+        for instance_type in spec.instance_types
+        for subnet_id in spec.subnet_ids
+    ]
 
 
 def build_run_instances_request(
     spec: LaunchSpec,
     identity: RunIdentity,
     user_data: str,
-    instance_type: str,
-    market: Market,
+    attempt: LaunchAttempt,
     *,
     host_public_key: str = "",
 ) -> dict[str, Any]:
@@ -208,7 +236,7 @@ def build_run_instances_request(
         ebs["KmsKeyId"] = spec.kms_key_id
     request: dict[str, Any] = {
         "ImageId": spec.ami_id,
-        "InstanceType": instance_type,
+        "InstanceType": attempt.instance_type,
         "MinCount": 1,
         "MaxCount": 1,
         # Plain text: boto3 base64-encodes it.
@@ -222,7 +250,7 @@ def build_run_instances_request(
             {"ResourceType": "instance", "Tags": tag_list},
             {"ResourceType": "volume", "Tags": tag_list},
         ],
-        "ClientToken": client_token(identity, instance_type, market),
+        "ClientToken": client_token(identity, attempt),
     }
     if spec.instance_profile:
         key = "Arn" if spec.instance_profile.startswith("arn:") else "Name"
@@ -232,13 +260,13 @@ def build_run_instances_request(
     request["NetworkInterfaces"] = [
         {
             "DeviceIndex": 0,
-            "SubnetId": spec.subnet_id,
+            "SubnetId": attempt.subnet_id,
             "Groups": list(spec.security_group_ids),
             "AssociatePublicIpAddress": spec.public_ip,
             "DeleteOnTermination": True,
         }
     ]
-    if market == "spot":
+    if attempt.market == "spot":
         request["InstanceMarketOptions"] = {
             "MarketType": "spot",
             "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},

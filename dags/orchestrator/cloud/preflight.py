@@ -24,11 +24,18 @@ class ImageRoot:
 
 
 @dataclass(frozen=True)
-class Network:
+class Subnet:
     subnet_id: str
-    vpc_id: str
+    availability_zone: str
     # The subnet's own default; a launch that needs a public IP asks for one whatever this says.
     maps_public_ip: bool
+
+
+@dataclass(frozen=True)
+class Network:
+    vpc_id: str
+    # In the order launches try them: one availability zone after another.
+    subnets: tuple[Subnet, ...]
 
 
 def _reason(exc: BaseException) -> str:
@@ -109,14 +116,18 @@ def _admits_tcp(permission: dict[str, Any], port: int) -> bool:
     return int(permission.get("FromPort", -1)) <= port <= int(permission.get("ToPort", -1))
 
 
-def check_network(ec2: Any, subnet_id: str, security_group_ids: tuple[str, ...], ssh_port: int) -> Network:
-    """The subnet and groups exist, share a VPC, and at least one group admits TCP ssh_port inbound."""
+def check_network(
+    ec2: Any, subnet_ids: tuple[str, ...], security_group_ids: tuple[str, ...], ssh_port: int, setting: str
+) -> Network:
+    """Every subnet and group exists, all in one VPC, and at least one group admits TCP ssh_port inbound. `setting`
+    is where the subnets came from (aws.subnet_ids, or aws.subnet_id alone), named by each error."""
     from botocore.exceptions import ClientError
 
-    if not subnet_id:
+    if not subnet_ids:
         raise ConfigError(
-            "aws.subnet_id is empty: set it to the subnet to launch in (subnet-...), one with a route to the internet "
-            "(an internet gateway for a public IP, or a NAT with instance.address = private_ip)"
+            "aws.subnet_ids (or aws.subnet_id) is empty: set the subnets to launch in (subnet-..., one per "
+            "availability zone), each with a route to the internet (an internet gateway for a public IP, or a NAT "
+            "with instance.address = private_ip)"
         )
     if not security_group_ids:
         raise ConfigError(
@@ -124,13 +135,18 @@ def check_network(ec2: Any, subnet_id: str, security_group_ids: tuple[str, ...],
             "Airflow. Set it to a group allowing TCP instance.ssh_port from the Airflow workers (docs/iam.md)"
         )
     try:
-        (subnet,) = ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
+        found = {s["SubnetId"]: s for s in ec2.describe_subnets(SubnetIds=list(subnet_ids))["Subnets"]}
     except ClientError as exc:
         if aws_error_code(exc) not in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
             raise
         raise ConfigError(
-            f"aws.subnet_id: subnet {subnet_id} does not exist in this region ({_reason(exc)}): set an existing subnet"
+            f"{setting}: {_reason(exc)}: set subnets that exist in this region, of the security groups' VPC"
         ) from exc
+    subnets = [found[subnet_id] for subnet_id in subnet_ids]
+    vpcs = sorted({subnet["VpcId"] for subnet in subnets})
+    if len(vpcs) > 1:
+        raise ConfigError(f"{setting}: {list(subnet_ids)} are in more than one VPC ({vpcs}): use subnets of one VPC")
+    (vpc_id,) = vpcs
     try:
         groups = ec2.describe_security_groups(GroupIds=list(security_group_ids))["SecurityGroups"]
     except ClientError as exc:
@@ -139,18 +155,24 @@ def check_network(ec2: Any, subnet_id: str, security_group_ids: tuple[str, ...],
         raise ConfigError(
             f"aws.security_group_ids: {list(security_group_ids)}: {_reason(exc)}. Set existing security group ids"
         ) from exc
-    elsewhere = sorted(g["GroupId"] for g in groups if g.get("VpcId") != subnet["VpcId"])
+    elsewhere = sorted(g["GroupId"] for g in groups if g.get("VpcId") != vpc_id)
     if elsewhere:
         raise ConfigError(
-            f"aws.security_group_ids: {elsewhere} are not in the VPC {subnet['VpcId']} of aws.subnet_id "
-            f"{subnet_id}: use groups of that VPC"
+            f"aws.security_group_ids: {elsewhere} are not in the VPC {vpc_id} of {setting} {list(subnet_ids)}: "
+            "use groups of that VPC"
         )
     if not any(_admits_tcp(p, ssh_port) for g in groups for p in g.get("IpPermissions", [])):
         raise ConfigError(
             f"aws.security_group_ids: none of {list(security_group_ids)} has an inbound rule for TCP {ssh_port} "
             "(instance.ssh_port), so SSH would never answer: add one from the Airflow workers' addresses"
         )
-    return Network(subnet_id, subnet["VpcId"], bool(subnet.get("MapPublicIpOnLaunch")))
+    return Network(
+        vpc_id,
+        tuple(
+            Subnet(s["SubnetId"], str(s.get("AvailabilityZone", "")), bool(s.get("MapPublicIpOnLaunch")))
+            for s in subnets
+        ),
+    )
 
 
 def check_instance_profile(iam: Any, profile: str) -> None:

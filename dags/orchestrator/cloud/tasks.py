@@ -22,7 +22,7 @@ TERMINATE_WAIT_S = 300
 def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPlan:
     """Check everything a launch needs before anything is created: the instance types exist here, the AMI (aws.ami_id
     when a run repeats an image, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its
-    root volume), the subnet, a security group admitting SSH, and the instance profile."""
+    root volume), every subnet, a security group admitting SSH, and the instance profile."""
     from orchestrator.cloud.ec2_describe import unoffered_instance_types
     from orchestrator.cloud.launch_spec import resolve_ami
     from orchestrator.cloud.preflight import (
@@ -51,19 +51,22 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
         root = read_image_root(ec2, ami_id, source)
         check_architecture(ec2, ami_id, root, s.aws.instance_types, source)
         volume_gb = root_volume_gb(s.aws.root_volume_gb, root)
-        network = check_network(ec2, s.aws.subnet_id, s.aws.security_group_ids, s.instance.ssh_port)
+        subnet_setting = "aws.subnet_ids" if s.aws.subnet_ids else "aws.subnet_id"
+        network = check_network(ec2, s.aws.subnets, s.aws.security_group_ids, s.instance.ssh_port, subnet_setting)
         if s.aws.instance_profile:
             check_instance_profile(aws.client("iam"), s.aws.instance_profile)
     log.info(
-        "AMI %s (from %s), root %s of %s GB (snapshot %s GB); subnet %s in %s (maps public IPs: %s)",
+        "AMI %s (from %s), root %s of %s GB (snapshot %s GB); in %s: %s",
         ami_id,
         "aws.ami_id" if s.aws.ami_id else s.aws.ami_ssm_parameter,
         root.device_name,
         volume_gb,
         root.snapshot_gb,
-        network.subnet_id,
         network.vpc_id,
-        network.maps_public_ip,
+        ", ".join(
+            f"{n.subnet_id} ({n.availability_zone}, maps public IPs: {str(n.maps_public_ip).lower()})"
+            for n in network.subnets
+        ),
     )
     return LaunchPlan(
         ami_id=ami_id,
@@ -135,7 +138,7 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
         instance_types=s.aws.instance_types,
         spot=s.aws.spot,
         spot_fallback_to_on_demand=s.aws.spot_fallback_to_on_demand,
-        subnet_id=s.aws.subnet_id,
+        subnet_ids=s.aws.subnets,
         security_group_ids=s.aws.security_group_ids,
         public_ip=s.instance.address == "public_ip",
         instance_profile=s.aws.instance_profile or None,
@@ -155,10 +158,11 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
         poll_s=s.instance.poll_seconds,
     )
     log.info(
-        "Instance %s (%s, %s) for commit %s; host key %s; it must be gone by %s",
+        "Instance %s (%s, %s, in %s) for commit %s; host key %s; it must be gone by %s",
         launched.instance_id,
         launched.instance_type,
         launched.market,
+        launched.subnet_id,
         identity.git_sha,
         host_key.fingerprint_sha256,
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),

@@ -201,6 +201,7 @@ Number = Annotated[float, BeforeValidator(_number)]
 Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_list)]
 InstanceTypes = Annotated[Names, AfterValidator(_some)]
 SecurityGroups = _items(r"sg-.*")
+SubnetIds = _items(r"subnet-.*")
 InstanceTypeNames = _items(INSTANCE_TYPE_PATTERN)
 Emails = _items(EMAIL)
 Url = Annotated[str, _url(optional=False), _valid("an http(s) URL without credentials")]

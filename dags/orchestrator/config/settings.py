@@ -81,7 +81,12 @@ class AwsSettings(_Section):
     )
     spot: t.Flag = run_param("spot", "Ask for spot capacity first.")
     spot_fallback_to_on_demand: t.Flag = setting("With spot, fall back to on-demand when no spot capacity.")
-    subnet_id: str = setting("Required: launches refuse an empty one.", "empty or subnet-...", "|subnet-.*")
+    subnet_id: str = setting("One subnet: the form of subnet_ids with one zone.", "empty or subnet-...", "|subnet-.*")
+    subnet_ids: t.SubnetIds = setting(
+        "Required (or subnet_id): one subnet per availability zone, in order; no capacity in one moves to the next.",
+        "a subnet id subnet-...",
+        default=(),
+    )
     security_group_ids: t.SecurityGroups = setting("Required: one admits SSH.", "a security group id sg-...")
     instance_profile: str = setting("Instance profile name or ARN (S3 read for data, nothing else).")
     root_volume_gb: t.Whole = setting("At least the AMI's root snapshot (75 GB for PyTorch DLAMIs).", ge=8, le=16384)
@@ -97,6 +102,21 @@ class AwsSettings(_Section):
         _DEPLOYMENT,
         r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
     )
+
+    @property
+    def subnets(self) -> tuple[str, ...]:
+        """The subnets to launch in, in order (subnet_ids, else subnet_id alone); empty when neither is set."""
+        return self.subnet_ids or ((self.subnet_id,) if self.subnet_id else ())
+
+    @model_validator(mode="after")
+    def _one_subnet_setting(self) -> AwsSettings:
+        # Two places for one list would leave a reader guessing which one launches.
+        expected = "empty when aws.subnet_ids is set: list every subnet there"
+        check(not (self.subnet_id and self.subnet_ids), self.subnet_id, expected, "subnet_id")
+        check(
+            len(set(self.subnet_ids)) == len(self.subnet_ids), list(self.subnet_ids), "each subnet once", "subnet_ids"
+        )
+        return self
 
     @model_validator(mode="after")
     def _allowed_types(self) -> AwsSettings:

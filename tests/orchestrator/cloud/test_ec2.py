@@ -25,7 +25,7 @@ from orchestrator.cloud.ec2_describe import describe_instance, find_run_instance
 from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, run_scope_tags
 from orchestrator.config.connections import AWS_RETRIES
 from orchestrator.contracts_steps import LaunchedInstance
-from tests.support.aws_cloud import StrictAws, http_errors, strict_aws, take_back_the_first
+from tests.support.aws_cloud import REGION, StrictAws, http_errors, strict_aws, take_back_the_first
 
 PROJECT = "ec2-trainer"
 DEPLOYMENT = "prod"
@@ -44,7 +44,7 @@ def make_spec(cloud: StrictAws, **overrides) -> LaunchSpec:
         "instance_types": ("g5.xlarge", "g6.xlarge"),
         "spot": True,
         "spot_fallback_to_on_demand": True,
-        "subnet_id": cloud.network.subnet_id,
+        "subnet_ids": (cloud.network.subnet_id,),
         "security_group_ids": (cloud.network.security_group_id,),
         "public_ip": True,
         "instance_profile": "trainer",
@@ -154,6 +154,23 @@ def test_no_capacity_anywhere_raises_capacity_error_and_leaves_nothing(cloud):
     assert live(ec2) == []
 
 
+def test_no_capacity_in_one_zone_launches_in_the_next_before_the_next_type(cloud):
+    ec2 = cloud.ec2
+    zone_a, zone_b = cloud.network.subnet_ids
+    calls = fail_run_instances(
+        ec2, "InsufficientInstanceCapacity", lambda body, n: body["NetworkInterface.1.SubnetId"] == zone_a
+    )
+    launched = launch(ec2, make_spec(cloud, subnet_ids=(zone_a, zone_b)))
+    assert (launched.instance_type, launched.market, launched.subnet_id) == ("g5.xlarge", "spot", zone_b)
+    assert [(c["InstanceType"], c["NetworkInterface.1.SubnetId"]) for c in calls] == [
+        ("g5.xlarge", zone_a),
+        ("g5.xlarge", zone_b),
+    ]
+    (instance,) = ec2.describe_instances(InstanceIds=[launched.instance_id])["Reservations"][0]["Instances"]
+    assert (instance["SubnetId"], instance["Placement"]["AvailabilityZone"]) == (zone_b, f"{REGION}b")
+    assert live(ec2) == [launched.instance_id]
+
+
 def test_other_errors_raise_at_once(cloud):
     ec2 = cloud.ec2
     calls = fail_run_instances(ec2, "UnauthorizedOperation")
@@ -184,7 +201,9 @@ def test_throttling_is_retried_inside_botocore_then_succeeds(cloud, retrying_ec2
 def test_throttling_retries_are_bounded_and_jittered(cloud, retrying_ec2, monkeypatch):
     ec2, sleeps = retrying_ec2
     attempts = http_errors(monkeypatch, "RunInstances", "RequestLimitExceeded", 503)
-    with pytest.raises(LaunchError, match=r"g5\.xlarge \(spot\) failed: RequestLimitExceeded: injected Request"):
+    with pytest.raises(
+        LaunchError, match=r"g5\.xlarge \(spot\) in subnet-\w+ failed: RequestLimitExceeded: injected Request"
+    ):
         launch(ec2, make_spec(cloud))
     # One call's attempts, all inside botocore: nothing retries around it (it was 3 x 6 = 18 attempts).
     assert len(attempts) == AWS_RETRIES["total_max_attempts"] == 5
@@ -233,7 +252,9 @@ def test_capacity_taken_back_on_every_option_is_a_capacity_error(cloud, monkeypa
     ec2 = cloud.ec2
     for instance_type in ("g5.xlarge", "g6.xlarge"):
         take_back_the_first(instance_type, monkeypatch)
-    with pytest.raises(CapacityError, match=r"g6\.xlarge \(on-demand\): Server\.InsufficientInstanceCapacity"):
+    with pytest.raises(
+        CapacityError, match=r"g6\.xlarge \(on-demand\) in subnet-\w+: Server\.InsufficientInstanceCapacity"
+    ):
         launch(ec2, make_spec(cloud, spot=False))
     assert live(ec2) == []
 

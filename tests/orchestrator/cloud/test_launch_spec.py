@@ -11,6 +11,7 @@ from orchestrator.cloud.launch_spec import (
     CLIENT_TOKEN_MAX,
     TAG_VALUE_MAX,
     AmiNotFoundError,
+    LaunchAttempt,
     LaunchSpec,
     RunIdentity,
     adoption_tags,
@@ -43,7 +44,7 @@ def make_spec(**overrides) -> LaunchSpec:
         "instance_types": ("g5.xlarge", "g6.xlarge"),
         "spot": True,
         "spot_fallback_to_on_demand": True,
-        "subnet_id": "subnet-0abc",
+        "subnet_ids": ("subnet-0abc", "subnet-1def"),
         "security_group_ids": ("sg-1", "sg-2"),
         "public_ip": True,
         "instance_profile": "ec2-trainer-instance",
@@ -57,7 +58,9 @@ def make_spec(**overrides) -> LaunchSpec:
 
 
 def test_request_has_every_field():
-    req = build_run_instances_request(make_spec(), IDENTITY, "#cloud-config\n", "g5.xlarge", "spot")
+    req = build_run_instances_request(
+        make_spec(), IDENTITY, "#cloud-config\n", LaunchAttempt("g5.xlarge", "spot", "subnet-0abc")
+    )
     assert req["ImageId"] == "ami-0123456789abcdef0"
     assert req["InstanceType"] == "g5.xlarge"
     assert (req["MinCount"], req["MaxCount"]) == (1, 1)
@@ -100,25 +103,27 @@ def test_on_demand_request_with_arn_profile_kms_private_address_and_the_images_r
         public_ip=False,
         root_device_name="/dev/xvda",
     )
-    req = build_run_instances_request(spec, IDENTITY, "ud", "g6.xlarge", "on-demand")
+    req = build_run_instances_request(spec, IDENTITY, "ud", LaunchAttempt("g6.xlarge", "on-demand", "subnet-0abc"))
     assert "InstanceMarketOptions" not in req
     assert req["IamInstanceProfile"] == {"Arn": "arn:aws:iam::123456789012:instance-profile/x"}
     assert req["BlockDeviceMappings"][0]["DeviceName"] == "/dev/xvda"
     assert req["BlockDeviceMappings"][0]["Ebs"]["KmsKeyId"] == "alias/ebs"
     assert req["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
     assert "IamInstanceProfile" not in build_run_instances_request(
-        make_spec(instance_profile=None), IDENTITY, "ud", "g6.xlarge", "on-demand"
+        make_spec(instance_profile=None), IDENTITY, "ud", LaunchAttempt("g6.xlarge", "on-demand", "subnet-0abc")
     )
 
 
 def test_client_token_is_deterministic_and_distinct_per_attempt():
-    def token(identity, instance_type, market):
-        return build_run_instances_request(make_spec(), identity, "ud", instance_type, market)["ClientToken"]
+    def token(identity, instance_type, market, subnet="subnet-0abc"):
+        attempt = LaunchAttempt(instance_type, market, subnet)
+        return build_run_instances_request(make_spec(), identity, "ud", attempt)["ClientToken"]
 
     first = token(IDENTITY, "g5.xlarge", "spot")
     assert first == token(IDENTITY, "g5.xlarge", "spot")
     assert first != token(IDENTITY, "g5.xlarge", "on-demand")
     assert first != token(IDENTITY, "g6.xlarge", "spot")
+    assert first != token(IDENTITY, "g5.xlarge", "spot", "subnet-1def")
     other_run = dataclasses.replace(IDENTITY, run_id=IDENTITY.run_id + "x")
     assert first != token(other_run, "g5.xlarge", "spot")
     # Tokens are per account: another deployment's run with the same id must not get this instance back.
@@ -159,18 +164,36 @@ def test_tag_values_are_sanitised_truncated_and_stay_distinct():
     assert re.fullmatch(r"r+~[0-9a-f]{16}", tag_value(long_a))
 
 
-def test_attempt_order():
-    assert launch_attempts(make_spec()) == [
-        ("g5.xlarge", "spot"),
-        ("g6.xlarge", "spot"),
-        ("g5.xlarge", "on-demand"),
-        ("g6.xlarge", "on-demand"),
+def test_attempt_order_every_zone_before_the_next_type_every_type_before_on_demand():
+    def order(spec: LaunchSpec) -> list[str]:
+        return [str(attempt) for attempt in launch_attempts(spec)]
+
+    assert order(make_spec()) == [
+        "g5.xlarge (spot) in subnet-0abc",
+        "g5.xlarge (spot) in subnet-1def",
+        "g6.xlarge (spot) in subnet-0abc",
+        "g6.xlarge (spot) in subnet-1def",
+        "g5.xlarge (on-demand) in subnet-0abc",
+        "g5.xlarge (on-demand) in subnet-1def",
+        "g6.xlarge (on-demand) in subnet-0abc",
+        "g6.xlarge (on-demand) in subnet-1def",
     ]
-    assert launch_attempts(make_spec(spot_fallback_to_on_demand=False)) == [
-        ("g5.xlarge", "spot"),
-        ("g6.xlarge", "spot"),
+    assert order(make_spec(spot_fallback_to_on_demand=False, subnet_ids=("subnet-0abc",))) == [
+        "g5.xlarge (spot) in subnet-0abc",
+        "g6.xlarge (spot) in subnet-0abc",
     ]
-    assert launch_attempts(make_spec(spot=False)) == [("g5.xlarge", "on-demand"), ("g6.xlarge", "on-demand")]
+    assert order(make_spec(spot=False, subnet_ids=("subnet-1def",))) == [
+        "g5.xlarge (on-demand) in subnet-1def",
+        "g6.xlarge (on-demand) in subnet-1def",
+    ]
+
+
+def test_each_attempt_launches_in_its_own_subnet():
+    for attempt in launch_attempts(make_spec()):
+        req = build_run_instances_request(make_spec(), IDENTITY, "ud", attempt)
+        assert [i["SubnetId"] for i in req["NetworkInterfaces"]] == [attempt.subnet_id]
+        assert req["InstanceType"] == attempt.instance_type
+        assert ("InstanceMarketOptions" in req) == (attempt.market == "spot")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +206,8 @@ def test_attempt_order():
         ),
         ({"instance_types": ("g5.xlarge", "g5.xlarge")}, "lists a type twice"),
         ({"root_volume_gb": 0}, "root_volume_gb must be at least 1"),
-        ({"subnet_id": ""}, "is not a subnet id"),
+        ({"subnet_ids": ()}, r"^subnet_ids is empty: list at least one subnet \(subnet-\.\.\.\)$"),
+        ({"subnet_ids": ("subnet-0abc", "vpc-1")}, r"^subnet_ids \['vpc-1'\] are not subnet ids \(subnet-\.\.\.\)$"),
         (
             {"security_group_ids": ()},
             r"^security_group_ids is empty: EC2 would use the VPC's default group; name the groups$",
@@ -229,18 +253,25 @@ def test_expiry_tags_are_utc_whatever_the_machine_zone(monkeypatch):
 def test_the_host_key_is_a_tag_of_the_launch():
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE"
     assert run_tags(IDENTITY, "ec2-trainer", key)[TAG_HOST_KEY] == key
-    req = build_run_instances_request(make_spec(), IDENTITY, "ud", "g5.xlarge", "spot", host_public_key=key)
+    req = build_run_instances_request(
+        make_spec(), IDENTITY, "ud", LaunchAttempt("g5.xlarge", "spot", "subnet-0abc"), host_public_key=key
+    )
     assert {t["Key"]: t["Value"] for t in req["TagSpecifications"][0]["Tags"]}[TAG_HOST_KEY] == key
 
 
 def test_the_client_token_is_the_hash_of_the_attempt_and_its_expiry():
-    # Pinned: a token computed otherwise after an upgrade would not find an in-flight run's instance.
-    fields = ("prod", "train_hurricane", IDENTITY.run_id, "g5.xlarge", "spot", "1800000000")
+    # Pinned: botocore's retries of one RunInstances must send the same token, whatever code computes it.
+    fields = ("prod", "train_hurricane", IDENTITY.run_id, "g5.xlarge", "spot", "subnet-0abc", "1800000000")
     expected = hashlib.sha256("\x1f".join(fields).encode()).hexdigest()[:CLIENT_TOKEN_MAX]
-    req = build_run_instances_request(make_spec(), IDENTITY, "ud", "g5.xlarge", "spot")
+    req = build_run_instances_request(make_spec(), IDENTITY, "ud", LaunchAttempt("g5.xlarge", "spot", "subnet-0abc"))
     assert req["ClientToken"] == expected
     later = dataclasses.replace(IDENTITY, expires_at_epoch=IDENTITY.expires_at_epoch + 1)
-    assert build_run_instances_request(make_spec(), later, "ud", "g5.xlarge", "spot")["ClientToken"] != expected
+    assert (
+        build_run_instances_request(make_spec(), later, "ud", LaunchAttempt("g5.xlarge", "spot", "subnet-0abc"))[
+            "ClientToken"
+        ]
+        != expected
+    )
 
 
 class _FailingSsm:

@@ -9,6 +9,8 @@ import pytest
 from embedded.cloud import ACCOUNT_ID, AMAZON_LINUX_DLAMI, UBUNTU_DLAMI
 from orchestrator.cloud.preflight import (
     ImageRoot,
+    Network,
+    Subnet,
     check_architecture,
     check_instance_profile,
     check_network,
@@ -73,12 +75,13 @@ def test_a_root_volume_below_the_snapshot_is_refused_naming_the_setting() -> Non
         root_volume_gb(50, root)
 
 
-def test_a_good_network_passes_and_says_whether_the_subnet_maps_public_ips(cloud: StrictAws) -> None:
-    network = check_network(cloud.ec2, cloud.network.subnet_id, (cloud.network.security_group_id,), SSH_PORT)
-    assert (network.subnet_id, network.vpc_id, network.maps_public_ip) == (
-        cloud.network.subnet_id,
+def test_a_good_network_passes_and_says_each_subnets_zone_and_whether_it_maps_public_ips(cloud: StrictAws) -> None:
+    zone_b, zone_a = cloud.network.subnet_ids[::-1]
+    group = (cloud.network.security_group_id,)
+    network = check_network(cloud.ec2, (zone_b, zone_a), group, SSH_PORT, "aws.subnet_ids")
+    assert network == Network(
         cloud.network.vpc_id,
-        False,
+        (Subnet(zone_b, f"{REGION}b", False), Subnet(zone_a, f"{REGION}a", False)),
     )
 
 
@@ -96,14 +99,19 @@ def test_a_group_with_any_rule_admitting_the_ssh_port_will_do(cloud: StrictAws) 
     ranged = {"IpProtocol": "tcp", "FromPort": 20, "ToPort": 30, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
     everything = {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
     for admitting in (ranged, everything):
-        check_network(cloud.ec2, cloud.network.subnet_id, (group(cloud, vpc, https), group(cloud, vpc, admitting)), 22)
+        groups = (group(cloud, vpc, https), group(cloud, vpc, admitting))
+        check_network(cloud.ec2, (cloud.network.subnet_id,), groups, 22, "aws.subnet_id")
 
 
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("no subnet", r"aws.subnet_id is empty"),
-        ("unknown subnet", r"aws.subnet_id: subnet subnet-0123456789abcdef0 does not exist .*InvalidSubnetID"),
+        ("no subnet", r"aws.subnet_ids \(or aws.subnet_id\) is empty"),
+        (
+            "unknown subnet",
+            r"aws.subnet_ids: InvalidSubnetID.NotFound: .*subnet-0123456789abcdef0.* set subnets that exist",
+        ),
+        ("subnets of two vpcs", r"aws.subnet_ids: \['subnet-.*', 'subnet-.*'\] are in more than one VPC"),
         ("no groups", r"aws.security_group_ids is empty: EC2 would use the VPC's default group"),
         ("unknown group", r"aws.security_group_ids: \['sg-0123456789abcdef0'\]: InvalidGroup.NotFound"),
         ("no ssh rule", r"none of .* has an inbound rule for TCP 22 \(instance.ssh_port\)"),
@@ -111,12 +119,16 @@ def test_a_group_with_any_rule_admitting_the_ssh_port_will_do(cloud: StrictAws) 
     ],
 )
 def test_a_bad_network_is_a_config_error_naming_the_setting(cloud: StrictAws, case: str, message: str) -> None:
-    subnet, groups = cloud.network.subnet_id, (cloud.network.security_group_id,)
+    subnets, groups = cloud.network.subnet_ids, (cloud.network.security_group_id,)
     ssh = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
     if case == "no subnet":
-        subnet = ""
+        subnets = ()
     elif case == "unknown subnet":
-        subnet = "subnet-0123456789abcdef0"
+        subnets = (cloud.network.subnet_id, "subnet-0123456789abcdef0")
+    elif case == "subnets of two vpcs":
+        other_vpc = cloud.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+        other = cloud.ec2.create_subnet(VpcId=other_vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
+        subnets = (cloud.network.subnet_id, other)
     elif case == "no groups":
         groups = ()
     elif case == "unknown group":
@@ -127,7 +139,7 @@ def test_a_bad_network_is_a_config_error_naming_the_setting(cloud: StrictAws, ca
         other_vpc = cloud.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
         groups = (group(cloud, other_vpc, ssh),)
     with pytest.raises(ConfigError, match=message):
-        check_network(cloud.ec2, subnet, groups, SSH_PORT)
+        check_network(cloud.ec2, subnets, groups, SSH_PORT, "aws.subnet_ids")
 
 
 def test_the_instance_profile_must_exist(cloud: StrictAws) -> None:

@@ -318,6 +318,17 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         r"aws\.instance_types: .* is invalid; expected .*up to 20",
     ),
     ("aws", {"subnet_id": "vpc-123"}, r"aws\.subnet_id: 'vpc-123' is invalid; expected empty or subnet-"),
+    ("aws", {"subnet_ids": ("subnet-a", "vpc-1")}, r"aws\.subnet_ids\[1\]: 'vpc-1' is invalid; expected a subnet id"),
+    (
+        "aws",
+        {"subnet_ids": ("subnet-a", "subnet-a")},
+        r"aws\.subnet_ids: \['subnet-a', 'subnet-a'\] .* each subnet once",
+    ),
+    (
+        "aws",
+        {"subnet_ids": ("subnet-a",), "subnet_id": "subnet-b"},
+        r"aws\.subnet_id: 'subnet-b' is invalid; expected empty when aws\.subnet_ids is set",
+    ),
     ("aws", {"security_group_ids": ("sg-1", "default")}, r"aws\.security_group_ids\[1\]: 'default' is invalid"),
     ("aws", {"root_volume_gb": 7}, r"aws\.root_volume_gb: 7 is invalid"),
     ("aws", {"root_volume_gb": 16385}, r"aws\.root_volume_gb"),
