@@ -84,7 +84,7 @@ def _checkpointer(store: Store | None, tags: dict[str, str]) -> checkpoints.Chec
 def test_a_fit_stopped_after_epoch_2_and_resumed_ends_bit_identical(splits, tmp_path):
     """The key property: same history, best epoch and final weights as the run that never stopped (on a CPU)."""
     whole, whole_weights = _fit(splits, None)
-    store, tags = LocalStore(tmp_path / "run"), {}
+    store, tags = LocalStore(tmp_path / "run"), dict[str, str]()
     with pytest.raises(Interrupted):
         _fit(splits, _checkpointer(store, tags), stop_in_epoch=3)
     assert checkpoints.complete_epochs(store.keys()) == [2, 1]
@@ -111,7 +111,7 @@ def test_early_stopping_state_survives_a_resume(splits, tmp_path):
     and restores the same best weights; started once more after that, it trains nothing."""
     whole, whole_weights = _fit(splits, None, epochs=12, patience=2, flipped=True)
     assert whole.stopped_early and len(whole.history) == whole.best_epoch + 2
-    store, tags = LocalStore(tmp_path / "run"), {}
+    store, tags = LocalStore(tmp_path / "run"), dict[str, str]()
     with pytest.raises(Interrupted):
         _fit(
             splits, _checkpointer(store, tags), epochs=12, patience=2, flipped=True, stop_in_epoch=whole.best_epoch + 2
@@ -194,7 +194,7 @@ def test_a_checkpoint_request_saves_the_last_completed_epoch_at_once(splits, tmp
     the notice, is acted on once (renamed), and from then on every epoch is saved."""
     monkeypatch.setattr(checkpoints, "_REQUEST_POLL_S", 0.0)
     request = tmp_path / "checkpoint-request.json"
-    store, tags = LocalStore(tmp_path / "run"), {}
+    store, tags = LocalStore(tmp_path / "run"), dict[str, str]()
     checkpointer = checkpoints.Checkpointer(store, 60.0, tags.__setitem__, request)
     notice = {"action": "terminate", "time": "2026-12-07T07:00:00Z"}
 
@@ -233,6 +233,8 @@ def test_checkpoints_are_written_when_due_and_at_the_end(splits, tmp_path):
     """Every `minutes` (at an epoch's end) and after the last epoch, whatever the clock says."""
     minutes = iter(range(100))  # a minute passes between two looks at the clock
     store = LocalStore(tmp_path / "run")
-    checkpointer = checkpoints.Checkpointer(store, 2.0, {}.__setitem__, clock=lambda: 60.0 * next(minutes))
+    checkpointer = checkpoints.Checkpointer(
+        store, 2.0, dict[str, str]().__setitem__, clock=lambda: 60.0 * next(minutes)
+    )
     _fit(splits, checkpointer, epochs=3)
     assert checkpoints.complete_epochs(store.keys()) == [3, 2]
