@@ -35,6 +35,7 @@ import torch
 
 from remote.checkpoint_store import Store
 from remote.engine import EpochResult, Loop, Progress
+from remote.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,13 @@ class Checkpointer:
         if state is None:
             log.info("no checkpoint in %s: training from the first epoch", self.store.location)
             return
-        apply(state, loop)
+        try:
+            apply(state, loop)
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise TrainingError(
+                f"the checkpoint of epoch {state['epoch']} in {self.store.location} does not fit this run ({exc}); "
+                "were the run's parameters changed? Pass another checkpoint_uri, or delete that prefix to start over"
+            ) from None
         self.resumed_from = self._written = loop.progress.epoch
         self.resumes += 1
         self.tag(TAG_RESUMED_FROM, str(self.resumed_from))
@@ -281,18 +288,23 @@ class Checkpointer:
         self._next_poll = now + _REQUEST_POLL_S
         try:
             raw = self.request.read_bytes()[: 4 * _NOTICE_MAX_CHARS]
-            self.request.replace(self.request.with_name(self.request.name + ".handled"))  # acts once
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.warning("checkpoint request %s cannot be read or renamed (%s); acting on it anyway", self.request, exc)
+            log.warning("checkpoint request %s cannot be read (%s); acting on it anyway", self.request, exc)
             raw = b""
-            self.request = None  # a file that cannot be renamed would trigger again every second
+        try:
+            self.request.replace(self.request.with_name(self.request.name + ".handled"))  # so that it acts once
+        except OSError as exc:
+            log.warning(
+                "checkpoint request %s cannot be renamed (%s); no further request is watched", self.request, exc
+            )
+            self.request = None  # it would trigger again every second
         notice = read_notice(raw)
         self.tag(TAG_SPOT_NOTICE, notice)
         self._urgent = True
         if self.store is None:
-            log.warning("checkpoint requested (%s), but checkpoint_uri is empty: nothing to save", notice)
+            log.warning("checkpoint requested (%s), but checkpoints are off: nothing to save", notice)
         elif self._pending is None:
             log.warning("checkpoint requested (%s) before the first epoch ended: each epoch is saved from now", notice)
         else:

@@ -14,6 +14,7 @@ import torch
 
 from remote import checkpoints, dataset, engine
 from remote.checkpoint_store import LocalStore, Store
+from remote.errors import TrainingError
 from remote.models import DamageCNN
 
 CPU = torch.device("cpu")
@@ -238,3 +239,12 @@ def test_checkpoints_are_written_when_due_and_at_the_end(splits, tmp_path):
     )
     _fit(splits, checkpointer, epochs=3)
     assert checkpoints.complete_epochs(store.keys()) == [3, 2]
+
+
+def test_a_checkpoint_of_another_model_stops_the_job_with_the_fix(splits, tmp_path):
+    """The same run id with other parameters: neither resumed into nor silently written over."""
+    store = _two_checkpoints(splits, tmp_path)
+    model = DamageCNN(32, (8, 8), 16, 0.2)
+    loop = engine.Loop(model, torch.optim.Adam(model.parameters()), torch.Generator(), engine.Progress())
+    with pytest.raises(TrainingError, match=r"the checkpoint of epoch 3 in .* does not fit this run"):
+        _checkpointer(store, {}).restore(loop)
