@@ -51,10 +51,12 @@ TAG_SPOT_NOTICE = "ec2_trainer.spot_notice"
 _NAME = re.compile(r"ckpt-(\d{6})")
 _REQUEST_POLL_S = 1.0  # a file check per second is free; every batch would be thousands a second on a GPU
 _NOTICE_MAX_CHARS = 500
-_PERMISSIONS = (
+_S3_FIX = (
     "check that the instance profile allows s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on the "
-    "checkpoint prefix (config/iam/instance.json), or pass checkpoint_uri= (empty) to train without checkpoints"
+    "checkpoint prefix (config/iam/instance.json)"
 )
+_FOLDER_FIX = "check that the folder is writable and its disk has room"
+_OFF = "or pass checkpoint_uri= (empty) to train without checkpoints"
 
 Tagger = Callable[[str, str], object]  # mlflow.set_tag
 
@@ -330,11 +332,12 @@ class Checkpointer:
         reason = _reason(exc)
         log.warning(
             "checkpoint: cannot %s %s: %s; training goes on WITHOUT checkpoints (an interruption restarts it from the "
-            "first epoch); %s",
+            "first epoch); %s, %s",
             what,
             location,
             reason,
-            _PERMISSIONS,
+            _S3_FIX if location.startswith("s3://") else _FOLDER_FIX,
+            _OFF,
         )
         self.tag(TAG_ERROR, f"cannot {what} {location}: {reason}"[:_NOTICE_MAX_CHARS])
         self.store, self._pending = None, None

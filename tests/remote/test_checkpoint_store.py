@@ -102,3 +102,13 @@ def test_local_folders(tmp_path: Path, uri: str):
     assert store.keys() == ["ckpt-000001/state.pt"] and store.get("ckpt-000001/state.pt") == b"data"
     store.delete("ckpt-000001/state.pt")
     assert store.keys() == [] and not (tmp_path / "run1" / "ckpt-000001").exists()
+
+
+def test_a_folder_that_cannot_be_written_names_the_folders_fix(tmp_path: Path, caplog):
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    tags: dict[str, str] = {}
+    with caplog.at_level(logging.WARNING, logger="remote.checkpoints"):
+        _fit(checkpoints.Checkpointer(LocalStore(blocked / "run1"), 0.0, tags.__setitem__), 1)
+    assert tags[checkpoints.TAG_ERROR].startswith(f"cannot write epoch 1 to {blocked / 'run1'}: ")
+    assert "the folder is writable" in caplog.text and "s3:PutObject" not in caplog.text
