@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from remote.checkpoint_store import validate_uri
 from remote.errors import ParameterError
 
 ModelName = Literal["default", "seed"]
@@ -41,6 +42,8 @@ class TrainConfig:
     compile: CompileName = "auto"
     augment: bool = True
     cache_dir: str = ""
+    checkpoint_uri: str = ""
+    checkpoint_minutes: float = 10.0
     git_sha: str = ""
 
 
@@ -134,6 +137,8 @@ PARAMETERS: dict[str, tuple[Callable[[str], object], str]] = {
     "compile": (_compile, "auto"),
     "augment": (_bool("augment"), "true"),
     "cache_dir": (str, ""),
+    "checkpoint_uri": (validate_uri, ""),
+    "checkpoint_minutes": (_float("checkpoint_minutes", 0.0, 1440.0), "10"),
     "git_sha": (str, ""),
 }
 

@@ -3,7 +3,8 @@
 One code path for CPU and GPU. On CUDA it adds what makes it fast: bf16 autocast, channels_last, fused Adam,
 cuDNN autotuning and optional torch.compile; no host synchronisation inside an epoch (losses are summed on the device).
 Augmentation (random horizontal and vertical flips) runs on the device. The best epoch by validation loss is kept
-and restored at the end, so it is the one evaluated.
+and restored at the end, so it is the one evaluated. A fit can be checkpointed after any epoch and continued from
+there (remote/checkpoints.py): everything the loop carries from one epoch to the next is in `Loop`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -64,6 +66,46 @@ class FitResult:
     def images_per_s(self) -> float:
         """Training throughput over the whole fit: every epoch trains on the same images, so the harmonic mean."""
         return len(self.history) / sum(1 / e.images_per_s for e in self.history) if self.history else 0.0
+
+
+@dataclass
+class Progress:
+    """What a fit carries from one completed epoch to the next, besides the model, optimizer and generator."""
+
+    history: list[EpochResult] = field(default_factory=list)
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    waited: int = 0
+    stopped_early: bool = False
+
+    @property
+    def epoch(self) -> int:
+        """The last completed epoch (epochs run from 1 without gaps)."""
+        return len(self.history)
+
+
+@dataclass
+class Loop:
+    """The live state of a fit: what a checkpoint saves after an epoch and what resuming puts back."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    progress: Progress
+
+
+class Checkpoints(Protocol):
+    """What `fit` asks of checkpointing (remote.checkpoints.Checkpointer); the engine knows no storage."""
+
+    def restore(self, loop: Loop) -> None:
+        """Put the latest complete checkpoint, if any, into `loop`."""
+
+    def epoch_done(self, loop: Loop, final: bool) -> None:
+        """Called after each epoch, the early-stopping decision made; `final` when no epoch follows."""
+
+    def between_batches(self) -> None:
+        """Called between training steps; must be cheap."""
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -156,6 +198,7 @@ def _train_epoch(
     train: tuple[torch.Tensor, torch.Tensor],
     options: FitOptions,
     generator: torch.Generator,
+    between_batches: Callable[[], None],
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One pass over full batches in a fresh random order: (loss sum, correct count) on the device, images seen."""
     train_images, train_labels = train
@@ -178,6 +221,7 @@ def _train_epoch(
         optimizer.step()
         loss_sum += loss.detach()
         correct += ((logits.detach() >= 0) == (labels >= 0.5)).sum()
+        between_batches()
     return loss_sum / steps, correct, steps * options.batch_size
 
 
@@ -187,8 +231,13 @@ def fit(
     val: tuple[torch.Tensor, torch.Tensor],
     options: FitOptions,
     on_epoch: Callable[[EpochResult], None] = lambda result: None,
+    checkpoints: Checkpoints | None = None,
 ) -> FitResult:
-    """Train `model` in place (ending with the best epoch's weights) on resident (images, labels) tensors."""
+    """Train `model` in place (ending with the best epoch's weights) on resident (images, labels) tensors.
+
+    With `checkpoints`, a fit continues after the last checkpointed epoch, as if it had never stopped: `on_epoch`
+    is called for the epochs run by this call only.
+    """
     n = train[0].shape[0]
     if options.batch_size > n:
         raise ParameterError(f"batch_size {options.batch_size} is larger than the {n} training images; lower it")
@@ -201,14 +250,17 @@ def fit(
     step_model: Callable[[torch.Tensor], torch.Tensor] = (
         torch.compile(model, dynamic=False) if options.compile else model
     )
-    history: list[EpochResult] = []
-    best_loss, best_epoch, best_state, waited = float("inf"), 0, copy.deepcopy(model.state_dict()), 0
-    stopped_early = False
+    loop = Loop(model, optimizer, generator, Progress(best_state=copy.deepcopy(model.state_dict())))
+    if checkpoints is not None:
+        checkpoints.restore(loop)
+    between_batches = checkpoints.between_batches if checkpoints is not None else lambda: None
+    progress = loop.progress
     started = time.perf_counter()
-    for epoch in range(1, options.epochs + 1):
+    first = options.epochs + 1 if progress.stopped_early else progress.epoch + 1
+    for epoch in range(first, options.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
-        mean_loss, correct, seen = _train_epoch(step_model, optimizer, train, options, generator)
+        mean_loss, correct, seen = _train_epoch(step_model, optimizer, train, options, generator, between_batches)
         train_loss = mean_loss.item()  # the epoch's one synchronisation
         train_seconds = time.perf_counter() - epoch_start
         val_loss_t, val_prob = evaluate(model, *val, options)
@@ -222,18 +274,28 @@ def fit(
             seconds=time.perf_counter() - epoch_start,
             images_per_s=seen / train_seconds,
         )
-        history.append(result)
+        progress.history.append(result)
         on_epoch(result)
-        if val_loss < best_loss:
-            best_loss, best_epoch, waited = val_loss, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+        if val_loss < progress.best_loss:
+            progress.best_loss, progress.best_epoch, progress.waited = val_loss, epoch, 0
+            progress.best_state = copy.deepcopy(model.state_dict())
         else:
-            waited += 1
-            if options.early_stopping_patience and waited >= options.early_stopping_patience:
-                log.info("early stopping after epoch %d: no better validation loss for %d epochs", epoch, waited)
-                stopped_early = True
-                break
-    model.load_state_dict(best_state)
+            progress.waited += 1
+            progress.stopped_early = bool(options.early_stopping_patience) and (
+                progress.waited >= options.early_stopping_patience
+            )
+        if checkpoints is not None:
+            checkpoints.epoch_done(loop, final=progress.stopped_early or epoch == options.epochs)
+        if progress.stopped_early:
+            log.info("early stopping after epoch %d: no better validation loss for %d epochs", epoch, progress.waited)
+            break
+    model.load_state_dict(progress.best_state)
     elapsed = time.perf_counter() - started
-    log.info("trained %d epochs in %.1fs; best epoch %d (val_loss %.4f)", len(history), elapsed, best_epoch, best_loss)
-    return FitResult(tuple(history), best_epoch, stopped_early)
+    log.info(
+        "trained %d epochs in %.1fs; best epoch %d (val_loss %.4f)",
+        len(progress.history),
+        elapsed,
+        progress.best_epoch,
+        progress.best_loss,
+    )
+    return FitResult(tuple(progress.history), progress.best_epoch, progress.stopped_early)

@@ -1,7 +1,8 @@
 """The job's entry point: `python -m remote.train --data_uri ... --epochs ...` (what MLproject's `main` runs).
 
 Exit codes: 0 success, 2 invalid parameters, 3 unusable data, 1 anything unexpected (with a traceback).
-Inside `mlflow run` it logs into the run MLflow created (MLFLOW_RUN_ID); run directly it creates one.
+Inside `mlflow run` it logs into the run MLflow created (MLFLOW_RUN_ID); run directly it creates one. With a
+`checkpoint_uri`, a run started again (the same MLFLOW_RUN_ID) continues from its latest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from remote import dataset, engine, environment, reports, sources
+from remote import checkpoint_store, checkpoints, dataset, engine, environment, reports, sources
 from remote.config import TrainConfig, as_params, parse_config
 from remote.errors import TrainingError
 from remote.layout import TEST_PREFIXES, TRAIN_SPLIT, VALIDATION_SPLIT
-from remote.metrics import BinaryMetrics, binary_metrics, epoch_metrics
+from remote.metrics import LEARNING_SECTION, BinaryMetrics, binary_metrics, epoch_metrics
 from remote.models import Probability, build_model
 from remote.progress import epoch_line
 
@@ -82,6 +83,26 @@ def _log_model(model: torch.nn.Module, image_size: int) -> None:
         code_paths=[str(Path(__file__).resolve().parent)],  # the pickled classes live in the `remote` package
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"],
     )
+
+
+def _checkpointer(config: TrainConfig, run_id: str) -> checkpoints.Checkpointer:
+    import mlflow
+
+    store = checkpoint_store.open_store(config.checkpoint_uri, run_id) if config.checkpoint_uri else None
+    if store is not None:
+        log.info("checkpoints every %g minutes in %s", config.checkpoint_minutes, sources.redact_uri(store.location))
+    resumes = mlflow.get_run(run_id).data.tags.get(checkpoints.TAG_RESUMES, "0")
+    return checkpoints.Checkpointer.from_environment(
+        store, config.checkpoint_minutes, mlflow.set_tag, int(resumes) if resumes.isdigit() else 0
+    )
+
+
+def _last_logged_epoch(run_id: str) -> int:
+    """The last epoch step the run holds: the epochs after a run's last checkpoint were logged before it stopped."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, f"{LEARNING_SECTION}val_loss")
+    return max((metric.step for metric in history), default=0)
 
 
 def _evaluate_split(model: torch.nn.Module, split: dataset.LoadedSplit, options: engine.FitOptions) -> BinaryMetrics:
@@ -177,12 +198,17 @@ def run(config: TrainConfig) -> dict[str, float]:
             seed=config.seed,
         )
         model = engine.prepare_model(build_model(config), device)
+        checkpointer = _checkpointer(config, active.info.run_id)
+        logged = _last_logged_epoch(active.info.run_id)
         fit_started = time.perf_counter()
 
         def on_epoch(result: engine.EpochResult) -> None:
             sys.stdout.write(epoch_line(result, config.epochs, time.perf_counter() - fit_started) + "\n")
             sys.stdout.flush()
-            mlflow.log_metrics(epoch_metrics(result), step=result.epoch)
+            # A resumed run repeats the epochs after its last checkpoint: their steps are logged already, and MLflow
+            # would show each twice. (On a CPU the repeat is bit-identical; on a GPU cuDNN may differ in the last bits.)
+            if result.epoch > logged or not checkpointer.resumed_from:
+                mlflow.log_metrics(epoch_metrics(result), step=result.epoch)
 
         fitted = engine.fit(
             model,
@@ -190,6 +216,7 @@ def run(config: TrainConfig) -> dict[str, float]:
             (loaded[VALIDATION_SPLIT].images, loaded[VALIDATION_SPLIT].labels),
             options,
             on_epoch,
+            checkpointer,
         )
         summary: dict[str, float] = {
             "best_epoch": fitted.best_epoch,

@@ -102,7 +102,7 @@ def test_every_call_the_code_makes_is_allowed() -> None:
     missing = calls - set(allowed_actions(airflow_policy()))
     assert not missing, f"config/iam/airflow.json does not allow {sorted(missing)}"
     on_instance = calls_in_source("remote")
-    assert on_instance == {"s3:ListBucket", "s3:GetObject"}
+    assert on_instance == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
     missing = on_instance - set(allowed_actions(load_policy("instance")))
     assert not missing, f"config/iam/instance.json does not allow {sorted(missing)}"
 
@@ -138,6 +138,22 @@ def test_data_calls_are_allowed_on_the_data_prefix_only() -> None:
     assert evaluate(airflow, "s3:GetObject", bucket + "/hurricane-damage/a.jpg") == "ImplicitDeny", "Airflow reads none"
     assert evaluate(instance, "s3:GetObject", bucket + "/hurricane-damage/a.jpg") == "Allow"
     assert evaluate(instance, "s3:GetObject", bucket + "/other/a.jpg") == "ImplicitDeny"
+
+
+def test_the_instance_writes_checkpoints_under_the_checkpoint_prefix_only() -> None:
+    """The job's checkpoints (checkpoint_uri=s3://BUCKET/checkpoints/): written, read back, listed and pruned under
+    `checkpoints/`; the data and the rest of the bucket stay read-only or out of reach."""
+    instance, bucket = load_policy("instance", VALUES), "arn:aws:s3:::data"
+    state = f"{bucket}/checkpoints/0123abcd/ckpt-000003/state.pt"
+    for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject"):
+        assert evaluate(instance, action, state) == "Allow", action
+        assert evaluate(instance, action, f"{bucket}/checkpoints-old/a") == "ImplicitDeny", action
+    assert evaluate(instance, "s3:ListBucket", bucket, {"s3:prefix": "checkpoints/0123abcd/"}) == "Allow"
+    for prefix in ("", "checkpoints-old/", "other/"):
+        assert evaluate(instance, "s3:ListBucket", bucket, {"s3:prefix": prefix}) == "ImplicitDeny", prefix
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        assert evaluate(instance, action, f"{bucket}/hurricane-damage/train/a.jpg") == "ImplicitDeny", action
+        assert evaluate(load_policy("airflow", VALUES), action, state) == "ImplicitDeny", action
 
 
 def test_policy_is_least_privilege() -> None:
@@ -301,7 +317,8 @@ VALUES = {
 def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
     """Each policy's (action, resource, condition keys) checks for the requests one run makes: the launch request the
     code builds (on-demand and spot) as EC2 authorizes it, a terminate of the run's instance by its tags, the
-    preflight reads, the price, the data listing and the queue; on the instance, the data's listing and reads."""
+    preflight reads, the price, the data listing and the queue; on the instance, the data's listing and reads, and
+    its checkpoints' listing, writes, reads and deletes."""
     region, account = VALUES["REGION"], VALUES["ACCOUNT"]
     spot = {**launch_request, "InstanceMarketOptions": {"MarketType": "spot"}}
     launches = [
@@ -334,7 +351,13 @@ def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
         ("sqs:ReceiveMessage", queue, {}),
         ("sqs:DeleteMessage", queue, {}),
     ]
-    instance = [listing, ("s3:GetObject", f"{bucket}/{VALUES['PREFIX']}/train/a.jpg", {})]
+    checkpoint = f"{bucket}/checkpoints/0123abcd/ckpt-000003/state.pt"
+    instance = [
+        listing,
+        ("s3:GetObject", f"{bucket}/{VALUES['PREFIX']}/train/a.jpg", {}),
+        ("s3:ListBucket", bucket, {"s3:prefix": "checkpoints/0123abcd/"}),
+        *(("s3:" + action, checkpoint, {}) for action in ("PutObject", "GetObject", "DeleteObject")),
+    ]
     return {"airflow": airflow, "instance": instance}
 
 

@@ -28,6 +28,13 @@ def test_defaults_and_typed_values():
         (["--conv_filters", "32,x"], "conv_filters entries must be an integer"),
         (["--image_size", "20"], "too small for 4 convolution blocks"),
         (["--bogus", "1"], "unknown arguments --bogus"),
+        (["--checkpoint_minutes", "-1"], "checkpoint_minutes must be in"),
+        (["--checkpoint_minutes", "ten"], "checkpoint_minutes must be a number"),
+        (["--checkpoint_minutes", "1441"], "checkpoint_minutes must be in"),
+        (["--checkpoint_uri", "gs://bucket/checkpoints"], "checkpoint_uri scheme 'gs' is not supported"),
+        (["--checkpoint_uri", "s3://"], "names no valid bucket"),
+        (["--checkpoint_uri", "s3://bucket/a/../b"], "unsafe key segment"),
+        (["--checkpoint_uri", "s3://bucket/a?versionId=1"], "use a plain s3://bucket/prefix/"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_fix(argv, message):
@@ -46,3 +53,10 @@ def test_the_instances_paths_are_no_params():
     params = as_params(config)
     assert "cache_dir" not in params
     assert {"data_uri", "epochs", "learning_rate", "git_sha"} <= set(params)
+
+
+@pytest.mark.parametrize("uri", ["", "s3://bucket/checkpoints/", "s3://bucket", "file:///tmp/ckpt", "ckpt", "C:\\ckpt"])
+def test_checkpoint_settings(uri):
+    config = parse_config(["--data_uri", "synthetic://", "--checkpoint_uri", uri, "--checkpoint_minutes", "0"])
+    assert (config.checkpoint_uri, config.checkpoint_minutes) == (uri, 0.0)
+    assert parse_config(["--data_uri", "synthetic://"]).checkpoint_minutes == 10.0
