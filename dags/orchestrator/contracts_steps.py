@@ -143,8 +143,6 @@ class LaunchedInstance(_StepResult):
     reused: bool
     # The SSH host key the instance was launched with (from its tag when adopted), to pin on connect.
     host_public_key: str = ""
-    # The subnet (so the availability zone) it runs in; "" for an adopted instance or a result of an older release.
-    subnet_id: str = ""
 
     WHAT: ClassVar[str] = "the launched instance"
 

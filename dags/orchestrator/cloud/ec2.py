@@ -139,7 +139,6 @@ def adopt_run_instance(
         market_of(chosen),
         reused=True,
         host_public_key=instance_tags(chosen).get(TAG_HOST_KEY, ""),
-        subnet_id=chosen.get("SubnetId", ""),
     )
 
 
@@ -243,12 +242,7 @@ def launch_instance(
             terminate_instances(ec2, [instance_id])
             raise
         return LaunchedInstance(
-            instance_id,
-            attempt.instance_type,
-            attempt.market,
-            reused=False,
-            host_public_key=host_public_key,
-            subnet_id=attempt.subnet_id,
+            instance_id, attempt.instance_type, attempt.market, reused=False, host_public_key=host_public_key
         )
 
     summary = "; ".join(f"{attempt}: {code}" for attempt, code in tried)

@@ -158,11 +158,10 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
         poll_s=s.instance.poll_seconds,
     )
     log.info(
-        "Instance %s (%s, %s, in %s) for commit %s; host key %s; it must be gone by %s",
+        "Instance %s (%s, %s) for commit %s; host key %s; it must be gone by %s",
         launched.instance_id,
         launched.instance_type,
         launched.market,
-        launched.subnet_id,
         identity.git_sha,
         host_key.fingerprint_sha256,
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
