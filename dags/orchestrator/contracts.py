@@ -22,6 +22,10 @@ MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 MLFLOW_RUN_URL_KEY = "mlflow_run_url"
 FAILURE_KEY = "failure"
 RUNNING_KEY = "running"
+# train's spot recovery: the instances EC2 took back while it trained (contracts_steps.Preemption, oldest first), and
+# the instance it trains on after the last relaunch (a ReadyInstance), read again after each deferral.
+PREEMPTIONS_KEY = "preemptions"
+RECOVERED_READY_KEY = "recovered_ready"
 
 # ec2_training run ids made by the DAGs that start it: a sweep's set (its number, from 1), a retraining on new data.
 # The run's MLflow name says which (tracking.runs.training_run_lead).
@@ -35,6 +39,8 @@ DAG_RUN_ID_TAG = "airflow.run_id"
 # The remote job's key (job_script.job_key: letters, digits, '._-'): a retry finds the run its first try created by
 # this tag. A run id may hold characters (quotes) that MLflow's search filter cannot carry; the key never does.
 JOB_KEY_TAG = "ec2_trainer.job_key"
+# How many times EC2 took the run's spot instance back while it trained (the job resumed each time).
+PREEMPTIONS_TAG = "ec2_trainer.preemptions"
 
 # MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
 PARENT_RUN_TAG = "mlflow.parentRunId"

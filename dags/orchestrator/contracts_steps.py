@@ -187,6 +187,24 @@ class ReadyInstance(_StepResult):
 
 
 @dataclass(frozen=True)
+class Preemption(_StepResult):
+    """One spot instance EC2 took back while the run trained on it (train's contracts.PREEMPTIONS_KEY lists them):
+    what it was, where, and when it ended (epoch seconds), for the report's attempts and cost."""
+
+    STEP: ClassVar[str] = "train"
+
+    instance_id: str
+    instance_type: str
+    market: Market
+    availability_zone: str
+    # EC2's StateReason code, e.g. Server.SpotInstanceTermination.
+    reason: str
+    ended_at: float
+
+    WHAT: ClassVar[str] = "a preemption record"
+
+
+@dataclass(frozen=True)
 class Evaluation(_StepResult):
     """The champion gate's verdict on a run (evaluate's result; a sweep's gate_best_set nests it as "evaluation")."""
 

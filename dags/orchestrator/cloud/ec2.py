@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -189,19 +189,21 @@ def launch_instance(
     host_public_key: str = "",
     running_timeout_s: float,
     poll_s: float,
+    attempts: Sequence[LaunchAttempt] | None = None,
 ) -> LaunchedInstance:
     """A running instance for the run, from the first attempt (type, market, zone) with capacity.
 
     Moves to the next attempt on CAPACITY_ERROR_CODES, and when EC2 takes a pending instance back before it
     runs (CAPACITY_LOST_REASONS); any other error raises at once, terminating what was launched. Every attempt
-    together gets running_timeout_s. Callers adopt an earlier try's instance first (adopt_run_instance): the run's
-    tags, not the ClientToken, make a retry idempotent.
+    together gets running_timeout_s. `attempts` replaces the spec's own order (a relaunch after a spot
+    interruption: launch_spec.recovery_attempts). Callers adopt an earlier try's instance first
+    (adopt_run_instance): the run's tags, not the ClientToken, make a retry idempotent.
     """
     from botocore.exceptions import ClientError
 
     deadline = time.monotonic() + running_timeout_s
     tried: list[tuple[LaunchAttempt, str]] = []
-    for attempt in launch_attempts(spec):
+    for attempt in launch_attempts(spec) if attempts is None else attempts:
         if time.monotonic() >= deadline:
             tried.append((attempt, f"not tried: {running_timeout_s:.0f} s spent"))
             continue

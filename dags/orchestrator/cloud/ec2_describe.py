@@ -35,6 +35,7 @@ class InstanceInfo:
     state_transition_reason: str | None = None
     availability_zone: str | None = None
     market: Market = "on-demand"
+    subnet_id: str | None = None
 
 
 def instance_tags(instance: dict[str, Any]) -> dict[str, str]:
@@ -86,6 +87,7 @@ def _info(instance: dict[str, Any]) -> InstanceInfo:
         state_transition_reason=instance.get("StateTransitionReason") or None,
         availability_zone=(instance.get("Placement") or {}).get("AvailabilityZone"),
         market=market_of(instance),
+        subnet_id=instance.get("SubnetId"),
     )
 
 

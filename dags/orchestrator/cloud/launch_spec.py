@@ -5,12 +5,13 @@ Nothing here calls AWS except `resolve_ami` (one SSM read); cloud.ec2 performs t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.contracts import (
     TAG_DAG_ID,
@@ -210,6 +211,26 @@ def launch_attempts(spec: LaunchSpec) -> list[LaunchAttempt]:
         for instance_type in spec.instance_types
         for subnet_id in spec.subnet_ids
     ]
+
+
+Recovery = Literal["spot_then_on_demand", "spot_only", "on_demand"]
+
+
+def recovery_attempts(spec: LaunchSpec, lost: LaunchAttempt, policy: Recovery) -> list[LaunchAttempt]:
+    """The launches to try after EC2 took back the spot instance of `lost` (aws.recovery).
+
+    Spot options begin with the one after the lost one (the same type in the next zone, then the next type) and end
+    with the lost one itself, whose zone may have capacity again; on-demand options follow them with
+    spot_then_on_demand, and are the only ones with on_demand.
+    """
+    on_demand = launch_attempts(dataclasses.replace(spec, spot=False))
+    if policy == "on_demand":
+        return on_demand
+    spot = launch_attempts(dataclasses.replace(spec, spot=True, spot_fallback_to_on_demand=False))
+    if lost in spot:
+        after = spot.index(lost) + 1
+        spot = spot[after:] + spot[:after]
+    return spot + (on_demand if policy == "spot_then_on_demand" else [])
 
 
 def build_run_instances_request(

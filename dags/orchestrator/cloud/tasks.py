@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator.config.settings import Settings
 from orchestrator.contracts_steps import LaunchedInstance, LaunchPlan, RunningInstance
 from orchestrator.datasets.training_data import training_data
 from orchestrator.errors import ConfigError, fail_without_retry
+
+if TYPE_CHECKING:
+    from orchestrator.cloud.ec2_describe import InstanceInfo
+    from orchestrator.cloud.launch_spec import LaunchAttempt, Recovery
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +115,34 @@ def launch(s: Settings, plan: LaunchPlan, waited_s: float) -> LaunchedInstance |
     return launched
 
 
-def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
+def relaunch(s: Settings, plan: LaunchPlan, lost: InstanceInfo) -> LaunchedInstance:
+    """After EC2 took back the run's spot instance `lost`: a new instance, with its own host key, on the launch
+    options aws.recovery allows after the lost one, once the deployment has a free slot under aws.max_instances
+    (waited for up to aws.instance_wait_minutes). It carries the run's tags, so teardown finds it whatever happens."""
+    from orchestrator.cloud.ec2 import instance_slot_free
+    from orchestrator.cloud.launch_spec import LaunchAttempt
+    from orchestrator.config.connections import aws_client
+
+    ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    lost_attempt = LaunchAttempt(lost.instance_type, lost.market, lost.subnet_id or "")
+    started = time.monotonic()
+    with fail_without_retry():
+        while not instance_slot_free(
+            ec2,
+            s.aws.project_tag,
+            s.aws.deployment,
+            s.aws.max_instances,
+            waited_s=time.monotonic() - started,
+            timeout_s=s.aws.instance_wait_minutes * 60,
+        ):
+            time.sleep(max(s.instance.poll_seconds, 1.0))
+        return _launch_new(s, plan, ec2, after=lost_attempt)
+
+
+def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any, after: LaunchAttempt | None = None) -> LaunchedInstance:
     from orchestrator.cloud.ec2 import launch_instance
     from orchestrator.cloud.hostkeys import generate_host_key, public_line_from_private
-    from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity
+    from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, recovery_attempts
     from orchestrator.cloud.user_data import UserDataSpec, render_user_data
     from orchestrator.config.connections import ssh_private_key
 
@@ -156,6 +184,7 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
         # Relaunches after capacity was lost count against the same bound, and never past the run's deadline.
         running_timeout_s=min(s.aws.launch_timeout_minutes * 60, expires_at - time.time()),
         poll_s=s.instance.poll_seconds,
+        attempts=None if after is None else recovery_attempts(spec, after, cast("Recovery", s.aws.recovery)),
     )
     log.info(
         "Instance %s (%s, %s) for commit %s; host key %s; it must be gone by %s",
@@ -169,15 +198,20 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any) -> LaunchedInstance:
     return launched
 
 
+def instance_state(s: Settings, instance_id: str) -> InstanceInfo | None:
+    """The instance as EC2 describes it now; None when EC2 does not know it (any more)."""
+    from orchestrator.cloud.ec2_describe import describe_instance
+    from orchestrator.config.connections import aws_client
+
+    return describe_instance(aws_client("ec2", s.aws.conn_id, s.aws.region), instance_id)
+
+
 def instance_gone(s: Settings, instance_id: str) -> str | None:
     """Why the run's instance can no longer answer (its state and EC2's reason, explained), or None while it may:
     asked when SSH fails, so an instance ended while nobody watched is reported as ended, not as an SSH error."""
-    from orchestrator.cloud.ec2_describe import describe_instance, instance_gone_message
-    from orchestrator.config.connections import aws_client
+    from orchestrator.cloud.ec2_describe import instance_gone_message
 
-    return instance_gone_message(
-        instance_id, describe_instance(aws_client("ec2", s.aws.conn_id, s.aws.region), instance_id)
-    )
+    return instance_gone_message(instance_id, instance_state(s, instance_id))
 
 
 def wait_running(s: Settings, launched: LaunchedInstance) -> RunningInstance:

@@ -81,6 +81,17 @@ class AwsSettings(_Section):
     )
     spot: t.Flag = run_param("spot", "Ask for spot capacity first.")
     spot_fallback_to_on_demand: t.Flag = setting("With spot, fall back to on-demand when no spot capacity.")
+    recovery: str = setting(
+        "After a spot interruption, relaunch on: the next spot option (another zone, another type), then on-demand; "
+        "spot options only; or on-demand at once.",
+        "spot_then_on_demand, spot_only or on_demand",
+        "spot_then_on_demand|spot_only|on_demand",
+    )
+    max_preemptions: t.Whole = setting(
+        "Spot interruptions one run survives (each relaunches and resumes from the last checkpoint); 0: none.",
+        ge=0,
+        le=20,
+    )
     subnet_id: str = setting("One subnet: the form of subnet_ids with one zone.", "empty or subnet-...", "|subnet-.*")
     subnet_ids: t.SubnetIds = setting(
         "Required (or subnet_id): one subnet per availability zone, in order; no capacity in one moves to the next.",

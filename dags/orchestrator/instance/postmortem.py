@@ -203,3 +203,23 @@ def attach_to_run(tracking_uri: str, run_id: str, bundle: Mapping[str, str]) -> 
     client = MlflowClient(tracking_uri=tracking_uri)
     for name, text in bundle.items():
         client.log_text(run_id, text, posixpath.join(ARTIFACT_DIR, name))
+
+
+def attach_or_log(s: Settings, mlflow_run_id: str | None, bundle: Mapping[str, str], logger: Any) -> str:
+    """The bundle as the MLflow run's `postmortem/` artifacts, or into the task log (`logger`) without a run or
+    when MLflow refuses it; what a failure message adds to say where the logs are ("" without a bundle)."""
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.tracking.runs import credentials_in_env
+
+    if not bundle:
+        return ""
+    if mlflow_run_id:
+        try:
+            creds = mlflow_credentials(s.mlflow.conn_id)
+            with credentials_in_env(creds.username, creds.password):
+                attach_to_run(s.mlflow.tracking_uri, mlflow_run_id, bundle)
+            return f"; the instance's logs are the run's '{ARTIFACT_DIR}/' artifacts"
+        except Exception as exc:
+            logger.warning("Could not attach the post-mortem bundle to MLflow run %s: %s", mlflow_run_id, exc)
+    log_to_task_log(bundle, logger)
+    return "; the instance's logs are in this task log, prefixed 'postmortem |'"

@@ -3,19 +3,26 @@
 GitHub's archive (`/repos/{owner}/{repo}/tarball/{sha}`) holds one top folder (`owner-repo-<short sha>/`) and a pax
 header with the commit id. What goes to the instance is that folder's content only, after checks that a hostile or
 broken archive cannot pass: no absolute or climbing paths, no link leading out of the tree, no device or fifo, a
-bounded size, and an MLproject at the root (`mlflow run` needs it there). Pure functions over bytes: tested with no
-network and no SSH.
+bounded size, and an MLproject at the root (`mlflow run` needs it there). Pure functions over bytes, tested with no
+network and no SSH; `commit_tree` downloads the archive they check.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 import tarfile
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import OrchestratorError
+
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Unpacked size at most: training code, not data (the data comes from data_uri). A bigger tree is refused, not cut.
 MAX_TREE_BYTES = 256 * 1024 * 1024
@@ -153,3 +160,20 @@ def _repack(source: tarfile.TarFile, max_bytes: int) -> tuple[bytes, int, int]:
             "the commit has no MLproject file at the repository's root: `mlflow run` needs one; add it and push"
         )
     return out.getvalue(), files, size
+
+
+def commit_tree(s: Settings, git_sha: str) -> bytes:
+    """The commit's tree, downloaded here with the GitHub connection's token and checked: the instance gets the
+    files, never a credential. A repository or archive that cannot be used fails now, with no retry."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator.ci.github import GitHubClient
+    from orchestrator.ci.github_protocol import GitHubCredentialsError, GitHubSourceError
+
+    client = GitHubClient.from_connection(s.github.conn_id, s.github.api_url, s.github.repo)
+    try:
+        tree = repack(client.download_tarball(git_sha))
+    except (GitHubSourceError, GitHubCredentialsError, SourceTreeError) as exc:
+        raise AirflowFailException(f"cannot ship the source of commit {git_sha}: {exc}") from None
+    log.info("Source tree of %s from %s: %d files, %d bytes", git_sha, s.github.repo, tree.files, tree.size)
+    return tree.tar

@@ -15,14 +15,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from orchestrator.contracts import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY
+from orchestrator.contracts import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY, RECOVERED_READY_KEY
 from orchestrator.contracts_steps import LaunchPlan, ReadyInstance
 from orchestrator.errors import fail_without_retry
 from orchestrator.instance.operators import MlflowRunLink
+from orchestrator.instance.postmortem import attach_or_log, for_run
+from orchestrator.instance.recovery import current_ready, recovering
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from orchestrator.cloud.ec2_describe import InstanceInfo
     from orchestrator.config.settings import Settings
     from orchestrator.instance.remote_job import RemoteJob
 
@@ -38,6 +41,9 @@ class RemoteTrainingOperator(BaseOperator):
     With training.deferrable (the default) the worker only starts or re-attaches, then defers to RemoteJobTrigger
     (which streams the log and, if the deferred task is marked failed or cleared, kills the job);
     `execute_complete` finishes on any worker. Otherwise the worker follows the job itself until it exits.
+
+    When EC2 takes the spot instance back while it trains, a new instance is launched and made ready here and the
+    job starts again on it, in the same MLflow run, resuming from its last checkpoint (instance.recovery).
     """
 
     template_fields: Sequence[str] = ("config", "ready", "git_sha")
@@ -78,16 +84,39 @@ class RemoteTrainingOperator(BaseOperator):
 
     def _fail_if_instance_gone(self) -> None:
         """A lost connection may mean a lost instance (spot interruption, its watchdog, someone in the console): ask
-        EC2 at once and fail naming why it went, with the MLflow run ended FAILED (no bundle: nothing to read)."""
-        from orchestrator.cloud.tasks import instance_gone
+        EC2 at once. Taken back for its spot capacity, within aws.max_preemptions: Preempted (the run relaunches).
+        Else fail naming why it went, with the MLflow run ended FAILED (no bundle: nothing to read)."""
+        from airflow.sdk import get_current_context
 
-        gone = instance_gone(self._settings, self._ready.instance_id)
+        from orchestrator.cloud.ec2_describe import instance_gone_message
+        from orchestrator.cloud.tasks import instance_state
+        from orchestrator.instance.recovery import raise_if_recoverable
+
+        info = instance_state(self._settings, self._ready.instance_id)
+        gone = instance_gone_message(self._ready.instance_id, info)
         if gone:
+            raise_if_recoverable(self._settings, get_current_context()["ti"], info, self._end_mlflow_run)
             self._end_mlflow_run()
             raise AirflowFailException(
                 f"{gone}. It ended while training, so the run cannot finish; trigger it again (on-demand capacity "
                 "avoids spot interruptions)."
             )
+
+    def _recover(self, context: Context, lost: InstanceInfo) -> str:
+        """Count the interruption, make a new instance ready (instance.recovery), start the job there again."""
+        from orchestrator.instance.recovery import record_preemption, relaunch_ready
+
+        ti = context["ti"]
+        run_id = str(ti.xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY) or "")
+        count = functools.partial(record_preemption, self._settings, ti, run_id, self._end_mlflow_run)
+        count(lost)
+        if self._job is not None:
+            self._job.close()
+            self._job = None
+        plan = LaunchPlan.from_xcom(ti.xcom_pull(task_ids=LaunchPlan.STEP))
+        self._ready = relaunch_ready(self._settings, plan, lost, count)
+        ti.xcom_push(key=RECOVERED_READY_KEY, value=self._ready.to_xcom())
+        return self._start_job(context, run_id)
 
     def _end_mlflow_run(self) -> str | None:
         """The MLflow run this task created, marked FAILED if its job left it RUNNING; None before one exists."""
@@ -102,15 +131,17 @@ class RemoteTrainingOperator(BaseOperator):
 
     @fail_without_retry()
     def execute(self, context: Context) -> str:
+        self._ready = current_ready(context["ti"], self.ready)
+        return recovering(lambda: self._start(context), functools.partial(self._recover, context))
+
+    def _start(self, context: Context) -> str:
+        """Create (or find) the DAG run's MLflow run, then start the job or re-attach to it."""
         from orchestrator.config.connections import mlflow_credentials
         from orchestrator.config.resolve import run_config
         from orchestrator.datasets.training_data import training_data
-        from orchestrator.instance.command import tracked_run, training_command
-        from orchestrator.instance.remote_job import RemoteJobError
-        from orchestrator.instance.ssh import transient_ssh_errors
+        from orchestrator.instance.command import tracked_run
         from orchestrator.tracking.runs import credentials_in_env, log_dataset_manifest, start_training_run
 
-        self._ready = ReadyInstance.from_xcom(self.ready)
         if finished := self._finished_by_an_earlier_try(context):
             self.log.info("MLflow run %s of this DAG run finished in an earlier try: reading its result", finished)
             return finished
@@ -143,6 +174,19 @@ class RemoteTrainingOperator(BaseOperator):
             # Published before training: the task's link opens the run while it trains, and the finishing step
             # (maybe on another worker, after a deferral) finds the run here.
             self._publish_run(context, created_run_id)
+        return self._start_job(context, created_run_id)
+
+    def _start_job(self, context: Context, created_run_id: str) -> str:
+        """Start the job training into `created_run_id` on the instance (or re-attach to it), then follow it from
+        the triggerer, or here until it exits."""
+        from orchestrator.config.connections import mlflow_credentials
+        from orchestrator.instance.command import training_command
+        from orchestrator.instance.remote_job import RemoteJobError
+        from orchestrator.instance.source_tree import commit_tree
+        from orchestrator.instance.ssh import transient_ssh_errors
+
+        s = self._settings
+        creds = mlflow_credentials(s.mlflow.conn_id)
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
         job = self._job = self._remote_job(context)
         command = training_command(s, self.git_sha, job.paths.source_dir, created_run_id)
@@ -151,7 +195,7 @@ class RemoteTrainingOperator(BaseOperator):
                 command.argv(),
                 env=env,
                 env_sh=f"{s.instance.state_dir}/env.sh",
-                source=lambda: self._source_tree(s),
+                source=lambda: commit_tree(s, self.git_sha),
             )
         except BaseException as exc:
             job.close()
@@ -177,23 +221,6 @@ class RemoteTrainingOperator(BaseOperator):
             job.close()
             self._fail_for(exc)
         return self._finish(context, job, exit_code)
-
-    def _source_tree(self, s: Settings) -> bytes:
-        """The commit's tree, downloaded here with the GitHub connection's token and checked: the instance gets the
-        files, never a credential. A repository or archive that cannot be used fails now, with no retry."""
-        from orchestrator.ci.github import GitHubClient
-        from orchestrator.ci.github_protocol import GitHubCredentialsError, GitHubSourceError
-        from orchestrator.instance.source_tree import SourceTreeError, repack
-
-        client = GitHubClient.from_connection(s.github.conn_id, s.github.api_url, s.github.repo)
-        try:
-            tree = repack(client.download_tarball(self.git_sha))
-        except (GitHubSourceError, GitHubCredentialsError, SourceTreeError) as exc:
-            raise AirflowFailException(f"cannot ship the source of commit {self.git_sha}: {exc}") from None
-        self.log.info(
-            "Source tree of %s from %s: %d files, %d bytes", self.git_sha, s.github.repo, tree.files, tree.size
-        )
-        return tree.tar
 
     def _finished_by_an_earlier_try(self, context: Context) -> str | None:
         """On a retry, the MLflow run an earlier try's job trained to its end for this DAG run (FINISHED: `mlflow run`
@@ -256,6 +283,10 @@ class RemoteTrainingOperator(BaseOperator):
     @fail_without_retry()
     def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
         """The trigger's event, on whichever worker picks it up: finish as the streaming path does."""
+        self._ready = current_ready(context["ti"], self.ready)
+        return recovering(lambda: self._complete(context, event), functools.partial(self._recover, context))
+
+    def _complete(self, context: Context, event: dict[str, Any]) -> str:
         from orchestrator.instance.remote_job import (
             MAX_RECONNECTS,
             RemoteJobError,
@@ -264,7 +295,6 @@ class RemoteTrainingOperator(BaseOperator):
             reconnect_delay_s,
         )
 
-        self._ready = ReadyInstance.from_xcom(self.ready)
         status = event.get("status")
         message = str(event.get("message", ""))
         if status == "disconnected":
@@ -378,7 +408,7 @@ class RemoteTrainingOperator(BaseOperator):
                 f"{self._ready.instance_id}"
                 + (f" (MLflow run {run_id})" if run_id else " before MLflow created a run")
                 + ": the lines above, prefixed 'train |', show why"
-                + self._attach(run_id or created_run_id, bundle)
+                + attach_or_log(self._settings, run_id or created_run_id, bundle, self.log)
             )
         if not run_id:
             raise AirflowException("training succeeded but its log names no MLflow run: was it run by `mlflow run`?")
@@ -397,31 +427,10 @@ class RemoteTrainingOperator(BaseOperator):
         """Before the teardown terminates it: the instance's logs as the MLflow run's `postmortem/` artifacts (or
         into this task log without a run); what the failure message adds to say where they are. `small`: a
         success's few parts."""
-        return self._attach(mlflow_run_id, self._bundle(job_log, small=small))
+        return attach_or_log(self._settings, mlflow_run_id, self._bundle(job_log, small=small), self.log)
 
     def _bundle(self, job_log: str, *, small: bool = False) -> dict[str, str]:
-        from orchestrator.instance.postmortem import for_run
-
         return for_run(self._settings, self._ready.address, self._ready.host_public_key, job_log, small=small)
-
-    def _attach(self, mlflow_run_id: str | None, bundle: dict[str, str]) -> str:
-        from orchestrator.config.connections import mlflow_credentials
-        from orchestrator.instance.postmortem import ARTIFACT_DIR, attach_to_run, log_to_task_log
-        from orchestrator.tracking.runs import credentials_in_env
-
-        if not bundle:
-            return ""
-        if mlflow_run_id:
-            s = self._settings
-            try:
-                creds = mlflow_credentials(s.mlflow.conn_id)
-                with credentials_in_env(creds.username, creds.password):
-                    attach_to_run(s.mlflow.tracking_uri, mlflow_run_id, bundle)
-                return f"; the instance's logs are the run's '{ARTIFACT_DIR}/' artifacts"
-            except Exception as exc:
-                self.log.warning("Could not attach the post-mortem bundle to MLflow run %s: %s", mlflow_run_id, exc)
-        log_to_task_log(bundle, self.log)
-        return "; the instance's logs are in this task log, prefixed 'postmortem |'"
 
     def on_kill(self) -> None:
         """The task was killed (marked failed, timed out, cancelled): the remote job must not run on unattended."""

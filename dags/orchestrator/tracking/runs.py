@@ -212,6 +212,19 @@ def end_mlflow_run(s: Settings, run_id: str, status: str) -> None:
         end_run_if_running(s.mlflow.tracking_uri, run_id, status)
 
 
+def tag_mlflow_run(s: Settings, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set `tags` on the MLflow run `run_id`, with the MLflow connection's credentials."""
+    from mlflow import MlflowClient
+
+    from orchestrator.config.connections import mlflow_credentials
+
+    creds = mlflow_credentials(s.mlflow.conn_id)
+    with credentials_in_env(creds.username, creds.password):
+        client = MlflowClient(tracking_uri=s.mlflow.tracking_uri)
+        for key, value in tags.items():
+            mlflow_call(f"tagging run {run_id}", client.set_tag, run_id, key, value)
+
+
 @dataclass(frozen=True)
 class TrackedRun:
     """The MLflow run a DAG run trains into: its name and tags (never a secret), created before the job starts."""
