@@ -150,7 +150,7 @@ class AwsGate:
         if r.service == "sqs" and "QueueUrl" in p:
             name = str(p["QueueUrl"]).rstrip("/").rsplit("/", 1)[-1]
             return [(action, f"arn:aws:sqs:{r.region}:{account}:{name}", {})]
-        if r.service == "s3" and r.operation in ("ListBucket", "GetObject"):
+        if r.service == "s3" and r.operation in ("ListBucket", "GetObject", "PutObject", "DeleteObject"):
             prefix = {"s3:prefix": p["prefix"]} if "prefix" in p else {}
             return [(action, f"arn:aws:s3:::{p['resource']}", prefix if r.operation == "ListBucket" else {})]
         return None
@@ -249,17 +249,23 @@ def ec2_params(operation: str, form: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _s3_request(region: str, environ: Mapping[str, Any], query: Mapping[str, list[str]]) -> Request | None:
-    """The IAM action of a path-style S3 call (botocore addresses an IP endpoint path-style): a listing or an object
-    read; any other call is left underived (denied)."""
+    """The IAM action of a path-style S3 call (botocore addresses an IP endpoint path-style): a listing, an object
+    read, a whole-object write (PutObject) or delete (DeleteObject, no version); any other call (a sub-resource,
+    a copy, a multipart upload, a bucket's creation) is left underived (denied)."""
     bucket, _, key = unquote(environ.get("PATH_INFO", "")).lstrip("/").partition("/")
     method, names = environ.get("REQUEST_METHOD", ""), set(query)
     params: dict[str, Any] = {k: v[0] for k, v in query.items()}
-    if not bucket or method not in ("GET", "HEAD"):
+    if not bucket:
         return None
-    if not key and names <= S3_LIST_PARAMS:  # ListObjects(V2), and HeadBucket, which S3 authorizes as s3:ListBucket
-        return Request("s3", region, "ListBucket", {**params, "resource": bucket})
-    if key and (names <= S3_READ_PARAMS or all(n.startswith("response-") for n in names - S3_READ_PARAMS)):
-        return Request("s3", region, "GetObject", {**params, "resource": f"{bucket}/{key}"})
+    if method in ("GET", "HEAD"):
+        if not key and names <= S3_LIST_PARAMS:  # ListObjects(V2), and HeadBucket, which S3 authorizes as ListBucket
+            return Request("s3", region, "ListBucket", {**params, "resource": bucket})
+        if key and (names <= S3_READ_PARAMS or all(n.startswith("response-") for n in names - S3_READ_PARAMS)):
+            return Request("s3", region, "GetObject", {**params, "resource": f"{bucket}/{key}"})
+    # A copy (PUT with x-amz-copy-source) reads another object too: AWS checks both, the gate derives neither.
+    plain_put = method == "PUT" and not environ.get("HTTP_X_AMZ_COPY_SOURCE")
+    if key and not names and (plain_put or method == "DELETE"):
+        return Request("s3", region, "PutObject" if plain_put else "DeleteObject", {"resource": f"{bucket}/{key}"})
     return None
 
 

@@ -2,7 +2,8 @@
 statement is needed by a representative request from its identity, a request outside a condition is denied, and the
 denial has the service's own error code.
 
-A new statement (or a new action in one) fails here until REQUESTS holds a representative request for its action.
+A new statement (or a new action in one) fails here until REQUESTS holds a representative request for its action
+(STATEMENT_REQUESTS one for the statement, where another statement allows the action too).
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from embedded.cloud import DATASET_BUCKET, DATASET_PREFIX, UBUNTU_DLAMI, LocalCloud
+from embedded.cloud import DATASET_BUCKET, DATASET_PREFIX, UBUNTU_DLAMI, EmulatedInstance, LocalCloud
 from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from embedded.services.aws_gate import Identity
 from embedded.services.iam_policy import POLICIES, policy_text
+from orchestrator.config.settings import load_settings
 from orchestrator.contracts import TAG_DEPLOYMENT, TAG_PROJECT
+from remote.checkpoint_store import open_store
 
 # The code each service denies with (botocore's parsed error code).
 DENIAL = {
@@ -33,6 +37,9 @@ DENIAL = {
     "servicequotas": "AccessDeniedException",
 }
 NO_RETRIES = Config(retries={"total_max_attempts": 1})
+# A run's folder under the instance policy's fixed checkpoint prefix in the data's bucket (config/iam/instance.json).
+RUN_CHECKPOINTS = "checkpoints/0123abcd/"
+CHECKPOINT = f"{RUN_CHECKPOINTS}ckpt-000001/state.pt"
 
 
 @dataclass
@@ -103,6 +110,8 @@ REQUESTS: dict[str, Callable[[Aws], Any]] = {
     ),
     "s3:ListBucket": lambda aws: aws.client("s3").list_objects_v2(Bucket=DATASET_BUCKET, Prefix=DATASET_PREFIX),
     "s3:GetObject": lambda aws: aws.client("s3").get_object(Bucket=DATASET_BUCKET, Key=f"{DATASET_PREFIX}v1/probe"),
+    "s3:PutObject": lambda aws: aws.client("s3").put_object(Bucket=DATASET_BUCKET, Key=CHECKPOINT, Body=b"state"),
+    "s3:DeleteObject": lambda aws: aws.client("s3").delete_object(Bucket=DATASET_BUCKET, Key=CHECKPOINT),
     "sqs:ReceiveMessage": lambda aws: aws.client("sqs").receive_message(
         QueueUrl=aws.cloud.dataset_queue_url, WaitTimeSeconds=0
     ),
@@ -110,6 +119,21 @@ REQUESTS: dict[str, Callable[[Aws], Any]] = {
         QueueUrl=aws.cloud.dataset_queue_url, ReceiptHandle="no-such-receipt"
     ),
 }
+
+
+# (statement, action) -> a request only that statement allows, where REQUESTS' one is allowed by another statement.
+STATEMENT_REQUESTS: dict[tuple[str, str], Callable[[Aws], Any]] = {
+    ("ListTheCheckpoints", "s3:ListBucket"): lambda aws: aws.client("s3").list_objects_v2(
+        Bucket=DATASET_BUCKET, Prefix=RUN_CHECKPOINTS
+    ),
+    ("WriteReadAndPruneTheCheckpoints", "s3:GetObject"): lambda aws: aws.client("s3").get_object(
+        Bucket=DATASET_BUCKET, Key=CHECKPOINT
+    ),
+}
+
+
+def request_of(sid: str, action: str) -> Callable[[Aws], Any]:
+    return STATEMENT_REQUESTS.get((sid, action)) or REQUESTS[action]
 
 
 def statements() -> list[tuple[str, str, list[str]]]:
@@ -175,7 +199,7 @@ def test_each_statement_is_enforced(
     missing = [a for a in actions if a not in REQUESTS]
     assert not missing, f"add a representative request for {missing} (config/iam/{policy}.json, {sid}) to REQUESTS"
     for action in actions:
-        code = error_code(lambda: REQUESTS[action](aws))  # noqa: B023 - called at once
+        code = error_code(lambda: request_of(sid, action)(aws))  # noqa: B023 - called at once
         assert code not in DENIAL.values(), f"{policy} policy denies its own {action}: {code}"
     full = stack.cloud.policy
 
@@ -187,9 +211,9 @@ def test_each_statement_is_enforced(
 
     monkeypatch.setattr(stack.cloud.gate, "policy_of", without)
     for action in actions:
-        code = error_code(lambda: REQUESTS[action](aws))  # noqa: B023 - called at once
+        code = error_code(lambda: request_of(sid, action)(aws))  # noqa: B023 - called at once
         # EC2 authorizes iam:PassRole and ec2:CreateTags inside RunInstances, and denies them as EC2 does.
-        service = "ec2" if REQUESTS[action] is Aws.launch else action.split(":")[0]
+        service = "ec2" if request_of(sid, action) is Aws.launch else action.split(":")[0]
         assert code == DENIAL[service], f"without {sid}, {action} answered {code}"
 
 
@@ -227,6 +251,14 @@ def test_a_request_outside_a_condition_is_denied(stack: EmbeddedStack, instance:
         assert error_code(lambda: s3.list_objects_v2(Bucket=DATASET_BUCKET)) == "AccessDenied"  # noqa: B023
     s3 = on_instance.client("s3")
     assert error_code(lambda: s3.get_object(Bucket=DATASET_BUCKET, Key="other/a.jpg")) == "AccessDenied"
+    # The instance writes and deletes under the checkpoint prefix only: never the data, nor a look-alike prefix.
+    for key in (f"{DATASET_PREFIX}v1/probe", "checkpoints-old/a", "other/checkpoints/a"):
+        assert error_code(lambda: s3.put_object(Bucket=DATASET_BUCKET, Key=key, Body=b"x")) == "AccessDenied", key  # noqa: B023
+        assert error_code(lambda: s3.delete_object(Bucket=DATASET_BUCKET, Key=key)) == "AccessDenied", key  # noqa: B023
+    # A copy reads another object as well: the gate derives no such request and denies it.
+    source = {"Bucket": DATASET_BUCKET, "Key": f"{DATASET_PREFIX}v1/probe"}
+    copy = s3.copy_object
+    assert error_code(lambda: copy(Bucket=DATASET_BUCKET, Key=CHECKPOINT, CopySource=source)) == "AccessDenied"
     ssm = airflow.client("ssm")
     assert error_code(lambda: ssm.get_parameter(Name="/aws/service/other")) == "AccessDeniedException"
 
@@ -254,3 +286,24 @@ def test_each_identity_has_its_own_policy_and_the_gate_fails_closed(
     assert error_code(lambda: admin.client("ec2").stop_instances(InstanceIds=[instance[0]], DryRun=True)) == (
         "DryRunOperation"
     )
+
+
+def test_the_jobs_checkpoints_beside_s3_data_pass_the_gate_with_the_instances_credentials(
+    stack: EmbeddedStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's own S3 store (remote/checkpoint_store.py) in the AWS environment an emulated instance's job inherits
+    from its SSH session (its profile's credentials, as it reads S3 data with), at the place the settings' default
+    puts checkpoints of S3 data: one run's checkpoints are written, listed, read and pruned."""
+    profiled = EmulatedInstance("i-1", "127.0.0.3", tmp_path, tmp_path, has_instance_profile=True)
+    for word in stack.cloud.cloud_init.aws_env(profiled).split():
+        name, _, value = word.partition("=")
+        monkeypatch.setenv(name, value)
+    data = f"s3://{DATASET_BUCKET}/{DATASET_PREFIX}v1/"
+    uri = load_settings({"data_uri": data}, env={"TRAINER__AWS__DEPLOYMENT": DEPLOYMENT}).checkpoint_uri
+    store = open_store(uri, RUN_CHECKPOINTS.split("/")[1])
+    assert store.location == f"s3://{DATASET_BUCKET}/{RUN_CHECKPOINTS}"
+    key = CHECKPOINT.removeprefix(RUN_CHECKPOINTS)
+    store.put(key, b"state")
+    assert (store.keys(), store.get(key)) == ([key], b"state")
+    store.delete(key)
+    assert store.keys() == []

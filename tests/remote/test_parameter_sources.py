@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config.run_params import BY_NAME, JOB_PARAMS, MODELS
+from orchestrator.config.run_params import BY_NAME, DAG_PARAMS, JOB_PARAMS, MODELS
+from orchestrator.config.settings import CheckpointSettings
 from remote import config
 from remote.errors import ParameterError
 
@@ -47,7 +48,17 @@ def test_the_job_knows_the_same_models() -> None:
 
 
 def test_every_knob_the_dag_passes_is_a_job_parameter() -> None:
-    assert set(JOB_PARAMS) | {"git_sha"} <= set(config.PARAMETERS)
+    assert set(config.PARAMETERS) >= DAG_PARAMS
+
+
+def test_the_checkpoint_settings_accept_what_the_job_accepts() -> None:
+    minutes = CheckpointSettings.model_fields["minutes"].metadata
+    bounds = [getattr(m, key) for m in minutes for key in ("ge", "le") if hasattr(m, key)]
+    assert all(_accepts("checkpoint_minutes", bound) for bound in bounds)
+    assert not _accepts("checkpoint_minutes", bounds[0] - 1e-9) and not _accepts("checkpoint_minutes", bounds[1] + 1e-9)
+    assert str(CheckpointSettings().minutes).removesuffix(".0") == config.PARAMETERS["checkpoint_minutes"][1]
+    for uri in ("s3://bucket/checkpoints/", "s3://bucket", "/mnt/ckpt", "file:///mnt/ckpt/"):
+        assert CheckpointSettings(uri=uri).uri == uri and _accepts("checkpoint_uri", uri)
 
 
 def test_mlproject_declares_what_the_job_parses_with_its_defaults() -> None:

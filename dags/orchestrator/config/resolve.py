@@ -29,7 +29,8 @@ def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
         resolved["git_ref"] = ref
         resolved.update(sweep_child_params(params))
     log.info(
-        "Run configuration: repo %s ref %s; instance types %s (%s); epochs %s, batch %s, lr %s, data %s",
+        "Run configuration: repo %s ref %s; instance types %s (%s); epochs %s, batch %s, lr %s, data %s; "
+        "checkpoints %s",
         settings.github.repo,
         ref,
         ",".join(settings.aws.instance_types),
@@ -38,6 +39,7 @@ def resolve_config(params: Mapping[str, Any]) -> dict[str, Any]:
         settings.training.batch_size,
         settings.training.learning_rate,
         settings.training.data_uri,
+        f"{settings.checkpoint_uri} every {settings.checkpoints.minutes:g} min" if settings.checkpoint_uri else "off",
     )
     return resolved
 

@@ -248,10 +248,12 @@ RUN_PARAMS: tuple[RunParam, ...] = (
 BY_NAME: Mapping[str, RunParam] = {param.name: param for param in RUN_PARAMS}
 # The job's `-P` params that come from these knobs; the DAG adds git_sha, the commit the CI gate resolved.
 JOB_PARAMS: tuple[str, ...] = tuple(param.name for param in RUN_PARAMS if param.job_param)
-# The -P params the DAG sets: the trigger form's job knobs (from their settings) and the commit the CI gate resolved.
-# training.extra_params may add others, never replace these (settings refuses them): a run's recorded params must
-# say what it really trained.
-DAG_PARAMS = frozenset((*JOB_PARAMS, "git_sha"))
+# The job's checkpoint params, from the checkpoints section (no trigger-form knob: Settings.checkpoint_uri).
+CHECKPOINT_PARAMS = ("checkpoint_uri", "checkpoint_minutes")
+# The -P params the DAG sets: the trigger form's job knobs (from their settings), the checkpoints and the commit the
+# CI gate resolved. training.extra_params may add others, never replace these (settings refuses them): a run's
+# recorded params must say what it really trained.
+DAG_PARAMS = frozenset((*JOB_PARAMS, *CHECKPOINT_PARAMS, "git_sha"))
 
 
 def schema_violation(value: Any, schema: Mapping[str, Any]) -> tuple[str, Any] | None:

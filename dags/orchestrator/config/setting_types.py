@@ -167,6 +167,32 @@ def data_uri(uri: Any) -> Any:
     return uri
 
 
+def checkpoint_uri(uri: str) -> str:
+    """Empty (beside the data), s3://bucket/prefix/ or an absolute folder on the instance: what the job's own
+    validation (remote/checkpoint_store.py) accepts, refused here before a launch is paid for."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    # Credentials (a user, a presigned query) first, so no later message echoes them: the instance profile's role
+    # is the job's only identity.
+    secret = bool(parts.username or parts.password or parts.query)
+    plain = "no credentials or query inside the URI: the instance profile's role writes the checkpoints"
+    check(not secret, "<redacted>", plain)
+    expected = (
+        "empty (beside the data), s3://bucket/prefix/ or an absolute folder on the instance (/path or file:///path), "
+        "without spaces; checkpoints.enabled = false turns checkpoints off"
+    )
+    printable = len(uri) <= MAX_DATA_URI and not any(c.isspace() or not c.isprintable() for c in uri)
+    if parts.scheme == "s3":
+        check(printable and not parts.fragment, uri, expected)
+        s3_names(uri)
+    else:
+        folder = parts.path if parts.scheme == "file" else uri
+        local = parts.scheme in ("", "file") and not (parts.fragment or parts.netloc)
+        check(printable and local and folder.startswith("/"), uri, expected)
+    return uri
+
+
 def _extra_params(params: dict[str, str]) -> dict[str, str]:
     for key, value in params.items():
         check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key)), key, "parameter names like max_images")
@@ -210,6 +236,7 @@ Repo = Annotated[str, _github(validate_repo), _valid("owner/name")]
 GitRef = Annotated[str, _github(validate_ref), _valid("a branch, tag or commit sha")]
 OptionalGitRef = Annotated[str, _github(validate_ref, optional=True), _valid("empty, or a branch, tag or commit sha")]
 DataUri = Annotated[str, BeforeValidator(data_uri)]
+CheckpointUri = Annotated[str, AfterValidator(checkpoint_uri)]
 ExtraParams = Annotated[
     dict[str, str],
     NoDecode,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -179,6 +180,25 @@ class TrainingSettings(_Section):
     deferrable: t.Flag = setting("train and wait_ready wait in the triggerer; false: in a worker.", default=True)
 
 
+class CheckpointSettings(_Section):
+    """The training job's checkpoints (docs/decisions/0117-*): the state after a completed epoch, kept under
+    `<uri>/<MLflow run id>/`, from which the job resumes when it is started again in the same MLflow run."""
+
+    enabled: t.Flag = setting("Whether the job keeps checkpoints; false: none, whatever uri says.", default=True)
+    uri: t.CheckpointUri = setting(
+        "Empty: s3://<bucket of training.data_uri>/checkpoints/ when the data is on S3, else off. Another S3 place "
+        "needs the instance policy's checkpoint statements changed (docs/iam.md).",
+        "empty (beside the data), s3://bucket/prefix/ or an absolute folder on the instance",
+        default="",
+    )
+    minutes: t.Number = setting(
+        "Minutes between checkpoints, each at an epoch's end (and one after the last); 0: every epoch.",
+        ge=0,
+        le=1440,
+        default=10.0,
+    )
+
+
 class MetricsSettings(_Section):
     """Per-run metrics pushed to a Prometheus Pushgateway by the report step; an empty URL turns them off."""
 
@@ -282,6 +302,7 @@ class Settings(_Layered):
     instance: InstanceSettings
     mlflow: MlflowSettings
     training: TrainingSettings
+    checkpoints: CheckpointSettings = CheckpointSettings()
     metrics: MetricsSettings
     datasets: DatasetSettings = DatasetSettings()
     retrain: RetrainSettings = RetrainSettings()
@@ -305,6 +326,16 @@ class Settings(_Layered):
         )
         check(a.max_lifetime_minutes >= needed, a.max_lifetime_minutes, expected, "aws.max_lifetime_minutes")
         return self
+
+    @property
+    def checkpoint_uri(self) -> str:
+        """Where the job keeps its checkpoints, "" for nowhere: checkpoints.uri, else beside the data when that is on
+        S3 (the prefix config/iam/instance.json lets the instance write)."""
+        if not self.checkpoints.enabled:
+            return ""
+        data = urlsplit(self.training.data_uri)
+        beside = f"s3://{data.netloc}/checkpoints/" if data.scheme == "s3" else ""
+        return self.checkpoints.uri or beside
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy (for XCom): holds no secret by construction."""

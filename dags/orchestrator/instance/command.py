@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from orchestrator.ci.github_protocol import commit_checks_url, repository_url
-from orchestrator.config.run_params import BY_NAME, JOB_PARAMS
+from orchestrator.config.run_params import BY_NAME, DAG_PARAMS, JOB_PARAMS
 from orchestrator.contracts import DAG_ID_TAG, DAG_RUN_ID_TAG, JOB_KEY_TAG, PARENT_RUN_TAG, SETTINGS_DIGEST_TAG
 from orchestrator.tracking.runs import TrackedRun, run_name
 
@@ -123,7 +123,16 @@ def training_command(
     settings: Settings, git_sha: str, project_dir: str, mlflow_run_id: str | None = None
 ) -> TrainingCommand:
     t = settings.training
-    params = {**t.extra_params, **{name: _job_param(settings, name) for name in JOB_PARAMS}, "git_sha": git_sha}
+    uri = settings.checkpoint_uri  # holds no secret: settings refuse credentials in it
+    # Without checkpoints neither is passed: the job's defaults are off, and a commit from before checkpoints, whose
+    # job refuses arguments it does not know, still trains.
+    checkpoints = {"checkpoint_uri": uri, "checkpoint_minutes": repr(settings.checkpoints.minutes)} if uri else {}
+    params = {
+        **{key: value for key, value in t.extra_params.items() if key not in DAG_PARAMS},
+        **{name: _job_param(settings, name) for name in JOB_PARAMS},
+        **checkpoints,
+        "git_sha": git_sha,
+    }
     return TrainingCommand(
         project_dir=project_dir,
         entry_point=t.entry_point,

@@ -71,6 +71,8 @@ def test_params_come_from_settings_with_extra_params(settings: Settings) -> None
         "learning_rate": "0.0005",
         "model": "seed",
         "data_uri": "s3://bucket/data/",
+        "checkpoint_uri": "s3://bucket/checkpoints/",
+        "checkpoint_minutes": "10.0",
         "git_sha": SHA,
         "max_images": "100",
         "image_size": "64",
@@ -78,7 +80,29 @@ def test_params_come_from_settings_with_extra_params(settings: Settings) -> None
     argv = command.argv()
     flags = [argv[n + 1] for n, arg in enumerate(argv) if arg == "-P"]
     assert flags == sorted(flags)
-    assert len(flags) == 8
+    assert len(flags) == 10
+
+
+def test_checkpoints_go_where_the_settings_say(settings: Settings) -> None:
+    elsewhere = with_checkpoints(settings, uri="s3://other/runs/ckpt/", minutes=0.0)
+    argv = training_command(elsewhere, SHA, "/jobs/k/source").argv()
+    flags = [argv[n + 1] for n, arg in enumerate(argv) if arg == "-P"]
+    assert {"checkpoint_uri=s3://other/runs/ckpt/", "checkpoint_minutes=0.0"} <= set(flags)
+
+
+@pytest.mark.parametrize("off", [{"enabled": False}, {"enabled": False, "uri": "s3://other/ckpt/"}])
+def test_without_checkpoints_neither_param_is_passed(settings: Settings, off: dict[str, object]) -> None:
+    """The job's defaults are off, and a commit from before checkpoints (its job refuses unknown arguments) trains."""
+    params = training_command(with_checkpoints(settings, **off), SHA, "/jobs/k/source").params
+    assert not {"checkpoint_uri", "checkpoint_minutes"} & set(params)
+    synthetic = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"data_uri": "synthetic://"})}
+    )
+    assert "checkpoint_uri" not in training_command(synthetic, SHA, "/jobs/k/source").params
+
+
+def with_checkpoints(settings: Settings, **changes: object) -> Settings:
+    return settings.model_copy(update={"checkpoints": settings.checkpoints.model_copy(update=changes)})
 
 
 def test_extra_params_never_replace_what_the_dag_sets(settings: Settings) -> None:
@@ -89,6 +113,9 @@ def test_extra_params_never_replace_what_the_dag_sets(settings: Settings) -> Non
     expected = training_command(settings, SHA, "/jobs/k/source").params
     assert params == {name: expected[name] for name in DAG_PARAMS}
     assert "sneaky" not in params.values()
+    # Nor do they turn on what the settings turned off.
+    off = forced.model_copy(update={"checkpoints": forced.checkpoints.model_copy(update={"enabled": False})})
+    assert "sneaky" not in training_command(off, SHA, "/jobs/k/source").params.values()
 
 
 def test_learning_rate_keeps_full_precision(settings: Settings) -> None:
