@@ -118,9 +118,9 @@ def preemptions(ti: Any) -> list[dict[str, Any]]:
     return list(ti.xcom_pull(task_ids=ti.task_id, key=PREEMPTIONS_KEY) or [])
 
 
-def current_ready(ti: Any, ready: Any) -> ReadyInstance:
+def current_ready(ti: Any, task_id: str, ready: Any) -> ReadyInstance:
     """The instance the job runs on: wait_ready's (`ready`), or the last one a recovery in this try made ready."""
-    return ReadyInstance.from_xcom(ti.xcom_pull(task_ids=ti.task_id, key=RECOVERED_READY_KEY) or ready)
+    return ReadyInstance.from_xcom(ti.xcom_pull(task_ids=task_id, key=RECOVERED_READY_KEY) or ready)
 
 
 def record_preemption(

@@ -131,7 +131,7 @@ class RemoteTrainingOperator(BaseOperator):
 
     @fail_without_retry()
     def execute(self, context: Context) -> str:
-        self._ready = current_ready(context["ti"], self.ready)
+        self._ready = current_ready(context["ti"], self.task_id, self.ready)
         return recovering(lambda: self._start(context), functools.partial(self._recover, context))
 
     def _start(self, context: Context) -> str:
@@ -283,7 +283,7 @@ class RemoteTrainingOperator(BaseOperator):
     @fail_without_retry()
     def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
         """The trigger's event, on whichever worker picks it up: finish as the streaming path does."""
-        self._ready = current_ready(context["ti"], self.ready)
+        self._ready = current_ready(context["ti"], self.task_id, self.ready)
         return recovering(lambda: self._complete(context, event), functools.partial(self._recover, context))
 
     def _complete(self, context: Context, event: dict[str, Any]) -> str:

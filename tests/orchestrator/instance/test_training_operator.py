@@ -65,6 +65,8 @@ def test_on_kill_before_any_job_is_harmless(ssh_traffic: SshTraffic, monkeypatch
 
 
 class _TaskInstance:
+    task_id = "train"
+
     def __init__(self, try_number: int) -> None:
         self.try_number = try_number
         self.pushed: dict[str, Any] = {}
@@ -133,31 +135,70 @@ class _EndedJob:
         self.closed = True
 
 
+def gone_instance(reason: str, market: str = "spot") -> Any:
+    from orchestrator.cloud.ec2_describe import InstanceInfo
+
+    return InstanceInfo(
+        "i-1", "terminated", "g6.xlarge", None, None, None, f"{reason}: ...", reason, None, "us-east-1a", market
+    )
+
+
 @pytest.mark.parametrize("exit_code", [143, 137])
-def test_a_job_stopped_by_the_instances_shutdown_is_reported_as_the_instances_end(
-    exit_code: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("reason", "market", "max_preemptions", "failure"),
+    [
+        (
+            "Client.UserInitiatedShutdown",
+            "spot",
+            3,
+            r"TerminateInstances call ended it: .*reaper of expired instances\. It ended",
+        ),
+        (
+            "Server.SpotInstanceTermination",
+            "on-demand",
+            3,
+            r"EC2 interrupted the spot instance to take its capacity back\. It ended while",
+        ),
+        ("Server.SpotInstanceTermination", "spot", 0, r"interruption 1 of this run, more than aws.max_preemptions = 0"),
+        ("Server.SpotInstanceTermination", "spot", 3, None),
+    ],
+)
+def test_a_job_stopped_by_the_instances_shutdown_is_reported_as_the_instances_end_or_recovered(
+    exit_code: int, reason: str, market: str, max_preemptions: int, failure: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EC2's terminate and a spot reclaim shut the OS down: the job's wrapper records 143 (137 after the grace) before
-    the power goes, and train may read it first. The failure names why the instance went, not a bare exit code."""
+    the power goes, and train may read it first. The failure names why the instance went, not a bare exit code; a
+    spot instance EC2 took back within aws.max_preemptions is not a failure: train relaunches (Preempted)."""
+    import airflow.sdk
     from airflow.sdk.exceptions import AirflowFailException
 
     import orchestrator.cloud.tasks as cloud_tasks
     from orchestrator.config.settings import load_settings
+    from orchestrator.instance.recovery import Preempted
 
-    gone = "instance i-1 is terminated (Server.SpotInstanceTermination): EC2 interrupted the spot instance"
     asked: list[str] = []
-    monkeypatch.setattr(cloud_tasks, "instance_gone", lambda s, instance_id: asked.append(instance_id) or gone)
-    config = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).to_dict()
+    monkeypatch.setattr(
+        cloud_tasks, "instance_state", lambda s, instance_id: asked.append(instance_id) or gone_instance(reason, market)
+    )
+    ti = _TaskInstance(1)
+    monkeypatch.setattr(airflow.sdk, "get_current_context", lambda: {"ti": ti})
+    env = {"TRAINER__AWS__DEPLOYMENT": "test", "TRAINER__AWS__MAX_PREEMPTIONS": str(max_preemptions)}
+    config = load_settings(env=env).to_dict()
     operator = RemoteTrainingOperator(task_id="train", config=config, ready=READY, git_sha="0" * 40)
     operator._ready = ReadyInstance.from_xcom(READY | {"instance_id": "i-1"})  # as execute() reads it
     ended: list[bool] = []
     monkeypatch.setattr(operator, "_end_mlflow_run", lambda: ended.append(True))
     job = _EndedJob()
 
-    with pytest.raises(AirflowFailException, match=r"EC2 interrupted the spot instance\. It ended while training"):
-        operator._finish({"ti": _TaskInstance(1)}, job, exit_code)  # type: ignore[arg-type]
-
-    assert asked == ["i-1"] and ended == [True]
+    if failure is None:
+        with pytest.raises(Preempted) as lost:
+            operator._finish({"ti": ti}, job, exit_code)  # type: ignore[arg-type]
+        assert lost.value.info.state_reason_code == reason and ended == []
+    else:
+        with pytest.raises(AirflowFailException, match=failure):
+            operator._finish({"ti": ti}, job, exit_code)  # type: ignore[arg-type]
+        assert ended and ended[0]
+    assert asked == ["i-1"]
     assert job.closed and not job.log_read
 
 
