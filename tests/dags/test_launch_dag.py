@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from embedded.cloud import AMAZON_LINUX_DLAMI
+from embedded.cloud.service_quotas import quota_values
 from embedded.deploy.stack import EmbeddedStack
 from tests.support.aws_cloud import take_back_the_first
 from tests.support.faults import output
@@ -53,6 +54,16 @@ def test_a_root_volume_below_the_images_snapshot_fails_before_launch(
     monkeypatch.setenv("TRAINER__AWS__ROOT_VOLUME_GB", "50")
     dag_run = run_dag(git_ref=sha)
     failed_in_plan_launch(env, dag_run, capfd.readouterr().out, "aws.root_volume_gb = 50 is smaller than")
+
+
+def test_a_vcpu_quota_too_small_fails_before_launch(
+    env: EmbeddedStack, sha: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with quota_values({"L-DB2E81BA": 2.0}):
+        dag_run = run_dag(git_ref=sha)
+    failed_in_plan_launch(
+        env, dag_run, capfd.readouterr().out, "L-DB2E81BA (Running On-Demand G and VT instances) = 2 vCPUs"
+    )
 
 
 def test_a_security_group_without_ssh_fails_before_launch(

@@ -20,6 +20,7 @@ from embedded.services.authorizer import ACTION_OF, Check, run_instances_checks,
 from embedded.services.iam_policy import evaluate, load_policy
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.cloud.launch_spec import LaunchAttempt, LaunchSpec, RunIdentity, build_run_instances_request
+from orchestrator.cloud.quotas import QUOTA_GROUPS
 from orchestrator.contracts import TAG_DEPLOYMENT, TAG_PROJECT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +79,8 @@ def calls_in_source(root: str) -> set[str]:
                     names = [waiters.get_waiter("".join(p.capitalize() for p in argument.split("_"))).operation]
                 else:
                     names = operations.get(method, [])
-                found |= {ACTION_OF.get(f"{service}:{n}", f"{service}:{n}") for n in names}
+                # IAM names actions by the service's signing name: service-quotas' calls are servicequotas:*.
+                found |= {ACTION_OF.get(f"{model.signing_name}:{n}", f"{model.signing_name}:{n}") for n in names}
     return found
 
 
@@ -98,6 +100,7 @@ def test_every_call_the_code_makes_is_allowed() -> None:
         "s3:ListBucket",
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
+        "servicequotas:GetServiceQuota",
     } <= calls
     missing = calls - set(allowed_actions(airflow_policy()))
     assert not missing, f"config/iam/airflow.json does not allow {sorted(missing)}"
@@ -317,8 +320,8 @@ VALUES = {
 def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
     """Each policy's (action, resource, condition keys) checks for the requests one run makes: the launch request the
     code builds (on-demand and spot) as EC2 authorizes it, a terminate of the run's instance by its tags, the
-    preflight reads, the price, the data listing and the queue; on the instance, the data's listing and reads, and
-    its checkpoints' listing, writes, reads and deletes."""
+    preflight reads, the vCPU quotas plan_launch reads (both markets), the price, the data listing and the queue; on
+    the instance, the data's listing and reads, and its checkpoints' listing, writes, reads and deletes."""
     region, account = VALUES["REGION"], VALUES["ACCOUNT"]
     spot = {**launch_request, "InstanceMarketOptions": {"MarketType": "spot"}}
     launches = [
@@ -346,6 +349,11 @@ def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
         *describes,
         ("ssm:GetParameter", f"arn:aws:ssm:{region}::parameter{parameter}", {}),
         ("iam:GetInstanceProfile", f"arn:aws:iam::{account}:instance-profile/ec2-trainer-instance", {}),
+        *(
+            ("servicequotas:GetServiceQuota", f"arn:aws:servicequotas:{region}:{account}:ec2/{quota.code}", {})
+            for group in QUOTA_GROUPS
+            for quota in group.quotas.values()
+        ),
         ("pricing:GetProducts", "*", {}),
         listing,
         ("sqs:ReceiveMessage", queue, {}),

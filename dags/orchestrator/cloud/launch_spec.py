@@ -194,6 +194,13 @@ class LaunchAttempt:
         return f"{self.instance_type} ({self.market}) in {self.subnet_id}"
 
 
+def launch_markets(spot: bool, spot_fallback_to_on_demand: bool) -> list[Market]:
+    """The markets a launch tries, in order (aws.spot, aws.spot_fallback_to_on_demand)."""
+    if not spot:
+        return ["on-demand"]
+    return ["spot", "on-demand"] if spot_fallback_to_on_demand else ["spot"]
+
+
 def launch_attempts(spec: LaunchSpec) -> list[LaunchAttempt]:
     """The launches to try, in order.
 
@@ -202,12 +209,9 @@ def launch_attempts(spec: LaunchSpec) -> list[LaunchAttempt]:
     Each (type, market) is tried in every zone before the next: capacity differs by zone far more than the
     price of one type does, and the first type is the one the user prefers.
     """
-    markets: list[Market] = ["on-demand"]
-    if spec.spot:
-        markets = ["spot", "on-demand"] if spec.spot_fallback_to_on_demand else ["spot"]
     return [
         LaunchAttempt(instance_type, market, subnet_id)
-        for market in markets
+        for market in launch_markets(spec.spot, spec.spot_fallback_to_on_demand)
         for instance_type in spec.instance_types
         for subnet_id in spec.subnet_ids
     ]

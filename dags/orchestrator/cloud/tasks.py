@@ -26,9 +26,10 @@ TERMINATE_WAIT_S = 300
 def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPlan:
     """Check everything a launch needs before anything is created: the instance types exist here, the AMI (aws.ami_id
     when a run repeats an image, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its
-    root volume), every subnet, a security group admitting SSH, and the instance profile."""
+    root volume), every subnet, a security group admitting SSH, the instance profile, and room in the account's vCPU
+    quotas for at least one launch option."""
     from orchestrator.cloud.ec2_describe import unoffered_instance_types
-    from orchestrator.cloud.launch_spec import resolve_ami
+    from orchestrator.cloud.launch_spec import launch_markets, resolve_ami
     from orchestrator.cloud.preflight import (
         check_architecture,
         check_instance_profile,
@@ -36,6 +37,7 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
         read_image_root,
         root_volume_gb,
     )
+    from orchestrator.cloud.quotas import check_quotas
     from orchestrator.config.connections import AwsClients
 
     aws = AwsClients(s.aws.conn_id, s.aws.region)
@@ -59,6 +61,14 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
         network = check_network(ec2, s.aws.subnets, s.aws.security_group_ids, s.instance.ssh_port, subnet_setting)
         if s.aws.instance_profile:
             check_instance_profile(aws.client("iam"), s.aws.instance_profile)
+        quotas = check_quotas(
+            ec2,
+            aws.client("service-quotas"),
+            s.aws.instance_types,
+            launch_markets(s.aws.spot, s.aws.spot_fallback_to_on_demand),
+            s.aws.region,
+        )
+    log.info("Checked %s", quotas)
     log.info(
         "AMI %s (from %s), root %s of %s GB (snapshot %s GB); in %s: %s",
         ami_id,

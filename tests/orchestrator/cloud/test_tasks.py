@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -49,6 +50,7 @@ def test_plan_launch_reads_its_connection_once_for_every_service(
     # Airflow's own loggers (structlog) write to stdout outside a task.
     out = capsys.readouterr().out
     assert out.count("credentials retrieved from login and password") == 1, out
+    assert f"Checked the vCPU quotas in {REGION}: L-DB2E81BA (Running On-Demand G and VT instances) = 64 vCPUs" in out
 
 
 def test_terminate_ends_the_instances_the_launch_reported_even_when_no_tag_names_them(
@@ -77,3 +79,21 @@ def test_terminate_ends_the_instances_the_launch_reported_even_when_no_tag_names
     assert states == {tagged: "terminated", untagged: "terminated"}
     found = cloud.ec2.describe_instances(InstanceIds=[bystander])["Reservations"][0]["Instances"][0]
     assert found["State"]["Name"] == "running"
+
+
+def test_plan_launch_fails_at_once_when_no_option_fits_the_vcpu_quota(cloud: StrictAws, settings: Settings) -> None:
+    """Done-when of the quota preflight: the quota too small for every type fails plan_launch without a retry (a
+    ConfigError becomes AirflowFailException), in seconds, naming the quota, and nothing is launched."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from embedded.cloud.service_quotas import quota_values
+    from orchestrator.cloud.tasks import plan_launch
+
+    started = time.monotonic()
+    with quota_values({"L-DB2E81BA": 2.0}), pytest.raises(AirflowFailException) as raised:
+        plan_launch(settings, "a" * 40, DAG_ID, "manual__quota")
+    assert time.monotonic() - started < 30
+    assert "L-DB2E81BA (Running On-Demand G and VT instances) = 2 vCPUs, 0 in use: g6.xlarge (on-demand) needs 4 " in (
+        str(raised.value)
+    )
+    assert cloud.ec2.describe_instances()["Reservations"] == []
