@@ -110,8 +110,9 @@ def test_a_run_launches_the_image_it_names_on_the_first_type_with_capacity(
     """The launch decisions of one whole run, each checked step by step in tests/orchestrator/cloud: the image a run
     names (an earlier run's: the configured parameter holds the Ubuntu image) with that image's own root device (an
     Amazon Linux image's root is /dev/xvda: mapping /dev/sda1 would add a volume and leave the root as the image has
-    it, unencrypted, the snapshot's size); no capacity for the first type at RunInstances; the second taken back
-    while pending; the third runs and trains."""
+    it, unencrypted, the snapshot's size); no capacity for the first type at RunInstances in either zone; the second
+    taken back while pending in the first zone (capacity is per zone), so it runs and trains in the second zone
+    before any later type is tried."""
     image = env.cloud.images[AMAZON_LINUX_DLAMI.parameter]
     no_capacity_for("g6.xlarge", monkeypatch)
     volumes = root_volumes_at_launch(monkeypatch)  # read before the take-back below deletes the first's
@@ -119,15 +120,22 @@ def test_a_run_launches_the_image_it_names_on_the_first_type_with_capacity(
     dag_run = run_dag(git_ref=sha, ami_id=image, instance_types=["g6.xlarge", "g5.xlarge", "g4dn.xlarge"])
 
     assert dag_run.state == "success", task_states(dag_run)
-    assert launched == ["g5.xlarge", "g4dn.xlarge"]
+    assert launched == ["g5.xlarge", "g5.xlarge"]
     assert volumes == [{"/dev/xvda": (100, True)}] * 2
     instances = assert_all_terminated(env, dag_run, 2)
-    assert sorted(i["InstanceType"] for i in instances.values()) == ["g4dn.xlarge", "g5.xlarge"]
+    assert env.cloud.network is not None
+    zone_a, zone_b = env.cloud.network.subnet_ids
+    assert sorted((i["InstanceType"], i["SubnetId"]) for i in instances.values()) == [
+        ("g5.xlarge", zone_a),
+        ("g5.xlarge", zone_b),
+    ]
     assert {i["ImageId"] for i in instances.values()} == {image}
-    assert "went terminated before running: Server.InsufficientInstanceCapacity" in output(capfd, caplog)
+    log = output(capfd, caplog)
+    assert "went terminated before running: Server.InsufficientInstanceCapacity" in log
+    assert f"no capacity for g6.xlarge (on-demand) in {zone_b}" in log
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["launch"].try_number == 1
-    assert tis["launch"].xcom_pull(task_ids="launch")["instance_type"] == "g4dn.xlarge"
+    assert tis["launch"].xcom_pull(task_ids="launch")["instance_type"] == "g5.xlarge"
 
 
 @contextmanager

@@ -353,3 +353,49 @@ def test_the_default_ami_is_a_supported_pytorch_ubuntu_dlami():
     assert match, parameter
     assert (int(match[1]), int(match[2])) >= (2, 11), f"{parameter} names a PyTorch DLAMI out of support"
     assert parameter == UBUNTU_DLAMI.parameter
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (
+            "spot_then_on_demand",
+            [
+                "g5.xlarge (spot) in subnet-1def",
+                "g6.xlarge (spot) in subnet-0abc",
+                "g6.xlarge (spot) in subnet-1def",
+                "g5.xlarge (spot) in subnet-0abc",
+                "g5.xlarge (on-demand) in subnet-0abc",
+                "g5.xlarge (on-demand) in subnet-1def",
+                "g6.xlarge (on-demand) in subnet-0abc",
+                "g6.xlarge (on-demand) in subnet-1def",
+            ],
+        ),
+        (
+            "spot_only",
+            [
+                "g5.xlarge (spot) in subnet-1def",
+                "g6.xlarge (spot) in subnet-0abc",
+                "g6.xlarge (spot) in subnet-1def",
+                "g5.xlarge (spot) in subnet-0abc",
+            ],
+        ),
+        (
+            "on_demand",
+            [
+                "g5.xlarge (on-demand) in subnet-0abc",
+                "g5.xlarge (on-demand) in subnet-1def",
+                "g6.xlarge (on-demand) in subnet-0abc",
+                "g6.xlarge (on-demand) in subnet-1def",
+            ],
+        ),
+    ],
+)
+def test_after_a_spot_interruption_the_next_options_come_first_and_the_lost_one_last(policy, expected):
+    """The same type in the next zone, then the next type; the lost zone again last (its capacity may come back);
+    then on-demand, whatever the spec's own fallback says (aws.recovery decides after an interruption)."""
+    from orchestrator.cloud.launch_spec import recovery_attempts
+
+    lost = LaunchAttempt("g5.xlarge", "spot", "subnet-0abc")
+    spec = make_spec(spot_fallback_to_on_demand=False)
+    assert [str(a) for a in recovery_attempts(spec, lost, policy)] == expected

@@ -97,3 +97,73 @@ def test_plan_launch_fails_at_once_when_no_option_fits_the_vcpu_quota(cloud: Str
         str(raised.value)
     )
     assert cloud.ec2.describe_instances()["Reservations"] == []
+
+
+@pytest.fixture
+def spot_settings(cloud: StrictAws, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Spot in two zones, a login key in the SSH connection (the relaunch renders user-data with it)."""
+    from orchestrator.cloud.hostkeys import generate_host_key
+
+    key = generate_host_key().private_openssh
+    monkeypatch.setenv("AIRFLOW_CONN_EC2_TRAINER_SSH", json.dumps({"conn_type": "ssh", "extra": {"private_key": key}}))
+    return load_settings(
+        env={
+            "TRAINER__AWS__DEPLOYMENT": "steps-test",
+            "TRAINER__AWS__REGION": REGION,
+            "TRAINER__AWS__SUBNET_IDS": ",".join(cloud.network.subnet_ids),
+            "TRAINER__AWS__SECURITY_GROUP_IDS": cloud.network.security_group_id,
+            "TRAINER__AWS__INSTANCE_PROFILE": PROFILE,
+            "TRAINER__AWS__INSTANCE_TYPES": "g6.xlarge",
+            "TRAINER__AWS__SPOT": "true",
+            "TRAINER__AWS__MAX_INSTANCES": "1",
+            "TRAINER__AWS__INSTANCE_WAIT_MINUTES": "0",
+            "TRAINER__INSTANCE__SSH_PORT": str(SSH_PORT),
+            "TRAINER__TRAINING__DATA_URI": "synthetic://",
+        }
+    )
+
+
+def take_back(cloud: StrictAws, instance_id: str) -> None:
+    """What EC2 does to a spot instance it needs back: terminated, with its StateReason."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    backend.terminate_instances([instance_id])
+    reason = "Server.SpotInstanceTermination"
+    backend.get_instance(instance_id).state_reason = StateReason(f"{reason}: Spot instance termination", reason)
+
+
+def test_a_relaunch_after_a_spot_interruption_takes_the_next_zone_under_the_cap(
+    cloud: StrictAws, spot_settings: Settings
+) -> None:
+    """The lost instance's next option (the same type in zone b), tagged as the run's so teardown finds it; while
+    the deployment's cap is taken by another instance the relaunch fails rather than exceed it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from orchestrator.cloud.tasks import instance_state, launch, plan_launch, relaunch, terminate
+    from orchestrator.instance.recovery import preempted
+
+    run_id = "manual__spot"
+    plan = plan_launch(spot_settings, "a" * 40, DAG_ID, run_id)
+    first = launch(spot_settings, plan, 0.0)
+    assert first is not None and first.market == "spot"
+    take_back(cloud, first.instance_id)
+    lost = instance_state(spot_settings, first.instance_id)
+    assert lost is not None and preempted(lost) and lost.subnet_id == cloud.network.subnet_ids[0]
+
+    again = relaunch(spot_settings, plan, lost)
+
+    found = instance_state(spot_settings, again.instance_id)
+    assert found is not None
+    assert (found.market, found.subnet_id, found.availability_zone) == (
+        "spot",
+        cloud.network.subnet_ids[1],
+        REGION + "b",
+    )
+    assert again.host_public_key and again.host_public_key != first.host_public_key, "a new host key per instance"
+    # The cap holds: the only slot is taken by the relaunched instance.
+    with pytest.raises(AirflowFailException, match=r"at the cap aws.max_instances = 1"):
+        relaunch(spot_settings, plan, lost)
+    assert set(terminate(spot_settings, DAG_ID, run_id, [])) == {again.instance_id}
