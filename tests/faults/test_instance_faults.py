@@ -5,6 +5,7 @@ Each fault is injected from a thread as soon as the run's job logs its first epo
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack
-from tests.support.faults import DagRunFaults, OnTraining, drop_ssh, kill_job
+from tests.support.faults import DagRunFaults, OnTraining, drop_ssh, kill_job, live_instance
 from tests.support.pipeline import (
     assert_all_terminated,
     run_dag,
@@ -149,4 +150,75 @@ def test_mlflow_down_for_a_while_is_retried_by_the_job(
         f"MLflow server down ~{fault.result:.0f} s mid-training",
         "the job's MLflow client retries; run succeeds",
         f"{retried} client retries in the job log; MLflow run FINISHED with metrics; run success",
+    )
+
+
+# Epochs of the tiny data set take a fraction of a second: enough of them that the job still trains when EC2 acts.
+PREEMPT_EPOCHS = 40
+PREEMPT_AT = 3
+
+
+def test_a_spot_instance_taken_back_mid_training_relaunches_and_resumes_in_the_same_run(
+    env: EmbeddedStack,
+    sha: str,
+    dag_faults: DagRunFaults,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 22: EC2 takes the spot instance back (notice, then termination with Server.SpotInstanceTermination) at
+    epoch 3 of 40. The run relaunches on the next spot option (the same type in zone b), the job resumes from its
+    checkpoint in the same MLflow run, and the run succeeds: every epoch's metrics logged once, steps 1 to 40."""
+    from mlflow import MlflowClient
+
+    from embedded.cloud import send_spot_interruption
+    from embedded.cloud.seed import DATASET_BUCKET
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY, PREEMPTIONS_KEY, PREEMPTIONS_TAG
+
+    monkeypatch.setenv("TRAINER__CHECKPOINTS__URI", f"s3://{DATASET_BUCKET}/checkpoints/")
+    monkeypatch.setenv("TRAINER__CHECKPOINTS__MINUTES", "0")
+
+    def interrupt_at_epoch(job_dir: Path) -> str:
+        deadline = time.monotonic() + 600
+        while f"epoch {PREEMPT_AT}/{PREEMPT_EPOCHS}" not in (job_dir / "output.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"the job never reached epoch {PREEMPT_AT}"
+            time.sleep(0.2)
+        instance_id = live_instance(env).instance_id
+        send_spot_interruption(env.cloud, instance_id, warning_s=1.0).join(timeout=60)
+        return instance_id
+
+    fault, dag_run, log = run_with_fault(
+        dag_faults, interrupt_at_epoch, git_ref=sha, epochs=PREEMPT_EPOCHS, spot="true", instance_types=["g6.xlarge"]
+    )
+    states = task_states(dag_run)
+    assert dag_run.state == "success", states
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["train"].try_number == 1, "recovered inside the try, not by a task retry"
+    (preemption,) = tis["train"].xcom_pull(task_ids="train", key=PREEMPTIONS_KEY)
+    assert (preemption["instance_id"], preemption["reason"]) == (fault.result, "Server.SpotInstanceTermination")
+    instances = assert_all_terminated(env, dag_run, 2)
+    relaunched = next(i for i in instances.values() if i["InstanceId"] != fault.result)
+    assert relaunched["Placement"]["AvailabilityZone"].endswith("b"), "the next option is the same type in zone b"
+    assert relaunched.get("InstanceLifecycle") == "spot"
+
+    client = MlflowClient(env.mlflow.url)
+    run_id = tis["train"].xcom_pull(task_ids="train", key=MLFLOW_RUN_ID_KEY)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[PREEMPTIONS_TAG] == "1"
+    resumed_from = int(run.data.tags["ec2_trainer.resumed_from_epoch"])
+    assert fault.job_dir is not None
+    first_job = (fault.job_dir / "output.log").read_text(errors="replace")
+    last_logged = max(int(n) for n in re.findall(rf"epoch (\d+)/{PREEMPT_EPOCHS}", first_job))
+    assert PREEMPT_AT <= resumed_from < PREEMPT_EPOCHS, "resumed mid-training from a checkpoint"
+    assert last_logged - resumed_from <= 1, f"at most one epoch redone: logged {last_logged}, resumed {resumed_from}"
+    steps = [m.step for m in client.get_metric_history(run_id, "learning/val_loss")]
+    assert sorted(steps) == list(range(1, PREEMPT_EPOCHS + 1)), "each epoch logged once, no gap"
+    assert "EC2 took back spot instance" in log
+    assert dag_faults.processes.saw(training_job_command(env)), "the sampler never saw the job: no scan of it"
+    dag_faults.record(
+        dag_run,
+        log,
+        f"spot instance interrupted at epoch {PREEMPT_AT} of {PREEMPT_EPOCHS} (notice, then termination)",
+        "train relaunches on the next spot option and the job resumes from its checkpoint in the same MLflow run",
+        f"1 preemption; relaunched in zone b; resumed after epoch {resumed_from}; metric steps 1-{PREEMPT_EPOCHS} "
+        "once each; train try 1; run success",
     )

@@ -165,14 +165,15 @@ def env_files_left(stack: EmbeddedStack, instances: Iterable[EmulatedInstance], 
 
 
 def mlflow_run_ids(stack: EmbeddedStack, instances: Iterable[EmulatedInstance], paths: JobPaths) -> list[str]:
-    """The MLflow runs the job created, as its log announced them (none when it failed before MLflow began)."""
-    ids = []
+    """The MLflow runs the job created, as its log announced them (none when it failed before MLflow began); a job
+    resumed on a relaunched instance announces the run it continues again, so each run is listed once."""
+    ids: dict[str, None] = {}
     for inst in instances:
         log = stack.cloud.host_path(inst, paths.log)
         run_id = parse_mlflow_run_id(log.read_text(errors="replace")) if log.is_file() else None
         if run_id:
-            ids.append(run_id)
-    return ids
+            ids[run_id] = None
+    return list(ids)
 
 
 def mlflow_places(tracking_uri: str, run_ids: Iterable[str]) -> dict[str, str]:

@@ -14,8 +14,14 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from orchestrator.config.settings import Settings
-from orchestrator.contracts import FAILURE_KEY, MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY, SHA_XCOM_KEY
-from orchestrator.contracts_steps import Evaluation, LaunchedInstance, ReadyInstance
+from orchestrator.contracts import (
+    FAILURE_KEY,
+    MLFLOW_RUN_ID_KEY,
+    MLFLOW_RUN_URL_KEY,
+    PREEMPTIONS_KEY,
+    SHA_XCOM_KEY,
+)
+from orchestrator.contracts_steps import Evaluation, LaunchedInstance, Preemption, ReadyInstance
 from orchestrator.observe.cost import BilledInstance, run_cost, transition_time
 from orchestrator.observe.report import Cost, RunReport, error_line
 from orchestrator.observe.verdict import decide, unfinished_run_end
@@ -86,7 +92,14 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     training_s = _job_seconds(run) if run else durations.get("train")
     phases = phases_of(durations, ready, training_s)
 
-    instance_ids = list(xcom("terminate") or {}) or ([launched.instance_id] if launched else [])
+    preemptions: list[dict[str, Any]] = _guarded(
+        "the preemption records",
+        lambda: [Preemption.from_xcom(p).to_xcom() for p in xcom("train", PREEMPTIONS_KEY) or []],
+        [],
+    )
+    # Terminate names the live instances it ended; those EC2 took back were gone before it ran, and are billed too.
+    ended = list(xcom("terminate") or {}) or ([launched.instance_id] if launched else [])
+    instance_ids = [*dict.fromkeys([*(p["instance_id"] for p in preemptions), *ended])]
     seen_at = xcom("terminate", TERMINATED_AT_KEY) or time.time()
     cost = _guarded("the cost", lambda: _cost(s, instance_ids, float(seen_at), training_s or 0.0), None)
 
@@ -127,6 +140,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         test_metrics={k: v for k, v in sorted(metrics.items()) if k.startswith("test_")},
         cost=cost,
         mlflow_run_id=mlflow_run_id,
+        preemptions=preemptions,
     )
 
 

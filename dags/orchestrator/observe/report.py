@@ -65,6 +65,9 @@ class RunReport:
     test_metrics: dict[str, float]  # the run's test_* metrics from MLflow
     cost: Cost | None  # None when no instance was launched
     mlflow_run_id: str | None = None  # the training's MLflow run, where the cost is logged
+    # The spot instances EC2 took back while the run trained (contracts_steps.Preemption records, oldest first); the
+    # cost counts each of them too.
+    preemptions: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # room for later additions without a contract change
 
     def to_dict(self) -> dict[str, Any]:
