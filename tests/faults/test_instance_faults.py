@@ -222,3 +222,96 @@ def test_a_spot_instance_taken_back_mid_training_relaunches_and_resumes_in_the_s
         f"1 preemption; relaunched in zone b; resumed after epoch {resumed_from}; metric steps 1-{PREEMPT_EPOCHS} "
         "once each; train try 1; run success",
     )
+
+
+@pytest.fixture
+def taken_back_during_bootstrap(env: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """EC2 takes the run's first spot instance back once SSH has let the orchestrator in, before its bootstrap
+    (cloud-init's final stage) runs: the bootstrap wait loses SSH and never sees a marker. Returns the ids taken back.
+    The wait asks EC2 after 3 s without SSH (30 s in production), so the test does not sit out the real figure."""
+    from embedded.cloud import send_spot_interruption
+    from embedded.cloud.cloud_init import CloudInit
+
+    monkeypatch.setattr("orchestrator.instance.ssh.UNREACHABLE_AFTER_S", 3.0)
+    original = CloudInit._run_commands
+    stages: dict[str, int] = {}
+    taken: list[str] = []
+
+    def run_commands(self: CloudInit, inst: Any, commands: Any, run_env: dict[str, str]) -> list[int]:
+        stages[inst.instance_id] = stages.get(inst.instance_id, 0) + 1
+        # The second stage (runcmd, the bootstrap) of the first instance only.
+        if stages[inst.instance_id] == 2 and not taken:
+            deadline = time.monotonic() + 300
+            while inst.sshd is None or "Accepted publickey" not in inst.sshd.read_log():
+                assert time.monotonic() < deadline, "the orchestrator never logged in to the first instance"
+                time.sleep(0.1)
+            taken.append(inst.instance_id)
+            send_spot_interruption(env.cloud, inst.instance_id, warning_s=0.1).join(timeout=60)
+            while inst.powered_off_at is None:
+                assert time.monotonic() < deadline, "the emulator never powered the instance off"
+                time.sleep(0.1)
+        return original(self, inst, commands, run_env)
+
+    monkeypatch.setattr(CloudInit, "_run_commands", run_commands)
+    return taken
+
+
+def test_a_spot_instance_taken_back_during_its_bootstrap_relaunches_and_trains_from_epoch_1(
+    env: EmbeddedStack, sha: str, dag_faults: DagRunFaults, taken_back_during_bootstrap: list[str]
+) -> None:
+    """Issue 22: preempted before the job started (no checkpoint yet): wait_ready relaunches in zone b and train
+    trains from epoch 1 there; one MLflow run, the interruption counted once for the run."""
+    from mlflow import MlflowClient
+
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY, PREEMPTIONS_KEY
+
+    dag_run = run_dag(git_ref=sha, epochs=2, spot="true", instance_types=["g6.xlarge"])
+    log = dag_faults.log()
+    states = task_states(dag_run)
+    assert dag_run.state == "success", states
+    (lost,) = taken_back_during_bootstrap
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["wait_ready"].try_number == 1, "recovered inside the try, not by a task retry"
+    (preemption,) = tis["wait_ready"].xcom_pull(task_ids="wait_ready", key=PREEMPTIONS_KEY)
+    assert (preemption["instance_id"], preemption["reason"]) == (lost, "Server.SpotInstanceTermination")
+    assert not tis["train"].xcom_pull(task_ids="train", key=PREEMPTIONS_KEY)
+    instances = assert_all_terminated(env, dag_run, 2)
+    relaunched = next(i for i in instances.values() if i["InstanceId"] != lost)
+    assert relaunched["Placement"]["AvailabilityZone"].endswith("b")
+    assert tis["wait_ready"].xcom_pull(task_ids="wait_ready")["instance_id"] == relaunched["InstanceId"]
+    run = MlflowClient(env.mlflow.url).get_run(tis["train"].xcom_pull(task_ids="train", key=MLFLOW_RUN_ID_KEY))
+    assert run.info.status == "FINISHED"
+    assert "ec2_trainer.resumed_from_epoch" not in run.data.tags, "no checkpoint yet: trained from epoch 1"
+    assert "EC2 took back spot instance" in log
+    dag_faults.record(
+        dag_run,
+        log,
+        "spot instance taken back during its bootstrap (SSH answered, no marker yet)",
+        "wait_ready asks EC2 once SSH fails, relaunches on the next spot option; train trains from epoch 1",
+        "1 preemption (wait_ready's); relaunched in zone b; MLflow run FINISHED, not resumed; run success",
+    )
+
+
+def test_a_spot_instance_taken_back_past_max_preemptions_fails_the_run_saying_so(
+    env: EmbeddedStack,
+    sha: str,
+    dag_faults: DagRunFaults,
+    taken_back_during_bootstrap: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRAINER__AWS__MAX_PREEMPTIONS", "0")
+    dag_run = run_dag(git_ref=sha, epochs=2, spot="true", instance_types=["g6.xlarge"])
+    log = dag_faults.log()
+    states = task_states(dag_run)
+    assert dag_run.state == "failed", states
+    assert states["wait_ready"] == "failed" and states["train"] == "upstream_failed", states
+    assert "more than aws.max_preemptions = 0" in log
+    (lost,) = taken_back_during_bootstrap
+    assert set(assert_all_terminated(env, dag_run, 1)) == {lost}, "nothing relaunched"
+    dag_faults.record(
+        dag_run,
+        log,
+        "spot instance taken back with aws.max_preemptions = 0",
+        "wait_ready fails saying so, naming the setting; nothing relaunched",
+        "'more than aws.max_preemptions = 0'; 1 instance, terminated; run failed",
+    )

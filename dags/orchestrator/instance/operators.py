@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException
@@ -40,6 +40,7 @@ class InstanceReadyOperator(BaseOperator):
 
     The EC2 check runs here; the SSH and bootstrap wait (up to instance.ready_timeout_minutes, the bootstrap log
     streamed into the task log as `bootstrap | ...`) runs in the triggerer, or here when training.deferrable is false.
+    A spot instance EC2 takes back meanwhile is replaced here (instance.recovery), within aws.max_preemptions.
     """
 
     template_fields: Sequence[str] = ("config", "launched")
@@ -61,7 +62,7 @@ class InstanceReadyOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from orchestrator.cloud.tasks import wait_running
         from orchestrator.instance.ready import wait_ready_in_worker
-        from orchestrator.instance.triggers import BootstrapTrigger
+        from orchestrator.instance.ssh import InstanceUnreachableError
 
         s = self._settings
         launched = LaunchedInstance.from_xcom(self.launched)
@@ -69,10 +70,16 @@ class InstanceReadyOperator(BaseOperator):
         if not s.training.deferrable:
             try:
                 return wait_ready_in_worker(s, launched, running).to_xcom()
-            except AirflowFailException as exc:
-                raise AirflowFailException(self._failure(launched, running, str(exc))) from None
+            except (AirflowFailException, InstanceUnreachableError) as exc:
+                return self._not_ready(context, launched, running, str(exc))
         # For execute_complete, on whichever worker resumes the task.
         context["ti"].xcom_push(key=RUNNING_KEY, value=running.to_xcom())
+        self._defer_bootstrap(launched, running, log_offset=0)
+
+    def _defer_bootstrap(self, launched: LaunchedInstance, running: RunningInstance, log_offset: int) -> NoReturn:
+        from orchestrator.instance.triggers import BootstrapTrigger
+
+        s = self._settings
         self.defer(
             trigger=BootstrapTrigger(
                 ssh_conn_id=s.instance.ssh_conn_id,
@@ -84,9 +91,33 @@ class InstanceReadyOperator(BaseOperator):
                 poll_s=s.instance.poll_seconds,
                 started_at=running.started_at,
                 deadline=running.deadline,
+                log_offset=log_offset,
             ),
             method_name="execute_complete",
         )
+
+    def _not_ready(
+        self,
+        context: Context,
+        launched: LaunchedInstance,
+        running: RunningInstance | None,
+        message: str,
+        unreachable_at: int | None = None,
+    ) -> dict[str, Any]:
+        """The wait ended without a ready instance. EC2 took the spot instance back: a new one, made ready here
+        (instance.recovery). Unreachable (`unreachable_at`, the log offset reached) while EC2 says it still runs:
+        wait on. Else fail with `message` and what the instance left (_failure)."""
+        from orchestrator.cloud.ec2_describe import instance_gone_message
+        from orchestrator.cloud.tasks import instance_state
+        from orchestrator.instance.recovery import preempted, recover
+
+        info = instance_state(self._settings, launched.instance_id)
+        if preempted(info):
+            return recover(self._settings, context["ti"], info).to_xcom()
+        if unreachable_at is not None and running and not instance_gone_message(launched.instance_id, info):
+            self.log.warning("%s, but EC2 says %s still runs: waiting on", message, launched.instance_id)
+            self._defer_bootstrap(launched, running, unreachable_at)
+        raise AirflowFailException(self._failure(launched, running, message))
 
     def _failure(self, launched: LaunchedInstance, running: RunningInstance | None, message: str) -> str:
         """The failure's message: the instance's end and why when it is gone (its SSH errors say nothing true),
@@ -110,12 +141,13 @@ class InstanceReadyOperator(BaseOperator):
 
         launched = LaunchedInstance.from_xcom(self.launched)
         pushed = context["ti"].xcom_pull(task_ids=self.task_id, key=RUNNING_KEY)
-        if event.get("status") != "ready":
+        running = RunningInstance.from_xcom(pushed) if pushed else None
+        status = event.get("status")
+        if status != "ready" or running is None:
             message = str(event.get("message") or f"unexpected event: {event!r}")
             # A failed bootstrap, another host key or a deadline counted from the launch: no retry can fix these.
-            running = RunningInstance.from_xcom(pushed) if pushed else None
-            raise AirflowFailException(self._failure(launched, running, message))
-        running = RunningInstance.from_xcom(pushed)
+            unreachable_at = int(event["log_offset"]) if status == "unreachable" else None
+            return self._not_ready(context, launched, running, message, unreachable_at)
         return ready_result(
             self._settings,
             launched,

@@ -57,7 +57,13 @@ def ready_result(
 def wait_ready_in_worker(s: Settings, launched: LaunchedInstance, running: RunningInstance) -> ReadyInstance:
     """Bounded, in this worker (training.deferrable = false): SSH answers with the pinned host key, and the
     bootstrap succeeded. The deferrable path does the same in the triggerer (instance.triggers)."""
-    from orchestrator.instance.ssh import HostKeyMismatchError, wait_for_bootstrap, wait_for_ssh
+    from orchestrator.cloud.tasks import instance_gone
+    from orchestrator.instance.ssh import (
+        HostKeyMismatchError,
+        InstanceUnreachableError,
+        wait_for_bootstrap,
+        wait_for_ssh,
+    )
 
     started, deadline = running.started_at, running.deadline
     target = ssh_target(s, running.address, launched.host_public_key)
@@ -66,11 +72,22 @@ def wait_ready_in_worker(s: Settings, launched: LaunchedInstance, running: Runni
         wait_for_ssh(target, timeout_s=max(1.0, deadline - time.time()), poll_s=s.instance.poll_seconds)
         ssh_s = time.time() - started
         log.info("SSH answers on %s:%s with the pinned host key after %.1f s", target.host, target.port, ssh_s)
-        bootstrap = wait_for_bootstrap(
-            target,
-            s.instance.state_dir,
-            timeout_s=max(1.0, deadline - time.time()),
-            poll_s=s.instance.poll_seconds,
-            on_log=lambda line: log.info("bootstrap | %s", line),
-        )
+        log_offset = 0
+        while True:
+            try:
+                bootstrap = wait_for_bootstrap(
+                    target,
+                    s.instance.state_dir,
+                    timeout_s=max(1.0, deadline - time.time()),
+                    poll_s=s.instance.poll_seconds,
+                    on_log=lambda line: log.info("bootstrap | %s", line),
+                    log_offset=log_offset,
+                )
+                break
+            except InstanceUnreachableError as exc:
+                # Gone: the caller reads why (a spot interruption relaunches); still there: wait on.
+                if instance_gone(s, launched.instance_id):
+                    raise
+                log.warning("%s, but EC2 says %s still runs: waiting on", exc, launched.instance_id)
+                log_offset = exc.log_offset
     return ready_result(s, launched, running, ssh_s, time.time() - started, bootstrap.phases_s)

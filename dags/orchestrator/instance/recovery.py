@@ -5,10 +5,11 @@ checkpoint. Interruptions are counted apart from failures and bounded by aws.max
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -34,7 +35,7 @@ class Preempted(Exception):
         self.info = info
 
 
-def preempted(info: InstanceInfo | None) -> bool:
+def preempted(info: InstanceInfo | None) -> TypeGuard[InstanceInfo]:
     """Whether EC2 took this instance back for its spot capacity (as opposed to any other end)."""
     return info is not None and info.market == "spot" and info.state_reason_code in PREEMPTION_REASONS
 
@@ -113,9 +114,22 @@ def relaunch_ready(
             lost = info
 
 
+def recover(
+    s: Settings, ti: Any, lost: InstanceInfo, mlflow_run_id: str = "", end_run: Callable[[], object] = lambda: None
+) -> ReadyInstance:
+    """Count the interruption, then make a new instance ready for the job: wait_ready's recovery before the job
+    started, or train's while it ran (its MLflow run tagged, and ended FAILED by `end_run` past the bound)."""
+    count = functools.partial(record_preemption, s, ti, mlflow_run_id, end_run)
+    count(lost)
+    plan = LaunchPlan.from_xcom(ti.xcom_pull(task_ids=LaunchPlan.STEP))
+    return relaunch_ready(s, plan, lost, count)
+
+
 def preemptions(ti: Any) -> list[dict[str, Any]]:
-    """The spot instances EC2 took back during this try of train (contracts_steps.Preemption records)."""
-    return list(ti.xcom_pull(task_ids=ti.task_id, key=PREEMPTIONS_KEY) or [])
+    """The run's interruptions so far (contracts_steps.Preemption records): those wait_ready recovered from before
+    the job started, then this task's (train's, during its current try)."""
+    steps = dict.fromkeys([ReadyInstance.STEP, ti.task_id])
+    return [record for step in steps for record in ti.xcom_pull(task_ids=step, key=PREEMPTIONS_KEY) or []]
 
 
 def current_ready(ti: Any, task_id: str, ready: Any) -> ReadyInstance:
@@ -130,16 +144,16 @@ def record_preemption(
     FAILED (`end_run`) and fail."""
     from orchestrator.tracking.runs import tag_mlflow_run
 
-    records = preemptions(ti)
+    count = len(preemptions(ti)) + 1
     try:
-        check_recoverable(s, info, len(records))
+        check_recoverable(s, info, count - 1)
     except AirflowFailException:
         end_run()
         raise
-    records.append(preemption_of(info).to_xcom())
-    ti.xcom_push(key=PREEMPTIONS_KEY, value=records)
+    own = list(ti.xcom_pull(task_ids=ti.task_id, key=PREEMPTIONS_KEY) or [])
+    ti.xcom_push(key=PREEMPTIONS_KEY, value=[*own, preemption_of(info).to_xcom()])
     if mlflow_run_id:
-        tag_mlflow_run(s, mlflow_run_id, {PREEMPTIONS_TAG: str(len(records))})
+        tag_mlflow_run(s, mlflow_run_id, {PREEMPTIONS_TAG: str(count)})
     log.warning(
         "EC2 took back spot instance %s (%s in %s, %s): interruption %d of at most %d; relaunching (aws.recovery = "
         "%s), the job resumes from its last checkpoint",
@@ -147,7 +161,7 @@ def record_preemption(
         info.instance_type,
         info.availability_zone,
         info.state_reason_code,
-        len(records),
+        count,
         s.aws.max_preemptions,
         s.aws.recovery,
     )

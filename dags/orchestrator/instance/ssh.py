@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 KEEPALIVE_S = 15
 # How often the SSH wait repeats an unchanged "not ready yet" line.
 PROGRESS_LOG_EVERY_S = 30.0
+# SSH that answered and then fails this long during the bootstrap: ask EC2 whether the instance is still there (a
+# restarting sshd is back within seconds; a spot instance taken back never is).
+UNREACHABLE_AFTER_S = 30.0
 BOOTSTRAP_STATUS = "bootstrap.status"
 BOOTSTRAP_LOG = "bootstrap.log"
 # "<step> <seconds>" lines, one per finished bootstrap step (userdata/bootstrap.sh), complete before the marker.
@@ -74,6 +77,15 @@ class BootstrapTimeoutError(OrchestratorError):
 
     # The wait's deadline counts from the launch: a retry would time out at once.
     terminal = True
+
+
+class InstanceUnreachableError(OrchestratorError):
+    """SSH answered, then stopped answering for UNREACHABLE_AFTER_S during the bootstrap: the instance may be gone
+    (EC2 took its spot capacity back) or restarting sshd. The caller asks EC2, then waits again from `log_offset`."""
+
+    def __init__(self, message: str, log_offset: int) -> None:
+        super().__init__(message)
+        self.log_offset = log_offset
 
 
 @dataclass(frozen=True)
@@ -334,14 +346,15 @@ class BootstrapWatch:
     """One look at a time at `<state_dir>/bootstrap.status` and the new lines of `<state_dir>/bootstrap.log`:
     what bootstrap_marker polls, in a worker or the triggerer."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, log_offset: int = 0) -> None:
         self.status_path = posixpath.join(state_dir, BOOTSTRAP_STATUS)
         self.log_path = posixpath.join(state_dir, BOOTSTRAP_LOG)
         self.phases_path = posixpath.join(state_dir, BOOTSTRAP_PHASES)
         # Read with the final marker (the bootstrap writes them first): each step's seconds, for the run report.
         self.phases_s: dict[str, float] = {}
         self._lines = LineBuffer()
-        self._offset = 0
+        # Where an earlier wait stopped streaming the log (a wait resumed after the instance was unreachable).
+        self.log_offset = log_offset
         self._ready: list[str] = []
 
     def poll(self, client: paramiko.SSHClient, *, with_tail: bool = False) -> tuple[str, str]:
@@ -350,8 +363,8 @@ class BootstrapWatch:
         sftp = client.open_sftp()
         try:
             status = (read_text(sftp, self.status_path) or "").strip()
-            while chunk := read_from(sftp, self.log_path, self._offset):
-                self._offset += len(chunk)
+            while chunk := read_from(sftp, self.log_path, self.log_offset):
+                self.log_offset += len(chunk)
                 self._ready += self._lines.feed(chunk)
             final = status == "ok" or status.startswith("error")
             tail = read_tail(sftp, self.log_path) if final or with_tail else ""
@@ -381,6 +394,7 @@ def wait_for_bootstrap(
     poll_s: float = 5.0,
     on_log: Callable[[str], None] | None = None,
     connect_timeout_s: float = 30.0,
+    log_offset: int = 0,
 ) -> BootstrapResult:
     """bootstrap_marker in a worker: `<state_dir>/bootstrap.status` says `ok` (returned) or `error: ...` (raised)."""
     now = time.time()
@@ -392,6 +406,7 @@ def wait_for_bootstrap(
         poll_s=poll_s,
         on_log=on_log or (lambda _line: None),
         connect_timeout_s=connect_timeout_s,
+        log_offset=log_offset,
     )
     return asyncio.run(waited)
 
@@ -407,11 +422,14 @@ async def bootstrap_marker(
     connect_timeout_s: float,
     client: paramiko.SSHClient | None = None,
     log: WaitLog = logger,
+    log_offset: int = 0,
 ) -> BootstrapResult:
     """The bootstrap wait of both paths, wait_for_bootstrap's and BootstrapTrigger's: poll the marker over `client`
-    (or a new login, also after a drop), the log's new lines to `on_log`, until it is final or `deadline` (epoch
-    seconds) passes: BootstrapFailedError, BootstrapTimeoutError (with the log's tail); polls run in a thread."""
-    watch = BootstrapWatch(state_dir)
+    (or a new login, also after a drop), the log's new lines (from `log_offset`) to `on_log`, until it is final or
+    `deadline` (epoch seconds) passes: BootstrapFailedError, BootstrapTimeoutError (with the log's tail);
+    InstanceUnreachableError once SSH has failed for UNREACHABLE_AFTER_S. Polls run in a thread."""
+    watch = BootstrapWatch(state_dir, log_offset)
+    lost_since: float | None = None
     try:
         while True:
             late = time.time() + poll_s > deadline
@@ -419,11 +437,18 @@ async def bootstrap_marker(
                 if client is None:
                     client = await asyncio.to_thread(connect, target, timeout_s=_bounded(connect_timeout_s, deadline))
                 status, tail = await asyncio.to_thread(watch.poll, client, with_tail=late)
+                lost_since = None
             except transient_ssh_errors() as exc:
                 log.warning("Lost SSH to %s while waiting for bootstrap (%s); reconnecting", target, exc)
                 if client is not None:
                     client.close()
                 client = None
+                lost_since = lost_since or time.time()
+                if time.time() - lost_since >= UNREACHABLE_AFTER_S:
+                    raise InstanceUnreachableError(
+                        f"SSH to {target} has failed for {time.time() - lost_since:.0f} s during the bootstrap ({exc})",
+                        watch.log_offset,
+                    ) from exc
                 status, tail = "", "(log not readable: the last poll lost its SSH connection)"
             finally:
                 for line in watch.take_lines():

@@ -104,17 +104,14 @@ class RemoteTrainingOperator(BaseOperator):
 
     def _recover(self, context: Context, lost: InstanceInfo) -> str:
         """Count the interruption, make a new instance ready (instance.recovery), start the job there again."""
-        from orchestrator.instance.recovery import record_preemption, relaunch_ready
+        from orchestrator.instance.recovery import recover
 
         ti = context["ti"]
         run_id = str(ti.xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY) or "")
-        count = functools.partial(record_preemption, self._settings, ti, run_id, self._end_mlflow_run)
-        count(lost)
         if self._job is not None:
             self._job.close()
             self._job = None
-        plan = LaunchPlan.from_xcom(ti.xcom_pull(task_ids=LaunchPlan.STEP))
-        self._ready = relaunch_ready(self._settings, plan, lost, count)
+        self._ready = recover(self._settings, ti, lost, run_id, self._end_mlflow_run)
         ti.xcom_push(key=RECOVERED_READY_KEY, value=self._ready.to_xcom())
         return self._start_job(context, run_id)
 

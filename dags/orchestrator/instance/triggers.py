@@ -66,7 +66,8 @@ class BootstrapTrigger(_SshTrigger):
     """Wait until the instance answers SSH with the pinned host key and its bootstrap wrote `ok`; stream its log.
 
     Fires one event: `ready` (with the seconds to SSH and to ready, counted from `started_at`), `failed` (the
-    bootstrap's error marker or a host key mismatch: a retry cannot help) or `timeout` at `deadline` (epoch seconds).
+    bootstrap's error marker or a host key mismatch: a retry cannot help), `timeout` at `deadline` (epoch seconds) or
+    `unreachable` (SSH answered, then failed for a while: the operator asks EC2, then waits again from `log_offset`).
     """
 
     def __init__(
@@ -81,12 +82,14 @@ class BootstrapTrigger(_SshTrigger):
         poll_s: float,
         started_at: float,
         deadline: float,
+        log_offset: int = 0,
     ) -> None:
         super().__init__(ssh_conn_id=ssh_conn_id, host=host, port=port, user=user, host_public_key=host_public_key)
         self.state_dir = state_dir
         self.poll_s = poll_s
         self.started_at = started_at
         self.deadline = deadline
+        self.log_offset = log_offset
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -97,6 +100,7 @@ class BootstrapTrigger(_SshTrigger):
                 "poll_s": self.poll_s,
                 "started_at": self.started_at,
                 "deadline": self.deadline,
+                "log_offset": self.log_offset,
             },
         )
 
@@ -105,6 +109,7 @@ class BootstrapTrigger(_SshTrigger):
             BootstrapFailedError,
             BootstrapTimeoutError,
             HostKeyMismatchError,
+            InstanceUnreachableError,
             SshTimeoutError,
             bootstrap_marker,
             ssh_answers,
@@ -128,7 +133,12 @@ class BootstrapTrigger(_SshTrigger):
                 connect_timeout_s=CONNECT_TIMEOUT_S,
                 client=client,
                 log=self.log,
+                log_offset=self.log_offset,
             )
+        except InstanceUnreachableError as exc:
+            # The triggerer holds no AWS connection: the operator asks EC2 whether the instance is still there.
+            yield TriggerEvent({"status": "unreachable", "message": str(exc), "log_offset": exc.log_offset})
+            return
         except (SshTimeoutError, BootstrapTimeoutError) as exc:
             yield TriggerEvent({"status": "timeout", "message": str(exc)})
             return

@@ -14,7 +14,9 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.instance.ssh import (
     BootstrapFailedError,
     BootstrapTimeoutError,
+    BootstrapWatch,
     HostKeyMismatchError,
+    InstanceUnreachableError,
     LineBuffer,
     SshTarget,
     SshTimeoutError,
@@ -157,6 +159,42 @@ def test_bootstrap_without_a_marker_times_out(ssh_target: SshTarget, remote_stat
     (remote_state_dir / "bootstrap.log").write_text("installing drivers\n")
     with pytest.raises(BootstrapTimeoutError, match=r"no marker .* within 1s(.|\n)*installing drivers"):
         wait_for_bootstrap(ssh_target, str(remote_state_dir), timeout_s=1, poll_s=0.2)
+
+
+def test_a_bootstrap_wait_that_loses_ssh_for_a_while_says_so_and_resumes_where_it_stopped(
+    ssh_target: SshTarget, remote_state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SSH answered and the log's first line streamed, then every poll fails (EC2 took the spot instance back): after
+    UNREACHABLE_AFTER_S the wait says so with the log offset it reached, for the caller to ask EC2. A wait resumed
+    from that offset streams only the new lines."""
+    log = remote_state_dir / "bootstrap.log"
+    log.write_text("step 1\n")
+    monkeypatch.setattr("orchestrator.instance.ssh.UNREACHABLE_AFTER_S", 0.5)
+    original = BootstrapWatch.poll
+    polls: list[float] = []
+
+    def failing_after_the_first(self: BootstrapWatch, client: object, *, with_tail: bool = False) -> tuple[str, str]:
+        polls.append(time.monotonic())
+        if len(polls) > 1:
+            raise ConnectionResetError("connection reset by peer")
+        return original(self, client, with_tail=with_tail)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BootstrapWatch, "poll", failing_after_the_first)
+    seen: list[str] = []
+    with pytest.raises(InstanceUnreachableError, match=r"has failed for \d+ s during the bootstrap") as err:
+        wait_for_bootstrap(ssh_target, str(remote_state_dir), timeout_s=30, poll_s=0.1, on_log=seen.append)
+    assert seen == ["step 1"]
+    assert err.value.log_offset == len("step 1\n")
+    assert polls[-1] - polls[1] >= 0.5, "it kept trying for UNREACHABLE_AFTER_S"
+
+    monkeypatch.setattr(BootstrapWatch, "poll", original)
+    log.write_text("step 1\nstep 2\n")
+    (remote_state_dir / "bootstrap.status").write_text("ok\n")
+    seen.clear()
+    wait_for_bootstrap(
+        ssh_target, str(remote_state_dir), timeout_s=10, poll_s=0.1, on_log=seen.append, log_offset=err.value.log_offset
+    )
+    assert seen == ["step 2"]
 
 
 def test_private_keys_of_each_supported_type_load() -> None:

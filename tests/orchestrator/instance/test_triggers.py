@@ -20,7 +20,7 @@ from embedded.services.mlflow_server import MlflowServer
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.instance.job_script import job_dir_for
 from orchestrator.instance.remote_job import RemoteJob
-from orchestrator.instance.ssh import SshTarget, connect
+from orchestrator.instance.ssh import BootstrapWatch, SshTarget, connect
 from orchestrator.instance.triggers import BootstrapTrigger, RemoteJobTrigger
 from tests.support.sshd import SshKeyPair
 
@@ -278,6 +278,31 @@ def test_bootstrap_trigger_times_out_without_a_marker(
     (event,) = events_of(bootstrap_trigger(ssh_target, ssh_conn, remote_state_dir, started_at=now, deadline=now + 1))
     assert event["status"] == "timeout"
     assert "wrote no marker" in event["message"] and "still waiting for apt" in event["message"]
+
+
+def test_bootstrap_trigger_hands_an_instance_unreachable_after_it_answered_back_with_its_log_offset(
+    ssh_target: SshTarget, remote_state_dir: Path, ssh_conn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The triggerer holds no AWS connection: the operator asks EC2 whether the instance went (a spot interruption)
+    and, if it still runs, defers again from the offset the event carries, which the trigger serializes."""
+    (remote_state_dir / "bootstrap.log").write_text("step one\n")
+    monkeypatch.setattr("orchestrator.instance.ssh.UNREACHABLE_AFTER_S", 0.3)
+    original = BootstrapWatch.poll
+    polls: list[int] = []
+
+    def failing_after_the_first(self: BootstrapWatch, client: Any, *, with_tail: bool = False) -> tuple[str, str]:
+        polls.append(1)
+        if len(polls) > 1:
+            raise EOFError("connection closed")
+        return original(self, client, with_tail=with_tail)
+
+    monkeypatch.setattr(BootstrapWatch, "poll", failing_after_the_first)
+    (event,) = events_of(bootstrap_trigger(ssh_target, ssh_conn, remote_state_dir))
+    assert event["status"] == "unreachable"
+    assert event["log_offset"] == len("step one\n")
+    assert "during the bootstrap (connection closed)" in event["message"]
+    _, kwargs = bootstrap_trigger(ssh_target, ssh_conn, remote_state_dir, log_offset=9).serialize()
+    assert kwargs["log_offset"] == 9
 
 
 def test_bootstrap_trigger_times_out_when_ssh_never_answers(
