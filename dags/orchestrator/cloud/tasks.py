@@ -128,12 +128,17 @@ def launch(s: Settings, plan: LaunchPlan, waited_s: float) -> LaunchedInstance |
 def relaunch(s: Settings, plan: LaunchPlan, lost: InstanceInfo) -> LaunchedInstance:
     """After EC2 took back the run's spot instance `lost`: a new instance, with its own host key, on the launch
     options aws.recovery allows after the lost one, once the deployment has a free slot under aws.max_instances
-    (waited for up to aws.instance_wait_minutes). It carries the run's tags, so teardown finds it whatever happens."""
-    from orchestrator.cloud.ec2 import instance_slot_free
+    (waited for up to aws.instance_wait_minutes). It carries the run's tags, so teardown finds it whatever happens.
+    A live instance of the run that an earlier recovery launched before its task was cleared or killed is adopted
+    instead: the run never holds two, and the one already booting is not wasted."""
+    from orchestrator.cloud.ec2 import adopt_run_instance, instance_slot_free
     from orchestrator.cloud.launch_spec import LaunchAttempt
     from orchestrator.config.connections import aws_client
 
     ec2 = aws_client("ec2", s.aws.conn_id, s.aws.region)
+    left = adopt_run_instance(ec2, s.aws.project_tag, s.aws.deployment, plan.dag_id, plan.run_id, plan.git_sha)
+    if left is not None and left.instance_id != lost.instance_id:
+        return left
     lost_attempt = LaunchAttempt(lost.instance_type, lost.market, lost.subnet_id or "")
     started = time.monotonic()
     with fail_without_retry():

@@ -138,8 +138,9 @@ def take_back(cloud: StrictAws, instance_id: str) -> None:
 def test_a_relaunch_after_a_spot_interruption_takes_the_next_zone_under_the_cap(
     cloud: StrictAws, spot_settings: Settings
 ) -> None:
-    """The lost instance's next option (the same type in zone b), tagged as the run's so teardown finds it; while
-    the deployment's cap is taken by another instance the relaunch fails rather than exceed it."""
+    """The lost instance's next option (the same type in zone b), tagged as the run's so teardown finds it; a
+    relaunch after a recovery cleared half-way adopts the instance that one left; while the deployment's cap is taken
+    by another run's instance the relaunch fails rather than exceed it."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from orchestrator.cloud.tasks import instance_state, launch, plan_launch, relaunch, terminate
@@ -163,7 +164,19 @@ def test_a_relaunch_after_a_spot_interruption_takes_the_next_zone_under_the_cap(
         REGION + "b",
     )
     assert again.host_public_key and again.host_public_key != first.host_public_key, "a new host key per instance"
-    # The cap holds: the only slot is taken by the relaunched instance.
+    # A recovery whose task was cleared half-way left `again` running: the next try adopts it, never a second one.
+    adopted = relaunch(spot_settings, plan, lost)
+    assert (adopted.instance_id, adopted.reused, adopted.host_public_key) == (
+        again.instance_id,
+        True,
+        again.host_public_key,
+    )
+    assert set(terminate(spot_settings, DAG_ID, run_id, [])) == {again.instance_id}
+    # The cap holds: another run's instance takes the only slot.
+    other_run = "manual__other"
+    other = launch(spot_settings, plan_launch(spot_settings, "a" * 40, DAG_ID, other_run), 0.0)
+    assert other is not None
     with pytest.raises(AirflowFailException, match=r"at the cap aws.max_instances = 1"):
         relaunch(spot_settings, plan, lost)
-    assert set(terminate(spot_settings, DAG_ID, run_id, [])) == {again.instance_id}
+    assert set(terminate(spot_settings, DAG_ID, other_run, [])) == {other.instance_id}
+    assert set(terminate(spot_settings, DAG_ID, run_id, [])) <= {again.instance_id}, "nothing launched past the cap"
