@@ -116,7 +116,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     root_volume_gb = plan.root_volume_gb if plan else s.aws.root_volume_gb
     attempts: list[BilledInstance] = _guarded(
         "the attempts' cost",
-        lambda: _attempts(s, instance_ids, seen_at, preemptions, set(by_teardown), root_volume_gb),
+        lambda: billed_attempts(s, instance_ids, seen_at, preemptions, set(by_teardown), root_volume_gb),
         [],
     )
     cost = run_cost(attempts, training_s or 0.0, s.aws.region)
@@ -245,7 +245,7 @@ def _job_seconds(run: Any) -> float | None:
     return (end - start) / 1000 if start and end else None
 
 
-def _attempts(
+def billed_attempts(
     s: Settings,
     instance_ids: list[str],
     seen_at: float,
