@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from orchestrator.contracts_steps import Preemption, ReadyInstance
+from orchestrator.cloud.ec2_describe import GONE_STATES
+from orchestrator.contracts_steps import Market, Preemption, ReadyInstance
 from orchestrator.observe.report import MIN_BILLED_S, Cost
 
 # DescribeInstances' StateTransitionReason once someone asked for a stop or termination: "User initiated
@@ -43,7 +44,7 @@ class BilledInstance:
     ended_at: float  # epoch seconds: when its termination was asked (or seen)
     price: Price
     instance_type: str
-    market: str  # "spot" | "on-demand"
+    market: Market
     availability_zone: str | None
     ended_by: str  # end_reason
     root_volume_gb: int
@@ -110,7 +111,7 @@ def end_reason(state: str, state_reason: str | None, preemption_reason: str | No
     or what EC2 says (its state reason); one still up when the report ran says so."""
     if preemption_reason is not None:
         return f"taken back by EC2 ({preemption_reason or 'no reason given'})"
-    if state not in ("shutting-down", "terminated"):
+    if state not in GONE_STATES:
         return f"still {state} when the report ran"
     if by_teardown:
         return BY_TEARDOWN
