@@ -149,7 +149,8 @@ def seconds_lost_to_preemption(
     attempts: Sequence[BilledInstance], preemptions: Sequence[Preemption], ready: ReadyInstance | None
 ) -> float:
     """For each take-back, the seconds from it (as the run saw it) to the launch of the next attempt, plus that
-    attempt's seconds from launch to ready when it is the instance the run was last made ready on (`ready`).
+    attempt's seconds_to_ready (its boot and bootstrap, timed from the ready wait's start just after the launch) when
+    it is the instance the run was last made ready on (`ready`).
 
     The time a replacement took to get ready is known for that last one only: one that EC2 took back in turn counts
     its own take-back's wait for a relaunch, not its boot. A take-back with no next attempt (the run gave up) adds 0.
