@@ -66,6 +66,9 @@ LEFT_TO_SWEEP = "left_to_sweep"
 # Names of the cost on the training's MLflow run: metrics (comparable across runs) and tags (overwritten on a retry,
 # where params would refuse a second value).
 COST_METRICS = ("cost_usd", "billed_seconds", "non_training_seconds", "training_share")
+# Beside them, what spot recovery cost and spot saved: the instances launched, EC2's take-backs, the seconds lost to
+# them and the saving against on-demand (observe.publish.cost_metrics).
+RECOVERY_METRICS = ("attempts", "preemptions", "seconds_lost_to_preemption", "saving_vs_on_demand")
 PRICE_SOURCE_TAG = "ec2_trainer.price_source"
 USD_PER_HOUR_TAG = "ec2_trainer.usd_per_hour"
 

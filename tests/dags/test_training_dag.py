@@ -191,7 +191,8 @@ def assert_reported_success(
     from mlflow import MlflowClient
 
     from orchestrator.contracts import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
-    from orchestrator.observe.cost import transition_time
+    from orchestrator.observe.cost import BY_TEARDOWN, SECONDS_PER_MONTH, transition_time
+    from orchestrator.observe.pricing import gp3_usd_per_gb_month
 
     report = RunReport.from_dict(data)
     assert (report.outcome, report.failed_step, report.error) == ("success", None, None)
@@ -220,7 +221,14 @@ def assert_reported_success(
     ended = transition_time(instance["StateTransitionReason"])
     assert ended is not None
     assert cost.billed_s == max(60.0, math.ceil(ended - instance["LaunchTime"].timestamp()))
-    assert cost.usd == pytest.approx(cost.billed_s / 3600 * 0.8048, abs=1e-6)
+    # One attempt, ended by the teardown; its root volume (the plan's size, gp3) is billed over the same seconds.
+    (attempt,) = report.attempts
+    assert (attempt["instance_id"], attempt["ended_by"]) == (instance["InstanceId"], BY_TEARDOWN)
+    assert attempt["root_volume_gb"] == tis["plan_launch"].xcom_pull(task_ids="plan_launch")["root_volume_gb"]
+    volume = attempt["root_volume_gb"] * gp3_usd_per_gb_month("us-east-1") * cost.billed_s / SECONDS_PER_MONTH
+    assert cost.volume_usd == pytest.approx(volume, abs=1e-6)
+    assert cost.usd == pytest.approx(cost.billed_s / 3600 * 0.8048 + volume, abs=1e-6) == attempt["usd"]
+    assert (report.preemptions, report.seconds_lost_to_preemption, cost.saving_vs_on_demand_usd) == ([], 0.0, 0.0)
     assert cost.training_s == report.phases_s["training"]
     assert cost.non_training_s == pytest.approx(cost.billed_s - cost.training_s)
     assert 0 < cost.training_share < 1
@@ -230,6 +238,11 @@ def assert_reported_success(
         "billed_seconds": cost.billed_s,
         "non_training_seconds": pytest.approx(cost.non_training_s),
         "training_share": pytest.approx(cost.training_share),
+    }
+    assert {k: logged.metrics[k] for k in ("attempts", "preemptions", "seconds_lost_to_preemption")} == {
+        "attempts": 1.0,
+        "preemptions": 0.0,
+        "seconds_lost_to_preemption": 0.0,
     }
     assert (logged.tags[PRICE_SOURCE_TAG], logged.tags[USD_PER_HOUR_TAG]) == ("fallback-table", "0.8048")
 

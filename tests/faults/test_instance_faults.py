@@ -172,6 +172,7 @@ def test_a_spot_instance_taken_back_mid_training_relaunches_and_resumes_in_the_s
     from embedded.cloud import send_spot_interruption
     from embedded.cloud.seed import DATASET_BUCKET
     from orchestrator.contracts import MLFLOW_RUN_ID_KEY, PREEMPTIONS_KEY, PREEMPTIONS_TAG, RECOVERED_READY_KEY
+    from orchestrator.observe.report import RunReport
 
     monkeypatch.setenv("TRAINER__CHECKPOINTS__URI", f"s3://{DATASET_BUCKET}/checkpoints/")
     monkeypatch.setenv("TRAINER__CHECKPOINTS__MINUTES", "0")
@@ -207,6 +208,15 @@ def test_a_spot_instance_taken_back_mid_training_relaunches_and_resumes_in_the_s
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[PREEMPTIONS_TAG] == "1"
+    # The report: both attempts, each billed; the cost is their sum; the recovery's figures on the MLflow run.
+    report = RunReport.from_dict(tis["report"].xcom_pull(task_ids="report"))
+    assert [(a["instance_id"], a["market"], a["ended_by"]) for a in report.attempts] == [
+        (fault.result, "spot", "taken back by EC2 (Server.SpotInstanceTermination)"),
+        (relaunched["InstanceId"], "spot", "terminated by the teardown"),
+    ]
+    assert report.cost is not None and report.cost.usd == round(sum(a["usd"] for a in report.attempts), 6)
+    assert report.seconds_lost_to_preemption > 0
+    assert (run.data.metrics["attempts"], run.data.metrics["preemptions"]) == (2.0, 1.0)
     resumed_from = int(run.data.tags["ec2_trainer.resumed_from_epoch"])
     assert fault.job_dir is not None
     first_job = (fault.job_dir / "output.log").read_text(errors="replace")

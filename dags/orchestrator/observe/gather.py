@@ -19,11 +19,18 @@ from orchestrator.contracts import (
     MLFLOW_RUN_ID_KEY,
     MLFLOW_RUN_URL_KEY,
     PREEMPTIONS_KEY,
+    RECOVERED_READY_KEY,
     SHA_XCOM_KEY,
 )
-from orchestrator.contracts_steps import Evaluation, LaunchedInstance, Preemption, ReadyInstance
-from orchestrator.observe.cost import BilledInstance, run_cost, transition_time
-from orchestrator.observe.report import Cost, RunReport, error_line
+from orchestrator.contracts_steps import Evaluation, LaunchedInstance, LaunchPlan, Preemption, ReadyInstance
+from orchestrator.observe.cost import (
+    BilledInstance,
+    end_reason,
+    run_cost,
+    seconds_lost_to_preemption,
+    transition_time,
+)
+from orchestrator.observe.report import RunReport, error_line
 from orchestrator.observe.verdict import decide, unfinished_run_end
 from orchestrator.tracking.runs import end_mlflow_run
 from orchestrator.tracking.training_runs import task_outcomes
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 
 TERMINATED_AT_KEY = "observed_at"  # terminate: when it saw its instances' final states (epoch seconds)
 _OFF_STATES = ("shutting-down", "terminated")
+# The steps that record the spot instances EC2 took back (contracts.PREEMPTIONS_KEY), in the run's order: wait_ready
+# while the instance bootstraps, train while it trains.
+PREEMPTION_STEPS = ("wait_ready", "train")
 _T = TypeVar("_T")
 
 
@@ -61,10 +71,10 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     def xcom(task_id: str, key: str = "return_value") -> Any:
         return ti.xcom_pull(task_ids=task_id, key=key)
 
-    def result(read: Callable[[object], _T], task_id: str) -> _T | None:
+    def result(read: Callable[[object], _T], task_id: str, key: str = "return_value") -> _T | None:
         """A step's typed result; None when it left none, or one this report cannot read (logged)."""
-        value = xcom(task_id)
-        return _guarded(f"{task_id}'s result", lambda: read(value), None) if value else None
+        value = xcom(task_id, key)
+        return _guarded(f"{task_id}'s {key}", lambda: read(value), None) if value else None
 
     no_outcomes: dict[str, tuple[str, float | None]] = {}
     tasks = _guarded("task outcomes", lambda: task_outcomes(ti, dag_id, run_id), no_outcomes)
@@ -76,6 +86,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     outcome = decide({t: tasks[t][0] if t in tasks else None for t in order}, teardowns_of(dag)) if tasks else None
 
     git_sha = xcom("ci_gate") or xcom("ci_gate", SHA_XCOM_KEY)
+    plan = result(LaunchPlan.from_xcom, LaunchPlan.STEP)
     launched = result(LaunchedInstance.from_xcom, LaunchedInstance.STEP)
     ready = result(ReadyInstance.from_xcom, ReadyInstance.STEP)
     evaluation = result(Evaluation.from_xcom, Evaluation.STEP)
@@ -92,16 +103,25 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     training_s = _job_seconds(run) if run else durations.get("train")
     phases = phases_of(durations, ready, training_s)
 
-    preemptions: list[dict[str, Any]] = _guarded(
+    preemptions: list[Preemption] = _guarded(
         "the preemption records",
-        lambda: [Preemption.from_xcom(p).to_xcom() for p in xcom("train", PREEMPTIONS_KEY) or []],
+        lambda: [Preemption.from_xcom(p) for step in PREEMPTION_STEPS for p in xcom(step, PREEMPTIONS_KEY) or []],
         [],
     )
     # Terminate names the live instances it ended; those EC2 took back were gone before it ran, and are billed too.
-    ended = list(xcom("terminate") or {}) or ([launched.instance_id] if launched else [])
-    instance_ids = [*dict.fromkeys([*(p["instance_id"] for p in preemptions), *ended])]
-    seen_at = xcom("terminate", TERMINATED_AT_KEY) or time.time()
-    cost = _guarded("the cost", lambda: _cost(s, instance_ids, float(seen_at), training_s or 0.0), None)
+    by_teardown = list(xcom("terminate") or {})
+    ended = by_teardown or ([launched.instance_id] if launched else [])
+    instance_ids = [*dict.fromkeys([*(p.instance_id for p in preemptions), *ended])]
+    seen_at = float(xcom("terminate", TERMINATED_AT_KEY) or time.time())
+    root_volume_gb = plan.root_volume_gb if plan else s.aws.root_volume_gb
+    attempts: list[BilledInstance] = _guarded(
+        "the attempts' cost",
+        lambda: billed_attempts(s, instance_ids, seen_at, preemptions, set(by_teardown), root_volume_gb),
+        [],
+    )
+    cost = run_cost(attempts, training_s or 0.0, s.aws.region)
+    # The instance the run was last made ready on: train's after a relaunch, else wait_ready's.
+    last_ready = result(ReadyInstance.from_xcom, "train", RECOVERED_READY_KEY) or ready
 
     links = {"airflow": airflow_run_url(dag_id, run_id)}
     if git_sha:
@@ -140,7 +160,9 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         test_metrics={k: v for k, v in sorted(metrics.items()) if k.startswith("test_")},
         cost=cost,
         mlflow_run_id=mlflow_run_id,
-        preemptions=preemptions,
+        preemptions=[p.to_xcom() for p in preemptions],
+        attempts=[a.to_dict() for a in attempts],
+        seconds_lost_to_preemption=seconds_lost_to_preemption(attempts, preemptions, last_ready),
     )
 
 
@@ -223,14 +245,25 @@ def _job_seconds(run: Any) -> float | None:
     return (end - start) / 1000 if start and end else None
 
 
-def _cost(s: Settings, instance_ids: list[str], seen_at: float, training_s: float) -> Cost | None:
-    """Every instance's billed time (EC2's launch to the termination request) at its price; None with none."""
+def billed_attempts(
+    s: Settings,
+    instance_ids: list[str],
+    seen_at: float,
+    preemptions: list[Preemption],
+    by_teardown: set[str],
+    root_volume_gb: int,
+) -> list[BilledInstance]:
+    """Every instance's billed time (EC2's launch to the termination request) at its price, with its root volume and
+    why it ended, oldest first; an instance EC2 no longer describes is left out (logged)."""
     from orchestrator.cloud.ec2_describe import describe_instance
     from orchestrator.config.connections import AwsClients
-    from orchestrator.observe.pricing import instance_price
+    from orchestrator.observe.pricing import gp3_usd_per_gb_month, instance_price
 
     aws = AwsClients(s.aws.conn_id, s.aws.region)
     ec2 = aws.client("ec2")
+    volume_price = gp3_usd_per_gb_month(s.aws.region)
+    taken_back = {p.instance_id: p.reason for p in preemptions}
+    on_demand: dict[str, float] = {}
     billed: list[BilledInstance] = []
     for instance_id in instance_ids:
         info = describe_instance(ec2, instance_id)
@@ -244,15 +277,40 @@ def _cost(s: Settings, instance_ids: list[str], seen_at: float, training_s: floa
             ended_at = seen_at if info.state in _OFF_STATES else time.time()
         launched_at = info.launch_time.timestamp()
         price = instance_price(aws, s.aws.region, info.instance_type, info.market, info.availability_zone, launched_at)
+        if info.market == "on-demand":
+            on_demand[info.instance_type] = price.usd_per_hour
+        elif info.instance_type not in on_demand:
+            # For the saving: what the same seconds would have cost on demand (one price per type and run).
+            on_demand[info.instance_type] = instance_price(
+                aws, s.aws.region, info.instance_type, "on-demand", None, launched_at
+            ).usd_per_hour
         log.info(
-            "%s (%s, %s): billed from %s for %.0f s at %s USD/h (%s)",
+            "%s (%s, %s, %s): billed from %s for %.0f s at %s USD/h (%s)",
             instance_id,
             info.instance_type,
             info.market,
+            info.availability_zone,
             info.launch_time.isoformat(),
             ended_at - launched_at,
             f"{price.usd_per_hour:g}",
             price.detail,
         )
-        billed.append(BilledInstance(instance_id, launched_at, ended_at, price))
-    return run_cost(billed, training_s, s.aws.region)
+        billed.append(
+            BilledInstance(
+                instance_id,
+                launched_at,
+                ended_at,
+                price,
+                instance_type=info.instance_type,
+                market=info.market,
+                availability_zone=info.availability_zone,
+                ended_by=end_reason(
+                    info.state, info.state_reason, taken_back.get(instance_id), instance_id in by_teardown
+                ),
+                root_volume_gb=root_volume_gb,
+                volume_usd_per_gb_month=volume_price,
+                # The fallback table's 0 is "no price known for the type", not a free instance.
+                on_demand_usd_per_hour=on_demand[info.instance_type] or None,
+            )
+        )
+    return sorted(billed, key=lambda b: b.launched_at)

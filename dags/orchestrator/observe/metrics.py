@@ -142,6 +142,24 @@ def run_metric_families(report: RunReport, before: Totals, pushed_at: float) -> 
             *gauge("cost_usd", "Estimated cost of the latest run's instance.", cost.usd),
             *gauge("price_usd_per_hour", "The hourly price the latest run's cost was estimated at.", cost.usd_per_hour),
         ]
+    if report.preemptions:
+        # Only for a run EC2 interrupted: one without has one instance, nothing lost and its spot saving in its cost.
+        families += [
+            *gauge(
+                "attempts", "Instances the latest run launched (only when EC2 took one back).", len(report.attempts)
+            ),
+            *gauge("preemptions", "Spot instances EC2 took back during the latest run.", len(report.preemptions)),
+            *gauge(
+                "seconds_lost_to_preemption",
+                "The latest run's seconds from each take-back to the next launch, plus the last relaunch's boot.",
+                report.seconds_lost_to_preemption,
+            ),
+            *gauge(
+                "saving_vs_on_demand_usd",
+                "The latest run's instances' billed seconds at on-demand prices minus their estimated cost.",
+                cost.saving_vs_on_demand_usd if cost else None,
+            ),
+        ]
     runs = CounterMetricFamily(RUNS_TOTAL, "Runs reported in this group, by outcome.", labels=["outcome"])
     for outcome in OUTCOMES:
         # Both outcomes always exist, so the first failure shows as an increase from 0 rather than a new series.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -29,6 +29,7 @@ _LINK_LABELS = {"airflow": "Airflow run", "ci": "CI run", "mlflow": "MLflow run"
 _MAX_ERROR = 300
 _SLACK_HEADER_MAX = 150
 _SLACK_FIELD_MAX = 2000
+_SLACK_SECTION_MAX = 3000
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 # Any URL in a provider's error text: its path or query may be the credential (a webhook's token).
 _URL_RE = re.compile(r"(?P<base>[A-Za-z][A-Za-z0-9+.-]*://[^/\s'\"]+)[^\s'\"]*")
@@ -101,6 +102,35 @@ def cost_text(cost: Cost | None) -> str:
     )
 
 
+def recovery_text(report: RunReport) -> str | None:
+    """What spot recovery took and what spot saved, when EC2 took an instance back; None otherwise (one instance: the
+    Instance line says it all)."""
+    if not report.preemptions:
+        return None
+    saving = report.cost.saving_vs_on_demand_usd if report.cost else None
+    parts = [
+        f"{len(report.attempts)} instances, {len(report.preemptions)} taken back by EC2",
+        f"{duration_text(report.seconds_lost_to_preemption)} lost to it",
+        *([f"${saving:.4f} saved against on-demand"] if saving is not None else []),
+    ]
+    return "; ".join(parts)
+
+
+def attempt_text(attempt: Mapping[str, Any]) -> str:
+    """One instance the run launched (an attempt record of RunReport.attempts), on one line."""
+    kind = ", ".join(str(attempt[k]) for k in ("instance_type", "market", "availability_zone") if attempt.get(k))
+    line = (
+        f"{attempt['instance_id']} ({kind}): billed {attempt['billed_s']:.0f} s, ${attempt['usd']:.4f}; "
+        f"{attempt['ended_by']}"
+    )
+    return _one_line(line, _MAX_ERROR)
+
+
+def attempt_lines(report: RunReport) -> list[str]:
+    """Each instance of a run EC2 interrupted, numbered, oldest first; none for a run without a preemption."""
+    return [f"{n}. {attempt_text(a)}" for n, a in enumerate(report.attempts, 1)] if report.preemptions else []
+
+
 def _promotion_text(report: RunReport) -> str:
     reason = _one_line(report.promotion_reason or "", _MAX_ERROR)
     if report.promoted is None:
@@ -133,6 +163,8 @@ def facts(report: RunReport) -> list[tuple[str, str]]:
         ("Duration", duration_text(report.duration_s)),
         ("Cost", cost_text(report.cost)),
     ]
+    if recovery := recovery_text(report):
+        rows.append(("Spot recovery", recovery))
     if report.git_sha:
         rows.append(("Commit", report.git_sha))
     if report.instance_id:
@@ -157,6 +189,8 @@ def compose_email(report: RunReport) -> Email:
     width = max(len(label) for label, _ in facts(report))
     lines = [f"{_headline(report)}: run {report.run_id} (deployment {report.deployment})", ""]
     lines += [f"{label + ':':<{width + 1}} {value}" for label, value in facts(report)]
+    if attempts := attempt_lines(report):
+        lines += ["", "Attempts:", *(f"  {line}" for line in attempts)]
     links = _links(report)
     if links:
         lines += ["", "Links:", *(f"  {label}: {url}" for label, url in links)]
@@ -192,6 +226,9 @@ def compose_slack(report: RunReport) -> SlackMessage:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Error*\n```{_mrkdwn(error)}```"}})
     # A section holds at most 10 fields.
     blocks += [{"type": "section", "fields": fields[i : i + 10]} for i in range(0, len(fields), 10)]
+    if attempts := attempt_lines(report):
+        text = _cut("*Attempts*\n" + "\n".join(_mrkdwn(line) for line in attempts), _SLACK_SECTION_MAX)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text}})
     context = [f"commit `{report.git_sha[:12]}`"] if report.git_sha else []
     context += [_slack_link(url, label) for label, url in _links(report)]
     if context:

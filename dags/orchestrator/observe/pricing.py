@@ -1,6 +1,7 @@
 """The hourly price of an instance: the AWS Price List API (on-demand), DescribeSpotPriceHistory (spot), or the
 fallback table config/prices.toml when AWS does not answer (no permission, throttled, or a stand-in that does not
-serve the API, like the embedded default's moto). The Price always says which source it came from, and why."""
+serve the API, like the embedded default's moto). The Price always says which source it came from, and why.
+The root volumes' gp3 price per GB-month always comes from that table."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FALLBACK_FILE = Path(__file__).resolve().parents[3] / "config" / "prices.toml"
 FALLBACK_REGION = "us-east-1"
+VOLUME_PRICES = "gp3_usd_per_gb_month"  # the table of the root volumes' price
 # The Price List API answers in a few regions only; us-east-1's endpoint serves the prices of every region.
 PRICING_API_REGION = "us-east-1"
 # A price only refines the report, which waits on it after the run: one retry, then the table (saying why), rather
@@ -135,15 +137,31 @@ def fallback_price(instance_type: str, region: str, reason: str, path: Path = FA
     return Price(float(prices[instance_type]), "fallback-table", f"{path.name}, read on {table['read_on']} ({reason})")
 
 
+def gp3_usd_per_gb_month(region: str, path: Path = FALLBACK_FILE) -> float:
+    """The table's gp3 price for the region; us-east-1's (logged) for a region it lacks."""
+    prices = read_price_table(path)[VOLUME_PRICES]
+    if region not in prices:
+        log.warning("%s has no gp3 price for %s: using %s's", path.name, region, FALLBACK_REGION)
+        region = FALLBACK_REGION
+    return float(prices[region])
+
+
 def read_price_table(path: Path = FALLBACK_FILE) -> dict[str, Any]:
-    """The fallback table, checked: `read_on` and `[regions.<region>]` tables of positive USD/h prices."""
+    """The fallback table, checked: `read_on`, `[regions.<region>]` tables of positive USD/h prices, and a
+    `[gp3_usd_per_gb_month]` table of positive prices by region, us-east-1's among them."""
     with path.open("rb") as fh:
         table = tomllib.load(fh)
-    regions = table.get("regions")
-    if not isinstance(table.get("read_on"), str) or not isinstance(regions, dict):
-        raise OrchestratorError(f'{path}: expected read_on = "YYYY-MM" and [regions.<region>] tables')
-    for region, prices in regions.items():
-        for instance_type, usd in (prices or {}).items():
-            if isinstance(usd, bool) or not isinstance(usd, int | float) or usd <= 0:
-                raise OrchestratorError(f"{path}: regions.{region}.{instance_type} must be a positive USD/h price")
+    regions, volumes = table.get("regions"), table.get(VOLUME_PRICES)
+    if not isinstance(table.get("read_on"), str) or not isinstance(regions, dict) or not isinstance(volumes, dict):
+        raise OrchestratorError(
+            f'{path}: expected read_on = "YYYY-MM", [regions.<region>] and [{VOLUME_PRICES}] tables'
+        )
+    if FALLBACK_REGION not in volumes:
+        raise OrchestratorError(f"{path}: {VOLUME_PRICES} has no {FALLBACK_REGION} price (the fallback region's)")
+    priced = [
+        (f"regions.{region}.{name}", usd) for region, prices in regions.items() for name, usd in (prices or {}).items()
+    ]
+    for name, usd in [*priced, *((f"{VOLUME_PRICES}.{region}", usd) for region, usd in volumes.items())]:
+        if isinstance(usd, bool) or not isinstance(usd, int | float) or usd <= 0:
+            raise OrchestratorError(f"{path}: {name} must be a positive USD price")
     return table

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from orchestrator.contracts import COST_METRICS, PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
+from orchestrator.contracts import COST_METRICS, PRICE_SOURCE_TAG, RECOVERY_METRICS, USD_PER_HOUR_TAG
 from orchestrator.observe.metrics import push_run_metrics
 from orchestrator.observe.notify import send_notifications
 from orchestrator.observe.report import error_line
@@ -56,22 +56,40 @@ def log_cost_to_mlflow(settings: Settings, report: RunReport) -> None:
         return
     creds = mlflow_credentials(settings.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password):
-        log_cost(settings.mlflow.tracking_uri, report.mlflow_run_id, report.cost)
+        log_cost(settings.mlflow.tracking_uri, report.mlflow_run_id, report.cost, cost_metrics(report, report.cost))
 
 
-def log_cost(tracking_uri: str, run_id: str, cost: Cost) -> None:
-    """Record what the run's instance cost on its MLflow run; raises TrackingServerError if MLflow refuses."""
+def cost_metrics(report: RunReport, cost: Cost) -> dict[str, float]:
+    """The run's cost as MLflow metrics: COST_METRICS, then RECOVERY_METRICS: attempts (the instances launched),
+    preemptions (EC2's take-backs), seconds_lost_to_preemption (report.seconds_lost_to_preemption) and
+    saving_vs_on_demand (the same instances' billed seconds at their types' on-demand prices minus their cost; absent
+    when an on-demand price is unknown)."""
+    attempts, preemptions, lost, saving = RECOVERY_METRICS
+    values = (cost.usd, cost.billed_s, cost.non_training_s, cost.training_share)
+    metrics = {
+        **dict(zip(COST_METRICS, values, strict=True)),
+        attempts: len(report.attempts),
+        preemptions: len(report.preemptions),
+        lost: report.seconds_lost_to_preemption,
+    }
+    if cost.saving_vs_on_demand_usd is not None:
+        metrics[saving] = cost.saving_vs_on_demand_usd
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def log_cost(tracking_uri: str, run_id: str, cost: Cost, metrics: dict[str, float]) -> None:
+    """Record what the run's instances cost (`metrics`, cost_metrics) on its MLflow run; raises TrackingServerError
+    if MLflow refuses."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(tracking_uri=tracking_uri)
     now_ms = int(time.time() * 1000)
-    values = (cost.usd, cost.billed_s, cost.non_training_s, cost.training_share)
     mlflow_call(
         f"logging the cost on run {run_id}",
         client.log_batch,
         run_id,
-        metrics=[Metric(name, float(value), now_ms, 0) for name, value in zip(COST_METRICS, values, strict=True)],
+        metrics=[Metric(name, value, now_ms, 0) for name, value in metrics.items()],
         tags=[RunTag(PRICE_SOURCE_TAG, cost.price_source), RunTag(USD_PER_HOUR_TAG, f"{cost.usd_per_hour:g}")],
     )
     log.info(

@@ -25,14 +25,20 @@ MAX_ERROR_CHARS = 300
 
 @dataclass(frozen=True)
 class Cost:
-    usd: float  # billed_s / 3600 * usd_per_hour
-    billed_s: float  # EC2 per-second billing, 60 s minimum, from the instance's launch to its termination
+    # Every attempt's billed seconds at its own price, plus their root volumes (volume_usd): the sum of the
+    # attempts' own usd (RunReport.attempts).
+    usd: float
+    billed_s: float  # EC2 per-second billing, 60 s minimum, from each instance's launch to its termination, summed
     training_s: float  # seconds the training job ran on it
     non_training_s: float  # billed_s - training_s
     training_share: float  # training_s / billed_s (0..1)
-    usd_per_hour: float
+    usd_per_hour: float  # the instances' price (averaged over billed time when the attempts' prices differ)
     price_source: str  # one of PRICE_SOURCES
     region: str
+    volume_usd: float = 0.0  # the root EBS volumes' share of usd
+    # The same instances' billed seconds at their types' on-demand prices minus what they cost (the volumes cost the
+    # same either way): what spot saved. None when an on-demand price is unknown.
+    saving_vs_on_demand_usd: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,9 +71,13 @@ class RunReport:
     test_metrics: dict[str, float]  # the run's test_* metrics from MLflow
     cost: Cost | None  # None when no instance was launched
     mlflow_run_id: str | None = None  # the training's MLflow run, where the cost is logged
-    # The spot instances EC2 took back while the run trained (contracts_steps.Preemption records, oldest first); the
-    # cost counts each of them too.
+    # The spot instances EC2 took back while the run bootstrapped or trained (contracts_steps.Preemption records of
+    # wait_ready, then train, oldest first); the cost counts each of them too.
     preemptions: list[dict[str, Any]] = field(default_factory=list)
+    # Every instance the run launched, oldest first (observe.cost.BilledInstance.to_dict: id, zone, type, market,
+    # billed seconds, usd, ended_by); cost sums them.
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    seconds_lost_to_preemption: float = 0.0  # observe.cost.seconds_lost_to_preemption
     extra: dict[str, Any] = field(default_factory=dict)  # room for later additions without a contract change
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,13 +1,33 @@
-"""orchestrator.observe.gather: the phases of a run from its steps' durations and what wait_ready measured (pure);
-the report against real runs is checked end to end in tests/dags/test_training_dag.py."""
+"""orchestrator.observe.gather: the phases of a run from its steps' durations and what wait_ready measured (pure),
+the attempts as EC2 describes them (an in-process AWS); the report against real runs is checked end to end in
+tests/dags/test_training_dag.py."""
 
 from __future__ import annotations
 
-from orchestrator.contracts_steps import ReadyInstance
-from orchestrator.observe.gather import airflow_run_url, phases_of
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from orchestrator.config.settings import load_settings
+from orchestrator.contracts_steps import Preemption, ReadyInstance
+from orchestrator.observe.cost import BY_TEARDOWN, Price
+from orchestrator.observe.gather import airflow_run_url, billed_attempts, phases_of
+from tests.support.aws_cloud import REGION, StrictAws, strict_aws
 from tests.support.step_results import READY as READY_XCOM
 
 READY = ReadyInstance.from_xcom(READY_XCOM)
+
+
+@pytest.fixture
+def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictAws]:
+    with strict_aws(monkeypatch) as aws:
+        conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": REGION}}
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
+        yield aws
 
 
 def test_every_phase_of_a_finished_run() -> None:
@@ -37,3 +57,64 @@ def test_phases_the_run_never_reached_are_absent() -> None:
 def test_airflow_run_url_quotes_the_run_id() -> None:
     url = airflow_run_url("ec2_training", "manual__2026-11-26T20:00:00+00:00")
     assert url.endswith("/dags/ec2_training/runs/manual__2026-11-26T20%3A00%3A00%2B00%3A00")
+
+
+def _start(cloud: StrictAws, zone: str) -> str:
+    image_id = next(iter(cloud.images.values()))
+    found = cloud.ec2.run_instances(
+        ImageId=image_id,
+        InstanceType="g6.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        Placement={"AvailabilityZone": zone},
+        InstanceMarketOptions={"MarketType": "spot"},
+    )
+    return str(found["Instances"][0]["InstanceId"])
+
+
+def test_each_attempt_has_its_zone_market_price_root_volume_and_why_it_ended(
+    cloud: StrictAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    from orchestrator.observe import pricing
+
+    asked: list[tuple[str, str, str | None]] = []
+
+    def price(aws: Any, region: str, instance_type: str, market: str, zone: str | None, at: float) -> Price:
+        asked.append((instance_type, market, zone))
+        return Price(0.30 if market == "spot" else 0.8048, "fallback-table", "test")
+
+    monkeypatch.setattr(pricing, "instance_price", price)
+    lost = _start(cloud, f"{REGION}a")
+    # EC2 takes it back: terminated, with its StateReason.
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    backend.terminate_instances([lost])
+    code = "Server.SpotInstanceTermination"
+    backend.get_instance(lost).state_reason = StateReason(f"{code}: Spot instance termination", code)
+    backend.get_instance(lost).launch_time -= timedelta(minutes=10)
+    relaunched = _start(cloud, f"{REGION}b")
+    cloud.ec2.terminate_instances(InstanceIds=[relaunched])
+    s = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "gather-test", "TRAINER__AWS__REGION": REGION})
+    preemption = Preemption(lost, "g6.xlarge", "spot", f"{REGION}a", code, time.time())
+
+    attempts = billed_attempts(
+        s, [relaunched, lost, "i-0000000000000dead"], time.time(), [preemption], {relaunched}, 120
+    )
+    # Oldest first; an instance EC2 no longer describes is left out.
+    assert [(a.instance_id, a.availability_zone, a.market, a.ended_by) for a in attempts] == [
+        (lost, f"{REGION}a", "spot", f"taken back by EC2 ({code})"),
+        (relaunched, f"{REGION}b", "spot", BY_TEARDOWN),
+    ]
+    assert attempts[0].billed_s >= 600.0  # launched ten minutes before its take-back
+    for attempt in attempts:
+        assert (attempt.price.usd_per_hour, attempt.on_demand_usd_per_hour) == (0.30, 0.8048)
+        assert (attempt.root_volume_gb, attempt.volume_usd_per_gb_month) == (120, 0.08)
+    # Each spot price in its own zone; the type's on-demand price (for the saving) once.
+    assert asked == [
+        ("g6.xlarge", "spot", f"{REGION}b"),
+        ("g6.xlarge", "on-demand", None),
+        ("g6.xlarge", "spot", f"{REGION}a"),
+    ]

@@ -26,6 +26,7 @@ from orchestrator.observe.metrics import (
     run_metric_families,
 )
 from tests.conftest import REPO
+from tests.orchestrator.observe.test_report import PREEMPTED
 from tests.support.monitoring import (
     GATEWAY_LOGIN,
     INSTANCE_ID,
@@ -103,6 +104,22 @@ def test_a_success_run_gives_every_series_with_bounded_labels_only() -> None:
     assert labels <= ALLOWED_LABELS
     values = {value for _, pairs in got for _, value in pairs} | set(grouping_key(report).values())
     assert not values & {RUN_ID, INSTANCE_ID, SHA, report.mlflow_run_id}
+
+
+def test_a_preempted_run_gives_its_attempts_preemptions_seconds_lost_and_saving() -> None:
+    recovery = ("attempts", "preemptions", "seconds_lost_to_preemption", "saving_vs_on_demand_usd")
+    changes = {k: getattr(PREEMPTED, k) for k in ("cost", "attempts", "preemptions", "seconds_lost_to_preemption")}
+    got = samples(run_metric_families(success_report(market="spot", **changes), Totals(), pushed_at=0.0))
+    assert PREEMPTED.cost is not None
+    assert [got[(f"{PREFIX}last_run_{name}", ())] for name in recovery] == [
+        2.0,
+        1.0,
+        125.0,
+        PREEMPTED.cost.saving_vs_on_demand_usd,
+    ]
+    # A run EC2 never interrupted: none of them.
+    names = {name for name, _ in samples(run_metric_families(success_report(), Totals(), pushed_at=0.0))}
+    assert not {f"{PREFIX}last_run_{name}" for name in recovery} & names
 
 
 def test_the_totals_add_this_run_to_what_the_group_held() -> None:

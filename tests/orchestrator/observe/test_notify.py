@@ -20,7 +20,7 @@ from orchestrator.config.settings import Settings, load_settings
 from orchestrator.errors import ConfigError
 from orchestrator.observe.notify import compose_email, compose_slack, send_notifications
 from orchestrator.observe.report import RunReport
-from tests.orchestrator.observe.test_report import REPORT
+from tests.orchestrator.observe.test_report import PREEMPTED, REPORT
 
 SMTP_CONN = "notify_smtp"
 SLACK_CONN = "notify_slack"
@@ -153,6 +153,24 @@ def test_the_failure_message_says_step_first_error_line_and_links() -> None:
     assert "FAILED at train" in chat.text
     assert "```training exited with code 3: see the train | lines```" in json.dumps(chat.blocks)
     assert verdict({"text": chat.text, "blocks": chat.blocks}) == (200, "ok")
+
+
+def test_a_preempted_run_lists_its_attempts_the_seconds_lost_and_the_saving() -> None:
+    mail, chat = compose_email(replace(PREEMPTED, links=LINKS)), compose_slack(replace(PREEMPTED, links=LINKS))
+    recovery = "Spot recovery: 2 instances, 1 taken back by EC2; 2 min 05 s lost to it; $0.2135 saved against on-demand"
+    attempts = [
+        "1. i-0aaaaaaaaaaaaaaa1 (g6.xlarge, spot, us-east-1a): billed 728 s, $0.0633; taken back by EC2 "
+        "(Server.SpotInstanceTermination)",
+        "2. i-0bbbbbbbbbbbbbbb2 (g6.xlarge, spot, us-east-1b): billed 800 s, $0.0695; terminated by the teardown",
+    ]
+    assert recovery in mail.body
+    assert "\nAttempts:\n" + "".join(f"  {line}\n" for line in attempts) in mail.body
+    text = _slack_text({"text": chat.text, "blocks": chat.blocks})
+    assert "2 min 05 s lost to it" in text and all(line in text for line in attempts)
+    assert verdict({"text": chat.text, "blocks": chat.blocks}) == (200, "ok")
+    # A run EC2 never interrupted: its one instance is the Instance line, nothing more.
+    for message in (compose_email(SUCCESS).body, _slack_text({"blocks": compose_slack(SUCCESS).blocks})):
+        assert "Spot recovery" not in message and "Attempts" not in message
 
 
 def test_a_run_without_an_instance_says_so() -> None:

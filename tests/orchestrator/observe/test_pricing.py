@@ -18,6 +18,7 @@ from orchestrator.observe.pricing import (
     PRICE_LOOKUP_ATTEMPTS,
     PriceNotFoundError,
     fallback_price,
+    gp3_usd_per_gb_month,
     instance_price,
     on_demand_price,
     on_demand_usd_per_hour,
@@ -176,6 +177,24 @@ def test_fallback_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert (unknown.usd_per_hour, unknown.source) == (0.0, "fallback-table")
     assert f"{FALLBACK_FILE.name} has no price for x9.huge" in caplog.text
     bad = tmp_path / "prices.toml"
-    bad.write_text('read_on = "2025-06"\n[regions.us-east-1]\n"g6.xlarge" = -1\n')
-    with pytest.raises(Exception, match=r"regions.us-east-1.g6.xlarge must be a positive USD/h price"):
+    bad.write_text(
+        'read_on = "2025-06"\n[regions.us-east-1]\n"g6.xlarge" = -1\n[gp3_usd_per_gb_month]\n"us-east-1" = 0.08\n'
+    )
+    with pytest.raises(Exception, match=r"regions.us-east-1.g6.xlarge must be a positive USD price"):
+        read_price_table(bad)
+
+
+def test_root_volume_price_from_the_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert gp3_usd_per_gb_month("us-east-1") == 0.08
+    assert gp3_usd_per_gb_month("eu-west-1") == 0.08
+    assert "has no gp3 price for eu-west-1: using us-east-1's" in caplog.text
+    bad = tmp_path / "prices.toml"
+    bad.write_text('read_on = "2025-06"\n[regions.us-east-1]\n"g6.xlarge" = 1\n')
+    with pytest.raises(Exception, match=r"\[gp3_usd_per_gb_month\] tables"):
+        read_price_table(bad)
+    bad.write_text('read_on = "2025-06"\n[regions.us-east-1]\n[gp3_usd_per_gb_month]\n"eu-west-1" = 0.08\n')
+    with pytest.raises(Exception, match="gp3_usd_per_gb_month has no us-east-1 price"):
+        read_price_table(bad)
+    bad.write_text('read_on = "2025-06"\n[regions.us-east-1]\n[gp3_usd_per_gb_month]\n"us-east-1" = 0\n')
+    with pytest.raises(Exception, match=r"gp3_usd_per_gb_month.us-east-1 must be a positive USD price"):
         read_price_table(bad)

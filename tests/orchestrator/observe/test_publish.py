@@ -10,8 +10,8 @@ import pytest
 from embedded.services.mlflow_server import MlflowServer
 from orchestrator.config.settings import Settings, load_settings
 from orchestrator.contracts import PRICE_SOURCE_TAG, USD_PER_HOUR_TAG
-from orchestrator.observe.publish import publish
-from tests.orchestrator.observe.test_report import REPORT
+from orchestrator.observe.publish import cost_metrics, publish
+from tests.orchestrator.observe.test_report import PREEMPTED, REPORT
 from tests.support.mlflow_servers import FaultProxy
 
 
@@ -41,10 +41,25 @@ def test_the_cost_is_logged_on_the_training_run(mlflow_server: MlflowServer) -> 
         "billed_seconds": 714.0,
         "non_training_seconds": 114.0,
         "training_share": pytest.approx(0.8403),
+        "attempts": 1.0,
+        "preemptions": 0.0,
+        "seconds_lost_to_preemption": 0.0,
+        "saving_vs_on_demand": 0.0,
     }
     assert (data.tags[PRICE_SOURCE_TAG], data.tags[USD_PER_HOUR_TAG]) == ("fallback-table", "0.8048")
     # A second report (a retried task) overwrites rather than fails.
     assert publish(_settings(mlflow_server.url), replace(REPORT, mlflow_run_id=run_id)) == ["mlflow"]
+
+
+def test_a_preempted_run_counts_its_attempts_the_seconds_lost_and_the_saving() -> None:
+    assert PREEMPTED.cost is not None
+    metrics = cost_metrics(PREEMPTED, PREEMPTED.cost)
+    assert metrics["cost_usd"] == PREEMPTED.cost.usd
+    assert (metrics["attempts"], metrics["preemptions"], metrics["seconds_lost_to_preemption"]) == (2.0, 1.0, 125.0)
+    # 728 + 800 spot seconds at 0.8048 on demand instead of 0.3019.
+    assert metrics["saving_vs_on_demand"] == pytest.approx(1528 / 3600 * (0.8048 - 0.3019), abs=1e-6)
+    unknown = replace(PREEMPTED.cost, saving_vs_on_demand_usd=None)
+    assert "saving_vs_on_demand" not in cost_metrics(PREEMPTED, unknown)
 
 
 def test_nothing_to_log_without_an_instance_or_a_run(mlflow_server: MlflowServer) -> None:
