@@ -23,9 +23,28 @@ import torch
 from PIL import Image
 
 from remote import dataset, engine, synthetic
+from remote.layout import TRAIN_SPLIT, VALIDATION_SPLIT
 from remote.models import DamageCNN, SeedNet
 
 log = logging.getLogger("benchmark")
+
+CACHE_DIR = Path(tempfile.gettempdir()) / "hurricane-benchmark"
+
+
+def synthetic_splits(
+    train_images: int, val_images: int, cache_dir: Path
+) -> tuple[dataset.SplitFiles, dataset.SplitFiles]:
+    """The training and validation files of the job's synthetic data (128x128 JPEGs, half per class), generated
+    into `cache_dir` once per size and reused."""
+    spec = synthetic.SyntheticSpec(
+        train_per_class=train_images // 2,
+        val_per_class=val_images // 2,
+        test_per_class=1,
+        test_another_damage=0,
+        test_another_no_damage=0,
+    )
+    root = synthetic.materialize(spec, cache_dir)
+    return dataset.scan_split(root, TRAIN_SPLIT), dataset.scan_split(root, VALIDATION_SPLIT)
 
 
 def _baseline(model: torch.nn.Module, files: dataset.SplitFiles, device: torch.device, limit: int) -> float:
@@ -92,21 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA only")
-    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "hurricane-benchmark"))
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR))
     args = parser.parse_args(argv)
     device = engine.resolve_device(args.device)
     if args.compile is None:
         args.compile = engine.resolve_compile("auto", device)
-    spec = synthetic.SyntheticSpec(
-        train_per_class=args.images // 2,
-        val_per_class=500,
-        test_per_class=1,
-        test_another_damage=0,
-        test_another_no_damage=0,
-    )
-    root = synthetic.materialize(spec, Path(args.cache_dir))
-    files = dataset.scan_split(root, "train_another")
-    val = dataset.scan_split(root, "validation_another")
+    files, val = synthetic_splits(args.images, 1_000, Path(args.cache_dir))
     log.info(
         "device %s, %d training images, %d epochs, batch %d, compile %s",
         engine.device_name(device),
