@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -38,19 +39,22 @@ def settings(cloud: StrictAws) -> Settings:
 
 
 def test_plan_launch_reads_its_connection_once_for_every_service(
-    cloud: StrictAws, settings: Settings, capsys: pytest.CaptureFixture[str]
+    cloud: StrictAws, settings: Settings, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The Amazon provider logs where it found the credentials once per hook: plan_launch built one per service
     (EC2, SSM, IAM), and its log said "credentials retrieved from login and password" three times."""
     from orchestrator.cloud.tasks import plan_launch
 
     capsys.readouterr()
-    plan = plan_launch(settings, "a" * 40, DAG_ID, "manual__preflight")
+    with caplog.at_level(logging.INFO, logger="orchestrator.cloud.tasks"):
+        plan = plan_launch(settings, "a" * 40, DAG_ID, "manual__preflight")
     assert plan.ami_id == cloud.images[settings.aws.ami_ssm_parameter]
     # Airflow's own loggers (structlog) write to stdout outside a task.
     out = capsys.readouterr().out
     assert out.count("credentials retrieved from login and password") == 1, out
-    assert f"Checked the vCPU quotas in {REGION}: L-DB2E81BA (Running On-Demand G and VT instances) = 64 vCPUs" in out
+    # The project's loggers are the standard library's: where they print depends on what ran before in the process.
+    quotas = f"Checked the vCPU quotas in {REGION}: L-DB2E81BA (Running On-Demand G and VT instances) = 64 vCPUs"
+    assert quotas in caplog.text
 
 
 def test_terminate_ends_the_instances_the_launch_reported_even_when_no_tag_names_them(
