@@ -41,6 +41,8 @@ DAG_RUN_ID_TAG = "airflow.run_id"
 JOB_KEY_TAG = "ec2_trainer.job_key"
 # How many times EC2 took the run's spot instance back while it trained (the job resumed each time).
 PREEMPTIONS_TAG = "ec2_trainer.preemptions"
+# Set by the job (remote/checkpoints.py) when a checkpoint could not be written: it trained on without them.
+CHECKPOINT_ERROR_TAG = "ec2_trainer.checkpoint_error"
 
 # MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
 PARENT_RUN_TAG = "mlflow.parentRunId"

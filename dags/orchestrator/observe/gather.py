@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from orchestrator.config.settings import Settings
 from orchestrator.contracts import (
+    CHECKPOINT_ERROR_TAG,
     FAILURE_KEY,
     MLFLOW_RUN_ID_KEY,
     MLFLOW_RUN_URL_KEY,
@@ -163,7 +164,16 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         preemptions=[p.to_xcom() for p in preemptions],
         attempts=[a.to_dict() for a in attempts],
         seconds_lost_to_preemption=seconds_lost_to_preemption(attempts, preemptions, last_ready),
+        warnings=run_warnings(run),
     )
+
+
+def run_warnings(run: Any) -> list[str]:
+    """What the training's MLflow run says went wrong without failing it: a checkpoint the job could not write (it
+    trained on without checkpoints, so a spot interruption would have restarted it from the last one written)."""
+    error = run.data.tags.get(CHECKPOINT_ERROR_TAG) if run is not None else None
+    line = error_line(error)
+    return [f"Checkpoints failed, training went on without them: {line}"] if line else []
 
 
 def phases_of(

@@ -165,6 +165,7 @@ def facts(report: RunReport) -> list[tuple[str, str]]:
     ]
     if recovery := recovery_text(report):
         rows.append(("Spot recovery", recovery))
+    rows += [("Warning", _one_line(warning, _MAX_ERROR)) for warning in report.warnings]
     if report.git_sha:
         rows.append(("Commit", report.git_sha))
     if report.instance_id:

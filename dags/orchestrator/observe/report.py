@@ -78,6 +78,8 @@ class RunReport:
     # billed seconds, usd, ended_by); cost sums them.
     attempts: list[dict[str, Any]] = field(default_factory=list)
     seconds_lost_to_preemption: float = 0.0  # observe.cost.seconds_lost_to_preemption
+    # What went wrong without failing the run (a checkpoint that could not be written), one line each, never a secret.
+    warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # room for later additions without a contract change
 
     def to_dict(self) -> dict[str, Any]:

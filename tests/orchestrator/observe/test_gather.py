@@ -118,3 +118,20 @@ def test_each_attempt_has_its_zone_market_price_root_volume_and_why_it_ended(
         ("g6.xlarge", "on-demand", None),
         ("g6.xlarge", "spot", f"{REGION}a"),
     ]
+
+
+def test_the_job_s_checkpoint_error_tag_is_the_report_s_warning() -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.contracts import CHECKPOINT_ERROR_TAG
+    from orchestrator.observe.gather import run_warnings
+
+    def run(tags: dict[str, str]) -> Any:
+        return SimpleNamespace(data=SimpleNamespace(tags=tags))
+
+    error = "cannot write epoch 1 to s3://b/checkpoints/r1/: AccessDenied: Access Denied\nmore"
+    assert run_warnings(run({CHECKPOINT_ERROR_TAG: error})) == [
+        "Checkpoints failed, training went on without them: cannot write epoch 1 to s3://b/checkpoints/r1/: "
+        "AccessDenied: Access Denied"
+    ]
+    assert run_warnings(run({})) == [] and run_warnings(None) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -171,6 +172,14 @@ def test_a_preempted_run_lists_its_attempts_the_seconds_lost_and_the_saving() ->
     # A run EC2 never interrupted: its one instance is the Instance line, nothing more.
     for message in (compose_email(SUCCESS).body, _slack_text({"blocks": compose_slack(SUCCESS).blocks})):
         assert "Spot recovery" not in message and "Attempts" not in message
+
+
+def test_a_checkpoint_that_could_not_be_written_is_a_warning_in_every_channel() -> None:
+    warning = "Checkpoints failed, training went on without them: cannot write epoch 1 to s3://b/ckpt/r1/: AccessDenied"
+    report = replace(SUCCESS, warnings=[warning])
+    assert re.search(rf"\nWarning: +{re.escape(warning)}\n", compose_email(report).body)
+    assert warning in _slack_text({"blocks": compose_slack(report).blocks})
+    assert "Warning" not in compose_email(SUCCESS).body
 
 
 def test_a_run_without_an_instance_says_so() -> None:
