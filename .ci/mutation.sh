@@ -16,6 +16,7 @@ PAIRS=("$@")
   orchestrator/observe/cost.py:tests/orchestrator/observe/test_cost.py
   orchestrator/sweeps/sets.py:tests/orchestrator/sweeps/test_sets.py
   orchestrator/instance/source_tree.py:tests/orchestrator/instance/test_source_tree.py
+  orchestrator/instance/recovery.py:tests/orchestrator/instance/test_recovery.py
 )
 for pair in "${PAIRS[@]}"; do
   module=${pair%%:*} tests=${pair#*:}

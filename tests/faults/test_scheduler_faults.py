@@ -428,6 +428,97 @@ def test_an_instance_that_powered_itself_off_while_the_triggerer_was_down_is_rep
     )
 
 
+# ---- spot recovery cleared half-way ----------------------------------------------------------------------------------
+
+CLEARED_IN_RECOVERY = "cleared_in_recovery__01"
+
+
+def test_train_cleared_while_it_relaunches_after_a_spot_interruption_leaves_no_instance(
+    airflow: LocalAirflow,
+    stack: EmbeddedStack,
+    sha: str,
+    settings_file: Path,
+    fault_table: FaultTable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 22: EC2 takes the run's spot instance back mid-training; while train makes the relaunched instance ready
+    (its bootstrap held back here), a user clears train. The next try adopts that instance (never a third), the job
+    resumes from its checkpoint, and the teardown leaves none of the run's instances."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from embedded.cloud import send_spot_interruption
+    from embedded.cloud.cloud_init import CloudInit
+    from embedded.cloud.seed import DATASET_BUCKET
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY
+
+    run_id = CLEARED_IN_RECOVERY
+    interrupted, release = threading.Event(), threading.Event()
+    held: list[str] = []
+    stages: dict[str, int] = {}
+    original = CloudInit._run_commands
+
+    def run_commands(self: CloudInit, inst: Any, commands: Any, run_env: dict[str, str]) -> list[int]:
+        stages[inst.instance_id] = stages.get(inst.instance_id, 0) + 1
+        # The relaunched instance's bootstrap (cloud-init's final stage) waits until the clear went through.
+        if stages[inst.instance_id] == 2 and interrupted.is_set() and not held:
+            held.append(inst.instance_id)
+            release.wait(timeout=600)
+        return original(self, inst, commands, run_env)
+
+    monkeypatch.setattr(CloudInit, "_run_commands", run_commands)
+
+    def until(what: str, done: Callable[[], object], timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f} s"
+            time.sleep(0.5)
+
+    def interrupt_then_clear(job_dir: Path) -> str:
+        until("the job reached epoch 2", lambda: "epoch 2/" in (job_dir / "output.log").read_text(errors="replace"))
+        lost: str = airflow.xcom(DAG_ID, run_id, "launch")["instance_id"]
+        interrupted.set()
+        send_spot_interruption(stack.cloud, lost, warning_s=1.0).join(timeout=60)
+        until("train relaunched an instance", lambda: held)
+        clear_task(airflow, run_id, "train")
+        until("train's next try began", lambda: airflow.task_instances(DAG_ID, run_id)["train"]["try_number"] >= 2)
+        release.set()
+        return lost
+
+    settings_file.write_text(f'[checkpoints]\nuri = "s3://{DATASET_BUCKET}/checkpoints/"\nminutes = 0\n')
+    try:
+        with OnTraining(stack, interrupt_then_clear, run_id) as injected:
+            airflow.trigger(
+                DAG_ID, run_id, {"git_ref": sha, "epochs": 40, "spot": "true", "instance_types": ["g6.xlarge"]}
+            )
+            when_task(airflow, run_id, "resolve_config", "success", lambda: None)
+            settings_file.write_text("")
+            state = airflow.wait_for_runs(DAG_ID, [run_id], timeout_s=900)[run_id]
+    finally:
+        release.set()
+        settings_file.write_text("")
+    tis = airflow.task_instances(DAG_ID, run_id)
+    train_log = airflow.task_log(DAG_ID, run_id, "train")
+    states = instance_states(stack, [run_id])[run_id]
+
+    assert state == "success", {task: ti["state"] for task, ti in tis.items()}
+    assert tis["train"]["try_number"] == 2, "the clear cost one try"
+    assert sorted(states) == ["terminated", "terminated"], "the lost instance and the one relaunched: never a third"
+    assert f"reusing instance {held[0]}" in train_log, "the next try adopted the instance the cleared one launched"
+    run = MlflowClient(stack.mlflow.url).get_run(airflow.xcom(DAG_ID, run_id, "train", MLFLOW_RUN_ID_KEY))
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["ec2_trainer.resumed_from_epoch"]) >= 1, "resumed from a checkpoint"
+    fault_table.record(
+        "train cleared by a user while it relaunches after a spot interruption (real scheduler)",
+        "the next try adopts the relaunched instance and resumes; teardown ends both; run succeeds",
+        f"train try 2 reused {held[0]}; 2 instances, both terminated; MLflow run FINISHED, resumed; run {state}",
+        sum(1 for s in states if s != "terminated"),
+        0,
+    )
+    assert injected.result == airflow.xcom(DAG_ID, run_id, "launch")["instance_id"]
+
+
 # ---- sweeps: ec2_sweep triggers one ec2_training run per set ------------------------------------------------------
 
 
