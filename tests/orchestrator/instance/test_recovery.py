@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from orchestrator.cloud.ec2_describe import InstanceInfo
 from orchestrator.config.settings import Settings, load_settings
-from orchestrator.contracts import PREEMPTIONS_KEY
+from orchestrator.contracts import PREEMPTIONS_KEY, PREEMPTIONS_TAG
 from orchestrator.instance.recovery import (
     Preempted,
     preempted,
@@ -71,16 +71,37 @@ def test_only_ec2_taking_spot_capacity_back_is_an_interruption(reason: str | Non
     assert preempted(None) is False
 
 
-def test_the_bound_counts_wait_ready_s_interruptions_with_train_s() -> None:
+def test_the_bound_counts_wait_ready_s_interruptions_with_train_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    tagged: list[tuple[Settings, str, dict[str, str]]] = []
+    monkeypatch.setattr(
+        "orchestrator.tracking.runs.tag_mlflow_run", lambda s, run_id, tags: tagged.append((s, run_id, tags))
+    )
     earlier = {"instance_id": "i-0", "instance_type": "g6.xlarge", "market": "spot", "availability_zone": "a"}
     ti = FakeTi("train", {("wait_ready", PREEMPTIONS_KEY): [earlier]})
     ended: list[str] = []
-    record_preemption(settings(2), ti, "", lambda: ended.append("FAILED"), info(n=1))
-    assert len(preemptions(ti)) == 2 and len(ti.xcoms[("train", PREEMPTIONS_KEY)]) == 1, "train keeps its own"
-    with pytest.raises(AirflowFailException, match=r"interruption 3 of this run, more than aws\.max_preemptions = 2"):
-        record_preemption(settings(2), ti, "", lambda: ended.append("FAILED"), info(n=2))
+    s = settings(3)
+    record_preemption(s, ti, "run-1", lambda: ended.append("FAILED"), info(n=1))
+    record_preemption(s, ti, "run-1", lambda: ended.append("FAILED"), info(n=2))
+    own = ti.xcoms[("train", PREEMPTIONS_KEY)]
+    assert [r["instance_id"] for r in preemptions(ti)] == ["i-0", info(n=1).instance_id, info(n=2).instance_id]
+    assert [r["instance_id"] for r in own] == [info(n=1).instance_id, info(n=2).instance_id], "train keeps its own"
+    assert {k: own[0][k] for k in ("instance_type", "market", "availability_zone", "reason")} == {
+        "instance_type": "g6.xlarge",
+        "market": "spot",
+        "availability_zone": "us-east-1a",
+        "reason": "Server.SpotInstanceTermination",
+    }
+    assert own[0]["ended_at"] > 0
+    assert [(t[0], t[1], t[2]) for t in tagged] == [
+        (s, "run-1", {PREEMPTIONS_TAG: "2"}),
+        (s, "run-1", {PREEMPTIONS_TAG: "3"}),
+    ]
+    with pytest.raises(AirflowFailException, match=r"interruption 4 of this run, more than aws\.max_preemptions = 3"):
+        record_preemption(s, ti, "run-1", lambda: ended.append("FAILED"), info(n=3))
     assert ended == ["FAILED"], "past the bound the MLflow run is ended FAILED"
-    assert len(preemptions(ti)) == 2, "the interruption past the bound is not recorded as recovered"
+    assert len(preemptions(ti)) == 3, "the interruption past the bound is not recorded as recovered"
+    record_preemption(settings(9), FakeTi("wait_ready"), "", lambda: None, info())
+    assert len(tagged) == 2, "no MLflow run yet (wait_ready): nothing tagged"
 
 
 def test_raise_if_recoverable_relaunches_within_the_bound_and_fails_past_it() -> None:
