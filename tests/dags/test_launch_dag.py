@@ -125,10 +125,9 @@ def test_a_run_launches_the_image_it_names_on_the_first_type_with_capacity(
     instances = assert_all_terminated(env, dag_run, 2)
     assert env.cloud.network is not None
     zone_a, zone_b = env.cloud.network.subnet_ids
-    assert sorted((i["InstanceType"], i["SubnetId"]) for i in instances.values()) == [
-        ("g5.xlarge", zone_a),
-        ("g5.xlarge", zone_b),
-    ]
+    assert sorted((i["InstanceType"], i["SubnetId"]) for i in instances.values()) == sorted(
+        [("g5.xlarge", zone_a), ("g5.xlarge", zone_b)]
+    )
     assert {i["ImageId"] for i in instances.values()} == {image}
     log = output(capfd, caplog)
     assert "went terminated before running: Server.InsufficientInstanceCapacity" in log
