@@ -188,10 +188,13 @@ class ReadyInstance(_StepResult):
 
 @dataclass(frozen=True)
 class Preemption(_StepResult):
-    """One spot instance EC2 took back while the run trained on it (train's contracts.PREEMPTIONS_KEY lists them):
-    what it was, where, and when it ended (epoch seconds), for the report's attempts and cost."""
+    """One spot instance EC2 took back while the run booted or trained on it: what it was, where, and when it ended
+    (epoch seconds), for the bound aws.max_preemptions and the report's attempts and cost."""
 
-    STEP: ClassVar[str] = "train"
+    # Each of these steps lists the interruptions it recovered from under contracts.PREEMPTIONS_KEY, in the run's
+    # order: wait_ready before the job started, train while it ran.
+    STEPS: ClassVar[tuple[str, ...]] = ("wait_ready", "train")
+    STEP: ClassVar[str] = "wait_ready or train"
 
     instance_id: str
     instance_type: str

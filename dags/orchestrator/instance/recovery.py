@@ -127,9 +127,8 @@ def recover(
 
 def preemptions(ti: Any) -> list[dict[str, Any]]:
     """The run's interruptions so far (contracts_steps.Preemption records): those wait_ready recovered from before
-    the job started, then this task's (train's, during its current try)."""
-    steps = dict.fromkeys([ReadyInstance.STEP, ti.task_id])
-    return [record for step in steps for record in ti.xcom_pull(task_ids=step, key=PREEMPTIONS_KEY) or []]
+    the job started, then train's (during its current try: a new try starts without its XComs)."""
+    return [record for step in Preemption.STEPS for record in ti.xcom_pull(task_ids=step, key=PREEMPTIONS_KEY) or []]
 
 
 def current_ready(ti: Any, task_id: str, ready: Any) -> ReadyInstance:

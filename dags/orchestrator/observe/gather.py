@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from orchestrator.cloud.ec2_describe import GONE_STATES, describe_instance
 from orchestrator.config.settings import Settings
 from orchestrator.contracts import (
     CHECKPOINT_ERROR_TAG,
@@ -39,10 +40,6 @@ from orchestrator.tracking.training_runs import task_outcomes
 log = logging.getLogger(__name__)
 
 TERMINATED_AT_KEY = "observed_at"  # terminate: when it saw its instances' final states (epoch seconds)
-_OFF_STATES = ("shutting-down", "terminated")
-# The steps that record the spot instances EC2 took back (contracts.PREEMPTIONS_KEY), in the run's order: wait_ready
-# while the instance bootstraps, train while it trains.
-PREEMPTION_STEPS = ("wait_ready", "train")
 _T = TypeVar("_T")
 
 
@@ -106,7 +103,7 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
 
     preemptions: list[Preemption] = _guarded(
         "the preemption records",
-        lambda: [Preemption.from_xcom(p) for step in PREEMPTION_STEPS for p in xcom(step, PREEMPTIONS_KEY) or []],
+        lambda: [Preemption.from_xcom(p) for step in Preemption.STEPS for p in xcom(step, PREEMPTIONS_KEY) or []],
         [],
     )
     # Terminate names the live instances it ended; those EC2 took back were gone before it ran, and are billed too.
@@ -265,7 +262,6 @@ def billed_attempts(
 ) -> list[BilledInstance]:
     """Every instance's billed time (EC2's launch to the termination request) at its price, with its root volume and
     why it ended, oldest first; an instance EC2 no longer describes is left out (logged)."""
-    from orchestrator.cloud.ec2_describe import describe_instance
     from orchestrator.config.connections import AwsClients
     from orchestrator.observe.pricing import gp3_usd_per_gb_month, instance_price
 
@@ -280,11 +276,11 @@ def billed_attempts(
         if info is None or info.launch_time is None:
             log.warning("Run report: EC2 no longer describes %s; its cost is left out", instance_id)
             continue
-        ended_at = transition_time(info.state_transition_reason) if info.state in _OFF_STATES else None
+        ended_at = transition_time(info.state_transition_reason) if info.state in GONE_STATES else None
         if ended_at is None:
-            if info.state not in _OFF_STATES:
+            if info.state not in GONE_STATES:
                 log.warning("Run report: %s is still %s; its cost counts until now", instance_id, info.state)
-            ended_at = seen_at if info.state in _OFF_STATES else time.time()
+            ended_at = seen_at if info.state in GONE_STATES else time.time()
         launched_at = info.launch_time.timestamp()
         price = instance_price(aws, s.aws.region, info.instance_type, info.market, info.availability_zone, launched_at)
         if info.market == "on-demand":
