@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.train_benchmark import CACHE_DIR, synthetic_splits
+from benchmarks.train_benchmark import add_training_arguments, fit_options, synthetic_splits
 from remote import checkpoint_store, checkpoints, dataset, engine
 from remote.config import TrainConfig
 from remote.models import build_model
@@ -108,15 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=10_000, help="training images (half per class)")
+    add_training_arguments(parser, epochs=10)
     parser.add_argument("--val-images", type=int, default=1_000, help="validation images (half per class)")
-    parser.add_argument("--epochs", type=int, default=10, help="per fit; the median epoch is reported")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA only")
     parser.add_argument("--stores", nargs="+", default=["file", "s3"], choices=("file", "s3"))
-    parser.add_argument("--cache-dir", default=str(CACHE_DIR))
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is left out of the medians")
@@ -125,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     size = config.image_size
     files, val_files = synthetic_splits(args.images, args.val_images, Path(args.cache_dir))
     train, val = (dataset.load_split(split, size, device, args.workers) for split in (files, val_files))
-    options = engine.FitOptions(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=1e-3,
-        device=device,
-        bf16=engine.resolve_bf16("auto", device),
-        compile=engine.resolve_compile("auto", device) if args.compile is None else args.compile,
-    )
+    options = fit_options(args, device)
     log.info(
         "device %s, %d training images of %dpx, %d epochs per fit, batch %d, compile %s",
         engine.device_name(device),

@@ -47,6 +47,30 @@ def synthetic_splits(
     return dataset.scan_split(root, TRAIN_SPLIT), dataset.scan_split(root, VALIDATION_SPLIT)
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
+    """The knobs every training benchmark takes: data size, epochs, batch, device, decode workers, compile, cache."""
+    parser.add_argument("--images", type=int, default=10_000, help="training images (half per class)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA only")
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR))
+
+
+def fit_options(args: argparse.Namespace, device: torch.device) -> engine.FitOptions:
+    """The job's fit at the benchmark's knobs: bf16 where the device has it, compile as asked (default: CUDA only)."""
+    return engine.FitOptions(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=1e-3,
+        device=device,
+        bf16=engine.resolve_bf16("auto", device),
+        compile=engine.resolve_compile("auto", device) if args.compile is None else args.compile,
+        seed=0,
+    )
+
+
 def _baseline(model: torch.nn.Module, files: dataset.SplitFiles, device: torch.device, limit: int) -> float:
     """images/s under the seed's settings: batch 4, fp32, per-image PIL decode, no resident data."""
     model = model.to(device).train()
@@ -81,15 +105,7 @@ def _fast(
     if device.type == "cuda":
         torch.cuda.synchronize()
     decode_rate = (len(files.paths) + len(val.paths)) / (time.perf_counter() - started)
-    options = engine.FitOptions(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=1e-3,
-        device=device,
-        bf16=engine.resolve_bf16("auto", device),
-        compile=args.compile,
-        seed=0,
-    )
+    options = fit_options(args, device)
     result = engine.fit(
         engine.prepare_model(model, device),
         (train.images, train.labels),
@@ -104,14 +120,8 @@ def _fast(
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=10_000, help="training images (half per class)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=512)
+    add_training_arguments(parser, epochs=30)
     parser.add_argument("--baseline-images", type=int, default=4_000, help="images timed under the seed settings")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA only")
-    parser.add_argument("--cache-dir", default=str(CACHE_DIR))
     args = parser.parse_args(argv)
     device = engine.resolve_device(args.device)
     if args.compile is None:
