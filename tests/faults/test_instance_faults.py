@@ -282,7 +282,7 @@ def test_a_spot_instance_taken_back_during_its_bootstrap_relaunches_and_trains_f
     trains from epoch 1 there; one MLflow run, the interruption counted once for the run."""
     from mlflow import MlflowClient
 
-    from orchestrator.contracts import MLFLOW_RUN_ID_KEY, PREEMPTIONS_KEY
+    from orchestrator.contracts import MLFLOW_RUN_ID_KEY, PREEMPTIONS_KEY, PREEMPTIONS_TAG
 
     dag_run = run_dag(git_ref=sha, epochs=2, spot="true", instance_types=["g6.xlarge"])
     log = dag_faults.log()
@@ -301,6 +301,7 @@ def test_a_spot_instance_taken_back_during_its_bootstrap_relaunches_and_trains_f
     run = MlflowClient(env.mlflow.url).get_run(tis["train"].xcom_pull(task_ids="train", key=MLFLOW_RUN_ID_KEY))
     assert run.info.status == "FINISHED"
     assert "ec2_trainer.resumed_from_epoch" not in run.data.tags, "no checkpoint yet: trained from epoch 1"
+    assert run.data.tags[PREEMPTIONS_TAG] == "1", "the MLflow run counts the interruption before it, as the report"
     assert "EC2 took back spot instance" in log
     dag_faults.record(
         dag_run,

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 from orchestrator.ci.github_protocol import commit_checks_url, repository_url
 from orchestrator.config.run_params import BY_NAME, DAG_PARAMS, JOB_PARAMS
-from orchestrator.contracts import DAG_ID_TAG, DAG_RUN_ID_TAG, JOB_KEY_TAG, PARENT_RUN_TAG, SETTINGS_DIGEST_TAG
+from orchestrator.contracts import (
+    DAG_ID_TAG,
+    DAG_RUN_ID_TAG,
+    JOB_KEY_TAG,
+    PARENT_RUN_TAG,
+    PREEMPTIONS_TAG,
+    SETTINGS_DIGEST_TAG,
+)
 from orchestrator.tracking.runs import TrackedRun, run_name
 
 if TYPE_CHECKING:
@@ -48,6 +55,7 @@ def tracked_run(
     dataset_tags: Mapping[str, str] | None = None,
     parent_run_id: str = "",
     image: LaunchPlan | None = None,
+    preemptions: int = 0,
 ) -> TrackedRun:
     """Name and tags that lead from the MLflow run to the Airflow run, the instance, the commit and its CI checks.
 
@@ -57,12 +65,14 @@ def tracked_run(
     runs a shipped copy of the tree, which carries no git metadata of its own). `dataset_tags`: the
     identity of s3:// data (datasets.versions.DatasetVersion.tags). `parent_run_id` (a sweep's run) nests it from its
     creation, so a run that fails to train is still listed under its sweep. `image`: plan_launch's result, whose
-    AMI id and name (`ec2.ami_id`, `ec2.ami_name`) let the run be repeated on the same image.
+    AMI id and name (`ec2.ami_id`, `ec2.ami_name`) let the run be repeated on the same image. `preemptions`: the
+    spot interruptions wait_ready already recovered from (PREEMPTIONS_TAG, which train's own recoveries raise).
     """
     from orchestrator.instance.job_script import job_key
 
     parent = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
     ami = {"ec2.ami_id": image.ami_id, "ec2.ami_name": image.ami_name or "unknown"} if image else {}
+    preempted = {PREEMPTIONS_TAG: str(preemptions)} if preemptions else {}
     return TrackedRun(
         name=run_name(lead, git_sha),
         tags={
@@ -83,6 +93,7 @@ def tracked_run(
             **(dataset_tags or {}),
             **ami,
             **parent,
+            **preempted,
         },
     )
 

@@ -137,6 +137,7 @@ class RemoteTrainingOperator(BaseOperator):
         from orchestrator.config.resolve import run_config
         from orchestrator.datasets.training_data import training_data
         from orchestrator.instance.command import tracked_run
+        from orchestrator.instance.recovery import preemptions
         from orchestrator.tracking.runs import credentials_in_env, log_dataset_manifest, start_training_run
 
         if finished := self._finished_by_an_earlier_try(context):
@@ -161,6 +162,7 @@ class RemoteTrainingOperator(BaseOperator):
             parent_run_id=run_config(self.config).get("mlflow_parent_run_id", ""),
             # The image the instance runs, as plan_launch resolved it (the DAG's setup).
             image=LaunchPlan.from_xcom(context["ti"].xcom_pull(task_ids=LaunchPlan.STEP)),
+            preemptions=len(preemptions(context["ti"])),
         )
         with credentials_in_env(creds.username, creds.password):
             created_run_id = start_training_run(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from orchestrator.config.run_params import DAG_PARAMS
 from orchestrator.config.settings import Settings, load_settings
+from orchestrator.contracts import PREEMPTIONS_TAG
 from orchestrator.contracts_steps import ReadyInstance
 from orchestrator.instance.command import (
     TrainingCommand,
@@ -231,6 +234,15 @@ def test_a_sweeps_run_is_nested_under_the_sweeps_run_from_its_creation(settings:
     assert nested.tags["mlflow.parentRunId"] == parent
     alone = tracked_run(settings, ready, SHA, lead="10:00 manual", dag_id="ec2_training", run_id="r", try_number=1)
     assert "mlflow.parentRunId" not in alone.tags
+
+
+def test_a_run_started_after_wait_ready_recovered_carries_the_interruptions_count(settings: Settings) -> None:
+    """Interruptions before the job started (wait_ready's) are on the MLflow run from its creation; train's own
+    recoveries raise the tag (instance.recovery.record_preemption)."""
+    ready = ReadyInstance.from_xcom(READY)
+    common: dict[str, Any] = {"lead": "10:00 manual", "dag_id": "ec2_training", "run_id": "r", "try_number": 1}
+    assert tracked_run(settings, ready, SHA, preemptions=1, **common).tags[PREEMPTIONS_TAG] == "1"
+    assert PREEMPTIONS_TAG not in tracked_run(settings, ready, SHA, **common).tags
 
 
 KILLED_9 = "epoch 3\n=== training process killed by signal 9 ===\n=== Run (ID 'x') failed ===\n"
