@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Instance bootstrap, run once by cloud-init (runcmd) as root: checks the GPU, installs what is missing, gives the
-# SSH login user the folders it writes, and writes <state_dir>/bootstrap.status atomically: "ok", or
-# "error: <step>: <message>". Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines,
-# complete before the status marker), which the orchestrator reads with the marker for the run's cost report. The orchestrator polls that marker over SSH as the login user and shows the tail of
+# Instance bootstrap, run once by cloud-init (runcmd) as root: gives the SSH login user the folders it writes, then
+# checks the GPU, installs the missing packages and the pinned mlflow (with uv) at once, and writes
+# <state_dir>/bootstrap.status atomically: "ok", or "error: <step>: <message>" (the first failed step in the order
+# gpu, packages, python). Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines, complete
+# before the status marker; the steps that run at once overlap), which the orchestrator reads with the marker for the
+# run's report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
 set -Eeuo pipefail
@@ -11,6 +13,7 @@ STATE_DIR=@@{state_dir}
 PY=@@{python_bin}
 MLFLOW_REQUIREMENT=@@{mlflow_requirement}
 MLFLOW_VERSION=@@{mlflow_version}
+UV_REQUIREMENT=@@{uv_requirement}
 REQUIRE_GPU=@@{require_gpu}
 SSH_USER=@@{ssh_user}
 PACKAGES=(@@{packages})
@@ -73,8 +76,57 @@ on_err() {
 on_exit() {
   local rc=$?
   if ((rc != 0)); then
-    record_phase
+    [[ "$STEP_RECORDED" == true ]] || record_phase
     write_status "error: $STEP: ${ERROR_MESSAGE:-exit code $rc (see bootstrap.log)}"
+  fi
+}
+
+STEP_RECORDED=false
+STEP_PIDS=()
+STEP_NAMES=()
+
+# A failed background step leaves its message here for wait_steps (its seconds are already recorded).
+step_error_file() { printf '%s/.bootstrap.%s.error' "$STATE_DIR" "$1"; }
+
+on_step_exit() {
+  local rc=$?
+  if ((rc != 0)); then
+    record_phase
+    printf '%s\n' "${ERROR_MESSAGE:-exit code $rc (see bootstrap.log)}" >"$(step_error_file "$STEP")"
+  fi
+}
+
+# Runs one step in the background, timed and logged like the others; the ERR trap and `set -e` carry into it.
+start_step() {
+  rm -f "$(step_error_file "$1")"
+  (
+    trap on_step_exit EXIT
+    begin "$1"
+    "$2"
+    end
+  ) &
+  STEP_PIDS+=("$!")
+  STEP_NAMES+=("$1")
+}
+
+# Waits for every background step; fails with the first failed one in start order, whatever finished first.
+wait_steps() {
+  local i name failed=""
+  for i in "${!STEP_PIDS[@]}"; do
+    if ! wait "${STEP_PIDS[$i]}" && [[ -z "$failed" ]]; then
+      failed="${STEP_NAMES[$i]}"
+    fi
+  done
+  if [[ -n "$failed" ]]; then
+    STEP="$failed"
+    STEP_RECORDED=true
+    ERROR_MESSAGE="$(cat "$(step_error_file "$failed")" 2>/dev/null)" || ERROR_MESSAGE=""
+  fi
+  for name in "${STEP_NAMES[@]}"; do
+    rm -f "$(step_error_file "$name")"
+  done
+  if [[ -n "$failed" ]]; then
+    exit 1
   fi
 }
 
@@ -107,48 +159,44 @@ log "$STATE_DIR/jobs belongs to $SSH_USER"
 install -d -o "$SSH_USER" -g "$(id -gn "$SSH_USER")" -m 0750 "$(dirname "$CHECKPOINT_REQUEST")"
 end
 
-begin gpu
-if command -v nvidia-smi >/dev/null 2>&1; then
-  if gpus="$(nvidia-smi -L 2>&1)"; then
-    log "GPUs:"
-    printf '%s\n' "$gpus"
+check_gpu() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    if gpus="$(nvidia-smi -L 2>&1)"; then
+      log "GPUs:"
+      printf '%s\n' "$gpus"
+    elif [[ "$REQUIRE_GPU" == true ]]; then
+      fail "nvidia-smi failed ($gpus): the NVIDIA driver is not working; use a GPU instance type and a GPU AMI (Deep Learning AMI)"
+    else
+      log "skipped: nvidia-smi failed and require_gpu=false ($gpus)"
+    fi
   elif [[ "$REQUIRE_GPU" == true ]]; then
-    fail "nvidia-smi failed ($gpus): the NVIDIA driver is not working; use a GPU instance type and a GPU AMI (Deep Learning AMI)"
+    fail "no NVIDIA GPU/driver: use a GPU instance type and a GPU AMI (Deep Learning AMI)"
   else
-    log "skipped: nvidia-smi failed and require_gpu=false ($gpus)"
+    log "skipped: no GPU (require_gpu=false)"
   fi
-elif [[ "$REQUIRE_GPU" == true ]]; then
-  fail "no NVIDIA GPU/driver: use a GPU instance type and a GPU AMI (Deep Learning AMI)"
-else
-  log "skipped: no GPU (require_gpu=false)"
-fi
-end
+}
 
-begin packages
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-  if command -v "$pkg" >/dev/null 2>&1; then
-    log "skipped: $pkg already installed"
-  else
-    missing+=("$pkg")
+install_packages() {
+  local missing=()
+  for pkg in "${PACKAGES[@]}"; do
+    if command -v "$pkg" >/dev/null 2>&1; then
+      log "skipped: $pkg already installed"
+    else
+      missing+=("$pkg")
+    fi
+  done
+  if ((${#missing[@]} > 0)); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+      fail "apt-get not found, cannot install ${missing[*]}: use an Ubuntu Deep Learning AMI or an AMI that has them"
+    fi
+    log "installing ${missing[*]}"
+    apt_retry update -q
+    apt_retry install -y -q --no-install-recommends "${missing[@]}"
+  elif ((${#PACKAGES[@]} == 0)); then
+    log "skipped: no packages requested"
   fi
-done
-if ((${#missing[@]} > 0)); then
-  if ! command -v apt-get >/dev/null 2>&1; then
-    fail "apt-get not found, cannot install ${missing[*]}: use an Ubuntu Deep Learning AMI or an AMI that has them"
-  fi
-  log "installing ${missing[*]}"
-  apt_retry update -q
-  apt_retry install -y -q --no-install-recommends "${missing[@]}"
-elif ((${#PACKAGES[@]} == 0)); then
-  log "skipped: no packages requested"
-fi
-end
+}
 
-begin python
-if ! command -v "$PY" >/dev/null 2>&1; then
-  fail "python interpreter $PY not found: set python_bin to the AMI's interpreter that has torch (/opt/pytorch/bin/python on the PyTorch Deep Learning AMI)"
-fi
 # Cheap (nothing imported): whether torch is there, and which mlflow. The AMI may ship another mlflow (DLAMIs have an
 # older 3.x): the job's client must match the pin, not merely import.
 PROBE_PY='import importlib.metadata as m, importlib.util as u
@@ -157,22 +205,6 @@ try:
 except m.PackageNotFoundError:
     mlflow = "none"
 print(mlflow, "torch" if u.find_spec("torch") else "no-torch")'
-probe="$("$PY" -c "$PROBE_PY")"
-read -r installed torch_found <<<"$probe"
-if [[ "$torch_found" != torch ]]; then
-  fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
-fi
-if [[ "$installed" == "$MLFLOW_VERSION" ]]; then
-  log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
-else
-  log "installing $MLFLOW_REQUIREMENT into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
-  "$PY" -m pip install --quiet --disable-pip-version-check "$MLFLOW_REQUIREMENT"
-  probe="$("$PY" -c "$PROBE_PY")"
-  read -r installed torch_found <<<"$probe"
-  if [[ "$installed" != "$MLFLOW_VERSION" ]]; then
-    fail "pip installed $MLFLOW_REQUIREMENT but $PY reports mlflow $installed: check that $PY's pip installs into its own environment"
-  fi
-fi
 # One interpreter start reports every version (importing torch takes seconds); torchvision only when a GPU is required.
 VERSIONS_PY='import sys, torch, mlflow
 tv = "not checked"
@@ -183,22 +215,72 @@ if sys.argv[1] == "true":
     except Exception as exc:
         tv = "missing (%s)" % exc
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "mlflow", mlflow.__version__, "torchvision", tv)'
-versions="$("$PY" -c "$VERSIONS_PY" "$REQUIRE_GPU")"
-log "$versions"
-if [[ "$versions" == *"torchvision missing"* ]]; then
-  log "warning: torchvision is not importable by $PY: the job decodes JPEGs on the CPU instead of the GPU (nvjpeg); use a PyTorch Deep Learning AMI or install torchvision matching torch"
-fi
-# The training job sources env.sh so that `python` and `mlflow` are this interpreter's, and to find where a
-# checkpoint is asked for.
-py_bin_dir="$(dirname "$(command -v "$PY")")"
-tmp="$(mktemp "$STATE_DIR/.env.sh.XXXXXX")"
-# shellcheck disable=SC2016 # $PATH must expand when env.sh is sourced, not now.
-printf 'export PATH=%q:"$PATH"\n' "$py_bin_dir" >"$tmp"
-printf 'export EC2_TRAINER_CHECKPOINT_REQUEST=%q\n' "$CHECKPOINT_REQUEST" >>"$tmp"
-chmod 0644 "$tmp"
-mv -f "$tmp" "$STATE_DIR/env.sh"
-log "wrote $STATE_DIR/env.sh (PATH starts with $py_bin_dir)"
-end
+
+# uv resolves and downloads in parallel: several times faster than pip for mlflow's ~80 dependencies. It comes from
+# PyPI, pinned, into the state folder (never into the job's interpreter); where it cannot be had, pip does the work.
+install_mlflow() {
+  local uv
+  uv="$(command -v uv)" || uv=""
+  if [[ -z "$uv" ]]; then
+    if "$PY" -m pip install --quiet --disable-pip-version-check --target "$STATE_DIR/tools/uv" "$UV_REQUIREMENT"; then
+      uv="$STATE_DIR/tools/uv/bin/uv"
+    else
+      log "warning: could not install $UV_REQUIREMENT; installing with pip"
+    fi
+  fi
+  if [[ -n "$uv" ]]; then
+    if "$uv" pip install --quiet --python "$PY" "$MLFLOW_REQUIREMENT"; then
+      return 0
+    fi
+    log "warning: uv could not install $MLFLOW_REQUIREMENT (see above); trying pip"
+  fi
+  "$PY" -m pip install --quiet --disable-pip-version-check "$MLFLOW_REQUIREMENT"
+}
+
+prepare_python() {
+  local probe installed torch_found versions py_bin_dir tmp
+  if ! command -v "$PY" >/dev/null 2>&1; then
+    fail "python interpreter $PY not found: set python_bin to the AMI's interpreter that has torch (/opt/pytorch/bin/python on the PyTorch Deep Learning AMI)"
+  fi
+  probe="$("$PY" -c "$PROBE_PY")"
+  read -r installed torch_found <<<"$probe"
+  if [[ "$torch_found" != torch ]]; then
+    fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
+  fi
+  if [[ "$installed" == "$MLFLOW_VERSION" ]]; then
+    log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
+  else
+    log "installing $MLFLOW_REQUIREMENT into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
+    install_mlflow
+    probe="$("$PY" -c "$PROBE_PY")"
+    read -r installed torch_found <<<"$probe"
+    if [[ "$installed" != "$MLFLOW_VERSION" ]]; then
+      fail "installing $MLFLOW_REQUIREMENT finished but $PY reports mlflow $installed: check that $PY is the environment uv and pip install into (see bootstrap.log)"
+    fi
+  fi
+  versions="$("$PY" -c "$VERSIONS_PY" "$REQUIRE_GPU")"
+  log "$versions"
+  if [[ "$versions" == *"torchvision missing"* ]]; then
+    log "warning: torchvision is not importable by $PY: the job decodes JPEGs on the CPU instead of the GPU (nvjpeg); use a PyTorch Deep Learning AMI or install torchvision matching torch"
+  fi
+  # The training job sources env.sh so that `python` and `mlflow` are this interpreter's, and to find where a
+  # checkpoint is asked for.
+  py_bin_dir="$(dirname "$(command -v "$PY")")"
+  tmp="$(mktemp "$STATE_DIR/.env.sh.XXXXXX")"
+  # shellcheck disable=SC2016 # $PATH must expand when env.sh is sourced, not now.
+  printf 'export PATH=%q:"$PATH"\n' "$py_bin_dir" >"$tmp"
+  printf 'export EC2_TRAINER_CHECKPOINT_REQUEST=%q\n' "$CHECKPOINT_REQUEST" >>"$tmp"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$STATE_DIR/env.sh"
+  log "wrote $STATE_DIR/env.sh (PATH starts with $py_bin_dir)"
+}
+
+# Independent of each other: the driver check, apt and the Python install overlap instead of adding up.
+start_step gpu check_gpu
+start_step packages install_packages
+start_step python prepare_python
+STEP=steps
+wait_steps
 
 STEP=finish
 write_status ok

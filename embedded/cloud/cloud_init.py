@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import logging
 import os
 import pwd
@@ -34,7 +36,10 @@ log = logging.getLogger(__name__)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Folders of the instance's /etc that the user-data writes: kept per instance, never written on this machine.
 INSTANCE_ETC_DIRS = ("/etc/systemd/system", "/etc/ssh/sshd_config.d")
-WRITE_FILES_KEYS = frozenset({"path", "content", "permissions"})
+WRITE_FILES_KEYS = frozenset({"path", "content", "permissions", "encoding"})
+# cloud-init's names for the encodings of write_files' content: base64, and gzip under base64.
+BASE64_ENCODINGS = frozenset({"b64", "base64"})
+GZIP_BASE64_ENCODINGS = frozenset({"gz+b64", "gz+base64", "gzip+b64", "gzip+base64"})
 # The instance's shutdown, systemd-run and systemctl: shell scripts, copied into each instance's bin/.
 STANDINS = Path(__file__).with_name("bin")
 METADATA_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
@@ -186,9 +191,26 @@ class CloudInit:
             # The emulated disk is a folder of this machine: never write elsewhere.
             inst.notes.append(f"skipped write_files {path}: outside the emulated disk {self.cloud.disk_root}")
             return
+        content = written_bytes(entry)
+        if content is None:
+            inst.notes.append(f"skipped write_files {path}: encoding {entry.get('encoding')!r} not emulated")
+            return
         make_parents(target.parent)
-        target.write_text(str(entry.get("content", "")))
+        target.write_bytes(content)
         target.chmod(int(str(entry.get("permissions", "0644")), 8))
+
+
+def written_bytes(entry: dict[str, Any]) -> bytes | None:
+    """The bytes cloud-init writes for a `write_files` entry, its `encoding` undone (None: not emulated)."""
+    encoding = str(entry.get("encoding", "text/plain"))
+    content = str(entry.get("content", "")).encode("utf-8")
+    if encoding == "text/plain":
+        return content
+    if encoding in BASE64_ENCODINGS:
+        return base64.b64decode(content)
+    if encoding in GZIP_BASE64_ENCODINGS:
+        return gzip.decompress(base64.b64decode(content))
+    return None
 
 
 def metadata_env(inst: EmulatedInstance) -> dict[str, str]:

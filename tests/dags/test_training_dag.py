@@ -20,6 +20,7 @@ from urllib.parse import quote
 import pytest
 
 from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
+from orchestrator.cloud.user_data import file_text
 from orchestrator.observe.report import RunReport
 from orchestrator.tracking.views import experiment_url
 from tests.conftest import REPO
@@ -161,7 +162,7 @@ def assert_lifetime_bounded(stack: EmbeddedStack, instance: dict[str, Any]) -> N
         InstanceId=instance["InstanceId"], Attribute="userData"
     )
     user_data = yaml.safe_load(base64.b64decode(attribute["UserData"]["Value"]))
-    files = {f["path"].rsplit("/", 1)[-1]: f["content"] for f in user_data["write_files"]}
+    files = {f["path"].rsplit("/", 1)[-1]: file_text(f) for f in user_data["write_files"]}
     assert files["deadline"] == f"{expires_at}\n"
     assert f"\nFALLBACK_DEADLINE={expires_at}\n" in files["watchdog.sh"]
 

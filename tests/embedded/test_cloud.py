@@ -340,3 +340,26 @@ def test_only_an_instance_with_a_profile_gets_aws_credentials(stack: EmbeddedSta
         f"AWS_ACCESS_KEY_ID={role.access_key} AWS_SECRET_ACCESS_KEY={role.secret_key}"
         in stack.cloud.cloud_init.aws_env(profiled)
     )
+
+
+@pytest.mark.parametrize("encoding", ["gz+b64", "gzip+base64", "b64", None])
+def test_write_files_content_is_decoded_as_cloud_init_does(encoding: str | None) -> None:
+    import base64
+    import gzip
+
+    from embedded.cloud.cloud_init import written_bytes
+
+    script = b"#!/usr/bin/env bash\necho ok\n"
+    if encoding is None:
+        entry = {"path": "/x", "content": script.decode()}
+    elif "gz" in encoding:
+        entry = {"path": "/x", "encoding": encoding, "content": base64.b64encode(gzip.compress(script)).decode()}
+    else:
+        entry = {"path": "/x", "encoding": encoding, "content": base64.b64encode(script).decode()}
+    assert written_bytes(entry) == script
+
+
+def test_write_files_with_an_encoding_cloud_init_lacks_is_not_written() -> None:
+    from embedded.cloud.cloud_init import written_bytes
+
+    assert written_bytes({"path": "/x", "encoding": "zstd", "content": "AAAA"}) is None

@@ -22,6 +22,7 @@ from embedded.cloud import EmulatedInstance
 from embedded.deploy.airflow_local import LocalAirflow
 from embedded.deploy.load import DAG_ID
 from embedded.deploy.stack import EmbeddedStack
+from orchestrator.cloud.user_data import readable_user_data
 from tests.support.fault_table import FaultTable
 from tests.support.leak_scan import SshTraffic, planted_found
 from tests.support.pipeline import ProcessListSampler, instances_of, secrets_found
@@ -120,7 +121,7 @@ def scan(
         places[f"{run_id} task logs"] = airflow.task_log(DAG_ID, run_id)
         places[f"{run_id} XComs and rendered fields"] = airflow.stored_outputs(DAG_ID, run_id)
         attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        places[f"{run_id} user-data"] = base64.b64decode(attr["UserData"]["Value"]).decode()
+        places[f"{run_id} user-data"] = readable_user_data(base64.b64decode(attr["UserData"]["Value"]).decode())
     return planted_found(planted, places)
 
 

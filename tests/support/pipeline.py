@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack, TrainingKnobs
+from orchestrator.cloud.user_data import readable_user_data
 from tests.conftest import REPO
 from tests.support.leak_scan import SshTraffic, leaks_beyond_logs, planted_found
 
@@ -256,7 +257,7 @@ def secrets_found(
     places = {"task log": task_log, "XComs and rendered fields": stored_task_outputs(dag_run)}
     for instance_id in instances:
         attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-        places[f"user-data of {instance_id}"] = base64.b64decode(attr["UserData"]["Value"]).decode()
+        places[f"user-data of {instance_id}"] = readable_user_data(base64.b64decode(attr["UserData"]["Value"]).decode())
     places["process list"] = processes.text()
     found = planted_found(planted, places)
     return found | leaks_beyond_logs(planted, stack, dag_run.dag_id, dag_run.run_id, instances, traffic)

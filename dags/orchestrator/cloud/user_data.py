@@ -4,8 +4,8 @@ bootstrap.
 The `#cloud-config` document is built as a dict and dumped with `yaml.safe_dump` (so every value is YAML-quoted
 by the library); the shell scripts are files under `userdata/` whose `@@{name}` placeholders are filled with
 `shlex.quote`d values. Only the keys the embedded default's instance emulator also interprets are used:
-`ssh_keys`, `ssh_authorized_keys`, `bootcmd`, `write_files` and argv-list `runcmd` (plus cloud-init-only hardening
-keys).
+`ssh_keys`, `ssh_authorized_keys`, `bootcmd`, `write_files` (the scripts with `encoding: gz+b64`) and argv-list
+`runcmd` (plus cloud-init-only hardening keys).
 
 What runs when (cloud-init's own order, every step as root):
 - init stage: `bootcmd` (every boot, before `write_files`): queues, with `systemd-run --no-block`, one transient job
@@ -29,9 +29,12 @@ it holds the per-run host private key (worthless once the instance is gone) and 
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
 import shlex
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +64,16 @@ SSH_DEFAULT_PORT = 22
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]*$")
 _MLFLOW_PIN_RE = re.compile(r"^mlflow==([0-9][0-9A-Za-z.+!-]*)$")
+_UV_PIN_RE = re.compile(r"^uv==[0-9][0-9A-Za-z.+!-]*$")
 # A whole-line comment of the scripts: they ship without them (EC2's 16 KB user-data limit), the readers' copy stays
 # under userdata/. The shebang and shellcheck's directives are kept (the tests shellcheck the scripts as shipped).
 _COMMENT_LINE_RE = re.compile(r"^[ \t]*#(?!!|\s*shellcheck ).*\n", re.MULTILINE)
 _PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( [^\n]*)?$")
+
+
+# The scripts are written compressed (cloud-init's write_files `encoding`): about a third of their size against the
+# 16 KB limit, and the same bytes once on the disk.
+SCRIPT_ENCODING = "gz+b64"
 
 
 class UserDataTooLargeError(ConfigError):
@@ -85,6 +94,8 @@ class UserDataSpec:
     # The interpreter that has torch (the PyTorch Deep Learning AMI's).
     python_bin: str = "/opt/pytorch/bin/python"
     mlflow_requirement: str = "mlflow==3.17.2"
+    # The installer of mlflow where the image lacks the pin (from PyPI into the state folder; pip where it fails).
+    uv_requirement: str = "uv==0.13.10"
     require_gpu: bool = True
     # Debian package names, each also the name of the command that shows it is installed.
     # tar unpacks the commit's tree that train uploads (the instance fetches no code itself: no git needed).
@@ -115,6 +126,8 @@ def _validate(spec: UserDataSpec) -> None:
             f"mlflow_requirement {spec.mlflow_requirement!r} must pin one version, e.g. mlflow==3.17.2: the bootstrap "
             "compares it with the installed version"
         )
+    if not _UV_PIN_RE.match(spec.uv_requirement):
+        raise ConfigError(f"uv_requirement {spec.uv_requirement!r} must pin one version, e.g. uv==0.13.10")
     if not 1 <= spec.ssh_port <= 65535:
         raise ConfigError(f"ssh_port must be a TCP port (1-65535), got {spec.ssh_port}")
     if spec.deadline_epoch <= 0:
@@ -131,6 +144,7 @@ def render_script(name: str, spec: UserDataSpec) -> str:
         "python_bin": shlex.quote(spec.python_bin),
         "mlflow_requirement": shlex.quote(spec.mlflow_requirement),
         "mlflow_version": shlex.quote(_mlflow_version(spec)),
+        "uv_requirement": shlex.quote(spec.uv_requirement),
         "require_gpu": "true" if spec.require_gpu else "false",
         "ssh_user": shlex.quote(spec.ssh_user),
         "packages": " ".join(shlex.quote(p) for p in spec.packages),
@@ -208,6 +222,26 @@ def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
 _LiteralDumper.add_representer(str, _represent_str)
 
 
+def _script_file(path: str, script: str) -> dict[str, str]:
+    # mtime=0: the same script always renders the same bytes.
+    content = base64.b64encode(gzip.compress(script.encode("utf-8"), mtime=0)).decode("ascii")
+    return {"path": path, "encoding": SCRIPT_ENCODING, "content": content, "permissions": "0755"}
+
+
+def file_text(entry: Mapping[str, Any]) -> str:
+    """What cloud-init writes for one `write_files` entry of this module's user-data (its encoding undone)."""
+    content = str(entry.get("content", ""))
+    if entry.get("encoding") == SCRIPT_ENCODING:
+        return gzip.decompress(base64.b64decode(content)).decode("utf-8")
+    return content
+
+
+def readable_user_data(user_data: str) -> str:
+    """The user-data followed by every file as the instance gets it: what a reader, or a scan for secrets, must see."""
+    doc = yaml.safe_load(user_data.removeprefix("#cloud-config\n")) or {}
+    return "\n".join([user_data, *(file_text(entry) for entry in doc.get("write_files") or [])])
+
+
 def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
     """The `#cloud-config` document as a dict (validated spec)."""
     _validate(spec)
@@ -216,9 +250,9 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
     spot_watcher = f"{bin_dir}/spot_watcher.sh"
     bootstrap = f"{bin_dir}/bootstrap.sh"
     files: list[dict[str, str]] = [
-        {"path": bootstrap, "content": render_script("bootstrap.sh", spec), "permissions": "0755"},
-        {"path": watchdog, "content": render_script("watchdog.sh", spec), "permissions": "0755"},
-        {"path": spot_watcher, "content": render_script("spot_watcher.sh", spec), "permissions": "0755"},
+        _script_file(bootstrap, render_script("bootstrap.sh", spec)),
+        _script_file(watchdog, render_script("watchdog.sh", spec)),
+        _script_file(spot_watcher, render_script("spot_watcher.sh", spec)),
         {
             "path": f"{spec.state_dir.rstrip('/')}/deadline",
             "content": f"{int(spec.deadline_epoch)}\n",

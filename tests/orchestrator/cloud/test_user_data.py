@@ -4,6 +4,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import stat
@@ -24,6 +25,8 @@ from orchestrator.cloud.user_data import (
     USER_DATA_MAX_BYTES,
     UserDataSpec,
     UserDataTooLargeError,
+    file_text,
+    readable_user_data,
     render_user_data,
 )
 from orchestrator.errors import ConfigError
@@ -68,7 +71,7 @@ def install(user_data: str) -> dict[str, Path]:
         if path.parts[1] == "etc":
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(entry["content"])
+        path.write_text(file_text(entry))
         path.chmod(int(entry["permissions"], 8))
         written[path.name] = path
     return written
@@ -117,6 +120,9 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     # Port 22: no drop-in and no sshd restart.
     assert "ssh" not in script
     assert len(render_user_data(spec).encode()) < USER_DATA_MAX_BYTES
+    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh"):
+        entry = files[f"/var/lib/ec2-trainer/bin/{script}"]
+        assert entry["encoding"] == "gz+b64" and file_text(entry).startswith("#!/usr/bin/env bash\n"), script
 
 
 def test_a_non_default_ssh_port_is_applied_early(keys):
@@ -165,7 +171,8 @@ def test_scripts_pass_shellcheck(keys, state_dir):
 
 
 def test_no_secret_besides_the_host_private_key(keys):
-    user_data = render_user_data(make_spec(keys))
+    # As the instance gets it: the compressed scripts too.
+    user_data = readable_user_data(render_user_data(make_spec(keys)))
     host, client = keys
     assert user_data.count("PRIVATE KEY-----") == 2  # BEGIN and END of the one host key
     assert host.private_openssh.splitlines()[1] in user_data
@@ -185,7 +192,8 @@ def test_no_secret_besides_the_host_private_key(keys):
 
 
 def test_oversized_user_data_is_refused(keys):
-    spec = make_spec(keys, packages=tuple(f"package{i}" for i in range(2000)))
+    # Random names: the scripts are compressed, a repeated pattern would fit.
+    spec = make_spec(keys, packages=tuple(f"package-{secrets.token_hex(8)}" for _ in range(3000)))
     with pytest.raises(UserDataTooLargeError, match=f"over EC2's {USER_DATA_MAX_BYTES}-byte limit"):
         render_user_data(spec)
 
@@ -271,14 +279,29 @@ def test_bootstrap_without_gpu_succeeds_when_gpu_optional(keys, state_dir, tmp_p
     assert Path(which).parent == Path(sys.executable).parent
 
 
-def fake_python(tmp_path: Path, mlflow: str = "3.17.2", torchvision: bool = True) -> tuple[str, Path]:
-    """An interpreter stand-in (importing torch takes seconds) with `mlflow` installed; its pip "installs" the version
-    it is asked for. Returns its path and the file recording each of its command lines."""
+def fake_python(
+    tmp_path: Path, mlflow: str = "3.17.2", torchvision: bool = True, uv_installable: bool = True
+) -> tuple[str, Path]:
+    """An interpreter stand-in (importing torch takes seconds) with `mlflow` installed. Its pip "installs" uv into a
+    --target folder (a uv stand-in whose `pip install` sets the version it is asked for), or the mlflow version it is
+    asked for. Returns its path and the file recording each command line of it and of its uv."""
     version, calls = tmp_path / "fake-mlflow-version", tmp_path / "fake-python.calls"
     version.write_text(mlflow + "\n")
     tv = "0.26.0" if torchvision else "missing (No module named 'torchvision')"
+    fake_uv = f"""#!/bin/bash
+echo "uv $*" >> {shlex.quote(str(calls))}
+requirement="${{!#}}"; echo "${{requirement#mlflow==}}" > {shlex.quote(str(version))}
+"""
+    target_install = (
+        f'for ((i = 1; i < $#; i++)); do j=$((i + 1)); [[ "${{!i}}" == --target ]] && target="${{!j}}"; done\n'
+        f'  mkdir -p "$target/bin" && printf %s {shlex.quote(fake_uv)} > "$target/bin/uv" && chmod +x "$target/bin/uv"'
+        if uv_installable
+        else "exit 1"
+    )
     script = f"""echo "$*" >> {shlex.quote(str(calls))}
 case "$*" in
+  "-m pip install "*--target*)
+  {target_install} ;;
   "-m pip install "*) requirement="${{!#}}"; echo "${{requirement#mlflow==}}" > {shlex.quote(str(version))} ;;
   *importlib.metadata*) echo "$(cat {shlex.quote(str(version))}) torch" ;;
   *) echo "python 3 torch 2 cuda True mlflow $(cat {shlex.quote(str(version))}) torchvision {tv}" ;;
@@ -319,14 +342,78 @@ def test_bootstrap_reports_an_unexpected_failure_with_its_step(keys, state_dir, 
 
 
 def test_bootstrap_replaces_an_older_mlflow_with_the_pinned_one(keys, state_dir, tmp_path):
-    """A DLAMI ships an older mlflow 3.x: importable, but the job's client must match the server's pin."""
+    """A DLAMI ships an older mlflow 3.x: importable, but the job's client must match the server's pin. uv (pinned,
+    from PyPI, into the state folder: never into the job's interpreter) installs it."""
     python, calls = fake_python(tmp_path, mlflow="3.1.0")
     status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
     assert status == "ok", log
     assert "installing mlflow==3.17.2 into" in log
     assert "(found mlflow 3.1.0, pinned 3.17.2)" in log
-    assert "-m pip install --quiet --disable-pip-version-check mlflow==3.17.2" in calls.read_text()
-    assert "mlflow 3.17.2" in log
+    lines = calls.read_text().splitlines()
+    assert f"-m pip install --quiet --disable-pip-version-check --target {state_dir}/tools/uv uv==0.13.10" in lines
+    assert f"uv pip install --quiet --python {python} mlflow==3.17.2" in lines
+    assert not [line for line in lines if line.startswith("-m pip install") and "mlflow" in line], lines
+    assert "mlflow 3.17.2" in log and "warning" not in log
+
+
+def test_bootstrap_uses_the_images_own_uv(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.1.0")
+    version = shlex.quote(str(tmp_path / "fake-mlflow-version"))
+    fake_bin(tmp_path, "uv", f'echo "uv $*" >> {shlex.quote(str(calls))}\necho 3.17.2 > {version}\n')
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
+    assert status == "ok", log
+    lines = calls.read_text().splitlines()
+    assert f"uv pip install --quiet --python {python} mlflow==3.17.2" in lines
+    assert not [line for line in lines if "pip install" in line and not line.startswith("uv ")], lines
+
+
+def test_bootstrap_installs_with_pip_where_uv_cannot_be_had(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.1.0", uv_installable=False)
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
+    assert status == "ok", log
+    assert "warning: could not install uv==0.13.10; installing with pip" in log
+    assert "-m pip install --quiet --disable-pip-version-check mlflow==3.17.2" in calls.read_text().splitlines()
+
+
+def test_bootstrap_falls_back_to_pip_when_uv_fails(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.1.0")
+    fake_bin(tmp_path, "uv", "echo 'error: no index' >&2\nexit 2\n")
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
+    assert status == "ok", log
+    assert "warning: uv could not install mlflow==3.17.2" in log and "error: no index" in log
+    assert "-m pip install --quiet --disable-pip-version-check mlflow==3.17.2" in calls.read_text().splitlines()
+
+
+def test_bootstrap_runs_the_gpu_check_and_the_python_install_at_once(keys, state_dir, tmp_path):
+    """nvidia-smi answers only once the python step has probed the interpreter: one after the other, the GPU check
+    would fail."""
+    python, calls = fake_python(tmp_path, mlflow="3.1.0")
+    fake_bin(
+        tmp_path,
+        "nvidia-smi",
+        f"for _ in $(seq 200); do grep -q importlib {shlex.quote(str(calls))} 2>/dev/null && "
+        'echo "GPU 0: NVIDIA L4" && exit 0; sleep 0.1; done; exit 1\n',
+    )
+    files = install(render_user_data(make_spec(keys, str(state_dir), python_bin=python, require_gpu=True)))
+    env = {**os.environ, "PATH": f"{tmp_path / 'fakebin'}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(files["bootstrap.sh"])], env=env, timeout=60, check=False)
+    log = (state_dir / "bootstrap.log").read_text()
+    assert (state_dir / "bootstrap.status").read_text().strip() == "ok", log
+    assert "GPU 0: NVIDIA L4" in log
+    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user", "gpu", "packages", "python"}
+
+
+def test_bootstrap_reports_the_first_failed_step_of_those_run_at_once(keys, state_dir, tmp_path):
+    """No GPU and no interpreter: both steps fail; the status names the gpu step (the first in order), every step's
+    seconds are recorded, and no step's error file is left behind."""
+    fake_bin(tmp_path, "nvidia-smi", "echo 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    status, log = run_bootstrap(
+        keys, state_dir, tmp_path, fake_gpu=False, require_gpu=True, python_bin="/nonexistent/bin/python"
+    )
+    assert status.startswith("error: gpu: nvidia-smi failed (NVIDIA-SMI has failed)"), status
+    assert "[python] error: python interpreter /nonexistent/bin/python not found" in log
+    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user", "gpu", "packages", "python"}
+    assert not list(state_dir.glob(".bootstrap.*.error"))
 
 
 def test_bootstrap_keeps_the_pinned_mlflow(keys, state_dir, tmp_path):
@@ -334,7 +421,7 @@ def test_bootstrap_keeps_the_pinned_mlflow(keys, state_dir, tmp_path):
     status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
     assert status == "ok", log
     assert "skipped: mlflow 3.17.2 already installed" in log
-    assert "pip" not in calls.read_text()
+    assert "pip" not in calls.read_text() and not (state_dir / "tools").exists()
 
 
 def test_bootstrap_warns_when_a_gpu_job_has_no_torchvision(keys, state_dir, tmp_path):
@@ -348,7 +435,7 @@ def test_bootstrap_fails_when_pip_does_not_install_the_pin(keys, state_dir, tmp_
     script = 'case "$*" in *importlib.metadata*) echo "3.1.0 torch";; esac\n'  # pip "succeeds", nothing changes
     interpreter = fake_bin(tmp_path, "python-stuck", script)
     status, _ = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=str(interpreter / "python-stuck"))
-    assert status.startswith("error: python: pip installed mlflow==3.17.2 but")
+    assert status.startswith("error: python: installing mlflow==3.17.2 finished but")
 
 
 def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys, state_dir, tmp_path):
