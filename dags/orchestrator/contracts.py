@@ -18,6 +18,8 @@ def classpath(trigger: object) -> str:
 # URL (read by the report), a failed task's failure (observe.failures), and wait_ready's view of the running instance
 # (contracts_steps.RunningInstance: address, when the wait began, its deadline), kept for its resumption.
 SHA_XCOM_KEY = "ci_gate_sha"
+# When (epoch seconds) the CI gate saw the commit's CI pass: the start of "green CI to first epoch" in the report.
+CI_PASSED_AT_KEY = "ci_passed_at"
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 MLFLOW_RUN_URL_KEY = "mlflow_run_url"
 FAILURE_KEY = "failure"
@@ -43,6 +45,10 @@ JOB_KEY_TAG = "ec2_trainer.job_key"
 PREEMPTIONS_TAG = "ec2_trainer.preemptions"
 # Set by the job (remote/checkpoints.py) when a checkpoint could not be written: it trained on without them.
 CHECKPOINT_ERROR_TAG = "ec2_trainer.checkpoint_error"
+
+# The per-epoch metric the job logs with each epoch's seconds (remote/metrics.py): the first one's timestamp less its
+# value is when training proper began.
+EPOCH_TIME_METRIC = "speed/epoch_time_s"
 
 # MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
 PARENT_RUN_TAG = "mlflow.parentRunId"

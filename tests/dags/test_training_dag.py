@@ -21,7 +21,7 @@ import pytest
 
 from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from orchestrator.cloud.user_data import file_text
-from orchestrator.observe.report import RunReport
+from orchestrator.observe.report import PHASES, RunReport
 from orchestrator.tracking.views import experiment_url
 from tests.conftest import REPO
 from tests.orchestrator.observe.test_notify import mail_text
@@ -210,10 +210,20 @@ def assert_reported_success(
     assert report.promoted is True and report.promotion_reason
     assert report.test_metrics == {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
     assert report.images_per_s == run.data.metrics["train_images_per_s"] > 0
-    bootstrap = {"bootstrap.user", "bootstrap.gpu", "bootstrap.packages", "bootstrap.python"}
-    assert set(report.phases_s) == {"ci_wait", "launch", "boot", "training", "evaluation", "teardown"} | bootstrap
+    breakdowns = {"bootstrap.user", "bootstrap.gpu", "bootstrap.packages", "bootstrap.python"}
+    breakdowns.add("training.before_first_epoch")
+    assert set(report.phases_s) == set(PHASES) | breakdowns
     assert report.phases_s["training"] == pytest.approx((run.info.end_time - run.info.start_time) / 1000, abs=0.1)
-    assert 0 < sum(report.phases_s.values()) <= report.duration_s
+    assert 0 < sum(report.phases_s[phase] for phase in PHASES) <= report.duration_s
+    # The bootstrap's steps run partly at once: the longest of them at most its whole.
+    assert (
+        max(report.phases_s[step] for step in breakdowns if step.startswith("bootstrap."))
+        <= report.phases_s["bootstrap"] + 1
+    )
+    # The job's start (`mlflow run`, data, model) is part of its time; the first epoch began after CI passed.
+    assert 0 < report.phases_s["training.before_first_epoch"] < report.phases_s["training"]
+    assert report.seconds_to_first_epoch is not None
+    assert report.phases_s["training.before_first_epoch"] < report.seconds_to_first_epoch < report.duration_s
     # Billed from EC2's launch time to the termination request, at the fallback table's g6.xlarge price: moto
     # serves no Price List API.
     cost = report.cost

@@ -29,7 +29,7 @@ from orchestrator.ci.github_protocol import (
     poll_interval_s,
 )
 from orchestrator.ci.verdict import CiVerdict, WorkflowRun, evaluate_ci, parse_allowed_conclusions
-from orchestrator.contracts import SHA_XCOM_KEY, classpath
+from orchestrator.contracts import CI_PASSED_AT_KEY, SHA_XCOM_KEY, classpath
 from orchestrator.errors import ConfigError, fail_without_retry
 
 if TYPE_CHECKING:
@@ -286,6 +286,7 @@ class CiGateOperator(BaseOperator):
         _log_changes(self.log, verdict.runs, {})
         if verdict.state == "success":
             self.log.info("CI gate passed: %s", verdict.message)
+            context["ti"].xcom_push(key=CI_PASSED_AT_KEY, value=time.time())
             return sha
         if verdict.state == "failed":
             raise AirflowFailException(f"{verdict.message} (commit {sha})")
@@ -345,6 +346,7 @@ class CiGateOperator(BaseOperator):
         _log_changes(self.log, (WorkflowRun.from_api(run) for run in event.get("runs", [])), {})
         if status == "success":
             self.log.info("CI gate passed for %s: %s (%s)", sha, message, checks)
+            context["ti"].xcom_push(key=CI_PASSED_AT_KEY, value=time.time())
             return sha
         if status in ("failed", "invalid"):
             raise AirflowFailException(f"{message} (commit {sha})")

@@ -17,6 +17,8 @@ from orchestrator.cloud.ec2_describe import GONE_STATES, describe_instance
 from orchestrator.config.settings import Settings
 from orchestrator.contracts import (
     CHECKPOINT_ERROR_TAG,
+    CI_PASSED_AT_KEY,
+    EPOCH_TIME_METRIC,
     FAILURE_KEY,
     MLFLOW_RUN_ID_KEY,
     MLFLOW_RUN_URL_KEY,
@@ -32,7 +34,7 @@ from orchestrator.observe.cost import (
     seconds_lost_to_preemption,
     transition_time,
 )
-from orchestrator.observe.report import RunReport, error_line
+from orchestrator.observe.report import BEFORE_FIRST_EPOCH_PHASE, RunReport, error_line
 from orchestrator.observe.verdict import decide, unfinished_run_end
 from orchestrator.tracking.runs import end_mlflow_run
 from orchestrator.tracking.training_runs import task_outcomes
@@ -100,6 +102,9 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
     durations = {task_id: duration for task_id, (_, duration) in tasks.items()}
     training_s = _job_seconds(run) if run else durations.get("train")
     phases = phases_of(durations, ready, training_s)
+    first_epoch_at = _guarded("the first epoch's start", lambda: _first_epoch_started_at(s, run), None) if run else None
+    phases |= before_first_epoch(run, first_epoch_at)
+    ci_passed_at = xcom("ci_gate", CI_PASSED_AT_KEY)
 
     preemptions: list[Preemption] = _guarded(
         "the preemption records",
@@ -162,6 +167,9 @@ def assemble(s: Settings, context: Mapping[str, Any]) -> RunReport:
         attempts=[a.to_dict() for a in attempts],
         seconds_lost_to_preemption=seconds_lost_to_preemption(attempts, preemptions, last_ready),
         warnings=run_warnings(run),
+        seconds_to_first_epoch=round(first_epoch_at - float(ci_passed_at), 1)
+        if first_epoch_at is not None and ci_passed_at is not None
+        else None,
     )
 
 
@@ -180,7 +188,8 @@ def phases_of(
     never reached is absent.
 
     launch: the launch step (a free slot, RunInstances, until running) and any rest of the wait for running;
-    boot: from running to SSH answering; bootstrap.<step>: as the instance timed them; training: the job.
+    boot: from running to SSH answering; bootstrap: from SSH answering to the bootstrap's marker, and bootstrap.<step>
+    as the instance timed its steps; training: the job.
     """
     phases: dict[str, float] = {}
     for phase, task_id in (("ci_wait", "ci_gate"), ("launch", "launch")):
@@ -189,6 +198,7 @@ def phases_of(
     if ready:
         phases["launch"] = phases.get("launch", 0.0) + ready.seconds_to_running
         phases["boot"] = max(0.0, ready.seconds_to_ssh - ready.seconds_to_running)
+        phases["bootstrap"] = max(0.0, ready.seconds_to_ready - ready.seconds_to_ssh)
         for step, seconds in ready.bootstrap_phases_s.items():
             phases[f"bootstrap.{step}"] = seconds
     if training_s is not None:
@@ -244,6 +254,38 @@ def _mlflow_run(s: Settings, run_id: str) -> Any:
     creds = mlflow_credentials(s.mlflow.conn_id)
     with credentials_in_env(creds.username, creds.password):
         return MlflowClient(tracking_uri=s.mlflow.tracking_uri).get_run(run_id)
+
+
+def _first_epoch_started_at(s: Settings, run: Any) -> float | None:
+    """When (epoch seconds) the job began its first epoch: the first epoch's metric, logged as it ended, less the
+    epoch's own seconds. None before any epoch."""
+    from mlflow import MlflowClient
+
+    from orchestrator.config.connections import mlflow_credentials
+    from orchestrator.tracking.runs import credentials_in_env
+
+    creds = mlflow_credentials(s.mlflow.conn_id)
+    with credentials_in_env(creds.username, creds.password):
+        history = MlflowClient(tracking_uri=s.mlflow.tracking_uri).get_metric_history(
+            run.info.run_id, EPOCH_TIME_METRIC
+        )
+    return first_epoch_start(history)
+
+
+def before_first_epoch(run: Any, first_epoch_at: float | None) -> dict[str, float]:
+    """The job's seconds from its start (its MLflow run's) to its first epoch, as a breakdown of "training"."""
+    if run is None or first_epoch_at is None or not run.info.start_time:
+        return {}
+    return {BEFORE_FIRST_EPOCH_PHASE: round(max(0.0, first_epoch_at - run.info.start_time / 1000), 1)}
+
+
+def first_epoch_start(history: list[Any]) -> float | None:
+    """The start (epoch seconds) of the lowest-step epoch in an epoch-time metric's history (MLflow Metric entities:
+    step, timestamp in ms, value in seconds)."""
+    if not history:
+        return None
+    first = min(history, key=lambda metric: (metric.step, metric.timestamp))
+    return first.timestamp / 1000 - float(first.value)
 
 
 def _job_seconds(run: Any) -> float | None:

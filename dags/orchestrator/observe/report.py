@@ -15,9 +15,12 @@ from orchestrator.redaction import scrub
 OUTCOMES = ("success", "failed")
 PRICE_SOURCES = ("aws-price-list", "spot-price-history", "fallback-table")
 LINK_KEYS = ("airflow", "ci", "mlflow", "mlflow_runs")
-# The fixed phase names; bootstrap phases are "bootstrap.<name>" (the names userdata/bootstrap.sh records).
-PHASES = ("ci_wait", "launch", "boot", "training", "evaluation", "teardown")
+# The fixed phase names, in order. Breakdowns of one are "<phase>.<part>": "bootstrap.<step>" (the steps
+# userdata/bootstrap.sh records, some of them at once, so they may add up to more than "bootstrap"), and
+# "training.before_first_epoch" (the job's start: `mlflow run`, the data, the model, up to its first epoch).
+PHASES = ("ci_wait", "launch", "boot", "bootstrap", "training", "evaluation", "teardown")
 BOOTSTRAP_PHASE_PREFIX = "bootstrap."
+BEFORE_FIRST_EPOCH_PHASE = "training.before_first_epoch"
 # EC2 bills Linux instances per second with a one-minute minimum.
 MIN_BILLED_S = 60.0
 MAX_ERROR_CHARS = 300
@@ -66,7 +69,7 @@ class RunReport:
     promoted: bool | None  # None when the gate did not run
     promotion_reason: str | None
     duration_s: float  # the DAG run, from its start to the report
-    phases_s: dict[str, float]  # keys among PHASES and "bootstrap.<phase>"; absent when the run never got there
+    phases_s: dict[str, float]  # keys among PHASES and their breakdowns; absent when the run never got there
     images_per_s: float | None  # training throughput
     test_metrics: dict[str, float]  # the run's test_* metrics from MLflow
     cost: Cost | None  # None when no instance was launched
@@ -78,6 +81,9 @@ class RunReport:
     # billed seconds, usd, ended_by); cost sums them.
     attempts: list[dict[str, Any]] = field(default_factory=list)
     seconds_lost_to_preemption: float = 0.0  # observe.cost.seconds_lost_to_preemption
+    # From the CI gate seeing the commit pass to the job's first epoch beginning: what a person waits after a push's
+    # CI turns green. None when the run never trained (or the CI gate left no time).
+    seconds_to_first_epoch: float | None = None
     # What went wrong without failing the run (a checkpoint that could not be written), one line each, never a secret.
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # room for later additions without a contract change

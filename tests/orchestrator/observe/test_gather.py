@@ -15,7 +15,7 @@ import pytest
 from orchestrator.config.settings import load_settings
 from orchestrator.contracts_steps import Preemption, ReadyInstance
 from orchestrator.observe.cost import BY_TEARDOWN, Price
-from orchestrator.observe.gather import airflow_run_url, billed_attempts, phases_of
+from orchestrator.observe.gather import airflow_run_url, billed_attempts, first_epoch_start, phases_of
 from tests.support.aws_cloud import REGION, StrictAws, strict_aws
 from tests.support.step_results import READY as READY_XCOM
 
@@ -36,6 +36,7 @@ def test_every_phase_of_a_finished_run() -> None:
         "ci_wait": 120.0,
         "launch": 16.0,  # the launch step and the rest of the wait for state running
         "boot": 30.5,  # running to SSH
+        "bootstrap": 62.5,  # SSH answering to the bootstrap's marker
         "bootstrap.user": 0.0,
         "bootstrap.gpu": 1.0,
         "bootstrap.packages": 20.0,
@@ -52,6 +53,15 @@ def test_phases_the_run_never_reached_are_absent() -> None:
         "launch": 9.0,
         "teardown": 1.0,
     }
+
+
+def test_the_first_epoch_began_its_own_seconds_before_its_metric() -> None:
+    """A resumed run logs later epochs first in no order the reader may trust: the lowest step counts."""
+    from mlflow.entities import Metric
+
+    history = [Metric("speed/epoch_time_s", 4.0, 1_000_020_000, 3), Metric("speed/epoch_time_s", 2.5, 1_000_010_000, 1)]
+    assert first_epoch_start(history) == 1_000_007.5
+    assert first_epoch_start([]) is None
 
 
 def test_airflow_run_url_quotes_the_run_id() -> None:
@@ -135,3 +145,12 @@ def test_the_job_s_checkpoint_error_tag_is_the_report_s_warning() -> None:
         "AccessDenied: Access Denied"
     ]
     assert run_warnings(run({})) == [] and run_warnings(None) == []
+
+
+def test_the_epoch_time_metric_is_the_one_the_job_logs() -> None:
+    from orchestrator.contracts import EPOCH_TIME_METRIC
+    from remote.engine import EpochResult
+    from remote.metrics import epoch_metrics
+
+    fields = {name: 1.0 for name in EpochResult.__dataclass_fields__}
+    assert EPOCH_TIME_METRIC in epoch_metrics(EpochResult(**fields))  # type: ignore[arg-type]
