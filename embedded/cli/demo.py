@@ -124,6 +124,7 @@ def fill_in(summary: RunSummary, deployment: LocalDeployment) -> None:
     summary.evaluation = Evaluation.from_xcom(evaluation) if evaluation else None
     report = xcom("report") or {}
     summary.cost, summary.phases = report.get("cost"), report.get("phases_s") or {}
+    summary.seconds_to_first_epoch = report.get("seconds_to_first_epoch")
     if summary.mlflow_run_id:
         metrics = MlflowClient(stack.mlflow.url).get_run(summary.mlflow_run_id).data.metrics
         summary.metrics = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test_")}

@@ -94,6 +94,7 @@ class RunSummary:
     # The run report's cost (orchestrator.observe.report.Cost as a dict); None when the run launched nothing.
     cost: dict[str, Any] | None = None
     phases: dict[str, float] = field(default_factory=dict)  # the run report's phases_s
+    seconds_to_first_epoch: float | None = None  # the run report's: from CI passing to the first epoch
     # Seconds: bringing the deployment up, the DAG run from trigger to its end, and the training task within it.
     startup_s: float = 0.0
     run_s: float = 0.0
@@ -129,6 +130,8 @@ def render(summary: RunSummary, *, urls: Mapping[str, str], login: tuple[str, st
         )
     if s.phases:
         lines.append("phases       " + ", ".join(f"{phase} {sec:.1f}s" for phase, sec in s.phases.items()))
+    if s.seconds_to_first_epoch is not None:
+        lines.append(f"first epoch  {s.seconds_to_first_epoch:.1f}s after CI passed")
     lines += [
         *(
             f"{'notified' if n == 0 else '':<12} {channel}: {where}"

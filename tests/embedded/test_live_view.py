@@ -100,6 +100,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
             "region": "us-east-1",
         },
         phases={"launch": 1.04, "bootstrap.python": 4.0, "training": 20.0},
+        seconds_to_first_epoch=9.96,
     )
     assert summary.outside_training_s == 12.5
     text = render(
@@ -115,7 +116,7 @@ def test_summary_prints_the_time_outside_training_and_where_to_look(tmp_path: Pa
     assert "train 20.0s, terminate 1.5s" in text
     assert "notified     e-mail: 1 message(s) in the Maildir /m\n             Slack: 1 message(s) in /s" in text
     assert "cost         0.0134 USD: 60 s billed at 0.8048 USD/h (fallback-table); training 33% of it, 40 s not" in text
-    assert "phases       launch 1.0s, bootstrap.python 4.0s, training 20.0s" in text
+    assert "phases       launch 1.0s, bootstrap.python 4.0s, training 20.0s\nfirst epoch  10.0s after CI passed" in text
     lines = text.splitlines()
     assert lines[-4:-1] == [
         "  Airflow          http://127.0.0.1:8080",
