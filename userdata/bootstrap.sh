@@ -34,6 +34,7 @@ exec </dev/null >>"$STATE_DIR/bootstrap.log" 2>&1
 
 STEP=start
 STEP_STARTED=$(date +%s)
+BOOTSTRAP_STARTED=$STEP_STARTED
 ERROR_MESSAGE=""
 
 log() { printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$STEP" "$*"; }
@@ -283,5 +284,7 @@ STEP=steps
 wait_steps
 
 STEP=finish
+# The whole bootstrap's seconds: less than its steps' sum, some of them ran at once.
+printf 'total %s\n' "$(($(date +%s) - BOOTSTRAP_STARTED))" >>"$STATE_DIR/bootstrap.phases"
 write_status ok
 log "bootstrap ok"

@@ -46,6 +46,9 @@ PREEMPTIONS_TAG = "ec2_trainer.preemptions"
 # Set by the job (remote/checkpoints.py) when a checkpoint could not be written: it trained on without them.
 CHECKPOINT_ERROR_TAG = "ec2_trainer.checkpoint_error"
 
+# The bootstrap.phases line (userdata/bootstrap.sh) with the whole bootstrap's seconds, beside its steps' own.
+BOOTSTRAP_TOTAL = "total"
+
 # The per-epoch metric the job logs with each epoch's seconds (remote/metrics.py): the first one's timestamp less its
 # value is when training proper began.
 EPOCH_TIME_METRIC = "speed/epoch_time_s"

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from orchestrator.cloud.ec2_describe import GONE_STATES, describe_instance
 from orchestrator.config.settings import Settings
 from orchestrator.contracts import (
+    BOOTSTRAP_TOTAL,
     CHECKPOINT_ERROR_TAG,
     CI_PASSED_AT_KEY,
     EPOCH_TIME_METRIC,
@@ -188,8 +189,8 @@ def phases_of(
     never reached is absent.
 
     launch: the launch step (a free slot, RunInstances, until running) and any rest of the wait for running;
-    boot: from running to SSH answering; bootstrap: from SSH answering to the bootstrap's marker, and bootstrap.<step>
-    as the instance timed its steps; training: the job.
+    boot: from running to SSH answering; bootstrap: as the instance timed it, whole and bootstrap.<step> (its steps
+    partly overlap); training: the job.
     """
     phases: dict[str, float] = {}
     for phase, task_id in (("ci_wait", "ci_gate"), ("launch", "launch")):
@@ -198,8 +199,10 @@ def phases_of(
     if ready:
         phases["launch"] = phases.get("launch", 0.0) + ready.seconds_to_running
         phases["boot"] = max(0.0, ready.seconds_to_ssh - ready.seconds_to_running)
-        phases["bootstrap"] = max(0.0, ready.seconds_to_ready - ready.seconds_to_ssh)
-        for step, seconds in ready.bootstrap_phases_s.items():
+        steps = dict(ready.bootstrap_phases_s)
+        # Bootstraps before decision 0124 ran their steps one after the other and recorded no total.
+        phases["bootstrap"] = steps.pop(BOOTSTRAP_TOTAL, sum(steps.values()))
+        for step, seconds in steps.items():
             phases[f"bootstrap.{step}"] = seconds
     if training_s is not None:
         phases["training"] = float(training_s)

@@ -400,7 +400,13 @@ def test_bootstrap_runs_the_gpu_check_and_the_python_install_at_once(keys, state
     log = (state_dir / "bootstrap.log").read_text()
     assert (state_dir / "bootstrap.status").read_text().strip() == "ok", log
     assert "GPU 0: NVIDIA L4" in log
-    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user", "gpu", "packages", "python"}
+    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {
+        "user",
+        "gpu",
+        "packages",
+        "python",
+        "total",
+    }
 
 
 def test_bootstrap_reports_the_first_failed_step_of_those_run_at_once(keys, state_dir, tmp_path):
@@ -458,13 +464,15 @@ def test_bootstrap_gives_the_login_user_its_job_folder_and_readable_markers(keys
     for name in ("bootstrap.status", "bootstrap.log", "bootstrap.phases", "env.sh"):
         assert stat.S_IMODE((state_dir / name).stat().st_mode) == 0o644, name
     # Each step's seconds, for the run's cost report (read with the marker by orchestrator.instance.ssh).
-    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user", "gpu", "packages", "python"}
+    phases = parse_phases((state_dir / "bootstrap.phases").read_text())
+    assert phases.keys() == {"user", "gpu", "packages", "python", "total"}
+    assert phases["total"] <= sum(seconds for step, seconds in phases.items() if step != "total") + 1
 
 
 def test_bootstrap_records_the_failed_steps_seconds_too(keys, state_dir, tmp_path):
     status, _ = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, ssh_user="no_such_user_x")
     assert status.startswith("error: user:")
-    assert (state_dir / "bootstrap.phases").read_text() == "user 0\n"
+    assert parse_phases((state_dir / "bootstrap.phases").read_text()).keys() == {"user"}
 
 
 def test_spec_is_frozen(keys):
@@ -490,13 +498,13 @@ def test_spot_watcher_passes_each_new_notice_on_atomically(keys, state_dir, tmp_
 
         imds.post_rebalance_recommendation()
         rebalance = wait_for_json(request, "noticeTime")
-        assert json.loads(marker.read_text()) == rebalance
+        assert wait_for_json(marker, "noticeTime") == rebalance  # written just after the request
         request.unlink()  # the job, once it has checkpointed
 
         imds.post_interruption_notice("terminate", time.time() + 120)
         notice = wait_for_json(request, "action")
         assert notice["action"] == "terminate" and notice["time"].endswith("Z")
-        assert json.loads(marker.read_text()) == notice
+        assert wait_for_json(marker, "action") == notice
         assert stat.S_IMODE(request.stat().st_mode) == 0o644
     finally:
         proc.kill()

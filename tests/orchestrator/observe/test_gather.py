@@ -36,7 +36,7 @@ def test_every_phase_of_a_finished_run() -> None:
         "ci_wait": 120.0,
         "launch": 16.0,  # the launch step and the rest of the wait for state running
         "boot": 30.5,  # running to SSH
-        "bootstrap": 62.5,  # SSH answering to the bootstrap's marker
+        "bootstrap": 61.0,  # no total recorded (a bootstrap of before 0124): its steps' sum
         "bootstrap.user": 0.0,
         "bootstrap.gpu": 1.0,
         "bootstrap.packages": 20.0,
@@ -45,6 +45,14 @@ def test_every_phase_of_a_finished_run() -> None:
         "evaluation": 3.0,
         "teardown": 41.0,
     }
+
+
+def test_the_bootstrap_phase_is_its_own_total_when_it_recorded_one() -> None:
+    """The steps ran partly at once: the whole is less than their sum, and "total" is no step."""
+    ready = ReadyInstance.from_xcom({**READY_XCOM, "bootstrap_phases_s": {"user": 0.0, "python": 9.0, "total": 10.0}})
+    phases = phases_of({}, ready, None)
+    assert (phases["bootstrap"], phases["bootstrap.python"]) == (10.0, 9.0)
+    assert "bootstrap.total" not in phases
 
 
 def test_phases_the_run_never_reached_are_absent() -> None:
