@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import logging
 import os
 import pwd
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Folders of the instance's /etc that the user-data writes: kept per instance, never written on this machine.
 INSTANCE_ETC_DIRS = ("/etc/systemd/system", "/etc/ssh/sshd_config.d")
-WRITE_FILES_KEYS = frozenset({"path", "content", "permissions"})
+WRITE_FILES_KEYS = frozenset({"path", "content", "permissions", "encoding"})
+# The one encoding the user-data uses (cloud-init also knows others): gzip, then base64.
+GZIP_BASE64 = "gz+b64"
 # The instance's shutdown, systemd-run and systemctl: shell scripts, copied into each instance's bin/.
 STANDINS = Path(__file__).with_name("bin")
 METADATA_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
@@ -173,6 +177,8 @@ class CloudInit:
 
     def _write_file(self, inst: EmulatedInstance, entry: dict[str, Any]) -> None:
         unsupported = set(entry) - WRITE_FILES_KEYS
+        if entry.get("encoding", GZIP_BASE64) != GZIP_BASE64:
+            unsupported.add(f"encoding {entry['encoding']}")
         if unsupported:
             # Honouring only some of an entry's keys would write what the instance would not: refuse it whole.
             inst.notes.append(f"skipped write_files {entry.get('path')}: keys {sorted(unsupported)} not emulated")
@@ -187,7 +193,11 @@ class CloudInit:
             inst.notes.append(f"skipped write_files {path}: outside the emulated disk {self.cloud.disk_root}")
             return
         make_parents(target.parent)
-        target.write_text(str(entry.get("content", "")))
+        content = str(entry.get("content", ""))
+        if "encoding" in entry:
+            target.write_bytes(gzip.decompress(base64.b64decode(content)))
+        else:
+            target.write_text(content)
         target.chmod(int(str(entry.get("permissions", "0644")), 8))
 
 
