@@ -43,6 +43,8 @@ JOB_KEY_TAG = "ec2_trainer.job_key"
 PREEMPTIONS_TAG = "ec2_trainer.preemptions"
 # Set by the job (remote/checkpoints.py) when a checkpoint could not be written: it trained on without them.
 CHECKPOINT_ERROR_TAG = "ec2_trainer.checkpoint_error"
+# Why the instance's guard stopped the job (a stall, idle GPUs, the cost cap): userdata/guard.sh's reason line.
+GUARD_TAG = "ec2_trainer.guard"
 
 # MLflow's own tag for a nested run: its UI lists the run under that parent (a sweep's run under the sweep's).
 PARENT_RUN_TAG = "mlflow.parentRunId"
