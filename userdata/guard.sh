@@ -87,6 +87,8 @@ breach() {
   printf 'guard: %s: the job is stopped and the instance powered off\n' "$reason" >>"$job/output.log"
   pg="$(cat "$job/pid")"
   kill -TERM -- "-$pg" 2>/dev/null
+  # As systemd does: a stopped (hung) process only acts on SIGTERM once continued.
+  kill -CONT -- "-$pg" 2>/dev/null
   for _ in $(seq $((KILL_GRACE_S * 5))); do
     group_alive "$pg" || break
     sleep 0.2
