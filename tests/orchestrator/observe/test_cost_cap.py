@@ -77,3 +77,31 @@ def test_a_cap_that_cannot_pay_a_minute_fails_before_launch_naming_the_setting()
     check_cap_covers(0.0, 100.0, 100, GP3)  # off
     with pytest.raises(ConfigError, match=r"training.max_cost_usd = 0.01 USD cannot pay for the minute EC2 bills"):
         check_cap_covers(0.01, 0.8048, 100, GP3)
+
+
+def test_plan_launch_s_check_prices_the_cheapest_launch_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config.settings import load_settings
+    from orchestrator.observe import pricing
+    from orchestrator.observe.cost_cap import preflight_cost_cap
+
+    asked: list[tuple[str, str]] = []
+
+    def price(aws: object, region: str, instance_type: str, market: str, zone: object, at: float) -> Price:
+        asked.append((instance_type, market))
+        return Price(0.3 if market == "spot" else 0.8048, "fallback-table", "test")
+
+    monkeypatch.setattr(pricing, "instance_price", price)
+    env = {
+        "TRAINER__AWS__DEPLOYMENT": "cap-test",
+        "TRAINER__AWS__INSTANCE_TYPES": "g6.xlarge,g5.xlarge",
+        "TRAINER__AWS__SPOT": "true",
+        "TRAINER__AWS__SPOT_FALLBACK_TO_ON_DEMAND": "true",
+    }
+    # The cheapest minute is spot's: 0.3 USD/h + 100 GB, 0.0052 USD.
+    preflight_cost_cap(load_settings(env={**env, "TRAINER__TRAINING__MAX_COST_USD": "0.006"}), 100)
+    assert sorted(asked) == sorted([(t, m) for t in ("g6.xlarge", "g5.xlarge") for m in ("spot", "on-demand")])
+    with pytest.raises(ConfigError, match=r"training.max_cost_usd = 0.005 USD cannot pay .* at 0.3 USD/h"):
+        preflight_cost_cap(load_settings(env={**env, "TRAINER__TRAINING__MAX_COST_USD": "0.005"}), 100)
+    asked.clear()
+    preflight_cost_cap(load_settings(env=env), 100)
+    assert not asked, "no cap, no price asked"
