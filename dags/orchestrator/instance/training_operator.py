@@ -190,7 +190,7 @@ class RemoteTrainingOperator(BaseOperator):
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
         cap = self._cost_cap(context)
         if cap is not None and cap.passed(time.time()):
-            self._fail_guarded(created_run_id, cap.reason, "the job was not started")
+            self._fail_guarded(created_run_id, cap.reason, "train neither starts nor follows the job")
         job = self._job = self._remote_job(context)
         command = training_command(s, self.git_sha, job.paths.source_dir, created_run_id)
         try:
@@ -358,7 +358,8 @@ class RemoteTrainingOperator(BaseOperator):
                 job.close()
             if guarded:
                 # SIGKILLed by the guard: the wrapper could not record an exit code.
-                self._fail_guarded(self._end_mlflow_run(), guarded, "its guard stopped the job")
+                run_id = self._end_mlflow_run()
+                self._fail_guarded(run_id, guarded, "its guard stopped the job", self._postmortem(run_id, paths.log))
             # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
             where = self._postmortem(self._end_mlflow_run(), paths.log)
             raise AirflowFailException(
@@ -391,9 +392,10 @@ class RemoteTrainingOperator(BaseOperator):
             return ""
         return (text or "").strip()
 
-    def _fail_guarded(self, mlflow_run_id: str | None, reason: str, what: str) -> NoReturn:
+    def _fail_guarded(self, mlflow_run_id: str | None, reason: str, what: str, where: str = "") -> NoReturn:
         """The run ends here, on the guard's reason (or the cost cap reached before the job started): the MLflow run
-        FAILED and tagged with it; no retry (the instance is powering off, or the budget is spent)."""
+        FAILED and tagged with it; no retry (the instance is powering off, or the budget is spent). `where`: where
+        the post-mortem bundle went."""
         from orchestrator.contracts import GUARD_TAG
         from orchestrator.tracking.runs import end_mlflow_run, tag_mlflow_run
 
@@ -403,7 +405,7 @@ class RemoteTrainingOperator(BaseOperator):
         raise AirflowFailException(
             f"{reason}: {what} on {self._ready.instance_id}"
             + (f" (MLflow run {mlflow_run_id})" if mlflow_run_id else "")
-            + "; the teardown terminates the instance"
+            + f"; the teardown terminates the instance{where}"
         )
 
     @staticmethod
@@ -451,8 +453,9 @@ class RemoteTrainingOperator(BaseOperator):
             job.close()
         run_id = parse_mlflow_run_id(log_text)
         if guarded:
-            where = attach_or_log(self._settings, run_id or created_run_id, self._bundle(job.paths.log), self.log)
-            self._fail_guarded(run_id or created_run_id, guarded, f"its guard stopped the job{where}")
+            guarded_run = run_id or created_run_id
+            where = attach_or_log(self._settings, guarded_run, self._bundle(job.paths.log), self.log)
+            self._fail_guarded(guarded_run, guarded, "its guard stopped the job", where)
         if exit_code != 0:
             # `mlflow run` ends the run it trained into; if it failed before reaching it (a failed checkout), say so.
             if created_run_id:
