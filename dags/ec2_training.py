@@ -70,9 +70,14 @@ with DAG(
     def plan_launch(config: str, git_sha: str) -> dict[str, Any]:
         from orchestrator.cloud.tasks import plan_launch as plan
         from orchestrator.config.resolve import settings_of
+        from orchestrator.errors import fail_without_retry
+        from orchestrator.observe.cost_cap import preflight_cost_cap
 
-        ctx = get_current_context()
-        return plan(settings_of(config), git_sha, ctx["dag"].dag_id, ctx["run_id"]).to_xcom()
+        ctx, s = get_current_context(), settings_of(config)
+        planned = plan(s, git_sha, ctx["dag"].dag_id, ctx["run_id"])
+        with fail_without_retry():
+            preflight_cost_cap(s, planned.root_volume_gb)
+        return planned.to_xcom()
 
     @task(**OUTAGE_RETRIES)
     def evaluate(config: str, mlflow_run_id: str) -> dict[str, Any]:

@@ -45,6 +45,8 @@ JOB_KEY_TAG = "ec2_trainer.job_key"
 PREEMPTIONS_TAG = "ec2_trainer.preemptions"
 # Set by the job (remote/checkpoints.py) when a checkpoint could not be written: it trained on without them.
 CHECKPOINT_ERROR_TAG = "ec2_trainer.checkpoint_error"
+# Why the instance's guard stopped the job (a stall, idle GPUs, the cost cap): userdata/guard.sh's reason line.
+GUARD_TAG = "ec2_trainer.guard"
 
 # The bootstrap.phases line (userdata/bootstrap.sh) with the whole bootstrap's seconds, beside its steps' own.
 BOOTSTRAP_TOTAL = "total"

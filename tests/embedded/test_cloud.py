@@ -260,7 +260,11 @@ def test_watchdog_powers_the_instance_off_even_when_runcmd_fails(
     )
     inst = cloud.instances[instance_id]
     assert inst.runcmd_exit_codes == [1]
-    assert list(inst.units) == ["ec2-trainer-watchdog.service", "ec2-trainer-spot-watcher.service"]
+    assert list(inst.units) == [
+        "ec2-trainer-watchdog.service",
+        "ec2-trainer-spot-watcher.service",
+        "ec2-trainer-guard.service",
+    ]
     watchdog_log = cloud.host_path(inst, cloud.disk_root / "state" / "watchdog.log")
     assert "reached: powering off" in watchdog_log.read_text()
     assert watchdog_log.stat().st_uid == 0, "systemd runs the watchdog as root"

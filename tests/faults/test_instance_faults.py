@@ -1,4 +1,5 @@
-"""Faults while the job trains on the instance: a dropped SSH connection, the job killed, the MLflow server down.
+"""Faults while the job trains on the instance: a dropped SSH connection, the job killed or hung, the MLflow server
+down, the run's cost cap reached.
 
 Each fault is injected from a thread as soon as the run's job logs its first epoch, while the DAG run goes on.
 """
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from embedded.deploy.stack import EmbeddedStack
-from tests.support.faults import DagRunFaults, OnTraining, drop_ssh, kill_job, live_instance
+from tests.support.faults import DagRunFaults, OnTraining, drop_ssh, hang_job, kill_job, live_instance
 from tests.support.pipeline import (
     assert_all_terminated,
     run_dag,
@@ -373,4 +374,112 @@ def test_checkpoints_the_instance_may_not_write_are_a_warning_and_the_training_g
         "the job warns, tags the MLflow run and trains on without checkpoints; the report warns; run succeeds",
         f"tag {CHECKPOINT_ERROR_TAG} 'cannot {denied.group(1)} s3://.../elsewhere/<run>/: AccessDenied'; the report's "
         "warning; MLflow run FINISHED; run success",
+    )
+
+
+# Longer than the silent stretches of a healthy job's start on a busy machine (the guard would stop it before epoch 1).
+STALL_MINUTES = 0.5
+
+
+def guarded_run(env: EmbeddedStack, dag_run: Any) -> tuple[Any, Any, str]:
+    """The train task's instance, the MLflow run (FAILED) and the guard's reason as the report and the tag carry it."""
+    from mlflow import MlflowClient
+
+    from orchestrator.contracts import GUARD_TAG, MLFLOW_RUN_ID_KEY
+    from orchestrator.observe.report import RunReport
+
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["train"].try_number == 1, "the guard's verdict is final: no retry"
+    run = MlflowClient(env.mlflow.url).get_run(tis["train"].xcom_pull(task_ids="train", key=MLFLOW_RUN_ID_KEY))
+    assert run.info.status == "FAILED"
+    report = RunReport.from_dict(tis["report"].xcom_pull(task_ids="report"))
+    assert report.failed_step == "train" and report.error is not None
+    assert report.error.startswith(run.data.tags[GUARD_TAG]), (report.error, run.data.tags[GUARD_TAG])
+    return tis, run, run.data.tags[GUARD_TAG]
+
+
+def test_a_job_that_hangs_is_stopped_by_the_guard_and_the_run_fails_saying_so(
+    env: EmbeddedStack, sha: str, dag_faults: DagRunFaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: the job hangs (its process group stopped, alive and silent) after its first epoch. The guard on the
+    instance stops it after training.stall_minutes; the run fails with the reason in its report and MLflow run, and
+    the instance is terminated within stall_minutes + 60 s of the hang. The embedded instance has no GPU: the GPU
+    guard says it is skipped."""
+    monkeypatch.setenv("TRAINER__TRAINING__STALL_MINUTES", str(STALL_MINUTES))
+
+    def hang(job_dir: Path) -> tuple[float, str]:
+        return hang_job(job_dir), live_instance(env).instance_id
+
+    fault, dag_run, log = run_with_fault(dag_faults, hang, git_ref=sha, epochs=EPOCHS * 10)
+    states = task_states(dag_run)
+    assert dag_run.state == "failed", states
+    assert (states["train"], states["terminate"]) == ("failed", "success"), states
+    _, _, reason = guarded_run(env, dag_run)
+    assert re.fullmatch(r"stalled: no log line or epoch for 0\.\d\d min \(training\.stall_minutes\)", reason), reason
+    hung_at, instance_id = fault.result
+    powered_off_at = env.cloud.instances[instance_id].powered_off_at
+    assert powered_off_at is not None
+    terminated_after_s = powered_off_at - hung_at
+    assert terminated_after_s <= STALL_MINUTES * 60 + 60, terminated_after_s
+    assert f"train | guard: {reason}" in log, "the guard's line reaches the task log"
+    assert fault.job_dir is not None
+    assert (fault.job_dir / "exit_code").read_text().strip() == "143", "stopped by SIGTERM, its exit recorded"
+    guard_log = env.cloud.host_path(env.cloud.instances[instance_id], env.state_dir / "guard.log").read_text()
+    assert "no nvidia-smi on this instance: the GPU idle guard is skipped" in guard_log
+    record_trained(
+        dag_faults,
+        dag_run,
+        log,
+        f"training job hangs (process group SIGSTOPped) with training.stall_minutes = {STALL_MINUTES}",
+        "the instance's guard stops it; train fails naming the stall; instance terminated within stall + 60 s",
+        f"'{reason}' in the report, the MLflow run's tag and the task log; exit 143; train try 1; terminated "
+        f"{terminated_after_s:.0f} s after the hang; GPU guard skipped (no GPU); run failed",
+    )
+
+
+def test_a_run_whose_cost_would_pass_max_cost_usd_is_stopped_at_its_deadline(
+    env: EmbeddedStack, sha: str, dag_faults: DagRunFaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: train writes the job's cost deadline, when the instance's billed seconds (root volume included) would
+    pass training.max_cost_usd, as observe.cost bills them. The test checks that deadline against EC2's launch time
+    and the price table, then brings it forward to a few seconds from now (as if the run had trained that long,
+    without waiting an hour of 0.5 USD): the guard stops the job within one poll of it and the run fails saying so."""
+    from orchestrator.contracts_steps import LaunchPlan
+    from orchestrator.observe.cost_cap import usd_per_second
+    from orchestrator.observe.pricing import gp3_usd_per_gb_month, read_price_table
+
+    monkeypatch.setenv("TRAINER__TRAINING__MAX_COST_USD", "0.5")
+
+    def fast_forward(job_dir: Path) -> tuple[int, int, str]:
+        deadline_file = job_dir / "cost-deadline"
+        while not deadline_file.exists():  # written just after the job started
+            time.sleep(0.1)
+        computed, reason = deadline_file.read_text().splitlines()
+        moved = int(time.time()) + 3
+        deadline_file.write_text(f"{moved}\n{reason}\n")
+        return int(computed), moved, live_instance(env).instance_id
+
+    fault, dag_run, log = run_with_fault(dag_faults, fast_forward, git_ref=sha, epochs=EPOCHS * 10)
+    states = task_states(dag_run)
+    assert dag_run.state == "failed", states
+    tis, _, reason = guarded_run(env, dag_run)
+    computed, moved, instance_id = fault.result
+    assert reason.startswith(f"cost cap: the run's cost would pass training.max_cost_usd = 0.5 USD ({instance_id}, ")
+    (instance,) = assert_all_terminated(env, dag_run, 1).values()
+    plan = LaunchPlan.from_xcom(tis["plan_launch"].xcom_pull(task_ids="plan_launch"))
+    price = read_price_table()["regions"]["us-east-1"][instance["InstanceType"]]
+    rate = usd_per_second(price, plan.root_volume_gb, gp3_usd_per_gb_month("us-east-1"))
+    expected = instance["LaunchTime"].timestamp() + 0.5 / rate
+    assert abs(computed - expected) <= 1, (computed, expected)
+    inst = env.cloud.instances[instance_id]
+    stopped_at = env.cloud.host_path(inst, env.state_dir / "guard-reason").stat().st_mtime
+    assert moved <= stopped_at <= moved + 5, "stopped within one poll (5 s) of the deadline"
+    record_trained(
+        dag_faults,
+        dag_run,
+        log,
+        "the run's cost would pass training.max_cost_usd (its deadline brought forward)",
+        "the guard stops the job at the deadline train computed; train fails naming the cap; instance terminated",
+        f"deadline = launch + 0.5 USD / ({price} USD/h + {plan.root_volume_gb} GB gp3), within 1 s; stopped "
+        f"{stopped_at - moved:.1f} s after it; reason in the report and the MLflow tag; run failed",
     )

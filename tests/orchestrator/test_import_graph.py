@@ -23,7 +23,9 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"tracking"}),
     frozenset({"datasets"}),
     frozenset({"cloud"}),
-    frozenset({"instance", "observe"}),
+    # The train step reads the cost cap (observe.cost_cap) off the run's prices.
+    frozenset({"observe"}),
+    frozenset({"instance"}),
     frozenset({"sweeps"}),
     # Shims at the old classpaths of moved triggers (tasks deferred before the upgrade): nothing imports them.
     frozenset({"triggers", "ci_gate"}),

@@ -239,6 +239,12 @@ def kill_job(job_dir: Path) -> int:
     return group
 
 
+def hang_job(job_dir: Path) -> float:
+    """SIGSTOP the job's whole process group: it hangs, printing nothing, alive (as a deadlocked job). Returns when."""
+    os.killpg(job_group(job_dir), signal.SIGSTOP)
+    return time.time()
+
+
 def hold_job(job_dir: Path) -> None:
     """Stop every process of the job (SIGSTOP): it neither advances nor ends until `released_after_reattach`.
 

@@ -94,7 +94,8 @@ def _info(instance: dict[str, Any]) -> InstanceInfo:
 # Why EC2 stopped or terminated an instance (its StateReason code), in the words a user acts on.
 GONE_REASONS: Mapping[str, str] = {
     "Client.InstanceInitiatedShutdown": "it powered itself off: its max-lifetime watchdog (aws.max_lifetime_minutes) "
-    "ran out, or something on the instance ran shutdown",
+    "ran out, its guard stopped a stalled, GPU-idle or over-budget job (training.stall_minutes, gpu_idle_minutes, "
+    "max_cost_usd), or something on the instance ran shutdown",
     "Server.SpotInstanceTermination": "EC2 interrupted the spot instance to take its capacity back",
     "Server.SpotInstanceShutdown": "EC2 interrupted the spot instance to take its capacity back",
     "Client.UserInitiatedShutdown": "a StopInstances or TerminateInstances call ended it: the EC2 console, a "

@@ -174,6 +174,9 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any, after: LaunchAttempt | 
             state_dir=s.instance.state_dir,
             python_bin=s.instance.python_bin,
             require_gpu=s.instance.require_gpu,
+            stall_minutes=s.training.stall_minutes,
+            min_gpu_utilization=s.training.min_gpu_utilization,
+            gpu_idle_minutes=s.training.gpu_idle_minutes,
         )
     )
     spec = LaunchSpec(

@@ -1,5 +1,5 @@
-"""The instance's cloud-init user-data: pinned host key, authorized key, max-lifetime watchdog, spot watcher and
-bootstrap.
+"""The instance's cloud-init user-data: pinned host key, authorized key, max-lifetime watchdog, spot watcher, guard
+and bootstrap.
 
 The `#cloud-config` document is built as a dict and dumped with `yaml.safe_dump` (so every value is YAML-quoted
 by the library); the shell scripts are files under `userdata/` whose `@@{name}` placeholders are filled with
@@ -11,10 +11,10 @@ What runs when (cloud-init's own order, every step as root):
 - init stage: `bootcmd` (every boot, before `write_files`): queues, with `systemd-run --no-block`, one transient job
   that systemd starts only once cloud-init's init stage is over (its default dependencies order it after
   sysinit.target, which cloud-init.service precedes), by when `write_files` has written the files;
-- init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's and the
-  spot watcher's systemd units and, for a port other than 22, an sshd drop-in with `Port N`; then sshd starts
-  (after cloud-init.service);
-- the queued job: `systemctl enable --now` both units (so they also run after a reboot, and whatever the later
+- init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's, the
+  spot watcher's and the guard's systemd units and, for a port other than 22, an sshd drop-in with `Port N`; then
+  sshd starts (after cloud-init.service);
+- the queued job: `systemctl enable --now` the units (so they also run after a reboot, and whatever the later
   stages do) and, for a port other than 22, restarts sshd's socket or service (Ubuntu 24.04's socket activation
   reads `Port` only on a daemon-reload);
 - final stage: `runcmd` runs the bootstrap, which makes the folders the SSH login user writes its own.
@@ -22,6 +22,9 @@ What runs when (cloud-init's own order, every step as root):
 The spot watcher polls the instance's metadata for a spot interruption notice or a rebalance recommendation and
 writes it to CHECKPOINT_REQUEST (the job finds it through EC2_TRAINER_CHECKPOINT_REQUEST, from env.sh) and to
 SPOT_NOTICE, which stays for the orchestrator to read over SSH.
+
+The guard stops a running job that prints nothing for stall_minutes, whose GPUs stay idle, or whose run's cost would
+pass its cap (the job's cost-deadline file, written by train), writes why to GUARD_REASON and powers the instance off.
 
 The user-data is readable through IMDS on the instance and by anyone allowed ec2:DescribeInstanceAttribute:
 it holds the per-run host private key (worthless once the instance is gone) and nothing else secret.
@@ -52,6 +55,9 @@ USER_DATA_MAX_BYTES = 16 * 1024
 
 WATCHDOG_UNIT = "ec2-trainer-watchdog.service"
 SPOT_WATCHER_UNIT = "ec2-trainer-spot-watcher.service"
+GUARD_UNIT = "ec2-trainer-guard.service"
+# Under the state folder, root's: why the guard stopped the job and powered the instance off (one line).
+GUARD_REASON = "guard-reason"
 # Under the state folder. The request lies in a folder the login user owns, so the job can remove it once it has
 # checkpointed (the state folder itself is root's); the notice stays, root's and readable.
 CHECKPOINT_REQUEST = "signals/checkpoint-request"
@@ -102,6 +108,10 @@ class UserDataSpec:
     packages: tuple[str, ...] = ("tar",)
     # The port sshd listens on; another than 22 is set with an sshd drop-in and a restart early in the boot.
     ssh_port: int = SSH_DEFAULT_PORT
+    # The guard's thresholds (training.stall_minutes, min_gpu_utilization, gpu_idle_minutes); 0 turns one off.
+    stall_minutes: float = 0.0
+    min_gpu_utilization: int = 0
+    gpu_idle_minutes: float = 0.0
 
 
 class _ShellTemplate(string.Template):
@@ -130,6 +140,10 @@ def _validate(spec: UserDataSpec) -> None:
         raise ConfigError(f"uv_requirement {spec.uv_requirement!r} must pin one version, e.g. uv==0.13.10")
     if not 1 <= spec.ssh_port <= 65535:
         raise ConfigError(f"ssh_port must be a TCP port (1-65535), got {spec.ssh_port}")
+    if spec.stall_minutes < 0 or spec.gpu_idle_minutes < 0 or not 0 <= spec.min_gpu_utilization <= 100:
+        raise ConfigError(
+            "stall_minutes and gpu_idle_minutes must be 0 (off) or more, min_gpu_utilization a percentage (0-100)"
+        )
     if spec.deadline_epoch <= 0:
         raise ConfigError(f"deadline_epoch must be a positive epoch time in seconds, got {spec.deadline_epoch}")
     bad = [p for p in spec.packages if not _PACKAGE_RE.fullmatch(p)]
@@ -151,9 +165,18 @@ def render_script(name: str, spec: UserDataSpec) -> str:
         "deadline_epoch": str(int(spec.deadline_epoch)),
         "checkpoint_request": shlex.quote(state_path(spec, CHECKPOINT_REQUEST)),
         "spot_notice": shlex.quote(state_path(spec, SPOT_NOTICE)),
+        "guard_reason": shlex.quote(state_path(spec, GUARD_REASON)),
+        # Whole seconds, at least 1 when on: bash has no floats.
+        "stall_s": str(_seconds(spec.stall_minutes)),
+        "gpu_min_util": str(int(spec.min_gpu_utilization)),
+        "gpu_idle_s": str(_seconds(spec.gpu_idle_minutes)),
     }
     template = _ShellTemplate((TEMPLATE_DIR / name).read_text(encoding="utf-8"))
     return _COMMENT_LINE_RE.sub("", template.substitute(values))
+
+
+def _seconds(minutes: float) -> int:
+    return max(1, round(minutes * 60)) if minutes > 0 else 0
 
 
 def state_path(spec: UserDataSpec, name: str) -> str:
@@ -175,8 +198,8 @@ def _systemd_quote(word: str) -> str:
 
 
 def service_unit(description: str, script: str) -> str:
-    """The systemd unit of one of the scripts (the watchdog, the spot watcher): enabled, so it runs on every boot
-    whatever cloud-init's later stages do, and restarted if it ever exits."""
+    """The systemd unit of one of the scripts (the watchdog, the spot watcher, the guard): enabled, so it runs on
+    every boot whatever cloud-init's later stages do, and restarted if it ever exits."""
     return (
         "[Unit]\n"
         f"Description={description}\n"
@@ -196,14 +219,14 @@ def _early_boot_command(spec: UserDataSpec) -> list[str]:
 
     `--no-block` is required: bootcmd runs inside cloud-init.service, which the job is ordered after."""
     # The reload loads the unit written after boot and re-runs ssh.socket's generator, which reads Port (Ubuntu 24.04).
-    steps = ["systemctl daemon-reload", f"systemctl enable --now {WATCHDOG_UNIT} {SPOT_WATCHER_UNIT}"]
+    steps = ["systemctl daemon-reload", f"systemctl enable --now {WATCHDOG_UNIT} {SPOT_WATCHER_UNIT} {GUARD_UNIT}"]
     if spec.ssh_port != SSH_DEFAULT_PORT:
         steps.append("systemctl try-restart ssh.socket ssh.service")
     return [
         "systemd-run",
         "--no-block",
         "--unit=ec2-trainer-early-boot",
-        "--description=ec2-trainer: start the watchdog and spot watcher units and apply the sshd port",
+        "--description=ec2-trainer: start the watchdog, spot watcher and guard units and apply the sshd port",
         "sh",
         "-c",
         "; ".join(steps),
@@ -248,11 +271,13 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
     bin_dir = f"{spec.state_dir.rstrip('/')}/bin"
     watchdog = f"{bin_dir}/watchdog.sh"
     spot_watcher = f"{bin_dir}/spot_watcher.sh"
+    guard = f"{bin_dir}/guard.sh"
     bootstrap = f"{bin_dir}/bootstrap.sh"
     files: list[dict[str, str]] = [
         _script_file(bootstrap, render_script("bootstrap.sh", spec)),
         _script_file(watchdog, render_script("watchdog.sh", spec)),
         _script_file(spot_watcher, render_script("spot_watcher.sh", spec)),
+        _script_file(guard, render_script("guard.sh", spec)),
         {
             "path": f"{spec.state_dir.rstrip('/')}/deadline",
             "content": f"{int(spec.deadline_epoch)}\n",
@@ -270,6 +295,11 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
             "content": service_unit("ec2-trainer spot watcher: passes an interruption notice on", spot_watcher),
             "permissions": "0644",
         },
+        {
+            "path": f"{SYSTEMD_UNIT_DIR}/{GUARD_UNIT}",
+            "content": service_unit("ec2-trainer guard: stops a stalled, idle or over-budget job", guard),
+            "permissions": "0644",
+        },
     ]
     if spec.ssh_port != SSH_DEFAULT_PORT:
         files.append({"path": SSHD_PORT_DROP_IN, "content": f"Port {spec.ssh_port}\n", "permissions": "0644"})
@@ -284,8 +314,8 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
         "ssh_authorized_keys": [spec.authorized_public_key.strip()],
         "disable_root": True,
         "ssh_pwauth": False,
-        # The watchdog and the watcher are systemd units started from the init stage: they run even when runcmd never
-        # does.
+        # The watchdog, the watcher and the guard are systemd units started from the init stage: they run even when
+        # runcmd never does.
         "bootcmd": [_early_boot_command(spec)],
         "write_files": files,
         "runcmd": [["bash", bootstrap]],

@@ -178,6 +178,33 @@ class TrainingSettings(_Section):
     timeout_minutes: t.Whole = setting("How long the training job may run.", ge=1, le=10080)
     extra_params: t.ExtraParams = setting("More MLproject parameters, passed as -P key=value.", default_factory=dict)
     deferrable: t.Flag = setting("train and wait_ready wait in the triggerer; false: in a worker.", default=True)
+    # Enforced on the instance by userdata/guard.sh (docs/decisions/0121-*): they hold while Airflow is down.
+    stall_minutes: t.Number = setting(
+        "Fail the run and power the instance off when the job prints nothing (no log line, no epoch) for this long; "
+        "0: off.",
+        ge=0,
+        le=1440,
+        default=30.0,
+    )
+    min_gpu_utilization: t.Whole = setting(
+        "GPU utilisation (percent, nvidia-smi) under which the GPU counts as idle; 0: off (and with no GPU).",
+        ge=0,
+        le=100,
+        default=10,
+    )
+    gpu_idle_minutes: t.Number = setting(
+        "Fail the run and power the instance off when every GPU stays idle this long while the job runs.",
+        ge=0.1,
+        le=1440,
+        default=15.0,
+    )
+    max_cost_usd: t.Number = setting(
+        "Cost cap of a run (every attempt's instance and root volume): the job is stopped and the run fails before "
+        "its cost would pass it; 0: off.",
+        ge=0,
+        le=1000000,
+        default=0.0,
+    )
 
 
 class CheckpointSettings(_Section):

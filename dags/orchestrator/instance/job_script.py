@@ -4,7 +4,7 @@ Layout on the instance, one directory per job key (stable across task retries of
     <state_dir>/jobs/<job_key>/  job.sh, job.env (secrets, deleted by the job as soon as it has read them),
                                  source.tar and source/ (the commit's tree, when the job is given one: unpacked
                                  by the job before its command runs), output.log, pid (the job's process-group id),
-                                 exit_code, started.lock/
+                                 exit_code, started.lock/, cost-deadline (train's, for the guard)
 The job runs under `setsid nohup`, so it survives SSH drops and worker restarts; `exit_code` is written atomically
 after the command ends and is the only trusted sign of completion.
 
@@ -68,6 +68,11 @@ class JobPaths:
     @property
     def exit_code(self) -> str:
         return posixpath.join(self.job_dir, "exit_code")
+
+    @property
+    def cost_deadline(self) -> str:
+        """When the run's cost would pass training.max_cost_usd, and why: read by the instance's guard."""
+        return posixpath.join(self.job_dir, "cost-deadline")
 
     @property
     def started(self) -> str:

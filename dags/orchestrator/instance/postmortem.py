@@ -59,8 +59,8 @@ class Part:
 
 
 def bundle_parts(state_dir: str, job_log: str | None = None) -> tuple[Part, ...]:
-    """What to collect: the job's output (when a job ran), the bootstrap's log and phases, cloud-init's output,
-    the kernel log tail and the GPU's state."""
+    """What to collect: the job's output (when a job ran), the bootstrap's log and phases, the guard's log,
+    cloud-init's output, the kernel log tail and the GPU's state."""
     from orchestrator.instance.ssh import BOOTSTRAP_LOG, BOOTSTRAP_PHASES
 
     parts = [Part("job-output.log", path=job_log)] if job_log else []
@@ -68,6 +68,8 @@ def bundle_parts(state_dir: str, job_log: str | None = None) -> tuple[Part, ...]
         *parts,
         Part("bootstrap.log", path=posixpath.join(state_dir, BOOTSTRAP_LOG)),
         Part("bootstrap.phases", path=posixpath.join(state_dir, BOOTSTRAP_PHASES)),
+        # What the guard watched and why it stopped the job (userdata/guard.sh).
+        Part("guard.log", path=posixpath.join(state_dir, "guard.log")),
         Part("cloud-init-output.log", path="/var/log/cloud-init-output.log"),
         Part("kernel.log", command=KERNEL_COMMAND),
         Part("nvidia-smi.txt", command=GPU_COMMAND),

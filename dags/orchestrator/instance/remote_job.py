@@ -275,6 +275,21 @@ class RemoteJob:
         """The job's whole log so far (e.g. to find the MLflow run id)."""
         return self._reconnecting(lambda: _read_all(self._open_sftp(), self.paths.log))
 
+    def read_file(self, path: str) -> str | None:
+        """Another file on the instance (e.g. the guard's reason), None when it does not exist."""
+        return self._reconnecting(lambda: read_text(self._open_sftp(), path))
+
+    def write_file(self, path: str, text: str) -> None:
+        """A small file replaced whole (written beside it, then renamed): a reader never sees half of it."""
+
+        def attempt() -> None:
+            sftp = self._open_sftp()
+            tmp = self.paths.upload(path, secrets.token_hex(6))
+            self._upload(sftp, tmp, text, 0o644)
+            sftp.posix_rename(tmp, path)
+
+        self._reconnecting(attempt)
+
     def exit_code(self) -> int | None:
         """The recorded exit code, or None while the job has none."""
         return self._reconnecting(lambda: parse_exit_code(read_text(self._open_sftp(), self.paths.exit_code)))

@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from orchestrator.contracts import MLFLOW_RUN_ID_KEY, MLFLOW_RUN_URL_KEY, RECOVERED_READY_KEY
 from orchestrator.contracts_steps import LaunchPlan, ReadyInstance
-from orchestrator.errors import fail_without_retry
+from orchestrator.errors import OrchestratorError, fail_without_retry
 from orchestrator.instance.operators import MlflowRunLink
 from orchestrator.instance.postmortem import attach_or_log, for_run
 from orchestrator.instance.recovery import current_ready, recovering
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from orchestrator.cloud.ec2_describe import InstanceInfo
     from orchestrator.config.settings import Settings
     from orchestrator.instance.remote_job import RemoteJob
+    from orchestrator.observe.cost_cap import CostCap
 
 
 class RemoteTrainingOperator(BaseOperator):
@@ -187,6 +188,9 @@ class RemoteTrainingOperator(BaseOperator):
         s = self._settings
         creds = mlflow_credentials(s.mlflow.conn_id)
         env = {"MLFLOW_TRACKING_URI": s.mlflow.tracking_uri, **creds.as_env()}
+        cap = self._cost_cap(context)
+        if cap is not None and cap.passed(time.time()):
+            self._fail_guarded(created_run_id, cap.reason, "train neither starts nor follows the job")
         job = self._job = self._remote_job(context)
         command = training_command(s, self.git_sha, job.paths.source_dir, created_run_id)
         try:
@@ -196,6 +200,9 @@ class RemoteTrainingOperator(BaseOperator):
                 env_sh=f"{s.instance.state_dir}/env.sh",
                 source=lambda: commit_tree(s, self.git_sha),
             )
+            if cap is not None:
+                # The instance's guard stops the job at the deadline, whether or not anyone follows it.
+                job.write_file(job.paths.cost_deadline, cap.file_text())
         except BaseException as exc:
             job.close()
             if isinstance(exc, transient_ssh_errors()):
@@ -344,6 +351,15 @@ class RemoteTrainingOperator(BaseOperator):
             raise exc
         paths = job_dir_for(self._settings.instance.state_dir, job_key(self.dag_id, get_current_context()["run_id"]))
         if isinstance(exc, RemoteJobLostError):
+            job = self._remote_job(get_current_context())
+            try:
+                guarded = self._guard_reason(job)
+            finally:
+                job.close()
+            if guarded:
+                # SIGKILLed by the guard: the wrapper could not record an exit code.
+                run_id = self._end_mlflow_run()
+                self._fail_guarded(run_id, guarded, "its guard stopped the job", self._postmortem(run_id, paths.log))
             # The job key is the DAG run's: a retry would only re-attach to the same dead job and wait again.
             where = self._postmortem(self._end_mlflow_run(), paths.log)
             raise AirflowFailException(
@@ -352,6 +368,45 @@ class RemoteTrainingOperator(BaseOperator):
         # Timed out: the job still runs (a retry re-attaches to it), so its MLflow run stays open.
         run_id = get_current_context()["ti"].xcom_pull(task_ids=self.task_id, key=MLFLOW_RUN_ID_KEY)
         raise RemoteJobTimeoutError(f"{exc}{self._postmortem(run_id, paths.log)}") from None
+
+    def _cost_cap(self, context: Context) -> CostCap | None:
+        """training.max_cost_usd as this instance's deadline, after the run's earlier instances (EC2 took them back)."""
+        from orchestrator.instance.recovery import preemptions
+        from orchestrator.observe.cost_cap import run_cost_cap
+
+        plan = LaunchPlan.from_xcom(context["ti"].xcom_pull(task_ids=LaunchPlan.STEP))
+        earlier = [str(p["instance_id"]) for p in preemptions(context["ti"])]
+        return run_cost_cap(self._settings, earlier, self._ready.instance_id, plan.root_volume_gb)
+
+    def _guard_reason(self, job: RemoteJob) -> str:
+        """Why the instance's guard stopped the job (a stall, idle GPUs, the cost cap); "" when it did not, or when
+        the instance cannot say (the run then fails on the job's own end)."""
+        from orchestrator.cloud.user_data import GUARD_REASON
+        from orchestrator.instance.ssh import transient_ssh_errors
+
+        unreadable: tuple[type[BaseException], ...] = (OrchestratorError, *transient_ssh_errors())
+        try:
+            text = job.read_file(f"{self._settings.instance.state_dir.rstrip('/')}/{GUARD_REASON}")
+        except unreadable as exc:
+            self.log.warning("Could not read the guard's reason on %s: %s", self._ready.instance_id, exc)
+            return ""
+        return (text or "").strip()
+
+    def _fail_guarded(self, mlflow_run_id: str | None, reason: str, what: str, where: str = "") -> NoReturn:
+        """The run ends here, on the guard's reason (or the cost cap reached before the job started): the MLflow run
+        FAILED and tagged with it; no retry (the instance is powering off, or the budget is spent). `where`: where
+        the post-mortem bundle went."""
+        from orchestrator.contracts import GUARD_TAG
+        from orchestrator.tracking.runs import end_mlflow_run, tag_mlflow_run
+
+        if mlflow_run_id:
+            tag_mlflow_run(self._settings, mlflow_run_id, {GUARD_TAG: reason})
+            end_mlflow_run(self._settings, mlflow_run_id, "FAILED")
+        raise AirflowFailException(
+            f"{reason}: {what} on {self._ready.instance_id}"
+            + (f" (MLflow run {mlflow_run_id})" if mlflow_run_id else "")
+            + f"; the teardown terminates the instance{where}"
+        )
 
     @staticmethod
     def _run_lead(context: Context) -> str:
@@ -391,11 +446,16 @@ class RemoteTrainingOperator(BaseOperator):
                 # An OS shutdown (EC2 terminate, spot reclaim) stops the job before the instance goes: name that.
                 self._fail_if_instance_gone()
             log_text = job.read_log()
+            guarded = self._guard_reason(job) if exit_code != 0 else ""
         except RemoteJobError as exc:
             self._fail_for(exc)
         finally:
             job.close()
         run_id = parse_mlflow_run_id(log_text)
+        if guarded:
+            guarded_run = run_id or created_run_id
+            where = attach_or_log(self._settings, guarded_run, self._bundle(job.paths.log), self.log)
+            self._fail_guarded(guarded_run, guarded, "its guard stopped the job", where)
         if exit_code != 0:
             # `mlflow run` ends the run it trained into; if it failed before reaching it (a failed checkout), say so.
             if created_run_id:

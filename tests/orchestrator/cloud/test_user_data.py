@@ -95,7 +95,10 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     files = {f["path"]: f for f in doc["write_files"]}
     unit = "/etc/systemd/system/ec2-trainer-watchdog.service"
     watcher_unit = "/etc/systemd/system/ec2-trainer-spot-watcher.service"
+    guard_unit = "/etc/systemd/system/ec2-trainer-guard.service"
     assert set(files) == {
+        "/var/lib/ec2-trainer/bin/guard.sh",
+        guard_unit,
         "/var/lib/ec2-trainer/bin/bootstrap.sh",
         "/var/lib/ec2-trainer/bin/watchdog.sh",
         "/var/lib/ec2-trainer/bin/spot_watcher.sh",
@@ -103,7 +106,7 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
         unit,
         watcher_unit,
     }
-    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh"):
+    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh", "guard.sh"):
         assert files[f"/var/lib/ec2-trainer/bin/{script}"]["permissions"] == "0755"
     assert files["/var/lib/ec2-trainer/deadline"]["content"].strip() == str(spec.deadline_epoch)
     # The watchdog is not left to runcmd (the last stage, never reached when an earlier one fails): an enabled unit.
@@ -112,15 +115,19 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     assert "WantedBy=multi-user.target" in files[unit]["content"].splitlines()
     assert unit_exec_start(files[watcher_unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/spot_watcher.sh"]
     assert "WantedBy=multi-user.target" in files[watcher_unit]["content"].splitlines()
+    assert unit_exec_start(files[guard_unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/guard.sh"]
     ((*run, shell, flag, script),) = doc["bootcmd"]
     # bootcmd runs before write_files, inside cloud-init.service: the enabling is queued for after it, never awaited.
     assert run[0] == "systemd-run" and "--no-block" in run
     assert (shell, flag) == ("sh", "-c")
-    assert "systemctl enable --now ec2-trainer-watchdog.service ec2-trainer-spot-watcher.service" in script
+    assert (
+        "systemctl enable --now ec2-trainer-watchdog.service ec2-trainer-spot-watcher.service "
+        "ec2-trainer-guard.service" in script
+    )
     # Port 22: no drop-in and no sshd restart.
     assert "ssh" not in script
     assert len(render_user_data(spec).encode()) < USER_DATA_MAX_BYTES
-    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh"):
+    for script in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh", "guard.sh"):
         entry = files[f"/var/lib/ec2-trainer/bin/{script}"]
         assert entry["encoding"] == "gz+b64" and file_text(entry).startswith("#!/usr/bin/env bash\n"), script
 
@@ -143,6 +150,7 @@ def test_the_units_quote_their_script_paths_for_systemd(keys):
     assert [unit_exec_start(unit) for unit in units] == [
         ["/bin/bash", f"{state}/bin/watchdog.sh"],
         ["/bin/bash", f"{state}/bin/spot_watcher.sh"],
+        ["/bin/bash", f"{state}/bin/guard.sh"],
     ]
 
 
@@ -162,7 +170,7 @@ def test_scripts_pass_shellcheck(keys, state_dir):
     require_executable("shellcheck", "apt-get install -y shellcheck")
     files = install(render_user_data(make_spec(keys, str(state_dir))))
     result = subprocess.run(
-        ["shellcheck", str(files["bootstrap.sh"]), str(files["watchdog.sh"]), str(files["spot_watcher.sh"])],
+        ["shellcheck", *(str(files[name]) for name in ("bootstrap.sh", "watchdog.sh", "spot_watcher.sh", "guard.sh"))],
         capture_output=True,
         text=True,
         check=False,
@@ -210,6 +218,8 @@ def test_oversized_user_data_is_refused(keys):
         ({"packages": ("git\n",)}, "not valid Debian package names"),
         ({"mlflow_requirement": "mlflow>=3"}, "must pin one version"),
         ({"ssh_port": 0}, "must be a TCP port"),
+        ({"min_gpu_utilization": 101}, "a percentage"),
+        ({"stall_minutes": -1.0}, "0 \\(off\\) or more"),
     ],
 )
 def test_invalid_spec_is_refused(keys, override, message):

@@ -36,7 +36,14 @@ def test_the_bundle_stays_within_its_total_and_is_scrubbed() -> None:
 
 def test_the_parts_name_the_job_log_only_when_a_job_ran() -> None:
     names = [p.name for p in bundle_parts("/var/lib/ec2-trainer")]
-    assert names == ["bootstrap.log", "bootstrap.phases", "cloud-init-output.log", "kernel.log", "nvidia-smi.txt"]
+    assert names == [
+        "bootstrap.log",
+        "bootstrap.phases",
+        "guard.log",
+        "cloud-init-output.log",
+        "kernel.log",
+        "nvidia-smi.txt",
+    ]
     with_job = bundle_parts("/var/lib/ec2-trainer", "/var/lib/ec2-trainer/jobs/k/output.log")
     assert with_job[0] == Part("job-output.log", path="/var/lib/ec2-trainer/jobs/k/output.log")
 

@@ -223,6 +223,23 @@ def test_job_streams_lines_in_order_and_returns_the_exit_code(ssh_target: SshTar
         job.close()
 
 
+def test_the_cost_deadline_is_replaced_whole_and_the_guard_s_reason_read(
+    ssh_target: SshTarget, remote_state_dir: Path
+) -> None:
+    """train's write of the job's cost-deadline (the guard re-reads it each poll) and its read of the guard's reason."""
+    job = _job(ssh_target, remote_state_dir)
+    try:
+        job.start_or_attach(FIVE_LINES_EXIT_3)
+        job.write_file(job.paths.cost_deadline, "1800000000\nfirst\n")
+        job.write_file(job.paths.cost_deadline, "1800000060\nsecond\n")
+        assert job.read_file(job.paths.cost_deadline) == "1800000060\nsecond\n"
+        assert stat.S_IMODE(Path(job.paths.cost_deadline).stat().st_mode) == 0o644
+        assert not list(Path(job.paths.job_dir).glob("cost-deadline.upload-*")), "no temporary file left"
+        assert job.read_file(str(remote_state_dir / "guard-reason")) is None
+    finally:
+        job.close()
+
+
 def test_secrets_reach_the_job_but_no_process_list_or_script(ssh_target: SshTarget, remote_state_dir: Path) -> None:
     secret = "tok-" + secrets.token_hex(16)
     job = _job(ssh_target, remote_state_dir)

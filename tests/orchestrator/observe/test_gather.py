@@ -138,6 +138,40 @@ def test_each_attempt_has_its_zone_market_price_root_volume_and_why_it_ended(
     ]
 
 
+def test_the_cost_cap_counts_the_instance_taken_back_before_the_one_the_job_runs_on(
+    cloud: StrictAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """observe.cost_cap.run_cost_cap on EC2's launch times: the lost spot instance's ten billed minutes come off the
+    budget before the current one's seconds; with the cap off there is no deadline."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    from orchestrator.observe import pricing
+    from orchestrator.observe.cost import transition_time
+    from orchestrator.observe.cost_cap import run_cost_cap, usd_per_second
+
+    monkeypatch.setattr(pricing, "instance_price", lambda *args: Price(3.6, "fallback-table", "test"))
+    lost = _start(cloud, f"{REGION}a")
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    backend.get_instance(lost).launch_time -= timedelta(minutes=10)
+    backend.terminate_instances([lost])
+    current = _start(cloud, f"{REGION}b")
+    env = {"TRAINER__AWS__DEPLOYMENT": "gather-test", "TRAINER__AWS__REGION": REGION}
+    assert run_cost_cap(load_settings(env=env), [lost], current, 0) is None
+    s = load_settings(env={**env, "TRAINER__TRAINING__MAX_COST_USD": "1.0"})
+
+    cap = run_cost_cap(s, [lost], current, 100)
+    assert cap is not None
+    described = {i["InstanceId"]: i for r in cloud.ec2.describe_instances()["Reservations"] for i in r["Instances"]}
+    # Billed from its launch to its termination request, as the report bills it.
+    lost_s = transition_time(described[lost]["StateTransitionReason"]) - described[lost]["LaunchTime"].timestamp()
+    assert lost_s >= 600
+    rate = usd_per_second(3.6, 100, 0.08)
+    expected = described[current]["LaunchTime"].timestamp() + (1.0 - lost_s * rate) / rate
+    assert abs(cap.deadline - expected) <= 1, (cap.deadline, expected)
+    assert "0.6" in cap.reason and "for 1 earlier instance(s)" in cap.reason
+
+
 def test_the_job_s_checkpoint_error_tag_is_the_report_s_warning() -> None:
     from types import SimpleNamespace
 
