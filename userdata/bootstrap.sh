@@ -5,7 +5,13 @@
 # complete before the status marker), which the orchestrator reads with the marker for the run's cost report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
+# MODE=bake (ec2_bake_image) also warms the interpreter's caches and writes BAKED_MARKER, which a later boot of the
+# image reads: when it names this bootstrap's digest, the packages and mlflow are there and are not looked for.
 set -Eeuo pipefail
+
+MODE=@@{mode}
+BOOTSTRAP_DIGEST=@@{bootstrap_digest}
+BAKED_MARKER=@@{baked_marker}
 
 STATE_DIR=@@{state_dir}
 PY=@@{python_bin}
@@ -94,7 +100,12 @@ apt_retry() {
   done
 }
 
-log "bootstrap started (pid $$)"
+log "bootstrap started (pid $$, mode $MODE)"
+BAKED=false
+if [[ "$MODE" == train ]] && grep -qx "digest $BOOTSTRAP_DIGEST" "$BAKED_MARKER" 2>/dev/null; then
+  BAKED=true
+  log "baked image of this bootstrap ($BOOTSTRAP_DIGEST): packages and mlflow are not looked for"
+fi
 
 begin user
 if ! id "$SSH_USER" >/dev/null 2>&1; then
@@ -126,6 +137,7 @@ end
 
 begin packages
 missing=()
+[[ "$BAKED" == true ]] && PACKAGES=()
 for pkg in "${PACKAGES[@]}"; do
   if command -v "$pkg" >/dev/null 2>&1; then
     log "skipped: $pkg already installed"
@@ -162,7 +174,9 @@ read -r installed torch_found <<<"$probe"
 if [[ "$torch_found" != torch ]]; then
   fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
 fi
-if [[ "$installed" == "$MLFLOW_VERSION" ]]; then
+if [[ "$BAKED" == true ]]; then
+  log "skipped: mlflow $installed baked into the image"
+elif [[ "$installed" == "$MLFLOW_VERSION" ]]; then
   log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
 else
   log "installing $MLFLOW_REQUIREMENT into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
@@ -199,6 +213,18 @@ chmod 0644 "$tmp"
 mv -f "$tmp" "$STATE_DIR/env.sh"
 log "wrote $STATE_DIR/env.sh (PATH starts with $py_bin_dir)"
 end
+
+if [[ "$MODE" == bake ]]; then
+  begin bake
+  # Byte-compiled now, so a training boot imports them at once.
+  "$PY" -m compileall -q "$("$PY" -c 'import mlflow, os; print(os.path.dirname(mlflow.__file__))')" || true
+  tmp="$(mktemp "$STATE_DIR/.baked.XXXXXX")"
+  printf 'digest %s\nmlflow %s\n' "$BOOTSTRAP_DIGEST" "$MLFLOW_VERSION" >"$tmp"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$BAKED_MARKER"
+  log "wrote $BAKED_MARKER (digest $BOOTSTRAP_DIGEST, mlflow $MLFLOW_VERSION)"
+  end
+fi
 
 STEP=finish
 write_status ok

@@ -29,6 +29,7 @@ it holds the per-run host private key (worthless once the instance is gone) and 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import string
@@ -46,6 +47,11 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "userdata"
 
 # EC2 limit on user-data, counted before base64 encoding.
 USER_DATA_MAX_BYTES = 16 * 1024
+
+BOOTSTRAP_MODES = ("train", "bake")
+# Under the state folder: what a baked image was made by ("digest <sha256>", "mlflow <version>" lines). There, not in
+# /etc, so the embedded default's instances write it on their own disk.
+BAKED_MARKER = "baked"
 
 WATCHDOG_UNIT = "ec2-trainer-watchdog.service"
 SPOT_WATCHER_UNIT = "ec2-trainer-spot-watcher.service"
@@ -91,6 +97,8 @@ class UserDataSpec:
     packages: tuple[str, ...] = ("tar",)
     # The port sshd listens on; another than 22 is set with an sshd drop-in and a restart early in the boot.
     ssh_port: int = SSH_DEFAULT_PORT
+    # "bake": the bootstrap of an image being baked (ec2_bake_image), which also writes the image's BAKED_MARKER.
+    mode: str = "train"
 
 
 class _ShellTemplate(string.Template):
@@ -117,6 +125,8 @@ def _validate(spec: UserDataSpec) -> None:
         )
     if not 1 <= spec.ssh_port <= 65535:
         raise ConfigError(f"ssh_port must be a TCP port (1-65535), got {spec.ssh_port}")
+    if spec.mode not in BOOTSTRAP_MODES:
+        raise ConfigError(f"mode must be one of {BOOTSTRAP_MODES}, got {spec.mode!r}")
     if spec.deadline_epoch <= 0:
         raise ConfigError(f"deadline_epoch must be a positive epoch time in seconds, got {spec.deadline_epoch}")
     bad = [p for p in spec.packages if not _PACKAGE_RE.fullmatch(p)]
@@ -126,7 +136,21 @@ def _validate(spec: UserDataSpec) -> None:
 
 def render_script(name: str, spec: UserDataSpec) -> str:
     """One of the shell scripts under userdata/ with the spec's values filled in, shell-quoted."""
+    return _render(name, spec, mode=spec.mode, digest=bootstrap_digest(spec))
+
+
+def bootstrap_digest(spec: UserDataSpec) -> str:
+    """The sha256 of the bootstrap as rendered for training, its mode and this digest left out: equal for every run
+    of the same bootstrap settings (the host key, login key and deadline are not in the script), so a baked image
+    tagged with it is known to hold what this bootstrap installs."""
+    return hashlib.sha256(_render("bootstrap.sh", spec, mode="", digest="").encode()).hexdigest()
+
+
+def _render(name: str, spec: UserDataSpec, *, mode: str, digest: str) -> str:
     values = {
+        "mode": shlex.quote(mode),
+        "bootstrap_digest": shlex.quote(digest),
+        "baked_marker": shlex.quote(state_path(spec, BAKED_MARKER)),
         "state_dir": shlex.quote(spec.state_dir),
         "python_bin": shlex.quote(spec.python_bin),
         "mlflow_requirement": shlex.quote(spec.mlflow_requirement),
@@ -252,7 +276,8 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
         "ssh_pwauth": False,
         # The watchdog and the watcher are systemd units started from the init stage: they run even when runcmd never
         # does.
-        "bootcmd": [_early_boot_command(spec)],
+        # A baked image holds its bake's status marker: gone before sshd starts, so no one reads it as this boot's.
+        "bootcmd": [["rm", "-f", state_path(spec, "bootstrap.status")], _early_boot_command(spec)],
         "write_files": files,
         "runcmd": [["bash", bootstrap]],
     }
