@@ -35,12 +35,15 @@ import shlex
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from orchestrator.cloud.hostkeys import HostKey
 from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
 
 # The project's userdata/ folder, beside dags/.
 TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "userdata"
@@ -134,6 +137,34 @@ def _validate(spec: UserDataSpec) -> None:
         raise ConfigError(f"packages {bad!r} are not valid Debian package names: use names like 'git'")
 
 
+def spec_from_settings(
+    s: Settings, *, host_key: HostKey, authorized_public_key: str, deadline_epoch: int, mode: str = "train"
+) -> UserDataSpec:
+    """The user-data spec of an instance of this deployment: its bootstrap from the settings, the rest per launch."""
+    return UserDataSpec(
+        host_key=host_key,
+        authorized_public_key=authorized_public_key,
+        ssh_user=s.instance.ssh_user,
+        ssh_port=s.instance.ssh_port,
+        deadline_epoch=deadline_epoch,
+        state_dir=s.instance.state_dir,
+        python_bin=s.instance.python_bin,
+        require_gpu=s.instance.require_gpu,
+        mode=mode,
+    )
+
+
+def bootstrap_spec(s: Settings) -> UserDataSpec:
+    """The spec of the bootstrap these settings render, the per-launch values (absent from the bootstrap) empty: for
+    its digest and pins, never to launch with."""
+    return spec_from_settings(s, host_key=HostKey("", "", ""), authorized_public_key="", deadline_epoch=0)
+
+
+def settings_digest(s: Settings) -> str:
+    """bootstrap_digest of the bootstrap these settings render."""
+    return bootstrap_digest(bootstrap_spec(s))
+
+
 def render_script(name: str, spec: UserDataSpec) -> str:
     """One of the shell scripts under userdata/ with the spec's values filled in, shell-quoted."""
     return _render(name, spec, mode=spec.mode, digest=bootstrap_digest(spec))
@@ -154,7 +185,7 @@ def _render(name: str, spec: UserDataSpec, *, mode: str, digest: str) -> str:
         "state_dir": shlex.quote(spec.state_dir),
         "python_bin": shlex.quote(spec.python_bin),
         "mlflow_requirement": shlex.quote(spec.mlflow_requirement),
-        "mlflow_version": shlex.quote(_mlflow_version(spec)),
+        "mlflow_version": shlex.quote(mlflow_version(spec)),
         "require_gpu": "true" if spec.require_gpu else "false",
         "ssh_user": shlex.quote(spec.ssh_user),
         "packages": " ".join(shlex.quote(p) for p in spec.packages),
@@ -171,7 +202,7 @@ def state_path(spec: UserDataSpec, name: str) -> str:
     return f"{spec.state_dir.rstrip('/')}/{name}"
 
 
-def _mlflow_version(spec: UserDataSpec) -> str:
+def mlflow_version(spec: UserDataSpec) -> str:
     match = _MLFLOW_PIN_RE.match(spec.mlflow_requirement)
     if match is None:
         raise ConfigError(f"mlflow_requirement {spec.mlflow_requirement!r} must pin one version, e.g. mlflow==3.17.2")
