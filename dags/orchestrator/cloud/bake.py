@@ -168,10 +168,24 @@ def image_tags(s: Settings, plan: LaunchPlan, digest: str, mlflow_version: str, 
     }
 
 
+def create_image_request(
+    s: Settings, plan: LaunchPlan, instance_id: str, digest: str, mlflow_version: str, now: float
+) -> dict[str, Any]:
+    """CreateImage's parameters: the image and its snapshots tagged alike at creation (image_tags)."""
+    from orchestrator.cloud.launch_spec import tag_value
+
+    tags = [{"Key": k, "Value": v} for k, v in image_tags(s, plan, digest, mlflow_version, now).items()]
+    return {
+        "InstanceId": instance_id,
+        "Name": tag_value(f"{s.aws.project_tag}-{s.aws.deployment}-baked-{int(now)}"),
+        "Description": f"{plan.ami_id} with the bootstrap {digest[:12]} baked in",
+        "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("image", "snapshot")],
+    }
+
+
 def make_image(s: Settings, plan: LaunchPlan, instance_id: str) -> BakedImage:
     """Stop the builder, create its image (or find the one an earlier try of this run created), wait until it is
     available (bounded by bake.image_wait_minutes) and record it in this deployment's SSM parameter."""
-    from orchestrator.cloud.launch_spec import tag_value
     from orchestrator.cloud.user_data import bootstrap_digest, bootstrap_spec, mlflow_version
     from orchestrator.config.connections import AwsClients
 
@@ -182,18 +196,9 @@ def make_image(s: Settings, plan: LaunchPlan, instance_id: str) -> BakedImage:
     found = _run_image(ec2, s, plan)
     if found is None:
         stop_builder(ec2, instance_id, poll_s)
-        tags = image_tags(s, plan, digest, mlflow_version(spec), time.time())
-        name = tag_value(f"{s.aws.project_tag}-{s.aws.deployment}-baked-{int(time.time())}")
-        image_id = ec2.create_image(
-            InstanceId=instance_id,
-            Name=name,
-            Description=f"{plan.ami_id} with the bootstrap {digest[:12]} baked in",
-            TagSpecifications=[
-                {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
-                for kind in ("image", "snapshot")
-            ],
-        )["ImageId"]
-        log.info("Creating %s (%s) from %s (base image %s)", image_id, name, instance_id, plan.ami_id)
+        request = create_image_request(s, plan, instance_id, digest, mlflow_version(spec), time.time())
+        image_id = ec2.create_image(**request)["ImageId"]
+        log.info("Creating %s (%s) from %s (base image %s)", image_id, request["Name"], instance_id, plan.ami_id)
     else:
         image_id = found
         log.info("Found %s, created by an earlier try of this run", image_id)
