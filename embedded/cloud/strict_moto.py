@@ -16,9 +16,9 @@ def install_strict_ec2() -> Callable[[], None]:
 
     RunInstances: EC2 refuses an unknown image (InvalidAMIID.NotFound) and a root override smaller than the image's
     root snapshot (InvalidBlockDeviceMapping); a mapping that misses the image's root device leaves the root as the
-    image has it (moto would leave no root at all). CreateImage: only of a running or stopped instance; the image has
-    the source image's root device and a root snapshot the size of the instance's root volume, and the snapshot gets
-    the request's snapshot tags (moto: 15 GB, no root device, NotImplementedError for snapshot tags).
+    image has it (moto would leave no root at all). CreateImage: only of a running or stopped instance; the image is
+    EBS-backed, with the source image's root device and a root snapshot the size of the instance's root volume, which
+    gets the request's snapshot tags (moto: instance store, 15 GB, NotImplementedError for snapshot tags).
     TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again and fails
     with InvalidNetworkInterfaceID.NotFound). Service Quotas answers EC2's G and VT instance quotas
     (embedded.cloud.service_quotas)."""
@@ -47,6 +47,7 @@ def install_strict_ec2() -> Callable[[], None]:
         source = backend.amis.get(instance.image_id)
         image.__class__ = sized_image_class()
         image.root_device_name = source.root_device_name if source is not None else "/dev/sda1"
+        image.root_device_type = "ebs"  # an image of an EBS-backed instance is EBS-backed (moto: instance store)
         root = instance.block_device_mapping.get(image.root_device_name)
         image.root_snapshot_gb = image.ebs_snapshot.volume.size = (
             int(root.size) if root is not None and root.size else 15
