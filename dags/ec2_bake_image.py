@@ -46,11 +46,12 @@ with DAG(
     @setup
     @task(task_id="plan_launch", retries=2, retry_delay=timedelta(seconds=20))
     def plan_bake(config: str) -> dict[str, Any]:
-        from orchestrator.cloud.bake import plan_bake as plan
+        from orchestrator.cloud.bake import BUILDER_COMMIT
+        from orchestrator.cloud.tasks import plan_launch
         from orchestrator.config.resolve import settings_of
 
         ctx = get_current_context()
-        return plan(settings_of(config), ctx["dag"].dag_id, ctx["run_id"]).to_xcom()
+        return plan_launch(settings_of(config), BUILDER_COMMIT, ctx["dag"].dag_id, ctx["run_id"], bake=True).to_xcom()
 
     # Each try stops the builder and finds the image an earlier try created before it creates one.
     @task(retries=2, retry_delay=timedelta(seconds=30))

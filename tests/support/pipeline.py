@@ -121,16 +121,17 @@ def with_quick_retries(dag: Any) -> Any:
     return dag
 
 
-def run_dag(**conf: Any) -> Any:
-    """One run of the training DAG in this process with `dag.test()`; its DagRun's state says whether it failed."""
+def run_dag(dag_id: str = "ec2_training", /, **conf: Any) -> Any:
+    """One run of a DAG (the training DAG unless named) in this process with `dag.test()`; its DagRun's state says
+    whether it failed."""
     import os
 
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-    if "ec2_training" not in bag.dags:
-        raise RuntimeError(f"DAG ec2_training did not load: {bag.import_errors}")
-    return with_quick_retries(bag.dags["ec2_training"]).test(run_conf=conf)
+    if dag_id not in bag.dags:
+        raise RuntimeError(f"DAG {dag_id} did not load: {bag.import_errors}")
+    return with_quick_retries(bag.dags[dag_id]).test(run_conf=conf)
 
 
 def task_states(dag_run: Any) -> dict[str, str]:

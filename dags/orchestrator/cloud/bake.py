@@ -1,11 +1,12 @@
 """Baked images: the base image with the bootstrap's installs done, which training boots from while it holds what the
 current bootstrap installs (docs/decisions/0122-*.md).
 
-ec2_bake_image launches the base image through the training's own plan and launch steps, its bootstrap in bake mode
-(orchestrator.cloud.user_data), waits for it, then `make_image` here stops the builder, creates the image tagged with
-its source image, the bootstrap's digest and the mlflow version, waits until it is available and records it in this
-deployment's SSM parameter; `prune` deregisters this deployment's baked images older than the newest `bake.keep`,
-with their snapshots. The training's plan_launch asks `training_image` which image to boot.
+ec2_bake_image launches the base image through the training's own plan and launch steps (plan_launch with
+bake=True: its bootstrap in bake mode, orchestrator.cloud.user_data), waits for it, then `make_image` here stops the
+builder, creates the image tagged with its source image, the bootstrap's digest and the mlflow version, waits until
+it is available and records it in this deployment's SSM parameter; `prune` deregisters this deployment's baked
+images older than the newest `bake.keep`, with their snapshots. The training's plan_launch asks `training_image`
+which image to boot.
 
 Every image and snapshot carries the deployment's tags from its creation (CreateImage's TagSpecifications): the IAM
 policy lets a deployment launch from, deregister and delete only its own (docs/iam.md).
@@ -78,13 +79,6 @@ def bake_config() -> dict[str, Any]:
     config = resolve_config({})
     config["aws"] = {**config["aws"], "spot": False}
     return config
-
-
-def plan_bake(s: Settings, dag_id: str, run_id: str) -> LaunchPlan:
-    """The builder's launch plan: the training's checks, on the base image, its bootstrap in bake mode."""
-    from orchestrator.cloud.tasks import plan_launch
-
-    return plan_launch(s, BUILDER_COMMIT, dag_id, run_id, bake=True)
 
 
 def baked_image_parameter(deployment: str) -> str:

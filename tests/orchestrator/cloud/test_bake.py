@@ -52,10 +52,11 @@ def settings(cloud: StrictAws) -> Settings:
 
 def bake(cloud: StrictAws, s: Settings, run_id: str) -> Any:
     """One bake's steps without Airflow: the plan, a builder with the run's tags (what launch makes), its image."""
-    from orchestrator.cloud.bake import make_image, plan_bake
+    from orchestrator.cloud.bake import BUILDER_COMMIT, make_image
     from orchestrator.cloud.launch_spec import run_scope_tags
+    from orchestrator.cloud.tasks import plan_launch
 
-    plan = plan_bake(s, BAKE_DAG, run_id)
+    plan = plan_launch(s, BUILDER_COMMIT, BAKE_DAG, run_id, bake=True)
     tags = run_scope_tags(s.aws.project_tag, s.aws.deployment, BAKE_DAG, run_id)
     builder = cloud.ec2.run_instances(
         ImageId=plan.ami_id,
