@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from embedded.deploy.stack import EmbeddedStack
+from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from tests.support.faults import DagRunFaults
 from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
@@ -24,6 +24,11 @@ def test_a_denied_create_image_fails_the_bake_and_terminates_its_builder(
         policy["Statement"] = [s for s in policy["Statement"] if s["Sid"] != "CreateImagesTaggedAsOurs"]
         return policy
 
+    def recorded() -> str | None:
+        parameters = env.cloud.client("ssm").get_parameters(Names=[f"/ec2-trainer/{DEPLOYMENT}/baked-image"])
+        return next((p["Value"] for p in parameters["Parameters"]), None)
+
+    before = recorded()
     with monkeypatch.context() as patched:
         patched.setattr(env.cloud.gate, "policy_of", without_create_image)
         dag_run = run_dag("ec2_bake_image")
@@ -35,10 +40,12 @@ def test_a_denied_create_image_fails_the_bake_and_terminates_its_builder(
     (builder,) = assert_all_terminated(env, dag_run, 1)
     assert "UnauthorizedOperation" in log and "ec2:CreateImage" in log
     assert f"Instance {builder}: terminated" in log
+    assert recorded() == before
     dag_faults.record(
         dag_run,
         log,
         "ec2_bake_image: CreateImage denied by the IAM policy (UnauthorizedOperation) after the builder stopped",
         "bake fails in make_image; the teardown terminates the builder; nothing recorded",
-        f"make_image failed after its tries, terminate success; builder {builder} terminated; run failed",
+        "make_image failed after its tries (UnauthorizedOperation), terminate success; 1 builder, terminated; "
+        "SSM parameter unchanged; run failed",
     )
