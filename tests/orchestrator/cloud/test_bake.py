@@ -200,3 +200,19 @@ def test_the_recorded_image_is_kept_whatever_its_age(cloud: StrictAws, settings:
     )
     one = settings_for(cloud, **{"TRAINER__BAKE__KEEP": "1"})
     assert prune(one) == [baked[1].image_id]
+
+
+def test_a_bake_runs_on_demand_and_its_schedule_is_read_with_the_watch_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A one-time spot instance cannot be stopped to be imaged: the bake's config asks for on-demand whatever
+    aws.spot says. Its schedule is read, as the retrain DAG's, from the sections its DAG file parses."""
+    from orchestrator.cloud.bake import bake_config
+    from orchestrator.config.resolve import settings_of
+    from orchestrator.config.settings import load_watch_settings
+
+    monkeypatch.setenv("TRAINER__AWS__DEPLOYMENT", "bake-test")
+    monkeypatch.setenv("TRAINER__AWS__SPOT", "true")
+    assert settings_of(bake_config()).aws.spot is False
+    assert load_watch_settings(env={"TRAINER__BAKE__SCHEDULE": "0 3 * * 1"}).bake.schedule == "0 3 * * 1"
+    assert load_watch_settings(env={}).bake.schedule == ""
