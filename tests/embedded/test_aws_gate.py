@@ -341,15 +341,15 @@ def test_each_identity_has_its_own_policy_and_the_gate_fails_closed(
     # Airflow reads no data object (the instance does).
     assert error_code(lambda: REQUESTS["s3:GetObject"](airflow)) == "AccessDenied"
     # Requests the gate derives no resources for are denied, not waved through.
-    stop = airflow.client("ec2").stop_instances
-    assert error_code(lambda: stop(InstanceIds=[instance[0]], DryRun=True)) == "UnauthorizedOperation"
+    reboot = airflow.client("ec2").reboot_instances
+    assert error_code(lambda: reboot(InstanceIds=[instance[0]], DryRun=True)) == "UnauthorizedOperation"
     put = airflow.client("s3").put_object
     assert error_code(lambda: put(Bucket=DATASET_BUCKET, Key=f"{DATASET_PREFIX}x", Body=b"")) == "AccessDenied"
     # A key the cloud does not know is refused; the admin is not checked.
     unknown = Aws(cloud, Identity.new("stranger", "airflow"), instance[0])
     assert error_code(lambda: REQUESTS["ec2:DescribeInstances"](unknown)) == "AuthFailure"
     admin = Aws(cloud, cloud.admin, instance[0])
-    assert error_code(lambda: admin.client("ec2").stop_instances(InstanceIds=[instance[0]], DryRun=True)) == (
+    assert error_code(lambda: admin.client("ec2").reboot_instances(InstanceIds=[instance[0]], DryRun=True)) == (
         "DryRunOperation"
     )
 
