@@ -8,7 +8,8 @@ by the library); the shell scripts are files under `userdata/` whose `@@{name}` 
 keys).
 
 What runs when (cloud-init's own order, every step as root):
-- init stage: `bootcmd` (every boot, before `write_files`): queues, with `systemd-run --no-block`, one transient job
+- init stage: `bootcmd` (every boot, before `write_files`): removes the bootstrap's status marker a baked image
+  holds from its bake (sshd starts only after this stage), then queues, with `systemd-run --no-block`, one transient job
   that systemd starts only once cloud-init's init stage is over (its default dependencies order it after
   sysinit.target, which cloud-init.service precedes), by when `write_files` has written the files;
 - init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's and the
