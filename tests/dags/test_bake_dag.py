@@ -12,7 +12,7 @@ from embedded.deploy.stack import EmbeddedStack
 from tests.support.faults import output
 from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_baked_image_after")]
 
 
 def test_a_baked_image_is_made_recorded_and_booted_by_the_next_training(

@@ -11,7 +11,7 @@ from embedded.deploy.stack import DEPLOYMENT, EmbeddedStack
 from tests.support.faults import DagRunFaults
 from tests.support.pipeline import assert_all_terminated, run_dag, task_states
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_baked_image_after")]
 
 
 def test_a_denied_create_image_fails_the_bake_and_terminates_its_builder(

@@ -47,6 +47,22 @@ def env(stack: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> EmbeddedStack:
     return stack
 
 
+@pytest.fixture
+def no_baked_image_after(stack: EmbeddedStack) -> Iterator[None]:
+    """A test that bakes leaves no baked image behind: the tests after it in this process boot the base image."""
+    from embedded.deploy.stack import DEPLOYMENT
+    from orchestrator.contracts import TAG_BOOTSTRAP_DIGEST
+
+    yield
+    ec2 = stack.cloud.client("ec2")
+    stack.cloud.client("ssm").delete_parameters(Names=[f"/ec2-trainer/{DEPLOYMENT}/baked-image"])
+    baked = [{"Name": "tag-key", "Values": [TAG_BOOTSTRAP_DIGEST]}]
+    for image in ec2.describe_images(Owners=["self"], Filters=baked)["Images"]:
+        ec2.deregister_image(ImageId=image["ImageId"])
+        for mapping in image["BlockDeviceMappings"]:
+            ec2.delete_snapshot(SnapshotId=mapping["Ebs"]["SnapshotId"])
+
+
 @pytest.fixture(scope="session")
 def sha() -> str:
     """The commit under test: the GitHub stand-in answers for it and serves its tree, which train ships."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.contracts import (
     TAG_BAKED_AT,
+    TAG_BASE,
     TAG_BOOTSTRAP_DIGEST,
     TAG_MLFLOW_VERSION,
     TAG_SOURCE_IMAGE,
@@ -94,6 +95,14 @@ def base_image(s: Settings, ssm: Any) -> tuple[str, str]:
     return resolve_ami(ssm, s.aws.ami_ssm_parameter), "aws.ami_ssm_parameter"
 
 
+def configured_base(s: Settings) -> str:
+    """The base image as configured: aws.ami_id, else the name of aws.ami_ssm_parameter (a new image behind it is
+    the same base, so a baked image stays usable until the next bake; another parameter is another base)."""
+    from orchestrator.cloud.launch_spec import tag_value
+
+    return tag_value(s.aws.ami_id or s.aws.ami_ssm_parameter)
+
+
 def training_image(s: Settings, ec2: Any, ssm: Any) -> tuple[str, str]:
     """The image a training boots and where it came from: an explicit aws.ami_id; else, with bake.use, this
     deployment's baked image when it holds what the current bootstrap installs; else the base image. Why the baked
@@ -103,7 +112,7 @@ def training_image(s: Settings, ec2: Any, ssm: Any) -> tuple[str, str]:
     if not s.aws.ami_id and s.bake.use:
         parameter = baked_image_parameter(s.aws.deployment)
         image_id, why_not = usable_baked_image(
-            ec2, ssm, parameter, s.aws.project_tag, s.aws.deployment, settings_digest(s)
+            ec2, ssm, parameter, s.aws.project_tag, s.aws.deployment, settings_digest(s), configured_base(s)
         )
         if image_id:
             log.info("Booting the baked image %s (%s): it holds what this bootstrap installs", image_id, parameter)
@@ -113,10 +122,10 @@ def training_image(s: Settings, ec2: Any, ssm: Any) -> tuple[str, str]:
 
 
 def usable_baked_image(
-    ec2: Any, ssm: Any, parameter: str, project_tag: str, deployment: str, digest: str
+    ec2: Any, ssm: Any, parameter: str, project_tag: str, deployment: str, digest: str, base: str
 ) -> tuple[str | None, str]:
-    """(the baked image `parameter` names, "") when it is available, this deployment's and made by the bootstrap
-    whose digest is `digest`; else (None, why not)."""
+    """(the baked image `parameter` names, "") when it is available, this deployment's, baked from `base` and made
+    by the bootstrap whose digest is `digest`; else (None, why not)."""
     from botocore.exceptions import ClientError
 
     from orchestrator.cloud.launch_spec import deployment_tags
@@ -140,6 +149,11 @@ def usable_baked_image(
     ours = deployment_tags(project_tag, deployment)
     if any(tags.get(k) != v for k, v in ours.items()):
         return None, f"{image_id} in {parameter} is not tagged as this deployment's ({ours})"
+    if tags.get(TAG_BASE) != base:
+        return None, (
+            f"{image_id} was baked from {tags.get(TAG_BASE) or '(unknown)'}, the base is now {base} "
+            "(aws.ami_ssm_parameter or aws.ami_id changed): run ec2_bake_image again"
+        )
     baked_by = tags.get(TAG_BOOTSTRAP_DIGEST, "")
     if baked_by != digest:
         return None, (
@@ -156,6 +170,7 @@ def image_tags(s: Settings, plan: LaunchPlan, digest: str, mlflow_version: str, 
     return {
         **run_scope_tags(s.aws.project_tag, s.aws.deployment, plan.dag_id, plan.run_id),
         TAG_SOURCE_IMAGE: plan.ami_id,
+        TAG_BASE: configured_base(s),
         TAG_BOOTSTRAP_DIGEST: digest,
         TAG_MLFLOW_VERSION: tag_value(mlflow_version),
         TAG_BAKED_AT: datetime.fromtimestamp(baked_at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),

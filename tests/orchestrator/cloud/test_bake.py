@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.config.settings import Settings, load_settings
 from orchestrator.contracts import (
+    TAG_BASE,
     TAG_BOOTSTRAP_DIGEST,
     TAG_DEPLOYMENT,
     TAG_MLFLOW_VERSION,
@@ -102,6 +103,7 @@ def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(cloud: Strict
     assert made["State"] == "available"
     tags = tags_of(made)
     assert tags[TAG_SOURCE_IMAGE] == plan.ami_id
+    assert tags[TAG_BASE] == settings.aws.ami_ssm_parameter
     assert tags[TAG_BOOTSTRAP_DIGEST] == baked.digest == settings_digest(settings)
     assert tags[TAG_MLFLOW_VERSION] == "3.17.2"
     assert (tags[TAG_PROJECT], tags[TAG_DEPLOYMENT]) == ("ec2-trainer", "bake-test")
@@ -148,6 +150,15 @@ def test_a_training_boots_the_baked_image_only_while_it_holds_the_current_bootst
     with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
         assert plan_launch(changed, "a" * 40, "ec2_training", "manual__t2").ami_id == base
     assert f"{baked.image_id} was baked by bootstrap {baked.digest[:12]}, the current one is" in caplog.text
+    # Another base configured (another OS, say): its own image, not one baked from the old base.
+    other_base = next(p for p in cloud.images if p != settings.aws.ami_ssm_parameter)
+    switched = settings_for(cloud, **{"TRAINER__AWS__AMI_SSM_PARAMETER": other_base})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
+        assert plan_launch(switched, "a" * 40, "ec2_training", "manual__t5").ami_id == cloud.images[other_base]
+    assert f"{baked.image_id} was baked from {settings.aws.ami_ssm_parameter}, the base is now {other_base}" in (
+        caplog.text
+    )
     # An explicit image wins; bake.use = false never looks.
     explicit = settings_for(cloud, **{"TRAINER__AWS__AMI_ID": base})
     assert plan_launch(explicit, "a" * 40, "ec2_training", "manual__t3").ami_id == base
