@@ -227,3 +227,13 @@ def test_a_bake_runs_on_demand_and_its_schedule_is_read_with_the_watch_settings(
     assert settings_of(bake_config()).aws.spot is False
     assert load_watch_settings(env={"TRAINER__BAKE__SCHEDULE": "0 3 * * 1"}).bake.schedule == "0 3 * * 1"
     assert load_watch_settings(env={}).bake.schedule == ""
+
+
+def test_the_strict_cloud_images_only_a_running_or_stopped_instance(cloud: StrictAws, settings: Settings) -> None:
+    """As EC2: a terminated builder cannot be imaged (moto would image it)."""
+    from botocore.exceptions import ClientError
+
+    _, builder, _ = bake(cloud, settings, "manual__1")
+    cloud.ec2.terminate_instances(InstanceIds=[builder])
+    with pytest.raises(ClientError, match="IncorrectInstanceState"):
+        cloud.ec2.create_image(InstanceId=builder, Name="too-late")
