@@ -377,7 +377,12 @@ class LocalCloud:
 
     def _capture_images(self, backend: Any) -> None:
         """Each new image of an emulated instance gets a copy of that instance's disk as it is now (CreateImage
-        snapshots the root volume once; the builder is stopped by then)."""
+        snapshots the root volume once; the builder is stopped by then); a deregistered image's copy goes."""
+        folder = self.workdir / "images"
+        if folder.is_dir():
+            for kept in folder.iterdir():
+                if kept.name not in backend.amis and not kept.name.endswith(".partial"):
+                    shutil.rmtree(kept, ignore_errors=True)
         for image in list(backend.amis.values()):
             source = self.instances.get(getattr(image, "instance_id", None) or "")
             target = self._image_disk(image.id)
