@@ -93,15 +93,12 @@ with DAG(
         """Runs whatever happened once plan_launch succeeded; finds the run's instances by tag too."""
         import time
 
-        from orchestrator.cloud.tasks import terminate as terminate_run
+        from orchestrator.cloud.tasks import terminate_launched
         from orchestrator.config.resolve import settings_of
-        from orchestrator.contracts_steps import LaunchedInstance
         from orchestrator.observe.gather import TERMINATED_AT_KEY
 
         ctx = get_current_context()
-        launched = ctx["ti"].xcom_pull(task_ids=LaunchedInstance.STEP)
-        instance_ids = [LaunchedInstance.from_xcom(launched).instance_id] if launched else []
-        states = terminate_run(settings_of(config), ctx["dag"].dag_id, ctx["run_id"], instance_ids)
+        states = terminate_launched(settings_of(config), ctx)
         # The end of billing when EC2 does not say when termination was asked.
         ctx["ti"].xcom_push(key=TERMINATED_AT_KEY, value=time.time())
         return states

@@ -7,7 +7,13 @@
 # run's report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
+# MODE=bake (ec2_bake_image) also warms the interpreter's caches and writes BAKED_MARKER, which a later boot of the
+# image reads: when it names this bootstrap's digest, the packages and mlflow are there and are not looked for.
 set -Eeuo pipefail
+
+MODE=@@{mode}
+BOOTSTRAP_DIGEST=@@{bootstrap_digest}
+BAKED_MARKER=@@{baked_marker}
 
 STATE_DIR=@@{state_dir}
 PY=@@{python_bin}
@@ -147,7 +153,12 @@ apt_retry() {
   done
 }
 
-log "bootstrap started (pid $$)"
+log "bootstrap started (pid $$, mode $MODE)"
+BAKED=false
+if [[ "$MODE" == train ]] && grep -qx "digest $BOOTSTRAP_DIGEST" "$BAKED_MARKER" 2>/dev/null; then
+  BAKED=true
+  log "baked image of this bootstrap ($BOOTSTRAP_DIGEST): packages and mlflow are not looked for"
+fi
 
 begin user
 if ! id "$SSH_USER" >/dev/null 2>&1; then
@@ -178,6 +189,10 @@ check_gpu() {
 }
 
 install_packages() {
+  if [[ "$BAKED" == true ]]; then
+    log "skipped: packages baked into the image"
+    return 0
+  fi
   local missing=()
   for pkg in "${PACKAGES[@]}"; do
     if command -v "$pkg" >/dev/null 2>&1; then
@@ -248,7 +263,9 @@ prepare_python() {
   if [[ "$torch_found" != torch ]]; then
     fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
   fi
-  if [[ "$installed" == "$MLFLOW_VERSION" ]]; then
+  if [[ "$BAKED" == true ]]; then
+    log "skipped: mlflow $installed baked into the image"
+  elif [[ "$installed" == "$MLFLOW_VERSION" ]]; then
     log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
   else
     log "installing $MLFLOW_REQUIREMENT into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
@@ -282,6 +299,18 @@ start_step packages install_packages
 start_step python prepare_python
 STEP=steps
 wait_steps
+
+if [[ "$MODE" == bake ]]; then
+  begin bake
+  # Byte-compiled now, so a training boot imports them at once.
+  "$PY" -m compileall -q "$("$PY" -c 'import mlflow, os; print(os.path.dirname(mlflow.__file__))')" || true
+  tmp="$(mktemp "$STATE_DIR/.baked.XXXXXX")"
+  printf 'digest %s\nmlflow %s\n' "$BOOTSTRAP_DIGEST" "$MLFLOW_VERSION" >"$tmp"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$BAKED_MARKER"
+  log "wrote $BAKED_MARKER (digest $BOOTSTRAP_DIGEST, mlflow $MLFLOW_VERSION)"
+  end
+fi
 
 STEP=finish
 # The whole bootstrap's seconds: less than its steps' sum, some of them ran at once.

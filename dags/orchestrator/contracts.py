@@ -102,3 +102,13 @@ TAG_EXPIRES_AT = TAG_PREFIX + "expires_at"
 
 # The instance's pinned SSH host key (public half, no secret): a retried launch that adopts the instance reads it here.
 TAG_HOST_KEY = TAG_PREFIX + "host_key"
+
+# A baked image's tags (ec2_bake_image): what it was made from and by. Training launches from it only when its
+# bootstrap digest is the current bootstrap's (orchestrator.cloud.user_data.bootstrap_digest).
+TAG_SOURCE_IMAGE = TAG_PREFIX + "source_image"
+# The base it was baked from as configured (aws.ami_id, else aws.ami_ssm_parameter's name, not its moving value).
+TAG_BASE = TAG_PREFIX + "base"
+TAG_BOOTSTRAP_DIGEST = TAG_PREFIX + "bootstrap_digest"
+TAG_MLFLOW_VERSION = TAG_PREFIX + "mlflow_version"
+# When it was baked, to the microsecond (ISO 8601 UTC): the order pruning keeps, finer than EC2's CreationDate.
+TAG_BAKED_AT = TAG_PREFIX + "baked_at"

@@ -126,6 +126,8 @@ class LaunchPlan(_StepResult):
     git_sha: str
     dag_id: str
     run_id: str
+    # An image bake's builder (ec2_bake_image): its bootstrap runs in bake mode.
+    bake: bool = False
 
     WHAT: ClassVar[str] = "the launch plan"
 

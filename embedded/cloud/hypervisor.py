@@ -11,6 +11,8 @@ emulator plays the hypervisor for the instances it launches (cloud-init is embed
 - a `shutdown` run on the instance powers it off, honouring InstanceInitiatedShutdownBehavior (terminate or stop);
 - when the instance is stopped or terminated, every process of the instance (sshd, sessions, detached jobs, watchdog)
   is killed, as powering off a VM would;
+- an image created from an instance (CreateImage, e.g. a baked image) holds a copy of the instance's disk, which an
+  instance launched from the image boots with, as an EBS-backed image's root volume would;
 - when run as root, each instance has its own disk: a private mount namespace in which the emulated disk folder is
   its own directory, so instances running at the same time never see each other's files (as separate VMs would).
 Not run as root, none of this can be made: cloud-init and SSH both run as the current user (a warning says so).
@@ -28,6 +30,7 @@ import logging
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -328,6 +331,8 @@ class LocalCloud:
 
     def _tick(self) -> None:
         backend = self._backend()
+        # Before any boot: an instance launched from a new image must find its disk.
+        self._capture_images(backend)
         for moto_inst in list(backend.all_instances()):
             tags = {t["key"]: t["value"] for t in moto_inst.get_tags()}
             if self.project_tag_key not in tags:
@@ -356,6 +361,9 @@ class LocalCloud:
                 shutil.rmtree(self.disk_root, ignore_errors=True)
                 self.disk_root.mkdir(parents=True, exist_ok=True)
         disk.chmod(0o755)
+        image_disk = self._image_disk(moto_inst.image_id)
+        if image_disk.is_dir():
+            _copy_disk(image_disk, disk)
         inst = EmulatedInstance(moto_inst.id, self._planned[moto_inst.id], root, disk)
         inst.imds = InstanceMetadataService(moto_inst.id)
         self.instances[moto_inst.id] = inst
@@ -363,6 +371,28 @@ class LocalCloud:
         inst.has_instance_profile = bool(moto_inst.iam_instance_profile)
         log.info("Booting %s at %s", moto_inst.id, inst.address)
         threading.Thread(target=self._cloud_init, args=(inst,), name=f"boot-{moto_inst.id}", daemon=True).start()
+
+    def _image_disk(self, image_id: str) -> Path:
+        return self.workdir / "images" / image_id
+
+    def _capture_images(self, backend: Any) -> None:
+        """Each new image of an emulated instance gets a copy of that instance's disk as it is now (CreateImage
+        snapshots the root volume once; the builder is stopped by then); a deregistered image's copy goes."""
+        folder = self.workdir / "images"
+        if folder.is_dir():
+            for kept in folder.iterdir():
+                if kept.name not in backend.amis and not kept.name.endswith(".partial"):
+                    shutil.rmtree(kept, ignore_errors=True)
+        for image in list(backend.amis.values()):
+            source = self.instances.get(getattr(image, "instance_id", None) or "")
+            target = self._image_disk(image.id)
+            if source is not None and not target.exists():
+                partial = target.with_name(target.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                _copy_disk(source.disk, partial)
+                partial.rename(target)
+                log.info("Image %s holds a copy of %s's disk", image.id, source.instance_id)
 
     def host_path(self, inst: EmulatedInstance, path: Path | str) -> Path:
         """Where a path of the instance's disk, as the instance sees it, lies on this machine."""
@@ -447,3 +477,8 @@ class LocalCloud:
         if inst.imds is not None:
             inst.imds.stop()
         log.info("Powered off %s (%d processes ended)", inst.instance_id, killed)
+
+
+def _copy_disk(source: Path, target: Path) -> None:
+    """Everything on `source` into `target`, owners and modes kept (cp -a, as a block copy would)."""
+    subprocess.run(["cp", "-a", f"{source}/.", str(target)], check=True, capture_output=True)

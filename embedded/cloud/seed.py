@@ -5,6 +5,7 @@ bucket notifying its queue."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -70,17 +71,12 @@ class StandInNetwork:
         return self.subnet_ids[0]
 
 
-def register_images(region: str, images: tuple[StandInImage, ...] = STAND_IN_IMAGES) -> dict[str, str]:
-    """Registers each image in moto's EC2 state with its root device and root snapshot size and publishes its id
-    under its parameter; returns parameter -> image id. moto's RegisterImage takes only a name, and its PutParameter
-    refuses `/aws/...` names (AWS's own), hence the backends."""
-    from moto.core.utils import utcnow
-    from moto.ec2.models import ec2_backends
+@functools.cache
+def sized_image_class() -> type[Any]:
+    """moto's image with the root snapshot size EC2 reports (moto reports 15 GB for every image)."""
     from moto.ec2.models.amis import Ami
-    from moto.ec2.utils import random_ami_id
-    from moto.ssm.models import Parameter, ssm_backends
 
-    class _Image(Ami):  # moto reports every image's root snapshot as 15 GB
+    class SizedImage(Ami):
         root_snapshot_gb = 15
 
         @property
@@ -88,10 +84,22 @@ def register_images(region: str, images: tuple[StandInImage, ...] = STAND_IN_IMA
             ebs = {"SnapshotId": self.ebs_snapshot.id, "VolumeSize": self.root_snapshot_gb, "VolumeType": "gp3"}
             return [{"DeviceName": self.root_device_name, "Ebs": {**ebs, "DeleteOnTermination": True}}]
 
+    return SizedImage
+
+
+def register_images(region: str, images: tuple[StandInImage, ...] = STAND_IN_IMAGES) -> dict[str, str]:
+    """Registers each image in moto's EC2 state with its root device and root snapshot size and publishes its id
+    under its parameter; returns parameter -> image id. moto's RegisterImage takes only a name, and its PutParameter
+    refuses `/aws/...` names (AWS's own), hence the backends."""
+    from moto.core.utils import utcnow
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.utils import random_ami_id
+    from moto.ssm.models import Parameter, ssm_backends
+
     backend = ec2_backends[ACCOUNT_ID][region]
     published = {}
     for image in images:
-        ami = _Image(
+        ami = sized_image_class()(
             backend,
             random_ami_id(),
             name=image.name,

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from embedded.cloud.seed import sized_image_class
 from embedded.cloud.service_quotas import install_service_quotas
 
 
@@ -15,14 +16,45 @@ def install_strict_ec2() -> Callable[[], None]:
 
     RunInstances: EC2 refuses an unknown image (InvalidAMIID.NotFound) and a root override smaller than the image's
     root snapshot (InvalidBlockDeviceMapping); a mapping that misses the image's root device leaves the root as the
-    image has it (moto would leave no root at all). TerminateInstances on a terminated instance changes nothing
-    (moto deletes its network interface again and fails with InvalidNetworkInterfaceID.NotFound). Service Quotas
-    answers EC2's G and VT instance quotas (embedded.cloud.service_quotas)."""
+    image has it (moto would leave no root at all). CreateImage: only of a running or stopped instance; the image is
+    EBS-backed, with the source image's root device and a root snapshot the size of the instance's root volume, which
+    gets the request's snapshot tags (moto: instance store, 15 GB, NotImplementedError for snapshot tags).
+    TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again and fails
+    with InvalidNetworkInterfaceID.NotFound). Service Quotas answers EC2's G and VT instance quotas
+    (embedded.cloud.service_quotas)."""
     from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.amis import AmiBackend
     from moto.ec2.models.instances import Instance, InstanceBackend
 
     original = InstanceBackend.run_instances
     original_terminate = Instance.terminate
+    original_create_image = AmiBackend.create_image
+
+    def create_image(backend: Any, instance_id: str, name: str, description: str, tag_specifications: Any) -> Any:
+        instance = backend.get_instance(instance_id)
+        if instance.state not in ("running", "stopped"):
+            raise EC2ClientError(
+                "IncorrectInstanceState", f"The instance '{instance_id}' is not in a state from which it can be imaged."
+            )
+        snapshot_tags = {
+            t["Key"]: t["Value"]
+            for spec in tag_specifications
+            if spec["ResourceType"] == "snapshot"
+            for t in spec["Tags"]
+        }
+        image_specs = [spec for spec in tag_specifications if spec["ResourceType"] != "snapshot"]
+        image: Any = original_create_image(backend, instance_id, name, description, image_specs)
+        source = backend.amis.get(instance.image_id)
+        image.__class__ = sized_image_class()
+        image.root_device_name = source.root_device_name if source is not None else "/dev/sda1"
+        image.root_device_type = "ebs"  # an image of an EBS-backed instance is EBS-backed (moto: instance store)
+        root = instance.block_device_mapping.get(image.root_device_name)
+        image.root_snapshot_gb = image.ebs_snapshot.volume.size = (
+            int(root.size) if root is not None and root.size else 15
+        )
+        if snapshot_tags:
+            backend.create_tags([image.ebs_snapshot.id], snapshot_tags)
+        return image
 
     def terminate(instance: Any) -> Any:
         if instance.state == "terminated":
@@ -52,11 +84,13 @@ def install_strict_ec2() -> Callable[[], None]:
 
     InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
     Instance.terminate = terminate  # type: ignore[method-assign,assignment]
+    AmiBackend.create_image = create_image  # type: ignore[method-assign,assignment]
     uninstall_quotas = install_service_quotas()
 
     def uninstall() -> None:
         InstanceBackend.run_instances = original  # type: ignore[method-assign]
         Instance.terminate = original_terminate  # type: ignore[method-assign]
+        AmiBackend.create_image = original_create_image  # type: ignore[method-assign]
         uninstall_quotas()
 
     return uninstall

@@ -26,7 +26,14 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 from xml.sax.saxutils import escape
 
-from embedded.services.authorizer import ACTION_OF, Check, run_instances_checks, terminate_checks
+from embedded.services.authorizer import (
+    ACTION_OF,
+    Check,
+    create_image_checks,
+    image_resource_checks,
+    run_instances_checks,
+    terminate_checks,
+)
 from embedded.services.iam_policy import evaluate
 
 # The credential scope of a SigV4 signature (Authorization header, or a presigned URL's X-Amz-Credential).
@@ -130,16 +137,25 @@ class AwsGate:
                 return [(action, "*", {})]
             if r.operation == "RunInstances":
                 return run_instances_checks(p, region=r.region, account=account, **self.lookup.launch(r.region, p))
-            if r.operation == "TerminateInstances":
+            if r.operation in ("TerminateInstances", "StopInstances"):
                 tags = self.lookup.instance_tags(r.region, p.get("InstanceIds", []))
-                return terminate_checks(tags, region=r.region, account=account)
+                return terminate_checks(tags, region=r.region, account=account, action=action)
+            if r.operation == "CreateImage":
+                (source,) = self.lookup.instance_tags(r.region, [p.get("InstanceId", "")]).values()
+                return create_image_checks(p, source, region=r.region, account=account)
+            if r.operation == "DeregisterImage":
+                image_tags = {p.get("ImageId", ""): self.lookup.image_tags(r.region, p.get("ImageId", ""))}
+                return image_resource_checks(action, "image", image_tags, region=r.region)
+            if r.operation == "DeleteSnapshot":
+                snapshot_tags = {p.get("SnapshotId", ""): self.lookup.snapshot_tags(r.region, p.get("SnapshotId", ""))}
+                return image_resource_checks(action, "snapshot", snapshot_tags, region=r.region)
             return None
         if r.service == "pricing":  # the Price List API has no resources
             return [(action, "*", {})]
         if r.service == "servicequotas" and r.operation == "GetServiceQuota":
             code = f"{p.get('ServiceCode', '')}/{p.get('QuotaCode', '')}"
             return [(action, f"arn:aws:servicequotas:{r.region}:{account}:{code}", {})]
-        if r.service == "ssm" and r.operation in ("GetParameter", "GetParameters"):
+        if r.service == "ssm" and r.operation in ("GetParameter", "GetParameters", "PutParameter"):
             # Public parameters (/aws/service/...) are AWS's, with no account in their ARN.
             return [
                 (action, f"arn:aws:ssm:{r.region}:{'' if n.startswith('/aws/') else account}:parameter{n}", {})
@@ -184,9 +200,28 @@ class MotoLookup:
             roles.setdefault(wanted, wanted)
         return {
             "image_owner": image.owner_alias or image.owner_id,
+            "image_tags": _tag_dict(image.get_tags()),
             "vpc_id": subnets[0].vpc_id if subnets else "",
             "role_of_profile": roles,
         }
+
+    def image_tags(self, region: str, image_id: str) -> dict[str, str]:
+        from moto.ec2.models import ec2_backends
+
+        try:
+            (image,) = ec2_backends[self.account][region].describe_images(ami_ids=[image_id])
+        except Exception as exc:  # InvalidAMIID.NotFound / Unavailable, as EC2 answers
+            raise NotFound from exc
+        return _tag_dict(image.get_tags())
+
+    def snapshot_tags(self, region: str, snapshot_id: str) -> dict[str, str]:
+        from moto.ec2.models import ec2_backends
+
+        try:
+            snapshot = ec2_backends[self.account][region].get_snapshot(snapshot_id)
+        except Exception as exc:  # InvalidSnapshot.NotFound, as EC2 answers
+            raise NotFound from exc
+        return _tag_dict(snapshot.get_tags())
 
     def instance_tags(self, region: str, instance_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         from moto.ec2.models import ec2_backends
@@ -196,7 +231,12 @@ class MotoLookup:
             instances = [ec2.get_instance(i) for i in instance_ids]
         except Exception as exc:  # InvalidInstanceID.NotFound, as EC2 answers
             raise NotFound from exc
-        return {i.id: {t["key"]: t["value"] for t in i.get_tags()} for i in instances}
+        return {i.id: _tag_dict(i.get_tags()) for i in instances}
+
+
+def _tag_dict(tags: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    """moto's tag list ({"key", "value"} items) as a mapping."""
+    return {t["key"]: t["value"] for t in tags}
 
 
 def parse_request(

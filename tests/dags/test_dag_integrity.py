@@ -51,7 +51,7 @@ def training_dag(dagbag: Any) -> Any:
 
 def test_dag_files_import_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
-    assert sorted(dagbag.dags) == ["ec2_reaper", "ec2_retrain", "ec2_sweep", "ec2_training"]
+    assert sorted(dagbag.dags) == ["ec2_bake_image", "ec2_reaper", "ec2_retrain", "ec2_sweep", "ec2_training"]
 
 
 def test_every_dag_file_was_collected(dagbag: Any) -> None:
@@ -110,6 +110,24 @@ def test_training_dag_tasks_and_dependencies(training_dag: Any) -> None:
     assert isinstance(train, RemoteTrainingOperator)
     assert len(train.operator_extra_links) == 1
     assert train.operator_extra_links[0].name
+
+
+def test_bake_dag_reuses_the_launch_steps_and_always_terminates_its_builder(dagbag: Any) -> None:
+    from orchestrator.cloud.operators import InstanceLaunchSensor
+    from orchestrator.instance.operators import InstanceReadyOperator
+
+    dag = dagbag.dags["ec2_bake_image"]
+    tasks = {t.task_id: t for t in dag.tasks}
+    assert set(tasks) == {"resolve_config", "plan_launch", "launch", "wait_ready", "make_image", "prune", "terminate"}
+    assert isinstance(tasks["launch"], InstanceLaunchSensor) and tasks["launch"].pool == "ec2_trainer_launch"
+    assert isinstance(tasks["wait_ready"], InstanceReadyOperator)
+    assert tasks["plan_launch"].is_setup
+    # Torn down once the plan succeeded, whatever failed after it; after the image is made, never before.
+    assert tasks["terminate"].is_teardown and "plan_launch" in tasks["terminate"].upstream_task_ids
+    assert "make_image" in tasks["terminate"].upstream_task_ids
+    assert {"wait_ready", "launch"} <= tasks["make_image"].upstream_task_ids
+    assert "make_image" in tasks["prune"].upstream_task_ids
+    assert dag.schedule is None and dag.max_active_runs == 1
 
 
 def test_the_sweeps_list_of_training_teardowns_is_the_dags(training_dag: Any) -> None:

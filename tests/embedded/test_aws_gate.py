@@ -37,9 +37,24 @@ DENIAL = {
     "servicequotas": "AccessDeniedException",
 }
 NO_RETRIES = Config(retries={"total_max_attempts": 1})
+BAKED_PARAMETER = f"/ec2-trainer/{DEPLOYMENT}/baked-image"
 # A run's folder under the instance policy's fixed checkpoint prefix in the data's bucket (config/iam/instance.json).
 RUN_CHECKPOINTS = "checkpoints/0123abcd/"
 CHECKPOINT = f"{RUN_CHECKPOINTS}ckpt-000001/state.pt"
+
+
+@dataclass(frozen=True)
+class Image:
+    image_id: str
+    snapshot_id: str
+
+
+def our_tags(deployment: str = DEPLOYMENT) -> list[dict[str, str]]:
+    return [{"Key": TAG_PROJECT, "Value": "ec2-trainer"}, {"Key": TAG_DEPLOYMENT, "Value": deployment}]
+
+
+def image_tag_specifications(deployment: str = DEPLOYMENT) -> list[dict[str, Any]]:
+    return [{"ResourceType": kind, "Tags": our_tags(deployment)} for kind in ("image", "snapshot")]
 
 
 @dataclass
@@ -49,6 +64,7 @@ class Aws:
     cloud: LocalCloud
     identity: Identity
     instance_id: str  # a running instance of this deployment
+    image: Image | None = None  # an image of it, tagged as this deployment's baked images are
 
     def client(self, service: str) -> Any:
         import boto3
@@ -84,6 +100,21 @@ class Aws:
         }
         return self.client("ec2").run_instances(DryRun=True, **request)
 
+    def create_image(self, **overrides: Any) -> Any:
+        """The bake's CreateImage of a builder of this deployment (orchestrator.cloud.bake), as a dry run."""
+        request = {
+            "InstanceId": self.instance_id,
+            "Name": "ec2-trainer-baked-probe",
+            "TagSpecifications": image_tag_specifications(),
+            **overrides,
+        }
+        return self.client("ec2").create_image(DryRun=True, **request)
+
+    @property
+    def baked(self) -> Image:
+        assert self.image is not None, "the fixture makes an image of this deployment"
+        return self.image
+
 
 # One request per IAM action the policies allow, made as the code makes it.
 REQUESTS: dict[str, Callable[[Aws], Any]] = {
@@ -108,6 +139,13 @@ REQUESTS: dict[str, Callable[[Aws], Any]] = {
     "ec2:TerminateInstances": lambda aws: aws.client("ec2").terminate_instances(
         InstanceIds=[aws.instance_id], DryRun=True
     ),
+    "ec2:StopInstances": lambda aws: aws.client("ec2").stop_instances(InstanceIds=[aws.instance_id], DryRun=True),
+    "ec2:CreateImage": Aws.create_image,
+    "ec2:DeregisterImage": lambda aws: aws.client("ec2").deregister_image(ImageId=aws.baked.image_id, DryRun=True),
+    "ec2:DeleteSnapshot": lambda aws: aws.client("ec2").delete_snapshot(SnapshotId=aws.baked.snapshot_id, DryRun=True),
+    "ssm:PutParameter": lambda aws: aws.client("ssm").put_parameter(
+        Name=BAKED_PARAMETER, Value=aws.baked.image_id, Type="String", Overwrite=True
+    ),
     "s3:ListBucket": lambda aws: aws.client("s3").list_objects_v2(Bucket=DATASET_BUCKET, Prefix=DATASET_PREFIX),
     "s3:GetObject": lambda aws: aws.client("s3").get_object(Bucket=DATASET_BUCKET, Key=f"{DATASET_PREFIX}v1/probe"),
     "s3:PutObject": lambda aws: aws.client("s3").put_object(Bucket=DATASET_BUCKET, Key=CHECKPOINT, Body=b"state"),
@@ -123,6 +161,11 @@ REQUESTS: dict[str, Callable[[Aws], Any]] = {
 
 # (statement, action) -> a request only that statement allows, where REQUESTS' one is allowed by another statement.
 STATEMENT_REQUESTS: dict[tuple[str, str], Callable[[Aws], Any]] = {
+    ("ReadAndRecordTheBakedImage", "ssm:GetParameter"): lambda aws: aws.client("ssm").get_parameter(
+        Name=BAKED_PARAMETER
+    ),
+    ("RunFromOurBakedImages", "ec2:RunInstances"): lambda aws: aws.launch(ImageId=aws.baked.image_id),
+    ("TagImagesOnlyWhileCreating", "ec2:CreateTags"): Aws.create_image,
     ("ListTheCheckpoints", "s3:ListBucket"): lambda aws: aws.client("s3").list_objects_v2(
         Bucket=DATASET_BUCKET, Prefix=RUN_CHECKPOINTS
     ),
@@ -180,14 +223,36 @@ def instance(stack: EmbeddedStack) -> Iterator[tuple[str, str]]:
     ec2.terminate_instances(InstanceIds=[ours, theirs])
 
 
-def as_identity(stack: EmbeddedStack, instance: tuple[str, str], policy: str) -> Aws:
-    return Aws(stack.cloud, identity_of(stack.cloud, policy), instance[0])
+@pytest.fixture(scope="module")
+def images(stack: EmbeddedStack, instance: tuple[str, str]) -> Iterator[tuple[Image, Image]]:
+    """An image of each instance, tagged (with its snapshot) as its deployment's baked images are; the parameter the
+    representative PutParameter writes is removed afterwards (no bake made it)."""
+    ec2 = stack.cloud.client("ec2")
+
+    def image_of(instance_id: str, deployment: str) -> Image:
+        image_id = ec2.create_image(
+            InstanceId=instance_id, Name=f"probe-{deployment}", TagSpecifications=image_tag_specifications(deployment)
+        )["ImageId"]
+        (made,) = ec2.describe_images(ImageIds=[image_id])["Images"]
+        return Image(image_id, made["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"])
+
+    made = image_of(instance[0], DEPLOYMENT), image_of(instance[1], "other")
+    yield made
+    stack.cloud.client("ssm").delete_parameters(Names=[BAKED_PARAMETER])
+    for image in made:
+        ec2.deregister_image(ImageId=image.image_id)
+        ec2.delete_snapshot(SnapshotId=image.snapshot_id)
+
+
+def as_identity(stack: EmbeddedStack, instance: tuple[str, str], policy: str, image: Image | None = None) -> Aws:
+    return Aws(stack.cloud, identity_of(stack.cloud, policy), instance[0], image)
 
 
 @pytest.mark.parametrize(("policy", "sid", "actions"), statements(), ids=[f"{p}:{s}" for p, s, _ in statements()])
 def test_each_statement_is_enforced(
     stack: EmbeddedStack,
     instance: tuple[str, str],
+    images: tuple[Image, Image],
     monkeypatch: pytest.MonkeyPatch,
     policy: str,
     sid: str,
@@ -195,7 +260,7 @@ def test_each_statement_is_enforced(
 ) -> None:
     """The policy allows the representative request of each of the statement's actions; without the statement, the
     stand-in denies it with the service's error code."""
-    aws = as_identity(stack, instance, policy)
+    aws = as_identity(stack, instance, policy, images[0])
     missing = [a for a in actions if a not in REQUESTS]
     assert not missing, f"add a representative request for {missing} (config/iam/{policy}.json, {sid}) to REQUESTS"
     for action in actions:
@@ -212,8 +277,9 @@ def test_each_statement_is_enforced(
     monkeypatch.setattr(stack.cloud.gate, "policy_of", without)
     for action in actions:
         code = error_code(lambda: request_of(sid, action)(aws))  # noqa: B023 - called at once
-        # EC2 authorizes iam:PassRole and ec2:CreateTags inside RunInstances, and denies them as EC2 does.
-        service = "ec2" if request_of(sid, action) is Aws.launch else action.split(":")[0]
+        # EC2 authorizes iam:PassRole and ec2:CreateTags inside RunInstances and CreateImage, and denies them as EC2.
+        inside_ec2 = request_of(sid, action) in (Aws.launch, Aws.create_image)
+        service = "ec2" if inside_ec2 else action.split(":")[0]
         assert code == DENIAL[service], f"without {sid}, {action} answered {code}"
 
 
@@ -275,15 +341,15 @@ def test_each_identity_has_its_own_policy_and_the_gate_fails_closed(
     # Airflow reads no data object (the instance does).
     assert error_code(lambda: REQUESTS["s3:GetObject"](airflow)) == "AccessDenied"
     # Requests the gate derives no resources for are denied, not waved through.
-    stop = airflow.client("ec2").stop_instances
-    assert error_code(lambda: stop(InstanceIds=[instance[0]], DryRun=True)) == "UnauthorizedOperation"
+    reboot = airflow.client("ec2").reboot_instances
+    assert error_code(lambda: reboot(InstanceIds=[instance[0]], DryRun=True)) == "UnauthorizedOperation"
     put = airflow.client("s3").put_object
     assert error_code(lambda: put(Bucket=DATASET_BUCKET, Key=f"{DATASET_PREFIX}x", Body=b"")) == "AccessDenied"
     # A key the cloud does not know is refused; the admin is not checked.
     unknown = Aws(cloud, Identity.new("stranger", "airflow"), instance[0])
     assert error_code(lambda: REQUESTS["ec2:DescribeInstances"](unknown)) == "AuthFailure"
     admin = Aws(cloud, cloud.admin, instance[0])
-    assert error_code(lambda: admin.client("ec2").stop_instances(InstanceIds=[instance[0]], DryRun=True)) == (
+    assert error_code(lambda: admin.client("ec2").reboot_instances(InstanceIds=[instance[0]], DryRun=True)) == (
         "DryRunOperation"
     )
 
@@ -307,3 +373,24 @@ def test_the_jobs_checkpoints_beside_s3_data_pass_the_gate_with_the_instances_cr
     assert (store.keys(), store.get(key)) == ([key], b"state")
     store.delete(key)
     assert store.keys() == []
+
+
+def test_a_bake_outside_its_deployment_is_denied(
+    stack: EmbeddedStack, instance: tuple[str, str], images: tuple[Image, Image]
+) -> None:
+    """Another deployment's builder to stop or image, an image tagged as another's, untagged, or its image and
+    snapshot to prune, another deployment's parameter, a launch from another deployment's image."""
+    airflow = as_identity(stack, instance, "airflow", images[0])
+    ec2, theirs = airflow.client("ec2"), images[1]
+    assert error_code(airflow.create_image) == "DryRunOperation"
+    denied = "UnauthorizedOperation"
+    assert error_code(lambda: ec2.stop_instances(InstanceIds=[instance[1]], DryRun=True)) == denied
+    assert error_code(lambda: airflow.create_image(InstanceId=instance[1])) == denied
+    assert error_code(lambda: airflow.create_image(TagSpecifications=image_tag_specifications("other"))) == denied
+    assert error_code(lambda: airflow.create_image(TagSpecifications=[])) == denied
+    assert error_code(lambda: ec2.deregister_image(ImageId=theirs.image_id, DryRun=True)) == denied
+    assert error_code(lambda: ec2.delete_snapshot(SnapshotId=theirs.snapshot_id, DryRun=True)) == denied
+    assert error_code(lambda: airflow.launch(ImageId=theirs.image_id)) == denied
+    ssm = airflow.client("ssm")
+    other = "/ec2-trainer/other/baked-image"
+    assert error_code(lambda: ssm.put_parameter(Name=other, Value="x", Type="String")) == "AccessDeniedException"

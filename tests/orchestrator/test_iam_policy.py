@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from embedded.services.authorizer import ACTION_OF, Check, run_instances_checks, terminate_checks
+from embedded.services.authorizer import (
+    ACTION_OF,
+    Check,
+    create_image_checks,
+    image_resource_checks,
+    run_instances_checks,
+    terminate_checks,
+)
 from embedded.services.iam_policy import evaluate, load_policy
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.cloud.launch_spec import LaunchAttempt, LaunchSpec, RunIdentity, build_run_instances_request
@@ -168,10 +175,22 @@ def test_policy_is_least_privilege() -> None:
         f"aws:ResourceTag/{TAG_PROJECT}": "ec2-trainer",
         f"aws:ResourceTag/{TAG_DEPLOYMENT}": DEPLOYMENT,
     }
-    (tagging,) = actions["ec2:CreateTags"]
-    assert tagging["Condition"]["StringEquals"]["ec2:CreateAction"] == "RunInstances"
+    # Tags only at creation: of instances and volumes by RunInstances, of images and snapshots by CreateImage.
+    creators = {t["Condition"]["StringEquals"]["ec2:CreateAction"] for t in actions["ec2:CreateTags"]}
+    assert creators == {"RunInstances", "CreateImage"}
     (pass_role,) = actions["iam:PassRole"]
     assert "*" not in pass_role["Resource"]
+    # What changes or removes an existing instance, image or snapshot is scoped to the deployment's tags.
+    for action in ("ec2:StopInstances", "ec2:DeregisterImage", "ec2:DeleteSnapshot"):
+        (statement,) = actions[action]
+        assert statement["Condition"]["StringEquals"][f"aws:ResourceTag/{TAG_DEPLOYMENT}"] == DEPLOYMENT, action
+    # CreateImage: on the deployment's instances, and its image and snapshots tagged as the deployment's.
+    for statement in actions["ec2:CreateImage"]:
+        required = statement["Condition"]["StringEquals"]
+        assert DEPLOYMENT in (
+            required.get(f"aws:ResourceTag/{TAG_DEPLOYMENT}"),
+            required.get(f"aws:RequestTag/{TAG_DEPLOYMENT}"),
+        )
 
 
 def test_every_instance_or_volume_it_creates_or_tags_is_the_deployments() -> None:
@@ -339,6 +358,7 @@ def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
     tags = next(s["Tags"] for s in launch_request["TagSpecifications"] if s["ResourceType"] == "instance")
     terminate = terminate_checks({"i-0123": {t["Key"]: t["Value"] for t in tags}}, region=region, account=account)
     describes = [(action, "*", {}) for action in sorted(calls_in_source("dags")) if ":Describe" in action]
+    bake = bake_checks(launch_request, {t["Key"]: t["Value"] for t in tags})
     parameter = tomllib.loads((REPO / "config" / "defaults.toml").read_text())["aws"]["ami_ssm_parameter"]
     bucket = f"arn:aws:s3:::{VALUES['BUCKET']}"
     listing: Check = ("s3:ListBucket", bucket, {"s3:prefix": f"{VALUES['PREFIX']}/"})
@@ -347,6 +367,7 @@ def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
         *launches,
         *terminate,
         *describes,
+        *bake,
         ("ssm:GetParameter", f"arn:aws:ssm:{region}::parameter{parameter}", {}),
         ("iam:GetInstanceProfile", f"arn:aws:iam::{account}:instance-profile/ec2-trainer-instance", {}),
         *(
@@ -367,6 +388,72 @@ def requests_of_a_run(launch_request: dict[str, Any]) -> dict[str, list[Check]]:
         *(("s3:" + action, checkpoint, {}) for action in ("PutObject", "GetObject", "DeleteObject")),
     ]
     return {"airflow": airflow, "instance": instance}
+
+
+def create_image_request(deployment: str = DEPLOYMENT) -> dict[str, Any]:
+    """The CreateImage request the bake builds (orchestrator.cloud.bake.create_image_request) for `deployment`."""
+    from orchestrator.cloud.bake import create_image_request as build
+    from orchestrator.config.settings import load_settings
+    from orchestrator.contracts_steps import LaunchPlan
+
+    s = load_settings(env={"TRAINER__AWS__DEPLOYMENT": deployment})
+    plan = LaunchPlan("ami-0123456789abcdef0", "base", "/dev/sda1", 100, "none", "ec2_bake_image", "manual__1", True)
+    return build(s, plan, "i-0123", "0" * 64, "3.17.2", 2_000_000_000.5)
+
+
+def bake_checks(launch_request: dict[str, Any], instance_tags: dict[str, str]) -> list[Check]:
+    """A bake's own requests: stop and image its builder, prune an image and its snapshot, record the image, and a
+    training launched from it."""
+    region, account = VALUES["REGION"], VALUES["ACCOUNT"]
+    ours = {TAG_PROJECT: "ec2-trainer", TAG_DEPLOYMENT: DEPLOYMENT}
+    parameter = f"arn:aws:ssm:{region}:{account}:parameter/ec2-trainer/{DEPLOYMENT}/baked-image"
+    return [
+        *terminate_checks({"i-0123": instance_tags}, region=region, account=account, action="ec2:StopInstances"),
+        *create_image_checks(create_image_request(), instance_tags, region=region, account=account),
+        *image_resource_checks("ec2:DeregisterImage", "image", {"ami-1": ours}, region=region),
+        *image_resource_checks("ec2:DeleteSnapshot", "snapshot", {"snap-1": ours}, region=region),
+        ("ssm:PutParameter", parameter, {}),
+        ("ssm:GetParameter", parameter, {}),
+        *run_instances_checks(
+            launch_request,
+            region=region,
+            account=account,
+            image_owner=account,
+            image_tags=ours,
+            vpc_id=VALUES["VPC-ID"],
+            role_of_profile={"ec2-trainer-instance": "ec2-trainer-instance"},
+        ),
+    ]
+
+
+def test_a_bake_outside_the_policy_is_denied(launch_request: dict[str, Any]) -> None:
+    """Another deployment's builder, image or snapshot, an image tagged as another deployment's, another
+    deployment's parameter, and a launch from an image of another account carrying our tags."""
+    policy = load_policy("airflow", VALUES)
+    region, account = VALUES["REGION"], VALUES["ACCOUNT"]
+    theirs = {TAG_PROJECT: "ec2-trainer", TAG_DEPLOYMENT: "staging"}
+
+    def denied(checks: list[Check]) -> bool:
+        return any(evaluate(policy, *c) != "Allow" for c in checks)
+
+    ours = {TAG_PROJECT: "ec2-trainer", TAG_DEPLOYMENT: DEPLOYMENT}
+    assert not denied(create_image_checks(create_image_request(), ours, region=region, account=account))
+    assert denied(terminate_checks({"i-9": theirs}, region=region, account=account, action="ec2:StopInstances"))
+    assert denied(create_image_checks(create_image_request(), theirs, region=region, account=account))
+    assert denied(create_image_checks(create_image_request("staging"), ours, region=region, account=account))
+    untagged = {**create_image_request(), "TagSpecifications": []}
+    assert denied(create_image_checks(untagged, ours, region=region, account=account))
+    assert denied(image_resource_checks("ec2:DeregisterImage", "image", {"ami-9": theirs}, region=region))
+    assert denied(image_resource_checks("ec2:DeleteSnapshot", "snapshot", {"snap-9": {}}, region=region))
+    other = f"arn:aws:ssm:{region}:{account}:parameter/ec2-trainer/staging/baked-image"
+    assert evaluate(policy, "ssm:PutParameter", other) == "ImplicitDeny"
+    foreign = {"region": region, "account": account, "vpc_id": VALUES["VPC-ID"]}
+    roles = {"ec2-trainer-instance": "ec2-trainer-instance"}
+    assert denied(
+        run_instances_checks(
+            launch_request, image_owner="111122223333", image_tags=ours, role_of_profile=roles, **foreign
+        )
+    )
 
 
 def test_a_run_is_allowed_and_every_statement_is_needed(launch_request: dict[str, Any]) -> None:

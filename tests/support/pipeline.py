@@ -48,6 +48,22 @@ def env(stack: EmbeddedStack, monkeypatch: pytest.MonkeyPatch) -> EmbeddedStack:
     return stack
 
 
+@pytest.fixture
+def no_baked_image_after(stack: EmbeddedStack) -> Iterator[None]:
+    """A test that bakes leaves no baked image behind: the tests after it in this process boot the base image."""
+    from embedded.deploy.stack import DEPLOYMENT
+    from orchestrator.contracts import TAG_BOOTSTRAP_DIGEST
+
+    yield
+    ec2 = stack.cloud.client("ec2")
+    stack.cloud.client("ssm").delete_parameters(Names=[f"/ec2-trainer/{DEPLOYMENT}/baked-image"])
+    baked = [{"Name": "tag-key", "Values": [TAG_BOOTSTRAP_DIGEST]}]
+    for image in ec2.describe_images(Owners=["self"], Filters=baked)["Images"]:
+        ec2.deregister_image(ImageId=image["ImageId"])
+        for mapping in image["BlockDeviceMappings"]:
+            ec2.delete_snapshot(SnapshotId=mapping["Ebs"]["SnapshotId"])
+
+
 @pytest.fixture(scope="session")
 def sha() -> str:
     """The commit under test: the GitHub stand-in answers for it and serves its tree, which train ships."""
@@ -122,16 +138,17 @@ def with_quick_retries(dag: Any) -> Any:
     return dag
 
 
-def run_dag(**conf: Any) -> Any:
-    """One run of the training DAG in this process with `dag.test()`; its DagRun's state says whether it failed."""
+def run_dag(dag_id: str = "ec2_training", /, **conf: Any) -> Any:
+    """One run of a DAG (the training DAG unless named) in this process with `dag.test()`; its DagRun's state says
+    whether it failed."""
     import os
 
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-    if "ec2_training" not in bag.dags:
-        raise RuntimeError(f"DAG ec2_training did not load: {bag.import_errors}")
-    return with_quick_retries(bag.dags["ec2_training"]).test(run_conf=conf)
+    if dag_id not in bag.dags:
+        raise RuntimeError(f"DAG {dag_id} did not load: {bag.import_errors}")
+    return with_quick_retries(bag.dags[dag_id]).test(run_conf=conf)
 
 
 def task_states(dag_run: Any) -> dict[str, str]:

@@ -13,6 +13,7 @@ PLAN: dict[str, Any] = {
     "git_sha": "0123456789abcdef0123456789abcdef01234567",
     "dag_id": "ec2_training",
     "run_id": "manual__2026-11-26T10:00:00+00:00",
+    "bake": False,
 }
 LAUNCHED: dict[str, Any] = {
     "instance_id": "i-0abc",

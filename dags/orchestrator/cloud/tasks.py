@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator.config.settings import Settings
@@ -23,13 +24,15 @@ log = logging.getLogger(__name__)
 TERMINATE_WAIT_S = 300
 
 
-def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPlan:
+def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str, *, bake: bool = False) -> LaunchPlan:
     """Check everything a launch needs before anything is created: the instance types exist here, the AMI (aws.ami_id
-    when a run repeats an image, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its
-    root volume), every subnet, a security group admitting SSH, the instance profile, and room in the account's vCPU
-    quotas for at least one launch option."""
+    when a run repeats an image, else this deployment's baked image when it holds what the current bootstrap
+    installs, else the newest of aws.ami_ssm_parameter: available, of the types' architecture, its root volume), every
+    subnet, a security group admitting SSH, the instance profile, and room in the account's vCPU quotas for at least
+    one launch option. `bake`: the plan of an image bake's builder, on the base image (orchestrator.cloud.bake)."""
+    from orchestrator.cloud.bake import base_image, training_image
     from orchestrator.cloud.ec2_describe import unoffered_instance_types
-    from orchestrator.cloud.launch_spec import launch_markets, resolve_ami
+    from orchestrator.cloud.launch_spec import launch_markets
     from orchestrator.cloud.preflight import (
         check_architecture,
         check_instance_profile,
@@ -52,8 +55,8 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
                 f"aws.instance_types: {unoffered} not offered in {s.aws.region}: check the spelling "
                 "(e.g. g6.xlarge) or choose types this region has"
             )
-        source = "aws.ami_id" if s.aws.ami_id else "aws.ami_ssm_parameter"
-        ami_id = s.aws.ami_id or resolve_ami(aws.client("ssm"), s.aws.ami_ssm_parameter)
+        ssm = aws.client("ssm")
+        ami_id, source = base_image(s, ssm) if bake else training_image(s, ec2, ssm)
         root = read_image_root(ec2, ami_id, source)
         check_architecture(ec2, ami_id, root, s.aws.instance_types, source)
         volume_gb = root_volume_gb(s.aws.root_volume_gb, root)
@@ -72,7 +75,7 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
     log.info(
         "AMI %s (from %s), root %s of %s GB (snapshot %s GB); in %s: %s",
         ami_id,
-        "aws.ami_id" if s.aws.ami_id else s.aws.ami_ssm_parameter,
+        s.aws.ami_ssm_parameter if source == "aws.ami_ssm_parameter" else source,
         root.device_name,
         volume_gb,
         root.snapshot_gb,
@@ -90,6 +93,7 @@ def plan_launch(s: Settings, git_sha: str, dag_id: str, run_id: str) -> LaunchPl
         git_sha=git_sha,
         dag_id=dag_id,
         run_id=run_id,
+        bake=bake,
     )
 
 
@@ -158,25 +162,19 @@ def _launch_new(s: Settings, plan: LaunchPlan, ec2: Any, after: LaunchAttempt | 
     from orchestrator.cloud.ec2 import launch_instance
     from orchestrator.cloud.hostkeys import generate_host_key, public_line_from_private
     from orchestrator.cloud.launch_spec import LaunchSpec, RunIdentity, recovery_attempts
-    from orchestrator.cloud.user_data import UserDataSpec, render_user_data
+    from orchestrator.cloud.user_data import render_user_data, spec_from_settings
     from orchestrator.config.connections import ssh_private_key
 
     expires_at = int(time.time()) + s.aws.max_lifetime_minutes * 60
     identity = RunIdentity(plan.dag_id, plan.run_id, plan.git_sha, expires_at, s.aws.deployment)
     host_key = generate_host_key()
     user_data = render_user_data(
-        UserDataSpec(
+        spec_from_settings(
+            s,
             host_key=host_key,
             authorized_public_key=public_line_from_private(ssh_private_key(s.instance.ssh_conn_id)),
-            ssh_user=s.instance.ssh_user,
-            ssh_port=s.instance.ssh_port,
             deadline_epoch=identity.expires_at_epoch,
-            state_dir=s.instance.state_dir,
-            python_bin=s.instance.python_bin,
-            require_gpu=s.instance.require_gpu,
-            stall_minutes=s.training.stall_minutes,
-            min_gpu_utilization=s.training.min_gpu_utilization,
-            gpu_idle_minutes=s.training.gpu_idle_minutes,
+            mode="bake" if plan.bake else "train",
         )
     )
     spec = LaunchSpec(
@@ -300,6 +298,14 @@ def terminate(s: Settings, dag_id: str, run_id: str, instance_ids: list[str]) ->
     if not asked:
         log.info("No instance of run %s to terminate", run_id)
     return states
+
+
+def terminate_launched(s: Settings, context: Mapping[str, Any]) -> dict[str, str]:
+    """terminate() for the DAG run of a teardown's `context`: the instance its launch step returned, if any, and
+    every instance with the run's tags."""
+    launched = context["ti"].xcom_pull(task_ids=LaunchedInstance.STEP)
+    instance_ids = [LaunchedInstance.from_xcom(launched).instance_id] if launched else []
+    return terminate(s, context["dag"].dag_id, context["run_id"], instance_ids)
 
 
 def reap_expired(s: Settings) -> list[str]:

@@ -8,7 +8,8 @@ by the library); the shell scripts are files under `userdata/` whose `@@{name}` 
 `runcmd` (plus cloud-init-only hardening keys).
 
 What runs when (cloud-init's own order, every step as root):
-- init stage: `bootcmd` (every boot, before `write_files`): queues, with `systemd-run --no-block`, one transient job
+- init stage: `bootcmd` (every boot, before `write_files`): removes the bootstrap's status marker a baked image
+  holds from its bake (sshd starts only after this stage), then queues, with `systemd-run --no-block`, one transient job
   that systemd starts only once cloud-init's init stage is over (its default dependencies order it after
   sysinit.target, which cloud-init.service precedes), by when `write_files` has written the files;
 - init stage: `write_files` (parents are created root:root 0755): the scripts, the deadline, the watchdog's, the
@@ -34,24 +35,33 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import re
 import shlex
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from orchestrator.cloud.hostkeys import HostKey
 from orchestrator.errors import ConfigError
 
+if TYPE_CHECKING:
+    from orchestrator.config.settings import Settings
+
 # The project's userdata/ folder, beside dags/.
 TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "userdata"
 
 # EC2 limit on user-data, counted before base64 encoding.
 USER_DATA_MAX_BYTES = 16 * 1024
+
+BOOTSTRAP_MODES = ("train", "bake")
+# Under the state folder: what a baked image was made by ("digest <sha256>", "mlflow <version>" lines). There, not in
+# /etc, so the embedded default's instances write it on their own disk.
+BAKED_MARKER = "baked"
 
 WATCHDOG_UNIT = "ec2-trainer-watchdog.service"
 SPOT_WATCHER_UNIT = "ec2-trainer-spot-watcher.service"
@@ -112,6 +122,8 @@ class UserDataSpec:
     stall_minutes: float = 0.0
     min_gpu_utilization: int = 0
     gpu_idle_minutes: float = 0.0
+    # "bake": the bootstrap of an image being baked (ec2_bake_image), which also writes the image's BAKED_MARKER.
+    mode: str = "train"
 
 
 class _ShellTemplate(string.Template):
@@ -144,6 +156,8 @@ def _validate(spec: UserDataSpec) -> None:
         raise ConfigError(
             "stall_minutes and gpu_idle_minutes must be 0 (off) or more, min_gpu_utilization a percentage (0-100)"
         )
+    if spec.mode not in BOOTSTRAP_MODES:
+        raise ConfigError(f"mode must be one of {BOOTSTRAP_MODES}, got {spec.mode!r}")
     if spec.deadline_epoch <= 0:
         raise ConfigError(f"deadline_epoch must be a positive epoch time in seconds, got {spec.deadline_epoch}")
     bad = [p for p in spec.packages if not _PACKAGE_RE.fullmatch(p)]
@@ -151,13 +165,58 @@ def _validate(spec: UserDataSpec) -> None:
         raise ConfigError(f"packages {bad!r} are not valid Debian package names: use names like 'git'")
 
 
+def spec_from_settings(
+    s: Settings, *, host_key: HostKey, authorized_public_key: str, deadline_epoch: int, mode: str = "train"
+) -> UserDataSpec:
+    """The user-data spec of an instance of this deployment: its bootstrap from the settings, the rest per launch."""
+    return UserDataSpec(
+        host_key=host_key,
+        authorized_public_key=authorized_public_key,
+        ssh_user=s.instance.ssh_user,
+        ssh_port=s.instance.ssh_port,
+        deadline_epoch=deadline_epoch,
+        state_dir=s.instance.state_dir,
+        python_bin=s.instance.python_bin,
+        require_gpu=s.instance.require_gpu,
+        stall_minutes=s.training.stall_minutes,
+        min_gpu_utilization=s.training.min_gpu_utilization,
+        gpu_idle_minutes=s.training.gpu_idle_minutes,
+        mode=mode,
+    )
+
+
+def bootstrap_spec(s: Settings) -> UserDataSpec:
+    """The spec of the bootstrap these settings render, the per-launch values (absent from the bootstrap) empty: for
+    its digest and pins, never to launch with."""
+    return spec_from_settings(s, host_key=HostKey("", "", ""), authorized_public_key="", deadline_epoch=0)
+
+
+def settings_digest(s: Settings) -> str:
+    """bootstrap_digest of the bootstrap these settings render."""
+    return bootstrap_digest(bootstrap_spec(s))
+
+
 def render_script(name: str, spec: UserDataSpec) -> str:
     """One of the shell scripts under userdata/ with the spec's values filled in, shell-quoted."""
+    return _render(name, spec, mode=spec.mode, digest=bootstrap_digest(spec))
+
+
+def bootstrap_digest(spec: UserDataSpec) -> str:
+    """The sha256 of the bootstrap as rendered for training, its mode and this digest left out: equal for every run
+    of the same bootstrap settings (the host key, login key and deadline are not in the script), so a baked image
+    tagged with it is known to hold what this bootstrap installs."""
+    return hashlib.sha256(_render("bootstrap.sh", spec, mode="", digest="").encode()).hexdigest()
+
+
+def _render(name: str, spec: UserDataSpec, *, mode: str, digest: str) -> str:
     values = {
+        "mode": shlex.quote(mode),
+        "bootstrap_digest": shlex.quote(digest),
+        "baked_marker": shlex.quote(state_path(spec, BAKED_MARKER)),
         "state_dir": shlex.quote(spec.state_dir),
         "python_bin": shlex.quote(spec.python_bin),
         "mlflow_requirement": shlex.quote(spec.mlflow_requirement),
-        "mlflow_version": shlex.quote(_mlflow_version(spec)),
+        "mlflow_version": shlex.quote(mlflow_version(spec)),
         "uv_requirement": shlex.quote(spec.uv_requirement),
         "require_gpu": "true" if spec.require_gpu else "false",
         "ssh_user": shlex.quote(spec.ssh_user),
@@ -184,7 +243,7 @@ def state_path(spec: UserDataSpec, name: str) -> str:
     return f"{spec.state_dir.rstrip('/')}/{name}"
 
 
-def _mlflow_version(spec: UserDataSpec) -> str:
+def mlflow_version(spec: UserDataSpec) -> str:
     match = _MLFLOW_PIN_RE.match(spec.mlflow_requirement)
     if match is None:
         raise ConfigError(f"mlflow_requirement {spec.mlflow_requirement!r} must pin one version, e.g. mlflow==3.17.2")
@@ -316,7 +375,8 @@ def cloud_config(spec: UserDataSpec) -> dict[str, Any]:
         "ssh_pwauth": False,
         # The watchdog, the watcher and the guard are systemd units started from the init stage: they run even when
         # runcmd never does.
-        "bootcmd": [_early_boot_command(spec)],
+        # A baked image holds its bake's status marker: gone before sshd starts, so no one reads it as this boot's.
+        "bootcmd": [["rm", "-f", state_path(spec, "bootstrap.status")], _early_boot_command(spec)],
         "write_files": files,
         "runcmd": [["bash", bootstrap]],
     }

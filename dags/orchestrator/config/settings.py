@@ -281,6 +281,22 @@ class RetrainSettings(_Section):
         return self.branch or github.branch
 
 
+class BakeSettings(_Section):
+    """Baked images (ec2_bake_image, docs/operations.md "Baked images"): the base image with the bootstrap's installs
+    done, so a training boot skips them."""
+
+    schedule: t.Cron = setting("Cron (UTC) baking an image; empty: by hand only.", default="")
+    use: bool = setting(
+        "Train on this deployment's baked image when it was made by the current bootstrap.", default=True
+    )
+    keep: t.Whole = setting(
+        "Baked images kept; older ones are deregistered with their snapshots.", ge=1, le=20, default=2
+    )
+    image_wait_minutes: t.Whole = setting(
+        "How long a new image may take to become available.", ge=1, le=240, default=60
+    )
+
+
 class NotifySettings(_Section):
     """Optional alerts about each run (orchestrator/observe/notify.py); an empty connection id turns its channel off."""
 
@@ -333,6 +349,7 @@ class Settings(_Layered):
     metrics: MetricsSettings
     datasets: DatasetSettings = DatasetSettings()
     retrain: RetrainSettings = RetrainSettings()
+    bake: BakeSettings = BakeSettings()
     notify: NotifySettings = NotifySettings()
 
     @model_validator(mode="after")
@@ -380,12 +397,13 @@ class _WatchAws(BaseModel):
 
 
 class WatchSettings(_Layered):
-    """What the retraining DAGs need when their file is parsed (schedules, the asset and its watcher): only these
-    sections are read and validated there, so a deployment's other settings never break their parsing."""
+    """What the retraining and bake DAGs need when their file is parsed (schedules, the asset and its watcher): only
+    these sections are read and validated there, so a deployment's other settings never break their parsing."""
 
     model_config = SettingsConfigDict(extra="ignore")
     datasets: DatasetSettings
     retrain: RetrainSettings
+    bake: BakeSettings = BakeSettings()
     aws: _WatchAws
 
     @model_validator(mode="after")

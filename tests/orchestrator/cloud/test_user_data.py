@@ -21,12 +21,15 @@ from embedded.cloud.cloud_init import unit_exec_start
 from embedded.cloud.imds import InstanceMetadataService
 from orchestrator.cloud.hostkeys import generate_host_key
 from orchestrator.cloud.user_data import (
+    BAKED_MARKER,
     SSHD_PORT_DROP_IN,
     USER_DATA_MAX_BYTES,
     UserDataSpec,
     UserDataTooLargeError,
+    bootstrap_digest,
     file_text,
     readable_user_data,
+    render_script,
     render_user_data,
 )
 from orchestrator.errors import ConfigError
@@ -116,7 +119,9 @@ def test_cloud_config_has_every_key_the_instance_relies_on(keys):
     assert unit_exec_start(files[watcher_unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/spot_watcher.sh"]
     assert "WantedBy=multi-user.target" in files[watcher_unit]["content"].splitlines()
     assert unit_exec_start(files[guard_unit]["content"]) == ["/bin/bash", "/var/lib/ec2-trainer/bin/guard.sh"]
-    ((*run, shell, flag, script),) = doc["bootcmd"]
+    # A baked image's status marker (its bake's "ok") goes before sshd starts, so no one reads it as this boot's.
+    assert doc["bootcmd"][0] == ["rm", "-f", "/var/lib/ec2-trainer/bootstrap.status"]
+    ((*run, shell, flag, script),) = doc["bootcmd"][1:]
     # bootcmd runs before write_files, inside cloud-init.service: the enabling is queued for after it, never awaited.
     assert run[0] == "systemd-run" and "--no-block" in run
     assert (shell, flag) == ("sh", "-c")
@@ -137,7 +142,7 @@ def test_a_non_default_ssh_port_is_applied_early(keys):
     files = {f["path"]: f["content"] for f in doc["write_files"]}
     assert files[SSHD_PORT_DROP_IN] == "Port 2222\n"
     assert SSHD_PORT_DROP_IN.startswith("/etc/ssh/sshd_config.d/") and SSHD_PORT_DROP_IN.endswith(".conf")
-    ((*_, script),) = doc["bootcmd"]
+    ((*_, script),) = doc["bootcmd"][1:]
     # After the reload that re-runs Ubuntu 24.04's ssh.socket generator; on 22.04 ssh.service reads it as it starts.
     steps = script.split("; ")
     assert steps.index("systemctl daemon-reload") < steps.index("systemctl try-restart ssh.socket ssh.service")
@@ -532,3 +537,46 @@ def wait_for_json(path: Path, key: str, timeout_s: float = 12.0) -> dict:
             return found
         time.sleep(0.2)
     raise AssertionError(f"no {key} in {path} after {timeout_s:.0f}s")
+
+
+def test_the_bootstrap_digest_is_the_same_for_every_run_and_mode(keys):
+    """Per-run values (host key, deadline) and the mode leave it unchanged; a bootstrap setting changes it."""
+    spec = make_spec(keys)
+    later = make_spec(
+        (generate_host_key(), generate_host_key()), deadline_epoch=spec.deadline_epoch + 3600, mode="bake"
+    )
+    assert bootstrap_digest(spec) == bootstrap_digest(later)
+    assert re.fullmatch(r"[0-9a-f]{64}", bootstrap_digest(spec))
+    assert bootstrap_digest(make_spec(keys, mlflow_requirement="mlflow==3.17.1")) != bootstrap_digest(spec)
+    assert bootstrap_digest(make_spec(keys, python_bin="/usr/bin/python3")) != bootstrap_digest(spec)
+    assert f"BOOTSTRAP_DIGEST={bootstrap_digest(spec)}" in render_script("bootstrap.sh", spec)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        render_user_data(make_spec(keys, mode="warm"))
+
+
+def test_a_bake_writes_the_marker_and_a_boot_of_its_image_skips_what_it_installed(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.1.0")
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, mode="bake")
+    assert status == "ok", log
+    digest = bootstrap_digest(make_spec(keys, str(state_dir), python_bin=python))
+    assert (state_dir / BAKED_MARKER).read_text() == f"digest {digest}\nmlflow 3.17.2\n"
+    assert "-m pip install" in calls.read_text()
+    calls.write_text("")
+    # The image's boot: same bootstrap settings, another run's keys and deadline.
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, deadline_epoch=2**31)
+    assert status == "ok", log
+    assert f"baked image of this bootstrap ({digest})" in log
+    assert "skipped: mlflow 3.17.2 baked into the image" in log
+    assert "pip" not in calls.read_text()
+    assert "[bake]" not in log.split("mode train")[-1]
+
+
+def test_a_marker_of_another_bootstrap_skips_nothing(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.1.0")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / BAKED_MARKER).write_text(f"digest {'0' * 64}\nmlflow 3.17.2\n")
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
+    assert status == "ok", log
+    assert "baked image" not in log
+    assert "installing mlflow==3.17.2 into" in log
+    assert "-m pip install" in calls.read_text()
