@@ -17,6 +17,8 @@ PAIRS=("$@")
   orchestrator/sweeps/sets.py:tests/orchestrator/sweeps/test_sets.py
   orchestrator/instance/source_tree.py:tests/orchestrator/instance/test_source_tree.py
   orchestrator/instance/recovery.py:tests/orchestrator/instance/test_recovery.py
+  orchestrator/observe/cost_cap.py:tests/orchestrator/observe/test_cost_cap.py
+  orchestrator/cloud/bake.py:tests/orchestrator/cloud/test_bake.py
 )
 for pair in "${PAIRS[@]}"; do
   module=${pair%%:*} tests=${pair#*:}

@@ -41,3 +41,14 @@ def test_a_baked_image_is_made_recorded_and_booted_by_the_next_training(
     assert f"Booting the baked image {image_id}" in log
     # The image carried the bake's marker: this boot's bootstrap found it and skipped what it installed.
     assert "baked image of this bootstrap" in log and "skipped: mlflow" in log
+    # The report shows the baked boot's bootstrap: the skipped steps still timed, the whole beside them (`pytest -rP`
+    # prints the figures, docs/benchmarks.md "On paper").
+    from orchestrator.observe.report import RunReport
+
+    report = RunReport.from_dict(
+        next(ti for ti in training.get_task_instances() if ti.task_id == "report").xcom_pull(task_ids="report")
+    )
+    phases = report.phases_s
+    assert {"bootstrap", "bootstrap.packages", "bootstrap.python", "training.before_first_epoch"} <= phases.keys()
+    assert report.seconds_to_first_epoch is not None and report.seconds_to_first_epoch > 0
+    print(f"baked boot on the emulator: phases {phases}; CI passed to first epoch {report.seconds_to_first_epoch} s")
