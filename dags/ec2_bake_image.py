@@ -13,15 +13,12 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, get_current_context, setup, task, teardown
 
-from orchestrator.cloud.operators import InstanceLaunchSensor
 from orchestrator.config.settings import load_watch_settings
 from orchestrator.dag_docs import dag_doc
-from orchestrator.instance.operators import InstanceReadyOperator
+from orchestrator.instance_steps import launch_and_wait_ready
 
 WATCH = load_watch_settings()
 CONFIG = "{{ ti.xcom_pull(task_ids='resolve_config') | tojson }}"
-# The training's one-slot launch pool (config/pools.json): the builder counts under aws.max_instances as any instance.
-LAUNCH_POOL = "ec2_trainer_launch"
 
 with DAG(
     dag_id="ec2_bake_image",
@@ -53,7 +50,8 @@ with DAG(
         ctx = get_current_context()
         return plan_launch(settings_of(config), BUILDER_COMMIT, ctx["dag"].dag_id, ctx["run_id"], bake=True).to_xcom()
 
-    # Each try stops the builder and finds the image an earlier try created before it creates one.
+    # Each try stops the builder and finds the image an earlier try created before it creates one. A call the IAM
+    # policy refuses fails at once: no retry changes the policy.
     @task(retries=2, retry_delay=timedelta(seconds=30))
     def make_image(config: str, plan: dict[str, Any], launched: Any) -> dict[str, Any]:
         from dataclasses import asdict
@@ -61,9 +59,11 @@ with DAG(
         from orchestrator.cloud.bake import make_image as make
         from orchestrator.config.resolve import settings_of
         from orchestrator.contracts_steps import LaunchedInstance, LaunchPlan
+        from orchestrator.errors import fail_without_retry
 
         instance_id = LaunchedInstance.from_xcom(launched).instance_id
-        return asdict(make(settings_of(config), LaunchPlan.from_xcom(plan), instance_id))
+        with fail_without_retry():
+            return asdict(make(settings_of(config), LaunchPlan.from_xcom(plan), instance_id))
 
     @task(retries=2, retry_delay=timedelta(seconds=30))
     def prune(config: str) -> list[str]:
@@ -83,21 +83,8 @@ with DAG(
 
     planned = plan_bake(CONFIG)
     resolve_config() >> planned
-    launch = InstanceLaunchSensor(
-        task_id="launch",
-        config=CONFIG,
-        plan=planned,
-        pool=LAUNCH_POOL,
-        retries=2,
-        retry_delay=timedelta(seconds=20),
-    )
-    ready = InstanceReadyOperator(
-        task_id="wait_ready",
-        config=CONFIG,
-        launched=launch.output,
-        retries=2,
-        retry_delay=timedelta(seconds=10),
-    )
+    # The training's launch and ready wait: the builder counts under aws.max_instances as any instance.
+    launch, ready = launch_and_wait_ready(CONFIG, planned)
     made = make_image(CONFIG, planned, launch.output)
     ready >> made
     made >> terminate(CONFIG).as_teardown(setups=planned)

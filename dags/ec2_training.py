@@ -13,11 +13,10 @@ import pendulum
 from airflow.sdk import DAG, Param, get_current_context, setup, task, teardown
 
 from orchestrator.ci.gate import CiGateOperator
-from orchestrator.cloud.operators import InstanceLaunchSensor
 from orchestrator.config.trigger_form import form_params
 from orchestrator.dag_docs import dag_doc
-from orchestrator.instance.operators import InstanceReadyOperator
 from orchestrator.instance.training_operator import RemoteTrainingOperator
+from orchestrator.instance_steps import launch_and_wait_ready
 from orchestrator.observe.early_failure import announce_early_failure
 from orchestrator.observe.failures import record_failure
 from orchestrator.retries import OUTAGE_RETRIES
@@ -28,9 +27,6 @@ from orchestrator.retries import OUTAGE_RETRIES
 # settings_of and run_config read back with its types.
 CONFIG = "ti.xcom_pull(task_ids='resolve_config')"
 RUN_CONFIG = "{{ " + CONFIG + " | tojson }}"
-# One slot (config/pools.json): launches take turns, so the check against aws.max_instances and the launch that
-# follows are atomic across runs. A launch at the cap is rescheduled: it holds the slot only while it looks.
-LAUNCH_POOL = "ec2_trainer_launch"
 # One Param per knob of orchestrator/run_params.py, all empty by default: empty means the configured value, which
 # each description shows as the settings are now.
 PARAMS = {name: Param(None, **kwargs) for name, kwargs in form_params().items()}
@@ -126,21 +122,7 @@ with DAG(
 
     resolve_config() >> ci_gate
     planned = plan_launch(RUN_CONFIG, ci_gate.output)
-    launch = InstanceLaunchSensor(
-        task_id="launch",
-        config=RUN_CONFIG,
-        plan=planned,
-        pool=LAUNCH_POOL,
-        retries=2,
-        retry_delay=timedelta(seconds=20),
-    )
-    ready = InstanceReadyOperator(
-        task_id="wait_ready",
-        config=RUN_CONFIG,
-        launched=launch.output,
-        retries=2,
-        retry_delay=timedelta(seconds=10),
-    )
+    _, ready = launch_and_wait_ready(RUN_CONFIG, planned)
     train = RemoteTrainingOperator(
         task_id="train",
         config=RUN_CONFIG,

@@ -37,8 +37,10 @@ def test_a_denied_create_image_fails_the_bake_and_terminates_its_builder(
     states = task_states(dag_run)
     assert dag_run.state == "failed", states
     assert (states["make_image"], states["prune"], states["terminate"]) == ("failed", "upstream_failed", "success")
+    tries = {ti.task_id: ti.try_number for ti in dag_run.get_task_instances()}
+    assert tries["make_image"] == 1, "a refusal by the policy fails at once: no retry changes the policy"
     (builder,) = assert_all_terminated(env, dag_run, 1)
-    assert "UnauthorizedOperation" in log and "ec2:CreateImage" in log
+    assert "ec2:CreateImage was refused (UnauthorizedOperation" in log and "config/iam/airflow.json" in log
     assert f"Instance {builder}: terminated" in log
     assert recorded() == before
     dag_faults.record(
@@ -46,6 +48,6 @@ def test_a_denied_create_image_fails_the_bake_and_terminates_its_builder(
         log,
         "ec2_bake_image: CreateImage denied by the IAM policy (UnauthorizedOperation) after the builder stopped",
         "bake fails in make_image; the teardown terminates the builder; nothing recorded",
-        "make_image failed after its tries (UnauthorizedOperation), terminate success; 1 builder, terminated; "
-        "SSM parameter unchanged; run failed",
+        "make_image failed on its first try (UnauthorizedOperation, terminal), terminate success; 1 builder, "
+        "terminated; SSM parameter unchanged; run failed",
     )

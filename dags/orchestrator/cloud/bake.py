@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ from orchestrator.contracts import (
     TAG_MLFLOW_VERSION,
     TAG_SOURCE_IMAGE,
 )
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, aws_error_code, aws_error_message
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import Settings
@@ -42,10 +44,33 @@ BAKED_IMAGE_PARAMETER = "/ec2-trainer/{deployment}/baked-image"
 BUILDER_COMMIT = "none"
 # How long the builder may take to stop (EC2: seconds to a couple of minutes).
 STOP_TIMEOUT_S = 600
+# What EC2 and SSM answer a call the aws connection's policy does not allow: no retry changes that.
+DENIED_CODES = frozenset({"UnauthorizedOperation", "AccessDeniedException", "AccessDenied"})
 
 
 class BakeError(OrchestratorError):
     """The image could not be made (the builder did not stop, or the image never became available)."""
+
+
+class BakeDeniedError(BakeError):
+    """The IAM policy refused a bake call: a retry would be refused too."""
+
+    terminal = True
+
+
+@contextmanager
+def denied_is_terminal(action: str) -> Iterator[None]:
+    """Turn a refusal of `action` by the IAM policy into a BakeDeniedError that names what to grant."""
+    try:
+        yield
+    except Exception as exc:
+        code = aws_error_code(exc)
+        if code not in DENIED_CODES:
+            raise
+        raise BakeDeniedError(
+            f"{action} was refused ({code}: {aws_error_message(exc)}): grant the aws connection's policy the bake "
+            "statements of config/iam/airflow.json (docs/iam.md), then trigger ec2_bake_image again"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -204,16 +229,19 @@ def make_image(s: Settings, plan: LaunchPlan, instance_id: str) -> BakedImage:
     digest = bootstrap_digest(spec)
     found = _run_image(ec2, s, plan)
     if found is None:
-        stop_builder(ec2, instance_id, poll_s)
+        with denied_is_terminal("ec2:StopInstances"):
+            stop_builder(ec2, instance_id, poll_s)
         request = create_image_request(s, plan, instance_id, digest, mlflow_version(spec), time.time())
-        image_id = ec2.create_image(**request)["ImageId"]
+        with denied_is_terminal("ec2:CreateImage"):
+            image_id = ec2.create_image(**request)["ImageId"]
         log.info("Creating %s (%s) from %s (base image %s)", image_id, request["Name"], instance_id, plan.ami_id)
     else:
         image_id = found
         log.info("Found %s, created by an earlier try of this run", image_id)
     wait_image_available(ec2, image_id, s.bake.image_wait_minutes * 60, poll_s)
     parameter = baked_image_parameter(s.aws.deployment)
-    aws.client("ssm").put_parameter(Name=parameter, Value=image_id, Type="String", Overwrite=True)
+    with denied_is_terminal("ssm:PutParameter"):
+        aws.client("ssm").put_parameter(Name=parameter, Value=image_id, Type="String", Overwrite=True)
     log.info("Recorded %s in %s: trainings whose bootstrap digest is %s boot it", image_id, parameter, digest)
     (image,) = ec2.describe_images(ImageIds=[image_id])["Images"]
     return BakedImage.from_description(image)

@@ -18,7 +18,7 @@ from orchestrator.contracts import (
     TAG_PROJECT,
     TAG_SOURCE_IMAGE,
 )
-from tests.support.aws_cloud import PROFILE, REGION, SSH_PORT, StrictAws, strict_aws
+from tests.support.aws_cloud import PROFILE, REGION, SSH_PORT, StrictAws, http_errors, strict_aws
 
 BAKE_DAG = "ec2_bake_image"
 
@@ -116,6 +116,21 @@ def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(cloud: Strict
     # A retry of the step finds the image its run made: no second one.
     assert make_image(settings, plan, builder).image_id == baked.image_id
     assert [i.image_id for i in baked_images(cloud)] == [baked.image_id]
+
+
+def test_a_refused_create_image_is_terminal_and_records_nothing(
+    cloud: StrictAws, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.cloud.bake import BakeDeniedError
+
+    refused = http_errors(monkeypatch, "CreateImage", "UnauthorizedOperation", 403)
+    with pytest.raises(BakeDeniedError, match=r"ec2:CreateImage was refused \(UnauthorizedOperation") as raised:
+        bake(cloud, settings, "manual__1")
+    # Refused once, not retried by botocore; terminal, so make_image fails without Airflow's retries.
+    assert refused == [403] and raised.value.terminal
+    assert "config/iam/airflow.json" in str(raised.value)
+    assert baked_images(cloud) == []
+    assert cloud.ssm.get_parameters(Names=["/ec2-trainer/bake-test/baked-image"])["Parameters"] == []
 
 
 def test_the_image_wait_is_bounded(cloud: StrictAws, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
