@@ -5,7 +5,9 @@
 # - stall: the job's output.log (every log line and epoch line) unchanged for STALL_S (0: off);
 # - GPU idle: every GPU under GPU_MIN_UTIL percent (nvidia-smi) for GPU_IDLE_S (0: off; no nvidia-smi: skipped);
 # - cost: the epoch in the job's cost-deadline file (line 1; line 2 is the reason to report), written by the
-#   orchestrator as it starts the job: when the run's cost would pass training.max_cost_usd.
+#   orchestrator as it starts the job: when the run's cost would pass training.max_cost_usd. The job's user owns that
+#   folder, so the guard keeps the earliest deadline it has read for the job: moving or rewriting the file later
+#   never lifts the cap.
 # The placeholders are filled in, shell-quoted, by orchestrator.cloud.user_data. No `set -e`: it must never end early.
 set -uo pipefail
 
@@ -118,6 +120,8 @@ log "started (pid $$): stall after ${STALL_S}s, GPU idle under ${GPU_MIN_UTIL}% 
   "($($gpu_guard && echo on || echo off)), cost deadline from the job's cost-deadline file"
 watched=""
 idle_since=0
+cost_deadline=0
+cost_reason=""
 gpu_unknown_logged=false
 while true; do
   now="$(date +%s)"
@@ -127,6 +131,8 @@ while true; do
       log "watching the job in $job"
       watched="$job"
       idle_since=0
+      cost_deadline=0
+      cost_reason=""
     fi
     if ((STALL_S > 0)); then
       last="$(mtime "$job/output.log")"
@@ -157,13 +163,17 @@ while true; do
     fi
     deadline="$(sed -n 1p "$job/cost-deadline" 2>/dev/null)"
     deadline="${deadline//[[:space:]]/}"
-    if [[ "$deadline" =~ ^[0-9]+$ ]]; then
-      if ((now >= deadline)); then
-        reason="$(sed -n 2p "$job/cost-deadline" 2>/dev/null)"
-        breach "$job" "${reason:-cost cap: the cost of the run would pass training.max_cost_usd}"
+    if [[ "$deadline" =~ ^[0-9]+$ ]] && ((cost_deadline == 0 || deadline < cost_deadline)); then
+      log "cost deadline $deadline ($((deadline - now)) s from now)"
+      cost_deadline="$deadline"
+      cost_reason="$(sed -n 2p "$job/cost-deadline" 2>/dev/null)"
+    fi
+    if ((cost_deadline > 0)); then
+      if ((now >= cost_deadline)); then
+        breach "$job" "${cost_reason:-cost cap: the cost of the run would pass training.max_cost_usd}"
       fi
       # Wakes at the deadline itself: stopped within one poll of it.
-      ((deadline - now < step)) && step=$((deadline - now))
+      ((cost_deadline - now < step)) && step=$((cost_deadline - now))
     fi
   fi
   sleep "$step"

@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator.cloud.user_data import render_user_data
 from tests.orchestrator.cloud.test_user_data import fake_bin, install, keys, make_spec
+from tests.support.monitoring import wait_for
 
 __all__ = ["keys"]  # the module-scoped fixture, shared
 
@@ -140,4 +141,22 @@ def test_without_a_gpu_the_gpu_guard_says_it_is_skipped_and_the_cost_deadline_ho
     assert deadline <= at <= deadline + 1.5, "stopped at the deadline, within one poll"
     assert "no nvidia-smi on this instance: the GPU idle guard is skipped" in g.log()
     assert g.job.wait(timeout=15) != 0
+    assert g.wait_shutdown()
+
+
+def test_the_job_cannot_lift_the_cost_deadline_by_rewriting_or_removing_its_file(tmp_path, keys, guarded):
+    g = Guarded(tmp_path / "state", tmp_path, "sleep 300", keys=keys)
+    guarded.append(g)
+    deadline = int(time.time()) + 4
+    cap = "cost cap: the run's cost would pass training.max_cost_usd = 0.01 USD"
+    (g.job_dir / "cost-deadline").write_text(f"{deadline}\n{cap}\n")
+    g.start()
+    wait_for("the guard to read the deadline", lambda: f"cost deadline {deadline} " in g.log(), 15)
+    # The job owns its folder: a later deadline (left for one of the guard's 1 s polls), then no file at all.
+    (g.job_dir / "cost-deadline").write_text(f"{deadline + 3600}\nlifted\n")
+    time.sleep(1.5)
+    (g.job_dir / "cost-deadline").unlink()
+    reason, at = g.wait_reason(15)
+    assert reason == cap
+    assert deadline <= at <= deadline + 1.5, "stopped at the first deadline read"
     assert g.wait_shutdown()
