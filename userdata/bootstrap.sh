@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Instance bootstrap, run once by cloud-init (runcmd) as root: gives the SSH login user the folders it writes, then
-# checks the GPU, installs the missing packages and the pinned mlflow (with uv) at once, and writes
-# <state_dir>/bootstrap.status atomically: "ok", or "error: <step>: <message>" (the first failed step in the order
-# gpu, packages, python). Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines, complete
+# checks the GPU, installs the missing packages, the pinned mlflow and the job's requirements (with uv) at once, and
+# writes <state_dir>/bootstrap.status atomically: "ok", or "error: <step>: <message>" (the first failed step in the
+# order gpu, packages, python). Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines, complete
 # before the status marker; the steps that run at once overlap), which the orchestrator reads with the marker for the
 # run's report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
 # MODE=bake (ec2_bake_image) also warms the interpreter's caches and writes BAKED_MARKER, which a later boot of the
-# image reads: when it names this bootstrap's digest, the packages and mlflow are there and are not looked for.
+# image reads: when it names this bootstrap's digest, the packages, mlflow and the job's requirements are there and
+# are not looked for.
 set -Eeuo pipefail
 
 MODE=@@{mode}
@@ -20,6 +21,7 @@ PY=@@{python_bin}
 MLFLOW_REQUIREMENT=@@{mlflow_requirement}
 MLFLOW_VERSION=@@{mlflow_version}
 UV_REQUIREMENT=@@{uv_requirement}
+JOB_REQUIREMENTS=(@@{job_requirements})
 REQUIRE_GPU=@@{require_gpu}
 SSH_USER=@@{ssh_user}
 PACKAGES=(@@{packages})
@@ -232,9 +234,10 @@ if sys.argv[1] == "true":
         tv = "missing (%s)" % exc
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "mlflow", mlflow.__version__, "torchvision", tv)'
 
-# uv resolves and downloads in parallel: several times faster than pip for mlflow's ~80 dependencies. It comes from
-# PyPI, pinned, into the state folder (never into the job's interpreter); where it cannot be had, pip does the work.
-install_mlflow() {
+# Installs its arguments into $PY. uv resolves and downloads in parallel: several times faster than pip for mlflow's
+# ~80 dependencies. It comes from PyPI, pinned, into the state folder (never into the job's interpreter); where it
+# cannot be had, pip does the work.
+install_requirements() {
   local uv
   uv="$(command -v uv)" || uv=""
   if [[ -z "$uv" ]]; then
@@ -245,16 +248,23 @@ install_mlflow() {
     fi
   fi
   if [[ -n "$uv" ]]; then
-    if "$uv" pip install --quiet --python "$PY" "$MLFLOW_REQUIREMENT"; then
+    if "$uv" pip install --quiet --python "$PY" "$@"; then
       return 0
     fi
-    log "warning: uv could not install $MLFLOW_REQUIREMENT (see above); trying pip"
+    log "warning: uv could not install $* (see above); trying pip"
   fi
-  "$PY" -m pip install --quiet --disable-pip-version-check "$MLFLOW_REQUIREMENT"
+  "$PY" -m pip install --quiet --disable-pip-version-check "$@"
+}
+
+# Whether $PY already meets every job requirement: pip resolves them against what is installed, with no index (so
+# it installs nothing and reaches no network).
+job_requirements_met() {
+  ((${#JOB_REQUIREMENTS[@]} == 0)) ||
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-index "${JOB_REQUIREMENTS[@]}" >/dev/null 2>&1
 }
 
 prepare_python() {
-  local probe installed torch_found versions py_bin_dir tmp
+  local probe installed torch_found versions py_bin_dir tmp wanted
   if ! command -v "$PY" >/dev/null 2>&1; then
     fail "python interpreter $PY not found: set python_bin to the AMI's interpreter that has torch (/opt/pytorch/bin/python on the PyTorch Deep Learning AMI)"
   fi
@@ -264,16 +274,30 @@ prepare_python() {
     fail "torch is not importable by $PY: use a PyTorch Deep Learning AMI or set python_bin to an interpreter that has torch"
   fi
   if [[ "$BAKED" == true ]]; then
-    log "skipped: mlflow $installed baked into the image"
-  elif [[ "$installed" == "$MLFLOW_VERSION" ]]; then
-    log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
+    log "skipped: mlflow $installed and the job's requirements baked into the image"
   else
-    log "installing $MLFLOW_REQUIREMENT into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
-    install_mlflow
-    probe="$("$PY" -c "$PROBE_PY")"
-    read -r installed torch_found <<<"$probe"
-    if [[ "$installed" != "$MLFLOW_VERSION" ]]; then
-      fail "installing $MLFLOW_REQUIREMENT finished but $PY reports mlflow $installed: check that $PY is the environment uv and pip install into (see bootstrap.log)"
+    wanted=()
+    if [[ "$installed" == "$MLFLOW_VERSION" ]]; then
+      log "skipped: mlflow $installed already installed in $PY (pinned $MLFLOW_VERSION)"
+    else
+      wanted+=("$MLFLOW_REQUIREMENT")
+    fi
+    if job_requirements_met; then
+      log "skipped: $PY already meets the job's requirements (${JOB_REQUIREMENTS[*]:-none})"
+    else
+      wanted+=("${JOB_REQUIREMENTS[@]}")
+    fi
+    if ((${#wanted[@]} > 0)); then
+      log "installing ${wanted[*]} into $PY (found mlflow $installed, pinned $MLFLOW_VERSION)"
+      install_requirements "${wanted[@]}"
+      probe="$("$PY" -c "$PROBE_PY")"
+      read -r installed torch_found <<<"$probe"
+      if [[ "$installed" != "$MLFLOW_VERSION" ]]; then
+        fail "installing $MLFLOW_REQUIREMENT finished but $PY reports mlflow $installed: check that $PY is the environment uv and pip install into (see bootstrap.log)"
+      fi
+      if ! job_requirements_met; then
+        fail "installing the job's requirements (${JOB_REQUIREMENTS[*]}) finished but $PY does not meet them: check instance.job_requirements against the image's packages (see bootstrap.log)"
+      fi
     fi
   fi
   versions="$("$PY" -c "$VERSIONS_PY" "$REQUIRE_GPU")"

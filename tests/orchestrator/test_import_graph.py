@@ -26,7 +26,8 @@ LAYERS: tuple[frozenset[str], ...] = (
     # The train step reads the cost cap (observe.cost_cap) off the run's prices.
     frozenset({"observe"}),
     frozenset({"instance"}),
-    frozenset({"sweeps"}),
+    # The DAGs' one wiring of the launch (cloud) and the ready wait (instance).
+    frozenset({"sweeps", "instance_steps"}),
     # Shims at the old classpaths of moved triggers (tasks deferred before the upgrade): nothing imports them.
     frozenset({"triggers", "ci_gate"}),
 )

@@ -22,6 +22,7 @@ from orchestrator.ci.github_protocol import (
     GitHubResponseError,
     GitHubSourceError,
 )
+from orchestrator.cloud.bake import BakeDeniedError
 from orchestrator.cloud.ec2 import InstanceCapError, InstanceLostError, InstanceNotReadyError
 from orchestrator.contracts_steps import LaunchedInstance, LaunchPlan, RunningInstance, StepResultError
 from orchestrator.datasets.versions import DatasetError, IncompleteVersionError
@@ -49,6 +50,7 @@ TERMINAL: tuple[type[OrchestratorError], ...] = (
     GitHubCredentialsError,
     GitHubSourceError,
     StepResultError,
+    BakeDeniedError,
 )
 # Terminal at some steps only: another step retries them, so the steps that do not name them.
 NAMED_WHERE_TERMINAL: tuple[type[OrchestratorError], ...] = (

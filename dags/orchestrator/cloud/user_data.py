@@ -110,6 +110,8 @@ class UserDataSpec:
     # The interpreter that has torch (the PyTorch Deep Learning AMI's).
     python_bin: str = "/opt/pytorch/bin/python"
     mlflow_requirement: str = "mlflow==3.17.2"
+    # What the job imports beyond torch and mlflow (instance.job_requirements): installed where the image lacks them.
+    job_requirements: tuple[str, ...] = ()
     # The installer of mlflow where the image lacks the pin (from PyPI into the state folder; pip where it fails).
     uv_requirement: str = "uv==0.13.10"
     require_gpu: bool = True
@@ -177,6 +179,7 @@ def spec_from_settings(
         deadline_epoch=deadline_epoch,
         state_dir=s.instance.state_dir,
         python_bin=s.instance.python_bin,
+        job_requirements=s.instance.job_requirements,
         require_gpu=s.instance.require_gpu,
         stall_minutes=s.training.stall_minutes,
         min_gpu_utilization=s.training.min_gpu_utilization,
@@ -218,6 +221,7 @@ def _render(name: str, spec: UserDataSpec, *, mode: str, digest: str) -> str:
         "mlflow_requirement": shlex.quote(spec.mlflow_requirement),
         "mlflow_version": shlex.quote(mlflow_version(spec)),
         "uv_requirement": shlex.quote(spec.uv_requirement),
+        "job_requirements": " ".join(shlex.quote(r) for r in spec.job_requirements),
         "require_gpu": "true" if spec.require_gpu else "false",
         "ssh_user": shlex.quote(spec.ssh_user),
         "packages": " ".join(shlex.quote(p) for p in spec.packages),

@@ -103,6 +103,10 @@ def _split_list(value: Any) -> Any:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
+def _split_words(value: Any) -> Any:
+    return value.split() if isinstance(value, str) else value
+
+
 def _split_dict(value: Any) -> Any:
     """`key=value,key=value` from the environment; values as text, since they become `-P key=value`."""
     if isinstance(value, str):
@@ -230,6 +234,13 @@ SecurityGroups = _items(r"sg-.*")
 SubnetIds = _items(r"subnet-.*")
 InstanceTypeNames = _items(INSTANCE_TYPE_PATTERN)
 Emails = _items(EMAIL)
+# pip requirement specifiers (name, extras, version specifiers; no URL, option or marker), space-separated in the
+# environment: a specifier holds commas.
+_VERSION = r"(?:~=|===|==|!=|<=|>=|<|>)[A-Za-z0-9.*+!_-]+"
+REQUIREMENT = rf"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?(?:\[[A-Za-z0-9._,-]+\])?(?:{_VERSION}(?:,{_VERSION})*)?"
+Requirements = Annotated[
+    tuple[Annotated[str, Field(pattern=full(REQUIREMENT))], ...], NoDecode, BeforeValidator(_split_words)
+]
 Url = Annotated[str, _url(optional=False), _valid("an http(s) URL without credentials")]
 OptionalUrl = Annotated[str, _url(optional=True), _valid("empty, or an http(s) URL without credentials")]
 Repo = Annotated[str, _github(validate_repo), _valid("owner/name")]

@@ -147,6 +147,11 @@ class InstanceSettings(_Section):
     address: str = setting("private_ip when Airflow is in the VPC.", "public_ip or private_ip", "public_ip|private_ip")
     state_dir: str = setting("Bootstrap markers, logs and job directories on the instance.", **_PATH)
     python_bin: str = setting("The image's interpreter that has torch (the bootstrap adds mlflow).", **_PATH)
+    job_requirements: t.Requirements = setting(
+        "What the job imports beyond the image's torch and the pinned mlflow (python_env.yaml's other dependencies): "
+        "the bootstrap installs those python_bin lacks; a baked image holds them.",
+        "pip requirement specifiers such as 'boto3>=1.40,<2' (no URL or option)",
+    )
     require_gpu: t.Flag = setting("The bootstrap fails on an instance without a working GPU.")
     ready_timeout_minutes: t.Whole = setting("From state running to SSH up and bootstrap finished.", ge=1, le=240)
     poll_seconds: t.Number = setting("How often to look at the instance, the bootstrap and the job.", ge=0.1, le=300)

@@ -295,17 +295,34 @@ def test_bootstrap_without_gpu_succeeds_when_gpu_optional(keys, state_dir, tmp_p
 
 
 def fake_python(
-    tmp_path: Path, mlflow: str = "3.17.2", torchvision: bool = True, uv_installable: bool = True
+    tmp_path: Path,
+    mlflow: str = "3.17.2",
+    torchvision: bool = True,
+    uv_installable: bool = True,
+    job_requirements_met: bool = True,
 ) -> tuple[str, Path]:
-    """An interpreter stand-in (importing torch takes seconds) with `mlflow` installed. Its pip "installs" uv into a
-    --target folder (a uv stand-in whose `pip install` sets the version it is asked for), or the mlflow version it is
-    asked for. Returns its path and the file recording each command line of it and of its uv."""
-    version, calls = tmp_path / "fake-mlflow-version", tmp_path / "fake-python.calls"
+    """An interpreter stand-in (importing torch takes seconds) with `mlflow` installed, meeting the job's requirements
+    or not. Its pip "installs" uv into a --target folder (a uv stand-in), answers `--no-index` (the requirements
+    check) by whether they are met, and, as its uv, "installs" what it is asked for: the mlflow version named, the
+    job's requirements met by any other requirement. Returns its path and the file recording each command line of it
+    and of its uv."""
+    version, met, calls = tmp_path / "fake-mlflow-version", tmp_path / "fake-requirements-met", tmp_path / "fake.calls"
     version.write_text(mlflow + "\n")
+    met.write_text("yes\n" if job_requirements_met else "no\n")
     tv = "0.26.0" if torchvision else "missing (No module named 'torchvision')"
+    install = f"""skip=false
+for a in "$@"; do
+  if $skip; then skip=false; continue; fi
+  case "$a" in
+    --python|--target) skip=true ;;
+    mlflow==*) echo "${{a#mlflow==}}" > {shlex.quote(str(version))} ;;
+    -*|pip|install) ;;
+    *) echo yes > {shlex.quote(str(met))} ;;
+  esac
+done"""
     fake_uv = f"""#!/bin/bash
 echo "uv $*" >> {shlex.quote(str(calls))}
-requirement="${{!#}}"; echo "${{requirement#mlflow==}}" > {shlex.quote(str(version))}
+{install}
 """
     target_install = (
         f'for ((i = 1; i < $#; i++)); do j=$((i + 1)); [[ "${{!i}}" == --target ]] && target="${{!j}}"; done\n'
@@ -315,9 +332,11 @@ requirement="${{!#}}"; echo "${{requirement#mlflow==}}" > {shlex.quote(str(versi
     )
     script = f"""echo "$*" >> {shlex.quote(str(calls))}
 case "$*" in
+  "-m pip install "*--no-index*) [[ "$(cat {shlex.quote(str(met))})" == yes ]] ;;
   "-m pip install "*--target*)
   {target_install} ;;
-  "-m pip install "*) requirement="${{!#}}"; echo "${{requirement#mlflow==}}" > {shlex.quote(str(version))} ;;
+  "-m pip install "*)
+{install} ;;
   *importlib.metadata*) echo "$(cat {shlex.quote(str(version))}) torch" ;;
   *) echo "python 3 torch 2 cuda True mlflow $(cat {shlex.quote(str(version))}) torchvision {tv}" ;;
 esac
@@ -437,6 +456,75 @@ def test_bootstrap_reports_the_first_failed_step_of_those_run_at_once(keys, stat
     assert not list(state_dir.glob(".bootstrap.*.error"))
 
 
+# As instance.job_requirements holds them: one with two specifiers (a comma), one with extras.
+JOB_REQUIREMENTS = ("boto3>=1.40,<2", "nvidia-ml-py>=12", "moto[s3]>=5")
+
+
+def test_bootstrap_installs_the_job_requirements_the_image_lacks_with_the_pinned_mlflow(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, mlflow="3.1.0", job_requirements_met=False)
+    status, log = run_bootstrap(
+        keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, job_requirements=JOB_REQUIREMENTS
+    )
+    assert status == "ok", log
+    wanted = "mlflow==3.17.2 " + " ".join(JOB_REQUIREMENTS)
+    assert f"installing {wanted} into {python} (found mlflow 3.1.0, pinned 3.17.2)" in log
+    lines = calls.read_text().splitlines()
+    # Looked for without an index (nothing installed, no network), then installed in one uv call, then checked.
+    check = "-m pip install --quiet --disable-pip-version-check --no-index " + " ".join(JOB_REQUIREMENTS)
+    assert lines.count(check) == 2, lines
+    assert f"uv pip install --quiet --python {python} {wanted}" in lines
+
+
+def test_bootstrap_installs_only_the_missing_job_requirements_beside_the_pinned_mlflow(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path, job_requirements_met=False)
+    status, log = run_bootstrap(
+        keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, job_requirements=JOB_REQUIREMENTS
+    )
+    assert status == "ok", log
+    assert "skipped: mlflow 3.17.2 already installed" in log
+    assert f"uv pip install --quiet --python {python} {' '.join(JOB_REQUIREMENTS)}" in calls.read_text().splitlines()
+
+
+def test_bootstrap_installs_nothing_when_the_image_meets_the_job_requirements(keys, state_dir, tmp_path):
+    python, calls = fake_python(tmp_path)
+    status, log = run_bootstrap(
+        keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, job_requirements=JOB_REQUIREMENTS
+    )
+    assert status == "ok", log
+    assert f"skipped: {python} already meets the job's requirements ({' '.join(JOB_REQUIREMENTS)})" in log
+    assert "uv" not in calls.read_text() and not (state_dir / "tools").exists()
+
+
+def test_the_default_job_requirements_are_python_env_yaml_less_the_images_and_the_pinned_ones(
+    keys, state_dir, tmp_path
+):
+    """One list, two places: the job's python_env.yaml (what `mlflow run` would install) and the bootstrap's
+    default. This test environment is the embedded instance's interpreter: it meets them with nothing to install."""
+    import yaml
+
+    from orchestrator.config.settings import load_settings
+
+    env = yaml.safe_load((Path(__file__).resolve().parents[3] / "python_env.yaml").read_text())
+    defaults = load_settings(env={"TRAINER__AWS__DEPLOYMENT": "test"}).instance.job_requirements
+    images = {"torch", "torchvision", "mlflow"}
+    assert list(defaults) == [d for d in env["dependencies"] if re.split(r"[<>=!~\[]", d)[0] not in images]
+    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=False, job_requirements=defaults)
+    assert status == "ok", log
+    assert f"already meets the job's requirements ({' '.join(defaults)})" in log
+
+
+def test_bootstrap_fails_when_the_job_requirements_stay_unmet(keys, state_dir, tmp_path):
+    """An install that ends without meeting them (a requirement the image's packages conflict with): the boot fails
+    naming the setting, before any training starts."""
+    python, calls = fake_python(tmp_path, job_requirements_met=False)
+    fake_bin(tmp_path, "uv", f'echo "uv $*" >> {shlex.quote(str(calls))}\n')
+    status, log = run_bootstrap(
+        keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, job_requirements=JOB_REQUIREMENTS
+    )
+    assert status.startswith("error: python: installing the job's requirements"), log
+    assert "check instance.job_requirements" in status
+
+
 def test_bootstrap_keeps_the_pinned_mlflow(keys, state_dir, tmp_path):
     python, calls = fake_python(tmp_path, mlflow="3.17.2")
     status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python)
@@ -549,24 +637,35 @@ def test_the_bootstrap_digest_is_the_same_for_every_run_and_mode(keys):
     assert re.fullmatch(r"[0-9a-f]{64}", bootstrap_digest(spec))
     assert bootstrap_digest(make_spec(keys, mlflow_requirement="mlflow==3.17.1")) != bootstrap_digest(spec)
     assert bootstrap_digest(make_spec(keys, python_bin="/usr/bin/python3")) != bootstrap_digest(spec)
+    assert bootstrap_digest(make_spec(keys, job_requirements=("boto3>=1.40,<2",))) != bootstrap_digest(spec)
     assert f"BOOTSTRAP_DIGEST={bootstrap_digest(spec)}" in render_script("bootstrap.sh", spec)
     with pytest.raises(ConfigError, match="mode must be one of"):
         render_user_data(make_spec(keys, mode="warm"))
 
 
 def test_a_bake_writes_the_marker_and_a_boot_of_its_image_skips_what_it_installed(keys, state_dir, tmp_path):
-    python, calls = fake_python(tmp_path, mlflow="3.1.0")
-    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, mode="bake")
+    python, calls = fake_python(tmp_path, mlflow="3.1.0", job_requirements_met=False)
+    status, log = run_bootstrap(
+        keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, mode="bake", job_requirements=JOB_REQUIREMENTS
+    )
     assert status == "ok", log
-    digest = bootstrap_digest(make_spec(keys, str(state_dir), python_bin=python))
+    digest = bootstrap_digest(make_spec(keys, str(state_dir), python_bin=python, job_requirements=JOB_REQUIREMENTS))
     assert (state_dir / BAKED_MARKER).read_text() == f"digest {digest}\nmlflow 3.17.2\n"
-    assert "-m pip install" in calls.read_text()
+    assert f"uv pip install --quiet --python {python} mlflow==3.17.2 {' '.join(JOB_REQUIREMENTS)}" in calls.read_text()
     calls.write_text("")
     # The image's boot: same bootstrap settings, another run's keys and deadline.
-    status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=python, deadline_epoch=2**31)
+    status, log = run_bootstrap(
+        keys,
+        state_dir,
+        tmp_path,
+        fake_gpu=True,
+        python_bin=python,
+        deadline_epoch=2**31,
+        job_requirements=JOB_REQUIREMENTS,
+    )
     assert status == "ok", log
     assert f"baked image of this bootstrap ({digest})" in log
-    assert "skipped: mlflow 3.17.2 baked into the image" in log
+    assert "skipped: mlflow 3.17.2 and the job's requirements baked into the image" in log
     assert "pip" not in calls.read_text()
     assert "[bake]" not in log.split("mode train")[-1]
 
