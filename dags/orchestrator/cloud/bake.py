@@ -158,13 +158,13 @@ def usable_baked_image(
     try:
         image_id = ssm.get_parameter(Name=parameter)["Parameter"]["Value"]
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") != "ParameterNotFound":
+        if aws_error_code(exc) != "ParameterNotFound":
             raise
         return None, f"no baked image is recorded in {parameter} (run the DAG ec2_bake_image)"
     try:
         images = ec2.describe_images(ImageIds=[image_id])["Images"]
     except ClientError as exc:
-        if not exc.response.get("Error", {}).get("Code", "").startswith("InvalidAMIID"):
+        if not aws_error_code(exc).startswith("InvalidAMIID"):
             raise
         images = []
     if not images or images[0].get("State") != "available":

@@ -182,21 +182,38 @@ def test_a_training_boots_the_baked_image_only_while_it_holds_the_current_bootst
 
 
 def test_a_baked_image_of_another_deployment_or_gone_is_not_booted(cloud: StrictAws, settings: Settings) -> None:
-    from orchestrator.cloud.bake import training_image
+    from moto.ec2.models import ec2_backends
+
+    from orchestrator.cloud.bake import training_image, usable_baked_image
     from orchestrator.cloud.user_data import settings_digest
+
+    def why_not(deployment: str) -> str:
+        parameter = f"/ec2-trainer/{deployment}/baked-image"
+        base = settings.aws.ami_ssm_parameter
+        image, why = usable_baked_image(cloud.ec2, cloud.ssm, parameter, "ec2-trainer", deployment, digest, base)
+        assert image is None
+        return why
 
     _, _, theirs = bake(cloud, settings_for(cloud, "staging"), "manual__1")
     base = cloud.images[settings.aws.ami_ssm_parameter]
+    digest = settings_digest(settings)
     # Our parameter pointed at their image (a copy-paste, a restore): refused by its tags, whatever its digest.
-    assert settings_digest(settings) == theirs.digest
+    assert digest == theirs.digest
     cloud.ssm.put_parameter(Name="/ec2-trainer/bake-test/baked-image", Value=theirs.image_id, Type="String")
     assert training_image(settings, cloud.ec2, cloud.ssm) == (base, "aws.ami_ssm_parameter")
-    cloud.ec2.deregister_image(ImageId=theirs.image_id)
-    cloud.ssm.put_parameter(
-        Name="/ec2-trainer/staging/baked-image", Value=theirs.image_id, Type="String", Overwrite=True
+    assert why_not("bake-test").startswith(f"{theirs.image_id} in /ec2-trainer/bake-test/baked-image is not tagged")
+    # Theirs while it is still pending, then once deregistered (EC2 no longer knows the id).
+    ec2_backends["123456789012"][REGION].amis[theirs.image_id].state = "pending"
+    assert (
+        why_not("staging") == f"/ec2-trainer/staging/baked-image names {theirs.image_id}, which is pending (bake again)"
     )
+    ec2_backends["123456789012"][REGION].amis[theirs.image_id].state = "available"
+    cloud.ec2.deregister_image(ImageId=theirs.image_id)
+    assert why_not("staging") == f"/ec2-trainer/staging/baked-image names {theirs.image_id}, which is gone (bake again)"
     staging = settings_for(cloud, "staging")
     assert training_image(staging, cloud.ec2, cloud.ssm) == (base, "aws.ami_ssm_parameter")
+    cloud.ssm.delete_parameter(Name="/ec2-trainer/staging/baked-image")
+    assert why_not("staging").startswith("no baked image is recorded in /ec2-trainer/staging/baked-image")
 
 
 def test_a_third_bake_prunes_the_oldest_image_and_its_snapshots_only(cloud: StrictAws, settings: Settings) -> None:
