@@ -212,6 +212,10 @@ def test_a_baked_image_of_another_deployment_or_gone_is_not_booted(cloud: Strict
     assert why_not("staging") == f"/ec2-trainer/staging/baked-image names {theirs.image_id}, which is gone (bake again)"
     staging = settings_for(cloud, "staging")
     assert training_image(staging, cloud.ec2, cloud.ssm) == (base, "aws.ami_ssm_parameter")
+    # An id EC2 never knew (a typo in the parameter): InvalidAMIID.NotFound, not an empty answer.
+    unknown = "ami-0123456789abcdef0"
+    cloud.ssm.put_parameter(Name="/ec2-trainer/staging/baked-image", Value=unknown, Type="String", Overwrite=True)
+    assert why_not("staging") == f"/ec2-trainer/staging/baked-image names {unknown}, which is gone (bake again)"
     cloud.ssm.delete_parameter(Name="/ec2-trainer/staging/baked-image")
     assert why_not("staging").startswith("no baked image is recorded in /ec2-trainer/staging/baked-image")
 
