@@ -194,6 +194,32 @@ def test_lists_ints_floats_and_dicts_from_env() -> None:
     assert s.github.allowed_conclusions == ("success",)
 
 
+def test_job_requirements_from_env_are_space_separated_specifiers() -> None:
+    env = {"TRAINER__INSTANCE__JOB_REQUIREMENTS": " boto3>=1.40,<2  moto[s3,ec2]~=5.2 nvidia-ml-py ", **DEPLOYED}
+    s = load_settings(env=env)
+    assert s.instance.job_requirements == ("boto3>=1.40,<2", "moto[s3,ec2]~=5.2", "nvidia-ml-py")
+    assert load_settings(env={"TRAINER__INSTANCE__JOB_REQUIREMENTS": "", **DEPLOYED}).instance.job_requirements == ()
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    [
+        # What would make the root bootstrap's pip or uv fetch from elsewhere, read a file, or run a build.
+        "--index-url=https://evil.example/simple",
+        "-r",
+        "git+https://github.com/o/r",
+        "pkg@https://evil.example/pkg.whl",
+        "./local-folder",
+        "pkg;python_version<'3.12'",
+        "pkg>=",
+        "-e.",
+    ],
+)
+def test_job_requirements_refuse_urls_options_and_markers(requirement: str) -> None:
+    with pytest.raises(ConfigError, match=r"instance\.job_requirements\[1\]: .* is invalid; expected pip requirement"):
+        load_settings(env={"TRAINER__INSTANCE__JOB_REQUIREMENTS": f"numpy>=1.26 {requirement}", **DEPLOYED})
+
+
 def test_empty_env_list_and_dict_become_empty() -> None:
     s = load_settings(env={"TRAINER__AWS__SECURITY_GROUP_IDS": "", "TRAINER__TRAINING__EXTRA_PARAMS": " ", **DEPLOYED})
     assert s.aws.security_group_ids == ()
@@ -455,6 +481,7 @@ def test_good_values_pass(defaults: Settings, section: str, changes: dict[str, A
         ("instance", "ssh_user", "ubuntu"),
         ("instance", "state_dir", "/var/lib/trainer"),
         ("instance", "python_bin", "/usr/bin/python3"),
+        ("instance", "job_requirements", ("numpy>=1.26",)),
         ("mlflow", "model_name", "cnn"),
         ("mlflow", "metric", "test_accuracy"),
         ("training", "entry_point", "main"),
