@@ -2,9 +2,9 @@
 # Instance bootstrap, run once by cloud-init (runcmd) as root: gives the SSH login user the folders it writes, then
 # checks the GPU, installs the missing packages, the pinned mlflow and the job's requirements (with uv) at once, and
 # writes <state_dir>/bootstrap.status atomically: "ok", or "error: <step>: <message>" (the first failed step in the
-# order gpu, packages, python). Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines, complete
-# before the status marker; the steps that run at once overlap), which the orchestrator reads with the marker for the
-# run's report. The orchestrator polls that marker over SSH as the login user and shows the tail of
+# order gpu, packages, python). Each step's seconds go to <state_dir>/bootstrap.phases ("<step> <seconds>" lines,
+# complete before the status marker; the steps that run at once overlap), which the orchestrator reads with the
+# marker for the run's report. The orchestrator polls that marker over SSH as the login user and shows the tail of
 # <state_dir>/bootstrap.log on error: both stay readable by that user (the state folder itself is root's, 0755).
 # The placeholder values below are filled in, shell-quoted, by orchestrator.cloud.user_data.
 # MODE=bake (ec2_bake_image) also warms the interpreter's caches and writes BAKED_MARKER, which a later boot of the
@@ -256,11 +256,12 @@ install_requirements() {
   "$PY" -m pip install --quiet --disable-pip-version-check "$@"
 }
 
-# Whether $PY already meets every job requirement: pip resolves them against what is installed, with no index (so
-# it installs nothing and reaches no network).
+# Whether $PY already meets every job requirement: pip resolves them against what is installed only (a dry run, no
+# index, no find-links from a pip config or the environment), so it installs nothing and reaches no network.
 job_requirements_met() {
   ((${#JOB_REQUIREMENTS[@]} == 0)) ||
-    "$PY" -m pip install --quiet --disable-pip-version-check --no-index "${JOB_REQUIREMENTS[@]}" >/dev/null 2>&1
+    env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --quiet --disable-pip-version-check \
+      --dry-run --no-index "${JOB_REQUIREMENTS[@]}" >/dev/null 2>&1
 }
 
 prepare_python() {

@@ -21,6 +21,11 @@ class ConfigError(OrchestratorError):
     terminal = True
 
 
+# What EC2 (UnauthorizedOperation), S3 and the query services (AccessDenied) and the JSON services
+# (AccessDeniedException) answer a call the caller's IAM policy does not allow: no retry changes that.
+AWS_DENIED_CODES = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
+
+
 def aws_error_code(exc: BaseException) -> str:
     """The AWS error code of a botocore ClientError (e.g. InvalidSubnetID.NotFound); "" for anything else."""
     response = getattr(exc, "response", None)

@@ -29,7 +29,7 @@ from orchestrator.contracts import (
     TAG_MLFLOW_VERSION,
     TAG_SOURCE_IMAGE,
 )
-from orchestrator.errors import OrchestratorError, aws_error_code, aws_error_message
+from orchestrator.errors import AWS_DENIED_CODES, OrchestratorError, aws_error_code, aws_error_message
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import Settings
@@ -44,8 +44,6 @@ BAKED_IMAGE_PARAMETER = "/ec2-trainer/{deployment}/baked-image"
 BUILDER_COMMIT = "none"
 # How long the builder may take to stop (EC2: seconds to a couple of minutes).
 STOP_TIMEOUT_S = 600
-# What EC2 and SSM answer a call the aws connection's policy does not allow: no retry changes that.
-DENIED_CODES = frozenset({"UnauthorizedOperation", "AccessDeniedException", "AccessDenied"})
 
 
 class BakeError(OrchestratorError):
@@ -65,7 +63,7 @@ def denied_is_terminal(action: str) -> Iterator[None]:
         yield
     except Exception as exc:
         code = aws_error_code(exc)
-        if code not in DENIED_CODES:
+        if code not in AWS_DENIED_CODES:
             raise
         raise BakeDeniedError(
             f"{action} was refused ({code}: {aws_error_message(exc)}): grant the aws connection's policy the bake "

@@ -14,13 +14,13 @@ from orchestrator.datasets.versions import (
     version_at,
     version_name,
 )
-from orchestrator.errors import aws_error_code, aws_error_message
+from orchestrator.errors import AWS_DENIED_CODES, aws_error_code, aws_error_message
 
 if TYPE_CHECKING:
     from orchestrator.config.settings import DatasetSettings
 
 # Answers no retry changes: the bucket or the permission is wrong.
-_TERMINAL_CODES = frozenset({"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidBucketName"})
+_TERMINAL_CODES = AWS_DENIED_CODES | {"NoSuchBucket", "AllAccessDisabled", "InvalidBucketName"}
 
 
 def list_objects(s3: Any, uri: str) -> list[S3Object]:

@@ -332,7 +332,9 @@ echo "uv $*" >> {shlex.quote(str(calls))}
     )
     script = f"""echo "$*" >> {shlex.quote(str(calls))}
 case "$*" in
-  "-m pip install "*--no-index*) [[ "$(cat {shlex.quote(str(met))})" == yes ]] ;;
+  "-m pip install "*--no-index*)
+  echo "config=$PIP_CONFIG_FILE find-links=${{PIP_FIND_LINKS-unset}}" >> {shlex.quote(str(calls))}
+  [[ "$(cat {shlex.quote(str(met))})" == yes ]] ;;
   "-m pip install "*--target*)
   {target_install} ;;
   "-m pip install "*)
@@ -470,8 +472,10 @@ def test_bootstrap_installs_the_job_requirements_the_image_lacks_with_the_pinned
     assert f"installing {wanted} into {python} (found mlflow 3.1.0, pinned 3.17.2)" in log
     lines = calls.read_text().splitlines()
     # Looked for without an index (nothing installed, no network), then installed in one uv call, then checked.
-    check = "-m pip install --quiet --disable-pip-version-check --no-index " + " ".join(JOB_REQUIREMENTS)
+    # A dry run with no index: whatever pip's config or environment names as find-links is not read either.
+    check = "-m pip install --quiet --disable-pip-version-check --dry-run --no-index " + " ".join(JOB_REQUIREMENTS)
     assert lines.count(check) == 2, lines
+    assert lines.count("config=/dev/null find-links=unset") == 2, lines
     assert f"uv pip install --quiet --python {python} {wanted}" in lines
 
 
