@@ -158,9 +158,22 @@ def when_task(
 def when_deferred(
     airflow: LocalAirflow, run_id: str, action: Callable[[], Any], timeout_s: float = 120
 ) -> Callable[[Path], Any]:
-    """A fault for OnTraining: `action`, run once the run's train task is deferred (its job trains, followed from the
-    triggerer); the fault's result is what `action` returns."""
-    return lambda job_dir: when_task(airflow, run_id, "train", "deferred", action, timeout_s)
+    """A fault for OnTraining: `action`, run once the run's train task is deferred and its trigger runs in the
+    triggerer (it has logged a line of the job); the fault's result is what `action` returns.
+
+    "deferred" alone is not enough: the task is deferred before a triggerer picks its trigger up, and a trigger
+    removed before it ran is never killed (Airflow calls on_kill on a running trigger only), so the cleared task's
+    rerun would re-attach to a job nothing stopped."""
+
+    def trigger_running() -> Any:
+        deadline = time.monotonic() + timeout_s
+        while "train | " not in airflow.task_log(DAG_ID, run_id, "train"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the train trigger of {run_id} logged no line of the job within {timeout_s:.0f}s")
+            time.sleep(0.5)
+        return action()
+
+    return lambda job_dir: when_task(airflow, run_id, "train", "deferred", trigger_running, timeout_s)
 
 
 def triggered_with_fault(
