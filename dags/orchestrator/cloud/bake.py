@@ -311,7 +311,7 @@ def prune(s: Settings) -> list[str]:
     try:
         recorded = aws.client("ssm").get_parameter(Name=baked_image_parameter(s.aws.deployment))["Parameter"]["Value"]
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") != "ParameterNotFound":
+        if aws_error_code(exc) != "ParameterNotFound":
             raise
         recorded = ""
     return prune_images(ec2, baked_images(ec2, s.aws.project_tag, s.aws.deployment), s.bake.keep, recorded)

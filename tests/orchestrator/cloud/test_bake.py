@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -19,12 +20,16 @@ from orchestrator.contracts import (
     TAG_SOURCE_IMAGE,
 )
 from tests.support.aws_cloud import PROFILE, REGION, SSH_PORT, StrictAws, http_errors, strict_aws
+from tests.support.zone import machine_zone
 
 BAKE_DAG = "ec2_bake_image"
 
 
 @pytest.fixture
 def cloud(monkeypatch: pytest.MonkeyPatch) -> Any:
+    # Airflow configures logging on its first import, which drops caplog's handler: import it before a test's caplog.
+    import airflow  # noqa: F401
+
     with strict_aws(monkeypatch) as aws:
         conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": REGION}}
         monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
@@ -91,11 +96,22 @@ def recorded(cloud: StrictAws, deployment: str = "bake-test") -> str:
     return str(cloud.ssm.get_parameter(Name=f"/ec2-trainer/{deployment}/baked-image")["Parameter"]["Value"])
 
 
-def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(cloud: StrictAws, settings: Settings) -> None:
+def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(
+    cloud: StrictAws, settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.cloud import bake as bake_module
     from orchestrator.cloud.bake import make_image
     from orchestrator.cloud.user_data import settings_digest
 
-    plan, builder, baked = bake(cloud, settings, "manual__1")
+    waits: list[float] = []
+    wait = bake_module.wait_image_available
+    monkeypatch.setattr(
+        bake_module, "wait_image_available", lambda ec2, i, t, p: (waits.append(t), wait(ec2, i, t, p))[1]
+    )
+    with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
+        plan, builder, baked = bake(cloud, settings, "manual__1")
+    # The image wait is bounded by bake.image_wait_minutes.
+    assert waits == [settings.bake.image_wait_minutes * 60]
     assert plan.bake and plan.ami_id == cloud.images[settings.aws.ami_ssm_parameter]
     state = cloud.ec2.describe_instances(InstanceIds=[builder])["Reservations"][0]["Instances"][0]["State"]["Name"]
     assert state == "stopped"
@@ -113,18 +129,79 @@ def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(cloud: Strict
     (snapshot,) = cloud.ec2.describe_snapshots(SnapshotIds=list(baked.snapshot_ids))["Snapshots"]
     assert tags_of(snapshot)[TAG_BOOTSTRAP_DIGEST] == baked.digest
     assert recorded(cloud) == baked.image_id
+    parameter = cloud.ssm.get_parameter(Name="/ec2-trainer/bake-test/baked-image")["Parameter"]
+    assert parameter["Type"] == "String"
+    assert re.fullmatch(r"ec2-trainer-bake-test-baked-\d{10}", made["Name"])
+    assert made["Description"] == f"{plan.ami_id} with the bootstrap {baked.digest[:12]} baked in"
+    assert f"Creating {baked.image_id} ({made['Name']}) from {builder} (base image {plan.ami_id})" in caplog.text
+    assert (
+        f"Recorded {baked.image_id} in /ec2-trainer/bake-test/baked-image: trainings whose bootstrap digest is "
+        f"{baked.digest} boot it" in caplog.text
+    )
     # A retry of the step finds the image its run made: no second one.
-    assert make_image(settings, plan, builder).image_id == baked.image_id
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
+        assert make_image(settings, plan, builder).image_id == baked.image_id
+    assert f"Found {baked.image_id}, created by an earlier try of this run" in caplog.text
     assert [i.image_id for i in baked_images(cloud)] == [baked.image_id]
 
 
-def test_a_refused_create_image_is_terminal_and_records_nothing(
-    cloud: StrictAws, settings: Settings, monkeypatch: pytest.MonkeyPatch
+def test_the_image_tags_say_when_it_was_baked_in_utc_whatever_the_machine_zone(
+    cloud: StrictAws, settings: Settings
+) -> None:
+    from orchestrator.cloud.bake import BUILDER_COMMIT, create_image_request, image_tags
+    from orchestrator.cloud.tasks import plan_launch
+    from orchestrator.contracts import TAG_BAKED_AT, TAG_DAG_ID, TAG_RUN_ID
+
+    plan = plan_launch(settings, BUILDER_COMMIT, BAKE_DAG, "manual__1", bake=True)
+    digest = "d" * 64
+    with machine_zone("America/New_York"):
+        tags = image_tags(settings, plan, digest, "3.17.2", 1_800_000_000.25)
+        request = create_image_request(settings, plan, "i-0123456789abcdef0", digest, "3.17.2", 1_800_000_000.25)
+    assert tags == {
+        TAG_PROJECT: "ec2-trainer",
+        TAG_DEPLOYMENT: "bake-test",
+        TAG_DAG_ID: BAKE_DAG,
+        TAG_RUN_ID: "manual__1",
+        TAG_SOURCE_IMAGE: plan.ami_id,
+        TAG_BASE: settings.aws.ami_ssm_parameter,
+        TAG_BOOTSTRAP_DIGEST: digest,
+        TAG_MLFLOW_VERSION: "3.17.2",
+        TAG_BAKED_AT: "2027-01-15T08:00:00.250000Z",
+    }
+    listed = [{"Key": k, "Value": v} for k, v in tags.items()]
+    assert request == {
+        "InstanceId": "i-0123456789abcdef0",
+        "Name": "ec2-trainer-bake-test-baked-1800000000",
+        "Description": f"{plan.ami_id} with the bootstrap dddddddddddd baked in",
+        "TagSpecifications": [{"ResourceType": "image", "Tags": listed}, {"ResourceType": "snapshot", "Tags": listed}],
+    }
+
+
+def test_an_image_is_read_from_its_description_without_optional_fields() -> None:
+    from orchestrator.cloud.bake import BakedImage
+
+    described = {
+        "ImageId": "ami-1",
+        "CreationDate": "2026-12-01T00:00:00.000Z",
+        "BlockDeviceMappings": [
+            {"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": "snap-1", "VolumeSize": 60}},
+            {"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"},
+        ],
+    }
+    # No tags (an image tagged after its creation, or by hand): EC2's creation date orders it.
+    assert BakedImage.from_description(described) == BakedImage("ami-1", "2026-12-01T00:00:00.000Z", "", ("snap-1",))
+    assert BakedImage.from_description({"ImageId": "ami-2"}) == BakedImage("ami-2", "", "", ())
+
+
+@pytest.mark.parametrize("action", ["StopInstances", "CreateImage"])
+def test_a_refused_bake_call_is_terminal_and_records_nothing(
+    action: str, cloud: StrictAws, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from orchestrator.cloud.bake import BakeDeniedError
 
-    refused = http_errors(monkeypatch, "CreateImage", "UnauthorizedOperation", 403)
-    with pytest.raises(BakeDeniedError, match=r"ec2:CreateImage was refused \(UnauthorizedOperation") as raised:
+    refused = http_errors(monkeypatch, action, "UnauthorizedOperation", 403)
+    with pytest.raises(BakeDeniedError, match=rf"ec2:{action} was refused \(UnauthorizedOperation") as raised:
         bake(cloud, settings, "manual__1")
     # Refused once, not retried by botocore; terminal, so make_image fails without Airflow's retries.
     assert refused == [403] and raised.value.terminal
@@ -139,7 +216,12 @@ def test_the_image_wait_is_bounded(cloud: StrictAws, settings: Settings, monkeyp
     _, _, baked = bake(cloud, settings, "manual__1")
     from moto.ec2.models import ec2_backends
 
-    ec2_backends["123456789012"][REGION].amis[baked.image_id].state = "pending"
+    amis = ec2_backends["123456789012"][REGION].amis
+    # Another image still pending (a second bake, another deployment's) does not hold up the wait for ours.
+    _, _, other = bake(cloud, settings_for(cloud, "staging"), "manual__2")
+    amis[other.image_id].state = "pending"
+    wait_image_available(cloud.ec2, baked.image_id, 2, 1)
+    amis[baked.image_id].state = "pending"
     with pytest.raises(BakeError, match="not available after 2 s"):
         wait_image_available(cloud.ec2, baked.image_id, 2, 1)
 
@@ -147,6 +229,7 @@ def test_the_image_wait_is_bounded(cloud: StrictAws, settings: Settings, monkeyp
 def test_a_training_boots_the_baked_image_only_while_it_holds_the_current_bootstrap(
     cloud: StrictAws, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from orchestrator.cloud.bake import training_image
     from orchestrator.cloud.tasks import plan_launch
 
     base = cloud.images[settings.aws.ami_ssm_parameter]
@@ -158,7 +241,10 @@ def test_a_training_boots_the_baked_image_only_while_it_holds_the_current_bootst
     with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
         planned = plan_launch(settings, "a" * 40, "ec2_training", "manual__t1")
     assert planned.ami_id == baked.image_id and not planned.bake
-    assert f"Booting the baked image {baked.image_id}" in caplog.text
+    assert (
+        f"Booting the baked image {baked.image_id} (/ec2-trainer/bake-test/baked-image): it holds what this "
+        "bootstrap installs" in caplog.text
+    )
     # Another bootstrap (a setting it renders changed): the base image, and why.
     changed = settings_for(cloud, **{"TRAINER__INSTANCE__PYTHON_BIN": "/usr/bin/python3"})
     caplog.clear()
@@ -177,6 +263,7 @@ def test_a_training_boots_the_baked_image_only_while_it_holds_the_current_bootst
     # An explicit image wins; bake.use = false never looks.
     explicit = settings_for(cloud, **{"TRAINER__AWS__AMI_ID": base})
     assert plan_launch(explicit, "a" * 40, "ec2_training", "manual__t3").ami_id == base
+    assert training_image(explicit, cloud.ec2, cloud.ssm) == (base, "aws.ami_id")
     off = settings_for(cloud, **{"TRAINER__BAKE__USE": "false"})
     assert plan_launch(off, "a" * 40, "ec2_training", "manual__t4").ami_id == base
 
@@ -220,6 +307,46 @@ def test_a_baked_image_of_another_deployment_or_gone_is_not_booted(cloud: Strict
     assert why_not("staging").startswith("no baked image is recorded in /ec2-trainer/staging/baked-image")
 
 
+def test_a_baked_image_missing_its_base_or_digest_tag_is_not_booted(cloud: StrictAws, settings: Settings) -> None:
+    from orchestrator.cloud.bake import usable_baked_image
+    from orchestrator.cloud.user_data import settings_digest
+
+    _, _, baked = bake(cloud, settings, "manual__1")
+    parameter, base, digest = (
+        "/ec2-trainer/bake-test/baked-image",
+        settings.aws.ami_ssm_parameter,
+        settings_digest(settings),
+    )
+
+    def usable() -> tuple[str | None, str]:
+        return usable_baked_image(cloud.ec2, cloud.ssm, parameter, "ec2-trainer", "bake-test", digest, base)
+
+    assert usable() == (baked.image_id, "")
+    cloud.ec2.delete_tags(Resources=[baked.image_id], Tags=[{"Key": TAG_BOOTSTRAP_DIGEST}])
+    assert usable() == (
+        None,
+        f"{baked.image_id} was baked by bootstrap (none), the current one is {digest[:12]} (userdata/bootstrap.sh "
+        "or the instance settings changed since): run ec2_bake_image again",
+    )
+    cloud.ec2.delete_tags(Resources=[baked.image_id], Tags=[{"Key": TAG_BASE}])
+    assert usable() == (
+        None,
+        f"{baked.image_id} was baked from (unknown), the base is now {base} (aws.ami_ssm_parameter or aws.ami_id "
+        "changed): run ec2_bake_image again",
+    )
+
+
+def test_only_this_accounts_images_are_listed_for_pruning(cloud: StrictAws, settings: Settings) -> None:
+    from orchestrator.cloud.bake import baked_images as listed
+
+    requests: list[dict[str, Any]] = []
+    cloud.ec2.meta.events.register(
+        "provide-client-params.ec2.DescribeImages", lambda params, **_: requests.append(dict(params))
+    )
+    assert listed(cloud.ec2, "ec2-trainer", "bake-test") == []
+    assert [r["Owners"] for r in requests] == [["self"]]
+
+
 def test_a_third_bake_prunes_the_oldest_image_and_its_snapshots_only(cloud: StrictAws, settings: Settings) -> None:
     from orchestrator.cloud.bake import prune
 
@@ -247,6 +374,26 @@ def test_the_recorded_image_is_kept_whatever_its_age(cloud: StrictAws, settings:
     )
     one = settings_for(cloud, **{"TRAINER__BAKE__KEEP": "1"})
     assert prune(one) == [baked[1].image_id]
+
+
+def test_prune_passes_over_the_recorded_image_and_goes_on(cloud: StrictAws, settings: Settings) -> None:
+    from orchestrator.cloud.bake import prune
+
+    baked = [bake(cloud, settings, f"manual__{n}")[2] for n in (1, 2, 3, 4)]
+    cloud.ssm.put_parameter(
+        Name="/ec2-trainer/bake-test/baked-image", Value=baked[2].image_id, Type="String", Overwrite=True
+    )
+    one = settings_for(cloud, **{"TRAINER__BAKE__KEEP": "1"})
+    assert prune(one) == [baked[1].image_id, baked[0].image_id]
+
+
+def test_prune_without_a_recorded_image_keeps_the_newest(cloud: StrictAws, settings: Settings) -> None:
+    from orchestrator.cloud.bake import prune
+
+    baked = [bake(cloud, settings, f"manual__{n}")[2] for n in (1, 2)]
+    cloud.ssm.delete_parameter(Name="/ec2-trainer/bake-test/baked-image")
+    one = settings_for(cloud, **{"TRAINER__BAKE__KEEP": "1"})
+    assert prune(one) == [baked[0].image_id]
 
 
 def test_a_bake_runs_on_demand_and_its_schedule_is_read_with_the_watch_settings(

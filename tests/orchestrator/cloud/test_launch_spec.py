@@ -27,6 +27,7 @@ from orchestrator.cloud.launch_spec import (
 from orchestrator.contracts import TAG_DEPLOYMENT, TAG_EXPIRES_AT, TAG_HOST_KEY
 from orchestrator.errors import ConfigError
 from tests.support.aws_cloud import in_process_aws
+from tests.support.zone import machine_zone
 
 AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 IDENTITY = RunIdentity(
@@ -237,17 +238,10 @@ def test_a_tag_value_of_exactly_the_limit_is_kept_as_it_is():
     assert tag_value(value + "r") != value + "r"
 
 
-def test_expiry_tags_are_utc_whatever_the_machine_zone(monkeypatch):
-    import time
-
-    monkeypatch.setenv("TZ", "America/New_York")
-    time.tzset()
-    try:
+def test_expiry_tags_are_utc_whatever_the_machine_zone():
+    with machine_zone("America/New_York"):
         assert run_tags(IDENTITY, "ec2-trainer")[TAG_EXPIRES_AT] == "2027-01-15T08:00:00Z"
         assert parse_expires_at("2027-01-15T08:00:00Z") == 1_800_000_000
-    finally:
-        monkeypatch.undo()
-        time.tzset()
 
 
 def test_the_host_key_is_a_tag_of_the_launch():

@@ -20,6 +20,7 @@ from orchestrator.observe.cost import (
     transition_time,
 )
 from tests.support.step_results import READY
+from tests.support.zone import machine_zone
 
 TABLE = Price(0.8048, "fallback-table", "prices.toml")
 SPOT = Price(0.30, "spot-price-history", "us-east-1a")
@@ -93,16 +94,9 @@ def test_run_cost_sums_every_instance_and_bounds_training() -> None:
     assert run_cost([], 10.0, "us-east-1") is None
 
 
-def test_the_reason_time_is_utc_whatever_the_machine_zone(monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
-    monkeypatch.setenv("TZ", "America/New_York")
-    time.tzset()
-    try:
+def test_the_reason_time_is_utc_whatever_the_machine_zone() -> None:
+    with machine_zone("America/New_York"):
         assert transition_time("User initiated (2026-11-26 20:01:02 GMT)") == 1795723262.0
-    finally:
-        monkeypatch.undo()
-        time.tzset()
 
 
 def test_run_cost_rounds_each_figure_to_its_own_precision() -> None:
