@@ -10,6 +10,8 @@ from typing import Any
 from embedded.cloud.seed import sized_image_class
 from embedded.cloud.service_quotas import install_service_quotas
 
+SSM_PARAMETER_TYPES = ("String", "StringList", "SecureString")
+
 
 def install_strict_ec2() -> Callable[[], None]:
     """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
@@ -21,7 +23,7 @@ def install_strict_ec2() -> Callable[[], None]:
     gets the request's snapshot tags (moto: instance store, 15 GB, NotImplementedError for snapshot tags).
     TerminateInstances on a terminated instance changes nothing (moto deletes its network interface again and fails
     with InvalidNetworkInterfaceID.NotFound). Service Quotas answers EC2's G and VT instance quotas
-    (embedded.cloud.service_quotas)."""
+    (embedded.cloud.service_quotas); SSM checks a parameter's type (install_strict_ssm)."""
     from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models.amis import AmiBackend
     from moto.ec2.models.instances import Instance, InstanceBackend
@@ -86,12 +88,42 @@ def install_strict_ec2() -> Callable[[], None]:
     Instance.terminate = terminate  # type: ignore[method-assign,assignment]
     AmiBackend.create_image = create_image  # type: ignore[method-assign,assignment]
     uninstall_quotas = install_service_quotas()
+    uninstall_ssm = install_strict_ssm()
 
     def uninstall() -> None:
         InstanceBackend.run_instances = original  # type: ignore[method-assign]
         Instance.terminate = original_terminate  # type: ignore[method-assign]
         AmiBackend.create_image = original_create_image  # type: ignore[method-assign]
         uninstall_quotas()
+        uninstall_ssm()
+
+    return uninstall
+
+
+def install_strict_ssm() -> Callable[[], None]:
+    """PutParameter checks Type as SSM does, with Overwrite too (moto checks it only without, and then lets a new
+    parameter have none): the baked image's parameter is written with Overwrite."""
+    from moto.ssm.exceptions import ValidationException
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    original = SimpleSystemManagerBackend.put_parameter
+
+    def put_parameter(
+        backend: Any, name: str, description: str, value: str, parameter_type: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        if parameter_type and parameter_type not in SSM_PARAMETER_TYPES:
+            raise ValidationException(
+                f"1 validation error detected: Value '{parameter_type}' at 'type' failed to satisfy constraint: "
+                "Member must satisfy enum value set: [SecureString, StringList, String]"
+            )
+        if not parameter_type and not backend._parameters.get(name):
+            raise ValidationException("A parameter type is required when you create a parameter.")
+        return original(backend, name, description, value, parameter_type, *args, **kwargs)
+
+    SimpleSystemManagerBackend.put_parameter = put_parameter  # type: ignore[method-assign,assignment]
+
+    def uninstall() -> None:
+        SimpleSystemManagerBackend.put_parameter = original  # type: ignore[method-assign]
 
     return uninstall
 

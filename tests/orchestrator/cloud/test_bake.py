@@ -420,3 +420,18 @@ def test_the_strict_cloud_images_only_a_running_or_stopped_instance(cloud: Stric
     cloud.ec2.terminate_instances(InstanceIds=[builder])
     with pytest.raises(ClientError, match="IncorrectInstanceState"):
         cloud.ec2.create_image(InstanceId=builder, Name="too-late")
+
+
+def test_the_strict_cloud_checks_a_parameters_type_as_ssm_does(cloud: StrictAws) -> None:
+    """As SSM: Type is one of its three, Overwrite or not, and a new parameter needs one (moto checks neither with
+    Overwrite)."""
+    from botocore.exceptions import ClientError
+
+    name = "/ec2-trainer/bake-test/baked-image"
+    with pytest.raises(ClientError, match="failed to satisfy constraint: Member must satisfy enum value set"):
+        cloud.ssm.put_parameter(Name=name, Value="ami-1", Type="string", Overwrite=True)
+    with pytest.raises(ClientError, match="A parameter type is required when you create a parameter"):
+        cloud.ssm.put_parameter(Name=name, Value="ami-1", Overwrite=True)
+    cloud.ssm.put_parameter(Name=name, Value="ami-1", Type="String", Overwrite=True)
+    cloud.ssm.put_parameter(Name=name, Value="ami-2", Overwrite=True)
+    assert cloud.ssm.get_parameter(Name=name)["Parameter"]["Value"] == "ami-2"
