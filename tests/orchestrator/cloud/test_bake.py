@@ -108,8 +108,12 @@ def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(
     monkeypatch.setattr(
         bake_module, "wait_image_available", lambda ec2, i, t, p: (waits.append(t), wait(ec2, i, t, p))[1]
     )
+    # Another instance of the account keeps running: the bake waits for its builder only.
+    other = cloud.ec2.run_instances(ImageId=cloud.images[settings.aws.ami_ssm_parameter], MinCount=1, MaxCount=1)
     with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
         plan, builder, baked = bake(cloud, settings, "manual__1")
+    (running,) = cloud.ec2.describe_instances(InstanceIds=[other["Instances"][0]["InstanceId"]])["Reservations"]
+    assert running["Instances"][0]["State"]["Name"] == "running"
     # The image wait is bounded by bake.image_wait_minutes.
     assert waits == [settings.bake.image_wait_minutes * 60]
     assert plan.bake and plan.ami_id == cloud.images[settings.aws.ami_ssm_parameter]
@@ -208,6 +212,28 @@ def test_a_refused_bake_call_is_terminal_and_records_nothing(
     assert "config/iam/airflow.json" in str(raised.value)
     assert baked_images(cloud) == []
     assert cloud.ssm.get_parameters(Names=["/ec2-trainer/bake-test/baked-image"])["Parameters"] == []
+
+
+def test_a_refused_record_is_terminal_and_leaves_the_parameter_as_it_was(
+    cloud: StrictAws, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.ssm.exceptions import AccessDeniedException
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    from orchestrator.cloud.bake import BakeDeniedError
+
+    _, _, first = bake(cloud, settings, "manual__1")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AccessDeniedException("User: airflow is not authorized to perform: ssm:PutParameter")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "put_parameter", refuse)
+    with pytest.raises(BakeDeniedError, match=r"ssm:PutParameter was refused \(AccessDeniedException") as raised:
+        bake(cloud, settings, "manual__2")
+    assert raised.value.terminal
+    # The new image stays unrecorded (prune deregisters it in its turn); trainings keep booting the first.
+    assert recorded(cloud) == first.image_id
+    assert len(baked_images(cloud)) == 2
 
 
 def test_the_image_wait_is_bounded(cloud: StrictAws, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
