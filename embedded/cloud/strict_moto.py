@@ -10,8 +10,6 @@ from typing import Any
 from embedded.cloud.seed import sized_image_class
 from embedded.cloud.service_quotas import install_service_quotas
 
-SSM_PARAMETER_TYPES = ("String", "StringList", "SecureString")
-
 
 def install_strict_ec2() -> Callable[[], None]:
     """Makes moto's EC2 behave as EC2 does where the launch depends on it; returns a function that undoes it.
@@ -104,14 +102,14 @@ def install_strict_ssm() -> Callable[[], None]:
     """PutParameter checks Type as SSM does, with Overwrite too (moto checks it only without, and then lets a new
     parameter have none): the baked image's parameter is written with Overwrite."""
     from moto.ssm.exceptions import ValidationException
-    from moto.ssm.models import SimpleSystemManagerBackend
+    from moto.ssm.models import SimpleSystemManagerBackend, _valid_parameter_type
 
     original = SimpleSystemManagerBackend.put_parameter
 
     def put_parameter(
         backend: Any, name: str, description: str, value: str, parameter_type: str, *args: Any, **kwargs: Any
     ) -> Any:
-        if parameter_type and parameter_type not in SSM_PARAMETER_TYPES:
+        if parameter_type and not _valid_parameter_type(parameter_type):
             raise ValidationException(
                 f"1 validation error detected: Value '{parameter_type}' at 'type' failed to satisfy constraint: "
                 "Member must satisfy enum value set: [SecureString, StringList, String]"

@@ -38,6 +38,7 @@ from tests.support.faults import (
     release_after_reattach,
     scan,
 )
+from tests.support.monitoring import wait_for
 from tests.support.pipeline import ProcessListSampler, planted_connections, planted_found
 from tests.support.tools import missing_tool
 
@@ -166,11 +167,11 @@ def when_deferred(
     rerun would re-attach to a job nothing stopped."""
 
     def trigger_running() -> Any:
-        deadline = time.monotonic() + timeout_s
-        while "train | " not in airflow.task_log(DAG_ID, run_id, "train"):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the train trigger of {run_id} logged no line of the job within {timeout_s:.0f}s")
-            time.sleep(0.5)
+        wait_for(
+            f"a line of the job logged by the train trigger of {run_id}",
+            lambda: "train | " in airflow.task_log(DAG_ID, run_id, "train"),
+            timeout_s,
+        )
         return action()
 
     return lambda job_dir: when_task(airflow, run_id, "train", "deferred", trigger_running, timeout_s)

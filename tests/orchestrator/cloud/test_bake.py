@@ -105,9 +105,12 @@ def test_a_bake_stops_its_builder_and_records_a_tagged_image_of_it(
 
     waits: list[float] = []
     wait = bake_module.wait_image_available
-    monkeypatch.setattr(
-        bake_module, "wait_image_available", lambda ec2, i, t, p: (waits.append(t), wait(ec2, i, t, p))[1]
-    )
+
+    def recorded_wait(ec2: Any, image_id: str, timeout_s: float, poll_s: float) -> None:
+        waits.append(timeout_s)
+        wait(ec2, image_id, timeout_s, poll_s)
+
+    monkeypatch.setattr(bake_module, "wait_image_available", recorded_wait)
     # Another instance of the account keeps running: the bake waits for its builder only.
     other = cloud.ec2.run_instances(ImageId=cloud.images[settings.aws.ami_ssm_parameter], MinCount=1, MaxCount=1)
     with caplog.at_level(logging.INFO, logger="orchestrator.cloud.bake"):
