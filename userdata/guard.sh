@@ -7,12 +7,14 @@
 # - cost: the epoch in the job's cost-deadline file (line 1; line 2 is the reason to report), written by the
 #   orchestrator as it starts the job: when the run's cost would pass training.max_cost_usd. The job's user owns that
 #   folder, so the guard keeps the earliest deadline it has read for the job: moving or rewriting the file later
-#   never lifts the cap.
+#   never lifts the cap. Once it holds one, it names the job's folder in GUARD_COST_HELD (root's): the job waits for
+#   that before its command runs, so no job can remove the file before the guard has read it.
 # The placeholders are filled in, shell-quoted, by orchestrator.cloud.user_data. No `set -e`: it must never end early.
 set -uo pipefail
 
 STATE_DIR=@@{state_dir}
 GUARD_REASON=@@{guard_reason}
+GUARD_COST_HELD=@@{guard_cost_held}
 STALL_S=@@{stall_s}
 GPU_MIN_UTIL=@@{gpu_min_util}
 GPU_IDLE_S=@@{gpu_idle_s}
@@ -122,6 +124,7 @@ watched=""
 idle_since=0
 cost_deadline=0
 cost_reason=""
+held_for=""
 gpu_unknown_logged=false
 while true; do
   now="$(date +%s)"
@@ -169,6 +172,9 @@ while true; do
       cost_reason="$(sed -n 2p "$job/cost-deadline" 2>/dev/null)"
     fi
     if ((cost_deadline > 0)); then
+      if [[ "$held_for" != "$job" ]] && write_atomic "$GUARD_COST_HELD" "$job"; then
+        held_for="$job"
+      fi
       if ((now >= cost_deadline)); then
         breach "$job" "${cost_reason:-cost cap: the cost of the run would pass training.max_cost_usd}"
       fi

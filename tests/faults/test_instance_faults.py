@@ -452,7 +452,7 @@ def test_a_run_whose_cost_would_pass_max_cost_usd_is_stopped_at_its_deadline(
 
     def fast_forward(job_dir: Path) -> tuple[int, int, str]:
         deadline_file = job_dir / "cost-deadline"
-        while not deadline_file.exists():  # written just after the job started
+        while not deadline_file.exists():  # placed as the job starts
             time.sleep(0.1)
         computed, reason = deadline_file.read_text().splitlines()
         moved = int(time.time()) + 3

@@ -25,7 +25,8 @@ writes it to CHECKPOINT_REQUEST (the job finds it through EC2_TRAINER_CHECKPOINT
 SPOT_NOTICE, which stays for the orchestrator to read over SSH.
 
 The guard stops a running job that prints nothing for stall_minutes, whose GPUs stay idle, or whose run's cost would
-pass its cap (the job's cost-deadline file, written by train), writes why to GUARD_REASON and powers the instance off.
+pass its cap (the job's cost-deadline file, placed by train as it starts the job), writes why to GUARD_REASON and
+powers the instance off; GUARD_COST_HELD names the job whose cost deadline it holds.
 
 The user-data is readable through IMDS on the instance and by anyone allowed ec2:DescribeInstanceAttribute:
 it holds the per-run host private key (worthless once the instance is gone) and nothing else secret.
@@ -68,6 +69,8 @@ SPOT_WATCHER_UNIT = "ec2-trainer-spot-watcher.service"
 GUARD_UNIT = "ec2-trainer-guard.service"
 # Under the state folder, root's: why the guard stopped the job and powered the instance off (one line).
 GUARD_REASON = "guard-reason"
+# Under the state folder, root's: the job folder whose cost deadline the guard holds (the job waits for it to start).
+GUARD_COST_HELD = "guard-cost-held"
 # Under the state folder. The request lies in a folder the login user owns, so the job can remove it once it has
 # checkpointed (the state folder itself is root's); the notice stays, root's and readable.
 CHECKPOINT_REQUEST = "signals/checkpoint-request"
@@ -229,6 +232,7 @@ def _render(name: str, spec: UserDataSpec, *, mode: str, digest: str) -> str:
         "checkpoint_request": shlex.quote(state_path(spec, CHECKPOINT_REQUEST)),
         "spot_notice": shlex.quote(state_path(spec, SPOT_NOTICE)),
         "guard_reason": shlex.quote(state_path(spec, GUARD_REASON)),
+        "guard_cost_held": shlex.quote(state_path(spec, GUARD_COST_HELD)),
         # Whole seconds, at least 1 when on: bash has no floats.
         "stall_s": str(_seconds(spec.stall_minutes)),
         "gpu_min_util": str(int(spec.min_gpu_utilization)),

@@ -32,6 +32,8 @@ EXIT_SIGTERM = 143
 EXIT_SIGKILL = 137
 # How long kill() waits for a job that was just started to write its pid file.
 PID_WAIT_S = 5
+# How long a job with a cost cap waits for the instance's guard to hold its deadline (the guard looks every 5 s).
+GUARD_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,21 @@ def build_env_file(env: Mapping[str, str]) -> str:
 
 
 def build_job_script(
-    command: list[str], paths: JobPaths, workdir: str | None, env_sh: str | None, *, source: bool = False
+    command: list[str],
+    paths: JobPaths,
+    workdir: str | None,
+    env_sh: str | None,
+    *,
+    source: bool = False,
+    guard_cost_held: str | None = None,
 ) -> str:
     """The bash wrapper that runs `command` with its output appended to the log and records its exit code.
 
     `source`: first unpack the uploaded source.tar into the source folder (a failure is the job's failure, in its
-    log); the tar is kept, so a job started again from the same directory unpacks the same tree."""
+    log); the tar is kept, so a job started again from the same directory unpacks the same tree.
+    `guard_cost_held`: the guard's file naming the job whose cost deadline it holds; the job waits (up to
+    GUARD_WAIT_S) until it names this job before anything else runs, and fails saying so otherwise. The job's user
+    owns the job folder: without the wait, the job could remove its cost-deadline before the guard's first read."""
     if not command:
         raise ConfigError("The remote job's command is empty; give the program and its arguments as a list.")
     q = shlex.quote
@@ -137,6 +148,18 @@ def build_job_script(
         # ended instead of dying silently, and never go on to a next step. Runs once the foreground command ends.
         f"trap 'record_exit {EXIT_SIGTERM}; exit {EXIT_SIGTERM}' TERM",
     ]
+    if guard_cost_held:
+        message = q(
+            f"job: the instance's guard did not take up the cost deadline within {GUARD_WAIT_S} s, so "
+            "training.max_cost_usd could not hold: the job does not start (see guard.log in the state folder)"
+        )
+        lines += [
+            "waited=0",
+            f'until [ "$(cat {q(guard_cost_held)} 2>/dev/null)" = {q(paths.job_dir)} ]; do',
+            f"  if [ $waited -ge {GUARD_WAIT_S} ]; then echo {message} >> {q(paths.log)}; record_exit 1; exit 1; fi",
+            "  sleep 1; waited=$((waited + 1))",
+            "done",
+        ]
     if env_sh:
         lines.append(f"if [ -f {q(env_sh)} ]; then . {q(env_sh)}; fi")
     env_file = q(paths.env_file)
@@ -165,13 +188,15 @@ def build_job_script(
 def build_start_command(paths: JobPaths, upload_suffix: str) -> str:
     """Start the job unless it was ever started for this key; prints `started` or `attached`.
 
-    The caller uploaded the script (and maybe the env file) under per-caller temporary names; only the caller that
-    wins the atomic `mkdir` of the lock moves them into place and starts the job, the others delete theirs.
+    The caller uploaded the script (and maybe the env file, the source tree and the cost deadline) under per-caller
+    temporary names; only the caller that wins the atomic `mkdir` of the lock moves them into place and starts the
+    job, the others delete theirs.
     """
     q = shlex.quote
     script_tmp = q(paths.upload(paths.script, upload_suffix))
     env_tmp = q(paths.upload(paths.env_file, upload_suffix))
     source_tmp = q(paths.upload(paths.source_tar, upload_suffix))
+    deadline_tmp = q(paths.upload(paths.cost_deadline, upload_suffix))
     launch = (
         "env -u SSH_CLIENT -u SSH2_CLIENT -u SSH_CONNECTION "
         f"nohup setsid bash {q(paths.script)} > /dev/null 2>&1 < /dev/null &"
@@ -181,8 +206,9 @@ def build_start_command(paths: JobPaths, upload_suffix: str) -> str:
         f"mv -f {script_tmp} {q(paths.script)} && "
         f"{{ [ ! -e {env_tmp} ] || mv -f {env_tmp} {q(paths.env_file)}; }} && "
         f"{{ [ ! -e {source_tmp} ] || mv -f {source_tmp} {q(paths.source_tar)}; }} && "
+        f"{{ [ ! -e {deadline_tmp} ] || mv -f {deadline_tmp} {q(paths.cost_deadline)}; }} && "
         f"{{ {launch} }} && echo started; "
-        f"else rm -f {script_tmp} {env_tmp} {source_tmp}; echo attached; fi"
+        f"else rm -f {script_tmp} {env_tmp} {source_tmp} {deadline_tmp}; echo attached; fi"
     )
 
 

@@ -154,15 +154,25 @@ class RemoteJob:
         workdir: str | None = None,
         env_sh: str | None = None,
         source: Callable[[], bytes] | None = None,
+        cost_deadline: tuple[str, str] | None = None,
     ) -> bool:
         """Start the job, or attach to the one already started for this key: True when this call started it.
 
         The env file is uploaded with mode 0600 inside a 0700 directory before the script is written or started.
         `source` makes the tar the job unpacks into `paths.source_dir` first; it is called (and uploaded over SFTP)
         only when this call may start the job, not when it attaches.
+        `cost_deadline`: the cost-deadline file's text and the guard's file naming the job whose deadline it holds;
+        the file is in place before the job starts, and the job waits for the guard to hold it (build_job_script).
         A finished job (exit_code present) is attached to as well; `stream` then returns its exit code at once.
         """
-        script = build_job_script(command, self.paths, workdir, env_sh, source=source is not None)
+        script = build_job_script(
+            command,
+            self.paths,
+            workdir,
+            env_sh,
+            source=source is not None,
+            guard_cost_held=cost_deadline[1] if cost_deadline else None,
+        )
         env_text = build_env_file(env or {})
         self._run(f"mkdir -p {shlex.quote(self.paths.job_dir)} && chmod 700 {shlex.quote(self.paths.job_dir)}")
         sftp = self._open_sftp()
@@ -176,6 +186,8 @@ class RemoteJob:
             logger.info("Uploaded the source tree (%d bytes) into %s", len(tree), self.paths.job_dir)
         if env_text:
             self._upload(sftp, self.paths.upload(self.paths.env_file, suffix), env_text, 0o600)
+        if cost_deadline:
+            self._upload(sftp, self.paths.upload(self.paths.cost_deadline, suffix), cost_deadline[0], 0o644)
         self._upload(sftp, self.paths.upload(self.paths.script, suffix), script, 0o700)
         outcome = self._run(build_start_command(self.paths, suffix)).strip()
         if outcome not in ("started", "attached"):

@@ -179,6 +179,7 @@ class RemoteTrainingOperator(BaseOperator):
     def _start_job(self, context: Context, created_run_id: str) -> str:
         """Start the job training into `created_run_id` on the instance (or re-attach to it), then follow it from
         the triggerer, or here until it exits."""
+        from orchestrator.cloud.user_data import GUARD_COST_HELD
         from orchestrator.config.connections import mlflow_credentials
         from orchestrator.instance.command import training_command
         from orchestrator.instance.remote_job import RemoteJobError
@@ -199,10 +200,9 @@ class RemoteTrainingOperator(BaseOperator):
                 env=env,
                 env_sh=f"{s.instance.state_dir}/env.sh",
                 source=lambda: commit_tree(s, self.git_sha),
-            )
-            if cap is not None:
                 # The instance's guard stops the job at the deadline, whether or not anyone follows it.
-                job.write_file(job.paths.cost_deadline, cap.file_text())
+                cost_deadline=None if cap is None else (cap.file_text(), self._state_path(GUARD_COST_HELD)),
+            )
         except BaseException as exc:
             job.close()
             if isinstance(exc, transient_ssh_errors()):
@@ -378,6 +378,10 @@ class RemoteTrainingOperator(BaseOperator):
         earlier = [str(p["instance_id"]) for p in preemptions(context["ti"])]
         return run_cost_cap(self._settings, earlier, self._ready.instance_id, plan.root_volume_gb)
 
+    def _state_path(self, name: str) -> str:
+        """A file of the instance's state folder (root's, written by the units of orchestrator.cloud.user_data)."""
+        return f"{self._settings.instance.state_dir.rstrip('/')}/{name}"
+
     def _guard_reason(self, job: RemoteJob) -> str:
         """Why the instance's guard stopped the job (a stall, idle GPUs, the cost cap); "" when it did not, or when
         the instance cannot say (the run then fails on the job's own end)."""
@@ -386,7 +390,7 @@ class RemoteTrainingOperator(BaseOperator):
 
         unreadable: tuple[type[BaseException], ...] = (OrchestratorError, *transient_ssh_errors())
         try:
-            text = job.read_file(f"{self._settings.instance.state_dir.rstrip('/')}/{GUARD_REASON}")
+            text = job.read_file(self._state_path(GUARD_REASON))
         except unreadable as exc:
             self.log.warning("Could not read the guard's reason on %s: %s", self._ready.instance_id, exc)
             return ""

@@ -160,3 +160,40 @@ def test_the_job_cannot_lift_the_cost_deadline_by_rewriting_or_removing_its_file
     assert reason == cap
     assert deadline <= at <= deadline + 1.5, "stopped at the first deadline read"
     assert g.wait_shutdown()
+
+
+def test_a_job_that_removes_its_cost_deadline_at_once_is_still_stopped_at_it(tmp_path, keys, guarded):
+    """job.sh waits for the guard to hold the deadline before its command runs: a command that removes the file first
+    thing (it owns the folder) is too late."""
+    from orchestrator.instance.job_script import JobPaths, build_job_script
+
+    g = Guarded(tmp_path / "state", tmp_path, "until [ -e job.sh ]; do sleep 0.1; done; exec bash job.sh", keys=keys)
+    guarded.append(g)
+    deadline = int(time.time()) + 8
+    cap = "cost cap: the run's cost would pass training.max_cost_usd = 0.01 USD"
+    (g.job_dir / "cost-deadline").write_text(f"{deadline}\n{cap}\n")
+    command = ["bash", "-c", "rm cost-deadline && echo removed && sleep 300"]
+    held = g.state_dir / "guard-cost-held"
+    script = build_job_script(command, JobPaths(str(g.job_dir)), str(g.job_dir), None, guard_cost_held=str(held))
+    (g.job_dir / "pid").unlink()
+    (g.job_dir / "job.sh.tmp").write_text(script)
+    (g.job_dir / "job.sh.tmp").rename(g.job_dir / "job.sh")
+    # The guard only once job.sh runs (it wrote its pid) and had a second to go on: a job.sh that did not wait would
+    # have removed the file by then.
+    wait_for("job.sh to start", lambda: (g.job_dir / "pid").exists(), 15)
+    time.sleep(1)
+    g.start()
+    wait_for("the job's command to run", lambda: "removed" in (g.job_dir / "output.log").read_text(), 20)
+    assert held.read_text() == f"{g.job_dir}\n"
+    assert held.stat().st_mode & 0o777 == 0o644
+    reason, at = g.wait_reason(20)
+    assert reason == cap
+    assert deadline <= at <= deadline + 1.5, "stopped at the deadline the job removed"
+    assert g.wait_shutdown()
+
+
+def test_no_cost_deadline_names_no_job_as_held(tmp_path, keys, guarded):
+    g = make(guarded, tmp_path, keys, "while sleep 0.5; do echo tick; done")
+    wait_for("the guard to watch the job", lambda: "watching the job in" in g.log(), 15)
+    time.sleep(2)
+    assert not (g.state_dir / "guard-cost-held").exists()

@@ -106,6 +106,57 @@ def test_job_script_quotes_the_workdir_in_its_failure_message(tmp_path: Path) ->
     assert (tmp_path / "exit_code").read_text() == "1\n"
 
 
+def test_a_cost_capped_job_waits_for_the_guard_to_hold_its_deadline(tmp_path: Path) -> None:
+    """The job's command runs only once the guard's file names this job; the job's own folder could lose the
+    cost-deadline file at any time, root's file cannot."""
+    paths, held = JobPaths(str(tmp_path / "job")), tmp_path / "guard-cost-held"
+    Path(paths.job_dir).mkdir()
+    script = Path(paths.script)
+    script.write_text(build_job_script(["echo", "trained"], paths, None, None, guard_cost_held=str(held)))
+    held.write_text(f"{tmp_path}/another-job\n")
+    job = subprocess.Popen(["bash", str(script)])
+    time.sleep(2.5)
+    assert job.poll() is None, "started while the guard held another job's deadline"
+    assert not Path(paths.log).exists()
+    held.write_text(f"{paths.job_dir}\n")
+    assert job.wait(timeout=10) == 0
+    assert Path(paths.log).read_text() == "trained\n"
+
+
+def test_a_cost_capped_job_the_guard_never_takes_up_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("orchestrator.instance.job_script.GUARD_WAIT_S", 2)
+    paths = JobPaths(str(tmp_path))
+    script = build_job_script(["touch", "trained"], paths, None, None, guard_cost_held=str(tmp_path / "no-guard"))
+    (tmp_path / "job.sh").write_text(script)
+    run = subprocess.run(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, check=False, timeout=30)
+    assert run.returncode == 1
+    assert not (tmp_path / "trained").exists()
+    assert (tmp_path / "exit_code").read_text() == "1\n"
+    assert (tmp_path / "output.log").read_text() == (
+        "job: the instance's guard did not take up the cost deadline within 2 s, so training.max_cost_usd could "
+        "not hold: the job does not start (see guard.log in the state folder)\n"
+    )
+
+
+def test_a_job_without_a_cost_cap_does_not_wait_for_the_guard() -> None:
+    assert "guard" not in build_job_script(["true"], JobPaths("/state/jobs/k"), None, None)
+
+
+def test_the_start_command_places_the_cost_deadline_before_the_job_starts(tmp_path: Path) -> None:
+    paths = JobPaths(str(tmp_path))
+    for suffix in ("first", "second"):
+        Path(paths.upload(paths.cost_deadline, suffix)).write_text(f"{suffix}\n")
+        # The job sees its deadline in place as it starts.
+        Path(paths.upload(paths.script, suffix)).write_text(f"cp {paths.cost_deadline} {tmp_path}/seen\n")
+        subprocess.run(["bash", "-c", build_start_command(paths, suffix)], capture_output=True, check=True)
+    _wait_until(lambda: (tmp_path / "seen").exists() and (tmp_path / "seen").read_text().endswith("\n"))
+    assert (tmp_path / "seen").read_text() == "first\n"
+    assert Path(paths.cost_deadline).read_text() == "first\n", "an attaching caller never replaces it"
+    assert not Path(paths.upload(paths.cost_deadline, "second")).exists()
+
+
 def test_start_command_starts_once(tmp_path: Path) -> None:
     paths = JobPaths(str(tmp_path))
     outcomes = []
