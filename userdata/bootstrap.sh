@@ -223,16 +223,25 @@ try:
 except m.PackageNotFoundError:
     mlflow = "none"
 print(mlflow, "torch" if u.find_spec("torch") else "no-torch")'
-# One interpreter start reports every version (importing torch takes seconds); torchvision only when a GPU is required.
-VERSIONS_PY='import sys, torch, mlflow
-tv = "not checked"
+# One interpreter start reports every version, read from the installed packages' metadata. Only where a GPU is
+# required does it import torch (seconds of CPU on every boot): there, whether this torch build sees CUDA, and
+# torchvision, are worth it.
+VERSIONS_PY='import importlib.metadata as m, sys
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return "missing"
+cuda = tv = "not checked"
 if sys.argv[1] == "true":
+    import torch
+    cuda = torch.cuda.is_available()
     try:
         import torchvision
         tv = torchvision.__version__
     except Exception as exc:
         tv = "missing (%s)" % exc
-print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "mlflow", mlflow.__version__, "torchvision", tv)'
+print("python", sys.version.split()[0], "torch", version("torch"), "cuda", cuda, "mlflow", version("mlflow"), "torchvision", tv)'
 
 # Installs its arguments into $PY. uv resolves and downloads in parallel: several times faster than pip for mlflow's
 # ~80 dependencies. It comes from PyPI, pinned, into the state folder (never into the job's interpreter); where it

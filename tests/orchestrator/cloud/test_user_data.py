@@ -34,6 +34,7 @@ from orchestrator.cloud.user_data import (
 )
 from orchestrator.errors import ConfigError
 from orchestrator.instance.ssh import parse_phases
+from tests.conftest import REPO
 from tests.support.tools import require_executable
 
 CURRENT_USER = pwd.getpwuid(os.getuid()).pw_name
@@ -339,7 +340,7 @@ case "$*" in
   {target_install} ;;
   "-m pip install "*)
 {install} ;;
-  *importlib.metadata*) echo "$(cat {shlex.quote(str(version))}) torch" ;;
+  *find_spec*) echo "$(cat {shlex.quote(str(version))}) torch" ;;
   *) echo "python 3 torch 2 cuda True mlflow $(cat {shlex.quote(str(version))}) torchvision {tv}" ;;
 esac
 """
@@ -370,7 +371,7 @@ def test_bootstrap_reports_a_missing_ssh_user(keys, state_dir, tmp_path):
 
 def test_bootstrap_reports_an_unexpected_failure_with_its_step(keys, state_dir, tmp_path):
     # A python with an old mlflow whose pip fails: the ERR trap names the step and the failing command.
-    script = 'case "$*" in *importlib.metadata*) echo "3.1.0 torch";; *) exit 3;; esac\n'
+    script = 'case "$*" in *find_spec*) echo "3.1.0 torch";; *) exit 3;; esac\n'
     interpreter = fake_bin(tmp_path, "python-broken", script)
     status, log = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=str(interpreter / "python-broken"))
     assert status.startswith("error: python: command failed with exit code 3")
@@ -545,7 +546,7 @@ def test_bootstrap_warns_when_a_gpu_job_has_no_torchvision(keys, state_dir, tmp_
 
 
 def test_bootstrap_fails_when_pip_does_not_install_the_pin(keys, state_dir, tmp_path):
-    script = 'case "$*" in *importlib.metadata*) echo "3.1.0 torch";; esac\n'  # pip "succeeds", nothing changes
+    script = 'case "$*" in *find_spec*) echo "3.1.0 torch";; esac\n'  # pip "succeeds", nothing changes
     interpreter = fake_bin(tmp_path, "python-stuck", script)
     status, _ = run_bootstrap(keys, state_dir, tmp_path, fake_gpu=True, python_bin=str(interpreter / "python-stuck"))
     assert status.startswith("error: python: installing mlflow==3.17.2 finished but")
@@ -683,3 +684,36 @@ def test_a_marker_of_another_bootstrap_skips_nothing(keys, state_dir, tmp_path):
     assert "baked image" not in log
     assert "installing mlflow==3.17.2 into" in log
     assert "-m pip install" in calls.read_text()
+
+
+def _versions_probe() -> str:
+    """The bootstrap's VERSIONS_PY, as bash hands it to the interpreter."""
+    text = (REPO / "userdata" / "bootstrap.sh").read_text()
+    return re.search(r"^VERSIONS_PY='(.*?)'$", text, re.S | re.M).group(1)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("require_gpu", ["false", "true"])
+def test_the_versions_probe_imports_torch_only_where_a_gpu_is_required(require_gpu):
+    """Importing torch costs seconds of CPU on every boot: an instance that needs no GPU reads the versions from the
+    packages' metadata; a GPU instance imports torch to say whether it sees CUDA, and checks torchvision."""
+    from importlib.metadata import version
+    from importlib.util import find_spec
+
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", _versions_probe(), require_gpu],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    expected = f"torch {version('torch')} cuda {{}} mlflow {version('mlflow')} torchvision {{}}"
+    if require_gpu == "true":
+        assert "torch" in imported
+        # This machine has no GPU, and torchvision only where the job's requirements brought it.
+        torchvision = version("torchvision") if find_spec("torchvision") else "missing (No module named 'torchvision')"
+        assert run.stdout.endswith(expected.format(False, torchvision) + "\n"), run.stdout
+    else:
+        assert "torch" not in imported and "mlflow" not in imported
+        assert run.stdout.endswith(expected.format("not checked", "not checked") + "\n"), run.stdout
+    assert run.stdout.startswith(f"python {sys.version.split()[0]} ")
