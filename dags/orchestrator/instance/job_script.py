@@ -155,7 +155,8 @@ def build_job_script(
         )
         lines += [
             "waited=0",
-            f'until [ "$(cat {q(guard_cost_held)} 2>/dev/null)" = {q(paths.job_dir)} ]; do',
+            # -ef: the same folder, however its path is spelt (instance.state_dir may end in '/').
+            f'until held="$(cat {q(guard_cost_held)} 2>/dev/null)" && [ "$held" -ef {q(paths.job_dir)} ]; do',
             f"  if [ $waited -ge {GUARD_WAIT_S} ]; then echo {message} >> {q(paths.log)}; record_exit 1; exit 1; fi",
             "  sleep 1; waited=$((waited + 1))",
             "done",

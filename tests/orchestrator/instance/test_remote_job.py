@@ -118,7 +118,8 @@ def test_a_cost_capped_job_waits_for_the_guard_to_hold_its_deadline(tmp_path: Pa
     time.sleep(2.5)
     assert job.poll() is None, "started while the guard held another job's deadline"
     assert not Path(paths.log).exists()
-    held.write_text(f"{paths.job_dir}\n")
+    # The guard spells the folder from its own state_dir, which may end in '/'.
+    held.write_text(f"{tmp_path}//job/\n")
     assert job.wait(timeout=10) == 0
     assert Path(paths.log).read_text() == "trained\n"
 
