@@ -474,6 +474,12 @@ def test_a_run_whose_cost_would_pass_max_cost_usd_is_stopped_at_its_deadline(
     inst = env.cloud.instances[instance_id]
     stopped_at = env.cloud.host_path(inst, env.state_dir / "guard-reason").stat().st_mtime
     assert moved <= stopped_at <= moved + 5, "stopped within one poll (5 s) of the deadline"
+    # The job's command ran only once the guard held the deadline: job.sh waits on the guard's root-owned file, which
+    # names this job's folder.
+    held = env.state_dir / "guard-cost-held"
+    assert fault.job_dir is not None
+    assert f'until held="$(cat {held} 2>/dev/null)"' in (fault.job_dir / "job.sh").read_text()
+    assert env.cloud.host_path(inst, held).read_text() == f"{env.state_dir}/jobs/{fault.job_dir.name}\n"
     record_trained(
         dag_faults,
         dag_run,
